@@ -1,0 +1,192 @@
+"""Atomic, pickle-free checkpoints.
+
+A checkpoint is a directory `run_dir/checkpoints/step-{k:08d}/` holding
+  policy/            the policy as an HF safetensors folder (loads in transformers and vLLM as is)
+  <other>/           further HF folders (value head, critic) written by their owners' save_pretrained
+  state.safetensors  every tensor of the training state (optimizer moments, RNG states, ...)
+  state.json         the rest of the training state, with {"__tensor__": key} where a tensor was
+It is written to a temporary sibling directory, fsynced, then renamed into place, so a crash
+leaves either the previous checkpoint or the new one, never half of one. Loading never
+unpickles anything: tensors come from safetensors, the rest from JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_DIR = "checkpoints"
+_STEP_RE = re.compile(r"^step-(\d{8})$")
+_TENSOR_TAG = "__tensor__"
+_TUPLE_TAG = "__tuple__"
+
+
+def flatten_state(tree: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested dict/list/tuple tree into a JSON-able tree and a flat {key: tensor} map."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(node: Any, path: str) -> Any:
+        if isinstance(node, torch.Tensor):
+            key = path or "root"
+            tensors[key] = node.detach().cpu().contiguous()
+            return {_TENSOR_TAG: key}
+        if isinstance(node, dict):
+            for k in node:
+                if not isinstance(k, (str, int)):
+                    raise TypeError(f"state key {k!r} at {path or '<root>'} must be str or int")
+            # int keys (optimizer state) are kept as typed pairs so they come back as ints
+            return {"__items__": [[k, walk(v, f"{path}.{k}" if path else str(k))] for k, v in node.items()]}
+        if isinstance(node, tuple):
+            return {_TUPLE_TAG: [walk(v, f"{path}.{i}") for i, v in enumerate(node)]}
+        if isinstance(node, list):
+            return [walk(v, f"{path}.{i}") for i, v in enumerate(node)]
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return node
+        raise TypeError(f"cannot checkpoint a {type(node).__name__} at {path or '<root>'}")
+
+    return walk(tree, ""), tensors
+
+
+def unflatten_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of `flatten_state`."""
+    if isinstance(tree, dict):
+        if _TENSOR_TAG in tree:
+            return tensors[tree[_TENSOR_TAG]]
+        if _TUPLE_TAG in tree:
+            return tuple(unflatten_state(v, tensors) for v in tree[_TUPLE_TAG])
+        return {k: unflatten_state(v, tensors) for k, v in tree["__items__"]}
+    if isinstance(tree, list):
+        return [unflatten_state(v, tensors) for v in tree]
+    return tree
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `final` (atomically, after fsync) on success."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if final.exists():
+            old = final.parent / f".old-{final.name}-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+        fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"step-{step:08d}"
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    state: dict[str, Any],
+    folders: dict[str, Callable[[Path], None]],
+    keep_last: int | None = None,
+) -> Path:
+    """Write checkpoint `step` atomically and return its path.
+
+    `state` is the training state tree (tensors and JSON-able values); `folders` maps a
+    sub-directory name to a function that writes it (e.g. `model.save_pretrained`).
+    With `keep_last`, older checkpoints beyond that many are deleted afterwards.
+    """
+    final = checkpoint_path(run_dir, step)
+    with atomic_directory(final) as tmp:
+        for name, write in folders.items():
+            write(tmp / name)
+        tree, tensors = flatten_state(state)
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(tree))
+    if keep_last is not None:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    return final
+
+
+def load_state(ckpt: str | Path) -> dict[str, Any]:
+    """The training state tree saved in checkpoint directory `ckpt`."""
+    ckpt = Path(ckpt)
+    for name in ("state.json", "state.safetensors"):
+        if not (ckpt / name).is_file():
+            raise FileNotFoundError(f"{ckpt} is not a complete checkpoint: {name} is missing")
+    tensors = load_file(str(ckpt / "state.safetensors"))
+    return unflatten_state(json.loads((ckpt / "state.json").read_text()), tensors)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and _STEP_RE.match(p.name))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def rng_state() -> dict[str, Any]:
+    """The RNG states this process uses (torch CPU, Python `random`, NumPy)."""
+    import random
+
+    import numpy as np
+
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))

@@ -1,0 +1,140 @@
+"""What a run records: per-step metrics (JSONL, TensorBoard when installed, a progress bar)
+and a timeline of busy intervals per process, for the idle-fraction numbers and the Gantt plot.
+
+Files in the run directory:
+  metrics.jsonl   one JSON object per step: {"step": k, "time": unix_s, <metric>: value, ...}
+  timeline.jsonl  one JSON object per busy interval: {"proc": "trainer"|"generator-0", "phase": str,
+                  "start": unix_s, "end": unix_s}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+METRICS_FILE = "metrics.jsonl"
+TIMELINE_FILE = "timeline.jsonl"
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):  # 0-d tensors and numpy scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsLogger:
+    """Appends step metrics to `run_dir/metrics.jsonl`, mirrors them to TensorBoard when the
+    `tensorboard` package is installed, and shows a tqdm progress bar with the key numbers."""
+
+    PROGRESS_KEYS = (("env/reward_mean", "reward"), ("objective/kl", "kl"), ("time/tokens_per_s", "tok/s"))
+
+    def __init__(self, run_dir: str | Path, *, total_steps: int | None = None, progress: bool = True,
+                 tensorboard: bool = True, initial_step: int = 0) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        self._bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial_step, desc="ppo", unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Record the metrics of `step` (one JSON line, flushed)."""
+        record = {"step": step, "time": time.time(), **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "time"):
+                    self._tb.add_scalar(k, v, step)
+        if self._bar is not None:
+            shown = {name: f"{record[k]:.3g}" for k, name in self.PROGRESS_KEYS if isinstance(record.get(k), (int, float))}
+            self._bar.set_postfix(shown, refresh=False)
+            self._bar.update(1)
+
+    def close(self) -> None:
+        """Flush and close every sink; safe to call twice."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if not self._file.closed:
+            self._file.close()
+
+
+@dataclass(frozen=True)
+class Interval:
+    """One busy interval of one process (wall-clock seconds since the epoch)."""
+
+    proc: str
+    phase: str
+    start: float
+    end: float
+
+
+class Timeline:
+    """Appends busy intervals to `run_dir/timeline.jsonl`."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self._file = open(Path(run_dir) / TIMELINE_FILE, "a", encoding="utf-8")
+
+    def add(self, proc: str, phase: str, start: float, end: float) -> None:
+        self._file.write(json.dumps({"proc": proc, "phase": phase, "start": start, "end": end}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a JSONL file (missing file: empty list)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def idle_fractions(intervals: Iterable[Interval | dict], start: float, end: float) -> dict[str, float]:
+    """Fraction of [start, end] that each process spent outside its busy intervals.
+
+    Overlapping intervals of one process are merged before summing.
+    """
+    by_proc: dict[str, list[tuple[float, float]]] = {}
+    for iv in intervals:
+        d = iv if isinstance(iv, dict) else iv.__dict__
+        s, e = max(d["start"], start), min(d["end"], end)
+        if e > s:
+            by_proc.setdefault(d["proc"], []).append((s, e))
+    span = max(end - start, 1e-12)
+    out = {}
+    for proc, spans in by_proc.items():
+        spans.sort()
+        busy, cur_s, cur_e = 0.0, *spans[0]
+        for s, e in spans[1:]:
+            if s > cur_e:
+                busy += cur_e - cur_s
+                cur_s, cur_e = s, e
+            else:
+                cur_e = max(cur_e, e)
+        busy += cur_e - cur_s
+        out[proc] = 1.0 - busy / span
+    return out

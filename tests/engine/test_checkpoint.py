@@ -1,0 +1,85 @@
+"""Pickle-free, atomic checkpoints."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from rlhf_engine.checkpoint import (
+    atomic_directory,
+    flatten_state,
+    latest_checkpoint,
+    list_checkpoints,
+    load_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unflatten_state,
+)
+
+
+def test_optimizer_state_round_trips_exactly(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    state = {"optimizer": opt.state_dict(), "version": 3, "pair": (1, "a")}
+    path = save_checkpoint(tmp_path, 3, state, folders={})
+    back = load_state(path)
+    assert back["version"] == 3 and back["pair"] == (1, "a")
+    opt2 = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt2.load_state_dict(back["optimizer"])
+    for k in (0, 1):
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt2.state_dict()["state"][k][name], opt.state_dict()["state"][k][name])
+
+
+def test_flatten_rejects_unknown_objects():
+    with pytest.raises(TypeError, match=r"cannot checkpoint a object at a.b"):
+        flatten_state({"a": {"b": object()}})
+
+
+def test_int_keys_stay_ints():
+    tree, tensors = flatten_state({0: torch.ones(2), "x": [1, 2]})
+    back = unflatten_state(tree, tensors)
+    assert list(back) == [0, "x"] and torch.equal(back[0], torch.ones(2))
+
+
+def test_failed_write_leaves_previous_checkpoint(tmp_path):
+    first = save_checkpoint(tmp_path, 1, {"a": 1}, folders={})
+
+    def broken(path):
+        path.mkdir()
+        (path / "partial").write_text("x")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(tmp_path, 2, {"a": 2}, folders={"policy": broken})
+    assert list_checkpoints(tmp_path) == [first]
+    assert latest_checkpoint(tmp_path) == first
+    assert not [p for p in first.parent.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_keep_last_prunes_old(tmp_path):
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, {"s": step}, folders={}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
+
+
+def test_atomic_directory_replaces_existing(tmp_path):
+    target = tmp_path / "d"
+    with atomic_directory(target) as tmp:
+        (tmp / "v").write_text("1")
+    with atomic_directory(target) as tmp:
+        (tmp / "v").write_text("2")
+    assert (target / "v").read_text() == "2"
+
+
+def test_rng_state_restores_all_generators():
+    state = rng_state()
+    a = (torch.rand(3), random.random(), np.random.rand())
+    tree, tensors = flatten_state(state)
+    set_rng_state(unflatten_state(tree, tensors))
+    b = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]

@@ -1,0 +1,78 @@
+"""The YAML/--set config loader: types, unknown keys, nesting, overrides."""
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import pytest
+
+from rlhf_engine.config_loader import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    kind: Literal["kl", "abs"] = "kl"
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"lr ({self.lr}) must be > 0")
+
+
+@dataclass
+class Outer:
+    steps: int = 1
+    name: Optional[str] = None
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_nested_values_convert_and_round_trip():
+    cfg = from_dict(Outer, {"steps": 3, "inner": {"lr": 1, "kind": "abs", "stop": ["\n"]}})
+    assert cfg.steps == 3 and cfg.inner.lr == 1.0 and isinstance(cfg.inner.lr, float)
+    assert cfg.inner.kind == "abs" and cfg.inner.stop == ["\n"]
+    assert from_dict(Outer, to_dict(cfg)) == cfg
+
+
+def test_unknown_key_names_path_and_file():
+    with pytest.raises(ConfigError, match=r"run.yaml: unknown key\(s\) 'inner.lrr'.*known keys: kind, lr, stop"):
+        from_dict(Outer, {"inner": {"lrr": 1}}, source="run.yaml")
+
+
+@pytest.mark.parametrize(
+    "data, pattern",
+    [
+        ({"steps": "3"}, r"steps = '3' must be an integer"),
+        ({"steps": True}, r"steps = True must be an integer"),
+        ({"inner": {"lr": "fast"}}, r"inner.lr = 'fast' must be a number"),
+        ({"inner": {"kind": "k9"}}, r"inner.kind = 'k9'; expected one of 'kl', 'abs'"),
+        ({"inner": {"stop": "x"}}, r"inner.stop = 'x' must be a list"),
+        ({"inner": 5}, r"inner must be a mapping"),
+    ],
+)
+def test_wrong_types_are_named(data, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        from_dict(Outer, data, source="f.yaml")
+
+
+def test_post_init_validation_is_reported_with_section():
+    with pytest.raises(ConfigError, match=r"f.yaml: invalid inner: lr \(-1.0\) must be > 0"):
+        from_dict(Outer, {"inner": {"lr": -1}}, source="f.yaml")
+
+
+def test_overrides_parse_yaml_scalars_and_create_sections():
+    data = apply_overrides({"inner": {"lr": 0.1}}, ["inner.lr=0.5", "steps=7", "name=run-a", "inner.stop=[a, b]"])
+    cfg = from_dict(Outer, data)
+    assert (cfg.inner.lr, cfg.steps, cfg.name, cfg.inner.stop) == (0.5, 7, "run-a", ["a", "b"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_overrides({}, ["inner.lr"])
+
+
+def test_load_yaml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_yaml(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_yaml(bad)
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_yaml(tmp_path / "empty.yaml") == {}
