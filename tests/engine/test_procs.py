@@ -1,0 +1,65 @@
+"""Children (and their children) never outlive their parent."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+from rlhf_engine.procs import descendants, start_child, stop_child
+
+# A child that starts a grandchild in the same process group, ignores SIGTERM, and sleeps.
+STUBBORN = textwrap.dedent(
+    """
+    import signal, subprocess, sys, time
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    print("ready", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_stop_child_kills_the_whole_group(tmp_path):
+    log = tmp_path / "child.log"
+    proc = start_child(["-c", STUBBORN], log_path=log)
+    deadline = time.monotonic() + 20
+    while "ready" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    family = descendants(proc.pid)
+    assert len(family) == 1  # the grandchild
+    t0 = time.monotonic()
+    stop_child(proc, grace_s=0.2)  # SIGTERM is ignored: escalates to SIGKILL
+    assert time.monotonic() - t0 < 10
+    time.sleep(0.2)
+    assert not any(_alive(p) for p in family)
+    assert stop_child(proc, grace_s=0) == proc.returncode  # idempotent
+
+
+def test_child_dies_with_its_parent(tmp_path):
+    # an intermediate parent starts a sleeping child with start_child, then dies hard
+    pid_file = tmp_path / "pid"
+    parent = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import os
+            from rlhf_engine.procs import start_child
+            p = start_child(["-c", "import time; time.sleep(60)"])
+            open({str(pid_file)!r}, "w").write(str(p.pid))
+            os._exit(0)
+        """)],
+        timeout=30,
+    )
+    assert parent.returncode == 0
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
