@@ -1,0 +1,109 @@
+"""The `Generator` interface every backend implements, and `make_generator`, which picks one.
+
+A generator is synchronous and single-threaded: `generate` samples a whole batch with one set
+of weights, and `update_weights` runs between batches, so no completion ever mixes versions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from rlhf_engine.rollout.config import GeneratorConfig
+from rlhf_engine.rollout.params import check_update, expected_params
+from rlhf_engine.rollout.types import Completion
+
+log = logging.getLogger(__name__)
+
+
+class Generator(ABC):
+    """Samples completions for token-id prompts; takes versioned weight updates."""
+
+    def __init__(self, config: GeneratorConfig) -> None:
+        self.config = config
+        self.version = config.initial_version
+        self.expected = expected_params(config.model)
+        self._batches = 0
+        self._closed = False
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, seed: int | None = None) -> list[Completion]:
+        """Sample `config.n` completions for each prompt (token ids, no padding).
+
+        Returns `len(prompts) * n` completions ordered by (prompt, sample). `seed` fixes the
+        randomness of this call; by default batch `b` of this generator uses `config.batch_seed(b)`.
+        """
+        if self._closed:
+            raise RuntimeError("generate() called on a closed generator")
+        prompts = [list(map(int, p)) for p in prompts]
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) + 1 > self.config.max_model_len:
+                raise ValueError(f"prompt {i} has {len(p)} tokens; max_model_len is {self.config.max_model_len}")
+        if seed is None:
+            seed = self.config.batch_seed(self._batches)
+        self._batches += 1
+        if not prompts:
+            return []
+        return self._generate(prompts, seed)
+
+    def update_weights(self, version: int, named_tensors: Mapping[str, torch.Tensor]) -> bool:
+        """Replace all weights with `named_tensors` (HF names) as policy `version`.
+
+        Returns False and changes nothing when `version` is not newer than the current one
+        (stale or duplicate). Raises `ValueError` (changing nothing) when the tensors do not
+        match the model's names and shapes.
+        """
+        if self._closed:
+            raise RuntimeError("update_weights() called on a closed generator")
+        if version <= self.version:
+            log.info("ignoring weight update v%d: generator already has v%d", version, self.version)
+            return False
+        check_update(self.expected, named_tensors)
+        self._apply_weights(named_tensors)
+        self.version = version
+        return True
+
+    def close(self) -> None:
+        """Release the backend (for vLLM: stop its engine processes). Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._close()
+
+    def __enter__(self) -> "Generator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @abstractmethod
+    def _generate(self, prompts: list[list[int]], seed: int) -> list[Completion]: ...
+
+    @abstractmethod
+    def _apply_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None: ...
+
+    @abstractmethod
+    def _close(self) -> None: ...
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto` -> `vllm` when vLLM is importable, else `transformers`; others unchanged."""
+    if backend != "auto":
+        return backend
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
+
+
+def make_generator(config: GeneratorConfig) -> Generator:
+    """Build the backend that `config.backend` names (see `resolve_backend`)."""
+    backend = resolve_backend(config.backend)
+    if backend == "vllm":
+        from rlhf_engine.rollout.vllm_backend import VLLMGenerator
+
+        return VLLMGenerator(config)
+    from rlhf_engine.rollout.hf_backend import HFGenerator
+
+    return HFGenerator(config)

@@ -1,0 +1,117 @@
+"""`VLLMGenerator`: rollouts from a `vllm.LLM` engine whose weights are replaced in place.
+
+- Sampling: one `SamplingParams` per prompt (its own seed), `logprobs=0` and
+  `logprobs_mode="processed_logprobs"`, so each token's log-prob is the one of the
+  distribution the sampler drew from (after temperature, top-k, top-p).
+- Weight updates: copied once into a shared-memory staging file, then loaded inside the
+  engine by `WeightReloadExtension.rlhf_reload_weights` (`model_runner.reload_weights`);
+  the prefix cache is reset afterwards, since cached KV blocks came from the old weights.
+- vLLM starts its engine core with spawn: build this from a spawn-safe entry point.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+import torch
+
+from rlhf_engine.rollout.config import GeneratorConfig
+from rlhf_engine.rollout.generator import Generator
+from rlhf_engine.rollout.staging import StagingFile
+from rlhf_engine.rollout.types import Completion
+
+log = logging.getLogger(__name__)
+
+_EXTENSION = "rlhf_engine.rollout.vllm_worker.WeightReloadExtension"
+
+
+class VLLMGenerator(Generator):
+    """`Generator` on a `vllm.LLM` (see the module docstring)."""
+
+    def __init__(self, config: GeneratorConfig) -> None:
+        super().__init__(config)
+        from vllm import LLM
+
+        self.llm = LLM(
+            model=config.model,
+            dtype=config.dtype,
+            seed=config.seed,
+            max_model_len=config.max_model_len,
+            kv_cache_memory_bytes=config.kv_cache_bytes,
+            enforce_eager=config.enforce_eager,
+            tensor_parallel_size=config.tensor_parallel_size,
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls=_EXTENSION,
+        )
+        self._staging: StagingFile | None = None
+
+    def _sampling_params(self, seed: int):
+        from vllm import SamplingParams
+
+        c = self.config
+        return SamplingParams(
+            n=c.n,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            top_k=c.top_k,
+            max_tokens=c.max_new_tokens,
+            stop=list(c.stop) or None,
+            stop_token_ids=list(c.stop_token_ids) or None,
+            include_stop_str_in_output=True,
+            ignore_eos=c.ignore_eos,
+            seed=seed,
+            logprobs=0,
+            detokenize=bool(c.stop),  # stop strings need text; otherwise skip detokenizing
+        )
+
+    def _generate(self, prompts: list[list[int]], seed: int) -> list[Completion]:
+        n = self.config.n
+        # each request seeds its own sampler; vLLM adds the child index j for n > 1: seed + i * n + j
+        params = [self._sampling_params(seed + i * n) for i in range(len(prompts))]
+        t0 = time.perf_counter()
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        elapsed = time.perf_counter() - t0
+        completions = []
+        for i, (prompt, out) in enumerate(zip(prompts, outputs)):
+            prompt_ids = torch.tensor(prompt, dtype=torch.int64)
+            for j, comp in enumerate(sorted(out.outputs, key=lambda c: c.index)):
+                ids = list(comp.token_ids)
+                # logprobs=0: each position holds the sampled token's log-prob (rank may add no others)
+                lps = [comp.logprobs[t][tok].logprob for t, tok in enumerate(ids)]
+                completions.append(
+                    Completion(
+                        prompt_index=i,
+                        sample_index=j,
+                        prompt_ids=prompt_ids,
+                        response_ids=torch.tensor(ids, dtype=torch.int64),
+                        logprobs=torch.tensor(lps, dtype=torch.float32),
+                        policy_version=self.version,
+                        finish_reason="stop" if comp.finish_reason == "stop" else "length",
+                        generation_time=elapsed,
+                    )
+                )
+        return completions
+
+    def _apply_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
+        if self._staging is None:
+            self._staging = StagingFile(self.expected, getattr(torch, self.config.dtype))
+        t0 = time.perf_counter()
+        self._staging.write(named_tensors)
+        t1 = time.perf_counter()
+        self.llm.collective_rpc("rlhf_reload_weights", args=(self._staging.path, self._staging.size, self._staging.specs))
+        self.llm.reset_prefix_cache()
+        log.info("weights staged in %.3f s, reloaded in %.3f s", t1 - t0, time.perf_counter() - t1)
+
+    def _close(self) -> None:
+        llm, self.llm = self.llm, None
+        try:
+            if self._staging is not None:
+                llm.collective_rpc("rlhf_release_staging")
+        finally:
+            if self._staging is not None:
+                self._staging.close()
+                self._staging = None
+            # stops the engine core process and waits for it (LLM has no public close in 0.32)
+            llm.llm_engine.engine_core.shutdown()

