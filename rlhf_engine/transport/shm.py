@@ -1,0 +1,164 @@
+"""Shared-memory buffers for same-host weight updates: one memcpy instead of two socket copies.
+
+The trainer writes a whole update into a file under ``shm_dir`` (tmpfs) that it created
+(mode 0600, name ``rlhf-engine-<pid>-<random>``) and sends only a header over ZeroMQ.
+A generator maps the file (copy-on-write, so a stray write can never reach the trainer)
+and views the tensors in place. Buffers are reused once every generator acknowledged,
+so after the first update no page is faulted in again on either side.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from rlhf_engine.transport.wire import TensorSpec, WireError
+
+PREFIX = "rlhf-engine-"
+ALIGN = 64
+
+
+def layout(nbytes: Sequence[int]) -> tuple[list[int], int]:
+    """Offsets (each a multiple of ``ALIGN``) and total size for tensors of ``nbytes``."""
+    offsets, pos = [], 0
+    for n in nbytes:
+        offsets.append(pos)
+        pos += (n + ALIGN - 1) // ALIGN * ALIGN
+    return offsets, max(pos, ALIGN)
+
+
+def _map(path: str, size: int, *, writable: bool) -> torch.Tensor:
+    """A uint8 tensor ``[size]`` over the file (shared for the writer, private copy-on-write for readers)."""
+    fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+    try:
+        flags = (mmap.MAP_SHARED if writable else mmap.MAP_PRIVATE) | mmap.MAP_POPULATE
+        mm = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    return torch.frombuffer(mm, dtype=torch.uint8)  # keeps mm alive as long as any view lives
+
+
+@dataclass(eq=False)
+class Segment:
+    path: str
+    size: int
+    buffer: torch.Tensor
+    waiting_for: set[str] = field(default_factory=set)
+    """Peers that still hold the update written here."""
+
+    def write(self, tensors: Sequence[torch.Tensor], offsets: Sequence[int]) -> None:
+        for tensor, off in zip(tensors, offsets):
+            flat = tensor.detach().contiguous().reshape(-1)  # [numel]
+            n = flat.numel() * flat.element_size()
+            if n:
+                self.buffer[off:off + n].copy_(flat.view(torch.uint8))
+
+
+class ShmPool:
+    """Trainer side: at most ``max_buffers`` segments; a busy one is reused once released."""
+
+    def __init__(self, directory: str, max_buffers: int) -> None:
+        self._dir = directory
+        self._max = max_buffers
+        self._segments: list[Segment] = []
+        self._cond = threading.Condition()
+
+    def acquire(self, size: int, timeout_s: float, holders: set[str]) -> Segment:
+        """A free segment of ``size`` bytes, marked as held by ``holders`` (waits for a release;
+        TimeoutError names the peers still holding every buffer)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                for seg in self._segments:
+                    if seg.size == size and not seg.waiting_for:
+                        seg.waiting_for = set(holders)
+                        return seg
+                if len(self._segments) < self._max:
+                    seg = self._create(size)
+                    seg.waiting_for = set(holders)
+                    self._segments.append(seg)
+                    return seg
+                idle = [s for s in self._segments if not s.waiting_for]
+                if idle:  # wrong size (the model changed): replace it
+                    self._segments.remove(idle[0])
+                    os.unlink(idle[0].path)
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    holders = sorted({p for s in self._segments for p in s.waiting_for})
+                    raise TimeoutError(f"all {self._max} shared-memory weight buffers are still held by {holders} "
+                                       f"after {timeout_s} s: generators must ack() each WeightUpdate")
+                self._cond.wait(left)
+
+    def _create(self, size: int) -> Segment:
+        path = os.path.join(self._dir, f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        return Segment(path, size, _map(path, size, writable=True))
+
+    def release(self, peer: str, path: str | None = None) -> None:
+        """``peer`` no longer holds the segment at ``path`` (or any segment, when None)."""
+        with self._cond:
+            for seg in self._segments:
+                if path is None or seg.path == path:
+                    seg.waiting_for.discard(peer)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            for seg in self._segments:
+                try:
+                    os.unlink(seg.path)
+                except FileNotFoundError:
+                    pass
+            self._segments.clear()
+
+
+class ShmReader:
+    """Generator side: validates a header's file and views its tensors; keeps mappings for reuse."""
+
+    def __init__(self, directory: str, max_mappings: int) -> None:
+        self._dir = os.path.realpath(directory)
+        self._max = max_mappings
+        self._maps: dict[str, torch.Tensor] = {}
+
+    def view(self, path: str, size: int, specs: Sequence[TensorSpec], dtypes: Sequence[torch.dtype],
+             offsets: Sequence[int]) -> list[torch.Tensor]:
+        real = os.path.realpath(path)
+        if os.path.dirname(real) != self._dir or not Path(real).name.startswith(PREFIX):
+            raise WireError("bad_shm", f"path {path!r} is not an {PREFIX}* file in {self._dir}")
+        if len(offsets) != len(specs):
+            raise WireError("bad_shm", f"{len(offsets)} offsets for {len(specs)} tensors")
+        end = 0
+        for spec, off in sorted(zip(specs, offsets), key=lambda p: p[1]):
+            if off % ALIGN or off < end or off + spec.nbytes > size:
+                raise WireError("bad_shm", f"tensor {spec.name!r} at offset {off} (+{spec.nbytes}) in a {size}-byte file")
+            end = off + spec.nbytes
+        buf = self._maps.get(real)
+        if buf is None or buf.numel() != size:
+            try:
+                st = os.stat(real)
+            except OSError as e:
+                raise WireError("bad_shm", f"cannot stat {real}: {e}") from None
+            if st.st_size != size:
+                raise WireError("bad_shm", f"{real} has {st.st_size} bytes, header says {size}")
+            buf = _map(real, size, writable=False)
+            self._maps[real] = buf
+            while len(self._maps) > self._max:
+                self._maps.pop(next(iter(self._maps)))
+        return [buf[off:off + spec.nbytes].view(dtype).view(spec.shape) if spec.nbytes else
+                torch.empty(spec.shape, dtype=dtype) for spec, dtype, off in zip(specs, dtypes, offsets)]
+
+    def close(self) -> None:
+        self._maps.clear()
