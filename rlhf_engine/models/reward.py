@@ -1,0 +1,53 @@
+"""Sequence rewards: a frozen `AutoModelForSequenceClassification(num_labels=1)` or a Python function."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from rlhf_engine.models.loading import freeze
+
+RewardFn = Callable[[list[str], list[str]], Sequence[float] | torch.Tensor]
+"""reward_fn(prompts, completions) -> one score per completion."""
+
+
+def load_reward_model(path: str | Path, dtype: str | torch.dtype | None = None) -> nn.Module:
+    """Load a reward model (sequence classifier with one label) from `path`, frozen."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    check_reward_model(model)
+    return freeze(model, dtype)
+
+
+def check_reward_model(model: nn.Module) -> None:
+    """Raise unless `model` is a one-label sequence classifier."""
+    num_labels = getattr(model.config, "num_labels", None)
+    if num_labels != 1:
+        raise ValueError(f"reward_model must have num_labels == 1 (got {num_labels})")
+
+
+@torch.no_grad()
+def model_scores(
+    reward_model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Scores [B] fp32 of sequences input_ids [B, L] (padding = the model's pad_token_id).
+
+    transformers' sequence classifiers pool the logit at the rightmost token that is not the pad token,
+    which is the last response token for any mix of left and right padding."""
+    logits = reward_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    return logits[:, 0].float()
+
+
+def function_scores(reward_fn: RewardFn, prompts: list[str], completions: list[str]) -> torch.Tensor:
+    """Call `reward_fn(prompts, completions)` and check it returns one finite-or-not float per completion."""
+    scores = torch.as_tensor(reward_fn(prompts, completions), dtype=torch.float32).reshape(-1)
+    if scores.shape[0] != len(completions):
+        raise ValueError(f"reward_fn returned {scores.shape[0]} scores for {len(completions)} completions")
+    return scores

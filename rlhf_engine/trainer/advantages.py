@@ -1,0 +1,78 @@
+"""Advantage estimators: GAE with a critic, and the critic-free GRPO, RLOO and REINFORCE++.
+
+Per-token tensors are [B, T] over response tokens with `mask` 1 on valid tokens; group estimators expect
+the batch as B / k groups of k consecutive samples that share a prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_engine.ops import gae, masked_whiten
+
+
+def gae_advantages(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE (Schulman et al. 2016) with whitened advantages, as in PPO for RLHF.
+
+    rewards, values, mask [B, T] -> (advantages [B, T] whitened over valid tokens, returns [B, T]).
+    # delta_t = r_t + gamma * V_{t+1} - V_t            (V after the last token = 0)
+    # A_t = delta_t + gamma * lam * A_{t+1}
+    # R_t = A_t + V_t                                   (the value target, not whitened)
+    """
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    return masked_whiten(advantages, mask) * mask, returns
+
+
+def sequence_returns(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Undiscounted return of each sequence: rewards, mask [B, T] -> [B] (score - kl_coef * sum KL)."""
+    return (rewards * mask).sum(dim=1)
+
+
+def grpo_advantages(returns: torch.Tensor, num_generations: int, eps: float = 1e-4) -> torch.Tensor:
+    """Group-normalised advantages of GRPO (Shao et al. 2024).
+
+    returns [B] with B = G * k -> advantages [B]:
+    # A_i = (R_i - mean_group(R)) / (std_group(R) + eps)      (std with Bessel's correction)
+    """
+    grouped = _grouped(returns, num_generations)  # [G, k]
+    mean = grouped.mean(dim=1, keepdim=True)
+    std = grouped.std(dim=1, keepdim=True)
+    return ((grouped - mean) / (std + eps)).reshape(-1)  # [B]
+
+
+def rloo_advantages(returns: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """REINFORCE leave-one-out advantages (Ahmadian et al. 2024).
+
+    returns [B] with B = G * k -> advantages [B]:
+    # A_i = R_i - (sum_group(R) - R_i) / (k - 1)
+    """
+    k = num_generations
+    grouped = _grouped(returns, k)  # [G, k]
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - baseline).reshape(-1)  # [B]
+
+
+def reinforce_pp_advantages(
+    rewards: torch.Tensor, mask: torch.Tensor, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++ (Hu 2025): per-token discounted returns, whitened over the whole batch.
+
+    rewards, mask [B, T] -> (advantages [B, T], returns [B, T]):
+    # G_t = sum_{s >= t} gamma^(s - t) r_s        (GAE with V = 0 and lam = 1)
+    # A_t = (G_t - mean(G)) / std(G)              over all valid tokens of the batch
+    """
+    returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)
+    return masked_whiten(returns, mask) * mask, returns
+
+
+def broadcast_to_tokens(sequence_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B] -> [B, T]: the value of each sequence at each of its valid tokens, 0 on padding."""
+    return sequence_values[:, None].to(torch.float32) * mask
+
+
+def _grouped(returns: torch.Tensor, k: int) -> torch.Tensor:
+    if returns.ndim != 1 or returns.shape[0] % k:
+        raise ValueError(f"returns of shape {tuple(returns.shape)} cannot be split into groups of {k}")
+    return returns.to(torch.float32).reshape(-1, k)  # [G, k]

@@ -1,0 +1,91 @@
+"""PPO loss pieces as pure functions of per-token tensors [B, T] (B sequences, T response tokens).
+
+Every reduction is a masked mean over the valid response tokens of the slice (`mask` is 1 on tokens up to
+and including EOS, 0 on padding), the token-level aggregation of TRL's PPO.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_engine.ops import masked_mean
+
+
+def ppo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float,
+    is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate loss of PPO (Schulman et al. 2017).
+
+    logp [B, T]: current policy log-probs (with grad); old_logp [B, T]: at experience time;
+    advantages [B, T]; mask [B, T]; is_weights [B, T] or None: per-token importance weights
+    (truncated pi_old / pi_behaviour for off-policy samples), detached.
+    Returns (scalar loss, stats) with stats `clipfrac` and `approxkl` (0-dim, detached).
+    """
+    # ratio_t = pi(a_t|s_t) / pi_old(a_t|s_t)
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    # L_t = max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    per_token = torch.maximum(unclipped, clipped)
+    if is_weights is not None:
+        per_token = per_token * is_weights
+    loss = masked_mean(per_token, mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            # approxkl = 0.5 * E[(log pi - log pi_old)^2], the estimator TRL reports
+            "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange_value: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss.
+
+    values [B, T]: current predictions (with grad); old_values [B, T]: at experience time; returns [B, T].
+    # V_clip = V_old + clip(V - V_old, -eps_v, eps_v)
+    # L = 0.5 * E[max((V - R)^2, (V_clip - R)^2)]
+    Returns (scalar loss, stats) with `clipfrac` (share of tokens where the clipped term is larger) and
+    `error` (mean squared error of the unclipped prediction).
+    """
+    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask),
+            "error": masked_mean(loss_unclipped, mask),
+        }
+    return loss, stats
+
+
+def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean token entropy [B, T] -> scalar; the loss subtracts entropy_coef times this."""
+    return masked_mean(entropy, mask)
+
+
+def truncated_importance_weights(
+    old_logp: torch.Tensor, behaviour_logp: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Truncated importance sampling weights between the trainer's and the sampler's policy.
+
+    old_logp, behaviour_logp [B, T] -> w [B, T], detached:
+    # w_t = min(pi_old(a_t|s_t) / pi_behaviour(a_t|s_t), C)
+    Corrects samples drawn by an older policy version (async generation) or by a sampler whose numerics
+    differ from the trainer's (vLLM vs transformers). Padding positions should be masked by the caller.
+    """
+    return torch.exp(old_logp - behaviour_logp).clamp(max=cap).detach()

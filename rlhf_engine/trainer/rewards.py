@@ -1,0 +1,63 @@
+"""Per-token rewards of RLHF: a sequence score at the last response token, a KL penalty at every token."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_engine.ops import token_kl
+
+
+def kl_penalty(
+    kind: str,
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    logits: torch.Tensor | None = None,
+    ref_logits: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token KL estimate between policy and reference, 0 on padding.
+
+    logp, ref_logp, mask [B, T]; kind in kl|abs|mse|k3 uses the log-probs of the sampled tokens;
+    kind == "full" uses logits, ref_logits [B, T, V] (already divided by the temperature) and gives the
+    exact KL(pi || ref) over the vocabulary. Returns [B, T] fp32.
+    """
+    if kind == "full":
+        if logits is None or ref_logits is None:
+            raise ValueError("kl_penalty kind='full' needs logits and ref_logits [B, T, V]")
+        return token_kl(logits, ref_logits, kind="full", mask=mask)
+    return token_kl(logp, ref_logp, kind=kind, mask=mask)
+
+
+def kl_shaped_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of the token MDP.
+
+    scores [B]; kl, mask [B, T] (mask: 1 up to and including EOS, each row non-empty).
+    # r_t = -kl_coef * KL_t                  for every valid t
+    # r_last += score                         at the last valid token of each row
+    Returns (rewards [B, T], non_score_rewards [B, T]) in fp32, 0 on padding.
+    """
+    mask = mask.to(torch.float32)
+    non_score = -kl_coef * kl.to(torch.float32) * mask
+    last = last_token_index(mask)  # [B]
+    rewards = non_score.clone()
+    rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores.to(torch.float32)
+    return rewards, non_score
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last valid token of each row of a left-aligned mask [B, T] -> [B] (int64)."""
+    return mask.sum(dim=1).long() - 1
+
+
+def clip_scores(scores: torch.Tensor, clip: float | None) -> torch.Tensor:
+    """scores [B] clipped to [-clip, clip] (unchanged when clip is None)."""
+    return scores if clip is None else scores.clamp(-clip, clip)
+
+
+def missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """scores [B] minus `penalty` where has_eos [B] is False (unchanged when penalty is None)."""
+    if penalty is None:
+        return scores
+    return scores - penalty * (~has_eos).to(scores.dtype)
