@@ -1,0 +1,261 @@
+"""What the SFT, reward and DPO stages share: the base config, optimizer and LR schedule, the
+optimizer-step loop with gradient accumulation, evaluation cadence, and HF-folder checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import torch
+
+from rlhf_engine.checkpoint import atomic_directory
+from rlhf_engine.data.records import DataStats
+from rlhf_engine.metrics import MetricsLogger
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageConfig:
+    """Fields shared by `SFTConfig`, `RewardConfig` and `DPOConfig` (names as in TRL / transformers)."""
+
+    model_name_or_path: str = ""
+    """Local Hugging Face folder of the model to start from (not needed when a model object is passed)."""
+    train_file: str = ""
+    """Training data: a .jsonl/.json file (other formats through `datasets`); not needed when a dataset is passed."""
+    eval_file: str = ""
+    """Evaluation data in the same format; empty: hold out `eval_split` of the training data instead."""
+    eval_split: float = 0.0
+    """Fraction of the training examples held out for evaluation when there is no `eval_file` (0: no eval)."""
+    output_dir: str = "runs/stage"
+    """Where the final model (an HF folder), `checkpoint-<step>` folders and `metrics.jsonl` go."""
+    per_device_train_batch_size: int = 8
+    """Examples (or pairs, or packed rows) per micro-batch."""
+    per_device_eval_batch_size: int = 8
+    """Examples per evaluation batch."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    num_train_epochs: int = 1
+    """Passes over the training data (ignored when `max_steps` > 0)."""
+    max_steps: int = -1
+    """Total optimizer steps; > 0 overrides `num_train_epochs` (the data is cycled)."""
+    learning_rate: float = 2e-5
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0: no clipping)."""
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay after warmup: linear to 0, cosine to 0, or constant."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of the total steps (used when `warmup_steps` is 0)."""
+    warmup_steps: int = 0
+    """Linear warmup steps from 0 to `learning_rate`."""
+    logging_steps: int = 10
+    """Write training metrics every this many optimizer steps."""
+    eval_steps: int = 0
+    """Evaluate every this many optimizer steps (0: only at the end)."""
+    save_steps: int = 0
+    """Save `checkpoint-<step>` every this many optimizer steps (0: only the final model)."""
+    max_length: int | None = 1024
+    """Longest tokenized sequence; longer ones are cut on the right and counted (None: no limit)."""
+    skip_invalid: bool = False
+    """Skip bad records (counted and reported) instead of raising an error that names file, line and field."""
+    seed: int = 42
+    """Seed for initialisation, shuffling and the eval split."""
+    device: str = "auto"
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
+
+    def __post_init__(self) -> None:
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "num_train_epochs", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be >= 1")
+        for name in ("eval_steps", "save_steps", "warmup_steps", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be >= 0")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps ({self.max_steps}) must be -1 (use num_train_epochs) or > 0")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate ({self.learning_rate}) must be > 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio ({self.warmup_ratio}) must be in [0, 1)")
+        if not 0.0 <= self.eval_split < 1.0:
+            raise ValueError(f"eval_split ({self.eval_split}) must be in [0, 1)")
+        if self.eval_file and self.eval_split:
+            raise ValueError(f"give eval_file ({self.eval_file!r}) or eval_split ({self.eval_split}), not both")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length ({self.max_length}) must be >= 2 or None")
+        if self.lr_scheduler_type not in ("linear", "cosine", "constant"):
+            raise ValueError(f"lr_scheduler_type ({self.lr_scheduler_type!r}) must be linear, cosine or constant")
+        if not self.output_dir:
+            raise ValueError("output_dir must not be empty")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` → CUDA when available, else CPU; anything else as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_tokenizer(path: str | Path):
+    """`AutoTokenizer` from `path`, with a pad token (the EOS token when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer at {path} has neither a pad nor an EOS token; set one")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def report_data(stats: DataStats) -> None:
+    """Log what loading did to a dataset: a warning when anything was skipped, cut or dropped."""
+    lossy = stats.skipped or stats.truncated or stats.dropped_empty
+    log.log(logging.WARNING if lossy else logging.INFO, "data %s", stats.summary())
+
+
+def split_eval(examples: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """Shuffle `examples` (seeded) and hold out `round(fraction * n)` of them (at least 1 when fraction > 0)."""
+    if not fraction:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(fraction * len(examples)))
+    if n_eval >= len(examples):
+        raise ValueError(f"eval_split ({fraction}) leaves no training example out of {len(examples)}")
+    return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
+def chunks(items: Sequence[T], size: int) -> list[list[T]]:
+    return [list(items[i: i + size]) for i in range(0, len(items), size)]
+
+
+def lr_lambda(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak LR at step s: linear warmup over `warmup_steps`, then `kind` decay to the end."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
+
+    return f
+
+
+def build_optimizer(model: torch.nn.Module, config: StageConfig, total_steps: int):
+    """AdamW over the trainable parameters and its LambdaLR schedule for `total_steps` steps."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                  eps=config.adam_epsilon, weight_decay=config.weight_decay)
+    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.lr_scheduler_type, warmup, total_steps))
+    return optimizer, scheduler
+
+
+def save_hf_folder(model, tokenizer, path: str | Path, *, atomic: bool) -> Path:
+    """`save_pretrained` model and tokenizer into `path` (safetensors). `atomic`: write a temp folder
+    and rename it into place (for `checkpoint-<step>` folders; the final `output_dir` also holds
+    the run's metrics and checkpoints, so it is written in place)."""
+    path = Path(path)
+    if atomic:
+        with atomic_directory(path) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(path, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+    return path
+
+
+StepFn = Callable[[list[Any]], dict[str, float]]
+"""step_fn(micro_batches) -> metrics: forward + backward over one optimizer step's micro-batches."""
+
+
+def run_training(config: StageConfig, model: torch.nn.Module, epoch_batches: Callable[[int], list[Any]],
+                 step_fn: StepFn, evaluate: Callable[[], dict[str, float]] | None,
+                 save: Callable[[Path], None]) -> list[dict[str, float]]:
+    """The optimizer-step loop every stage uses; returns the log history (one dict per logged
+    training window or evaluation, each with its `step`), also written to `output_dir/metrics.jsonl`.
+
+    `epoch_batches(epoch)` gives the epoch's micro-batches (already shuffled); each optimizer step
+    takes `gradient_accumulation_steps` of them (the last step of an epoch may take fewer).
+    """
+    accum = config.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(epoch_batches(0)) / accum)
+    total = config.max_steps if config.max_steps > 0 else steps_per_epoch * config.num_train_epochs
+    optimizer, scheduler = build_optimizer(model, config, total)
+    logger = MetricsLogger(config.output_dir, progress=False, tensorboard=False)
+    history: list[dict[str, float]] = []
+
+    def log(step: int, metrics: dict[str, float]) -> None:
+        logger.log(step, metrics)
+        history.append({"step": step, **metrics})
+
+    window: list[dict[str, float]] = []
+    step, epoch = 0, 0
+    try:
+        while step < total:
+            for group in chunks(epoch_batches(epoch), accum):
+                if step >= total:
+                    break
+                model.train()
+                metrics = step_fn(group)
+                if config.max_grad_norm:
+                    metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
+                metrics["learning_rate"] = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                window.append(metrics)
+                if step % config.logging_steps == 0 or step == total:
+                    log(step, {"epoch": epoch, **{f"train/{k}": sum(m[k] for m in window) / len(window)
+                                                  for k in window[0]}})
+                    window = []
+                if evaluate is not None and config.eval_steps and step % config.eval_steps == 0 and step < total:
+                    log(step, evaluate())
+                if config.save_steps and step % config.save_steps == 0 and step < total:
+                    save(Path(config.output_dir) / f"checkpoint-{step}")
+            epoch += 1
+        if evaluate is not None:
+            log(step, evaluate())
+    finally:
+        logger.close()
+    return history
+
+
+def summarize(history: list[dict[str, float]]) -> dict[str, float]:
+    """Final metrics of a run: the last value of every logged key, plus `train/first_loss` (the first
+    logged training loss, to compare with `train/loss`)."""
+    out: dict[str, float] = {}
+    for record in history:
+        out.update(record)
+    first = next((r["train/loss"] for r in history if "train/loss" in r), None)
+    if first is not None:
+        out["train/first_loss"] = first
+    return out

@@ -1,0 +1,132 @@
+"""Supervised fine-tuning: next-token cross-entropy on completion tokens, prompts masked with -100."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_engine.data.collate import pack_sequences, packed_batch, sft_batch
+from rlhf_engine.data.tokenize import IGNORE_INDEX, TokenizedSFT, build_sft_dataset
+from rlhf_engine.trainer.common import (chunks, load_tokenizer, report_data, resolve_device, run_training, save_hf_folder,
+                                        seed_everything, split_eval, summarize)
+from rlhf_engine.trainer.sft_config import SFTConfig
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy and the number of scored tokens.
+
+    logits [B, T, V], labels [B, T] (-100 = not scored). Token t is predicted from position t-1:
+    loss = sum_{t>=1, labels_t != -100} -log softmax(logits_{t-1})[labels_t].
+    """
+    shift_logits = logits[:, :-1].float()  # [B, T-1, V]
+    shift_labels = labels[:, 1:]  # [B, T-1]
+    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (shift_labels != IGNORE_INDEX).sum()
+
+
+class SFTTrainer:
+    """Fine-tune a causal LM on prompt/completion, chat or text data; `train()` then `save()`.
+
+    `model`, `tokenizer`, `train_dataset`, `eval_dataset` default to the paths in `config`; a dataset
+    may be a file path, a `datasets.Dataset` or a list of records.
+    """
+
+    def __init__(self, config: SFTConfig, *, model=None, tokenizer=None, train_dataset: Any = None,
+                 eval_dataset: Any = None) -> None:
+        self.config = config
+        seed_everything(config.seed)
+        self.device = resolve_device(config.device)
+        if tokenizer is None or model is None:
+            if not config.model_name_or_path:
+                raise ValueError("SFTConfig.model_name_or_path is empty and no model/tokenizer was passed")
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_name_or_path)
+        if model is None:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path)
+        self.model = model.to(self.device)
+        self.train_examples, self.eval_examples, self.data_stats = self._datasets(train_dataset, eval_dataset)
+        self.log_history: list[dict[str, float]] = []
+
+    def _datasets(self, train_dataset: Any, eval_dataset: Any):
+        c = self.config
+        source = train_dataset if train_dataset is not None else c.train_file
+        if source is None or (isinstance(source, str) and not source):
+            raise ValueError("SFTConfig.train_file is empty and no train_dataset was passed")
+        train, train_stats = build_sft_dataset(source, self.tokenizer, max_length=c.max_length,
+                                               skip_invalid=c.skip_invalid, name="train")
+        stats = [train_stats]
+        eval_source = eval_dataset if eval_dataset is not None else (c.eval_file or None)
+        if eval_source is not None:
+            evals, eval_stats = build_sft_dataset(eval_source, self.tokenizer, max_length=c.max_length,
+                                                  skip_invalid=c.skip_invalid, name="eval")
+            stats.append(eval_stats)
+        else:
+            train, evals = split_eval(train, c.eval_split, c.seed)
+        for s in stats:
+            report_data(s)
+        return train, evals, stats
+
+    def _batches(self, examples: list[TokenizedSFT], batch_size: int, shuffle_seed: int | None) -> list[dict]:
+        if shuffle_seed is not None:
+            examples = list(examples)
+            random.Random(shuffle_seed).shuffle(examples)
+        pad = self.tokenizer.pad_token_id
+        if self.config.packing:
+            rows = pack_sequences(examples, self.config.max_length)
+            return [packed_batch(g, pad) for g in chunks(rows, batch_size)]
+        return [sft_batch(g, pad) for g in chunks(examples, batch_size)]
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        # use_cache=False: with a cache, transformers ignores packed position ids when building the mask
+        logits = self.model(**batch, use_cache=False).logits  # [B, T, V]
+        return causal_lm_loss_sum(logits, labels)
+
+    def _step(self, group: list[dict]) -> dict[str, float]:
+        # normalise by all scored tokens of the optimizer step, so accumulation equals one big batch
+        n_total = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group)
+        total = 0.0
+        for batch in group:
+            loss_sum, _ = self._loss_sum(batch)
+            (loss_sum / n_total).backward()
+            total += loss_sum.item()
+        return {"loss": total / n_total, "tokens": float(n_total)}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean per-token loss on the eval examples (`eval/loss`); empty dict without eval data."""
+        if not self.eval_examples:
+            return {}
+        self.model.eval()
+        loss, n = 0.0, 0
+        for batch in self._batches(self.eval_examples, self.config.per_device_eval_batch_size, None):
+            s, k = self._loss_sum(batch)
+            loss, n = loss + s.item(), n + int(k)
+        return {"eval/loss": loss / n, "eval/tokens": float(n)}
+
+    def train(self) -> dict[str, float]:
+        """Run the configured steps, save the final model to `output_dir`, return the final metrics
+        (`train/loss`, `train/first_loss`, `eval/loss`, data counts, ...)."""
+        c = self.config
+        self.log_history = run_training(
+            c, self.model,
+            epoch_batches=lambda epoch: self._batches(self.train_examples, c.per_device_train_batch_size, c.seed + epoch),
+            step_fn=self._step, evaluate=self.evaluate if self.eval_examples else None,
+            save=lambda path: self.save(path))
+        self.save()
+        out = summarize(self.log_history)
+        for stats in self.data_stats:
+            out.update(stats.as_metrics(f"data/{stats.name}"))
+        return out
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write model and tokenizer as an HF folder (default: `output_dir`); returns the folder."""
+        target = Path(path) if path is not None else Path(self.config.output_dir)
+        return save_hf_folder(self.model, self.tokenizer, target, atomic=path is not None)

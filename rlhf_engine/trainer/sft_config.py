@@ -1,0 +1,28 @@
+"""Configuration of the SFT stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlhf_engine.trainer.common import StageConfig
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    """Supervised fine-tuning: causal-LM loss on completion tokens only (prompt tokens are masked).
+
+    Shared fields are documented on `StageConfig`; data formats in `rlhf_engine.data.formats`.
+    """
+
+    output_dir: str = "runs/sft"
+    """Where the fine-tuned model (an HF folder, the input of `reward` and `ppo`) is written."""
+    learning_rate: float = 2e-5
+    """Peak AdamW learning rate."""
+    packing: bool = False
+    """Pack several sequences into rows of `max_length` tokens (position ids restart per sequence and
+    attention stays within each sequence, so the loss equals the unpacked one) instead of padding."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.packing and self.max_length is None:
+            raise ValueError("packing=True needs max_length (the packed row length), got None")
