@@ -1,0 +1,160 @@
+"""Reward modelling: a sequence classifier with one label, trained on preference pairs."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_engine.data.collate import preference_batch
+from rlhf_engine.data.tokenize import TokenizedPair, build_preference_dataset
+from rlhf_engine.trainer.common import (chunks, load_tokenizer, report_data, resolve_device, run_training,
+                                        save_hf_folder, seed_everything, split_eval, summarize)
+from rlhf_engine.trainer.reward_config import RewardConfig
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
+                       center_coef: float | None = None) -> torch.Tensor:
+    """Mean Bradley–Terry loss of rewards chosen [B], rejected [B] (optional margin [B]).
+
+    loss = mean(-log sigmoid(r_c - r_r - margin)) + center_coef * mean((r_c + r_r)^2)
+    """
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff).mean()
+    if center_coef:
+        loss = loss + center_coef * ((chosen + rejected) ** 2).mean()
+    return loss
+
+
+def load_reward_model_for_training(path: str | Path, tokenizer):
+    """`AutoModelForSequenceClassification(num_labels=1)` from `path` (a causal-LM folder, e.g. the SFT
+    output, gets a fresh score head), with `pad_token_id` set: transformers pools the logit at the last
+    token that is not the pad token, so it must be known."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    return with_pad_token(model, tokenizer)
+
+
+def with_pad_token(model, tokenizer):
+    """Set `model.config.pad_token_id` from the tokenizer when missing; check `num_labels == 1`."""
+    if model.config.num_labels != 1:
+        raise ValueError(f"a reward model must have num_labels == 1, got {model.config.num_labels}")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+class RewardTrainer:
+    """Train a reward model on prompt/chosen/rejected pairs (optional `margin`); `train()` then `save()`.
+
+    `model`, `tokenizer`, `train_dataset`, `eval_dataset` default to the paths in `config`.
+    Metrics: loss, accuracy (share of pairs with r_chosen > r_rejected), margin (mean r_chosen - r_rejected).
+    """
+
+    def __init__(self, config: RewardConfig, *, model=None, tokenizer=None, train_dataset: Any = None,
+                 eval_dataset: Any = None) -> None:
+        self.config = config
+        seed_everything(config.seed)
+        self.device = resolve_device(config.device)
+        if (tokenizer is None or model is None) and not config.model_name_or_path:
+            raise ValueError("RewardConfig.model_name_or_path is empty and no model/tokenizer was passed")
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_name_or_path)
+        model = model if model is not None else load_reward_model_for_training(config.model_name_or_path,
+                                                                              self.tokenizer)
+        self.model = with_pad_token(model, self.tokenizer).to(self.device)
+        self.train_pairs, self.eval_pairs, self.data_stats = self._datasets(train_dataset, eval_dataset)
+        self.log_history: list[dict[str, float]] = []
+
+    def _datasets(self, train_dataset: Any, eval_dataset: Any):
+        c = self.config
+        source = train_dataset if train_dataset is not None else c.train_file
+        if isinstance(source, str) and not source:
+            raise ValueError("RewardConfig.train_file is empty and no train_dataset was passed")
+        train, train_stats = build_preference_dataset(source, self.tokenizer, max_length=c.max_length,
+                                                      skip_invalid=c.skip_invalid, name="train")
+        stats = [train_stats]
+        eval_source = eval_dataset if eval_dataset is not None else (c.eval_file or None)
+        if eval_source is not None:
+            evals, eval_stats = build_preference_dataset(eval_source, self.tokenizer, max_length=c.max_length,
+                                                         skip_invalid=c.skip_invalid, name="eval")
+            stats.append(eval_stats)
+        else:
+            train, evals = split_eval(train, c.eval_split, c.seed)
+        for s in stats:
+            report_data(s)
+        return train, evals, stats
+
+    def _batches(self, pairs: list[TokenizedPair], batch_size: int, shuffle_seed: int | None) -> list[dict]:
+        if shuffle_seed is not None:
+            pairs = list(pairs)
+            random.Random(shuffle_seed).shuffle(pairs)
+        return [preference_batch(g, self.tokenizer.pad_token_id) for g in chunks(pairs, batch_size)]
+
+    def rewards(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards (r_chosen [B], r_rejected [B]) of a `preference_batch`, in one forward pass."""
+        scores = self.model(input_ids=batch["input_ids"].to(self.device),
+                            attention_mask=batch["attention_mask"].to(self.device), use_cache=False).logits
+        scores = scores[:, 0].float()  # [2B]
+        half = scores.shape[0] // 2
+        return scores[:half], scores[half:]
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        chosen, rejected = self.rewards(batch)
+        margin = batch["margin"].to(self.device) if self._use_margin else None
+        return bradley_terry_loss(chosen, rejected, margin, self.config.center_rewards_coefficient), chosen, rejected
+
+    @property
+    def _use_margin(self) -> bool:
+        return any(p.margin is not None for p in self.train_pairs)
+
+    def _step(self, group: list[dict]) -> dict[str, float]:
+        n_total = sum(b["margin"].shape[0] for b in group)
+        loss_sum, correct, margin_sum = 0.0, 0.0, 0.0
+        for batch in group:
+            n = batch["margin"].shape[0]
+            loss, chosen, rejected = self._loss(batch)
+            (loss * (n / n_total)).backward()  # pair-weighted mean over the optimizer step
+            loss_sum += loss.item() * n
+            correct += (chosen > rejected).sum().item()
+            margin_sum += (chosen - rejected).sum().item()
+        return {"loss": loss_sum / n_total, "accuracy": correct / n_total, "margin": margin_sum / n_total}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """`eval/loss`, `eval/accuracy`, `eval/margin` over the eval pairs; empty dict without eval data."""
+        if not self.eval_pairs:
+            return {}
+        self.model.eval()
+        n, loss_sum, correct, margin_sum = 0, 0.0, 0.0, 0.0
+        for batch in self._batches(self.eval_pairs, self.config.per_device_eval_batch_size, None):
+            loss, chosen, rejected = self._loss(batch)
+            k = chosen.shape[0]
+            n, loss_sum = n + k, loss_sum + loss.item() * k
+            correct += (chosen > rejected).sum().item()
+            margin_sum += (chosen - rejected).sum().item()
+        return {"eval/loss": loss_sum / n, "eval/accuracy": correct / n, "eval/margin": margin_sum / n}
+
+    def train(self) -> dict[str, float]:
+        """Run the configured steps, save the reward model to `output_dir`, return the final metrics."""
+        c = self.config
+        self.log_history = run_training(
+            c, self.model,
+            epoch_batches=lambda epoch: self._batches(self.train_pairs, c.per_device_train_batch_size, c.seed + epoch),
+            step_fn=self._step, evaluate=self.evaluate if self.eval_pairs else None,
+            save=lambda path: self.save(path))
+        self.save()
+        out = summarize(self.log_history)
+        for stats in self.data_stats:
+            out.update(stats.as_metrics(f"data/{stats.name}"))
+        return out
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write the reward model and tokenizer as an HF folder (default: `output_dir`)."""
+        target = Path(path) if path is not None else Path(self.config.output_dir)
+        return save_hf_folder(self.model, self.tokenizer, target, atomic=path is not None)
