@@ -1,0 +1,92 @@
+"""Helpers for the transport tests: endpoints, configs, and process entry points (spawned)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+
+import torch
+
+from rlhf_engine.transport import GeneratorPort, Rollout, ShutdownRequested, TrainerPort, TransportConfig
+
+FINGERPRINT = "f" * 64
+
+
+def ipc_endpoint() -> str:
+    return f"ipc://{tempfile.mkdtemp(prefix='rt-', dir='/tmp')}/ep"
+
+
+def tcp_endpoint() -> str:
+    """A tcp://127.0.0.1:PORT whose PORT, PORT+1, PORT+2 are free now."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base > 65000:
+            continue
+        try:
+            probes = []
+            for port in (base, base + 1, base + 2):
+                p = socket.socket()
+                probes.append(p)
+                p.bind(("127.0.0.1", port))
+            return f"tcp://127.0.0.1:{base}"
+        except OSError:
+            continue
+        finally:
+            for p in probes:
+                p.close()
+    raise RuntimeError("no three consecutive free ports")
+
+
+def fast_config(endpoint: str, **overrides) -> TransportConfig:
+    fields = dict(endpoint=endpoint, heartbeat_interval_s=0.1, heartbeat_timeout_s=1.5, handshake_timeout_s=10.0)
+    fields.update(overrides)
+    return TransportConfig(**fields)
+
+
+def make_rollout(sender: int, i: int, prompt_len: int = 64, response_len: int = 128) -> Rollout:
+    g = torch.Generator().manual_seed(sender * 1_000_003 + i)
+    return Rollout(
+        rollout_id=f"g{sender}-{i}",
+        prompt_id=i,
+        prompt_token_ids=torch.randint(0, 32000, (prompt_len,), generator=g),
+        response_token_ids=torch.randint(0, 32000, (response_len,), generator=g),
+        logprobs=-torch.rand(response_len, generator=g),
+        policy_version=sender,
+        finish_reason="length",
+        generation_time=0.5,
+    )
+
+
+def generator_main(config: TransportConfig, sender: int, n: int, duplicates: int) -> None:
+    """Send n rollouts (plus ``duplicates`` re-sends of already-sent ids), then wait for shutdown."""
+    with GeneratorPort(config, FINGERPRINT, name=f"g{sender}") as port:
+        for i in range(n):
+            port.send_rollout(make_rollout(sender, i, prompt_len=16, response_len=32))
+            if i < duplicates:
+                port.send_rollout(make_rollout(sender, i, prompt_len=16, response_len=32))
+        port.flush(30)
+        try:
+            while True:
+                port.recv_prompts(timeout_s=0.5)
+        except ShutdownRequested:
+            pass
+
+
+def idle_generator_main(config: TransportConfig) -> None:
+    """Connect and idle until killed (for dead-peer tests)."""
+    port = GeneratorPort(config, FINGERPRINT, name="idle")
+    while True:
+        time.sleep(1)
+        port.check()
+
+
+def trainer_main(config: TransportConfig, ready_path: str) -> None:
+    """Bind, accept generators and idle until killed."""
+    port = TrainerPort(config, FINGERPRINT)
+    open(ready_path, "w").close()
+    while port.generators() or True:
+        time.sleep(1)
