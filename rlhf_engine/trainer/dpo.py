@@ -1,0 +1,197 @@
+"""Direct preference optimisation (DPO, conservative DPO, IPO) with cached reference log-probs."""
+
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_engine.data.collate import preference_batch
+from rlhf_engine.data.tokenize import IGNORE_INDEX, TokenizedPair, build_preference_dataset
+from rlhf_engine.ops import logprobs_from_logits
+from rlhf_engine.trainer.common import (chunks, load_tokenizer, report_data, resolve_device, run_training,
+                                        save_hf_folder, seed_everything, split_eval, summarize)
+from rlhf_engine.trainer.dpo_config import DPOConfig
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, *, beta: float, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO losses [B] and implicit rewards (chosen [B], rejected [B], detached).
+
+    Inputs are sequence log-probs [B] of the completions under the policy and the reference.
+        h = (pi_c - pi_r) - (ref_c - ref_r)
+        sigmoid: -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)   (eps = label_smoothing)
+        ipo:     (h - 1 / (2 * beta))^2
+        reward_c = beta * (pi_c - ref_c),  reward_r = beta * (pi_r - ref_r)
+    """
+    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type ({loss_type!r}) must be 'sigmoid' or 'ipo'")
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor], *, average: bool) -> torch.Tensor:
+    """Log-prob of each row's labelled tokens, summed (or averaged when `average`): [rows] fp32.
+
+    batch: `input_ids`, `attention_mask`, `labels` [rows, T] on the model's device (labels -100 on
+    prompt and padding). Token t is scored from the logits at t-1.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    labels = batch["labels"][:, 1:]  # [rows, T-1]
+    logp = logprobs_from_logits(logits[:, :-1], labels, ignore_index=IGNORE_INDEX)  # [rows, T-1], 0 where ignored
+    total = logp.sum(-1)
+    if average:
+        total = total / (labels != IGNORE_INDEX).sum(-1).clamp(min=1)
+    return total
+
+
+class DPOTrainer:
+    """Train a causal LM on preference pairs with DPO; `train()` then `save()`.
+
+    The reference (`ref_model`, or `config.ref_model_name_or_path`, or a frozen copy of the initial
+    policy) scores every train and eval pair once at construction; its log-probs are cached and the
+    reference model is released. Metrics: loss, rewards/chosen, rewards/rejected,
+    rewards/accuracies, rewards/margins, logps/chosen, logps/rejected.
+    """
+
+    def __init__(self, config: DPOConfig, *, model=None, ref_model=None, tokenizer=None,
+                 train_dataset: Any = None, eval_dataset: Any = None) -> None:
+        self.config = config
+        seed_everything(config.seed)
+        self.device = resolve_device(config.device)
+        if (tokenizer is None or model is None) and not config.model_name_or_path:
+            raise ValueError("DPOConfig.model_name_or_path is empty and no model/tokenizer was passed")
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_name_or_path)
+        if model is None:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path)
+        self.model = model.to(self.device)
+        self.train_pairs, self.eval_pairs, self.data_stats = self._datasets(train_dataset, eval_dataset)
+        ref = self._reference(ref_model)
+        self.ref_train = self._reference_logps(ref, self.train_pairs)  # [N, 2] chosen, rejected
+        self.ref_eval = self._reference_logps(ref, self.eval_pairs)
+        del ref
+        self.log_history: list[dict[str, float]] = []
+
+    def _datasets(self, train_dataset: Any, eval_dataset: Any):
+        c = self.config
+        source = train_dataset if train_dataset is not None else c.train_file
+        if isinstance(source, str) and not source:
+            raise ValueError("DPOConfig.train_file is empty and no train_dataset was passed")
+        train, train_stats = build_preference_dataset(source, self.tokenizer, max_length=c.max_length,
+                                                      skip_invalid=c.skip_invalid, name="train")
+        stats = [train_stats]
+        eval_source = eval_dataset if eval_dataset is not None else (c.eval_file or None)
+        if eval_source is not None:
+            evals, eval_stats = build_preference_dataset(eval_source, self.tokenizer, max_length=c.max_length,
+                                                         skip_invalid=c.skip_invalid, name="eval")
+            stats.append(eval_stats)
+        else:
+            train, evals = split_eval(train, c.eval_split, c.seed)
+        for s in stats:
+            report_data(s)
+        return train, evals, stats
+
+    def _reference(self, ref_model):
+        if ref_model is None and self.config.ref_model_name_or_path:
+            from transformers import AutoModelForCausalLM
+
+            ref_model = AutoModelForCausalLM.from_pretrained(self.config.ref_model_name_or_path)
+        if ref_model is None:
+            ref_model = copy.deepcopy(self.model)
+        ref_model.to(self.device).eval().requires_grad_(False)
+        return ref_model
+
+    @property
+    def _average(self) -> bool:
+        return self.config.loss_type == "ipo"  # IPO works on length-averaged log-probs
+
+    @torch.no_grad()
+    def _reference_logps(self, ref_model, pairs: list[TokenizedPair]) -> torch.Tensor:
+        out = []
+        for batch in self._batches(pairs, self.config.per_device_eval_batch_size, None):
+            logps = sequence_logps(ref_model, batch, average=self._average)  # [2B]
+            out.append(torch.stack(logps.chunk(2), dim=1).cpu())  # [B, 2]
+        return torch.cat(out) if out else torch.empty(0, 2)
+
+    def _batches(self, pairs: list[TokenizedPair], batch_size: int, shuffle_seed: int | None) -> list[dict]:
+        order = list(range(len(pairs)))
+        if shuffle_seed is not None:
+            random.Random(shuffle_seed).shuffle(order)
+        batches = []
+        for idx in chunks(order, batch_size):
+            batch = {k: v.to(self.device) for k, v in preference_batch([pairs[i] for i in idx],
+                                                                      self.tokenizer.pad_token_id).items()}
+            batch["index"] = torch.tensor(idx)
+            batches.append(batch)
+        return batches
+
+    def _losses(self, batch: dict[str, torch.Tensor], ref: torch.Tensor):
+        logps = sequence_logps(self.model, batch, average=self._average)  # [2B]
+        policy_chosen, policy_rejected = logps.chunk(2)
+        ref_logps = ref[batch["index"]].to(self.device)  # [B, 2]
+        losses, chosen_r, rejected_r = dpo_loss(policy_chosen, policy_rejected, ref_logps[:, 0], ref_logps[:, 1],
+                                                beta=self.config.beta, loss_type=self.config.loss_type,
+                                                label_smoothing=self.config.label_smoothing)
+        sums = {"rewards/chosen": chosen_r.sum().item(), "rewards/rejected": rejected_r.sum().item(),
+                "rewards/accuracies": (chosen_r > rejected_r).float().sum().item(),
+                "rewards/margins": (chosen_r - rejected_r).sum().item(),
+                "logps/chosen": policy_chosen.detach().sum().item(),
+                "logps/rejected": policy_rejected.detach().sum().item()}
+        return losses, sums
+
+    def _step(self, group: list[dict]) -> dict[str, float]:
+        n_total = sum(b["index"].shape[0] for b in group)
+        totals: dict[str, float] = {}
+        for batch in group:
+            losses, sums = self._losses(batch, self.ref_train)
+            (losses.sum() / n_total).backward()  # pair-weighted mean over the optimizer step
+            sums["loss"] = losses.sum().item()
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0.0) + v
+        return {k: v / n_total for k, v in totals.items()}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """The DPO metrics on the eval pairs, prefixed `eval/`; empty dict without eval data."""
+        if not self.eval_pairs:
+            return {}
+        self.model.eval()
+        totals: dict[str, float] = {}
+        for batch in self._batches(self.eval_pairs, self.config.per_device_eval_batch_size, None):
+            losses, sums = self._losses(batch, self.ref_eval)
+            sums["loss"] = losses.sum().item()
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0.0) + v
+        return {f"eval/{k}": v / len(self.eval_pairs) for k, v in totals.items()}
+
+    def train(self) -> dict[str, float]:
+        """Run the configured steps, save the policy to `output_dir`, return the final metrics."""
+        c = self.config
+        self.log_history = run_training(
+            c, self.model,
+            epoch_batches=lambda epoch: self._batches(self.train_pairs, c.per_device_train_batch_size, c.seed + epoch),
+            step_fn=self._step, evaluate=self.evaluate if self.eval_pairs else None,
+            save=lambda path: self.save(path))
+        self.save()
+        out = summarize(self.log_history)
+        for stats in self.data_stats:
+            out.update(stats.as_metrics(f"data/{stats.name}"))
+        return out
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write the policy and tokenizer as an HF folder (default: `output_dir`)."""
+        target = Path(path) if path is not None else Path(self.config.output_dir)
+        return save_hf_folder(self.model, self.tokenizer, target, atomic=path is not None)
