@@ -21,6 +21,10 @@ PyObject* PyInit__C(void) {
 
 namespace rlhf_engine {
 
+namespace cpu {
+int64_t compiled_vector_bits();  // csrc/cpu/logprobs.cpp
+}
+
 std::string build_info() {
   std::string info = "cpu";
 #ifdef RLHF_ENGINE_WITH_CUDA
@@ -31,6 +35,8 @@ std::string build_info() {
 
 TORCH_LIBRARY(rlhf_engine, m) {
   m.def("build_info() -> str", &build_info);
+  // Width in bits of the float vectors the CPU kernels were compiled with (512, 256, or 32 = scalar).
+  m.def("cpu_vector_bits() -> int", &cpu::compiled_vector_bits);
 
   // Fused log-softmax + gather (+ entropy) over rows of logits [N, V].
   // z = logits * inv_temperature; lse = logsumexp(z); logprob = z[label] - lse;
@@ -47,6 +53,11 @@ TORCH_LIBRARY(rlhf_engine, m) {
   m.def(
       "logprobs_bwd(Tensor grad_logprob, Tensor grad_entropy, Tensor logits, Tensor labels, "
       "Tensor lse, Tensor entropy, float inv_temperature, int ignore_index) -> Tensor");
+  // The same backward written over the logits buffer (logits is overwritten with grad_logits),
+  // for callers that no longer need the logits: saves the [N, V] gradient allocation.
+  m.def(
+      "logprobs_bwd_inplace(Tensor grad_logprob, Tensor grad_entropy, Tensor(a!) logits, "
+      "Tensor labels, Tensor lse, Tensor entropy, float inv_temperature, int ignore_index) -> ()");
 
   // Per-token KL estimators between log-probs of the policy and the reference.
   // kind: 0 = kl (k1: logp - ref), 1 = abs (|logp - ref|), 2 = mse (k2: 0.5 (logp - ref)^2),

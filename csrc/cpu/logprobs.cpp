@@ -1,0 +1,259 @@
+// Fused log-softmax + gather (+ entropy) over rows of logits [N, V], and its backward.
+// Semantics: csrc/ops.cpp (schemas logprobs_fwd / logprobs_bwd / logprobs_bwd_inplace).
+#include "cpu/vec_common.h"
+
+#include <torch/library.h>
+
+namespace rlhf_engine::cpu {
+namespace {
+
+// Elements per block of the online reduction: small enough to stay in L1 between the
+// block's max pass and its sum pass, so DRAM sees each logit once.
+constexpr int64_t kBlock = 2048;
+
+template <typename scalar_t>
+struct RowStats {
+  acc_t<scalar_t> lse;
+  acc_t<scalar_t> entropy;
+};
+
+// One row: lse = logsumexp(z), entropy = lse - sum softmax(z) z, z = x * inv_t (inv_t > 0).
+// Online over blocks of kBlock: m is the running max, s = sum exp(z - m),
+// t = sum exp(z - m) (z - m); a block first finds its max, rescales (s, t) once to the new
+// max, then adds exp(z - m) for its elements: one exp per element.
+template <typename scalar_t>
+RowStats<scalar_t> row_stats(const scalar_t* x, int64_t V, acc_t<scalar_t> inv_t, bool with_entropy) {
+  using acc = acc_t<scalar_t>;
+  using Vec = AccVec<scalar_t>;
+  constexpr int64_t W = step<scalar_t>();
+  const acc neg_inf = -std::numeric_limits<acc>::infinity();
+  acc m = neg_inf, s = 0, t = 0;
+  for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
+    const scalar_t* xb = x + b0;
+    const int64_t len = std::min(kBlock, V - b0);
+    const int64_t vec_len = len - len % W;
+    // 1. block max (of x; z = x * inv_t keeps the order since inv_t > 0)
+    Vec vmax0(neg_inf), vmax1(neg_inf);
+    for (int64_t i = 0; i < vec_len; i += W) {
+      Vec a, c;
+      load2(xb + i, a, c);
+      vmax0 = at::vec::maximum(vmax0, a);
+      vmax1 = at::vec::maximum(vmax1, c);
+    }
+    acc bmax = reduce_max(at::vec::maximum(vmax0, vmax1));
+    for (int64_t i = vec_len; i < len; ++i) bmax = std::max(bmax, static_cast<acc>(xb[i]));
+    const acc new_m = std::max(m, bmax * inv_t);
+    if (new_m == neg_inf) continue;  // every element so far is -inf
+    // 2. rescale the running sums to the new max: sum e^{z-m'} (z-m') = e^{m-m'} (t + (m-m') s)
+    if (m != neg_inf) {
+      const acc scale = std::exp(m - new_m);
+      t = scale * (t + (m - new_m) * s);
+      s = scale * s;
+    }
+    m = new_m;
+    // 3. block sums with one exp per element: e = exp(x * inv_t - m)
+    const Vec vinv(inv_t), vneg_m(-m);
+    Vec vs0(0), vs1(0), vt0(0), vt1(0);
+    for (int64_t i = 0; i < vec_len; i += W) {
+      Vec a, c;
+      load2(xb + i, a, c);
+      const Vec za = at::vec::fmadd(a, vinv, vneg_m);
+      const Vec zc = at::vec::fmadd(c, vinv, vneg_m);
+      const Vec ea = fast_exp(za);
+      const Vec ec = fast_exp(zc);
+      vs0 += ea;
+      vs1 += ec;
+      if (with_entropy) {
+        vt0 = at::vec::fmadd(ea, za, vt0);
+        vt1 = at::vec::fmadd(ec, zc, vt1);
+      }
+    }
+    s += reduce_sum(vs0 + vs1);
+    if (with_entropy) t += reduce_sum(vt0 + vt1);
+    for (int64_t i = vec_len; i < len; ++i) {
+      const acc z = static_cast<acc>(xb[i]) * inv_t - m;
+      const acc e = std::exp(z);
+      s += e;
+      if (with_entropy && e != 0) t += e * z;
+    }
+  }
+  // All -inf row: lse = -inf (as torch.logsumexp); softmax is undefined, entropy NaN.
+  if (m == neg_inf) return {neg_inf, std::numeric_limits<acc>::quiet_NaN()};
+  const acc log_s = std::log(s);
+  return {m + log_s, with_entropy ? log_s - t / s : acc(0)};
+}
+
+void check_rows(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index) {
+  TORCH_CHECK(logits.dim() == 2, "logprobs: logits must be 2-D [N, V], got shape ", logits.sizes());
+  TORCH_CHECK(logits.is_contiguous(), "logprobs: logits must be contiguous");
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()),
+              "logprobs: logits must be a floating tensor, got ", logits.scalar_type());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0),
+              "logprobs: labels must be [N] = [", logits.size(0), "], got shape ", labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "logprobs: labels must be int64, got ",
+              labels.scalar_type());
+  TORCH_CHECK(labels.is_contiguous(), "logprobs: labels must be contiguous");
+  TORCH_CHECK(logits.size(1) >= 1, "logprobs: logits must have V >= 1 columns");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const int64_t* lab = labels.const_data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t l = lab[n];
+    TORCH_CHECK_INDEX(l == ignore_index || (l >= 0 && l < V), "logprobs: labels[", n, "] = ", l,
+                      " is out of range for V = ", V, " (and is not ignore_index = ", ignore_index,
+                      ")");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor& logits,
+                                                                 const at::Tensor& labels,
+                                                                 double inv_temperature,
+                                                                 int64_t ignore_index,
+                                                                 bool with_entropy) {
+  check_rows(logits, labels, ignore_index);
+  TORCH_CHECK(inv_temperature > 0 && std::isfinite(inv_temperature),
+              "logprobs: inv_temperature must be finite and > 0, got ", inv_temperature);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const auto out_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto opts = logits.options().dtype(out_dtype);
+  at::Tensor logprob = at::empty({N}, opts);
+  at::Tensor entropy = at::zeros({N}, opts);
+  at::Tensor lse = at::empty({N}, opts);
+  RLHF_DISPATCH_FLOATING(logits.scalar_type(), "logprobs_fwd_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    const int64_t* lab = labels.const_data_ptr<int64_t>();
+    acc* lp = logprob.mutable_data_ptr<acc>();
+    acc* ent = entropy.mutable_data_ptr<acc>();
+    acc* ls = lse.mutable_data_ptr<acc>();
+    const acc inv_t = static_cast<acc>(inv_temperature);
+    at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        if (lab[n] == ignore_index) {
+          lp[n] = 0;
+          ls[n] = 0;
+          continue;  // entropy stays 0
+        }
+        const scalar_t* row = x + n * V;
+        const RowStats<scalar_t> st = row_stats(row, V, inv_t, with_entropy);
+        ls[n] = st.lse;
+        lp[n] = static_cast<acc>(row[lab[n]]) * inv_t - st.lse;
+        if (with_entropy) ent[n] = st.entropy;
+      }
+    });
+  });
+  return {logprob, entropy, lse};
+}
+
+// grad[n, j] = inv_t * (g_lp (onehot_j - p_j) - g_ent p_j (z_j - lse + H))
+//            = p_j * (c0 + c1 * (z_j - lse)) off the label,
+// with c0 = -inv_t (g_lp + g_ent H), c1 = -inv_t g_ent; the label column adds inv_t g_lp.
+// `grad` may alias `logits` (in-place backward): each element is read before it is written.
+template <typename scalar_t>
+void logprobs_bwd_kernel(const at::Tensor& grad_logprob, const at::Tensor& grad_entropy,
+                         const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                         const at::Tensor& entropy, double inv_temperature, int64_t ignore_index,
+                         at::Tensor& grad) {
+  using acc = acc_t<scalar_t>;
+  using Vec = AccVec<scalar_t>;
+  constexpr int64_t W = step<scalar_t>();
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const bool has_ent = grad_entropy.defined() && grad_entropy.numel() > 0;
+  const scalar_t* x = logits.const_data_ptr<scalar_t>();
+  scalar_t* gx = grad.mutable_data_ptr<scalar_t>();
+  const int64_t* lab = labels.const_data_ptr<int64_t>();
+  const acc* glp = grad_logprob.const_data_ptr<acc>();
+  const acc* gent = has_ent ? grad_entropy.const_data_ptr<acc>() : nullptr;
+  const acc* ls = lse.const_data_ptr<acc>();
+  const acc* ent = entropy.const_data_ptr<acc>();
+  const acc inv_t = static_cast<acc>(inv_temperature);
+  at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const scalar_t* row = x + n * V;
+      scalar_t* grow = gx + n * V;
+      if (lab[n] == ignore_index) {
+        std::fill(grow, grow + V, scalar_t(0));
+        continue;
+      }
+      const acc g_lp = glp[n];
+      const acc g_ent = has_ent ? gent[n] : acc(0);
+      const acc H = has_ent ? ent[n] : acc(0);
+      const acc lse_n = ls[n];
+      const acc c0 = -inv_t * (g_lp + g_ent * H);
+      const acc c1 = -inv_t * g_ent;
+      // The label column, computed from the input before the loop overwrites it.
+      const acc lz_l = static_cast<acc>(row[lab[n]]) * inv_t - lse_n;
+      const acc p_l = std::exp(lz_l);
+      const acc g_label = p_l * (c0 + c1 * lz_l) + inv_t * g_lp;
+      const Vec vinv(inv_t), vneg_lse(-lse_n), vc0(c0), vc1(c1);
+      const int64_t vec_len = V - V % W;
+      for (int64_t i = 0; i < vec_len; i += W) {
+        Vec a, c;
+        load2(row + i, a, c);
+        const Vec la = at::vec::fmadd(a, vinv, vneg_lse);
+        const Vec lc = at::vec::fmadd(c, vinv, vneg_lse);
+        const Vec ga = fast_exp(la) * at::vec::fmadd(vc1, la, vc0);
+        const Vec gc = fast_exp(lc) * at::vec::fmadd(vc1, lc, vc0);
+        store2(grow + i, ga, gc);
+      }
+      for (int64_t i = vec_len; i < V; ++i) {
+        const acc lz = static_cast<acc>(row[i]) * inv_t - lse_n;
+        grow[i] = static_cast<scalar_t>(std::exp(lz) * (c0 + c1 * lz));
+      }
+      grow[lab[n]] = static_cast<scalar_t>(g_label);
+    }
+  });
+}
+
+void check_bwd(const at::Tensor& grad_logprob, const at::Tensor& grad_entropy,
+               const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+               const at::Tensor& entropy, int64_t ignore_index) {
+  check_rows(logits, labels, ignore_index);
+  const int64_t N = logits.size(0);
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto check_vec = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == N, "logprobs_bwd: ", name, " must be [N] = [", N,
+                "], got shape ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == acc_dtype, "logprobs_bwd: ", name, " must be ", acc_dtype,
+                ", got ", t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), "logprobs_bwd: ", name, " must be contiguous");
+  };
+  check_vec(grad_logprob, "grad_logprob");
+  check_vec(lse, "lse");
+  check_vec(entropy, "entropy");
+  if (grad_entropy.defined() && grad_entropy.numel() > 0) check_vec(grad_entropy, "grad_entropy");
+}
+
+at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logprob, const at::Tensor& grad_entropy,
+                            const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                            const at::Tensor& entropy, double inv_temperature, int64_t ignore_index) {
+  check_bwd(grad_logprob, grad_entropy, logits, labels, lse, entropy, ignore_index);
+  at::Tensor grad = at::empty_like(logits);
+  RLHF_DISPATCH_FLOATING(logits.scalar_type(), "logprobs_bwd_cpu", [&] {
+    logprobs_bwd_kernel<scalar_t>(grad_logprob, grad_entropy, logits, labels, lse, entropy,
+                                  inv_temperature, ignore_index, grad);
+  });
+  return grad;
+}
+
+void logprobs_bwd_inplace_cpu(const at::Tensor& grad_logprob, const at::Tensor& grad_entropy,
+                              at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                              const at::Tensor& entropy, double inv_temperature, int64_t ignore_index) {
+  check_bwd(grad_logprob, grad_entropy, logits, labels, lse, entropy, ignore_index);
+  RLHF_DISPATCH_FLOATING(logits.scalar_type(), "logprobs_bwd_inplace_cpu", [&] {
+    logprobs_bwd_kernel<scalar_t>(grad_logprob, grad_entropy, logits, labels, lse, entropy,
+                                  inv_temperature, ignore_index, logits);
+  });
+}
+
+}  // namespace
+
+// Width of the float vectors the CPU kernels were compiled with (ops.cpp: cpu_vector_bits).
+int64_t compiled_vector_bits() { return vector_bits(); }
+
+TORCH_LIBRARY_IMPL(rlhf_engine, CPU, m) {
+  m.impl("logprobs_fwd", &logprobs_fwd_cpu);
+  m.impl("logprobs_bwd", &logprobs_bwd_cpu);
+  m.impl("logprobs_bwd_inplace", &logprobs_bwd_inplace_cpu);
+}
+
+}  // namespace rlhf_engine::cpu
