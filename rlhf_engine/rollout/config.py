@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 BACKENDS = ("vllm", "transformers", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -10,13 +10,9 @@ ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 
 
 @dataclass
-class GeneratorConfig:
-    """Sampling and engine settings of one generator (names follow vLLM's `SamplingParams`)."""
+class SamplingConfig:
+    """How completions are sampled (names follow vLLM's `SamplingParams`)."""
 
-    model: str
-    """Local HF folder (config, tokenizer, safetensors) that both backends load."""
-    backend: str = "auto"
-    """`vllm`, `transformers`, or `auto` (vllm when importable, else transformers)."""
     n: int = 1
     """Completions per prompt."""
     temperature: float = 1.0
@@ -33,6 +29,38 @@ class GeneratorConfig:
     """Token ids that end a completion (in addition to the tokenizer's eos unless `ignore_eos`)."""
     ignore_eos: bool = False
     """Keep generating past eos (benchmarks: fixed-length completions)."""
+
+    def __post_init__(self) -> None:
+        self.stop = tuple(self.stop)
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        if self.n < 1:
+            raise ValueError(f"n ({self.n}) must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature ({self.temperature}) must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p ({self.top_p}) must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k ({self.top_k}) must be >= 0 (0 disables)")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must be >= 1")
+        if any(not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty, got {self.stop!r}")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be >= 0, got {self.stop_token_ids}")
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(f"n ({self.n}) > 1 with temperature 0 gives n identical greedy completions")
+
+
+@dataclass
+class GeneratorConfig:
+    """One generator: its model, backend, sampling and engine settings."""
+
+    model: str
+    """Local HF folder (config, tokenizer, safetensors) that both backends load."""
+    backend: str = "auto"
+    """`vllm`, `transformers`, or `auto` (vllm when importable, else transformers)."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Default sampling of `generate` (a call may pass its own)."""
     seed: int = 0
     """Base seed: batch `b` samples with seeds derived from (`seed`, b), so a run reproduces."""
     dtype: str = "float32"
@@ -55,8 +83,8 @@ class GeneratorConfig:
     """Policy version of the weights in `model` (updates must carry a larger version)."""
 
     def __post_init__(self) -> None:
-        self.stop = tuple(self.stop)
-        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        if isinstance(self.sampling, dict):
+            self.sampling = SamplingConfig(**self.sampling)
         if not self.model:
             raise ValueError("model must name a local HF folder, got an empty string")
         if self.backend not in BACKENDS:
@@ -65,22 +93,10 @@ class GeneratorConfig:
             raise ValueError(f"dtype ({self.dtype!r}) must be one of {DTYPES}")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation ({self.attn_implementation!r}) must be one of {ATTN_IMPLEMENTATIONS}")
-        if self.n < 1:
-            raise ValueError(f"n ({self.n}) must be >= 1")
-        if self.temperature < 0:
-            raise ValueError(f"temperature ({self.temperature}) must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p ({self.top_p}) must be in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError(f"top_k ({self.top_k}) must be >= 0 (0 disables)")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must be >= 1")
-        if self.max_new_tokens >= self.max_model_len:
-            raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must be < max_model_len ({self.max_model_len})")
-        if any(not s for s in self.stop):
-            raise ValueError(f"stop strings must be non-empty, got {self.stop!r}")
-        if any(t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be >= 0, got {self.stop_token_ids}")
+        if self.sampling.max_new_tokens >= self.max_model_len:
+            raise ValueError(
+                f"sampling.max_new_tokens ({self.sampling.max_new_tokens}) must be < max_model_len ({self.max_model_len})"
+            )
         if self.kv_cache_bytes <= 0:
             raise ValueError(f"kv_cache_bytes ({self.kv_cache_bytes}) must be > 0")
         if self.tensor_parallel_size < 1:
@@ -91,10 +107,8 @@ class GeneratorConfig:
             raise ValueError(f"initial_version ({self.initial_version}) must be >= 0")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device ({self.device!r}) must be auto, cpu, cuda or cuda:N")
-        if self.n > 1 and self.temperature == 0:
-            raise ValueError(f"n ({self.n}) > 1 with temperature 0 gives n identical greedy completions")
 
     def batch_seed(self, batch: int) -> int:
         """The seed of batch number `batch`: distinct per batch, fixed for a given `seed`."""
-        # a large odd multiplier spreads batches apart so per-request offsets (+ prompt * n + j) never collide
+        # a large multiplier spreads batches apart so per-request offsets (+ prompt * n + j) rarely collide
         return (self.seed * 1_000_003 + batch * 65_537) % (1 << 31)

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from rlhf_engine.rollout.config import GeneratorConfig
+from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
 from rlhf_engine.rollout.params import check_update, expected_params
 from rlhf_engine.rollout.types import Completion
 
@@ -30,11 +30,14 @@ class Generator(ABC):
         self._batches = 0
         self._closed = False
 
-    def generate(self, prompts: Sequence[Sequence[int]], *, seed: int | None = None) -> list[Completion]:
-        """Sample `config.n` completions for each prompt (token ids, no padding).
+    def generate(
+        self, prompts: Sequence[Sequence[int]], *, sampling: SamplingConfig | None = None, seed: int | None = None
+    ) -> list[Completion]:
+        """Sample `sampling.n` completions for each prompt (token ids, no padding).
 
-        Returns `len(prompts) * n` completions ordered by (prompt, sample). `seed` fixes the
-        randomness of this call; by default batch `b` of this generator uses `config.batch_seed(b)`.
+        Returns `len(prompts) * n` completions ordered by (prompt, sample). `sampling` defaults
+        to `config.sampling`. `seed` fixes the randomness of this call; by default batch `b` of
+        this generator uses `config.batch_seed(b)`.
         """
         if self._closed:
             raise RuntimeError("generate() called on a closed generator")
@@ -49,7 +52,7 @@ class Generator(ABC):
         self._batches += 1
         if not prompts:
             return []
-        return self._generate(prompts, seed)
+        return self._generate(prompts, sampling if sampling is not None else self.config.sampling, seed)
 
     def update_weights(self, version: int, named_tensors: Mapping[str, torch.Tensor]) -> bool:
         """Replace all weights with `named_tensors` (HF names) as policy `version`.
@@ -81,7 +84,7 @@ class Generator(ABC):
         self.close()
 
     @abstractmethod
-    def _generate(self, prompts: list[list[int]], seed: int) -> list[Completion]: ...
+    def _generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int) -> list[Completion]: ...
 
     @abstractmethod
     def _apply_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None: ...

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
-from rlhf_engine.rollout.config import GeneratorConfig
+from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
 from rlhf_engine.rollout.generator import Generator
 from rlhf_engine.rollout.staging import StagingFile
 from rlhf_engine.rollout.types import Completion
@@ -47,10 +47,10 @@ class VLLMGenerator(Generator):
         )
         self._staging: StagingFile | None = None
 
-    def _sampling_params(self, seed: int):
+    @staticmethod
+    def _sampling_params(c: SamplingConfig, seed: int):
         from vllm import SamplingParams
 
-        c = self.config
         return SamplingParams(
             n=c.n,
             temperature=c.temperature,
@@ -66,10 +66,10 @@ class VLLMGenerator(Generator):
             detokenize=bool(c.stop),  # stop strings need text; otherwise skip detokenizing
         )
 
-    def _generate(self, prompts: list[list[int]], seed: int) -> list[Completion]:
-        n = self.config.n
+    def _generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int) -> list[Completion]:
+        n = sampling.n
         # each request seeds its own sampler; vLLM adds the child index j for n > 1: seed + i * n + j
-        params = [self._sampling_params(seed + i * n) for i in range(len(prompts))]
+        params = [self._sampling_params(sampling, seed + i * n) for i in range(len(prompts))]
         t0 = time.perf_counter()
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         elapsed = time.perf_counter() - t0
