@@ -436,7 +436,7 @@ class GeneratorControl(_ControlThread):
             raise WireError("wrong_kind", f"{type(header).__name__} on the generator's control channel")
 
     def _weights(self, header: WeightsHeader, tensors: list[torch.Tensor]) -> None:
-        if header.weight_version <= self._newest:
+        if header.weight_version <= self._newest or header.weight_version < self._staging.version:
             self.stats["stale_weights"] += 1
             log.info("ignoring weight version %d (have %d)", header.weight_version, self._newest)
             if header.shm_path:

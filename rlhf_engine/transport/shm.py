@@ -2,8 +2,8 @@
 
 The trainer writes a whole update into a file under ``shm_dir`` (tmpfs) that it created
 (mode 0600, name ``rlhf-engine-<pid>-<random>``) and sends only a header over ZeroMQ.
-A generator maps the file (copy-on-write, so a stray write can never reach the trainer)
-and views the tensors in place. Buffers are reused once every generator acknowledged,
+A generator maps the same file and views the tensors in place (the trainer only ever
+writes these buffers, so nothing a generator does to them reaches the trainer's model). Buffers are reused once every generator acknowledged,
 so after the first update no page is faulted in again on either side.
 """
 
@@ -35,12 +35,15 @@ def layout(nbytes: Sequence[int]) -> tuple[list[int], int]:
     return offsets, max(pos, ALIGN)
 
 
-def _map(path: str, size: int, *, writable: bool) -> torch.Tensor:
-    """A uint8 tensor ``[size]`` over the file (shared for the writer, private copy-on-write for readers)."""
-    fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+def _map(path: str, size: int) -> torch.Tensor:
+    """A uint8 tensor ``[size]`` over the whole file, shared and pre-faulted (MAP_POPULATE).
+
+    Shared, not private copy-on-write: a private writable mapping would be populated with
+    private copies of every page and stop seeing the trainer's later writes.
+    """
+    fd = os.open(path, os.O_RDWR)
     try:
-        flags = (mmap.MAP_SHARED if writable else mmap.MAP_PRIVATE) | mmap.MAP_POPULATE
-        mm = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
     return torch.frombuffer(mm, dtype=torch.uint8)  # keeps mm alive as long as any view lives
@@ -105,7 +108,7 @@ class ShmPool:
             os.ftruncate(fd, size)
         finally:
             os.close(fd)
-        return Segment(path, size, _map(path, size, writable=True))
+        return Segment(path, size, _map(path, size))
 
     def release(self, peer: str, path: str | None = None) -> None:
         """``peer`` no longer holds the segment at ``path`` (or any segment, when None)."""
@@ -153,7 +156,7 @@ class ShmReader:
                 raise WireError("bad_shm", f"cannot stat {real}: {e}") from None
             if st.st_size != size:
                 raise WireError("bad_shm", f"{real} has {st.st_size} bytes, header says {size}")
-            buf = _map(real, size, writable=False)
+            buf = _map(real, size)
             self._maps[real] = buf
             while len(self._maps) > self._max:
                 self._maps.pop(next(iter(self._maps)))

@@ -1,0 +1,163 @@
+"""Weight updates: bit-exact transfer, atomic hand-over, stale/duplicate versions, buffer reuse."""
+
+import os
+import time
+
+import pytest
+import torch
+import zmq
+
+from _peers import FINGERPRINT, fast_config, ipc_endpoint, tcp_endpoint
+from rlhf_engine.transport import GeneratorPort, TrainerPort
+from rlhf_engine.transport.endpoints import channel_endpoint
+from rlhf_engine.transport.weights import model_fingerprint, state_dict_specs
+from rlhf_engine.transport.wire import PROTOCOL_VERSION, WeightsHeader, WelcomeHeader, decode, encode, tensor_spec, WireLimits
+
+
+def mixed_state_dict(n_params: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """About n_params parameters: 40% fp32, 40% bf16, 20% int64, in tensors of odd shapes."""
+    g = torch.Generator().manual_seed(seed)
+    sd, i, left = {}, 0, n_params
+    while left > 0:
+        n = min(left, 1_234_567)
+        kind = i % 5
+        if kind in (0, 1):
+            sd[f"layer{i}.weight"] = torch.randn(n, generator=g).view(-1, 1) if n % 7 else torch.randn(n // 7, 7, generator=g)
+        elif kind in (2, 3):
+            sd[f"layer{i}.bias"] = torch.randn(n, generator=g).bfloat16()
+        else:
+            sd[f"layer{i}.index"] = torch.randint(-(2**62), 2**62, (n,), generator=g)
+        left -= n
+        i += 1
+    return sd
+
+
+def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("make_endpoint, shm", [(ipc_endpoint, True), (tcp_endpoint, False)], ids=["ipc-shm", "tcp-frames"])
+def test_50m_param_mixed_dtype_state_dict_round_trips_bit_exact(make_endpoint, shm):
+    sd = mixed_state_dict(50_000_000)
+    assert {t.dtype for t in sd.values()} == {torch.float32, torch.bfloat16, torch.int64}
+    assert sum(t.numel() for t in sd.values()) == 50_000_000
+    fp = model_fingerprint(state_dict_specs(sd))
+    config = fast_config(make_endpoint(), bucket_bytes=32 << 20)
+    with TrainerPort(config, fp) as trainer, GeneratorPort(config, fp) as gen:
+        (info,) = trainer.wait_for_generators(1)
+        assert info.shm is shm
+        assert trainer.publish_weights(1, sd) == [gen.sender_id]
+        update = gen.wait_weights(1, timeout_s=60)
+        assert update.version == 1 and list(update.tensors) == list(sd)
+        assert all(bit_equal(update.tensors[k], v) for k, v in sd.items())
+        update.ack()
+        assert trainer.wait_for_acks(1, timeout_s=10) == {gen.sender_id: True}
+
+
+def test_shm_buffers_are_reused_and_bounded_when_generators_do_not_ack(tmp_path):
+    sd = {"w": torch.randn(1000), "b": torch.randn(10).bfloat16()}
+    config = fast_config(ipc_endpoint(), shm_dir=str(tmp_path), shm_buffers=2)
+    with TrainerPort(config, FINGERPRINT) as trainer, GeneratorPort(config, FINGERPRINT) as gen:
+        trainer.wait_for_generators(1)
+        paths = []
+        for v in (1, 2):
+            trainer.publish_weights(v, {k: t + v for k, t in sd.items()})
+            update = gen.wait_weights(v, timeout_s=10)
+            assert torch.equal(update.tensors["w"], sd["w"] + v)
+            paths.append(update)  # taken, never acked: both buffers stay held
+        with pytest.raises(TimeoutError, match="still held by .*must ack"):
+            trainer.publish_weights(3, sd, timeout_s=0.5)
+        for update in paths:
+            update.ack()
+        trainer.wait_for_acks(2, timeout_s=10)
+        trainer.publish_weights(4, {k: t * 4 for k, t in sd.items()})
+        update = gen.wait_weights(4, timeout_s=10)
+        assert torch.equal(update.tensors["w"], sd["w"] * 4)
+        assert torch.equal(update.tensors["b"], sd["b"] * 4)
+        assert len(os.listdir(tmp_path)) == 2  # the two buffers, reused
+    assert os.listdir(tmp_path) == []  # removed on close
+
+
+def test_a_newer_version_replaces_an_untaken_one_which_is_acked_as_skipped():
+    sd = {"w": torch.zeros(16)}
+    config = fast_config(ipc_endpoint())
+    with TrainerPort(config, FINGERPRINT) as trainer, GeneratorPort(config, FINGERPRINT) as gen:
+        trainer.wait_for_generators(1)
+        trainer.publish_weights(1, {"w": sd["w"] + 1})
+        trainer.publish_weights(2, {"w": sd["w"] + 2})
+        assert trainer.wait_for_acks(1, timeout_s=10) == {gen.sender_id: False}
+        update = gen.wait_weights(2, timeout_s=10)
+        assert update.version == 2 and torch.equal(update.tensors["w"], sd["w"] + 2)
+        assert gen.poll_weights() is None
+        assert gen.wait_weights(2, timeout_s=1) is None  # already has version 2
+        with pytest.raises(ValueError, match="must be greater than the last published"):
+            trainer.publish_weights(2, sd)
+
+
+class FakeTrainer:
+    """A raw ROUTER that answers the handshake and then sends hand-made weight buckets."""
+
+    def __init__(self, endpoint: str):
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.linger = 0
+        self.sock.bind(channel_endpoint(endpoint, "control"))
+        self.identity = None
+
+    def accept(self):
+        frames = self.sock.recv_multipart()
+        self.identity = frames[0]
+        self.sock.send_multipart([self.identity, *encode(WelcomeHeader(sender="fake", seq=0, shm=False))])
+
+    def bucket(self, version, i, n, named):
+        header = WeightsHeader(sender="fake", seq=0, tensors=tuple(tensor_spec(k, t) for k, t in named),
+                               weight_version=version, bucket=i, num_buckets=n)
+        self.sock.send_multipart([self.identity, *encode(header, [t for _, t in named])])
+
+    def acks(self, timeout_s=2.0):
+        out, deadline = [], time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.sock.poll(50):
+                header, _ = decode(self.sock.recv_multipart()[1:], WireLimits())
+                if header.__class__.__name__ == "WeightsAckHeader":
+                    out.append((header.weight_version, header.applied))
+        return out
+
+    def close(self):
+        self.sock.close()
+        self.ctx.term()
+
+
+def test_partial_stale_and_duplicate_updates_are_never_handed_over():
+    endpoint = ipc_endpoint()
+    fake = FakeTrainer(endpoint)
+    import threading
+    accepted = threading.Thread(target=fake.accept)
+    accepted.start()
+    gen = GeneratorPort(fast_config(endpoint, heartbeat_timeout_s=30, heartbeat_interval_s=0.1), FINGERPRINT)
+    accepted.join()
+    try:
+        a, b = torch.arange(4.0), torch.arange(3)
+        fake.bucket(5, 0, 2, [("a", a)])  # half of version 5
+        time.sleep(0.3)
+        assert gen.poll_weights() is None  # never half an update
+        fake.bucket(6, 0, 2, [("a", a * 6)])  # a newer version drops the unfinished 5
+        fake.bucket(5, 1, 2, [("b", b)])  # the rest of 5 can no longer complete it
+        fake.bucket(6, 1, 2, [("b", b * 6)])
+        update = gen.wait_weights(6, timeout_s=5)
+        assert update.version == 6
+        assert torch.equal(update.tensors["a"], a * 6) and torch.equal(update.tensors["b"], b * 6)
+        fake.bucket(6, 0, 1, [("a", a)])  # duplicate version
+        fake.bucket(4, 0, 1, [("a", a)])  # stale version
+        fake.bucket(7, 0, 1, [("a", a), ("a", a)])  # repeated tensor name: malformed
+        time.sleep(0.3)
+        assert gen.poll_weights() is None
+        stats = gen.stats()["control"]
+        assert stats["stale_weights"] == 3  # the rest of 5, the duplicate 6, the stale 4
+        assert stats["dropped.bad_bucket"] == 1
+        update.ack()
+        assert (6, True) in fake.acks()
+    finally:
+        gen.close()
+        fake.close()
