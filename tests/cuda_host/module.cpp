@@ -1,0 +1,48 @@
+// The test extension: the CUDA op code on the host backend (csrc/host/host_ops.cpp) plus the
+// deliberately racy kernels of race_kernels.cuh.
+#include <torch/extension.h>
+
+#include <string>
+
+#include "host/host_launcher.h"
+#include "race_kernels.cuh"
+
+namespace rlhf_engine::host {
+void bind_kernel_ops(pybind11::module_& m);
+}
+
+namespace {
+
+using rlhf_engine::host::HostLauncher;
+using rlhf_engine::test_kernels::two_sums_kernel;
+using rlhf_engine::test_kernels::TwoSumsParams;
+
+// variant: "correct", "no_barrier_after_write" or "no_barrier_before_reuse".
+std::tuple<at::Tensor, at::Tensor> two_sums(const at::Tensor& x_in, const std::string& variant, int threads,
+                                            uint64_t seed, double yield_prob) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "x must be float32 [B, n]; got ", x_in.sizes());
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor sums = at::empty({x.size(0), threads}, x.options());
+  at::Tensor sums_sq = at::empty({x.size(0)}, x.options());
+  TwoSumsParams p{x.data_ptr<float>(), x.size(1), sums.data_ptr<float>(), sums_sq.data_ptr<float>()};
+  HostLauncher L;
+  L.options.seed = seed;
+  L.options.yield_prob = yield_prob;
+  if (variant == "correct")
+    L.launch(&two_sums_kernel<true, true>, x.size(0), threads, p);
+  else if (variant == "no_barrier_after_write")
+    L.launch(&two_sums_kernel<false, true>, x.size(0), threads, p);
+  else if (variant == "no_barrier_before_reuse")
+    L.launch(&two_sums_kernel<true, false>, x.size(0), threads, p);
+  else
+    TORCH_CHECK(false, "variant must be correct, no_barrier_after_write or no_barrier_before_reuse; got ", variant);
+  return {sums, sums_sq};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  rlhf_engine::host::bind_kernel_ops(m);
+  m.def("two_sums", &two_sums, pybind11::arg("x"), pybind11::arg("variant"), pybind11::arg("threads"),
+        pybind11::arg("seed"), pybind11::arg("yield_prob") = 0.25);
+}
