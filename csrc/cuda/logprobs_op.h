@@ -73,8 +73,9 @@ at::Tensor logprobs_bwd_op(const Launcher& L, const at::Tensor& grad_logprob, co
   L.check_device(entropy_in, "entropy");
   check_inv_temperature(inv_temperature);
   if (in_place)
-    TORCH_CHECK(logits_in.dim() == 2 && logits_in.stride(1) == 1,
-                "in-place logprobs_bwd needs logits [N, V] with unit stride in V; got strides ", logits_in.strides());
+    TORCH_CHECK(logits_in.dim() == 2 && logits_in.stride(1) == 1 && logits_in.stride(0) >= logits_in.size(1),
+                "in-place logprobs_bwd needs logits [N, V] with unit stride in V and disjoint rows; got shape ",
+                logits_in.sizes(), " strides ", logits_in.strides());
   const at::Tensor logits = rows_with_unit_stride(logits_in, "logits");
   const int64_t n = logits.size(0), vocab = logits.size(1);
   check_labels(labels_in, n);
