@@ -133,7 +133,7 @@ def forward_policy(
     Log-probs (and entropies) of the response tokens at `temperature` come from the fused
     `logprobs_from_logits` op, never from a full log_softmax; values come from the value head of the same
     pass (`with_values` needs an `AutoModelForCausalLMWithValueHead`). `keep_logits` also returns the
-    response logits divided by the temperature (for the `full` KL).
+    response logits [B, T, V] as the model produced them (for the `full` KL).
     """
     keep = batch.response_width + 1
     kwargs = dict(
@@ -158,10 +158,7 @@ def forward_policy(
         logp, entropy = logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True)
     else:
         logp, entropy = logprobs_from_logits(logits, labels, temperature=temperature), None
-    kept = None
-    if keep_logits:
-        kept = logits if temperature == 1.0 else logits / temperature
-    return ForwardOut(logp=logp, entropy=entropy, values=values, logits=kept)
+    return ForwardOut(logp=logp, entropy=entropy, values=values, logits=logits if keep_logits else None)
 
 
 def forward_values(critic: AutoModelForCausalLMWithValueHead, batch: TokenBatch) -> torch.Tensor:

@@ -297,7 +297,9 @@ class PPOTrainer:
                 self.model, chunk, cfg.temperature, with_values=shared_critic, with_entropy=True, keep_logits=full_kl
             )
             ref = forward_policy(self.ref_model, chunk, cfg.temperature, keep_logits=full_kl)
-            kl = kl_penalty(cfg.kl_penalty, pol.logp, ref.logp, chunk.response_mask, pol.logits, ref.logits)
+            kl = kl_penalty(
+                cfg.kl_penalty, pol.logp, ref.logp, chunk.response_mask, pol.logits, ref.logits, cfg.temperature
+            )
             values = pol.values
             if cfg.uses_critic and self.value_model is not None:
                 values = forward_values(self.value_model, chunk)

@@ -14,17 +14,18 @@ def kl_penalty(
     mask: torch.Tensor,
     logits: torch.Tensor | None = None,
     ref_logits: torch.Tensor | None = None,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Per-token KL estimate between policy and reference, 0 on padding.
 
     logp, ref_logp, mask [B, T]; kind in kl|abs|mse|k3 uses the log-probs of the sampled tokens;
-    kind == "full" uses logits, ref_logits [B, T, V] (already divided by the temperature) and gives the
-    exact KL(pi || ref) over the vocabulary. Returns [B, T] fp32.
+    kind == "full" uses logits, ref_logits [B, T, V] and gives the exact KL(pi || ref) over the vocabulary
+    of the two distributions at `temperature` (fused: no [B, T, V] temporaries). Returns [B, T] fp32.
     """
     if kind == "full":
         if logits is None or ref_logits is None:
             raise ValueError("kl_penalty kind='full' needs logits and ref_logits [B, T, V]")
-        return token_kl(logits, ref_logits, kind="full", mask=mask)
+        return token_kl(logits, ref_logits, kind="full", mask=mask, temperature=temperature)
     return token_kl(logp, ref_logp, kind=kind, mask=mask)
 
 
