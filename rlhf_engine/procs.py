@@ -14,19 +14,27 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+def _child_setup(cpus: list[int] | None) -> Callable[[], None]:
+    def setup() -> None:  # runs in the child between fork and exec
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+
+    return setup
 
 
-def start_child(args: list[str], *, log_path: str | Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+def start_child(args: list[str], *, log_path: str | Path | None = None, env: dict[str, str] | None = None,
+                cpus: list[int] | None = None) -> subprocess.Popen:
     """Start `python -m ...`-style `args` with the current interpreter in a new process group.
 
-    stdout and stderr go to `log_path` when given (appended), else are inherited.
+    stdout and stderr go to `log_path` when given (appended), else are inherited. `cpus` pins
+    the child (and everything it starts) to those CPU ids.
     """
     out = open(log_path, "ab") if log_path is not None else None
     try:
@@ -36,7 +44,7 @@ def start_child(args: list[str], *, log_path: str | Path | None = None, env: dic
             stderr=subprocess.STDOUT if out is not None else None,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=_child_setup(cpus),
             env={**os.environ, **(env or {})},
         )
     finally:

@@ -1,0 +1,203 @@
+"""`rlhf-engine`: the command line.
+
+  rlhf-engine sft     --config sft.yaml      supervised fine-tuning
+  rlhf-engine reward  --config rm.yaml       reward model on preference pairs
+  rlhf-engine dpo     --config dpo.yaml      direct preference optimisation
+  rlhf-engine ppo     --config run.yaml      async PPO (trainer here, generators as child processes)
+  rlhf-engine generator --config run.yaml    a generator process that connects to a trainer
+  rlhf-engine plot    RUN_DIR                PNG plots of a run
+  rlhf-engine demo                           the whole pipeline on a tiny built-in task
+  rlhf-engine keys    DIR                    a CURVE keypair for non-loopback endpoints
+  rlhf-engine bench   ...                    the end-to-end throughput benchmark
+
+Every `--config` command takes `--set section.key=value` overrides (repeatable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  rlhf-engine ppo --config run.yaml --set ppo.init_kl_coef=0.1 --set engine.total_steps=50
+  rlhf-engine ppo --config run.yaml --resume runs/ppo
+  rlhf-engine generator --config run.yaml --connect tcp://10.0.0.5:5555
+  rlhf-engine plot runs/ppo
+"""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set ppo.init_kl_coef=0.1 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhf-engine", description="Asynchronous RLHF: SFT, reward model, PPO and DPO.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for name, text in (("sft", "supervised fine-tuning on prompt/completion, chat or text data"),
+                       ("reward", "train a reward model on prompt/chosen/rejected pairs"),
+                       ("dpo", "direct preference optimisation on prompt/chosen/rejected pairs")):
+        p = sub.add_parser(name, help=text, description=f"{text.capitalize()}. The YAML holds the fields of "
+                           f"{_STAGE_CONFIGS[name][1]} (see its docstrings).")
+        _add_config_args(p)
+
+    p = sub.add_parser("ppo", help="async PPO run (trainer here, generators as child processes)",
+                       description="Run PPO with the async engine. The YAML has sections model, data, ppo, "
+                                   "generator, transport, engine (see rlhf_engine/config.py).")
+    _add_config_args(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue from the newest checkpoint of RUN_DIR")
+
+    p = sub.add_parser("generator", help="a generator process that connects to a trainer",
+                       description="Start a generator: loads generator and transport settings from the run's "
+                                   "YAML, connects to the trainer and samples until it is told to stop.")
+    _add_config_args(p)
+    p.add_argument("--connect", metavar="ENDPOINT", help="trainer endpoint (default: transport.endpoint)")
+    p.add_argument("--name", default="generator", help="name shown in the trainer's logs")
+
+    p = sub.add_parser("plot", help="write PNG plots of a run", description="Write PNGs of reward, KL, KL "
+                       "coefficient, entropy, losses, throughput and the process timeline into RUN_DIR/plots.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+
+    p = sub.add_parser("demo", help="SFT -> reward model -> async PPO on a tiny built-in task",
+                       description="Build a tiny tokenizer and Llama, run SFT, train a reward model on "
+                                   "synthetic preferences, run async PPO with the vLLM generator, print a summary.")
+    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    p.add_argument("--ppo-steps", type=int, default=None, help="PPO steps (default: the demo's budget)")
+    p.add_argument("--small", action="store_true", help="a very small budget (for tests)")
+    p.add_argument("--backend", default="auto", choices=("auto", "vllm", "transformers"), help="generator backend")
+
+    p = sub.add_parser("keys", help="write a CURVE keypair", description="Write a CURVE keypair into DIR "
+                       "(point transport.curve_keys_dir at it on both ends for non-loopback endpoints).")
+    p.add_argument("dir", metavar="DIR")
+
+    sub.add_parser("bench", help="end-to-end throughput benchmark (see benchmarks/bench_e2e.py --help)",
+                   add_help=False)
+    return parser
+
+
+_STAGE_CONFIGS = {
+    "sft": ("rlhf_engine.trainer.sft_config", "SFTConfig", "rlhf_engine.trainer.sft", "SFTTrainer"),
+    "reward": ("rlhf_engine.trainer.reward_config", "RewardConfig", "rlhf_engine.trainer.reward", "RewardTrainer"),
+    "dpo": ("rlhf_engine.trainer.dpo_config", "DPOConfig", "rlhf_engine.trainer.dpo", "DPOTrainer"),
+}
+
+
+def _run_stage(name: str, args: argparse.Namespace) -> int:
+    import importlib
+
+    from rlhf_engine.config_loader import apply_overrides, from_dict, load_yaml
+
+    cfg_module, cfg_name, trainer_module, trainer_name = _STAGE_CONFIGS[name]
+    config_cls = getattr(importlib.import_module(cfg_module), cfg_name)
+    trainer_cls = getattr(importlib.import_module(trainer_module), trainer_name)
+    data = apply_overrides(load_yaml(args.config), args.overrides)
+    config = from_dict(config_cls, data, source=args.config)
+    trainer = trainer_cls(config)
+    metrics = trainer.train()
+    path = trainer.save()
+    print(f"{name}: saved to {path}")
+    for k, v in sorted(metrics.items()):
+        print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
+    return 0
+
+
+def _run_ppo(args: argparse.Namespace) -> int:
+    from rlhf_engine.config import load_run_config
+    from rlhf_engine.engine import RLHFEngine
+
+    config = load_run_config(args.config, args.overrides)
+    with RLHFEngine(config, resume=args.resume) as engine:
+        for _ in engine.steps():
+            pass
+        summary = engine.summary()
+    print(f"ppo: {summary['steps']} steps in {summary['wall_s']:.1f} s, "
+          f"{summary['generated_tokens_per_s']:.0f} generated tokens/s; run dir {config.engine.run_dir}")
+    return 0
+
+
+def _run_generator(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from rlhf_engine.config import load_run_config
+    from rlhf_engine.rollout.process import run_generator
+
+    config = load_run_config(args.config, args.overrides)
+    transport = config.transport
+    if args.connect:
+        transport = dataclasses.replace(transport, endpoint=args.connect)
+    run_generator(config.generator, transport, name=args.name, max_staleness=config.engine.max_staleness)
+    return 0
+
+
+def _run_bench(argv: list[str]) -> int:
+    import runpy
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_e2e.py"
+    if not script.is_file():
+        print(f"rlhf-engine bench: {script} not found; the benchmark ships with the source tree "
+              "(install with `pip install -e .` from a clone)", file=sys.stderr)
+        return 2
+    sys.argv = [str(script), *argv]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        return _run_bench(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # SIGTERM stops a run the way Ctrl-C does: generators shut down, the last checkpoint stays intact
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    from rlhf_engine.config_loader import ConfigError
+
+    try:
+        if args.command in _STAGE_CONFIGS:
+            return _run_stage(args.command, args)
+        if args.command == "ppo":
+            return _run_ppo(args)
+        if args.command == "generator":
+            return _run_generator(args)
+        if args.command == "plot":
+            from rlhf_engine.plot import plot_run
+
+            for path in plot_run(args.run_dir):
+                print(path)
+            return 0
+        if args.command == "demo":
+            from rlhf_engine.demo import run_demo
+
+            run_demo(Path(args.out), ppo_steps=args.ppo_steps, small=args.small, backend=args.backend)
+            return 0
+        if args.command == "keys":
+            from rlhf_engine.transport import keys_main
+
+            return keys_main([args.dir])
+    except ConfigError as e:
+        print(f"rlhf-engine {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rlhf-engine {args.command}: interrupted; everything was stopped", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""The config tree of a PPO run: one validated dataclass per YAML section.
+
+```yaml
+model:     {policy: out/sft, reward_model: out/rm}       # ModelConfig
+data:      {prompts: prompts.jsonl}                      # DataConfig
+ppo:       {batch_size: 16, mini_batch_size: 4, ...}     # PPOConfig (TRL names)
+generator: {backend: vllm, sampling: {max_new_tokens: 32}}  # GeneratorConfig (model = model.policy)
+transport: {endpoint: ipc:///tmp/run}                    # TransportConfig
+engine:    {total_steps: 100, mode: async, max_staleness: 1}  # EngineConfig
+```
+
+`load_run_config("run.yaml", ["ppo.init_kl_coef=0.1"])` reads the file, applies `--set`
+overrides and validates everything; errors name the key and the file. The same file configures
+a generator started elsewhere (`rlhf-engine generator --config run.yaml --connect ...`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from rlhf_engine.config_loader import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from rlhf_engine.rollout.config import GeneratorConfig
+from rlhf_engine.trainer.ppo_config import PPOConfig
+from rlhf_engine.transport.config import TransportConfig
+
+
+@dataclass
+class ModelConfig:
+    """Where the four models come from (local HF folders)."""
+
+    policy: str
+    """The policy to train (usually the SFT output); also what the generators load."""
+    ref_model: str | None = None
+    """Frozen reference for the KL penalty; None = a frozen copy of the initial policy."""
+    reward_model: str | None = None
+    """An `AutoModelForSequenceClassification(num_labels=1)` folder (e.g. `rlhf-engine reward` output)."""
+    reward_fn: str | None = None
+    """Instead of a reward model: `module:function` with `fn(prompts, completions) -> scores`."""
+    value_model: str | None = None
+    """A separate critic folder; None = a value head on the policy."""
+    gold_fn: str | None = None
+    """Optional `module:function` scored on every batch and logged as `env/gold_mean`, never trained on
+    (e.g. a task's true metric when the reward is a learned model)."""
+
+    def __post_init__(self) -> None:
+        if not self.policy:
+            raise ValueError("model.policy must name the policy's HF folder")
+        if (self.reward_model is None) == (self.reward_fn is None):
+            raise ValueError(
+                f"give exactly one of model.reward_model ({self.reward_model!r}) and model.reward_fn ({self.reward_fn!r})"
+            )
+        for name in ("reward_fn", "gold_fn"):
+            spec = getattr(self, name)
+            if spec is not None and (":" not in spec or not all(spec.split(":", 1))):
+                raise ValueError(f"model.{name} ({spec!r}) must look like 'package.module:function'")
+
+
+@dataclass
+class DataConfig:
+    """The prompts PPO samples from."""
+
+    prompts: str
+    """A JSONL/JSON file (or a folder `datasets` can load) of records with a `prompt` (string or chat
+    `messages`) field."""
+    max_prompt_length: int = 256
+    """Prompts longer than this many tokens are cut from the left (counted and reported)."""
+    shuffle: bool = True
+    """Reshuffle the prompts every epoch (deterministic in `ppo.seed`)."""
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_length < 1:
+            raise ValueError(f"data.max_prompt_length ({self.max_prompt_length}) must be >= 1")
+
+
+@dataclass
+class EngineConfig:
+    """How the run is driven: processes, async pipeline, checkpoints, logging."""
+
+    run_dir: str = "runs/ppo"
+    """Metrics, logs, timeline, checkpoints and plots go here."""
+    total_steps: int = 100
+    """PPO steps of the run."""
+    mode: Literal["async", "sync"] = "async"
+    """`async`: generators sample the next batches while the trainer updates (bounded by `max_staleness`);
+    `sync`: each batch is sampled by the newest policy (the baseline)."""
+    max_staleness: int = 1
+    """Async only: most policy versions a sample may lag behind the policy that trains on it."""
+    num_generators: int = 1
+    """Generator processes the engine starts."""
+    external_generators: int = 0
+    """Further generators started elsewhere (`rlhf-engine generator --connect`) that the engine waits for."""
+    save_steps: int = 0
+    """Checkpoint every this many steps (0: only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept on disk."""
+    trainer_threads: int | None = None
+    """torch threads of the trainer (None: torch's default)."""
+    generator_threads: int | None = None
+    """torch threads of each generator process (None: torch's default)."""
+    generator_cpus: list[list[int]] | None = None
+    """Pin generator i to these CPU ids (benchmarks: separate cores for generator and trainer)."""
+    trainer_cpus: list[int] | None = None
+    """Pin the trainer to these CPU ids."""
+    rollout_timeout_s: float = 600.0
+    """Longest wait for a batch of rollouts before the run fails with an error naming the generators."""
+    progress: bool = True
+    """Show a progress bar."""
+    tensorboard: bool = True
+    """Also log to TensorBoard when it is installed."""
+
+    def __post_init__(self) -> None:
+        if self.total_steps < 1:
+            raise ValueError(f"engine.total_steps ({self.total_steps}) must be >= 1")
+        if self.max_staleness < 0:
+            raise ValueError(f"engine.max_staleness ({self.max_staleness}) must be >= 0")
+        if self.mode == "async" and self.max_staleness == 0:
+            raise ValueError("engine.max_staleness = 0 is the sync pipeline: set engine.mode: sync")
+        if self.num_generators < 0 or self.external_generators < 0 or self.num_generators + self.external_generators < 1:
+            raise ValueError(
+                f"need at least one generator: num_generators={self.num_generators}, "
+                f"external_generators={self.external_generators}"
+            )
+        if self.save_steps < 0 or self.keep_last < 1:
+            raise ValueError(f"engine.save_steps ({self.save_steps}) must be >= 0 and keep_last ({self.keep_last}) >= 1")
+        if self.generator_cpus is not None and len(self.generator_cpus) != self.num_generators:
+            raise ValueError(
+                f"engine.generator_cpus has {len(self.generator_cpus)} entries for {self.num_generators} generators"
+            )
+        if self.rollout_timeout_s <= 0:
+            raise ValueError(f"engine.rollout_timeout_s ({self.rollout_timeout_s}) must be > 0")
+
+    @property
+    def batches_in_flight(self) -> int:
+        """Prompt batches handed out ahead of the trainer: 1 in sync mode, 1 + max_staleness in async."""
+        return 1 if self.mode == "sync" else 1 + self.max_staleness
+
+
+@dataclass
+class RunConfig:
+    """A whole PPO run."""
+
+    model: ModelConfig
+    data: DataConfig
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    generator: GeneratorConfig | None = None
+    """Backend and sampling; `model` defaults to `model.policy`, sampling defaults follow `ppo`."""
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if self.generator is None:
+            self.generator = GeneratorConfig(model=self.model.policy)
+        gen, ppo = self.generator, self.ppo
+        if Path(gen.model).resolve() != Path(self.model.policy).resolve():
+            raise ValueError(f"generator.model ({gen.model!r}) must be model.policy ({self.model.policy!r})")
+        # the trainer recomputes log-probs under the sampler's distribution: the two must agree
+        if gen.sampling.temperature != ppo.temperature:
+            raise ValueError(
+                f"generator.sampling.temperature ({gen.sampling.temperature}) must equal ppo.temperature ({ppo.temperature})"
+            )
+        if gen.sampling.top_p != 1.0 or gen.sampling.top_k != 0:
+            raise ValueError(
+                "generator.sampling.top_p/top_k must stay 1.0/0 for PPO: the trainer's log-probs are those of the "
+                f"full softmax (got top_p={gen.sampling.top_p}, top_k={gen.sampling.top_k})"
+            )
+        if gen.sampling.max_new_tokens != ppo.response_length:
+            raise ValueError(
+                f"generator.sampling.max_new_tokens ({gen.sampling.max_new_tokens}) must equal "
+                f"ppo.response_length ({ppo.response_length})"
+            )
+        if gen.sampling.n != ppo.num_generations:
+            raise ValueError(f"generator.sampling.n ({gen.sampling.n}) must equal ppo.num_generations ({ppo.num_generations})")
+        if ppo.batch_size % gen.sampling.n:
+            raise ValueError(f"ppo.batch_size ({ppo.batch_size}) must be divisible by generator.sampling.n ({gen.sampling.n})")
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.ppo.batch_size // self.generator.sampling.n
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = (), base: dict[str, Any] | None = None) -> RunConfig:
+    """Read `path` (YAML; or start from `base`), apply `--set` overrides, validate.
+
+    Sampling settings that must agree with PPO (`max_new_tokens`, `temperature`, `n`) default to
+    the `ppo` section's values when the `generator` section leaves them out.
+    """
+    source = str(path) if path is not None else "<config>"
+    data = load_yaml(path) if path is not None else dict(base or {})
+    if overrides:
+        data = apply_overrides(data, list(overrides))
+        source = f"{source} (with --set)"
+    for section in ("model", "data"):
+        if section not in data:
+            raise ConfigError(f"{source}: missing section {section!r}")
+    data = _fill_generator_defaults(data)
+    return from_dict(RunConfig, data, source=source)
+
+
+def _fill_generator_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    data = dict(data)
+    ppo = dict(data.get("ppo") or {})
+    gen = dict(data.get("generator") or {})
+    model = data.get("model")
+    if isinstance(model, dict) and "policy" in model:
+        gen.setdefault("model", model["policy"])
+    sampling = dict(gen.get("sampling") or {})
+    defaults = {f.name: f.default for f in dataclasses.fields(PPOConfig)}
+    sampling.setdefault("max_new_tokens", ppo.get("response_length", defaults["response_length"]))
+    sampling.setdefault("temperature", ppo.get("temperature", defaults["temperature"]))
+    sampling.setdefault("n", ppo.get("num_generations", defaults["num_generations"]))
+    gen["sampling"] = sampling
+    data["generator"] = gen
+    return data
+
+
+def save_run_config(config: RunConfig, path: str | Path) -> None:
+    """Write `config` as YAML that `load_run_config` reads back to an equal config."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def import_function(spec: str) -> Callable:
+    """The function named by `module:function` (a user's reward or gold function)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"cannot import module {module_name!r} of {spec!r}: {e}") from e
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"{spec!r}: module {module_name!r} has no function {attr!r}")
+    return fn
