@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from collections.abc import Mapping
 
@@ -27,6 +29,21 @@ log = logging.getLogger(__name__)
 _EXTENSION = "rlhf_engine.rollout.vllm_worker.WeightReloadExtension"
 
 
+@contextlib.contextmanager
+def _multiprocessing_env(engine_process: bool):
+    """vLLM reads VLLM_ENABLE_V1_MULTIPROCESSING while building the engine only: set it for the
+    construction, then restore the caller's value."""
+    key, previous = "VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ[key] = "1" if engine_process else "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
+
+
 class VLLMGenerator(Generator):
     """`Generator` on a `vllm.LLM` (see the module docstring)."""
 
@@ -34,17 +51,18 @@ class VLLMGenerator(Generator):
         super().__init__(config)
         from vllm import LLM
 
-        self.llm = LLM(
-            model=config.model,
-            dtype=config.dtype,
-            seed=config.seed,
-            max_model_len=config.max_model_len,
-            kv_cache_memory_bytes=config.kv_cache_bytes,
-            enforce_eager=config.enforce_eager,
-            tensor_parallel_size=config.tensor_parallel_size,
-            logprobs_mode="processed_logprobs",
-            worker_extension_cls=_EXTENSION,
-        )
+        with _multiprocessing_env(config.engine_process):
+            self.llm = LLM(
+                model=config.model,
+                dtype=config.dtype,
+                seed=config.seed,
+                max_model_len=config.max_model_len,
+                kv_cache_memory_bytes=config.kv_cache_bytes,
+                enforce_eager=config.enforce_eager,
+                tensor_parallel_size=config.tensor_parallel_size,
+                logprobs_mode="processed_logprobs",
+                worker_extension_cls=_EXTENSION,
+            )
         self._staging: StagingFile | None = None
 
     @staticmethod
@@ -113,5 +131,5 @@ class VLLMGenerator(Generator):
             if self._staging is not None:
                 self._staging.close()
                 self._staging = None
-            # stops the engine core process and waits for it (LLM has no public close in 0.32)
+            # stops the engine core (process) and waits for it (LLM has no public close in 0.32)
             llm.llm_engine.engine_core.shutdown()

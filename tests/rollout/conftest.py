@@ -32,7 +32,9 @@ def vllm_generator(tiny_model_dir):
     from rlhf_engine.rollout.vllm_backend import VLLMGenerator
 
     gen = VLLMGenerator(
-        GeneratorConfig(model=tiny_model_dir, backend="vllm", max_model_len=MAX_MODEL_LEN, kv_cache_bytes=1 << 27)
+        GeneratorConfig(
+            model=tiny_model_dir, backend="vllm", max_model_len=MAX_MODEL_LEN, kv_cache_bytes=1 << 27, engine_process=True
+        )
     )
     yield gen
     gen.close()
