@@ -341,7 +341,7 @@ class PPOTrainer:
                     if not bool(torch.isfinite(loss)):  # device sync
                         self.optimizer.zero_grad(set_to_none=True)
                         return stats, optimizer_steps, False, (
-                            f"non-finite loss ({float(loss)}) after {optimizer_steps} optimizer steps; "
+                            f"non-finite loss ({float(loss.detach())}) after {optimizer_steps} optimizer steps; "
                             "update stopped, no step taken with it"
                         )
                     (loss / cfg.gradient_accumulation_steps).backward()

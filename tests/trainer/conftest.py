@@ -10,6 +10,15 @@ from rlhf_engine.models.tiny import TinyLlamaSpec, build_llama, build_tokenizer
 VOCAB = 300
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread (intra-op sync dominates), above all on a shared 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer(VOCAB)

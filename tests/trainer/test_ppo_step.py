@@ -1,0 +1,267 @@
+"""PPOTrainer.step on tiny models: on-policy identities, early stop, KL control, off-policy weights, bad input."""
+
+import math
+
+import pytest
+import torch
+
+from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
+from rlhf_engine.trainer import ppo as ppo_module
+from rlhf_engine.trainer.experience import forward_policy, make_token_batch
+from rlhf_engine.trainer.ppo import PPOTrainer
+from rlhf_engine.trainer.ppo_config import PPOConfig
+
+B = 8
+
+
+@pytest.fixture
+def make_trainer(make_lm, tokenizer):
+    def make(value_head=True, **overrides):
+        kwargs = dict(batch_size=B, mini_batch_size=B, ppo_epochs=1, learning_rate=1e-3, response_length=6)
+        kwargs.update(overrides)
+        lm = make_lm(seed=0)
+        model = AutoModelForCausalLMWithValueHead(lm) if value_head else lm
+        return PPOTrainer(config=PPOConfig(**kwargs), model=model, tokenizer=tokenizer)
+
+    return make
+
+
+@pytest.fixture
+def data(tokenizer, random_pairs):
+    queries, responses = random_pairs(B, seed=7, eos=tokenizer.eos_token_id)
+    scores = torch.linspace(-1.0, 1.0, B)
+    return queries, responses, scores
+
+
+def _weights(trainer):
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_on_policy_single_minibatch_has_ratio_one(make_trainer, data):
+    trainer = make_trainer()
+    stats = trainer.step(*data)
+    # one epoch, one minibatch: the loss is evaluated before any update, so pi == pi_old
+    assert stats["ppo/policy/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["ppo/policy/clipfrac"] == 0.0
+    assert stats["ppo/policy/approxkl"] < 1e-10
+    assert stats["ppo/val/clipfrac"] == 0.0
+    assert stats["ppo/optimizer_steps"] == 1.0 and stats["ppo/skipped"] == 0.0
+    assert stats["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is a copy of the policy
+    assert trainer.policy_version == 1
+    for key in ("objective/kl_coef", "objective/entropy", "ppo/loss/policy", "ppo/loss/value", "ppo/returns/mean",
+                "ppo/val/error", "env/reward_mean", "env/reward_std", "time/ppo/forward_pass",
+                "time/ppo/optimize_step", "time/ppo/total", "time/ppo/tokens_per_second"):
+        assert math.isfinite(stats[key]), key
+    assert stats["env/reward_mean"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_step_updates_policy_and_leaves_reference(make_trainer, data):
+    trainer = make_trainer()
+    ref_before = {k: v.clone() for k, v in trainer.ref_model.state_dict().items()}
+    before = _weights(trainer)
+    trainer.step(*data)
+    after = trainer.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(ref_before[k], v) for k, v in trainer.ref_model.state_dict().items())
+    stats = trainer.step(*data)
+    assert stats["objective/kl"] != 0.0  # the policy moved away from the reference
+
+
+def test_target_kl_stops_epochs_early(make_trainer, data):
+    # 4 epochs x 2 minibatches = 8 optimizer steps; the second one sees approxkl > 1e-9 and stops
+    trainer = make_trainer(mini_batch_size=4, ppo_epochs=4, learning_rate=1e-2, target_kl=1e-9)
+    stats = trainer.step(*data)
+    assert stats["ppo/early_stop"] == 1.0
+    assert stats["ppo/optimizer_steps"] == 2.0
+    full = make_trainer(mini_batch_size=4, ppo_epochs=4, learning_rate=1e-2).step(*data)
+    assert full["ppo/optimizer_steps"] == 8.0 and full["ppo/early_stop"] == 0.0
+
+
+def test_gradient_accumulation_counts_optimizer_steps(make_trainer, data):
+    # batch 8 = 2 slices of 2 x 2 accumulation -> 2 optimizer steps per epoch, 3 epochs -> 6
+    stats = make_trainer(mini_batch_size=2, gradient_accumulation_steps=2, ppo_epochs=3).step(*data)
+    assert stats["ppo/optimizer_steps"] == 6.0
+
+
+def test_adaptive_kl_coef_moves_towards_target(make_trainer, data):
+    trainer = make_trainer(init_kl_coef=0.2, target=6.0, horizon=80.0)
+    stats = trainer.step(*data)
+    # KL = 0 < target: error = clip(0/6 - 1) = -0.2 ; beta = 0.2 * (1 - 0.2 * 8 / 80) = 0.196
+    assert stats["objective/kl_coef"] == pytest.approx(0.2)
+    assert trainer.kl_ctl.value == pytest.approx(0.196)
+    fixed = make_trainer(init_kl_coef=0.2, adap_kl_ctrl=False)
+    fixed.step(*data)
+    assert fixed.kl_ctl.value == 0.2
+
+
+def test_off_policy_importance_weights(make_trainer, data, tokenizer):
+    queries, responses, scores = data
+    trainer = make_trainer(tis_cap=2.0)
+    batch = make_token_batch(queries, responses, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    with torch.no_grad():
+        logp = forward_policy(trainer.model, batch, 1.0).logp
+    own = [logp[i, : len(r)] for i, r in enumerate(responses)]
+    stats = trainer.step(queries, responses, scores, behaviour_logprobs=own, policy_versions=[0] * B)
+    # the sampler agrees with the trainer: weights 1, no truncation, staleness 0
+    assert stats["off_policy/is_weight_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["off_policy/is_truncated_fraction"] == 0.0
+    assert stats["off_policy/staleness_mean"] == 0.0
+    # a sampler that found every token e^5 times less likely: w = min(e^5, 2) = 2 everywhere
+    trainer = make_trainer(tis_cap=2.0)
+    stats = trainer.step(queries, responses, scores, behaviour_logprobs=[x - 5.0 for x in own])
+    assert stats["off_policy/is_weight_mean"] == pytest.approx(2.0)
+    assert stats["off_policy/is_truncated_fraction"] == 1.0
+    assert stats["off_policy/behaviour_kl"] == pytest.approx(5.0, abs=1e-4)
+
+
+def test_staleness_counts_versions(make_trainer, data):
+    trainer = make_trainer()
+    trainer.step(*data)
+    stats = trainer.step(*data, policy_versions=[0] * 4 + [1] * 4)
+    # the trainer was at version 1: staleness (1, 1, 1, 1, 0, 0, 0, 0)
+    assert stats["off_policy/staleness_mean"] == 0.5 and stats["off_policy/staleness_max"] == 1.0
+    with pytest.raises(ValueError, match="policy_versions must lie in"):
+        trainer.step(*data, policy_versions=[5] * B)
+
+
+def test_non_finite_scores_skip_step_and_keep_weights(make_trainer, data):
+    queries, responses, scores = data
+    trainer = make_trainer()
+    before = _weights(trainer)
+    bad = scores.clone()
+    bad[3] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"non-finite scores at samples \[3\]"):
+        stats = trainer.step(queries, responses, bad)
+    assert stats["ppo/skipped"] == 1.0 and trainer.policy_version == 0
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_non_finite_loss_skips_update(make_trainer, data, monkeypatch):
+    trainer = make_trainer()
+    before = _weights(trainer)
+
+    def nan_loss(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        return loss * float("nan"), stats
+
+    real = ppo_module.losses.ppo_policy_loss
+    monkeypatch.setattr(ppo_module.losses, "ppo_policy_loss", nan_loss)
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        stats = trainer.step(*data)
+    assert stats["ppo/skipped"] == 1.0 and stats["ppo/optimizer_steps"] == 0.0
+    assert trainer.kl_ctl.value == trainer.config.init_kl_coef
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda q, r, s: (q[:-1], r, s), "got 7 queries but 8 responses"),
+        (lambda q, r, s: (q[:4], r[:4], s[:4]), r"step got 4 samples; config.batch_size is 8"),
+        (lambda q, r, s: (q, r[:-1] + [torch.tensor([], dtype=torch.long)], s), r"responses\[7\] is empty"),
+        (lambda q, r, s: (q, r, s[:5]), "got 5 scores for 8 samples"),
+        (lambda q, r, s: (q, [x.float() for x in r], s), r"responses\[0\] must hold integer token ids"),
+        (lambda q, r, s: (q, [x[None] for x in r], s), r"responses\[0\] must be a 1-D token sequence"),
+    ],
+)
+def test_bad_input_is_named(make_trainer, data, mutate, message):
+    trainer = make_trainer()
+    with pytest.raises(ValueError, match=message):
+        trainer.step(*mutate(*data))
+
+
+def test_bad_behaviour_logprobs(make_trainer, data):
+    queries, responses, scores = data
+    trainer = make_trainer()
+    short = [torch.zeros(len(r) + 1) for r in responses]
+    with pytest.raises(ValueError, match=r"behaviour_logprobs\[0\] has shape"):
+        trainer.step(queries, responses, scores, behaviour_logprobs=short)
+    nan = [torch.full((len(r),), float("nan")) for r in responses]
+    with pytest.raises(ValueError, match="non-finite"):
+        trainer.step(queries, responses, scores, behaviour_logprobs=nan)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
+def test_critic_free_estimators_train_a_plain_lm(make_trainer, data, estimator):
+    queries, responses, scores = data
+    groups = dict(num_generations=4) if estimator != "reinforce_pp" else {}
+    trainer = make_trainer(value_head=False, advantage_estimator=estimator, **groups)
+    grouped_queries = [queries[0]] * 4 + [queries[1]] * 4
+    stats = trainer.step(grouped_queries, responses, scores)
+    assert stats["ppo/optimizer_steps"] == 1.0 and "ppo/loss/value" not in stats
+    assert stats["ppo/policy/ratio"] == pytest.approx(1.0, abs=1e-5)
+    if estimator != "reinforce_pp":
+        with pytest.raises(ValueError, match=r"queries\[1\] differs from queries\[0\]"):
+            trainer.step(queries, responses, scores)
+
+
+def test_gae_needs_a_critic(make_lm, tokenizer):
+    with pytest.raises(ValueError, match="needs a critic"):
+        PPOTrainer(config=PPOConfig(batch_size=B, mini_batch_size=B), model=make_lm(), tokenizer=tokenizer)
+
+
+def test_separate_critic_is_trained(make_lm, tokenizer, data):
+    critic = AutoModelForCausalLMWithValueHead(make_lm(seed=9))
+    cfg = PPOConfig(batch_size=B, mini_batch_size=B, ppo_epochs=2, learning_rate=1e-2, response_length=6)
+    trainer = PPOTrainer(config=cfg, model=make_lm(), tokenizer=tokenizer, value_model=critic)
+    head = critic.v_head.summary.weight.clone()
+    stats = trainer.step(*data)
+    assert not torch.equal(head, critic.v_head.summary.weight)
+    assert math.isfinite(stats["ppo/loss/value"])
+
+
+def test_full_kl_penalty(make_trainer, data):
+    trainer = make_trainer(kl_penalty="full", learning_rate=1e-2)
+    assert trainer.step(*data)["objective/kl"] == pytest.approx(0.0, abs=1e-5)
+    assert trainer.step(*data)["objective/kl"] > 0.0  # exact KL is >= 0 and the policy moved
+
+
+def test_reward_fn_scores_when_none_given(make_lm, tokenizer, data):
+    queries, responses, _ = data
+    cfg = PPOConfig(batch_size=B, mini_batch_size=B, ppo_epochs=1)
+    trainer = PPOTrainer(config=cfg, model=AutoModelForCausalLMWithValueHead(make_lm()), tokenizer=tokenizer,
+                         reward_fn=lambda prompts, completions: [float(len(c)) for c in completions])
+    completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    stats = trainer.step(queries, responses)
+    assert stats["env/reward_mean"] == pytest.approx(sum(len(c) for c in completions) / B)
+
+
+def test_generate_returns_responses_cut_after_eos(make_trainer, tokenizer):
+    trainer = make_trainer(response_length=5)
+    queries = [torch.tensor([10, 11, 12]), torch.tensor([20])]
+    responses = trainer.generate(queries)
+    assert len(responses) == 2
+    for r in responses:
+        assert 1 <= len(r) <= 5
+        eos = (r == tokenizer.eos_token_id).nonzero()
+        assert eos.numel() == 0 or int(eos[0, 0]) == len(r) - 1
+    single = trainer.generate(torch.tensor([10, 11]), max_new_tokens=3)
+    assert isinstance(single, torch.Tensor) and 1 <= len(single) <= 3
+
+
+def test_trainer_state_round_trip(make_trainer, data):
+    trainer = make_trainer(init_kl_coef=0.3, horizon=100.0)
+    trainer.step(*data)
+    other = make_trainer(init_kl_coef=0.3, horizon=100.0)
+    other.load_state_dict(trainer.state_dict())
+    assert other.kl_ctl.value == trainer.kl_ctl.value and other.policy_version == 1
+    names = trainer.policy_state_dict().keys()
+    assert names == trainer.model.pretrained_model.state_dict().keys()
+
+
+def test_issue_example_loop(make_lm, tokenizer, tmp_path):
+    AutoModelForCausalLMWithValueHead(make_lm()).save_pretrained(tmp_path / "sft_model")
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "sft_model")
+    ref_model = AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "sft_model")
+    config = PPOConfig(learning_rate=1e-5, batch_size=16, mini_batch_size=4, gradient_accumulation_steps=4,
+                       ppo_epochs=4, kl_penalty="kl", init_kl_coef=0.2, target_kl=6.0, response_length=4)
+    dataset = [{"input_ids": tokenizer(f"the cat likes {i}")["input_ids"]} for i in range(20)]
+    trainer = PPOTrainer(model=model, ref_model=ref_model, config=config, tokenizer=tokenizer, dataset=dataset)
+    batches = 0
+    for batch in trainer.dataloader:
+        responses = trainer.generate(batch["input_ids"])
+        scores = [torch.tensor(float(len(r))) for r in responses]
+        stats = trainer.step(batch["input_ids"], responses, scores)
+        batches += 1
+    assert batches == 1  # 20 samples, batch_size 16, last partial batch dropped
+    assert stats["ppo/optimizer_steps"] == 4.0  # 4 epochs x one backward batch of 4 x 4
