@@ -170,7 +170,7 @@ class HFGenerator(Generator):
 
     @torch.no_grad()
     def _apply_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
-        params = dict(self.model.named_parameters())
+        params = self.model.state_dict(keep_vars=True)  # tied lm_head.weight aliases the embeddings
         for name, tensor in named_tensors.items():
             params[name].copy_(tensor)
 

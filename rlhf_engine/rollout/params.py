@@ -13,9 +13,17 @@ from pathlib import Path
 
 import torch
 
+_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
-def expected_params(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the parameters stored in `model_dir`'s safetensors files (headers only)."""
+
+TIED_HEAD = "lm_head.weight"
+"""Stored once with the embeddings when `tie_word_embeddings`; a trainer's state dict still lists it."""
+
+
+def stored_params(model_dir: str | Path) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, dtype name) of every tensor stored in `model_dir`'s safetensors files (headers
+    only), plus `lm_head.weight` aliasing the embeddings when the config ties them."""
     from safetensors import safe_open
 
     model_dir = Path(model_dir)
@@ -26,12 +34,31 @@ def expected_params(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
         files = [p.name for p in sorted(model_dir.glob("*.safetensors"))]
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {model_dir}")
-    shapes: dict[str, tuple[int, ...]] = {}
+    out = []
     for name in files:
         with safe_open(str(model_dir / name), framework="pt") as f:
             for key in f.keys():
-                shapes[key] = tuple(f.get_slice(key).get_shape())
-    return shapes
+                piece = f.get_slice(key)
+                out.append((key, tuple(piece.get_shape()), _DTYPE_NAMES[piece.get_dtype()]))
+    config = model_dir / "config.json"
+    tied = config.exists() and json.loads(config.read_text()).get("tie_word_embeddings", False)
+    names = {name for name, _, _ in out}
+    if tied and TIED_HEAD not in names and "model.embed_tokens.weight" in names:
+        out += [(TIED_HEAD, shape, dtype) for name, shape, dtype in out if name == "model.embed_tokens.weight"]
+    return out
+
+
+def expected_params(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes a weight update must carry (see `stored_params`)."""
+    return {name: shape for name, shape, _ in stored_params(model_dir)}
+
+
+def dir_fingerprint(model_dir: str | Path) -> str:
+    """The transport's `model_fingerprint` of the weights in `model_dir`: equal to the trainer's
+    `model_fingerprint(policy.state_dict())` when it loaded the same folder in its stored dtype."""
+    from rlhf_engine.transport import model_fingerprint
+
+    return model_fingerprint(stored_params(model_dir))
 
 
 def check_update(expected: Mapping[str, tuple[int, ...]], named_tensors: Mapping[str, torch.Tensor]) -> None:
