@@ -156,7 +156,10 @@ class ShmReader:
                 raise WireError("bad_shm", f"cannot stat {real}: {e}") from None
             if st.st_size != size:
                 raise WireError("bad_shm", f"{real} has {st.st_size} bytes, header says {size}")
-            buf = _map(real, size)
+            try:
+                buf = _map(real, size)
+            except (OSError, ValueError) as e:
+                raise WireError("bad_shm", f"cannot map {real}: {e}") from None
             self._maps[real] = buf
             while len(self._maps) > self._max:
                 self._maps.pop(next(iter(self._maps)))

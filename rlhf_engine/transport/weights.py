@@ -10,18 +10,30 @@ import torch
 from rlhf_engine.transport.wire import DTYPE_NAMES, WeightsHeader, WireError
 
 
-def model_fingerprint(specs: Iterable[tuple[str, Iterable[int], torch.dtype | str]]) -> str:
+def model_fingerprint(model: Mapping[str, torch.Tensor] | Iterable[tuple]) -> str:
     """sha256 over sorted (name, shape, dtype): equal on both ends iff the models are compatible.
 
-    ``specs`` holds ``(name, shape, dtype)``; a state dict gives them with ``state_dict_specs``.
+    ``model`` is a state dict ``{name: tensor}``, or an iterable of ``(name, tensor)`` or of
+    ``(name, shape, dtype)`` (dtype as ``torch.dtype`` or its name, e.g. ``"bfloat16"``),
+    for a side that knows the shapes without holding the tensors (e.g. from safetensors metadata).
     """
+    rows = []
+    for entry in (model.items() if isinstance(model, Mapping) else model):
+        if len(entry) == 2:
+            name, tensor = entry
+            shape, dtype = tuple(tensor.shape), tensor.dtype
+        else:
+            name, shape, dtype = entry
+        dtype_name = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+        rows.append((str(name), tuple(int(d) for d in shape), dtype_name))
     h = hashlib.sha256()
-    for name, shape, dtype in sorted((n, tuple(int(d) for d in s), DTYPE_NAMES.get(t, str(t))) for n, s, t in specs):
+    for name, shape, dtype in sorted(rows):
         h.update(f"{name}|{','.join(map(str, shape))}|{dtype}\n".encode())
     return h.hexdigest()
 
 
 def state_dict_specs(named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]):
+    """``[(name, shape, dtype)]`` of a state dict (what ``model_fingerprint`` hashes)."""
     items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
     return [(name, tuple(t.shape), t.dtype) for name, t in items]
 

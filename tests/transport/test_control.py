@@ -28,6 +28,7 @@ def test_fingerprint_depends_on_names_shapes_dtypes_not_order():
     fp = model_fingerprint(state_dict_specs(sd))
     assert fp == model_fingerprint(state_dict_specs(dict(reversed(list(sd.items())))))
     assert fp == model_fingerprint([("a", (2, 3), "float32"), ("b", [4], torch.bfloat16)])
+    assert fp == model_fingerprint(sd) == model_fingerprint(list(sd.items()))
     assert fp != model_fingerprint(state_dict_specs({**sd, "a": torch.zeros(3, 2)}))
     assert fp != model_fingerprint(state_dict_specs({**sd, "b": torch.zeros(4)}))
     assert fp != model_fingerprint(state_dict_specs({"c": sd["a"], "b": sd["b"]}))

@@ -10,7 +10,10 @@ from _peers import FINGERPRINT, fast_config, generator_main, ipc_endpoint, make_
 from rlhf_engine.transport import BackpressureTimeout, GeneratorPort, TrainerPort
 
 
-@pytest.mark.parametrize("make_endpoint", [ipc_endpoint, tcp_endpoint], ids=["ipc", "tcp"])
+@pytest.mark.parametrize("make_endpoint", [
+    pytest.param(ipc_endpoint, id="ipc"),
+    pytest.param(tcp_endpoint, id="tcp", marks=pytest.mark.slow),  # same code path; tcp is covered by other tests too
+])
 def test_10k_rollouts_from_two_processes_none_lost_none_duplicated_in_order(make_endpoint):
     n_per_sender, duplicates = 5000, 50
     config = fast_config(make_endpoint())

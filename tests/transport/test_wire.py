@@ -96,7 +96,7 @@ def test_malformed_messages_are_rejected_with_their_reason(frames, reason):
 def test_rollout_with_wrong_layout_is_rejected():
     r = make_rollout(0, 0, 4, 3)
     header, tensors = r.to_wire("s", 0)
-    frames = [bytes(f) for f in encode(header, tensors[:2] + [tensors[1]])]  # logprobs sent as int64
+    frames = [bytearray(f) for f in encode(header, tensors[:2] + [tensors[1]])]  # logprobs sent as int64
     frames[0] = msgspec.msgpack.encode(msgspec.structs.replace(
         header, tensors=header.tensors[:2] + (tensor_spec("logprobs", tensors[1]),)))
     with pytest.raises(WireError, match="bad_rollout"):
@@ -160,3 +160,41 @@ def test_fuzzed_garbage_is_dropped_while_good_traffic_continues(live_pair, messa
         time.sleep(0.01)
     assert dropped == len(messages)
     assert trainer.recv_rollout(timeout_s=0) is None
+
+
+fuzz_spec = st.tuples(st.sampled_from(["prompt_token_ids", "response_token_ids", "logprobs", "tokens", "offsets", "w"]),
+                      st.sampled_from(["int64", "float32", "bfloat16", "bool", "complex64"]),
+                      st.lists(st.integers(0, 6), max_size=2))
+
+
+@settings(max_examples=400, deadline=None)
+@given(kind=st.sampled_from([5, 6, 7]), specs=st.lists(fuzz_spec, max_size=4), data=st.data())
+def test_structurally_valid_but_hostile_messages_only_ever_raise_wire_error(kind, specs, data):
+    """Headers that pass decoding, with consistent frames, must still be refused cleanly by the
+    record builders (Rollout, PromptBatch, weight staging), never with another exception."""
+    from rlhf_engine.transport.weights import Staging
+    from rlhf_engine.transport.wire import ALLOWED_DTYPES
+
+    tensors_spec, frames = [], []
+    for name, dtype, shape in specs:
+        itemsize = ALLOWED_DTYPES[dtype].itemsize if dtype in ALLOWED_DTYPES else 8
+        nbytes = itemsize * int(torch.tensor(shape, dtype=torch.int64).prod())
+        tensors_spec.append([name, dtype, shape, nbytes])
+        frames.append(bytearray(data.draw(st.binary(min_size=nbytes, max_size=nbytes))))
+    fields = {"kind": kind, "version": PROTOCOL_VERSION, "sender": "x", "seq": 0, "tensors": tensors_spec}
+    fields.update({5: {"rollout_id": data.draw(st.text(max_size=300)), "prompt_id": 0, "policy_version": 0,
+                       "finish_reason": "", "generation_time": 0.0},
+                   6: {"batch_id": 0, "prompt_ids": data.draw(st.lists(st.integers(-5, 5), max_size=3)),
+                       "min_policy_version": 0},
+                   7: {"weight_version": 1, "bucket": data.draw(st.integers(-1, 2)),
+                       "num_buckets": data.draw(st.integers(-1, 2))}}[kind])
+    try:
+        header, tensors = decode([msgspec.msgpack.encode(fields), *frames], LIMITS)
+        if kind == 5:
+            Rollout.from_wire(header, tensors)
+        elif kind == 6:
+            PromptBatch.from_wire(header, tensors)
+        else:
+            Staging(max_buckets=4).add(header, tensors)
+    except WireError:
+        pass
