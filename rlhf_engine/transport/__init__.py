@@ -6,6 +6,7 @@ from rlhf_engine.transport.control import GeneratorInfo
 from rlhf_engine.transport.errors import (
     BackpressureTimeout,
     HandshakeError,
+    HandshakeTimeout,
     InsecureEndpointError,
     PeerDeadError,
     ShutdownRequested,
@@ -24,6 +25,7 @@ __all__ = [
     "GeneratorInfo",
     "GeneratorPort",
     "HandshakeError",
+    "HandshakeTimeout",
     "InsecureEndpointError",
     "PeerDeadError",
     "PromptBatch",

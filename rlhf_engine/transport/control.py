@@ -29,7 +29,13 @@ import zmq
 
 from rlhf_engine.transport.config import TransportConfig
 from rlhf_engine.transport.endpoints import Security, channel_endpoint, open_socket
-from rlhf_engine.transport.errors import BackpressureTimeout, HandshakeError, PeerDeadError, ShutdownRequested
+from rlhf_engine.transport.errors import (
+    BackpressureTimeout,
+    HandshakeError,
+    HandshakeTimeout,
+    PeerDeadError,
+    ShutdownRequested,
+)
 from rlhf_engine.transport.iothread import IoThread
 from rlhf_engine.transport.messages import WeightUpdate
 from rlhf_engine.transport.shm import ShmPool, ShmReader, layout
@@ -264,7 +270,7 @@ class TrainerControl(_ControlThread):
                     return live
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise HandshakeError(f"only {len(live)} of {n} generators connected to "
+                    raise HandshakeTimeout(f"only {len(live)} of {n} generators connected to "
                                          f"{self._config.endpoint} within {timeout_s} s")
                 self._cond.wait(min(left, 0.1))
 
@@ -397,7 +403,7 @@ class GeneratorControl(_ControlThread):
             self.check()
             if time.monotonic() > deadline:
                 self.close()
-                raise HandshakeError(f"no handshake answer from the trainer at {self._config.endpoint} "
+                raise HandshakeTimeout(f"no handshake answer from the trainer at {self._config.endpoint} "
                                      f"within {self._config.handshake_timeout_s} s")
         if self._reject_reason is not None:
             self.close()

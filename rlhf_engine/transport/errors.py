@@ -9,6 +9,10 @@ class HandshakeError(TransportError):
     """The peers disagree on protocol version or model fingerprint, or the handshake timed out."""
 
 
+class HandshakeTimeout(HandshakeError, TimeoutError):
+    """No handshake (answer) within the timeout: also a ``TimeoutError``, to retry on."""
+
+
 class PeerDeadError(TransportError):
     """No heartbeat from a peer for longer than ``heartbeat_timeout_s``."""
 

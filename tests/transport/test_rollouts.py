@@ -50,14 +50,15 @@ def test_10k_rollouts_from_two_processes_none_lost_none_duplicated_in_order(make
                     p.kill()
 
 
-def test_slow_trainer_blocks_the_generator_with_bounded_queues_then_delivers_everything():
-    config = fast_config(ipc_endpoint(), rollout_queue_size=8, rollout_hwm=4)
+def test_slow_trainer_blocks_the_generator_with_bounded_queues_then_delivers_everything(caplog):
+    config = fast_config(ipc_endpoint(), rollout_queue_size=8, rollout_hwm=4, blocked_log_s=0.2)
     with TrainerPort(config, FINGERPRINT) as trainer, GeneratorPort(config, FINGERPRINT) as gen:
         sent = 0
         with pytest.raises(BackpressureTimeout, match="receiver is not consuming"):
             for i in range(10_000):
                 gen.send_rollout(make_rollout(0, i, 512, 512), timeout_s=0.5)  # ~10 KiB each
                 sent += 1
+        assert "send blocked for" in caplog.text and "back-pressure" in caplog.text
         # in flight at most: 2 queues (8 each) + 2 high-water marks (4 each) + what the OS socket
         # buffers hold (~200 KiB each way here, i.e. ~40 of these rollouts)
         assert 8 + 8 <= sent <= 8 + 8 + 4 + 4 + 64

@@ -1,5 +1,6 @@
 """Weight updates: bit-exact transfer, atomic hand-over, stale/duplicate versions, buffer reuse."""
 
+import dataclasses
 import os
 import time
 
@@ -93,6 +94,35 @@ def test_a_newer_version_replaces_an_untaken_one_which_is_acked_as_skipped():
         assert gen.wait_weights(2, timeout_s=1) is None  # already has version 2
         with pytest.raises(ValueError, match="must be greater than the last published"):
             trainer.publish_weights(2, sd)
+
+
+def test_several_generators_each_get_every_update_and_ack_it():
+    sd = {"w": torch.randn(64, 64), "i": torch.arange(10)}
+    config = fast_config(ipc_endpoint())
+    with TrainerPort(config, FINGERPRINT) as trainer, GeneratorPort(config, FINGERPRINT) as g1, \
+            GeneratorPort(config, FINGERPRINT) as g2:
+        trainer.wait_for_generators(2)
+        assert sorted(trainer.publish_weights(3, sd)) == sorted([g1.sender_id, g2.sender_id])
+        for gen in (g1, g2):
+            update = gen.wait_weights(3, timeout_s=10)
+            assert torch.equal(update.tensors["w"], sd["w"]) and torch.equal(update.tensors["i"], sd["i"])
+            update.ack()
+        assert trainer.wait_for_acks(3, timeout_s=10) == {g1.sender_id: True, g2.sender_id: True}
+
+
+def test_generators_with_and_without_shared_memory_get_the_same_update():
+    sd = {"w": torch.randn(1000).bfloat16()}
+    config = fast_config(ipc_endpoint())
+    with TrainerPort(config, FINGERPRINT) as trainer, GeneratorPort(config, FINGERPRINT) as g_shm, \
+            GeneratorPort(dataclasses.replace(config, weights_via_shm=False), FINGERPRINT) as g_frames:
+        infos = {g.sender_id: g.shm for g in trainer.wait_for_generators(2)}
+        assert infos == {g_shm.sender_id: True, g_frames.sender_id: False}
+        trainer.publish_weights(1, sd)
+        for gen in (g_shm, g_frames):
+            update = gen.wait_weights(1, timeout_s=10)
+            assert bit_equal(update.tensors["w"], sd["w"])
+            update.ack()
+        assert set(trainer.wait_for_acks(1, timeout_s=10)) == {g_shm.sender_id, g_frames.sender_id}
 
 
 class FakeTrainer:
