@@ -62,8 +62,11 @@ struct GaeDefaultConfig {
   static constexpr int kItems = 4;
 };
 
+// Blocks per SM the register budget must allow: 8 x 256 threads (32 registers) for fp32.
+template <class T> constexpr int kGaeMinBlocks = sizeof(T) == 8 ? 4 : 8;
+
 template <class T, int kThreads, int kItems>
-DEV_GLOBAL void DEV_LAUNCH_BOUNDS(kThreads) gae_kernel(GaeParams<T> p) {
+DEV_GLOBAL void DEV_LAUNCH_BOUNDS(kThreads, kGaeMinBlocks<T>) gae_kernel(GaeParams<T> p) {
   using A = dev::acc_t<T>;
   constexpr int kTile = kThreads * kItems;
   constexpr int kWarps = kThreads / dev::kWarpSize;

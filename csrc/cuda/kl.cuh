@@ -43,7 +43,7 @@ template <class A> DEV_INLINE A token_kl_dlogp(A logp, A ref, int kind) {
   }
 }
 
-template <class T> DEV_GLOBAL void DEV_LAUNCH_BOUNDS(kTokenKlThreads) token_kl_fwd_kernel(TokenKlParams<T> p) {
+template <class T> DEV_GLOBAL void DEV_LAUNCH_BOUNDS(kTokenKlThreads, 1) token_kl_fwd_kernel(TokenKlParams<T> p) {
   const int64_t stride = static_cast<int64_t>(dev::grid_dim()) * dev::block_dim();
   for (int64_t i = static_cast<int64_t>(dev::block_idx()) * dev::block_dim() + dev::thread_idx(); i < p.n; i += stride) {
     const auto v = token_kl_value(dev::to_acc(dev::load_nc(p.logp + i)), dev::to_acc(dev::load_nc(p.ref_logp + i)), p.kind);
@@ -51,7 +51,7 @@ template <class T> DEV_GLOBAL void DEV_LAUNCH_BOUNDS(kTokenKlThreads) token_kl_f
   }
 }
 
-template <class T> DEV_GLOBAL void DEV_LAUNCH_BOUNDS(kTokenKlThreads) token_kl_bwd_kernel(TokenKlParams<T> p) {
+template <class T> DEV_GLOBAL void DEV_LAUNCH_BOUNDS(kTokenKlThreads, 1) token_kl_bwd_kernel(TokenKlParams<T> p) {
   const int64_t stride = static_cast<int64_t>(dev::grid_dim()) * dev::block_dim();
   for (int64_t i = static_cast<int64_t>(dev::block_idx()) * dev::block_dim() + dev::thread_idx(); i < p.n; i += stride) {
     const auto g = dev::to_acc(dev::load_nc(p.grad + i));
@@ -104,7 +104,7 @@ template <int K, class A> DEV_INLINE void kl_state_absorb(KlState<A>& st, const 
 
 // kl = E_p[z - z_ref] - lse + ref_lse, with E_p[z - z_ref] = ln 2 * t / s in base 2.
 template <class T>
-DEV_GLOBAL void DEV_LAUNCH_BOUNDS(kFullKlMaxThreads) full_kl_fwd_kernel(FullKlFwdParams<T> p) {
+DEV_GLOBAL void DEV_LAUNCH_BOUNDS(kFullKlMaxThreads, kRowMinBlocks<T>) full_kl_fwd_kernel(FullKlFwdParams<T> p) {
   using A = dev::acc_t<T>;
   constexpr int N = dev::Vec<T>::N;
   const int64_t row = dev::block_idx();
@@ -167,7 +167,7 @@ template <class T> struct FullKlBwdParams {
 
 // grad_logits[j] = g inv_T p_j (log p_j - log q_j - kl);  grad_ref_logits[j] = g inv_T (q_j - p_j).
 template <class T, bool kRefGrad>
-DEV_GLOBAL void DEV_LAUNCH_BOUNDS(kFullKlMaxThreads) full_kl_bwd_kernel(FullKlBwdParams<T> p) {
+DEV_GLOBAL void DEV_LAUNCH_BOUNDS(kFullKlMaxThreads, kRowMinBlocks<T>) full_kl_bwd_kernel(FullKlBwdParams<T> p) {
   using A = dev::acc_t<T>;
   constexpr int N = dev::Vec<T>::N;
   const int64_t row = dev::block_idx();

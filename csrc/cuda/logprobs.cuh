@@ -7,7 +7,8 @@
 namespace rlhf_engine::kernels {
 
 constexpr int kLogprobsMaxThreads = 512;  // launch bound; launchers pick 128, 256 or 512
-constexpr int kLogprobsUnroll = 4;        // 16-byte loads in flight per thread
+constexpr int kLogprobsUnroll = 4;        // 16-byte loads in flight per thread (forward)
+constexpr int kLogprobsBwdUnroll = 2;     // backward: each load also becomes a store; fits 40 registers
 
 template <class T> struct LogprobsFwdParams {
   using A = dev::acc_t<T>;
@@ -25,7 +26,7 @@ template <class T> struct LogprobsFwdParams {
 // logprob = z[label] - lse, entropy = lse - sum softmax(z) * z, in one read of the row.
 // A label outside [0, V) (and not ignore_index) gives a NaN log-prob; it is never read.
 template <class T, bool kEntropy>
-DEV_GLOBAL void DEV_LAUNCH_BOUNDS(kLogprobsMaxThreads) logprobs_fwd_kernel(LogprobsFwdParams<T> p) {
+DEV_GLOBAL void DEV_LAUNCH_BOUNDS(kLogprobsMaxThreads, kRowMinBlocks<T>) logprobs_fwd_kernel(LogprobsFwdParams<T> p) {
   using A = dev::acc_t<T>;
   constexpr int N = dev::Vec<T>::N;
   const int64_t row = dev::block_idx();
@@ -98,7 +99,7 @@ template <class T> struct LogprobsBwdParams {
 //         = inv_T * ( g * onehot_j - p_j * (a + g_ent * z_j) ),  a = g + g_ent * (H - lse),
 // with p_j = 2^(x_j * scale2 - lse * log2 e). Ignored rows are written with zeros (not read).
 template <class T, bool kEntropy>
-DEV_GLOBAL void DEV_LAUNCH_BOUNDS(kLogprobsMaxThreads) logprobs_bwd_kernel(LogprobsBwdParams<T> p) {
+DEV_GLOBAL void DEV_LAUNCH_BOUNDS(kLogprobsMaxThreads, kRowMinBlocks<T>) logprobs_bwd_kernel(LogprobsBwdParams<T> p) {
   using A = dev::acc_t<T>;
   constexpr int N = dev::Vec<T>::N;
   const int64_t row = dev::block_idx();
@@ -131,7 +132,7 @@ DEV_GLOBAL void DEV_LAUNCH_BOUNDS(kLogprobsMaxThreads) logprobs_bwd_kernel(Logpr
     const A inner = kEntropy ? a + g_ent * dev::max(xj * inv_t, dev::lowest<A>()) : a;
     return inv_t * ((j == label ? g : A(0)) - prob * inner);
   };
-  for_row<kLogprobsUnroll, N>(
+  for_row<kLogprobsBwdUnroll, N>(
       V, vec_head,
       [&](int64_t j) { dev::store(out + j, dev::from_acc<T>(grad(dev::to_acc(x[j]), j))); },
       [&](int64_t j) { return dev::load_vec(x + j); },

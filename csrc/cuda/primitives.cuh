@@ -32,14 +32,14 @@
 #define DEV_GLOBAL __global__
 #define DEV_INLINE __device__ __forceinline__
 #define DEV_HD __host__ __device__ __forceinline__
-#define DEV_LAUNCH_BOUNDS(max_threads) __launch_bounds__(max_threads)
+#define DEV_LAUNCH_BOUNDS(max_threads, min_blocks) __launch_bounds__(max_threads, min_blocks)
 #define DEV_RESTRICT __restrict__
 #define DEV_SHARED(type, name, dims) __shared__ __align__(16) type name dims
 #else
 #define DEV_GLOBAL
 #define DEV_INLINE inline
 #define DEV_HD inline
-#define DEV_LAUNCH_BOUNDS(max_threads)
+#define DEV_LAUNCH_BOUNDS(max_threads, min_blocks)
 #define DEV_RESTRICT __restrict__
 // One static object per kernel instantiation: host blocks run one after another, so it is
 // per-block shared memory. The runtime poisons it (all bytes 0xFF: NaN floats, -1 ints)

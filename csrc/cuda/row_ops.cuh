@@ -6,6 +6,10 @@
 
 namespace rlhf_engine::kernels {
 
+// Blocks of the row kernels' largest size (512) that must fit on one SM: caps registers at
+// 65536 / (512 * 3) -> 40 per thread (75% occupancy); fp64 rows need more and get 1.
+template <class T> constexpr int kRowMinBlocks = sizeof(T) == 8 ? 1 : 3;
+
 template <int K> struct IntConst {
   static constexpr int value = K;
 };

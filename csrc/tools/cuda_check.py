@@ -1,0 +1,312 @@
+"""Compile-time check of the CUDA kernel headers, for machines without a GPU (`make cuda-check`).
+
+For every csrc/cuda/*.cuh:
+  1. compile it as a standalone translation unit with nvcc for sm_80 and sm_90a, with explicit
+     instantiations of its kernels for each dtype (table KERNELS below; a kernel in a header
+     without an entry fails the check), using setup.py's nvcc flags;
+  2. read `ptxas -v` for sm_90a: registers/thread, shared memory, stack, spill bytes, and the
+     theoretical occupancy on an H100 (sm_90) at the launchers' block size. Any spill fails;
+  3. disassemble the sm_90a cubin (`cuobjdump -sass`) and find each row kernel's main loop
+     (the backward branch that encloses the most global loads): it must load with 128-bit
+     LDG.E.128 (LDG.E.128.CONSTANT on the read-only path).
+Prints one table; exits non-zero on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CSRC = os.path.join(ROOT, "csrc")
+NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", f"-I{CSRC}"]
+ARCH_80 = "-gencode=arch=compute_80,code=sm_80"
+ARCH_90A = "-gencode=arch=compute_90a,code=sm_90a"
+DTYPES = ["float", "double", "__nv_bfloat16", "__half"]
+NS = "rlhf_engine::kernels::"
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """A kernel template, the instantiations to check and how it is launched."""
+
+    name: str
+    instances: tuple[str, ...]  # template argument lists
+    params: str  # parameter type, with {T} for the first template argument
+    block: int  # block size the launcher uses for the headline shape (occupancy is computed for it)
+    vec128: bool  # its main loop must use 128-bit global loads
+
+
+def _with_bools(types: list[str]) -> tuple[str, ...]:
+    return tuple(f"{t}, {b}" for t in types for b in ("true", "false"))
+
+
+KERNELS: dict[str, list[Kernel]] = {
+    "logprobs.cuh": [
+        Kernel("logprobs_fwd_kernel", _with_bools(DTYPES), "LogprobsFwdParams<{T}>", 512, True),
+        Kernel("logprobs_bwd_kernel", _with_bools(DTYPES), "LogprobsBwdParams<{T}>", 512, True),
+    ],
+    "kl.cuh": [
+        Kernel("token_kl_fwd_kernel", tuple(DTYPES), "TokenKlParams<{T}>", 256, False),
+        Kernel("token_kl_bwd_kernel", tuple(DTYPES), "TokenKlParams<{T}>", 256, False),
+        Kernel("full_kl_fwd_kernel", tuple(DTYPES), "FullKlFwdParams<{T}>", 512, True),
+        Kernel("full_kl_bwd_kernel", _with_bools(DTYPES), "FullKlBwdParams<{T}>", 512, True),
+    ],
+    "gae.cuh": [
+        Kernel("gae_kernel", ("float, 256, 4", "double, 256, 4"), "GaeParams<{T}>", 256, False),
+    ],
+}
+
+# H100 (sm_90) per-SM limits for the occupancy estimate.
+SM90 = {"regs": 65536, "threads": 2048, "blocks": 32, "smem": 233472, "smem_reserved_per_block": 1024, "warps": 64}
+
+
+@dataclasses.dataclass
+class PtxasInfo:
+    registers: int = 0
+    smem: int = 0
+    stack: int = 0
+    spill_stores: int = 0
+    spill_loads: int = 0
+
+
+@dataclasses.dataclass
+class Row:
+    header: str
+    kernel: str  # demangled
+    block: int
+    info: PtxasInfo
+    occupancy: float
+    loop_loads: str = "-"
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+
+def find_nvcc() -> str:
+    for cand in (
+        os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "nvcc"),
+        shutil.which("nvcc") or "",
+        *sorted(glob.glob("/usr/local/cuda*/bin/nvcc"), reverse=True),
+    ):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    sys.exit("cuda-check: nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+
+
+def find_cuobjdump() -> tuple[str, str]:
+    """cuobjdump and the folder holding nvdisasm (which `cuobjdump -sass` runs), from the
+    PyPI packages nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm or the toolkit."""
+    dirs: list[str] = []
+    try:
+        import nvidia  # namespace package of NVIDIA's PyPI wheels
+
+        for base in nvidia.__path__:
+            dirs += sorted(glob.glob(os.path.join(base, "*", "bin")))
+    except ImportError:
+        pass
+    dirs += [os.path.dirname(find_nvcc())]
+    cuobjdump = next((os.path.join(d, "cuobjdump") for d in dirs if os.access(os.path.join(d, "cuobjdump"), os.X_OK)), None)
+    nvdisasm = next((d for d in dirs if os.access(os.path.join(d, "nvdisasm"), os.X_OK)), None)
+    if cuobjdump is None or nvdisasm is None:
+        sys.exit(
+            "cuda-check: cuobjdump/nvdisasm not found; install them with "
+            "`.venv/bin/pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm`"
+        )
+    return cuobjdump, nvdisasm
+
+
+def kernels_declared(path: str) -> list[str]:
+    text = re.sub(r"//[^\n]*", "", open(path).read())  # comments may mention DEV_GLOBAL
+    return re.findall(r"DEV_GLOBAL\s+void\s+(?:DEV_LAUNCH_BOUNDS\([^()]*(?:\([^()]*\)[^()]*)*\)\s+)?(\w+)\s*\(", text)
+
+
+def translation_unit(header: str) -> str:
+    lines = [f'#include "cuda/{header}"']
+    for k in KERNELS.get(header, []):
+        for args in k.instances:
+            first = args.split(",")[0].strip()
+            params = NS + k.params.format(T=first)
+            lines.append(f"template __global__ void {NS}{k.name}<{args}>({params});")
+    return "\n".join(lines) + "\n"
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, env=env)
+
+
+def parse_ptxas(log: str) -> dict[str, PtxasInfo]:
+    infos: dict[str, PtxasInfo] = {}
+    current = None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)' for 'sm_90a'", line)
+        if m:
+            current = infos.setdefault(m.group(1), PtxasInfo())
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            current.stack, current.spill_stores, current.spill_loads = map(int, m.groups())
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            current.registers = int(m.group(1))
+            s = re.search(r"(\d+) bytes smem", line)
+            current.smem = int(s.group(1)) if s else 0
+    return infos
+
+
+def occupancy(regs: int, smem: int, block: int) -> float:
+    """Theoretical occupancy (active warps / 64) of a kernel on one sm_90 multiprocessor."""
+    warps = (block + 31) // 32
+    regs_per_warp = ((max(regs, 1) * 32 + 255) // 256) * 256
+    by_regs = (SM90["regs"] // regs_per_warp) // warps
+    by_threads = SM90["threads"] // block
+    by_smem = SM90["smem"] // (smem + SM90["smem_reserved_per_block"])
+    blocks = min(by_regs, by_threads, by_smem, SM90["blocks"])
+    return blocks * warps / SM90["warps"]
+
+
+def sass_functions(sass: str) -> dict[str, list[str]]:
+    funcs: dict[str, list[str]] = {}
+    current = None
+    for line in sass.splitlines():
+        m = re.search(r"Function : (\w+)", line)
+        if m:
+            current = funcs.setdefault(m.group(1), [])
+        elif current is not None:
+            current.append(line)
+    return funcs
+
+
+INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+
+
+def main_loop_loads(lines: list[str]) -> tuple[int, int] | None:
+    """(128-bit loads, narrower loads) of global memory in the loop enclosing the most loads."""
+    instrs = []
+    for line in lines:
+        m = INSTR.search(line)
+        if m:
+            instrs.append((int(m.group(1), 16), m.group(2)))
+    loops = []
+    for addr, text in instrs:
+        b = re.search(r"\bBRA\s+0x([0-9a-f]+)", text)
+        if b and int(b.group(1), 16) < addr:
+            loops.append((int(b.group(1), 16), addr))
+    best = None
+    for lo, hi in loops:
+        loads = [t for a, t in instrs if lo <= a <= hi and re.search(r"\bLDG\.", t)]
+        wide = sum(1 for t in loads if ".128" in t)
+        key = (len(loads), -(hi - lo))  # most loads, then the innermost
+        if loads and (best is None or key > best[0]):
+            best = (key, (wide, len(loads) - wide))
+    return None if best is None else best[1]
+
+
+def demangle(names: list[str]) -> dict[str, str]:
+    cxxfilt = shutil.which("c++filt")
+    if not cxxfilt or not names:
+        return {n: n for n in names}
+    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True)
+    pretty = out.stdout.splitlines()
+    return {n: re.sub(r"^void rlhf_engine::kernels::", "", p.split("(")[0]) for n, p in zip(names, pretty)}
+
+
+def check_header(path: str, nvcc: str, cuobjdump: str, nvdisasm_dir: str, workdir: str) -> tuple[list[Row], list[str]]:
+    header = os.path.basename(path)
+    problems: list[str] = []
+    declared = kernels_declared(path)
+    table = {k.name: k for k in KERNELS.get(header, [])}
+    for name in declared:
+        if name not in table:
+            problems.append(f"{header}: kernel {name} has no instantiation entry in csrc/tools/cuda_check.py KERNELS")
+    stem = os.path.join(workdir, header.replace(".", "_"))
+    with open(stem + ".cu", "w") as f:
+        f.write(translation_unit(header))
+    r80 = run([nvcc, *NVCC_FLAGS, ARCH_80, "-c", stem + ".cu", "-o", stem + "_80.o"])
+    if r80.returncode != 0:
+        problems.append(f"{header}: nvcc sm_80 failed:\n{r80.stderr.strip()}")
+    r90 = run([nvcc, *NVCC_FLAGS, ARCH_90A, "-Xptxas", "-v", "-cubin", stem + ".cu", "-o", stem + "_90a.cubin"])
+    if r90.returncode != 0:
+        problems.append(f"{header}: nvcc sm_90a failed:\n{r90.stderr.strip()}")
+        return [], problems
+    infos = parse_ptxas(r90.stderr + r90.stdout)
+    env = dict(os.environ, PATH=nvdisasm_dir + os.pathsep + os.environ.get("PATH", ""))
+    sass = run([cuobjdump, "-sass", stem + "_90a.cubin"], env=env)
+    if sass.returncode != 0:
+        problems.append(f"{header}: cuobjdump -sass failed: {sass.stderr.strip()}")
+    funcs = sass_functions(sass.stdout)
+    names = demangle(sorted(infos))
+    rows = []
+    for mangled in sorted(infos, key=lambda n: names[n]):
+        info = infos[mangled]
+        pretty = names[mangled]
+        kernel = next((k for k in table.values() if pretty.startswith(k.name + "<")), None)
+        block = kernel.block if kernel else 256
+        row = Row(header, pretty, block, info, occupancy(info.registers, info.smem, block))
+        if info.spill_stores or info.spill_loads:
+            row.problems.append(f"spills {info.spill_stores} B stored / {info.spill_loads} B loaded")
+        if kernel and kernel.vec128:
+            loads = main_loop_loads(funcs.get(mangled, []))
+            if loads is None:
+                row.problems.append("no main loop with global loads found in SASS")
+            else:
+                wide, narrow = loads
+                row.loop_loads = f"{wide}x128b" + (f"+{narrow}" if narrow else "")
+                if wide == 0:
+                    row.problems.append("main loop has no 128-bit global loads (LDG.E.128)")
+        rows.append(row)
+    return rows, problems
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", action="store_true", help="keep the generated .cu/.cubin files and print where")
+    args = parser.parse_args()
+    nvcc = find_nvcc()
+    cuobjdump, nvdisasm_dir = find_cuobjdump()
+    headers = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cuh")))
+    if not headers:
+        print("cuda-check: no csrc/cuda/*.cuh found", file=sys.stderr)
+        return 1
+    workdir = tempfile.mkdtemp(prefix="cuda_check_")
+    problems: list[str] = []
+    rows: list[Row] = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        for r, p in pool.map(lambda h: check_header(h, nvcc, cuobjdump, nvdisasm_dir, workdir), headers):
+            rows += r
+            problems += p
+    print(f"cuda-check: {len(headers)} headers compiled with {nvcc} for sm_80 and sm_90a; ptxas -v and SASS for sm_90a")
+    print(f"  headers: {', '.join(os.path.basename(h) for h in headers)}")
+    width = max((len(r.kernel) for r in rows), default=10)
+    print(f"  {'kernel':<{width}}  regs  smem(B)  stack  spill(st/ld)  block  occupancy  main-loop loads")
+    for r in rows:
+        i = r.info
+        flag = "  FAIL: " + "; ".join(r.problems) if r.problems else ""
+        print(
+            f"  {r.kernel:<{width}}  {i.registers:>4}  {i.smem:>7}  {i.stack:>5}  {i.spill_stores:>5}/{i.spill_loads:<6}"
+            f"  {r.block:>5}  {r.occupancy:>8.0%}  {r.loop_loads:<15}{flag}"
+        )
+        problems += [f"{r.kernel}: {p}" for p in r.problems]
+    if args.keep:
+        print(f"  generated files kept in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if problems:
+        print(f"cuda-check FAILED ({len(problems)} problems):", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 1
+    print(f"cuda-check OK: {len(rows)} kernels, no spills, 128-bit loads in every row kernel's main loop")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
