@@ -13,14 +13,16 @@ constexpr int64_t kBlock = 2048;
 
 template <typename scalar_t>
 struct RowStats {
-  acc_t<scalar_t> lse;
+  acc_t<scalar_t> max_x;  // max of the row's x (not scaled)
+  acc_t<scalar_t> log_s;  // log sum exp((x - max_x) inv_t); lse = max_x inv_t + log_s
   acc_t<scalar_t> entropy;
 };
 
 // One row: lse = logsumexp(z), entropy = lse - sum softmax(z) z, z = x * inv_t (inv_t > 0).
-// Online over blocks of kBlock: m is the running max, s = sum exp(z - m),
-// t = sum exp(z - m) (z - m); a block first finds its max, rescales (s, t) once to the new
-// max, then adds exp(z - m) for its elements: one exp per element.
+// Online over blocks of kBlock: m is the running max of x, s = sum exp((x - m) inv_t),
+// t = sum exp((x - m) inv_t) (x - m) inv_t; a block first finds its max, rescales (s, t) once
+// to the new max, then adds its elements: one exp per element. Shifting in x-space before the
+// scaling keeps z_label - lse exact to rounding of (x_label - m) (V = 1 gives exactly 0).
 template <typename scalar_t>
 RowStats<scalar_t> row_stats(const scalar_t* x, int64_t V, acc_t<scalar_t> inv_t, bool with_entropy) {
   using acc = acc_t<scalar_t>;
@@ -42,23 +44,24 @@ RowStats<scalar_t> row_stats(const scalar_t* x, int64_t V, acc_t<scalar_t> inv_t
     }
     acc bmax = reduce_max(at::vec::maximum(vmax0, vmax1));
     for (int64_t i = vec_len; i < len; ++i) bmax = std::max(bmax, static_cast<acc>(xb[i]));
-    const acc new_m = std::max(m, bmax * inv_t);
+    const acc new_m = std::max(m, bmax);
     if (new_m == neg_inf) continue;  // every element so far is -inf
     // 2. rescale the running sums to the new max: sum e^{z-m'} (z-m') = e^{m-m'} (t + (m-m') s)
     if (m != neg_inf) {
-      const acc scale = std::exp(m - new_m);
-      t = scale * (t + (m - new_m) * s);
+      const acc shift = (m - new_m) * inv_t;
+      const acc scale = std::exp(shift);
+      t = scale * (t + shift * s);
       s = scale * s;
     }
     m = new_m;
-    // 3. block sums with one exp per element: e = exp(x * inv_t - m)
-    const Vec vinv(inv_t), vneg_m(-m);
+    // 3. block sums with one exp per element: e = exp((x - m) inv_t)
+    const Vec vinv(inv_t), vm(m);
     Vec vs0(0), vs1(0), vt0(0), vt1(0);
     for (int64_t i = 0; i < vec_len; i += W) {
       Vec a, c;
       load2(xb + i, a, c);
-      const Vec za = at::vec::fmadd(a, vinv, vneg_m);
-      const Vec zc = at::vec::fmadd(c, vinv, vneg_m);
+      const Vec za = (a - vm) * vinv;
+      const Vec zc = (c - vm) * vinv;
       const Vec ea = fast_exp(za);
       const Vec ec = fast_exp(zc);
       vs0 += ea;
@@ -71,16 +74,16 @@ RowStats<scalar_t> row_stats(const scalar_t* x, int64_t V, acc_t<scalar_t> inv_t
     s += reduce_sum(vs0 + vs1);
     if (with_entropy) t += reduce_sum(vt0 + vt1);
     for (int64_t i = vec_len; i < len; ++i) {
-      const acc z = static_cast<acc>(xb[i]) * inv_t - m;
+      const acc z = (static_cast<acc>(xb[i]) - m) * inv_t;
       const acc e = std::exp(z);
       s += e;
       if (with_entropy && e != 0) t += e * z;
     }
   }
   // All -inf row: lse = -inf (as torch.logsumexp); softmax is undefined, entropy NaN.
-  if (m == neg_inf) return {neg_inf, std::numeric_limits<acc>::quiet_NaN()};
+  if (m == neg_inf) return {neg_inf, acc(0), std::numeric_limits<acc>::quiet_NaN()};
   const acc log_s = std::log(s);
-  return {m + log_s, with_entropy ? log_s - t / s : acc(0)};
+  return {m, log_s, with_entropy ? log_s - t / s : acc(0)};
 }
 
 void check_rows(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index) {
@@ -135,8 +138,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor
         }
         const scalar_t* row = x + n * V;
         const RowStats<scalar_t> st = row_stats(row, V, inv_t, with_entropy);
-        ls[n] = st.lse;
-        lp[n] = static_cast<acc>(row[lab[n]]) * inv_t - st.lse;
+        ls[n] = st.max_x * inv_t + st.log_s;
+        lp[n] = (static_cast<acc>(row[lab[n]]) - st.max_x) * inv_t - st.log_s;
         if (with_entropy) ent[n] = st.entropy;
       }
     });
@@ -183,7 +186,7 @@ void logprobs_bwd_kernel(const at::Tensor& grad_logprob, const at::Tensor& grad_
       // The label column, computed from the input before the loop overwrites it.
       const acc lz_l = static_cast<acc>(row[lab[n]]) * inv_t - lse_n;
       const acc p_l = std::exp(lz_l);
-      const acc g_label = p_l * (c0 + c1 * lz_l) + inv_t * g_lp;
+      const acc g_label = inv_t * (g_lp * (acc(1) - p_l) - g_ent * p_l * (lz_l + H));
       const Vec vinv(inv_t), vneg_lse(-lse_n), vc0(c0), vc1(c1);
       const int64_t vec_len = V - V % W;
       for (int64_t i = 0; i < vec_len; i += W) {
