@@ -3,6 +3,11 @@
 Reward = fraction of response tokens whose id lies in TARGET (30 of 300 ids, so ~0.1 for the random
 initial policy). Over 30 steps of 32 samples the mean reward must rise clearly while the KL to the
 reference (summed over a 12-token response) stays bounded by the KL penalty.
+
+The bound: each token earns r = 1/12 if it is a target, and the KL-regularised optimum is
+p(x) ~ ref(x) exp(r(x) / beta). For a near-uniform reference and beta = 0.03: r / beta = 2.78, e^2.78 = 16.1,
+so p(target set) = 0.1 * 16.1 / (0.1 * 16.1 + 0.9) = 0.64, and its KL per token is
+0.64 ln(0.64 / 0.1) + 0.36 ln(0.36 / 0.9) = 1.19 - 0.33 = 0.86, i.e. 10.3 per 12-token response.
 """
 
 import torch
@@ -22,7 +27,7 @@ def rule_reward(responses: list[torch.Tensor]) -> list[float]:
 def test_ppo_learns_rule_based_reward(make_lm, tokenizer):
     config = PPOConfig(
         batch_size=32, mini_batch_size=16, ppo_epochs=2, learning_rate=2e-3, response_length=12,
-        init_kl_coef=0.02, adap_kl_ctrl=False, vf_coef=0.5, cliprange_value=10.0, seed=0,
+        init_kl_coef=0.03, adap_kl_ctrl=False, vf_coef=0.5, cliprange_value=10.0, seed=0,
     )
     trainer = PPOTrainer(config=config, model=AutoModelForCausalLMWithValueHead(make_lm(seed=0)), tokenizer=tokenizer)
     prompts = [torch.tensor(tokenizer(s)["input_ids"][:5]) for s in ("the cat likes", "a dog sees", "my friend", "our teacher")]
@@ -36,6 +41,6 @@ def test_ppo_learns_rule_based_reward(make_lm, tokenizer):
     before, after = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print(f"reward first 5 steps {before:.3f}, last 5 steps {after:.3f}; KL max {max(kls):.2f}, last {kls[-1]:.2f}")
     assert before < 0.2  # ~ 30 / 300 for the random policy
-    assert after > before + 0.25, (before, after)
-    # bounded: far below the KL of a policy that puts all mass on the target set (12 * ln(300 / 30) = 27.6)
-    assert max(kls) < 20.0, kls
+    assert after > before + 0.2, (before, after)
+    # bounded: within 1.5x the KL of the regularised optimum (10.3, module docstring) at every step
+    assert max(kls) < 15.0, kls
