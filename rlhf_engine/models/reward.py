@@ -46,7 +46,7 @@ def model_scores(
 
 
 def function_scores(reward_fn: RewardFn, prompts: list[str], completions: list[str]) -> torch.Tensor:
-    """Call `reward_fn(prompts, completions)` and check it returns one finite-or-not float per completion."""
+    """Call `reward_fn(prompts, completions)` and check it returns one float per completion."""
     scores = torch.as_tensor(reward_fn(prompts, completions), dtype=torch.float32).reshape(-1)
     if scores.shape[0] != len(completions):
         raise ValueError(f"reward_fn returned {scores.shape[0]} scores for {len(completions)} completions")

@@ -250,6 +250,8 @@ def test_trainer_state_round_trip(make_trainer, data):
 
 
 def test_issue_example_loop(make_lm, tokenizer, tmp_path):
+    from rlhf_engine import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer  # the public names
+
     AutoModelForCausalLMWithValueHead(make_lm()).save_pretrained(tmp_path / "sft_model")
     model = AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "sft_model")
     ref_model = AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "sft_model")
