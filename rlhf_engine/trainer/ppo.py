@@ -157,12 +157,12 @@ class PPOTrainer:
         queries = _as_token_list(queries, "queries")
         responses = _as_token_list(responses, "responses")
         if self.reward_model is not None:
+            # the classifier pools at the last token that is not *its* pad token: pad with that one
+            pad = _first_not_none(self.reward_model.config.pad_token_id, self.pad_token_id)
             chunks = []
             for start in range(0, len(queries), self.config.mini_batch_size):
                 stop = start + self.config.mini_batch_size
-                batch = make_token_batch(
-                    queries[start:stop], responses[start:stop], self.pad_token_id, self.eos_token_id, self.device
-                )
+                batch = make_token_batch(queries[start:stop], responses[start:stop], pad, self.eos_token_id, self.device)
                 chunks.append(model_scores(self.reward_model, batch.input_ids, batch.attention_mask, batch.position_ids))
             return torch.cat(chunks)
         if self.reward_fn is not None:
@@ -256,6 +256,7 @@ class PPOTrainer:
         timing["time/ppo/compute_advantages"] = time.perf_counter() - t0
 
         # 3. epochs over shuffled minibatches, one optimizer step per backward batch
+        learning_rate = float(self.optimizer.param_groups[0]["lr"])
         t0 = time.perf_counter()
         train_stats, optimizer_steps, early_stop, failure = self._optimize(exp)
         timing["time/ppo/optimize_step"] = time.perf_counter() - t0
@@ -276,6 +277,7 @@ class PPOTrainer:
         stats.update(timing)
         n_tokens = float(batch.attention_mask.sum())
         stats["time/ppo/tokens_per_second"] = n_tokens / timing["time/ppo/total"]
+        stats["ppo/learning_rate"] = learning_rate
         stats["ppo/optimizer_steps"] = float(optimizer_steps)
         stats["ppo/early_stop"] = float(early_stop)
         stats["ppo/skipped"] = float(failure is not None)
@@ -421,7 +423,6 @@ class PPOTrainer:
             "ppo/mean_non_score_reward": float(non_score.sum(dim=1).mean()),
             "ppo/returns/mean": float(masked_mean(exp.returns, mask)),
             "ppo/policy/advantages_mean": float(masked_mean(exp.advantages, mask)),
-            "ppo/learning_rate": float(self.optimizer.param_groups[0]["lr"]),
             "tokens/response_length_mean": float(lengths.mean()),
             "tokens/eos_fraction": float(exp.batch.has_eos.float().mean()),
         })

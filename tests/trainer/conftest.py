@@ -36,6 +36,21 @@ def make_lm(tokenizer):
 
 
 @pytest.fixture
+def make_reward_model(tokenizer):
+    """make_reward_model(seed=0) -> a tiny random Llama sequence classifier with one label."""
+    from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+    def make(seed: int = 0):
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=2, num_labels=1,
+                             pad_token_id=tokenizer.pad_token_id)
+        torch.manual_seed(seed)
+        return AutoModelForSequenceClassification.from_config(config)
+
+    return make
+
+
+@pytest.fixture
 def random_pairs():
     """random_pairs(n, seed, eos) -> (queries, responses), see `make_random_pairs`."""
     return make_random_pairs

@@ -1,7 +1,7 @@
 """Value-head model save/load beside the HF folder, freezing, reward scoring."""
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM
 
 from rlhf_engine.models.loading import freeze, frozen_copy, policy_state_dict
 from rlhf_engine.models.reward import function_scores, load_reward_model, model_scores
@@ -49,14 +49,8 @@ def test_policy_state_dict_uses_hf_names(make_lm):
     assert "model.embed_tokens.weight" in names and not any("v_head" in n for n in names)
 
 
-def test_reward_model_scores_last_token(tokenizer, tmp_path):
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, num_labels=1,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
+def test_reward_model_scores_last_token(tokenizer, make_reward_model, tmp_path):
+    make_reward_model().save_pretrained(tmp_path)
     rm = load_reward_model(tmp_path)
     assert not rm.training
     pad = tokenizer.pad_token_id

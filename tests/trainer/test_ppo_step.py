@@ -226,6 +226,22 @@ def test_reward_fn_scores_when_none_given(make_lm, tokenizer, data):
     assert stats["env/reward_mean"] == pytest.approx(sum(len(c) for c in completions) / B)
 
 
+def test_reward_model_scores_when_none_given(make_lm, make_reward_model, tokenizer, data):
+    from rlhf_engine.models.reward import model_scores
+
+    queries, responses, _ = data
+    cfg = PPOConfig(batch_size=B, mini_batch_size=4, ppo_epochs=1, frozen_dtype="bfloat16")
+    trainer = PPOTrainer(config=cfg, model=AutoModelForCausalLMWithValueHead(make_lm()), tokenizer=tokenizer,
+                         reward_model=make_reward_model())
+    assert next(trainer.reward_model.parameters()).dtype == torch.bfloat16  # frozen models cast
+    assert next(trainer.ref_model.parameters()).dtype == torch.bfloat16
+    batch = make_token_batch(queries, responses, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    expected = model_scores(trainer.reward_model, batch.input_ids, batch.attention_mask, batch.position_ids)
+    torch.testing.assert_close(trainer.score(queries, responses), expected)  # chunked by 4 = all at once
+    stats = trainer.step(queries, responses)
+    assert stats["env/reward_mean"] == pytest.approx(float(expected.mean()), abs=1e-5)
+
+
 def test_generate_returns_responses_cut_after_eos(make_trainer, tokenizer):
     trainer = make_trainer(response_length=5)
     queries = [torch.tensor([10, 11, 12]), torch.tensor([20])]
@@ -267,3 +283,11 @@ def test_issue_example_loop(make_lm, tokenizer, tmp_path):
         batches += 1
     assert batches == 1  # 20 samples, batch_size 16, last partial batch dropped
     assert stats["ppo/optimizer_steps"] == 4.0  # 4 epochs x one backward batch of 4 x 4
+
+
+def test_linear_schedule_steps_once_per_ppo_step(make_trainer, data):
+    trainer = make_trainer(learning_rate=1e-3, lr_scheduler_type="linear", total_steps=4, mini_batch_size=4)
+    first = trainer.step(*data)
+    # the step trains at lr 1e-3 (2 optimizer steps), then the schedule moves to 1e-3 * (1 - 1/4)
+    assert first["ppo/learning_rate"] == pytest.approx(1e-3)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(7.5e-4)
