@@ -1,0 +1,379 @@
+"""The async PPO engine: the trainer in this process, generators in child processes (or elsewhere),
+samples and weights between them over the transport.
+
+```python
+from rlhf_engine import RLHFEngine, load_run_config
+with RLHFEngine(load_run_config("run.yaml")) as engine:
+    for stats in engine.steps():
+        print(stats["env/reward_mean"])
+```
+
+The pipeline: the trainer hands out prompt batches ahead of itself — `1 + max_staleness` in
+flight in async mode, one in sync mode — each carrying the oldest policy version allowed to
+sample it, so a sample is never more than `max_staleness` versions behind the policy that trains
+on it. While the generators sample batch k+1, the trainer scores and trains on batch k, then
+publishes its new weights; the generators apply them between batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from rlhf_engine.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from rlhf_engine.config import RunConfig, import_function, save_run_config
+from rlhf_engine.data.prompts import PromptStream, tokenize_prompts
+from rlhf_engine.data.records import DataStats
+from rlhf_engine.metrics import MetricsLogger, Timeline, idle_fractions, read_jsonl
+from rlhf_engine.procs import start_child, stop_child
+from rlhf_engine.transport import PromptBatch, Rollout, TrainerPort, model_fingerprint
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+
+
+class Callback:
+    """Hooks into a run; override what you need (all no-ops here)."""
+
+    def on_step(self, step: int, stats: dict[str, float]) -> None:
+        """After each PPO step, with its metrics."""
+
+    def on_rollout(self, rollout: Rollout) -> None:
+        """For every rollout the trainer receives."""
+
+    def on_checkpoint(self, path: Path) -> None:
+        """After a checkpoint was written completely."""
+
+
+@dataclass
+class _Batch:
+    """A prompt batch handed out and the rollouts received for it so far."""
+
+    batch_id: int
+    prompts: dict[int, list[int]]  # prompt_id -> token ids
+    sent_at: float
+    rollouts: list[Rollout]
+    stream_state_before: dict[str, int]
+
+
+class RLHFEngine:
+    """An async PPO run: `start()`, then `steps()` / `train()`, then `stop()` (or use `with`).
+
+    resume: a run directory (or checkpoint directory) to continue from; None starts fresh.
+    """
+
+    def __init__(self, config: RunConfig, *, callbacks: list[Callback] | None = None,
+                 resume: str | Path | None = None) -> None:
+        self.config = config
+        self.callbacks = list(callbacks or [])
+        self.run_dir = Path(config.engine.run_dir)
+        self._resume = Path(resume) if resume is not None else None
+        self.step = 0
+        self.trainer = None
+        self.tokenizer = None
+        self._port: TrainerPort | None = None
+        self._children: list = []
+        self._metrics: MetricsLogger | None = None
+        self._timeline: Timeline | None = None
+        self._stream: PromptStream | None = None
+        self._batches: dict[int, _Batch] = {}
+        self._next_batch = 0
+        self._gold_fn: Callable | None = None
+        self._started_at = 0.0
+        self._generated_tokens = 0
+        self._stopped = True
+
+    # ----------------------------------------------------------------------------------------------
+    # lifecycle
+    # ----------------------------------------------------------------------------------------------
+    def start(self) -> "RLHFEngine":
+        """Load the models and prompts, start the generators and wait for their handshakes."""
+        cfg = self.config
+        self._stopped = False
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if cfg.engine.trainer_threads is not None:
+                torch.set_num_threads(cfg.engine.trainer_threads)
+            if cfg.engine.trainer_cpus is not None:
+                os.sched_setaffinity(0, cfg.engine.trainer_cpus)
+            save_run_config(cfg, self.run_dir / CONFIG_FILE)
+            ckpt = self._find_resume_checkpoint()
+            self._build_trainer(ckpt)
+            self._build_prompts()
+            if cfg.model.gold_fn is not None:
+                self._gold_fn = import_function(cfg.model.gold_fn)
+            state = load_state(ckpt) if ckpt is not None else None
+            if state is not None:
+                self._restore(state)
+            self._metrics = MetricsLogger(self.run_dir, total_steps=cfg.engine.total_steps, progress=cfg.engine.progress,
+                                          tensorboard=cfg.engine.tensorboard, initial_step=self.step)
+            self._timeline = Timeline(self.run_dir)
+            self._start_generators()
+            if self.trainer.policy_version > 0:  # resumed: generators load the initial weights from disk
+                self._publish_weights()
+            self._started_at = time.time()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop the generators (politely, then by force), close the transport and the logs. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._port is not None:
+            try:
+                self._port.shutdown_generators("engine stopping")
+            except Exception as e:  # the port may already be broken; the children are still stopped below
+                log.warning("could not ask the generators to stop: %s", e)
+        for child in self._children:
+            stop_child(child, grace_s=10.0)
+        self._children = []
+        if self._port is not None:
+            self._port.close()
+            self._port = None
+        for sink in (self._metrics, self._timeline):
+            if sink is not None:
+                sink.close()
+
+    def __enter__(self) -> "RLHFEngine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ----------------------------------------------------------------------------------------------
+    # the run
+    # ----------------------------------------------------------------------------------------------
+    def train(self, steps: int | None = None) -> list[dict[str, float]]:
+        """Run `steps` PPO steps (default: to `engine.total_steps`); returns their metrics."""
+        return list(self.steps(steps))
+
+    def steps(self, steps: int | None = None) -> Iterator[dict[str, float]]:
+        """Run PPO steps one at a time, yielding each step's metrics."""
+        if self._stopped:
+            raise RuntimeError("the engine is not started: call start() or use `with RLHFEngine(...)`")
+        cfg = self.config.engine
+        last = cfg.total_steps if steps is None else min(cfg.total_steps, self.step + steps)
+        while self.step < last:
+            t_step = time.time()
+            # 1. keep the pipeline full: batches up to step + in_flight - 1 are handed out
+            self._fill_pipeline(last)
+            # 2. wait for this step's rollouts (the generators sample ahead meanwhile)
+            t0 = time.time()
+            batch = self._collect(self.step)
+            t_wait = time.time() - t0
+            # 3. PPO step: score, experience, advantages, epochs over minibatches
+            t0 = time.time()
+            stats = self._ppo_step(batch)
+            self._timeline.add("trainer", "ppo_step", t0, time.time())
+            # 4. publish the new weights
+            t0 = time.time()
+            if stats.get("ppo/skipped", 0.0) == 0.0:
+                self._publish_weights()
+            self._timeline.add("trainer", "weight_sync", t0, time.time())
+            stats["time/engine/weight_sync"] = time.time() - t0
+            stats["time/engine/wait_rollouts"] = t_wait
+            stats["time/engine/step"] = time.time() - t_step
+            self.step += 1
+            stats["step"] = self.step
+            self._metrics.log(self.step, stats)
+            for cb in self.callbacks:
+                cb.on_step(self.step, stats)
+            if (cfg.save_steps and self.step % cfg.save_steps == 0) or self.step == cfg.total_steps:
+                self.save_checkpoint()
+            yield stats
+
+    def save_checkpoint(self) -> Path:
+        """Write a checkpoint of the current step atomically; returns its directory."""
+        t0 = time.time()
+        pending = self._batches.get(self.step)
+        stream_state = pending.stream_state_before if pending is not None else self._stream.state_dict()
+        state = {
+            "step": self.step,
+            "trainer": self.trainer.state_dict(),
+            "prompts": stream_state,
+            "rng": rng_state(),
+        }
+        path = save_checkpoint(self.run_dir, self.step, state, {"policy": self.trainer.save_pretrained},
+                               keep_last=self.config.engine.keep_last)
+        self._timeline.add("trainer", "checkpoint", t0, time.time())
+        for cb in self.callbacks:
+            cb.on_checkpoint(path)
+        return path
+
+    def summary(self) -> dict[str, Any]:
+        """Run-level numbers: steps, wall time, generated tokens/s, idle fraction of each process."""
+        end = time.time()
+        intervals = read_jsonl(self.run_dir / "timeline.jsonl")
+        intervals = [iv for iv in intervals if iv["end"] >= self._started_at]
+        wall = max(end - self._started_at, 1e-9)
+        return {
+            "steps": self.step,
+            "wall_s": wall,
+            "generated_tokens_per_s": self._generated_tokens / wall,
+            "idle_fraction": idle_fractions(intervals, self._started_at, end),
+        }
+
+    # ----------------------------------------------------------------------------------------------
+    # pieces
+    # ----------------------------------------------------------------------------------------------
+    def _find_resume_checkpoint(self) -> Path | None:
+        if self._resume is None:
+            return None
+        if (self._resume / "state.json").is_file():
+            return self._resume
+        ckpt = latest_checkpoint(self._resume)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume {self._resume}: no complete checkpoint in {self._resume}/checkpoints")
+        return ckpt
+
+    def _build_trainer(self, ckpt: Path | None) -> None:
+        from transformers import AutoTokenizer
+
+        from rlhf_engine.models.loading import load_causal_lm
+        from rlhf_engine.models.reward import load_reward_model
+        from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
+        from rlhf_engine.trainer.ppo import PPOTrainer
+
+        m = self.config.model
+        self.tokenizer = AutoTokenizer.from_pretrained(m.policy)
+        policy_dir = ckpt / "policy" if ckpt is not None else Path(m.policy)
+        policy = AutoModelForCausalLMWithValueHead.from_pretrained(policy_dir)
+        # the reference is the *initial* policy, also when resuming
+        ref = load_causal_lm(m.ref_model or m.policy, frozen=True)
+        value_model = None
+        if m.value_model is not None:
+            critic_dir = ckpt / "policy" / "critic" if ckpt is not None else Path(m.value_model)
+            value_model = AutoModelForCausalLMWithValueHead.from_pretrained(critic_dir)
+        reward_model = load_reward_model(m.reward_model) if m.reward_model is not None else None
+        reward_fn = import_function(m.reward_fn) if m.reward_fn is not None else None
+        self.trainer = PPOTrainer(config=self.config.ppo, model=policy, ref_model=ref, tokenizer=self.tokenizer,
+                                  reward_model=reward_model, reward_fn=reward_fn, value_model=value_model)
+
+    def _build_prompts(self) -> None:
+        stats = DataStats("prompts")
+        prompts = tokenize_prompts(self.config.data.prompts, self.tokenizer, self.config.data.max_prompt_length, stats)
+        log.info(stats.summary())
+        self._stream = PromptStream(prompts, seed=self.config.ppo.seed, shuffle=self.config.data.shuffle)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.trainer.load_state_dict(state["trainer"])
+        self._stream.load_state_dict(state["prompts"])
+        set_rng_state(state["rng"])
+        self._next_batch = self.step
+        log.info("resumed at step %d (policy version %d)", self.step, self.trainer.policy_version)
+
+    def _start_generators(self) -> None:
+        cfg = self.config
+        fingerprint = model_fingerprint(self.trainer.policy_state_dict())
+        self._port = TrainerPort(cfg.transport, fingerprint)
+        for i in range(cfg.engine.num_generators):
+            env = {}
+            if cfg.engine.generator_threads is not None:
+                env["OMP_NUM_THREADS"] = str(cfg.engine.generator_threads)
+            cpus = cfg.engine.generator_cpus[i] if cfg.engine.generator_cpus is not None else None
+            self._children.append(start_child(
+                ["-m", "rlhf_engine.cli", "generator", "--config", str(self.run_dir / CONFIG_FILE),
+                 "--name", f"generator-{i}"],
+                log_path=self.run_dir / f"generator-{i}.log", env=env, cpus=cpus,
+            ))
+        total = cfg.engine.num_generators + cfg.engine.external_generators
+        self._wait_for_generators(total)
+
+    def _wait_for_generators(self, total: int) -> None:
+        deadline = time.monotonic() + self.config.transport.handshake_timeout_s + 120.0  # engine start included
+        while len(self._port.generators()) < total:
+            for i, child in enumerate(self._children):
+                if child.poll() is not None:
+                    raise RuntimeError(
+                        f"generator-{i} exited with code {child.returncode} before its handshake; "
+                        f"see {self.run_dir / f'generator-{i}.log'}"
+                    )
+            if self._port.rejections:
+                raise RuntimeError(f"a generator was refused: {self._port.rejections[-1]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(self._port.generators())} of {total} generators connected to "
+                    f"{self.config.transport.endpoint}; see the generator logs in {self.run_dir}"
+                )
+            try:
+                self._port.wait_for_generators(total, timeout_s=1.0)
+            except TimeoutError:
+                continue
+
+    def _fill_pipeline(self, last_step: int) -> None:
+        in_flight = self.config.engine.batches_in_flight
+        while self._next_batch < min(self.step + in_flight, last_step):
+            b = self._next_batch
+            state_before = self._stream.state_dict()
+            drawn = self._stream.next_batch(self.config.prompts_per_step)
+            prompt_ids = [b * self.config.prompts_per_step + j for j in range(len(drawn))]
+            prompts = {pid: p.token_ids for pid, p in zip(prompt_ids, drawn)}
+            self._port.send_prompts(PromptBatch(
+                batch_id=b, prompt_ids=prompt_ids, prompts=list(prompts.values()),
+                min_policy_version=self.trainer.policy_version,
+            ))
+            self._batches[b] = _Batch(b, prompts, time.time(), [], state_before)
+            self._next_batch += 1
+
+    def _collect(self, batch_id: int) -> _Batch:
+        """Receive rollouts until batch `batch_id` is complete (rollouts of later batches are kept)."""
+        want = self.config.ppo.batch_size
+        batch = self._batches[batch_id]
+        deadline = time.monotonic() + self.config.engine.rollout_timeout_s
+        per_step = self.config.prompts_per_step
+        while len(batch.rollouts) < want:
+            self._port.raise_if_dead()
+            for i, child in enumerate(self._children):
+                if child.poll() is not None:
+                    raise RuntimeError(f"generator-{i} exited with code {child.returncode}; "
+                                       f"see {self.run_dir / f'generator-{i}.log'}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"batch {batch_id}: {len(batch.rollouts)} of {want} rollouts after "
+                    f"{self.config.engine.rollout_timeout_s} s (engine.rollout_timeout_s)"
+                )
+            for r in self._port.recv_rollouts(want, timeout_s=0.5):
+                owner = self._batches.get(r.prompt_id // per_step)
+                if owner is None or r.prompt_id not in owner.prompts:
+                    log.warning("dropping rollout %s for unknown prompt %d", r.rollout_id, r.prompt_id)
+                    continue
+                owner.rollouts.append(r)
+                self._generated_tokens += int(r.response_token_ids.numel())
+                for cb in self.callbacks:
+                    cb.on_rollout(r)
+                if len(owner.rollouts) == want:
+                    gen_time = max(x.generation_time for x in owner.rollouts)
+                    now = time.time()
+                    self._timeline.add("generator", "generate", now - gen_time, now)
+        return self._batches.pop(batch_id)
+
+    def _ppo_step(self, batch: _Batch) -> dict[str, float]:
+        rollouts = sorted(batch.rollouts, key=lambda r: r.prompt_id)  # stable: group members stay together
+        queries = [r.prompt_token_ids for r in rollouts]
+        responses = [r.response_token_ids for r in rollouts]
+        stats = self.trainer.step(
+            queries, responses, None,
+            behaviour_logprobs=[r.logprobs for r in rollouts],
+            policy_versions=[r.policy_version for r in rollouts],
+        )
+        stats["env/generated_tokens"] = float(sum(int(r.numel()) for r in responses))
+        if self._gold_fn is not None:
+            prompts = self.tokenizer.batch_decode(queries, skip_special_tokens=True)
+            completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+            gold = torch.as_tensor(self._gold_fn(prompts, completions), dtype=torch.float32)
+            stats["env/gold_mean"] = float(gold.mean())
+        return stats
+
+    def _publish_weights(self) -> None:
+        self._port.publish_weights(self.trainer.policy_version, self.trainer.policy_state_dict())
