@@ -112,8 +112,20 @@ class Memcpy:
         return time.perf_counter() - start
 
 
+def child_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def bench_memcpy(memcpy, reps):
-    return [memcpy.once() for _ in range(reps)], [memcpy.once() for _ in range(reps)]
+    times, cpus = [], []
+    for _ in range(reps):
+        c0 = time.process_time()
+        times.append(memcpy.once())
+        cpus.append(time.process_time() - c0)
+    return times, [memcpy.once() for _ in range(reps)], cpus
 
 
 def bench_transport(sd, memcpy, endpoint, shm, apply, reps):
@@ -124,16 +136,18 @@ def bench_transport(sd, memcpy, endpoint, shm, apply, reps):
         proc = ctx.Process(target=weights_generator, args=(config, fp, specs_of(sd), apply, reps + 1))
         proc.start()
         trainer.wait_for_generators(1, timeout_s=120)
-        times, bars = [], []
+        times, bars, cpus = [], [], []
         for version in range(1, reps + 2):
             bars.append(memcpy.once())
+            c0 = time.process_time() + child_cpu_s(proc.pid)
             start = time.perf_counter()
             trainer.publish_weights(version, sd)
             trainer.wait_for_acks(version, timeout_s=600)
             times.append(time.perf_counter() - start)
+            cpus.append(time.process_time() + child_cpu_s(proc.pid) - c0)
         trainer.shutdown_generators()
         proc.join(60)
-    return times[1:], bars[1:]  # the first round maps / faults in fresh pages on both sides
+    return times[1:], bars[1:], cpus[1:]  # the first round maps / faults in fresh pages on both sides
 
 
 def bench_pickle(sd, memcpy, reps):
@@ -144,18 +158,20 @@ def bench_pickle(sd, memcpy, reps):
     pull.bind(endpoint + ".ack")
     proc = mp.get_context("spawn").Process(target=pickle_generator, args=(endpoint, reps + 1))
     proc.start()
-    times, bars = [], []
+    times, bars, cpus = [], [], []
     for _ in range(reps + 1):
         bars.append(memcpy.once())
+        c0 = time.process_time() + child_cpu_s(proc.pid)
         start = time.perf_counter()
         push.send(pickle.dumps(sd, protocol=pickle.HIGHEST_PROTOCOL), copy=False)
         pull.recv()
         times.append(time.perf_counter() - start)
+        cpus.append(time.process_time() + child_cpu_s(proc.pid) - c0)
     proc.join(60)
     push.close(linger=0)
     pull.close(linger=0)
     zctx.term()
-    return times[1:], bars[1:]
+    return times[1:], bars[1:], cpus[1:]
 
 
 def bench_rollouts(prompt_len, response_len, n):
@@ -216,12 +232,14 @@ def main() -> None:
     }
     results = {}
     for name, run in cases.items():
-        times, bars = run()
+        times, bars, cpus = run()
         med = statistics.median(times)
         ratios = [b / t for b, t in zip(bars, times)]
         results[name] = {"median_s": med, "best_s": min(times), "gb_per_s": nbytes / med / 1e9,
                          "best_gb_per_s": nbytes / min(times) / 1e9, "times_s": times,
-                         "memcpy_times_s": bars, "fraction_of_memcpy": statistics.median(ratios)}
+                         "memcpy_times_s": bars, "fraction_of_memcpy": statistics.median(ratios),
+                         "cpu_s": statistics.median(cpus), "gb_per_cpu_s": nbytes / statistics.median(cpus) / 1e9,
+                         "cpu_times_s": cpus}
         print(f"  {name:28s} {nbytes / med / 1e9:7.2f} GB/s  (median {med * 1e3:8.1f} ms, "
               f"{statistics.median(ratios):5.0%} of the memcpy beside it)", flush=True)
 
@@ -232,11 +250,14 @@ def main() -> None:
                               "rollouts_per_s": rate, "mb_per_s": rate * msg_bytes / 1e6})
 
     print(f"\nweight sync, {nbytes / 2**30:.2f} GiB of bf16 in {len(sd)} tensors, trainer -> generator process")
-    print(f"{'path':28s} {'GB/s':>8s} {'best GB/s':>10s} {'median ms':>10s} {'x memcpy':>9s}")
+    memcpy_cpu = results["memcpy (in-process copy_)"]["cpu_s"]
+    for r in results.values():
+        r["cpu_vs_memcpy"] = r["cpu_s"] / memcpy_cpu
+    print(f"{'path':28s} {'GB/s':>8s} {'best GB/s':>10s} {'median ms':>10s} {'x memcpy':>9s} {'CPU s':>7s} {'CPU x memcpy':>13s}")
     for name, r in results.items():
         print(f"{name:28s} {r['gb_per_s']:8.2f} {r['best_gb_per_s']:10.2f} {r['median_s'] * 1e3:10.1f} "
-              f"{r['fraction_of_memcpy']:9.0%}")
-    print(f"\nrollouts, generator process -> trainer over ipc://")
+              f"{r['fraction_of_memcpy']:9.0%} {r['cpu_s']:7.2f} {r['cpu_vs_memcpy']:13.2f}")
+    print("\nrollouts, generator process -> trainer over ipc://")
     print(f"{'prompt+response tokens':24s} {'rollouts/s':>11s} {'MB/s':>8s}")
     for r in rollout_rates:
         print(f"{r['prompt_tokens']:>10d} + {r['response_tokens']:<11d} {r['rollouts_per_s']:11.0f} {r['mb_per_s']:8.1f}")
@@ -253,7 +274,9 @@ def main() -> None:
                  "applied = the generator also copies it into its own preallocated tensors. "
                  "Medians after one warm-up round (first round maps and faults in fresh pages). "
                  "fraction_of_memcpy = median over rounds of (memcpy time just before the round / round time), "
-                 "because this machine is shared and its load moves between cases.",
+                 "because this machine is shared and its load moves between cases. "
+                 "cpu_s = CPU seconds (all threads, trainer + generator process) per update: "
+                 "a cost that does not depend on how loaded the machine is.",
     }
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

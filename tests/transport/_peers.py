@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import tempfile
 import time
@@ -86,7 +85,7 @@ def idle_generator_main(config: TransportConfig) -> None:
 
 def trainer_main(config: TransportConfig, ready_path: str) -> None:
     """Bind, accept generators and idle until killed."""
-    port = TrainerPort(config, FINGERPRINT)
-    open(ready_path, "w").close()
-    while port.generators() or True:
-        time.sleep(1)
+    with TrainerPort(config, FINGERPRINT):
+        open(ready_path, "w").close()
+        while True:
+            time.sleep(1)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import threading
 import time
 
 import pytest
@@ -12,7 +13,7 @@ from _peers import FINGERPRINT, fast_config, ipc_endpoint, tcp_endpoint
 from rlhf_engine.transport import GeneratorPort, TrainerPort
 from rlhf_engine.transport.endpoints import channel_endpoint
 from rlhf_engine.transport.weights import model_fingerprint, state_dict_specs
-from rlhf_engine.transport.wire import PROTOCOL_VERSION, WeightsHeader, WelcomeHeader, decode, encode, tensor_spec, WireLimits
+from rlhf_engine.transport.wire import WeightsHeader, WelcomeHeader, WireLimits, decode, encode, tensor_spec
 
 
 def mixed_state_dict(n_params: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -162,7 +163,6 @@ class FakeTrainer:
 def test_partial_stale_and_duplicate_updates_are_never_handed_over():
     endpoint = ipc_endpoint()
     fake = FakeTrainer(endpoint)
-    import threading
     accepted = threading.Thread(target=fake.accept)
     accepted.start()
     gen = GeneratorPort(fast_config(endpoint, heartbeat_timeout_s=30, heartbeat_interval_s=0.1), FINGERPRINT)
