@@ -73,7 +73,9 @@ class PPOTrainer:
                 "AutoModelForCausalLMWithValueHead or a value_model"
             )
         if value_model is not None and not isinstance(value_model, AutoModelForCausalLMWithValueHead):
-            raise ValueError(f"value_model must be an AutoModelForCausalLMWithValueHead, got {type(value_model).__name__}")
+            raise ValueError(
+                f"value_model must be an AutoModelForCausalLMWithValueHead, got {type(value_model).__name__}"
+            )
         torch.manual_seed(config.seed)  # sampling in generate() uses torch's global RNG
 
         self.model = model.eval()
@@ -162,8 +164,8 @@ class PPOTrainer:
             chunks = []
             for start in range(0, len(queries), self.config.mini_batch_size):
                 stop = start + self.config.mini_batch_size
-                batch = make_token_batch(queries[start:stop], responses[start:stop], pad, self.eos_token_id, self.device)
-                chunks.append(model_scores(self.reward_model, batch.input_ids, batch.attention_mask, batch.position_ids))
+                b = make_token_batch(queries[start:stop], responses[start:stop], pad, self.eos_token_id, self.device)
+                chunks.append(model_scores(self.reward_model, b.input_ids, b.attention_mask, b.position_ids))
             return torch.cat(chunks)
         if self.reward_fn is not None:
             if self.tokenizer is None:
@@ -220,7 +222,8 @@ class PPOTrainer:
         batch = make_token_batch(queries, responses, self.pad_token_id, self.eos_token_id, self.device)
         exp_parts = self._forward_experience(batch)
         timing["time/ppo/forward_pass"] = time.perf_counter() - t0
-        if not all(bool(torch.isfinite(exp_parts[k]).all()) for k in ("old_logp", "ref_logp", "values") if k in exp_parts):
+        checked = [exp_parts[k] for k in ("old_logp", "ref_logp", "values") if k in exp_parts]
+        if not all(bool(torch.isfinite(t).all()) for t in checked):  # device sync
             return self._skip("non-finite log-probs or values in the experience; step skipped, weights unchanged")
 
         # 2. rewards and advantages
@@ -229,7 +232,8 @@ class PPOTrainer:
         if behaviour is not None:
             behaviour = behaviour[:, : mask.shape[1]].to(self.device)  # tokens after EOS are not trained
         kl_coef = self.kl_ctl.value
-        step_scores = missing_eos_penalty(clip_scores(raw_scores, cfg.score_clip), batch.has_eos, cfg.missing_eos_penalty)
+        step_scores = clip_scores(raw_scores, cfg.score_clip)
+        step_scores = missing_eos_penalty(step_scores, batch.has_eos, cfg.missing_eos_penalty)
         kl = exp_parts["kl"]
         rewards, non_score = kl_shaped_rewards(step_scores, kl, mask, kl_coef)
         if cfg.whiten_rewards:
@@ -408,7 +412,9 @@ class PPOTrainer:
         stats["ppo/loss/total"] = loss.detach()
         return loss, stats
 
-    def _stats(self, exp, raw_scores, non_score, kl_coef, mean_kl, train_stats, behaviour, staleness) -> dict[str, float]:
+    def _stats(
+        self, exp, raw_scores, non_score, kl_coef, mean_kl, train_stats, behaviour, staleness
+    ) -> dict[str, float]:
         """Metrics of a step, as Python floats (one device sync each)."""
         mask = exp.batch.response_mask
         stats = {key: float(torch.stack(values).mean()) for key, values in train_stats.items()}

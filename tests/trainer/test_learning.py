@@ -30,7 +30,8 @@ def test_ppo_learns_rule_based_reward(make_lm, tokenizer):
         init_kl_coef=0.03, adap_kl_ctrl=False, vf_coef=0.5, cliprange_value=10.0, seed=0,
     )
     trainer = PPOTrainer(config=config, model=AutoModelForCausalLMWithValueHead(make_lm(seed=0)), tokenizer=tokenizer)
-    prompts = [torch.tensor(tokenizer(s)["input_ids"][:5]) for s in ("the cat likes", "a dog sees", "my friend", "our teacher")]
+    texts = ("the cat likes", "a dog sees", "my friend", "our teacher")
+    prompts = [torch.tensor(tokenizer(t)["input_ids"][:5]) for t in texts]
     rewards, kls = [], []
     for step in range(STEPS):
         queries = [prompts[i % len(prompts)] for i in range(config.batch_size)]
