@@ -109,7 +109,7 @@ class _ControlThread(IoThread):
         try:
             tracker = self._sock.send_multipart(route + frames, flags=zmq.NOBLOCK, copy=False, track=sent is not None)
         except zmq.ZMQError as e:  # EHOSTUNREACH: the peer is gone; EAGAIN cannot happen (sndhwm=0)
-            log.warning("%s: could not send to %r: %s", self.name, route, e)
+            log.debug("%s: could not send to %r: %s", self.name, route, e)
             tracker = None
         if sent is not None:
             sent.one_sent(tracker)
@@ -364,10 +364,11 @@ class TrainerControl(_ControlThread):
         for peer in self.generators("live"):
             self._enqueue([peer.identity], encode(self._header(ShutdownHeader, reason=reason)))
 
-    def close(self, join_timeout_s: float = 1.0) -> None:
-        super().close(join_timeout_s)
+    def close(self, join_timeout_s: float = 1.0) -> bool:
+        stopped = super().close(join_timeout_s)
         if self._pool is not None:
             self._pool.close()
+        return stopped
 
 
 class GeneratorControl(_ControlThread):
@@ -514,6 +515,7 @@ class GeneratorControl(_ControlThread):
                 self._cond.wait(0.1 if left is None else min(left, 0.1))
         return self.poll_weights()
 
-    def close(self, join_timeout_s: float = 1.0) -> None:
-        super().close(join_timeout_s)
+    def close(self, join_timeout_s: float = 1.0) -> bool:
+        stopped = super().close(join_timeout_s)
         self._reader.close()
+        return stopped

@@ -75,10 +75,11 @@ class Security:
         else:
             apply_client_keys(sock, self.keys)
 
-    def close(self) -> None:
+    def close(self) -> bool:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
+        return True
 
 
 def open_socket(context: zmq.Context, kind: int, endpoint: str, *, bind: bool, security: Security,

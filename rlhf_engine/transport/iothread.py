@@ -90,9 +90,10 @@ class IoThread:
     def closed(self) -> bool:
         return self._closed
 
-    def close(self, join_timeout_s: float = 1.0) -> None:
+    def close(self, join_timeout_s: float = 1.0) -> bool:
+        """Stop the thread (it closes the socket); False if it did not stop in time."""
         if self._closed:
-            return
+            return not self._thread.is_alive()
         self._closed = True
         self._stop.set()
         self.wake()
@@ -100,5 +101,9 @@ class IoThread:
             self._thread.join(join_timeout_s)
         elif self._thread.ident is None:  # never started: close the socket here
             self._sock.close(linger=self._linger_ms)
+        if self._thread.is_alive():
+            log.error("transport thread %s did not stop within %.1f s", self.name, join_timeout_s)
+            return False
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
+        return True

@@ -129,9 +129,11 @@ class TrainerPort:
         if getattr(self, "_closed", False):
             return
         self._closed = True
-        for part in reversed(self._parts):
-            part.close()
-        self._context.term()
+        stopped = [part.close() for part in reversed(self._parts)]
+        if all(stopped):
+            self._context.term()
+        else:  # a thread still holds its socket: term() would wait for it forever
+            log.error("%s: leaving the ZeroMQ context open, a transport thread did not stop", self.sender_id)
 
     def __enter__(self) -> "TrainerPort":
         return self
@@ -211,9 +213,11 @@ class GeneratorPort:
         if getattr(self, "_closed", False):
             return
         self._closed = True
-        for part in reversed(self._parts):
-            part.close()
-        self._context.term()
+        stopped = [part.close() for part in reversed(self._parts)]
+        if all(stopped):
+            self._context.term()
+        else:  # a thread still holds its socket: term() would wait for it forever
+            log.error("%s: leaving the ZeroMQ context open, a transport thread did not stop", self.sender_id)
 
     def __enter__(self) -> "GeneratorPort":
         return self

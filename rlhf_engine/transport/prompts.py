@@ -37,8 +37,8 @@ class PromptSender:
     def stats(self):
         return self._channel.stats
 
-    def close(self) -> None:
-        self._channel.close()
+    def close(self) -> bool:
+        return self._channel.close()
 
 
 class PromptReceiver:
@@ -64,5 +64,5 @@ class PromptReceiver:
     def stats(self):
         return self._channel.stats
 
-    def close(self) -> None:
-        self._channel.close()
+    def close(self) -> bool:
+        return self._channel.close()

@@ -49,8 +49,8 @@ class RolloutSender:
     def stats(self):
         return self._channel.stats
 
-    def close(self) -> None:
-        self._channel.close()
+    def close(self) -> bool:
+        return self._channel.close()
 
 
 class RolloutReceiver:
@@ -93,5 +93,5 @@ class RolloutReceiver:
     def stats(self):
         return self._channel.stats
 
-    def close(self) -> None:
-        self._channel.close()
+    def close(self) -> bool:
+        return self._channel.close()
