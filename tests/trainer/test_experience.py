@@ -72,3 +72,25 @@ def test_values_need_a_value_head(make_lm, tokenizer, random_pairs):
     b = make_token_batch(queries, responses, tokenizer.pad_token_id, tokenizer.eos_token_id)
     with pytest.raises(TypeError, match="AutoModelForCausalLMWithValueHead"):
         forward_policy(make_lm(), b, 1.0, with_values=True)
+
+
+def test_logprobs_match_the_sampler_on_left_padded_prompts(make_lm, tokenizer):
+    # transformers' generate on a left-padded batch scores each sampled token; the experience layout
+    # (left-padded query | right-padded response, positions from the attention mask) must agree with it
+    lm = make_lm(seed=2).eval()
+    queries = [torch.tensor([10, 11, 12, 13, 14]), torch.tensor([20, 21])]
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[10, 11, 12, 13, 14], [pad, pad, pad, 20, 21]])
+    attention_mask = (input_ids != pad).long()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = lm.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True, top_k=0, top_p=1.0,
+                          max_new_tokens=6, pad_token_id=pad, eos_token_id=None, return_dict_in_generate=True,
+                          output_logits=True)
+    responses = [row for row in out.sequences[:, 5:]]
+    sampler = torch.stack([torch.log_softmax(step.float(), -1) for step in out.logits], 1)  # [B, 6, V]
+    sampler_logp = sampler.gather(-1, torch.stack(responses)[..., None]).squeeze(-1)  # [B, 6]
+    batch = make_token_batch(queries, responses, pad, None)
+    with torch.no_grad():
+        logp = forward_policy(lm, batch, 1.0).logp
+    torch.testing.assert_close(logp, sampler_logp, rtol=1e-4, atol=1e-4)

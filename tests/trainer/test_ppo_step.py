@@ -291,3 +291,24 @@ def test_linear_schedule_steps_once_per_ppo_step(make_trainer, data):
     # the step trains at lr 1e-3 (2 optimizer steps), then the schedule moves to 1e-3 * (1 - 1/4)
     assert first["ppo/learning_rate"] == pytest.approx(1e-3)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(7.5e-4)
+
+
+def test_resume_from_state_is_bit_exact(make_trainer, data):
+    import json
+
+    from rlhf_engine.checkpoint import flatten_state, unflatten_state
+
+    # A: two steps in a row; B: a fresh trainer given A's weights and state after step 1, then step 2
+    a = make_trainer(mini_batch_size=4, ppo_epochs=2, init_kl_coef=0.1, horizon=50.0)
+    a.step(*data)
+    tree, tensors = flatten_state(a.state_dict())
+    saved_state = unflatten_state(json.loads(json.dumps(tree)), {k: v.clone() for k, v in tensors.items()})
+    saved_weights = {k: v.clone() for k, v in a.model.state_dict().items()}
+    a.step(*data)
+    b = make_trainer(mini_batch_size=4, ppo_epochs=2, init_kl_coef=0.1, horizon=50.0)
+    b.model.load_state_dict(saved_weights)
+    b.load_state_dict(saved_state)
+    b.step(*data)
+    assert b.policy_version == a.policy_version == 2 and b.kl_ctl.value == a.kl_ctl.value
+    for name, tensor in a.model.state_dict().items():
+        assert torch.equal(tensor, b.model.state_dict()[name]), name
