@@ -1,0 +1,182 @@
+"""The async engine end to end: real generator processes, real transport, real vLLM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf_engine.checkpoint import latest_checkpoint, list_checkpoints, load_state
+from rlhf_engine.config import load_run_config, save_run_config
+from rlhf_engine.data import synthetic
+from rlhf_engine.engine import Callback, RLHFEngine
+from rlhf_engine.metrics import read_jsonl
+from rlhf_engine.models.tiny import make_tiny_model_dir
+from rlhf_engine.procs import descendants
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("engine") / "policy")
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("engine_data") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in synthetic.prompts(64, seed=0)))
+    return path
+
+
+def run_config(tmp_path: Path, policy_dir: Path, prompts_file: Path, *, backend: str, **engine):
+    return load_run_config(None, base={
+        "model": {"policy": str(policy_dir), "reward_fn": "rlhf_engine.demo:gold_scores",
+                  "gold_fn": "rlhf_engine.demo:gold_scores"},
+        "data": {"prompts": str(prompts_file), "max_prompt_length": 16},
+        "ppo": {"batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1, "learning_rate": 1e-3,
+                "response_length": 8, "seed": 0},
+        "generator": {"backend": backend, "max_model_len": 64, "kv_cache_bytes": 1 << 26},
+        "transport": {"endpoint": f"ipc://{tmp_path}/ep", "heartbeat_timeout_s": 20.0},
+        "engine": {"run_dir": str(tmp_path / "run"), "tensorboard": False, "progress": False, **engine},
+    })
+
+
+def assert_no_children():
+    deadline = time.monotonic() + 10
+    while descendants(os.getpid()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [p for p in descendants(os.getpid()) if Path(f"/proc/{p}").exists()]
+    assert not left, f"processes left behind: {left}"
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.steps, self.rollouts, self.checkpoints = [], 0, []
+
+    def on_step(self, step, stats):
+        self.steps.append(step)
+
+    def on_rollout(self, rollout):
+        self.rollouts += 1
+
+    def on_checkpoint(self, path):
+        self.checkpoints.append(path)
+
+
+@pytest.mark.vllm
+def test_async_run_with_vllm_generator(tmp_path, policy_dir, prompts_file):
+    pytest.importorskip("vllm")
+    cfg = run_config(tmp_path, policy_dir, prompts_file, backend="vllm", total_steps=3, mode="async", max_staleness=1)
+    rec = Recorder()
+    with RLHFEngine(cfg, callbacks=[rec]) as engine:
+        history = engine.train()
+        summary = engine.summary()
+        live = {k: v.clone() for k, v in engine.trainer.policy_state_dict().items()}
+    assert_no_children()
+    assert rec.steps == [1, 2, 3] and rec.rollouts >= 3 * 8 and len(rec.checkpoints) == 1
+    assert all(h["off_policy/staleness_max"] <= 1 for h in history)
+    # batch 1 was handed out before step 0 finished: sampled by version 0, trained at version 1
+    assert history[1]["off_policy/staleness_max"] == 1
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
+    assert set(summary["idle_fraction"]) == {"trainer", "generator"}
+    # the checkpoint's policy is an HF folder that transformers loads as is, with the trained weights
+    from transformers import AutoModelForCausalLM
+
+    ckpt = latest_checkpoint(tmp_path / "run")
+    model = AutoModelForCausalLM.from_pretrained(ckpt / "policy")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, live[name]), name
+    assert load_state(ckpt)["trainer"]["policy_version"] == 3
+
+
+def test_sync_resume_is_bit_exact(tmp_path, policy_dir, prompts_file):
+    straight = run_config(tmp_path / "a", policy_dir, prompts_file, backend="transformers", total_steps=3, mode="sync")
+    with RLHFEngine(straight) as engine:
+        history = engine.train()
+    assert all(h["off_policy/staleness_max"] == 0 for h in history)
+
+    interrupted = run_config(tmp_path / "b", policy_dir, prompts_file, backend="transformers", total_steps=3,
+                             mode="sync", save_steps=1)
+    with RLHFEngine(interrupted) as engine:
+        engine.train(steps=2)  # stop after step 2 (checkpoints at 1 and 2)
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "run")] == ["step-00000001", "step-00000002"]
+    with RLHFEngine(interrupted, resume=tmp_path / "b" / "run") as engine:
+        assert engine.step == 2
+        engine.train()
+    assert_no_children()
+
+    a = latest_checkpoint(tmp_path / "a" / "run")
+    b = latest_checkpoint(tmp_path / "b" / "run")
+    assert a.name == b.name == "step-00000003"
+    for name in ("model.safetensors", "value_head.safetensors"):
+        wa, wb = load_file(str(a / "policy" / name)), load_file(str(b / "policy" / name))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), f"{name}:{k} differs after resume"
+    sa, sb = load_state(a), load_state(b)
+    assert sa["prompts"] == sb["prompts"] and sa["trainer"]["kl_ctl"] == sb["trainer"]["kl_ctl"]
+
+
+def test_sigint_stops_all_processes_and_keeps_checkpoint(tmp_path, policy_dir, prompts_file):
+    cfg = run_config(tmp_path, policy_dir, prompts_file, backend="transformers", total_steps=1000, mode="async",
+                     save_steps=1)
+    config_path = tmp_path / "run.yaml"
+    save_run_config(cfg, config_path)
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_engine.cli", "ppo", "--config", str(config_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list_checkpoints(tmp_path / "run") and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+        assert list_checkpoints(tmp_path / "run"), "no checkpoint within 180 s"
+        family = descendants(proc.pid)
+        assert family, "the engine should have a generator child"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        assert time.monotonic() - t0 < 20
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, out
+    assert "interrupted" in out
+    time.sleep(0.5)
+    assert not [p for p in family if Path(f"/proc/{p}").exists()], "children outlived the engine"
+    ckpt = latest_checkpoint(tmp_path / "run")
+    state = load_state(ckpt)
+    assert state["step"] >= 1
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(ckpt / "policy")
+
+
+def test_cli_config_errors_name_key_and_file(tmp_path, policy_dir, prompts_file):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"model: {{policy: {policy_dir}, reward_fn: 'rlhf_engine.demo:gold_scores'}}\n"
+                    f"data: {{prompts: {prompts_file}}}\nppo: {{init_kl_coeff: 0.1}}\n")
+    res = subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "ppo", "--config", str(path)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert f"{path}: unknown key(s) 'ppo.init_kl_coeff'" in res.stderr
+    path.write_text(path.read_text().replace("init_kl_coeff", "init_kl_coef"))
+    res = subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "ppo", "--config", str(path),
+                          "--set", "engine.mode=turbo"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "engine.mode = 'turbo'; expected one of 'async', 'sync'" in res.stderr
+
+
+def test_generator_failing_to_start_is_reported(tmp_path, policy_dir, prompts_file):
+    cfg = run_config(tmp_path, policy_dir, prompts_file, backend="transformers", total_steps=1)
+    cfg.generator.model = str(tmp_path / "missing")  # the child cannot load it
+    cfg.model.policy = str(policy_dir)
+    with pytest.raises(RuntimeError, match=r"generator-0 exited with code \d+ before its handshake; see .*generator-0.log"):
+        RLHFEngine(cfg).start()
+    assert_no_children()
