@@ -10,6 +10,7 @@ so p(target set) = 0.1 * 16.1 / (0.1 * 16.1 + 0.9) = 0.64, and its KL per token 
 0.64 ln(0.64 / 0.1) + 0.36 ln(0.36 / 0.9) = 1.19 - 0.33 = 0.86, i.e. 10.3 per 12-token response.
 """
 
+import pytest
 import torch
 
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
@@ -24,24 +25,45 @@ def rule_reward(responses: list[torch.Tensor]) -> list[float]:
     return [float(((r >= TARGET.start) & (r < TARGET.stop)).float().mean()) for r in responses]
 
 
-def test_ppo_learns_rule_based_reward(make_lm, tokenizer):
-    config = PPOConfig(
+def _train(make_lm, tokenizer, **overrides):
+    """30 PPO steps on the rule reward; returns (per-step mean rewards, per-step objective/kl)."""
+    kwargs = dict(
         batch_size=32, mini_batch_size=16, ppo_epochs=2, learning_rate=2e-3, response_length=12,
         init_kl_coef=0.03, adap_kl_ctrl=False, vf_coef=0.5, cliprange_value=10.0, seed=0,
     )
-    trainer = PPOTrainer(config=config, model=AutoModelForCausalLMWithValueHead(make_lm(seed=0)), tokenizer=tokenizer)
+    kwargs.update(overrides)
+    config = PPOConfig(**kwargs)
+    model = AutoModelForCausalLMWithValueHead(make_lm(seed=0))
+    trainer = PPOTrainer(config=config, model=model, tokenizer=tokenizer)
     texts = ("the cat likes", "a dog sees", "my friend", "our teacher")
     prompts = [torch.tensor(tokenizer(t)["input_ids"][:5]) for t in texts]
+    k = config.num_generations  # group members share a prompt and sit side by side
     rewards, kls = [], []
-    for step in range(STEPS):
-        queries = [prompts[i % len(prompts)] for i in range(config.batch_size)]
+    for _ in range(STEPS):
+        queries = [prompts[(i // k) % len(prompts)] for i in range(config.batch_size)]
         responses = trainer.generate(queries)
         stats = trainer.step(queries, responses, rule_reward(responses))
         rewards.append(stats["env/reward_mean"])
         kls.append(stats["objective/kl"])
+    return rewards, kls
+
+
+def test_ppo_learns_rule_based_reward(make_lm, tokenizer):
+    rewards, kls = _train(make_lm, tokenizer)
     before, after = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print(f"reward first 5 steps {before:.3f}, last 5 steps {after:.3f}; KL max {max(kls):.2f}, last {kls[-1]:.2f}")
     assert before < 0.2  # ~ 30 / 300 for the random policy
     assert after > before + 0.2, (before, after)
     # bounded: within 1.5x the KL of the regularised optimum (10.3, module docstring) at every step
     assert max(kls) < 15.0, kls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
+def test_critic_free_estimators_learn(make_lm, tokenizer, estimator):
+    groups = dict(num_generations=4) if estimator in ("grpo", "rloo") else {}
+    rewards, kls = _train(make_lm, tokenizer, advantage_estimator=estimator, **groups)
+    before, after = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    print(f"{estimator}: reward {before:.3f} -> {after:.3f}; KL max {max(kls):.2f}")
+    assert after > before + 0.2, (before, after)
+    assert max(kls) < 20.0, kls  # within 2x the KL of the regularised optimum
