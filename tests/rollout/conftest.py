@@ -64,11 +64,11 @@ def reference_logprobs(model, completion, temperature: float = 1.0, top_k: int =
 
 
 def stop_string_case(tokenizer, tokens: list[int]) -> tuple[str, int]:
-    """A stop string taken from the middle of a greedy response and the length (in tokens) of
+    """A stop string taken from inside a greedy response and the length (in tokens) of
     the shortest prefix of `tokens` whose text contains it."""
     text = tokenizer.decode(tokens)
-    # three plain ASCII letters from the second half: no partial UTF-8 bytes at the edges
-    starts = [i for i in range(len(text) // 2, len(text) - 2) if text[i : i + 3].isascii() and text[i : i + 3].isalpha()]
+    # three plain ASCII letters after the first character: no partial UTF-8 bytes at the edges
+    starts = [i for i in range(1, len(text) - 2) if text[i : i + 3].isascii() and text[i : i + 3].isalpha()]
     if not starts:
         raise AssertionError(f"no 3-letter ASCII window in {text!r}; pick another prompt")
     stop = text[starts[0] : starts[0] + 3]
