@@ -29,12 +29,23 @@ from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.ops import masked_mean, masked_whiten
 from rlhf_engine.trainer import advantages as adv
 from rlhf_engine.trainer import losses
-from rlhf_engine.trainer.experience import Experience, TokenBatch, forward_policy, forward_values, make_token_batch
+from rlhf_engine.trainer.experience import (
+    Experience,
+    TokenBatch,
+    TokenSeqs,
+    as_behaviour_logprobs,
+    as_policy_versions,
+    as_scores,
+    as_token_list,
+    check_groups,
+    forward_policy,
+    forward_values,
+    make_token_batch,
+    truncate_after_eos,
+)
 from rlhf_engine.trainer.kl_control import make_kl_controller
 from rlhf_engine.trainer.ppo_config import PPOConfig
 from rlhf_engine.trainer.rewards import clip_scores, kl_penalty, kl_shaped_rewards, missing_eos_penalty
-
-TokenSeqs = Sequence[torch.Tensor] | Sequence[Sequence[int]] | torch.Tensor
 
 
 class PPOTrainer:
@@ -43,7 +54,8 @@ class PPOTrainer:
 
     ref_model: frozen reference; None means a frozen copy of the initial policy.
     reward_model / reward_fn: optional source of scores when `step` is called without them.
-    value_model: a separate critic (`AutoModelForCausalLMWithValueHead`), trained alongside the policy.
+    value_model: a separate critic (`AutoModelForCausalLMWithValueHead`), trained alongside the policy; a value
+        head on `model` is then unused.
     optimizer / lr_scheduler: default AdamW(learning_rate) and the config's schedule.
     """
 
@@ -130,7 +142,7 @@ class PPOTrainer:
         Returns the response tokens only, each cut after its first EOS (EOS kept).
         """
         single = isinstance(query_tensors, torch.Tensor) and query_tensors.ndim == 1
-        queries = _as_token_list([query_tensors] if single else query_tensors, "query_tensors")
+        queries = as_token_list([query_tensors] if single else query_tensors, "query_tensors")
         width = max(len(q) for q in queries)
         input_ids = torch.full((len(queries), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -156,8 +168,8 @@ class PPOTrainer:
     @torch.no_grad()
     def score(self, queries: TokenSeqs, responses: TokenSeqs) -> torch.Tensor:
         """Scores [B] of (query, response) pairs from the reward model or the reward function."""
-        queries = _as_token_list(queries, "queries")
-        responses = _as_token_list(responses, "responses")
+        queries = as_token_list(queries, "queries")
+        responses = as_token_list(responses, "responses")
         if self.reward_model is not None:
             # the classifier pools at the last token that is not *its* pad token: pad with that one
             pad = _first_not_none(self.reward_model.config.pad_token_id, self.pad_token_id)
@@ -200,19 +212,19 @@ class PPOTrainer:
         timing: dict[str, float] = {}
         t_start = time.perf_counter()
         version_at_start = self.policy_version
-        queries = _as_token_list(queries, "queries")
-        responses = _as_token_list(responses, "responses")
+        queries = as_token_list(queries, "queries")
+        responses = as_token_list(responses, "responses")
         n = len(queries)
         if len(responses) != n:
             raise ValueError(f"got {n} queries but {len(responses)} responses")
         if n != cfg.batch_size:
             raise ValueError(f"step got {n} samples; config.batch_size is {cfg.batch_size}")
         if cfg.advantage_estimator in ("grpo", "rloo"):
-            _check_groups(queries, cfg.num_generations)
-        raw_scores = self.score(queries, responses) if scores is None else _as_scores(scores, n)
+            check_groups(queries, cfg.num_generations)
+        raw_scores = self.score(queries, responses) if scores is None else as_scores(scores, n)
         raw_scores = raw_scores.to(self.device, torch.float32)
-        behaviour = _as_behaviour(behaviour_logprobs, responses) if behaviour_logprobs is not None else None
-        versions = _as_versions(policy_versions, n, self.policy_version) if policy_versions is not None else None
+        behaviour = as_behaviour_logprobs(behaviour_logprobs, responses) if behaviour_logprobs is not None else None
+        versions = as_policy_versions(policy_versions, n, self.policy_version) if policy_versions is not None else None
         if not bool(torch.isfinite(raw_scores).all()):  # device sync
             bad = torch.nonzero(~torch.isfinite(raw_scores)).flatten().tolist()
             return self._skip(f"non-finite scores at samples {bad}; step skipped, weights unchanged")
@@ -506,84 +518,11 @@ def collate_queries(samples: list[dict[str, Any]]) -> dict[str, list[Any]]:
     }
 
 
-def _as_token_list(seqs: TokenSeqs, name: str) -> list[torch.Tensor]:
-    if isinstance(seqs, torch.Tensor):
-        if seqs.ndim != 2:
-            raise ValueError(f"{name} as a tensor must be 2-D [B, L], got shape {tuple(seqs.shape)}")
-        seqs = list(seqs)
-    out = []
-    for i, s in enumerate(seqs):
-        t = torch.as_tensor(s)
-        if t.ndim != 1:
-            raise ValueError(f"{name}[{i}] must be a 1-D token sequence, got shape {tuple(t.shape)}")
-        if t.numel() == 0:
-            raise ValueError(f"{name}[{i}] is empty")
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise ValueError(f"{name}[{i}] must hold integer token ids, got {t.dtype}")
-        out.append(t.long().cpu())
-    if not out:
-        raise ValueError(f"{name} is empty")
-    return out
-
-
-def _as_scores(scores, n: int) -> torch.Tensor:
-    if isinstance(scores, torch.Tensor):
-        t = scores.detach().float().reshape(-1)
-    else:
-        t = torch.stack([torch.as_tensor(s, dtype=torch.float32).detach().cpu().reshape(()) for s in scores])
-    if t.shape[0] != n:
-        raise ValueError(f"got {t.shape[0]} scores for {n} samples")
-    return t
-
-
-def _as_behaviour(logprobs, responses: list[torch.Tensor]) -> torch.Tensor:
-    """The sampler's log-probs as [B, T] fp32 (T = longest response), 0 on padding; checked."""
-    n, width = len(responses), max(len(r) for r in responses)
-    if isinstance(logprobs, torch.Tensor) and logprobs.ndim == 2:
-        if logprobs.shape[0] != n or logprobs.shape[1] < width:
-            raise ValueError(
-                f"behaviour_logprobs of shape {tuple(logprobs.shape)} must be [{n}, >= {width}] (batch, response width)"
-            )
-        rows = [logprobs[i, : len(r)] for i, r in enumerate(responses)]
-    else:
-        rows = [torch.as_tensor(lp, dtype=torch.float32) for lp in logprobs]
-        if len(rows) != n:
-            raise ValueError(f"got {len(rows)} behaviour_logprobs for {n} samples")
-    out = torch.zeros((n, width), dtype=torch.float32)
-    for i, (lp, r) in enumerate(zip(rows, responses)):
-        if lp.shape != (len(r),):
-            raise ValueError(f"behaviour_logprobs[{i}] has shape {tuple(lp.shape)}; response {i} has {len(r)} tokens")
-        if not bool(torch.isfinite(lp).all()):
-            raise ValueError(f"behaviour_logprobs[{i}] holds non-finite values")
-        out[i, : len(r)] = lp.float().cpu()
-    return out
-
-
-def _as_versions(versions, n: int, current: int) -> torch.Tensor:
-    t = torch.as_tensor(versions, dtype=torch.long).reshape(-1).cpu()
-    if t.shape[0] != n:
-        raise ValueError(f"got {t.shape[0]} policy_versions for {n} samples")
-    if bool((t > current).any()) or bool((t < 0).any()):
-        raise ValueError(f"policy_versions must lie in [0, {current}] (the trainer's version); got {t.tolist()}")
-    return t
-
-
-def _check_groups(queries: list[torch.Tensor], k: int) -> None:
-    for g in range(0, len(queries), k):
-        for i in range(g + 1, g + k):
-            if not torch.equal(queries[i], queries[g]):
-                raise ValueError(
-                    f"queries[{i}] differs from queries[{g}]: group estimators need groups of num_generations "
-                    f"({k}) consecutive samples with the same prompt"
-                )
-
-
 def _cut_response(row: torch.Tensor, eos_token_id: int | None, pad_token_id: int) -> torch.Tensor:
     """A generated row [n] up to and including its first EOS; without EOS, trailing padding removed."""
-    if eos_token_id is not None:
-        hits = (row == eos_token_id).nonzero()
-        if hits.numel():
-            return row[: int(hits[0, 0]) + 1]
+    cut = truncate_after_eos(row, eos_token_id)
+    if eos_token_id is not None and cut.numel() < row.numel():
+        return cut
     keep = (row != pad_token_id).nonzero()
     return row[: int(keep[-1, 0]) + 1] if keep.numel() else row[:1]
 
