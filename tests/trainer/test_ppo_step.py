@@ -312,3 +312,14 @@ def test_resume_from_state_is_bit_exact(make_trainer, data):
     assert b.policy_version == a.policy_version == 2 and b.kl_ctl.value == a.kl_ctl.value
     for name, tensor in a.model.state_dict().items():
         assert torch.equal(tensor, b.model.state_dict()[name]), name
+
+
+def test_score_clip_and_missing_eos_penalty_shape_scores(make_trainer, data):
+    queries, responses, scores = data  # scores linspace(-1, 1, 8); responses 0, 2, 4, 6 end with EOS
+    stats = make_trainer(score_clip=0.5, missing_eos_penalty=1.0).step(queries, responses, scores)
+    clipped = scores.clamp(-0.5, 0.5)
+    penalised = clipped - torch.tensor([0.0, 1.0] * 4)  # the 4 responses without EOS lose 1.0
+    assert stats["objective/scores"] == pytest.approx(float(penalised.mean()), abs=1e-6)
+    assert stats["env/reward_mean"] == pytest.approx(float(scores.mean()), abs=1e-6)  # raw scores reported
+    assert stats["tokens/eos_fraction"] == 0.5
+
