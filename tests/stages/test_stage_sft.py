@@ -61,3 +61,19 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_dir, tmp_path):
     assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_packed_eval_loss_equals_padded_from_jsonl_files(tiny_dir, tmp_path):
+    train, evals = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in synthetic.sft_records(4, seed=2)))
+    evals.write_text("".join(json.dumps(r) + "\n" for r in synthetic.sft_records(24, seed=3)))
+    losses = {}
+    for packing in (False, True):
+        config = SFTConfig(model_name_or_path=str(tiny_dir), train_file=str(train), eval_file=str(evals),
+                           output_dir=str(tmp_path / "out"), max_length=64, packing=packing,
+                           per_device_eval_batch_size=4)
+        trainer = SFTTrainer(config)
+        assert [s.summary().split(":")[0] for s in trainer.data_stats] == ["train", "eval"]
+        losses[packing] = trainer.evaluate()
+    assert losses[True]["eval/tokens"] == losses[False]["eval/tokens"]
+    assert losses[True]["eval/loss"] == pytest.approx(losses[False]["eval/loss"], rel=1e-5)
