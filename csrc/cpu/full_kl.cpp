@@ -140,8 +140,8 @@ std::tuple<at::Tensor, at::Tensor> full_kl_bwd_cpu(const at::Tensor& grad, const
                 "full_kl_bwd: ", name, " must be a contiguous ", acc_dtype, " tensor [", N, "], got ",
                 t.scalar_type(), " ", t.sizes());
   }
-  at::Tensor gx = at::empty_like(logits);
-  at::Tensor gy = ref_grad ? at::empty_like(ref_logits) : at::empty({0}, logits.options());
+  at::Tensor gx = empty_like_for_write(logits);
+  at::Tensor gy = ref_grad ? empty_like_for_write(ref_logits) : at::empty({0}, logits.options());
   RLHF_DISPATCH_FLOATING(logits.scalar_type(), "full_kl_bwd_cpu", [&] {
     using acc = acc_t<scalar_t>;
     using Vec = AccVec<scalar_t>;

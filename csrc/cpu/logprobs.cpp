@@ -7,9 +7,11 @@
 namespace rlhf_engine::cpu {
 namespace {
 
-// Elements per block of the online reduction: small enough to stay in L1 between the
-// block's max pass and its sum pass, so DRAM sees each logit once.
+// Elements per block of the online reduction (the unit of rescaling and of a rare redo).
 constexpr int64_t kBlock = 2048;
+// A block whose max exceeds the reference max by more than this (in log2 units) is summed again
+// at its own max: its exponentials may have reached 2^127. Below it they stay finite in fp32.
+constexpr double kRedoLog2 = 60.0;
 
 template <typename scalar_t>
 struct RowStats {
@@ -18,72 +20,103 @@ struct RowStats {
   acc_t<scalar_t> entropy;
 };
 
-// One row: lse = logsumexp(z), entropy = lse - sum softmax(z) z, z = x * inv_t (inv_t > 0).
-// Online over blocks of kBlock: m is the running max of x, s = sum exp((x - m) inv_t),
-// t = sum exp((x - m) inv_t) (x - m) inv_t; a block first finds its max, rescales (s, t) once
-// to the new max, then adds its elements: one exp per element. Shifting in x-space before the
-// scaling keeps z_label - lse exact to rounding of (x_label - m) (V = 1 gives exactly 0).
-template <typename scalar_t>
-RowStats<scalar_t> row_stats(const scalar_t* x, int64_t V, acc_t<scalar_t> inv_t, bool with_entropy) {
+template <typename acc>
+struct BlockSums {
+  acc s, t, max_x;
+};
+
+// Sums over one block against a reference max m: y = (x - m) c with c = inv_t log2(e),
+// s = sum 2^y, t = sum 2^y y (entropy only), and the block's max of x, in one read.
+template <typename scalar_t, bool kEntropy>
+BlockSums<acc_t<scalar_t>> block_sums(const scalar_t* xb, int64_t len, acc_t<scalar_t> m, acc_t<scalar_t> c) {
   using acc = acc_t<scalar_t>;
   using Vec = AccVec<scalar_t>;
   constexpr int64_t W = step<scalar_t>();
   const acc neg_inf = -std::numeric_limits<acc>::infinity();
+  const int64_t vec_len = len - len % W;
+  const Vec vm(m), vc(c), vlo(std::is_same_v<acc, float> ? acc(-126) : acc(-1022));
+  Vec vmax0(neg_inf), vmax1(neg_inf), vs0(0), vs1(0), vt0(0), vt1(0);
+  for (int64_t i = 0; i < vec_len; i += W) {
+    Vec a, b;
+    load2(xb + i, a, b);
+    vmax0 = at::vec::maximum(vmax0, a);
+    vmax1 = at::vec::maximum(vmax1, b);
+    const Vec ya = (a - vm) * vc;
+    const Vec yb = (b - vm) * vc;
+    const Vec ea = exp2_clamped(ya);
+    const Vec eb = exp2_clamped(yb);
+    vs0 += ea;
+    vs1 += eb;
+    if constexpr (kEntropy) {  // clamp y as exp2 does, so that -inf logits add 2^-126 * -126, not NaN
+      vt0 = at::vec::fmadd(ea, at::vec::maximum(ya, vlo), vt0);
+      vt1 = at::vec::fmadd(eb, at::vec::maximum(yb, vlo), vt1);
+    }
+  }
+  BlockSums<acc> r{reduce_sum(vs0 + vs1), kEntropy ? reduce_sum(vt0 + vt1) : acc(0),
+                   reduce_max(at::vec::maximum(vmax0, vmax1))};
+  for (int64_t i = vec_len; i < len; ++i) {
+    const acc xi = static_cast<acc>(xb[i]);
+    r.max_x = std::max(r.max_x, xi);
+    const acc y = std::max((xi - m) * c, std::is_same_v<acc, float> ? acc(-126) : acc(-1022));
+    const acc e = exp2_clamped(y);
+    r.s += e;
+    if constexpr (kEntropy) r.t += e * y;
+  }
+  return r;
+}
+
+template <typename scalar_t>
+acc_t<scalar_t> block_max(const scalar_t* xb, int64_t len) {
+  using acc = acc_t<scalar_t>;
+  acc mx = -std::numeric_limits<acc>::infinity();
+  for (int64_t i = 0; i < len; ++i) mx = std::max(mx, static_cast<acc>(xb[i]));
+  return mx;
+}
+
+// One row: lse = logsumexp(z), entropy = lse - sum softmax(z) z, z = x inv_t (inv_t > 0).
+// Online over blocks in ONE read of the row (one exp per element): each block is summed against
+// the running max m of x (s = sum 2^y, t = sum 2^y y, y = (x - m) inv_t log2 e); when the block
+// raises the max, (s, t) are rescaled once:  y' = y + d, d = (m - m') c:
+//   s' = 2^d s,  t' = 2^d (t + d s).
+// Only the first block of a row is read twice (its max seeds m), and a block whose max jumps by
+// more than kRedoLog2 is summed again (its exponentials could have overflowed).
+// Shifting in x-space before scaling keeps z_label - lse exact to the rounding of x_label - m.
+template <typename scalar_t, bool kEntropy>
+RowStats<scalar_t> row_stats(const scalar_t* x, int64_t V, acc_t<scalar_t> inv_t) {
+  using acc = acc_t<scalar_t>;
+  const acc neg_inf = -std::numeric_limits<acc>::infinity();
+  const acc c = inv_t * static_cast<acc>(kLog2e);
   acc m = neg_inf, s = 0, t = 0;
+  auto rescale = [&](acc new_m) {
+    const acc d = (m - new_m) * c;
+    const acc sc = exp2_clamped(d);
+    t = sc * (t + d * s);
+    s = sc * s;
+    m = new_m;
+  };
   for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
     const scalar_t* xb = x + b0;
     const int64_t len = std::min(kBlock, V - b0);
-    const int64_t vec_len = len - len % W;
-    // 1. block max (of x; z = x * inv_t keeps the order since inv_t > 0)
-    Vec vmax0(neg_inf), vmax1(neg_inf);
-    for (int64_t i = 0; i < vec_len; i += W) {
-      Vec a, c;
-      load2(xb + i, a, c);
-      vmax0 = at::vec::maximum(vmax0, a);
-      vmax1 = at::vec::maximum(vmax1, c);
+    if (m == neg_inf) {
+      m = block_max(xb, len);
+      if (m == neg_inf) continue;  // every element so far is -inf
     }
-    acc bmax = reduce_max(at::vec::maximum(vmax0, vmax1));
-    for (int64_t i = vec_len; i < len; ++i) bmax = std::max(bmax, static_cast<acc>(xb[i]));
-    const acc new_m = std::max(m, bmax);
-    if (new_m == neg_inf) continue;  // every element so far is -inf
-    // 2. rescale the running sums to the new max: sum e^{z-m'} (z-m') = e^{m-m'} (t + (m-m') s)
-    if (m != neg_inf) {
-      const acc shift = (m - new_m) * inv_t;
-      const acc scale = std::exp(shift);
-      t = scale * (t + shift * s);
-      s = scale * s;
-    }
-    m = new_m;
-    // 3. block sums with one exp per element: e = exp((x - m) inv_t)
-    const Vec vinv(inv_t), vm(m);
-    Vec vs0(0), vs1(0), vt0(0), vt1(0);
-    for (int64_t i = 0; i < vec_len; i += W) {
-      Vec a, c;
-      load2(xb + i, a, c);
-      const Vec za = (a - vm) * vinv;
-      const Vec zc = (c - vm) * vinv;
-      const Vec ea = fast_exp(za);
-      const Vec ec = fast_exp(zc);
-      vs0 += ea;
-      vs1 += ec;
-      if (with_entropy) {
-        vt0 = at::vec::fmadd(ea, za, vt0);
-        vt1 = at::vec::fmadd(ec, zc, vt1);
-      }
-    }
-    s += reduce_sum(vs0 + vs1);
-    if (with_entropy) t += reduce_sum(vt0 + vt1);
-    for (int64_t i = vec_len; i < len; ++i) {
-      const acc z = (static_cast<acc>(xb[i]) - m) * inv_t;
-      const acc e = std::exp(z);
-      s += e;
-      if (with_entropy && e != 0) t += e * z;
+    BlockSums<acc> bs = block_sums<scalar_t, kEntropy>(xb, len, m, c);
+    if (bs.max_x > m && (bs.max_x - m) * c > static_cast<acc>(kRedoLog2)) {
+      rescale(bs.max_x);
+      bs = block_sums<scalar_t, kEntropy>(xb, len, m, c);
+      s += bs.s;
+      t += bs.t;
+    } else {
+      s += bs.s;
+      t += bs.t;
+      if (bs.max_x > m) rescale(bs.max_x);
     }
   }
   // All -inf row: lse = -inf (as torch.logsumexp); softmax is undefined, entropy NaN.
   if (m == neg_inf) return {neg_inf, acc(0), std::numeric_limits<acc>::quiet_NaN()};
   const acc log_s = std::log(s);
-  return {m, log_s, with_entropy ? log_s - t / s : acc(0)};
+  return {m, log_s, kEntropy ? log_s - static_cast<acc>(kLn2) * t / s : acc(0)};
 }
 
 void check_rows(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index) {
@@ -137,7 +170,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor
           continue;  // entropy stays 0
         }
         const scalar_t* row = x + n * V;
-        const RowStats<scalar_t> st = row_stats(row, V, inv_t, with_entropy);
+        const RowStats<scalar_t> st = with_entropy ? row_stats<scalar_t, true>(row, V, inv_t)
+                                                   : row_stats<scalar_t, false>(row, V, inv_t);
         ls[n] = st.max_x * inv_t + st.log_s;
         lp[n] = (static_cast<acc>(row[lab[n]]) - st.max_x) * inv_t - st.log_s;
         if (with_entropy) ent[n] = st.entropy;
@@ -187,20 +221,23 @@ void logprobs_bwd_kernel(const at::Tensor& grad_logprob, const at::Tensor& grad_
       const acc lz_l = static_cast<acc>(row[lab[n]]) * inv_t - lse_n;
       const acc p_l = std::exp(lz_l);
       const acc g_label = inv_t * (g_lp * (acc(1) - p_l) - g_ent * p_l * (lz_l + H));
-      const Vec vinv(inv_t), vneg_lse(-lse_n), vc0(c0), vc1(c1);
+      // y = (z - lse) log2 e, clamped as exp2 clamps it; p = 2^y; grad = p (c0 + c1 ln2 y)
+      const acc l2e = static_cast<acc>(kLog2e);
+      const acc lo = std::is_same_v<acc, float> ? acc(-126) : acc(-1022);
+      const Vec vk(inv_t * l2e), vb(-lse_n * l2e), vlo(lo), vc0(c0), vc1(c1 * static_cast<acc>(kLn2));
       const int64_t vec_len = V - V % W;
       for (int64_t i = 0; i < vec_len; i += W) {
         Vec a, c;
         load2(row + i, a, c);
-        const Vec la = at::vec::fmadd(a, vinv, vneg_lse);
-        const Vec lc = at::vec::fmadd(c, vinv, vneg_lse);
-        const Vec ga = fast_exp(la) * at::vec::fmadd(vc1, la, vc0);
-        const Vec gc = fast_exp(lc) * at::vec::fmadd(vc1, lc, vc0);
+        const Vec ya = at::vec::maximum(at::vec::fmadd(a, vk, vb), vlo);
+        const Vec yc = at::vec::maximum(at::vec::fmadd(c, vk, vb), vlo);
+        const Vec ga = exp2_clamped(ya) * at::vec::fmadd(vc1, ya, vc0);
+        const Vec gc = exp2_clamped(yc) * at::vec::fmadd(vc1, yc, vc0);
         store2(grow + i, ga, gc);
       }
       for (int64_t i = vec_len; i < V; ++i) {
-        const acc lz = static_cast<acc>(row[i]) * inv_t - lse_n;
-        grow[i] = static_cast<scalar_t>(std::exp(lz) * (c0 + c1 * lz));
+        const acc y = std::max(static_cast<acc>(row[i]) * inv_t * l2e - lse_n * l2e, lo);
+        grow[i] = static_cast<scalar_t>(exp2_clamped(y) * (c0 + c1 * static_cast<acc>(kLn2) * y));
       }
       grow[lab[n]] = static_cast<scalar_t>(g_label);
     }
@@ -230,7 +267,7 @@ at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logprob, const at::Tensor& gr
                             const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
                             const at::Tensor& entropy, double inv_temperature, int64_t ignore_index) {
   check_bwd(grad_logprob, grad_entropy, logits, labels, lse, entropy, ignore_index);
-  at::Tensor grad = at::empty_like(logits);
+  at::Tensor grad = empty_like_for_write(logits);
   RLHF_DISPATCH_FLOATING(logits.scalar_type(), "logprobs_bwd_cpu", [&] {
     logprobs_bwd_kernel<scalar_t>(grad_logprob, grad_entropy, logits, labels, lse, entropy,
                                   inv_temperature, ignore_index, grad);

@@ -81,6 +81,13 @@ struct Block {
   ucontext_t scheduler{};
   int current = -1;
   std::string error;  // first error raised inside a fiber
+  // Scheduling policy of this block, drawn from the seed: uniform random choice among the
+  // runnable fibers, or priorities (the runnable fiber with the highest priority runs; a
+  // random permutation, lowered for the running fiber at random change points, as in PCT),
+  // which starves low-priority threads: the schedules that expose missing barriers.
+  bool by_priority = false;
+  std::vector<uint32_t> priority;
+  uint32_t lowest_priority = 0;
   std::unordered_set<void*> shared_touched;
 };
 
@@ -166,6 +173,11 @@ void run_block(Block& b, std::vector<std::unique_ptr<Stack>>& stacks) {
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_entry, 0);
   }
+  b.by_priority = (*b.rng)() % 2 == 0;
+  b.priority.resize(static_cast<size_t>(b.block_dim));
+  std::iota(b.priority.begin(), b.priority.end(), static_cast<uint32_t>(b.block_dim) + 1);
+  std::shuffle(b.priority.begin(), b.priority.end(), *b.rng);
+  b.lowest_priority = static_cast<uint32_t>(b.block_dim) + 1;
   std::vector<int> runnable;
   runnable.reserve(static_cast<size_t>(b.block_dim));
   for (;;) {
@@ -182,8 +194,14 @@ void run_block(Block& b, std::vector<std::unique_ptr<Stack>>& stacks) {
                         "(divergent sync_block or shuffle, or an early exit):" +
                         describe_states(b));
     }
-    std::uniform_int_distribution<size_t> pick(0, runnable.size() - 1);
-    b.current = runnable[pick(*b.rng)];
+    if (b.by_priority) {
+      b.current = *std::max_element(runnable.begin(), runnable.end(), [&](int x, int y) {
+        return b.priority[static_cast<size_t>(x)] < b.priority[static_cast<size_t>(y)];
+      });
+    } else {
+      std::uniform_int_distribution<size_t> pick(0, runnable.size() - 1);
+      b.current = runnable[pick(*b.rng)];
+    }
     Fiber& f = b.fibers[static_cast<size_t>(b.current)];
     swapcontext(&b.scheduler, &f.ctx);
     const int tid = b.current;
@@ -265,7 +283,10 @@ void warp_exchange(const void* in, void* out, size_t bytes, int src_lane) {
 void maybe_yield() {
   Block* b = t_block;
   std::uniform_real_distribution<double> u(0.0, 1.0);
-  if (u(*b->rng) < b->yield_prob) switch_to_scheduler();
+  if (u(*b->rng) >= b->yield_prob) return;
+  if (b->by_priority && b->lowest_priority > 0 && u(*b->rng) < 0.05)  // a PCT change point
+    b->priority[static_cast<size_t>(b->current)] = --b->lowest_priority;
+  switch_to_scheduler();
 }
 
 void check_aligned(const void* p, size_t alignment, const char* what) {

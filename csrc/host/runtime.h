@@ -3,9 +3,11 @@
 // Each CUDA thread of a block is a fiber (ucontext, its own mmap'ed stack with a guard page).
 // One OS thread runs the fibers of a block under a scheduler that, at every primitive
 // (sync_block, warp shuffle, global load/store), may switch to another fiber picked by a
-// seeded random generator. A seed therefore names one interleaving exactly: a failure is
-// reproducible, and running several seeds explores several schedules. Blocks run one after
-// another, in an order shuffled by the same seed.
+// seeded random generator. Each block draws one of two policies: uniform random choice, or
+// random priorities with random change points (PCT-style), which starves some threads while
+// others run ahead - the schedules that expose a missing barrier. A seed therefore names one
+// interleaving exactly: a failure is reproducible, and running several seeds explores several
+// schedules. Blocks run one after another, in an order shuffled by the same seed.
 //
 // The scheduler also checks what a GPU would only get wrong silently:
 //   - sync_block reached by some threads while others exited or wait at a shuffle (divergence)

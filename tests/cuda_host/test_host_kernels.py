@@ -42,7 +42,7 @@ def random_logits(n: int, v: int, dtype: torch.dtype, seed: int) -> torch.Tensor
 
 def reference_grads(logits, labels, temperature, ignore_index, g_lp, g_ent):
     """d(sum g_lp * logprob + g_ent * entropy) / d logits, in fp64 by autograd of the reference."""
-    x = logits.double().requires_grad_()
+    x = logits.detach().double().clone().requires_grad_()  # a fresh leaf also for fp64 logits
     lp, ent = logprobs_reference(x, labels, temperature, ignore_index)
     (lp * g_lp.double() + ent * g_ent.double()).sum().backward()
     return x.grad  # [N, V]
@@ -191,8 +191,8 @@ def test_token_kl_fwd_bwd_match_reference(host, kind, dtype, n):
     torch.testing.assert_close(out.double(), token_kl_reference(logp.double(), ref.double(), kind), rtol=tol, atol=tol)
     grad = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
     g_logp, g_ref = host.token_kl_bwd(grad, logp, ref, KINDS[kind], seed=n + 1)
-    a = logp.double().requires_grad_()
-    b = ref.double().requires_grad_()
+    a = logp.double().clone().requires_grad_()
+    b = ref.double().clone().requires_grad_()
     (token_kl_reference(a, b, kind) * grad.double()).sum().backward()
     torch.testing.assert_close(g_logp.double(), a.grad, rtol=tol, atol=tol)
     torch.testing.assert_close(g_ref.double(), b.grad, rtol=tol, atol=tol)
@@ -211,12 +211,13 @@ def test_full_kl_fwd_bwd_match_reference(host, dtype, vocab, threads):
     for a, b in [(logits, ref_logits), (x, xr), (x, ref_logits)]:
         kl, lse, ref_lse = host.full_kl_fwd(a, b, 1 / temperature, threads=threads, seed=vocab)
         tol = 1e-12 if dtype == torch.float64 else 2e-5
-        torch.testing.assert_close(kl.double(), full_kl_reference(logits, ref_logits, temperature), rtol=tol, atol=tol)
+        torch.testing.assert_close(kl.double(), full_kl_reference(logits, ref_logits, temperature).double(),
+                                   rtol=tol, atol=tol)
     torch.testing.assert_close(lse.double(), torch.logsumexp(logits.double() / temperature, -1), rtol=tol, atol=tol)
     torch.testing.assert_close(ref_lse.double(), torch.logsumexp(ref_logits.double() / temperature, -1), rtol=tol, atol=tol)
     grad = torch.randn(n, dtype=kl.dtype)
-    p = logits.double().requires_grad_()
-    q = ref_logits.double().requires_grad_()
+    p = logits.double().clone().requires_grad_()
+    q = ref_logits.double().clone().requires_grad_()
     (full_kl_reference(p, q, temperature) * grad.double()).sum().backward()
     gtol = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     for ref_grad in (True, False):
