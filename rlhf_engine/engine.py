@@ -173,11 +173,12 @@ class RLHFEngine:
             t_wait = time.time() - t0
             # 3. PPO step: score, experience, advantages, epochs over minibatches
             t0 = time.time()
+            version_before = self.trainer.policy_version
             stats = self._ppo_step(batch)
             self._timeline.add("trainer", "ppo_step", t0, time.time())
-            # 4. publish the new weights
+            # 4. publish the new weights (a step skipped for non-finite values may still have changed them)
             t0 = time.time()
-            if stats.get("ppo/skipped", 0.0) == 0.0:
+            if self.trainer.policy_version != version_before:
                 self._publish_weights()
             self._timeline.add("trainer", "weight_sync", t0, time.time())
             stats["time/engine/weight_sync"] = time.time() - t0
