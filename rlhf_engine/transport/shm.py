@@ -65,6 +65,28 @@ class Segment:
                 self.buffer[off:off + n].copy_(flat.view(torch.uint8))
 
 
+def remove_orphans(directory: str) -> list[str]:
+    """Delete buffers left behind by trainers that died (their pid no longer exists)."""
+    removed = []
+    for name in os.listdir(directory):
+        pid = name[len(PREFIX):].split("-", 1)[0]
+        if not name.startswith(PREFIX) or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or pid reused): leave it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # someone else's live process
+        try:
+            os.unlink(os.path.join(directory, name))
+            removed.append(name)
+        except OSError:
+            pass  # not ours to delete
+    return removed
+
+
 class ShmPool:
     """Trainer side: at most ``max_buffers`` segments; a busy one is reused once released."""
 
@@ -73,6 +95,7 @@ class ShmPool:
         self._max = max_buffers
         self._segments: list[Segment] = []
         self._cond = threading.Condition()
+        remove_orphans(directory)
 
     def acquire(self, size: int, timeout_s: float, holders: set[str]) -> Segment:
         """A free segment of ``size`` bytes, marked as held by ``holders`` (waits for a release;

@@ -191,3 +191,41 @@ def test_partial_stale_and_duplicate_updates_are_never_handed_over():
     finally:
         gen.close()
         fake.close()
+
+
+def test_buffers_of_a_dead_trainer_are_removed_by_the_next_one(tmp_path):
+    dead_pid = 2**22 + 12345  # above pid_max's usual range: no such process
+    orphan = tmp_path / f"rlhf-engine-{dead_pid}-abcdef"
+    mine = tmp_path / f"rlhf-engine-{os.getpid()}-abcdef"
+    other = tmp_path / "unrelated"
+    for path in (orphan, mine, other):
+        path.write_bytes(b"x")
+    config = fast_config(ipc_endpoint(), shm_dir=str(tmp_path))
+    with TrainerPort(config, FINGERPRINT):
+        assert sorted(os.listdir(tmp_path)) == sorted([mine.name, other.name])
+
+
+def test_close_returns_fast_while_a_weight_update_is_in_flight():
+    sd = {f"w{i}": torch.randn(2_000_000) for i in range(16)}  # 128 MB over tcp frames
+    config = fast_config(tcp_endpoint(), bucket_bytes=8 << 20)
+    trainer = TrainerPort(config, FINGERPRINT)
+    gen = GeneratorPort(config, FINGERPRINT)
+    trainer.wait_for_generators(1)
+    errors = []
+
+    def publish():
+        try:
+            trainer.publish_weights(1, sd, timeout_s=30)
+        except Exception as e:  # closing under it may end the publish with TransportClosed
+            errors.append(e)
+
+    thread = threading.Thread(target=publish)
+    thread.start()
+    time.sleep(0.05)
+    start = time.monotonic()
+    gen.close()
+    trainer.close()
+    assert time.monotonic() - start < 1.0
+    thread.join(5)
+    assert not thread.is_alive()
+    assert all(type(e).__name__ in ("TransportClosed", "TransportError") for e in errors), errors
