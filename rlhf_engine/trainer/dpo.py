@@ -122,7 +122,7 @@ class DPOTrainer:
     def _reference_logps(self, ref_model, pairs: list[TokenizedPair]) -> torch.Tensor:
         out = []
         for batch in self._batches(pairs, self.config.per_device_eval_batch_size, None):
-            logps = sequence_logps(ref_model, batch, average=self._average)  # [2B]
+            logps = sequence_logps(ref_model, self._on_device(batch), average=self._average)  # [2B]
             out.append(torch.stack(logps.chunk(2), dim=1).cpu())  # [B, 2]
         return torch.cat(out) if out else torch.empty(0, 2)
 
@@ -132,16 +132,18 @@ class DPOTrainer:
             random.Random(shuffle_seed).shuffle(order)
         batches = []
         for idx in chunks(order, batch_size):
-            batch = {k: v.to(self.device) for k, v in preference_batch([pairs[i] for i in idx],
-                                                                      self.tokenizer.pad_token_id).items()}
+            batch = preference_batch([pairs[i] for i in idx], self.tokenizer.pad_token_id)
             batch["index"] = torch.tensor(idx)
             batches.append(batch)
         return batches
 
+    def _on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in batch.items() if k != "index"}
+
     def _losses(self, batch: dict[str, torch.Tensor], ref: torch.Tensor):
-        logps = sequence_logps(self.model, batch, average=self._average)  # [2B]
+        logps = sequence_logps(self.model, self._on_device(batch), average=self._average)  # [2B]
         policy_chosen, policy_rejected = logps.chunk(2)
-        ref_logps = ref[batch["index"]].to(self.device)  # [B, 2]
+        ref_logps = ref[batch["index"]].to(self.device)  # [B, 2] cached reference log-probs of these pairs
         losses, chosen_r, rejected_r = dpo_loss(policy_chosen, policy_rejected, ref_logps[:, 0], ref_logps[:, 1],
                                                 beta=self.config.beta, loss_type=self.config.loss_type,
                                                 label_smoothing=self.config.label_smoothing)
