@@ -187,3 +187,30 @@ def test_bad_input_raises_naming_argument(make, exc, match):
 def test_bad_temperature(temperature):
     with pytest.raises(ValueError, match="temperature"):
         logprobs_from_logits(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), temperature=temperature)
+
+
+def test_entropy_with_masked_vocab_is_entropy_over_the_rest():
+    logits = torch.randn(4, 5000)
+    logits[:, 1000:] = float("-inf")  # a masked tail: those tokens have probability 0
+    labels = torch.tensor([0, 1, 2, 999])
+    _, ent = logprobs_from_logits(logits, labels, return_entropy=True)
+    _, want = logprobs_reference(logits[:, :1000], labels)
+    torch.testing.assert_close(ent, want, atol=2e-4, rtol=1e-4)
+
+
+def test_max_jump_in_a_later_block():
+    # The running max is seeded from the first 2048-column block; a far larger logit later in
+    # the row forces the kernel to rescale (and, past 2^60, to sum that block again).
+    logits = torch.full((3, 10000), -40.0) + torch.randn(3, 10000)
+    logits[0, 5000] = 60.0  # a jump of ~100 nats: the redo path
+    logits[1, 9999] = -20.0  # a modest jump: the rescale path
+    labels = torch.tensor([5000, 9999, 7])
+    x = logits.clone().requires_grad_()
+    lp, ent = logprobs_from_logits(x, labels, return_entropy=True)
+    xr = logits.clone().requires_grad_()
+    rlp, rent = logprobs_reference(xr, labels)
+    torch.testing.assert_close(lp, rlp, **FWD[torch.float32])
+    torch.testing.assert_close(ent, rent, atol=2e-4, rtol=1e-4)
+    (lp + ent).sum().backward()
+    (rlp + rent).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, **GRAD[torch.float32])

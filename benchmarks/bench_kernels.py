@@ -1,0 +1,296 @@
+"""Kernel benchmark: fused log-probs and GAE against eager PyTorch, TRL and TorchRL (when installed).
+
+Prints a table and writes JSON to benchmarks/results/kernels_<device>_<date>.json with the machine,
+CPU model, versions, thread count and load average (the CPU machines are shared: read the load).
+
+Times are the median and the best of `--repeat` runs after one warm-up. Peak extra memory:
+  cpu:  the rise of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs)
+        over its resident set before the call. Tensors this large are mmap-backed and go back to
+        the OS when freed, so this counts the pages the call touched beyond its inputs.
+  cuda: torch.cuda.max_memory_allocated() during the call minus memory allocated before it.
+The bandwidth floor of a row is the bytes the op must move (forward: read the logits once;
+forward+backward: read them twice and write the gradient once) over the copy_ bandwidth
+measured in this run. `--model h100` adds a column with bytes / 3.35 TB/s: a MODEL, not a measurement.
+
+Usage: python benchmarks/bench_kernels.py [--device cpu|cuda] [--model h100] [--n 4096] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from rlhf_engine.ops import gae, logprobs_from_logits
+from rlhf_engine.ops.reference import gae_reference
+
+H100_BYTES_PER_S = 3.35e12
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _rss() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, val = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(val.split()[0]) * 1024
+    return out
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: str) -> int:
+    """Peak memory the call needs beyond what is allocated before it (see the module docstring)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        del out
+        return torch.cuda.max_memory_allocated() - base
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    base = _rss()["VmRSS"]
+    out = fn()
+    peak = _rss()["VmHWM"]
+    del out
+    return peak - base
+
+
+def time_ms(fn: Callable[[], object], device: str, repeat: int) -> tuple[float, float]:
+    """(median, best) wall time in ms over `repeat` runs after one warm-up."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), min(times)
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second of copy_ over 512 MiB fp32 (read + write), best of 5."""
+    src = torch.randn(128 << 20, device=device)
+    dst = torch.empty_like(src)
+    _, best_ms = time_ms(lambda: dst.copy_(src), device, 5)
+    return 2 * src.numel() * 4 / (best_ms / 1e3)
+
+
+def _eager_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def _logprob_impls() -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    impls = {"rlhf_engine": logprobs_from_logits, "eager log_softmax+gather": _eager_logprobs}
+    try:
+        from trl.trainer.utils import selective_log_softmax
+    except ImportError:
+        pass
+    else:
+        impls["trl selective_log_softmax"] = selective_log_softmax
+    return impls
+
+
+def bench_logprobs(args, bandwidth: float) -> list[dict]:
+    rows = []
+    impls = _logprob_impls()
+    for v in (32000, 151936):
+        for dtype in (torch.float32, torch.bfloat16):
+            gen = torch.Generator(device=args.device).manual_seed(0)
+            logits = torch.randn(args.n, v, device=args.device, generator=gen).to(dtype)  # [N, V]
+            labels = torch.randint(0, v, (args.n,), device=args.device, generator=gen)  # [N]
+            logit_bytes = logits.numel() * logits.element_size()
+            for mode, moved in (("fwd", logit_bytes), ("fwd+bwd", 3 * logit_bytes)):
+                for name, impl in impls.items():
+                    if mode == "fwd":
+
+                        def run(impl=impl):
+                            with torch.no_grad():
+                                return impl(logits, labels)
+
+                    else:
+                        leaf = logits.clone().requires_grad_()
+
+                        def run(impl=impl, leaf=leaf):
+                            leaf.grad = None
+                            impl(leaf, labels).sum().backward()
+                            return leaf.grad
+
+                    median, best = time_ms(run, args.device, args.repeat)
+                    extra = peak_extra_bytes(run, args.device)
+                    row = dict(
+                        op="logprobs", mode=mode, impl=name, n=args.n, v=v, dtype=str(dtype).removeprefix("torch."),
+                        median_ms=median, best_ms=best, floor_ms=moved / bandwidth * 1e3,
+                        peak_extra_mb=extra / 2**20, extra_frac_of_logits=extra / logit_bytes,
+                    )
+                    if args.model == "h100":
+                        row["h100_model_ms"] = moved / H100_BYTES_PER_S * 1e3
+                    rows.append(row)
+                    print(_fmt(row), flush=True)
+                    if mode == "fwd+bwd":
+                        del leaf
+            del logits
+    return rows
+
+
+def python_loop_gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> list[list[float]]:
+    """Pure-Python reverse double loop over nested lists (all positions valid)."""
+    r, v = rewards.tolist(), values.tolist()
+    out = []
+    for rr, vv in zip(r, v):
+        adv, last, next_v = [0.0] * len(rr), 0.0, 0.0
+        for t in range(len(rr) - 1, -1, -1):
+            last = rr[t] + gamma * next_v - vv[t] + gamma * lam * last
+            adv[t], next_v = last, vv[t]
+        out.append(adv)
+    return out
+
+
+def torch_loop_gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """Unmasked reverse loop over T, vectorized over B (the common trainer implementation)."""
+    b, t_len = rewards.shape
+    adv = torch.empty_like(rewards)
+    last = torch.zeros(b, dtype=rewards.dtype, device=rewards.device)
+    next_v = torch.zeros_like(last)
+    for t in range(t_len - 1, -1, -1):
+        last = rewards[:, t] + gamma * next_v - values[:, t] + gamma * lam * last
+        adv[:, t] = last
+        next_v = values[:, t]
+    return adv
+
+
+def bench_gae(args) -> list[dict]:
+    b, t_len, gamma, lam = 256, 1024, 0.99, 0.95
+    gen = torch.Generator(device=args.device).manual_seed(0)
+    rewards = torch.randn(b, t_len, device=args.device, generator=gen)
+    values = torch.randn(b, t_len, device=args.device, generator=gen)
+    full = torch.ones(b, t_len, dtype=torch.bool, device=args.device)
+    lengths = torch.randint(1, t_len + 1, (b,), device=args.device, generator=gen)
+    prefix = torch.arange(t_len, device=args.device)[None, :] < lengths[:, None]  # right-padded rows
+    impls = {
+        "rlhf_engine gae (all valid)": lambda: gae(rewards, values, full, gamma, lam),
+        "rlhf_engine gae (random lengths)": lambda: gae(rewards, values, prefix, gamma, lam),
+        "torch loop over T": lambda: torch_loop_gae(rewards, values, gamma, lam),
+        "torch loop over T, masked (reference.py)": lambda: gae_reference(rewards, values, prefix, gamma, lam),
+    }
+    if args.device == "cpu":
+        impls["python double loop"] = lambda: python_loop_gae(rewards, values, gamma, lam)
+    try:
+        from torchrl.objectives.value.functional import vec_generalized_advantage_estimate
+    except ImportError:
+        pass
+    else:
+        r3, v3 = rewards.unsqueeze(-1), values.unsqueeze(-1)  # [B, T, 1]
+        next_v = torch.cat([v3[:, 1:], torch.zeros_like(v3[:, :1])], dim=1)
+        done = torch.zeros_like(r3, dtype=torch.bool)
+        done[:, -1] = True
+        impls["torchrl vec_generalized_advantage_estimate"] = lambda: vec_generalized_advantage_estimate(
+            gamma, lam, v3, next_v, r3, done, done, time_dim=-2
+        )
+    rows = []
+    for name, fn in impls.items():
+        repeat = 3 if name == "python double loop" else max(args.repeat, 20)
+        median, best = time_ms(fn, args.device, repeat)
+        row = dict(op="gae", mode="fwd", impl=name, n=b, v=t_len, dtype="float32", median_ms=median, best_ms=best)
+        rows.append(row)
+        print(_fmt(row), flush=True)
+    return rows
+
+
+def _fmt(row: dict) -> str:
+    s = f"{row['op']:<9}{row['mode']:<8}{row['impl']:<44}{row['n']:>6}{row['v']:>8} {row['dtype']:<9}"
+    s += f"{row['median_ms']:>10.2f}{row['best_ms']:>10.2f}"
+    if "floor_ms" in row:
+        s += f"{row['floor_ms']:>10.2f}{row['best_ms'] / row['floor_ms']:>8.2f}x{row['peak_extra_mb']:>11.1f}"
+        s += f"{100 * row['extra_frac_of_logits']:>8.1f}%"
+    if "h100_model_ms" in row:
+        s += f"{row['h100_model_ms']:>10.3f}"
+    return s
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _speedups(rows: list[dict]) -> list[dict]:
+    """rlhf_engine's best time against each other implementation of the same row."""
+    out = []
+    ours = {(r["op"], r["mode"], r["v"], r["dtype"]): r for r in rows if r["impl"] == "rlhf_engine"}
+    for r in rows:
+        key = (r["op"], r["mode"], r["v"], r["dtype"])
+        if r["op"] == "logprobs" and r["impl"] != "rlhf_engine" and key in ours:
+            out.append(dict(op=r["op"], mode=r["mode"], v=r["v"], dtype=r["dtype"], against=r["impl"],
+                            speedup_best=r["best_ms"] / ours[key]["best_ms"],
+                            speedup_median=r["median_ms"] / ours[key]["median_ms"]))
+    gae_ours = [r for r in rows if r["impl"] == "rlhf_engine gae (all valid)"]
+    for r in rows:
+        if r["op"] == "gae" and gae_ours and not r["impl"].startswith("rlhf_engine"):
+            out.append(dict(op="gae", against=r["impl"], speedup_best=r["best_ms"] / gae_ours[0]["best_ms"],
+                            speedup_median=r["median_ms"] / gae_ours[0]["median_ms"]))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--model", choices=["h100"], default=None, help="add a modeled-time column (bytes / HBM bandwidth)")
+    parser.add_argument("--n", type=int, default=4096, help="rows of logits")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--skip-logprobs", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/kernels_<device>_<date>.json)")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch.cuda.is_available() is False")
+
+    bandwidth = copy_bandwidth(args.device)
+    info = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        machine=platform.node(), arch=platform.machine(),
+        cpu_model=_cpu_model(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+        load_average_at_start=os.getloadavg(), torch=torch.__version__, python=platform.python_version(),
+        device=args.device, gpu=torch.cuda.get_device_name() if args.device == "cuda" else None,
+        cpu_vector_bits=torch.ops.rlhf_engine.cpu_vector_bits(),
+        build_info=torch.ops.rlhf_engine.build_info(),
+        copy_bandwidth_gb_s=bandwidth / 1e9,
+    )
+    print(json.dumps(info, indent=1))
+    print(f"{'op':<9}{'mode':<8}{'impl':<44}{'N/B':>6}{'V/T':>8} {'dtype':<9}{'median':>10}{'best':>10}"
+          f"{'floor':>10}{'best/fl':>9}{'extra MB':>11}{'extra%':>9}" + ("  h100 MODEL ms" if args.model else ""))
+    rows = [] if args.skip_logprobs else bench_logprobs(args, bandwidth)
+    rows += bench_gae(args)
+    info["load_average_at_end"] = os.getloadavg()
+    result = dict(info=info, rows=rows, speedups=_speedups(rows))
+    print("speedups of rlhf_engine (best / median):")
+    for s in result["speedups"]:
+        print(f"  {s['op']} {s.get('mode', '')} {s.get('v', '')} {s.get('dtype', '')} vs {s['against']}: "
+              f"{s['speedup_best']:.2f}x / {s['speedup_median']:.2f}x")
+    out = args.out or RESULTS / f"kernels_{args.device}_{info['date'][:10]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
