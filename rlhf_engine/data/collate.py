@@ -72,8 +72,10 @@ def packed_batch(rows: Sequence[PackedRow], pad_token_id: int) -> dict[str, torc
     width = max(len(r.input_ids) for r in rows)
     input_ids = pad_sequences([r.input_ids for r in rows], pad_token_id)
     labels = pad_sequences([r.labels for r in rows], IGNORE_INDEX)
-    positions = [r.position_ids + list(range(r.position_ids[-1] + 1, r.position_ids[-1] + 1 + width - len(r.position_ids)))
-                 for r in rows]
+    positions = []
+    for r in rows:
+        last = r.position_ids[-1]
+        positions.append(r.position_ids + list(range(last + 1, last + 1 + width - len(r.position_ids))))
     return {"input_ids": input_ids, "labels": labels, "position_ids": pad_sequences(positions, 0)}
 
 

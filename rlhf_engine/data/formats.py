@@ -156,6 +156,8 @@ def _suffix(full: str, head: str, where: str) -> str:
 def _field(record: Record, name: str) -> Any:
     if name not in record.fields:
         raise DataError(f"{record.where}: missing field {name!r} (fields present: {sorted(record.fields)})")
+    if record.fields[name] is None:
+        raise DataError(f"{record.where}: field {name!r} is null")
     return record.fields[name]
 
 

@@ -81,7 +81,8 @@ def read_records(source: Any, stats: DataStats, *, skip_invalid: bool = False) -
     if isinstance(source, Mapping):
         raise DataError("a dataset must be a path or a sequence of records, got a single mapping")
     if not isinstance(source, Iterable):
-        raise DataError(f"a dataset must be a path, a datasets.Dataset or a list of mappings, got {type(source).__name__}")
+        raise DataError("a dataset must be a path, a datasets.Dataset or a list of mappings,"
+                        f" got {type(source).__name__}")
     name = type(source).__name__
     return _from_rows(source, name, stats, skip_invalid)
 

@@ -226,7 +226,8 @@ def run_training(config: StageConfig, model: torch.nn.Module, epoch_batches: Cal
                 model.train()
                 metrics = step_fn(group)
                 if config.max_grad_norm:
-                    metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    metrics["grad_norm"] = float(norm)  # device sync
                 metrics["learning_rate"] = scheduler.get_last_lr()[0]
                 optimizer.step()
                 scheduler.step()

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from rlhf_engine.data.collate import pack_sequences, packed_batch, sft_batch
 from rlhf_engine.data.tokenize import IGNORE_INDEX, TokenizedSFT, build_sft_dataset
-from rlhf_engine.trainer.common import (chunks, load_tokenizer, report_data, resolve_device, run_training, save_hf_folder,
-                                        seed_everything, split_eval, summarize)
+from rlhf_engine.trainer.common import (chunks, load_tokenizer, report_data, resolve_device, run_training,
+                                        save_hf_folder, seed_everything, split_eval, summarize)
 from rlhf_engine.trainer.sft_config import SFTConfig
 
 
@@ -117,7 +117,8 @@ class SFTTrainer:
         c = self.config
         self.log_history = run_training(
             c, self.model,
-            epoch_batches=lambda epoch: self._batches(self.train_examples, c.per_device_train_batch_size, c.seed + epoch),
+            epoch_batches=lambda epoch: self._batches(self.train_examples, c.per_device_train_batch_size,
+                                                      c.seed + epoch),
             step_fn=self._step, evaluate=self.evaluate if self.eval_examples else None,
             save=lambda path: self.save(path))
         self.save()

@@ -105,3 +105,13 @@ def test_hf_dataset_object(tokenizer):
     ds = datasets.Dataset.from_list([{"prompt": "the cat", "completion": " sees a dog."}, {"prompt": "", "completion": "x"}])
     with pytest.raises(DataError, match=r"Dataset row 1: field 'prompt' is an empty string"):
         build_sft_dataset(ds, tokenizer, max_length=64)
+
+
+def test_csv_file_through_datasets(tmp_path, tokenizer):
+    pytest.importorskip("datasets")
+    path = tmp_path / "sft.csv"
+    path.write_text("prompt,completion\nthe cat,\" sees a dog.\"\na dog,\n")
+    with pytest.raises(DataError, match=rf"{path} row 1: field 'completion' is null"):
+        build_sft_dataset(path, tokenizer, max_length=64)
+    examples, stats = build_sft_dataset(path, tokenizer, max_length=64, skip_invalid=True)
+    assert (stats.read, stats.kept, stats.skipped) == (2, 1, 1)
