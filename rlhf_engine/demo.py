@@ -171,7 +171,7 @@ def _print_summary(r: dict) -> None:
         ("PPO steps", str(r["ppo_steps"])),
         ("generated tokens/s", f"{r['generated_tokens_per_s']:.0f}"),
         ("idle fraction trainer / generator",
-         f"{idle.get('trainer', float('nan')):.2f} / {idle.get('generator', float('nan')):.2f}"),
+         f"{idle.get('trainer', float('nan')):.2f} / {idle.get('generator-0', float('nan')):.2f}"),
         ("time sft / reward / ppo / total (s)",
          " / ".join(f"{r['times_s'][k]:.0f}" for k in ("sft", "reward", "ppo", "total"))),
         ("run dir", r["run_dir"]),

@@ -86,6 +86,7 @@ class RLHFEngine:
         self._batches: dict[int, _Batch] = {}
         self._next_batch = 0
         self._gold_fn: Callable | None = None
+        self._generator_names: dict[str, str] = {}
         self._started_at = 0.0
         self._generated_tokens = 0
         self._stopped = True
@@ -354,10 +355,17 @@ class RLHFEngine:
                 for cb in self.callbacks:
                     cb.on_rollout(r)
                 if len(owner.rollouts) == want:
-                    gen_time = max(x.generation_time for x in owner.rollouts)
-                    now = time.time()
-                    self._timeline.add("generator", "generate", now - gen_time, now)
+                    self._record_generation(owner)
         return self._batches.pop(batch_id)
+
+    def _record_generation(self, batch: _Batch) -> None:
+        """Add the generators' busy intervals of `batch` to the timeline (from the rollouts' timestamps;
+        the generator id is the first '/'-separated part of a rollout id, as `GeneratorLoop` writes them)."""
+        for finished_at, seconds, sender in {(r.finished_at, r.generation_time, r.rollout_id.split("/")[0])
+                                             for r in batch.rollouts}:
+            if finished_at > 0:
+                name = self._generator_names.setdefault(sender, f"generator-{len(self._generator_names)}")
+                self._timeline.add(name, "generate", finished_at - seconds, finished_at)
 
     def _ppo_step(self, batch: _Batch) -> dict[str, float]:
         rollouts = sorted(batch.rollouts, key=lambda r: r.prompt_id)  # stable: group members stay together

@@ -47,6 +47,9 @@ class Rollout:
     """``"stop"`` (EOS / stop string) or ``"length"`` (hit max_new_tokens), as vLLM names it."""
     generation_time: float
     """Seconds the generator spent on the batch this completion came from."""
+    finished_at: float = 0.0
+    """Wall-clock time (Unix seconds, generator's clock) when that batch finished; 0 if unknown.
+    With `generation_time` it gives the generator's busy interval for the run's timeline."""
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = _as_1d(self.prompt_token_ids, torch.int64, "prompt_token_ids")
@@ -74,6 +77,7 @@ class Rollout:
             policy_version=self.policy_version,
             finish_reason=self.finish_reason,
             generation_time=self.generation_time,
+            finished_at=self.finished_at,
         )
         return header, tensors
 
@@ -94,6 +98,7 @@ class Rollout:
                 policy_version=header.policy_version,
                 finish_reason=header.finish_reason,
                 generation_time=header.generation_time,
+                finished_at=header.finished_at,
             )
         except ValueError as e:
             raise WireError("bad_rollout", str(e)) from None

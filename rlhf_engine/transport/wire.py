@@ -136,6 +136,7 @@ class RolloutHeader(_Base, tag=int(MessageKind.ROLLOUT)):
     policy_version: int
     finish_reason: str
     generation_time: float
+    finished_at: float = 0.0
 
 
 class PromptsHeader(_Base, tag=int(MessageKind.PROMPTS)):

@@ -85,7 +85,8 @@ def test_async_run_with_vllm_generator(tmp_path, policy_dir, prompts_file):
     # batch 1 was handed out before step 0 finished: sampled by version 0, trained at version 1
     assert history[1]["off_policy/staleness_max"] == 1
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
-    assert set(summary["idle_fraction"]) == {"trainer", "generator"}
+    assert set(summary["idle_fraction"]) == {"trainer", "generator-0"}
+    assert all(0.0 <= f < 1.0 for f in summary["idle_fraction"].values())
     # the checkpoint's policy is an HF folder that transformers loads as is, with the trained weights
     from transformers import AutoModelForCausalLM
 
