@@ -10,6 +10,11 @@ For every csrc/cuda/*.cuh:
      (the backward branch that encloses the most global loads): it must load with 128-bit
      LDG.E.128 (LDG.E.128.CONSTANT on the read-only path).
 Prints one table; exits non-zero on any failure.
+
+With --launchers it also compiles the ATen launchers csrc/cuda/*.cu against this venv's torch
+headers (slow: minutes). A CPU build of torch lacks one generated header,
+c10/cuda/impl/cuda_cmake_macros.h; the check supplies a one-line stand-in for it. The
+launchers are only compiled, never linked: that needs a CUDA build of torch.
 """
 
 from __future__ import annotations
@@ -188,8 +193,15 @@ def sass_functions(sass: str) -> dict[str, list[str]]:
 INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 
+def load_bytes(instr: str) -> int:
+    """Bytes one thread reads with an LDG instruction (LDG.E.128 -> 16, LDG.E.U16 -> 2, ...)."""
+    m = re.search(r"LDG\.E(?:\.\w+)*?\.(128|64|U16|S16|U8|S8)\b", instr)
+    return {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}.get(m.group(1), 4) if m else 4
+
+
 def main_loop_loads(lines: list[str]) -> tuple[int, int] | None:
-    """(128-bit loads, narrower loads) of global memory in the loop enclosing the most loads."""
+    """(128-bit loads, narrower loads) of global memory in the main loop: the loop (backward
+    branch) whose body reads the most bytes per iteration; the innermost such one on ties."""
     instrs = []
     for line in lines:
         m = INSTR.search(line)
@@ -204,7 +216,7 @@ def main_loop_loads(lines: list[str]) -> tuple[int, int] | None:
     for lo, hi in loops:
         loads = [t for a, t in instrs if lo <= a <= hi and re.search(r"\bLDG\.", t)]
         wide = sum(1 for t in loads if ".128" in t)
-        key = (len(loads), -(hi - lo))  # most loads, then the innermost
+        key = (sum(load_bytes(t) for t in loads), -(hi - lo))
         if loads and (best is None or key > best[0]):
             best = (key, (wide, len(loads) - wide))
     return None if best is None else best[1]
@@ -266,9 +278,34 @@ def check_header(path: str, nvcc: str, cuobjdump: str, nvdisasm_dir: str, workdi
     return rows, problems
 
 
+def check_launchers(nvcc: str, workdir: str) -> list[str]:
+    """Compiles each csrc/cuda/*.cu to an object file with the torch headers; returns problems."""
+    import sysconfig
+
+    import torch.utils.cpp_extension as ext
+
+    stub = os.path.join(workdir, "stub")
+    os.makedirs(os.path.join(stub, "c10", "cuda", "impl"), exist_ok=True)
+    with open(os.path.join(stub, "c10", "cuda", "impl", "cuda_cmake_macros.h"), "w") as f:
+        f.write("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    includes = [stub, CSRC, *ext.include_paths(), sysconfig.get_paths()["include"]]
+    problems = []
+    for src in sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu"))):
+        obj = os.path.join(workdir, os.path.basename(src) + ".o")
+        cmd = [nvcc, *NVCC_FLAGS, "-DRLHF_ENGINE_CUDA", ARCH_90A, "-D_GLIBCXX_USE_CXX11_ABI=1", "-w"]
+        cmd += [f"-I{i}" for i in includes] + ["-c", src, "-o", obj]
+        r = run(cmd)
+        status = "ok" if r.returncode == 0 else "FAILED"
+        print(f"  launcher {os.path.relpath(src, ROOT)} with torch headers: {status}")
+        if r.returncode != 0:
+            problems.append(f"{os.path.basename(src)}: nvcc with torch headers failed:\n{r.stderr.strip()[-3000:]}")
+    return problems
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true", help="keep the generated .cu/.cubin files and print where")
+    parser.add_argument("--launchers", action="store_true", help="also compile csrc/cuda/*.cu with the torch headers")
     args = parser.parse_args()
     nvcc = find_nvcc()
     cuobjdump, nvdisasm_dir = find_cuobjdump()
@@ -295,6 +332,8 @@ def main() -> int:
             f"  {r.block:>5}  {r.occupancy:>8.0%}  {r.loop_loads:<15}{flag}"
         )
         problems += [f"{r.kernel}: {p}" for p in r.problems]
+    if args.launchers:
+        problems += check_launchers(nvcc, workdir)
     if args.keep:
         print(f"  generated files kept in {workdir}")
     else:
@@ -304,7 +343,8 @@ def main() -> int:
         for p in problems:
             print(f"  - {p}", file=sys.stderr)
         return 1
-    print(f"cuda-check OK: {len(rows)} kernels, no spills, 128-bit loads in every row kernel's main loop")
+    print(f"cuda-check OK: {len(rows)} kernels, no spills, 128-bit loads in every row kernel's main loop"
+          + (", launchers compile" if args.launchers else ""))
     return 0
 
 
