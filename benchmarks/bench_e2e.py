@@ -1,0 +1,239 @@
+"""End-to-end PPO throughput of rlhf_engine: sync vs async, pinned vs unpinned, against TRL GRPO.
+
+Every variant runs the same model, prompts, generation length and number of steps, one after
+another in its own process (`benchmarks/e2e/run_variant.py`):
+
+  SETTING/MODE[-sN][-gN][-grpo]   e.g. pinned/sync, pinned/async-s1, unpinned/async-s2-g2
+  pinned     the generator on one core, the trainer on another, one thread each: isolates the overlap
+  unpinned   no pinning, each process uses every core: the best a user can do for sync
+  sync       the generator waits for each new policy; async-sN: at most N versions of staleness
+  -gN        N generator processes;  -grpo: the critic-free GRPO estimator instead of GAE
+
+Printed and written to benchmarks/results/e2e_<tag>.json (machine, versions, date, load average):
+samples/s and generated tokens/s (steady state, after `--warmup` steps), seconds per phase,
+idle fractions of trainer and generator, reward (= the task's gold score) and KL, the ideal
+overlap bound (T_gen + T_train) / max(T_gen, T_train) beside the achieved async/sync speed-up;
+TRL 1.16 `GRPOTrainer` (transformers generation on the CPU) beside our grpo estimator; time per
+step against generation length and batch size. A Gantt chart of the busy intervals goes to
+benchmarks/results/e2e_<tag>_timeline.png.
+
+    python benchmarks/bench_e2e.py                       # the full run (~15 min on 2 cores)
+    python benchmarks/bench_e2e.py --quick               # a tiny model, a minute or two
+    rlhf-engine bench --variants pinned/sync,pinned/async-s1 --no-trl --no-scaling
+    python benchmarks/bench_e2e.py --model /path/to/hf_folder --response-length 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers in benchmarks/e2e (also under runpy)
+
+from e2e import analysis, report  # noqa: E402
+from e2e.workload import (BENCH_MODEL, QUICK_MODEL, Variant, Workload, available_cpus, build_model,  # noqa: E402
+                          parse_variant, run_config, write_prompts)
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+DEFAULT_VARIANTS = ("pinned/sync", "pinned/async-s1", "pinned/async-s2", "pinned/async-s1-g2",
+                    "unpinned/sync", "unpinned/async-s1", "unpinned/async-s2", "unpinned/async-s1-g2")
+QUICK_VARIANTS = ("pinned/sync", "pinned/async-s1")
+GRPO_VARIANTS = ("unpinned/sync-grpo", "unpinned/async-s1-grpo")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--model", help="a local HF causal-LM folder (default: build the ~38 M-parameter Llama)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny model, batch 8, 8 tokens, 3 steps, pinned sync and async-s1 only, no TRL/scaling")
+    p.add_argument("--variants", help=f"comma-separated variant names (default: {','.join(DEFAULT_VARIANTS)})")
+    p.add_argument("--steps", type=int, help="PPO steps per variant (default 6; quick 3)")
+    p.add_argument("--warmup", type=int, default=1, help="leading steps left out of steady-state numbers")
+    p.add_argument("--batch-size", type=int, help="samples per step (default 16; quick 8)")
+    p.add_argument("--num-generations", type=int, default=4, help="completions per prompt (GRPO group size)")
+    p.add_argument("--response-length", type=int, help="generated tokens per completion (default 32; quick 8)")
+    p.add_argument("--ppo-epochs", type=int, default=1)
+    p.add_argument("--backend", choices=("vllm", "transformers"), default="vllm", help="our generator backend")
+    p.add_argument("--trl", action=argparse.BooleanOptionalAction, default=None,
+                   help="TRL GRPOTrainer beside our grpo estimator (default on; off with --quick)")
+    p.add_argument("--trl-steps", type=int, help="steps of the TRL comparison (default: --steps)")
+    p.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=None,
+                   help="time per step vs generation length and batch size (default on; off with --quick)")
+    p.add_argument("--scaling-variant", default="unpinned/sync")
+    p.add_argument("--scaling-lengths", default="32,128,512")
+    p.add_argument("--scaling-batches", default="8,32", help="batch sizes at the first scaling length")
+    p.add_argument("--scaling-batch-size", type=int, default=8, help="batch size of the length sweep")
+    p.add_argument("--scaling-steps", type=int, default=2)
+    p.add_argument("--tag", help="results file name: e2e_<tag>.json (default cpu; quick: quick)")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--work-dir", type=Path, default=Path("/tmp/rlhf_bench_e2e"),
+                   help="models, prompts, run directories and logs")
+    p.add_argument("--variant-timeout", type=float, default=900.0, help="seconds before a variant is killed")
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.steps = args.steps or (3 if quick else 6)
+    args.batch_size = args.batch_size or (8 if quick else 16)
+    args.response_length = args.response_length or (8 if quick else 32)
+    args.trl = (not quick) if args.trl is None else args.trl
+    args.scaling = (not quick) if args.scaling is None else args.scaling
+    args.tag = args.tag or ("quick" if quick else "cpu")
+    names = args.variants.split(",") if args.variants else (QUICK_VARIANTS if quick else DEFAULT_VARIANTS)
+    args.variant_list = [parse_variant(n.strip()) for n in names if n.strip()]
+    return args
+
+
+# ------------------------------------------------------------------------------------------------
+# running things in child processes
+# ------------------------------------------------------------------------------------------------
+def _child(script: str, spec: dict, name: str, work: Path, timeout: float) -> tuple[dict | None, dict]:
+    """Run `benchmarks/e2e/<script>` on `spec` in a fresh process; returns (result or None, run info)."""
+    slug = name.replace("/", "_")
+    spec_path, out_path, log_path = work / f"{slug}.spec.json", work / f"{slug}.result.json", work / f"{slug}.log"
+    spec_path.write_text(json.dumps(spec))
+    out_path.unlink(missing_ok=True)
+    info = {"load_before": os.getloadavg()}
+    t0 = time.time()
+    with open(log_path, "wb") as log:
+        try:
+            proc = subprocess.run([sys.executable, str(HERE / "e2e" / script), str(spec_path), str(out_path)],
+                                  stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+            info["returncode"] = proc.returncode
+        except subprocess.TimeoutExpired:
+            info["returncode"] = None
+            info["error"] = f"killed after {timeout:.0f} s (--variant-timeout)"
+    info.update(wall_s=time.time() - t0, load_after=os.getloadavg(), log=str(log_path))
+    if info["returncode"] == 0 and out_path.is_file():
+        return json.loads(out_path.read_text()), info
+    tail = log_path.read_text(errors="replace").splitlines()[-15:]
+    info.setdefault("error", f"exit code {info['returncode']}")
+    info["log_tail"] = tail
+    print(f"  !! {name} failed ({info['error']}); last lines of {log_path}:\n     " + "\n     ".join(tail))
+    return None, info
+
+
+def run_engine_variant(workload: Workload, variant: Variant, work: Path, cpus: list[int], timeout: float,
+                       label: str | None = None) -> dict:
+    label = label or variant.name
+    run_dir = work / "runs" / label.replace("/", "_")
+    if run_dir.exists():
+        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+    spec = {"config": run_config(workload, variant, run_dir, cpus)}
+    print(f"-- {label}: {workload.steps} steps of {workload.batch_size} x {workload.response_length} tokens", flush=True)
+    result, info = _child("run_variant.py", spec, label, work, timeout)
+    entry = {"variant": asdict(variant), "workload": asdict(workload), "run": info}
+    if result is not None:
+        entry["summary"] = analysis.summarize(result, warmup=workload.warmup_steps, batch_size=workload.batch_size,
+                                              num_generators=variant.num_generators)
+        entry["timeline"] = [{**iv, "start": iv["start"] - result["t_start"], "end": iv["end"] - result["t_start"]}
+                             for iv in result["timeline"] if iv["end"] >= result["t_start"]]
+        entry["startup_s"] = result["t_start"] - result["t_launch"]
+        entry["loop_stats"] = result["loop_stats"]
+        s = entry["summary"]
+        print(f"   {s['s_per_step']:.2f} s/step, {s['samples_per_s']:.2f} samples/s, idle trainer "
+              f"{s['idle_trainer']:.2f} generator {s['idle_generator']:.2f} (startup {entry['startup_s']:.0f} s, "
+              f"load {info['load_after'][0]:.2f})", flush=True)
+    return entry
+
+
+def run_trl(workload: Workload, steps: int, threads: int, work: Path, timeout: float) -> dict:
+    spec = {"model": workload.model, "prompts": workload.prompts, "batch_size": workload.batch_size,
+            "num_generations": workload.num_generations, "response_length": workload.response_length,
+            "steps": steps, "learning_rate": workload.learning_rate, "kl_coef": workload.kl_coef,
+            "threads": threads, "out_dir": str(work / "runs" / "trl")}
+    print(f"-- trl/grpo: {steps} steps of {workload.batch_size} x {workload.response_length} tokens", flush=True)
+    result, info = _child("trl_grpo.py", spec, "trl_grpo", work, timeout)
+    entry = {"spec": spec, "run": info}
+    if result is not None:
+        entry["summary"] = report.trl_summary(result, warmup=workload.warmup_steps, batch_size=workload.batch_size)
+        entry["trl_version"] = result["trl_version"]
+        entry["startup_s"] = result["t_start"] - result["t_launch"]
+        print(f"   {entry['summary']['s_per_step']:.2f} s/step, {entry['summary']['samples_per_s']:.2f} samples/s",
+              flush=True)
+    return entry
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------
+def prepare(args: argparse.Namespace) -> Workload:
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    if args.model:
+        model = Path(args.model).resolve()
+        if not (model / "config.json").is_file():
+            raise SystemExit(f"--model {model}: no config.json there; give a local HF causal-LM folder")
+    else:
+        shape = QUICK_MODEL if args.quick else BENCH_MODEL
+        model = build_model(work / ("model_quick" if args.quick else "model_38m"), shape)
+    prompts = write_prompts(work / "prompts.jsonl")
+    return Workload(model=str(model), prompts=str(prompts), batch_size=args.batch_size,
+                    num_generations=args.num_generations, response_length=args.response_length, steps=args.steps,
+                    warmup_steps=args.warmup, ppo_epochs=args.ppo_epochs, backend=args.backend)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    t_begin = time.time()
+    cpus = available_cpus()
+    workload = prepare(args)
+    work = args.work_dir
+    out = {"benchmark": "e2e", "machine": report.machine_info(), "versions": report.versions(),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "load_average_start": os.getloadavg(), "argv": sys.argv[1:], "workload": asdict(workload),
+           "model_parameters": report.count_parameters(workload.model), "variants": {}, "skipped": {}}
+
+    # 1. sync vs async, pinned and unpinned
+    for variant in args.variant_list:
+        if not variant.fits(len(cpus)):
+            out["skipped"][variant.name] = (f"{variant.num_generators} pinned generators + a trainer need "
+                                            f"{variant.num_generators + 1} cores; this machine has {len(cpus)}")
+            print(f"-- {variant.name}: skipped ({out['skipped'][variant.name]})")
+            continue
+        out["variants"][variant.name] = run_engine_variant(workload, variant, work, cpus, args.variant_timeout)
+    out["overlap"] = report.overlap_table(out["variants"])
+
+    # 2. TRL GRPO beside our grpo estimator
+    if args.trl:
+        trl_steps = args.trl_steps or args.steps
+        wl = replace(workload, steps=trl_steps)
+        out["grpo"] = {name: run_engine_variant(wl, parse_variant(name), work, cpus, args.variant_timeout)
+                       for name in GRPO_VARIANTS}
+        out["grpo"]["trl/grpo"] = run_trl(wl, trl_steps, len(cpus), work, args.variant_timeout)
+
+    # 3. time per step vs generation length and batch size
+    if args.scaling:
+        variant = parse_variant(args.scaling_variant)
+        lengths = [int(x) for x in args.scaling_lengths.split(",")]
+        batches = [int(x) for x in args.scaling_batches.split(",")]
+        points = [(length, args.scaling_batch_size) for length in lengths]
+        points += [(lengths[0], b) for b in batches if b != args.scaling_batch_size]
+        out["scaling"] = {}
+        for length, batch in points:
+            wl = replace(workload, response_length=length, batch_size=batch, steps=args.scaling_steps,
+                         warmup_steps=min(workload.warmup_steps, args.scaling_steps - 1))
+            label = f"scaling/L{length}-B{batch}"
+            out["scaling"][label] = run_engine_variant(wl, variant, work, cpus, args.variant_timeout, label=label)
+
+    out["load_average_end"] = os.getloadavg()
+    out["total_s"] = time.time() - t_begin
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    png = report.timeline_png(out["variants"], args.out_dir / f"e2e_{args.tag}_timeline.png")
+    out["timeline_png"] = str(png) if png else None
+    path = args.out_dir / f"e2e_{args.tag}.json"
+    path.write_text(json.dumps(out, indent=1))
+    print(report.render(out))
+    print(f"\nwrote {path}" + (f" and {png}" if png else "") + f" in {out['total_s']:.0f} s")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Run one variant of the end-to-end benchmark in this (fresh) process and write what it measured.
+
+    python benchmarks/e2e/run_variant.py SPEC.json RESULT.json
+
+SPEC.json holds `{"config": <load_run_config base tree>}` (see `workload.run_config`). Each
+variant runs in its own process so that its CPU pinning and thread counts start from a clean
+slate (the engine pins this process's main thread before torch starts its thread pool).
+
+RESULT.json: the per-step metrics rows, the busy-interval timeline, the wall-clock start of
+the measured run (after the generators' handshake), and each generator's `LoopStats` (its
+exact seconds generating and applying weights), read from its log at exit.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+_STATS_LINE = re.compile(r" stats: (\{.*\})\s*$")
+
+
+def loop_stats(run_dir: Path) -> dict[str, dict]:
+    """`LoopStats` of every generator (by log name: `generator-i`), from the `<sender> stats: {...}`
+    line its process logs at exit."""
+    out = {}
+    for log in sorted(run_dir.glob("generator-*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            m = _STATS_LINE.search(line)
+            if m:
+                out[log.stem] = ast.literal_eval(m.group(1))  # a dict of numbers: literal_eval, never eval
+    return out
+
+
+def run(spec: dict) -> dict:
+    from rlhf_engine.config import load_run_config
+    from rlhf_engine.engine import RLHFEngine
+    from rlhf_engine.metrics import METRICS_FILE, TIMELINE_FILE, read_jsonl
+
+    config = load_run_config(None, base=spec["config"])
+    run_dir = Path(config.engine.run_dir)
+    t_launch = time.time()
+    with RLHFEngine(config) as engine:
+        t_start = time.time()  # generators connected, models loaded: the measured run starts here
+        engine.train()
+        t_end = time.time()
+    return {
+        "mode": config.engine.mode,
+        "rows": read_jsonl(run_dir / METRICS_FILE),  # the step metrics with their end times
+        "timeline": read_jsonl(run_dir / TIMELINE_FILE),
+        "t_launch": t_launch,
+        "t_start": t_start,
+        "t_end": t_end,
+        "t_stopped": time.time(),
+        "loop_stats": loop_stats(run_dir),
+    }
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    result = run(spec)
+    Path(argv[1]).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,197 @@
+"""What every variant of the end-to-end benchmark runs: one model, one prompt set, one PPO
+shape; and how a variant (sync / async, staleness, generators, pinning) turns that into the
+engine's config tree.
+
+The default model is a ~38 M-parameter Llama (vocab 4096, hidden 512, 8 layers, 8 heads,
+intermediate 2048) built from scratch: below that size vLLM's per-call overhead dominates on
+a CPU (../shared/FACTS.md). The task is the demo's sentiment task: prompts are sentence
+starts, the reward (and gold score) is #positive − #negative words of the completion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MODES = ("sync", "async")
+SETTINGS = ("pinned", "unpinned")
+REWARD_FN = "rlhf_engine.demo:gold_scores"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Shape of the Llama the benchmark builds (head_dim = hidden / heads must be 64 for vLLM-CPU)."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 512
+    num_layers: int = 8
+    num_heads: int = 8
+    intermediate_size: int = 2048
+
+
+BENCH_MODEL = ModelShape()
+QUICK_MODEL = ModelShape(vocab_size=512, hidden_size=128, num_layers=2, num_heads=2, intermediate_size=256)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The work of one run: identical for every variant compared with each other."""
+
+    model: str
+    """HF folder of the policy (and reference, and generator)."""
+    prompts: str
+    """JSONL file of `{"prompt": ...}` records."""
+    batch_size: int = 16
+    """Samples per PPO step (prompts per step x num_generations)."""
+    num_generations: int = 4
+    """Completions per prompt (the group of GRPO)."""
+    response_length: int = 32
+    """Generated tokens per completion (fixed: eos is ignored, so every step has the same work)."""
+    steps: int = 5
+    """PPO steps per variant."""
+    warmup_steps: int = 1
+    """Leading steps left out of the steady-state numbers (first vLLM call, pipeline fill)."""
+    ppo_epochs: int = 1
+    """Passes over the batch per step (one optimizer step each: mini_batch_size = batch_size)."""
+    learning_rate: float = 1e-4
+    kl_coef: float = 0.05
+    """Fixed KL coefficient (ours: reward penalty; TRL: `beta`)."""
+    backend: str = "vllm"
+    """Generator backend of our engine: vllm or transformers."""
+    max_prompt_length: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.num_generations:
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by num_generations "
+                             f"({self.num_generations})")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be in [0, steps ({self.steps}))")
+        if self.backend not in ("vllm", "transformers"):
+            raise ValueError(f"backend ({self.backend!r}) must be vllm or transformers")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.response_length
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How the engine runs the workload."""
+
+    mode: str = "sync"
+    max_staleness: int = 1
+    """Async only (sync runs are reported with 0)."""
+    num_generators: int = 1
+    setting: str = "pinned"
+    """`pinned`: generator(s) and trainer each on their own cores, 1 thread each (isolates the
+    overlap); `unpinned`: no pinning, every process uses all cores (what a user runs for sync)."""
+    estimator: str = "gae"
+    """PPO advantage estimator (`gae`: 4 models with a value head; `grpo` for the TRL comparison)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode ({self.mode!r}) must be one of {MODES}")
+        if self.setting not in SETTINGS:
+            raise ValueError(f"setting ({self.setting!r}) must be one of {SETTINGS}")
+        if self.mode == "async" and self.max_staleness < 1:
+            raise ValueError(f"async needs max_staleness >= 1, got {self.max_staleness}")
+        if self.num_generators < 1:
+            raise ValueError(f"num_generators ({self.num_generators}) must be >= 1")
+
+    @property
+    def name(self) -> str:
+        """E.g. `pinned/sync`, `unpinned/async-s2-g2`, `unpinned/async-s1-grpo`."""
+        name = f"{self.setting}/{'sync' if self.mode == 'sync' else f'async-s{self.max_staleness}'}"
+        if self.num_generators > 1:
+            name += f"-g{self.num_generators}"
+        if self.estimator != "gae":
+            name += f"-{self.estimator}"
+        return name
+
+    def fits(self, cpus: int) -> bool:
+        """Pinned runs need a core per generator plus one for the trainer."""
+        return self.setting == "unpinned" or self.num_generators + 1 <= cpus
+
+
+def parse_variant(name: str) -> Variant:
+    """The inverse of `Variant.name`: `pinned/async-s1`, `unpinned/sync-grpo`, `unpinned/async-s1-g2`."""
+    setting, _, rest = name.partition("/")
+    parts = rest.split("-")
+    if setting not in SETTINGS or not parts[0]:
+        raise ValueError(f"variant {name!r}: expected SETTING/MODE[-sN][-gN][-grpo], SETTING in {SETTINGS}")
+    fields: dict[str, Any] = {"setting": setting, "mode": parts[0]}
+    for part in parts[1:]:
+        if part[:1] == "s" and part[1:].isdigit():
+            fields["max_staleness"] = int(part[1:])
+        elif part[:1] == "g" and part[1:].isdigit():
+            fields["num_generators"] = int(part[1:])
+        elif part in ("grpo", "rloo", "reinforce_pp"):
+            fields["estimator"] = part
+        else:
+            raise ValueError(f"variant {name!r}: unknown part {part!r}")
+    variant = Variant(**fields)
+    if variant.name != name:
+        raise ValueError(f"variant {name!r} is not in canonical form; write {variant.name!r}")
+    return variant
+
+
+def cpu_plan(variant: Variant, cpus: list[int]) -> dict[str, Any]:
+    """Engine fields for pinning and threads: pinned puts the trainer on the last core and generator
+    i on core i with one thread each; unpinned gives every process all cores."""
+    if variant.setting == "unpinned":
+        return {"trainer_threads": len(cpus), "generator_threads": len(cpus)}
+    if not variant.fits(len(cpus)):
+        raise ValueError(f"{variant.name}: {variant.num_generators} pinned generators + a trainer need "
+                         f"{variant.num_generators + 1} cores; this machine has {len(cpus)}")
+    return {"trainer_threads": 1, "trainer_cpus": [cpus[-1]], "generator_threads": 1,
+            "generator_cpus": [[cpus[i]] for i in range(variant.num_generators)]}
+
+
+def run_config(workload: Workload, variant: Variant, run_dir: Path, cpus: list[int]) -> dict[str, Any]:
+    """The `load_run_config(None, base=...)` tree of one variant."""
+    wl = workload
+    max_model_len = wl.max_prompt_length + wl.response_length + 16
+    return {
+        "model": {"policy": wl.model, "reward_fn": REWARD_FN, "gold_fn": REWARD_FN},
+        "data": {"prompts": wl.prompts, "max_prompt_length": wl.max_prompt_length},
+        "ppo": {"batch_size": wl.batch_size, "mini_batch_size": wl.batch_size, "ppo_epochs": wl.ppo_epochs,
+                "learning_rate": wl.learning_rate, "init_kl_coef": wl.kl_coef, "adap_kl_ctrl": False,
+                "response_length": wl.response_length, "num_generations": wl.num_generations,
+                "advantage_estimator": variant.estimator, "seed": wl.seed},
+        "generator": {"backend": wl.backend, "max_model_len": max_model_len, "kv_cache_bytes": 1 << 28,
+                      "device": "cpu", "max_batch_size": wl.batch_size, "sampling": {"ignore_eos": True}},
+        "transport": {"endpoint": f"ipc://{run_dir.resolve()}/ep"},
+        "engine": {"run_dir": str(run_dir), "total_steps": wl.steps, "mode": variant.mode,
+                   "max_staleness": variant.max_staleness if variant.mode == "async" else 1,
+                   "num_generators": variant.num_generators, "progress": False, "tensorboard": False,
+                   "rollout_timeout_s": 900.0, **cpu_plan(variant, cpus)},
+    }
+
+
+def available_cpus() -> list[int]:
+    """CPU ids this process may run on."""
+    return sorted(os.sched_getaffinity(0))
+
+
+def build_model(path: Path, shape: ModelShape) -> Path:
+    """Tokenizer + randomly initialised Llama of `shape` in `path` (reused when already there)."""
+    from rlhf_engine.models.tiny import TinyLlamaSpec, make_tiny_model_dir
+
+    if (path / "config.json").is_file() and (path / "tokenizer.json").is_file():
+        return path
+    spec = TinyLlamaSpec(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, num_layers=shape.num_layers,
+                         num_heads=shape.num_heads, intermediate_size=shape.intermediate_size)
+    return make_tiny_model_dir(path, spec)
+
+
+def write_prompts(path: Path, n: int = 256, seed: int = 0) -> Path:
+    """`n` prompts of the demo's sentiment task as JSONL."""
+    from rlhf_engine.data import synthetic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in synthetic.prompts(n, seed=seed)))
+    return path
