@@ -102,9 +102,8 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
     data = apply_overrides(load_yaml(args.config), args.overrides)
     config = from_dict(config_cls, data, source=args.config)
     trainer = trainer_cls(config)
-    metrics = trainer.train()
-    path = trainer.save()
-    print(f"{name}: saved to {path}")
+    metrics = trainer.train()  # saves the final model to output_dir
+    print(f"{name}: saved to {config.output_dir}")
     for k, v in sorted(metrics.items()):
         print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
     return 0
