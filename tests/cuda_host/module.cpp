@@ -39,10 +39,22 @@ std::tuple<at::Tensor, at::Tensor> two_sums(const at::Tensor& x_in, const std::s
   return {sums, sums_sq};
 }
 
+// Runs fault_kernel with 64 threads; raises what the host backend detects.
+at::Tensor fault(int64_t kind, uint64_t seed) {
+  alignas(16) static float x[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+  at::Tensor out = at::zeros({64});
+  rlhf_engine::test_kernels::FaultParams p{x, out.data_ptr<float>(), static_cast<int>(kind)};
+  HostLauncher L;
+  L.options.seed = seed;
+  L.launch(&rlhf_engine::test_kernels::fault_kernel, 1, 64, p);
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   rlhf_engine::host::bind_kernel_ops(m);
   m.def("two_sums", &two_sums, pybind11::arg("x"), pybind11::arg("variant"), pybind11::arg("threads"),
         pybind11::arg("seed"), pybind11::arg("yield_prob") = 0.25);
+  m.def("fault", &fault, pybind11::arg("kind"), pybind11::arg("seed") = 0);
 }

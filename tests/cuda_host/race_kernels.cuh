@@ -47,3 +47,24 @@ template <bool kBarrierAfterWrite, bool kBarrierBeforeReuse> DEV_GLOBAL void two
 }
 
 }  // namespace rlhf_engine::test_kernels
+
+namespace rlhf_engine::test_kernels {
+
+// Errors a GPU makes silently (a hang, a fault, garbage) and the host backend reports.
+struct FaultParams {
+  const float* x;  // at least 8 floats, 16-byte aligned
+  float* out;      // [block_dim]
+  int fault;       // 0: none, 1: sync_block inside a branch only warp 0 takes, 2: misaligned 16-byte load,
+                   // 3: a shuffle that only half of a warp reaches
+};
+
+DEV_GLOBAL void fault_kernel(FaultParams p) {
+  const int tid = dev::thread_idx();
+  float v = dev::load_nc(p.x + tid % 8);
+  if (p.fault == 1 && dev::warp_idx() == 0) dev::sync_block();
+  if (p.fault == 2) v += dev::load_vec_nc(p.x + 1).v[0];
+  if (p.fault == 3 && dev::lane_idx() < 16) v += dev::shfl_xor(v, 1);
+  dev::store(p.out + tid, v);
+}
+
+}  // namespace rlhf_engine::test_kernels
