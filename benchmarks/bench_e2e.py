@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="a local HF causal-LM folder (default: build the ~38 M-parameter Llama)")
     p.add_argument("--quick", action="store_true",
                    help="tiny model, batch 8, 8 tokens, 3 steps, pinned sync and async-s1 only, no TRL/scaling")
-    p.add_argument("--variants", help=f"comma-separated variant names (default: {','.join(DEFAULT_VARIANTS)})")
+    p.add_argument("--variants", help=f"comma-separated variant names, or none (default: {','.join(DEFAULT_VARIANTS)})")
     p.add_argument("--steps", type=int, help="PPO steps per variant (default 6; quick 3)")
     p.add_argument("--warmup", type=int, default=1, help="leading steps left out of steady-state numbers")
     p.add_argument("--batch-size", type=int, help="samples per step (default 16; quick 8)")
@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trl", action=argparse.BooleanOptionalAction, default=None,
                    help="TRL GRPOTrainer beside our grpo estimator (default on; off with --quick)")
     p.add_argument("--trl-steps", type=int, help="steps of the TRL comparison (default: --steps)")
+    p.add_argument("--grpo-variants", default=",".join(GRPO_VARIANTS),
+                   help="our runs beside TRL (variants with the -grpo estimator)")
     p.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=None,
                    help="time per step vs generation length and batch size (default on; off with --quick)")
     p.add_argument("--scaling-variant", default="unpinned/sync")
@@ -87,7 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.scaling = (not quick) if args.scaling is None else args.scaling
     args.tag = args.tag or ("quick" if quick else "cpu")
     names = args.variants.split(",") if args.variants else (QUICK_VARIANTS if quick else DEFAULT_VARIANTS)
-    args.variant_list = [parse_variant(n.strip()) for n in names if n.strip()]
+    args.variant_list = [parse_variant(n.strip()) for n in names if n.strip() and n.strip() != "none"]
+    args.grpo_list = [parse_variant(n.strip()) for n in args.grpo_variants.split(",") if n.strip()]
+    if any(v.estimator != "grpo" for v in args.grpo_list):
+        p.error(f"--grpo-variants must all end in -grpo, got {args.grpo_variants!r}")
     return args
 
 
@@ -205,8 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.trl:
         trl_steps = args.trl_steps or args.steps
         wl = replace(workload, steps=trl_steps)
-        out["grpo"] = {name: run_engine_variant(wl, parse_variant(name), work, cpus, args.variant_timeout)
-                       for name in GRPO_VARIANTS}
+        out["grpo"] = {v.name: run_engine_variant(wl, v, work, cpus, args.variant_timeout) for v in args.grpo_list}
         out["grpo"]["trl/grpo"] = run_trl(wl, trl_steps, len(cpus), work, args.variant_timeout)
 
     # 3. time per step vs generation length and batch size

@@ -21,6 +21,7 @@ achieved: sync seconds per step / async seconds per step.
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any
 
@@ -113,6 +114,9 @@ def summarize(result: dict, *, warmup: int, batch_size: int, num_generators: int
         "reward_first": rows[0].get("env/reward_mean"),
         "reward_last3": _mean([r["env/reward_mean"] for r in last if "env/reward_mean" in r]),
         "gold_last3": _mean([r["env/gold_mean"] for r in last if "env/gold_mean" in r]),
+        # standard error of reward_last3: per-sample std over the len(last) * batch_size samples behind it
+        "reward_last3_se": _mean([r["env/reward_std"] for r in last if "env/reward_std" in r])
+        / math.sqrt(len(last) * batch_size),
         "kl_mean": _mean([r["objective/kl"] for r in steady if "objective/kl" in r]),
         "kl_last": rows[-1].get("objective/kl"),
         "staleness_mean": _mean([r.get("off_policy/staleness_mean", 0.0) for r in steady]),
@@ -132,5 +136,8 @@ def compare_async(sync: dict, asyncs: dict[str, dict]) -> dict[str, dict[str, fl
                      "fraction_of_bound": achieved / bound,
                      # share of the possible gain realised: 1 = perfect overlap, 0 = no better than sync
                      "gain_captured": (achieved - 1.0) / (bound - 1.0) if bound > 1.0 else float("nan"),
-                     "bottleneck": bottleneck, "bottleneck_idle": idle}
+                     "bottleneck": bottleneck, "bottleneck_idle": idle,
+                     # final score against sync's, and the noise of that difference (1 standard error)
+                     "reward_diff": s["reward_last3"] - sync["reward_last3"],
+                     "reward_diff_se": math.hypot(s["reward_last3_se"], sync["reward_last3_se"])}
     return out

@@ -159,10 +159,12 @@ def render(out: dict) -> str:
     if out.get("overlap"):
         rows = [[name, _f(o["t_gen"]), _f(o["t_train"]), _f(o["ideal_bound"], ".3f"), _f(o["achieved"], ".3f"),
                  _f(100 * o["fraction_of_bound"], ".1f") + "%", _f(100 * o["gain_captured"], ".0f") + "%",
-                 o["bottleneck"], _f(o["bottleneck_idle"])] for name, o in out["overlap"].items()]
+                 o["bottleneck"], _f(o["bottleneck_idle"]),
+                 f"{_f(o['reward_diff'], '+.3f')} ± {_f(o['reward_diff_se'], '.3f')}"]
+                for name, o in out["overlap"].items()]
         parts += ["\nasync vs sync of the same setting (T_gen, T_train from the sync run)",
                   _table(["async variant", "T_gen", "T_train", "ideal", "achieved", "of ideal", "gain captured",
-                          "bottleneck", "its idle"], rows)]
+                          "bottleneck", "its idle", "reward - sync's"], rows)]
     if out.get("grpo"):
         rows = []
         for name, v in out["grpo"].items():

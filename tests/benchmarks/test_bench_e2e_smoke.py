@@ -54,7 +54,8 @@ def _row(step: int, time: float, wait: float) -> dict:
     return {"step": step, "time": time, "time/engine/step": 2.0, "time/engine/wait_rollouts": wait,
             "time/engine/weight_sync": 0.1, "time/ppo/forward_pass": 0.5, "time/ppo/compute_rewards": 0.01,
             "time/ppo/compute_advantages": 0.02, "time/ppo/optimize_step": 1.0, "time/ppo/total": 1.6,
-            "env/generated_tokens": 64.0, "env/reward_mean": float(step), "objective/kl": 0.1 * step}
+            "env/generated_tokens": 64.0, "env/reward_mean": float(step), "env/reward_std": 1.2,
+            "objective/kl": 0.1 * step}
 
 
 def test_summary_of_a_hand_made_run():
@@ -81,18 +82,23 @@ def test_summary_of_a_hand_made_run():
     assert s["phases_s"]["train"] == pytest.approx(1.5)  # step 2.0 - wait 0.5
     assert s["phases_s"]["score_other"] == pytest.approx(0.07)  # 1.6 - (0.5 + 0.01 + 0.02 + 1.0)
     assert (s["reward_last3"], s["kl_mean"]) == (pytest.approx(2.0), pytest.approx(0.25))
+    assert s["reward_last3_se"] == pytest.approx(1.2 / math.sqrt(24))  # std 1.2 over 3 steps x 8 samples
 
 
 def test_overlap_bound_and_achieved_speedup():
     # T_gen 1, T_train 2: alternating takes 3 s per step, perfect overlap 2 s -> bound 1.5
     assert analysis.overlap_bound(1.0, 2.0) == 1.5
-    sync = {"phases_s": {"generate": 1.0, "train": 2.0}, "s_per_step": 3.0}
-    fast = {"s_per_step": 2.0, "idle_trainer": 0.05, "idle_generator": 0.5}
-    slow = {"s_per_step": 2.5, "idle_trainer": 0.2, "idle_generator": 0.6}
+    sync = {"phases_s": {"generate": 1.0, "train": 2.0}, "s_per_step": 3.0, "reward_last3": 0.5,
+            "reward_last3_se": 0.3}
+    fast = {"s_per_step": 2.0, "idle_trainer": 0.05, "idle_generator": 0.5, "reward_last3": 0.7,
+            "reward_last3_se": 0.4}
+    slow = {"s_per_step": 2.5, "idle_trainer": 0.2, "idle_generator": 0.6, "reward_last3": 0.5,
+            "reward_last3_se": 0.4}
     out = analysis.compare_async(sync, {"a": fast, "b": slow})
     assert (out["a"]["achieved"], out["a"]["fraction_of_bound"], out["a"]["gain_captured"]) == (1.5, 1.0, 1.0)
     assert out["b"]["achieved"] == pytest.approx(1.2) and out["b"]["gain_captured"] == pytest.approx(0.4)
     assert (out["a"]["bottleneck"], out["a"]["bottleneck_idle"]) == ("trainer", 0.05)
+    assert (out["a"]["reward_diff"], out["a"]["reward_diff_se"]) == (pytest.approx(0.2), pytest.approx(0.5))
 
 
 @pytest.mark.slow
