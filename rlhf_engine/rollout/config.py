@@ -73,12 +73,11 @@ class GeneratorConfig:
     """vLLM: no CUDA graphs / torch.compile (fast start; the CPU build gains nothing from them)."""
     tensor_parallel_size: int = 1
     """vLLM tensor parallelism within this generator."""
-    engine_process: bool = False
+    engine_process: bool = True
     """vLLM: run the engine core in its own spawned process (vLLM's default). False runs it inside
-    this process: no spawn (~30 s faster start on a busy CPU) and no child processes to outlive
-    us, but vLLM then sets this process's torch threads and CPU binding for serving; use True
-    when the generator shares its process with other work (tests, notebooks). Needs
-    `tensor_parallel_size` 1."""
+    this process: no spawn (faster start, no child processes), but generation measured ~5x slower
+    on the CPU build (benchmarks/bench_generate.py), and vLLM then binds this process's torch
+    threads to cores for serving. Needs `tensor_parallel_size` 1."""
     device: str = "auto"
     """transformers backend: `cpu`, `cuda`, `cuda:N`, or `auto` (cuda when available)."""
     attn_implementation: str = "auto"

@@ -64,6 +64,8 @@ class VLLMGenerator(Generator):
                 worker_extension_cls=_EXTENSION,
             )
         self._staging: StagingFile | None = None
+        self.last_update_s: tuple[float, float] = (0.0, 0.0)
+        """(staging copy, reload in the engine incl. prefix-cache reset) seconds of the last update."""
 
     @staticmethod
     def _sampling_params(c: SamplingConfig, seed: int):
@@ -120,7 +122,8 @@ class VLLMGenerator(Generator):
         t1 = time.perf_counter()
         self.llm.collective_rpc("rlhf_reload_weights", args=(self._staging.path, self._staging.size, self._staging.specs))
         self.llm.reset_prefix_cache()
-        log.info("weights staged in %.3f s, reloaded in %.3f s", t1 - t0, time.perf_counter() - t1)
+        self.last_update_s = (t1 - t0, time.perf_counter() - t1)
+        log.info("weights staged in %.3f s, reloaded in %.3f s", *self.last_update_s)
 
     def _close(self) -> None:
         llm, self.llm = self.llm, None

@@ -33,7 +33,7 @@ def test_generator_config_checks():
     with pytest.raises(ValueError, match=r"max_new_tokens \(300\) must be < max_model_len \(256\)"):
         GeneratorConfig(model="m", max_model_len=256, sampling={"max_new_tokens": 300})
     with pytest.raises(ValueError, match="engine_process=False needs tensor_parallel_size 1"):
-        GeneratorConfig(model="m", tensor_parallel_size=2)
+        GeneratorConfig(model="m", tensor_parallel_size=2, engine_process=False)
     config = GeneratorConfig(model="m", sampling={"n": 4, "stop": ["\n"]})
     assert config.sampling == SamplingConfig(n=4, stop=("\n",))
     seeds = {config.batch_seed(b) for b in range(1000)}
