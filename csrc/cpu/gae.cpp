@@ -7,6 +7,13 @@
 namespace rlhf_engine::cpu {
 namespace {
 
+// Rows per parallel task: ~256k elements (~0.5 ms of scanning on one core here). Smaller
+// batches run on one thread: measured on this shared 2-core machine, waking a second OpenMP
+// thread for B=256, T=1024 cost 8-20 ms under load against 0.5 ms for the whole scan.
+int64_t scan_grain(int64_t row_len) {
+  return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(row_len, 1));
+}
+
 // One sequence of length T with stride 1, scanned from the end:
 //   delta_t = r_t + gamma * V_next - V_t ; A_t = delta_t + gamma * lam * A_next ; R_t = A_t + V_t
 // Masked positions (mask[t] == 0) give A_t = R_t = 0 and leave (V_next, A_next) unchanged;
@@ -69,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
     acc* a = adv.mutable_data_ptr<acc>();
     acc* rt = ret.mutable_data_ptr<acc>();
     const acc g = static_cast<acc>(gamma), gl = static_cast<acc>(gamma * lam);
-    at::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B, scan_grain(T), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         scan_row(r + b * T, v + b * T, m + b * T, T, g, gl, a + b * T, rt + b * T);
       }
@@ -106,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> gae_packed_cpu(const at::Tensor& rewards, con
     acc* rt = ret.mutable_data_ptr<acc>();
     const acc g = static_cast<acc>(gamma), gl = static_cast<acc>(gamma * lam);
     const int64_t mean_len = std::max<int64_t>(1, L / std::max<int64_t>(B, 1));
-    at::parallel_for(0, B, row_grain(mean_len), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B, scan_grain(mean_len), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t s = off[b];
         scan_row<scalar_t>(r + s, v + s, nullptr, off[b + 1] - s, g, gl, a + s, rt + s);
