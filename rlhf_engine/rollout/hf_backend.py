@@ -1,8 +1,11 @@
 """`HFGenerator`: rollouts from transformers `generate` (KV cache, left padding), for machines
 without vLLM.
 
-Log-probs come from the processed scores `generate` sampled from (`output_scores=True`: after
-temperature, top-k and top-p), so they are the sampler's distribution, as in the vLLM backend.
+Log-probs are those of the distribution the sampler drew from, as in the vLLM backend: we pass
+the warpers ourselves (temperature, then top-k, then top-p — vLLM's order) followed by a
+processor that keeps `log_softmax` of the processed scores of the current step; a stopping
+criterion, called once the token is sampled, picks that token's log-prob. Memory stays
+O(batch x vocab), where `output_scores=True` would keep every step's [batch, vocab] scores.
 Sampling draws from a forked RNG seeded per call, so the process's global RNG is untouched.
 """
 
@@ -37,16 +40,26 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def sampled_logprobs(scores: tuple[torch.Tensor, ...], tokens: torch.Tensor) -> torch.Tensor:
-    """Log-probs of `tokens` [B, T] under the processed `scores` (T tensors [B, V]) -> [B, T] fp32."""
-    out = torch.empty(tokens.shape, dtype=torch.float32, device=tokens.device)
-    for t, s in enumerate(scores):  # one [B, V] row block at a time: never a [B, T, V] copy
-        out[:, t] = torch.log_softmax(s.float(), dim=-1).gather(-1, tokens[:, t : t + 1])[:, 0]
+def warpers(c: SamplingConfig) -> list:
+    """transformers logits warpers equal to vLLM's sampler processing of `c` (none when greedy)."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    if c.temperature == 0:
+        return []
+    out = []
+    if c.temperature != 1.0:
+        out.append(TemperatureLogitsWarper(c.temperature))
+    if c.top_k:
+        out.append(TopKLogitsWarper(c.top_k))
+    if c.top_p < 1.0:
+        out.append(TopPLogitsWarper(c.top_p))
     return out
 
 
-class _FinishRecorder:
-    """A `StoppingCriteria` that ends a row on a stop token or stop string and records its length."""
+class _StepRecorder:
+    """Both ends of one `generate` step: as the last logits processor it keeps the processed
+    log-probs [B, V]; as a stopping criterion it records the sampled token's log-prob, ends a row
+    on a stop token or stop string, and notes each row's response length."""
 
     def __init__(self, tokenizer, prompt_width: int, batch: int, stop_ids: list[int], stop: tuple[str, ...], device) -> None:
         self.tokenizer = tokenizer
@@ -55,18 +68,26 @@ class _FinishRecorder:
         self.stop = stop
         # a stop string of k bytes spans at most k tokens (every token decodes to >= 1 byte)
         self.tail = max((len(s.encode()) for s in stop), default=0) + 1
+        self.step_logprobs: torch.Tensor | None = None  # [B, V] of the current step
+        self.logprobs: list[torch.Tensor] = []  # T x [B]
         self.length = torch.full((batch,), -1, dtype=torch.int64)
         """Response length of each finished row (stop token / string included); -1 while running."""
 
+    def process(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.step_logprobs = torch.log_softmax(scores.float(), dim=-1)  # [B, V]
+        return scores
+
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        last = input_ids[:, -1]  # [B], the token just sampled
+        self.logprobs.append(self.step_logprobs.gather(-1, last[:, None])[:, 0])
         steps = input_ids.shape[1] - self.prompt_width
-        done = torch.isin(input_ids[:, -1], self.stop_ids)  # [B]
+        done = torch.isin(last, self.stop_ids)  # [B]
         if self.stop:
             for b in (self.length < 0).nonzero()[:, 0].tolist():
                 tail = self.tokenizer.decode(input_ids[b, max(self.prompt_width, input_ids.shape[1] - self.tail) :])
                 if any(s in tail for s in self.stop):
                     done[b] = True
-        newly = done.cpu() & (self.length < 0)
+        newly = done.cpu() & (self.length < 0)  # forces a device sync
         self.length[newly] = steps
         return done
 
@@ -97,67 +118,62 @@ class HFGenerator(Generator):
     def _generation_config(self, c: SamplingConfig, max_new_tokens: int):
         from transformers import GenerationConfig
 
-        sample = c.temperature > 0
+        # the warpers are ours (see `warpers`): generate must add none of its own
         return GenerationConfig(
-            do_sample=sample,
-            temperature=c.temperature if sample else None,
-            top_k=c.top_k if sample else None,
-            top_p=c.top_p if sample else None,
+            do_sample=c.temperature > 0,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
             max_new_tokens=max_new_tokens,
             eos_token_id=self._stop_ids(c) or None,
             pad_token_id=self.pad_id,
-            output_scores=True,
-            return_dict_in_generate=True,
             use_cache=True,
         )
 
     def _generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int) -> list[Completion]:
-        c = sampling
-        rows = [(i, j) for i in range(len(prompts)) for j in range(c.n)]  # (prompt, sample)
+        rows = [(i, j) for i in range(len(prompts)) for j in range(sampling.n)]  # (prompt, sample)
         t0 = time.perf_counter()
         results = []
         for start in range(0, len(rows), self.config.max_batch_size):
             chunk = rows[start : start + self.config.max_batch_size]
             results += self._generate_chunk([prompts[i] for i, _ in chunk], sampling, seed + start)
         elapsed = time.perf_counter() - t0
-        completions = []
-        for (i, j), (ids, lps, finish) in zip(rows, results):
-            completions.append(
-                Completion(
-                    prompt_index=i,
-                    sample_index=j,
-                    prompt_ids=torch.tensor(prompts[i], dtype=torch.int64),
-                    response_ids=ids,
-                    logprobs=lps,
-                    policy_version=self.version,
-                    finish_reason=finish,
-                    generation_time=elapsed,
-                )
+        return [
+            Completion(
+                prompt_index=i,
+                sample_index=j,
+                prompt_ids=torch.tensor(prompts[i], dtype=torch.int64),
+                response_ids=ids,
+                logprobs=lps,
+                policy_version=self.version,
+                finish_reason=finish,
+                generation_time=elapsed,
             )
-        return completions
+            for (i, j), (ids, lps, finish) in zip(rows, results)
+        ]
 
     @torch.inference_mode()
     def _generate_chunk(
         self, prompts: list[list[int]], c: SamplingConfig, seed: int
     ) -> list[tuple[torch.Tensor, torch.Tensor, str]]:
-        from transformers import StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         input_ids, attention_mask = left_pad(prompts, self.pad_id)  # [B, P]
         width = input_ids.shape[1]
         caps = [min(c.max_new_tokens, self.config.max_model_len - len(p)) for p in prompts]  # per-row length limit
-        recorder = _FinishRecorder(self.tokenizer, width, len(prompts), self._stop_ids(c), c.stop, self.device)
+        recorder = _StepRecorder(self.tokenizer, width, len(prompts), self._stop_ids(c), c.stop, self.device)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, device_type=self.device.type):
             torch.manual_seed(seed)
-            out = self.model.generate(
+            sequences = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),
                 generation_config=self._generation_config(c, max(caps)),
+                logits_processor=LogitsProcessorList([*warpers(c), recorder.process]),
                 stopping_criteria=StoppingCriteriaList([recorder]),
             )
-        tokens = out.sequences[:, width:]  # [B, T]
-        logprobs = sampled_logprobs(out.scores, tokens).cpu()  # [B, T]; forces a device sync
-        tokens = tokens.cpu()
+        tokens = sequences[:, width:].cpu()  # [B, T]
+        logprobs = torch.stack(recorder.logprobs, dim=1).cpu()  # [B, T]
         results = []
         for b, cap in enumerate(caps):
             finished = int(recorder.length[b])
