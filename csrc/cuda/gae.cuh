@@ -156,7 +156,9 @@ DEV_GLOBAL void DEV_LAUNCH_BOUNDS(kThreads, kGaeMinBlocks<T>) gae_kernel(GaePara
         dev::store(p.returns + g0 + idx, dev::from_acc<T>(s_v[idx]));
       }
     }
-    dev::sync_block();  // the next tile overwrites s_r, s_v, s_m and s_warp
+    // No barrier needed before the next tile: its loads write only this thread's own slots
+    // (the ones it just stored from), and s_m / s_warp are rewritten after barriers that
+    // every thread reaches only once done with this tile.
   }
 }
 
