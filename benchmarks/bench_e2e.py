@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/rlhf_bench_e2e"),
                    help="models, prompts, run directories and logs")
     p.add_argument("--variant-timeout", type=float, default=900.0, help="seconds before a variant is killed")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no further run once this many seconds have passed (the rest is listed as skipped)")
     args = p.parse_args(argv)
     quick = args.quick
     args.steps = args.steps or (3 if quick else 6)
@@ -196,6 +198,13 @@ def main(argv: list[str] | None = None) -> dict:
            "load_average_start": os.getloadavg(), "argv": sys.argv[1:], "workload": asdict(workload),
            "model_parameters": report.count_parameters(workload.model), "variants": {}, "skipped": {}}
 
+    def over_budget(name: str) -> bool:
+        if args.budget_s is None or time.time() - t_begin < args.budget_s:
+            return False
+        out["skipped"][name] = f"--budget-s {args.budget_s:.0f} spent before it started"
+        print(f"-- {name}: skipped ({out['skipped'][name]})")
+        return True
+
     # 1. sync vs async, pinned and unpinned
     for variant in args.variant_list:
         if not variant.fits(len(cpus)):
@@ -203,29 +212,34 @@ def main(argv: list[str] | None = None) -> dict:
                                             f"{variant.num_generators + 1} cores; this machine has {len(cpus)}")
             print(f"-- {variant.name}: skipped ({out['skipped'][variant.name]})")
             continue
-        out["variants"][variant.name] = run_engine_variant(workload, variant, work, cpus, args.variant_timeout)
+        if not over_budget(variant.name):
+            out["variants"][variant.name] = run_engine_variant(workload, variant, work, cpus, args.variant_timeout)
     out["overlap"] = report.overlap_table(out["variants"])
 
     # 2. TRL GRPO beside our grpo estimator
     if args.trl:
         trl_steps = args.trl_steps or args.steps
         wl = replace(workload, steps=trl_steps)
-        out["grpo"] = {v.name: run_engine_variant(wl, v, work, cpus, args.variant_timeout) for v in args.grpo_list}
-        out["grpo"]["trl/grpo"] = run_trl(wl, trl_steps, len(cpus), work, args.variant_timeout)
+        out["grpo"] = {v.name: run_engine_variant(wl, v, work, cpus, args.variant_timeout)
+                       for v in args.grpo_list if not over_budget(v.name)}
+        if not over_budget("trl/grpo"):
+            out["grpo"]["trl/grpo"] = run_trl(wl, trl_steps, len(cpus), work, args.variant_timeout)
 
     # 3. time per step vs generation length and batch size
     if args.scaling:
         variant = parse_variant(args.scaling_variant)
         lengths = [int(x) for x in args.scaling_lengths.split(",")]
         batches = [int(x) for x in args.scaling_batches.split(",")]
-        points = [(length, args.scaling_batch_size) for length in lengths]
+        points = [(lengths[0], args.scaling_batch_size)]
         points += [(lengths[0], b) for b in batches if b != args.scaling_batch_size]
+        points += [(length, args.scaling_batch_size) for length in lengths[1:]]  # the longest generation last
         out["scaling"] = {}
         for length, batch in points:
             wl = replace(workload, response_length=length, batch_size=batch, steps=args.scaling_steps,
                          warmup_steps=min(workload.warmup_steps, args.scaling_steps - 1))
             label = f"scaling/L{length}-B{batch}"
-            out["scaling"][label] = run_engine_variant(wl, variant, work, cpus, args.variant_timeout, label=label)
+            if not over_budget(label):
+                out["scaling"][label] = run_engine_variant(wl, variant, work, cpus, args.variant_timeout, label=label)
 
     out["load_average_end"] = os.getloadavg()
     out["total_s"] = time.time() - t_begin

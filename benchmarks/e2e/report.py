@@ -172,10 +172,12 @@ def render(out: dict) -> str:
             if s is None:
                 rows.append([name, "FAILED: " + v["run"].get("error", "?"), "", "", "", ""])
                 continue
+            # ours: objective/kl sums over a sequence's tokens (all response_length long); TRL's kl is per token
+            kl = s["kl_last"] if name.startswith("trl") else s["kl_last"] / wl["response_length"]
             rows.append([name, _f(s["s_per_step"]), _f(s["samples_per_s"]), _f(s["tokens_per_s"], ".0f"),
-                         _f(s["reward_last3"], "+.3f"), _f(s.get("kl_last"), ".4f")])
+                         _f(s["reward_last3"], "+.3f"), _f(kl, ".4f")])
         parts += ["\nGRPO: ours vs TRL GRPOTrainer (transformers generation on the CPU), same model/prompts/group/steps",
-                  _table(["run", "s/step", "samp/s", "tok/s", "reward", "KL last"], rows)]
+                  _table(["run", "s/step", "samp/s", "tok/s", "reward", "KL/token last"], rows)]
     if out.get("scaling"):
         rows = []
         for name, v in out["scaling"].items():
