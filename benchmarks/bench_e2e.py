@@ -50,8 +50,8 @@ GRPO_VARIANTS = ("unpinned/sync-grpo", "unpinned/async-s1-grpo")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a local HF causal-LM folder (default: build the ~38 M-parameter Llama)")
     p.add_argument("--quick", action="store_true",
                    help="tiny model, batch 8, 8 tokens, 3 steps, pinned sync and async-s1 only, no TRL/scaling")
@@ -134,7 +134,8 @@ def run_engine_variant(workload: Workload, variant: Variant, work: Path, cpus: l
     if run_dir.exists():
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
     spec = {"config": run_config(workload, variant, run_dir, cpus)}
-    print(f"-- {label}: {workload.steps} steps of {workload.batch_size} x {workload.response_length} tokens", flush=True)
+    print(f"-- {label}: {workload.steps} steps of {workload.batch_size} x {workload.response_length} tokens",
+          flush=True)
     result, info = _child("run_variant.py", spec, label, work, timeout)
     entry = {"variant": asdict(variant), "workload": asdict(workload), "run": info}
     if result is not None:

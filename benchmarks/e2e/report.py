@@ -151,7 +151,8 @@ def render(out: dict) -> str:
         f"(steady state after {wl['warmup_steps']}), backend {wl['backend']}",
         "seconds per steady step; phases: gen = generator per batch, exp_fwd = policy/value + reference forward, "
         "adv = advantages, update = PPO epochs, wsync = weight publish, wait = trainer waiting for rollouts, "
-        "T_train = step - wait; idle_gen = steady window, gen_run = whole run from the generators' own counters; reward = mean of the last 3 steps (= gold score), KL = mean over steady steps\n",
+        "T_train = step - wait; idle_gen = steady window, gen_run = whole run from the generators' own counters; "
+        "reward = mean of the last 3 steps (= gold score), KL = mean over steady steps (summed over tokens)\n",
         _table(VARIANT_HEADER, _variant_rows(out["variants"])),
     ]
     for name, why in out.get("skipped", {}).items():
@@ -176,7 +177,8 @@ def render(out: dict) -> str:
             kl = s["kl_last"] if name.startswith("trl") else s["kl_last"] / wl["response_length"]
             rows.append([name, _f(s["s_per_step"]), _f(s["samples_per_s"]), _f(s["tokens_per_s"], ".0f"),
                          _f(s["reward_last3"], "+.3f"), _f(kl, ".4f")])
-        parts += ["\nGRPO: ours vs TRL GRPOTrainer (transformers generation on the CPU), same model/prompts/group/steps",
+        parts += ["\nGRPO: ours vs TRL GRPOTrainer (transformers generation on the CPU), "
+                  "same model, prompts, group, steps",
                   _table(["run", "s/step", "samp/s", "tok/s", "reward", "KL/token last"], rows)]
     if out.get("scaling"):
         rows = []
