@@ -75,9 +75,10 @@ class GeneratorConfig:
     """vLLM tensor parallelism within this generator."""
     engine_process: bool = True
     """vLLM: run the engine core in its own spawned process (vLLM's default). False runs it inside
-    this process: no spawn (faster start, no child processes), but generation measured ~5x slower
-    on the CPU build (benchmarks/bench_generate.py), and vLLM then binds this process's torch
-    threads to cores for serving. Needs `tensor_parallel_size` 1."""
+    this process: no spawn (faster start, no child processes), but generation was slower on the
+    CPU build (benchmarks/bench_generate.py: 99 vs 119 tok/s at 64 x 128 tokens, 46 vs 234 at
+    16 x 32, on a loaded machine), and vLLM then binds this process's torch threads to cores for
+    serving. Needs `tensor_parallel_size` 1."""
     device: str = "auto"
     """transformers backend: `cpu`, `cuda`, `cuda:N`, or `auto` (cuda when available)."""
     attn_implementation: str = "auto"
