@@ -46,7 +46,6 @@ RESULTS = HERE / "results"
 DEFAULT_VARIANTS = ("pinned/sync", "pinned/async-s1", "pinned/async-s2", "pinned/async-s1-g2",
                     "unpinned/sync", "unpinned/async-s1", "unpinned/async-s2", "unpinned/async-s1-g2")
 QUICK_VARIANTS = ("pinned/sync", "pinned/async-s1")
-GRPO_VARIANTS = ("unpinned/sync-grpo", "unpinned/async-s1-grpo")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,8 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trl", action=argparse.BooleanOptionalAction, default=None,
                    help="TRL GRPOTrainer beside our grpo estimator (default on; off with --quick)")
     p.add_argument("--trl-steps", type=int, help="steps of the TRL comparison (default: --steps)")
-    p.add_argument("--grpo-variants", default=",".join(GRPO_VARIANTS),
-                   help="our runs beside TRL (variants with the -grpo estimator)")
+    p.add_argument("--grpo-variants", default="best",
+                   help="our runs beside TRL: variants with the -grpo estimator, or best (the setting and mode "
+                        "of the fastest variant measured above, with -grpo)")
     p.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=None,
                    help="time per step vs generation length and batch size (default on; off with --quick)")
     p.add_argument("--scaling-variant", default="unpinned/sync")
@@ -92,9 +92,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.tag = args.tag or ("quick" if quick else "cpu")
     names = args.variants.split(",") if args.variants else (QUICK_VARIANTS if quick else DEFAULT_VARIANTS)
     args.variant_list = [parse_variant(n.strip()) for n in names if n.strip() and n.strip() != "none"]
-    args.grpo_list = [parse_variant(n.strip()) for n in args.grpo_variants.split(",") if n.strip()]
+    grpo = [n.strip() for n in args.grpo_variants.split(",") if n.strip() and n.strip() != "best"]
+    args.grpo_list = [parse_variant(n) for n in grpo]
+    args.grpo_best = "best" in args.grpo_variants.split(",")
     if any(v.estimator != "grpo" for v in args.grpo_list):
-        p.error(f"--grpo-variants must all end in -grpo, got {args.grpo_variants!r}")
+        p.error(f"--grpo-variants must all end in -grpo (or be best), got {args.grpo_variants!r}")
     return args
 
 
@@ -133,7 +135,7 @@ def run_engine_variant(workload: Workload, variant: Variant, work: Path, cpus: l
     run_dir = work / "runs" / label.replace("/", "_")
     if run_dir.exists():
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-    spec = {"config": run_config(workload, variant, run_dir, cpus)}
+    spec = {"config": run_config(workload, variant, run_dir, cpus), "steps": workload.steps}
     print(f"-- {label}: {workload.steps} steps of {workload.batch_size} x {workload.response_length} tokens",
           flush=True)
     result, info = _child("run_variant.py", spec, label, work, timeout)
@@ -221,8 +223,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.trl:
         trl_steps = args.trl_steps or args.steps
         wl = replace(workload, steps=trl_steps)
+        grpo_list = list(args.grpo_list)
+        measured = {name: v["summary"]["samples_per_s"] for name, v in out["variants"].items() if "summary" in v}
+        if args.grpo_best and measured:
+            best = replace(parse_variant(max(measured, key=measured.get)), estimator="grpo")
+            grpo_list += [best] if best not in grpo_list else []
         out["grpo"] = {v.name: run_engine_variant(wl, v, work, cpus, args.variant_timeout)
-                       for v in args.grpo_list if not over_budget(v.name)}
+                       for v in grpo_list if not over_budget(v.name)}
         if not over_budget("trl/grpo"):
             out["grpo"]["trl/grpo"] = run_trl(wl, trl_steps, len(cpus), work, args.variant_timeout)
 

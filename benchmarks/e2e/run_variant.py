@@ -2,7 +2,9 @@
 
     python benchmarks/e2e/run_variant.py SPEC.json RESULT.json
 
-SPEC.json holds `{"config": <load_run_config base tree>}` (see `workload.run_config`). Each
+SPEC.json holds `{"config": <load_run_config base tree>, "steps": N}` (see `workload.run_config`):
+the run stops after N of the config's total_steps (N + lookahead), as a longer run would look at
+step N (the generators busy with the batches ahead) and without the final checkpoint. Each
 variant runs in its own process so that its CPU pinning and thread counts start from a clean
 slate (the engine pins this process's main thread before torch starts its thread pool).
 
@@ -45,7 +47,9 @@ def run(spec: dict) -> dict:
     t_launch = time.time()
     with RLHFEngine(config) as engine:
         t_start = time.time()  # generators connected, models loaded: the measured run starts here
-        engine.train()
+        for _ in engine.steps():
+            if engine.step >= spec["steps"]:
+                break
         t_end = time.time()
     return {
         "mode": config.engine.mode,

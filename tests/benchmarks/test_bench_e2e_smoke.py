@@ -46,6 +46,7 @@ def test_run_config_is_a_valid_engine_config(tmp_path):
                   response_length=16, steps=3)
     cfg = load_run_config(None, base=run_config(wl, Variant(mode="async", max_staleness=2), tmp_path / "run", [0, 1]))
     assert (cfg.engine.batches_in_flight, cfg.engine.trainer_cpus, cfg.engine.generator_cpus) == (3, [1], [[0]])
+    assert cfg.engine.total_steps == 5  # 3 run + 2 handed out ahead (staleness 2): no final checkpoint
     sampling = cfg.generator.sampling
     assert (cfg.prompts_per_step, sampling.max_new_tokens, sampling.ignore_eos) == (2, 16, True)
 
