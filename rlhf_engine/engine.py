@@ -32,7 +32,8 @@ from rlhf_engine.data.prompts import PromptStream, tokenize_prompts
 from rlhf_engine.data.records import DataStats
 from rlhf_engine.metrics import MetricsLogger, Timeline, idle_fractions, read_jsonl
 from rlhf_engine.procs import start_child, stop_child
-from rlhf_engine.transport import PromptBatch, Rollout, TrainerPort, model_fingerprint
+from rlhf_engine.rollout.params import dir_fingerprint
+from rlhf_engine.transport import PromptBatch, Rollout, TrainerPort
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +278,8 @@ class RLHFEngine:
 
     def _start_generators(self) -> None:
         cfg = self.config
-        fingerprint = model_fingerprint(self.trainer.policy_state_dict())
+        # the generators fingerprint the policy folder they load (names, shapes, stored dtypes)
+        fingerprint = dir_fingerprint(cfg.model.policy)
         self._port = TrainerPort(cfg.transport, fingerprint)
         for i in range(cfg.engine.num_generators):
             env = {}

@@ -109,6 +109,7 @@ class GeneratorLoop:
         # the seed follows the batch, not the generator: a run reproduces whichever generator serves it
         completions = self.generator.generate(batch.prompts, seed=self.generator.config.batch_seed(batch.batch_id))
         self.stats.generate_s += time.perf_counter() - t0
+        finished_at = time.time()  # with generation_time: this batch's busy interval on the trainer's timeline
         for c in completions:
             self.port.send_rollout(
                 Rollout(
@@ -120,6 +121,7 @@ class GeneratorLoop:
                     policy_version=c.policy_version,
                     finish_reason=c.finish_reason,
                     generation_time=c.generation_time,
+                    finished_at=finished_at,
                 )
             )
             self.stats.generated_tokens += len(c.response_ids)
