@@ -185,10 +185,11 @@ def render(out: dict) -> str:
         for name, v in out["scaling"].items():
             s = v.get("summary")
             if s is None:
-                rows.append([name, "FAILED: " + v["run"].get("error", "?"), "", "", "", ""])
+                rows.append([name, "FAILED: " + v["run"].get("error", "?"), "", "", "", "", "", ""])
                 continue
             rows.append([name, _f(s["s_per_step"]), _f(s["phases_s"]["generate"]), _f(s["phases_s"]["train"]),
-                         _f(s["samples_per_s"]), _f(s["tokens_per_s"], ".0f")])
+                         _f(s["samples_per_s"]), _f(s["tokens_per_s"], ".0f"), str(s["steady_steps"]),
+                         v.get("same_as", "")])
         parts += ["\nscaling (L = generated tokens, B = batch size)",
-                  _table(["point", "s/step", "gen", "T_train", "samp/s", "tok/s"], rows)]
+                  _table(["point", "s/step", "gen", "T_train", "samp/s", "tok/s", "steady steps", "measured in"], rows)]
     return "\n".join(parts)
