@@ -146,6 +146,32 @@ def split_eval(examples: list[T], fraction: float, seed: int) -> tuple[list[T], 
     return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
 
 
+def train_eval_datasets(config: StageConfig, tokenizer, build: Callable[..., tuple[list[T], DataStats]],
+                        train_dataset: Any, eval_dataset: Any) -> tuple[list[T], list[T], list[DataStats]]:
+    """Tokenized train and eval examples of a stage, and their data counts (each reported).
+
+    `build(source, tokenizer, max_length=, skip_invalid=, name=)` tokenizes one source
+    (`build_sft_dataset` or `build_preference_dataset`). The train source is `train_dataset`, else
+    `config.train_file`; eval is `eval_dataset`, else `config.eval_file`, else `eval_split` of train.
+    """
+    source = train_dataset if train_dataset is not None else config.train_file
+    if source is None or (isinstance(source, str) and not source):
+        raise ValueError(f"{type(config).__name__}.train_file is empty and no train_dataset was passed")
+    train, train_stats = build(source, tokenizer, max_length=config.max_length,
+                               skip_invalid=config.skip_invalid, name="train")
+    stats = [train_stats]
+    eval_source = eval_dataset if eval_dataset is not None else (config.eval_file or None)
+    if eval_source is not None:
+        evals, eval_stats = build(eval_source, tokenizer, max_length=config.max_length,
+                                  skip_invalid=config.skip_invalid, name="eval")
+        stats.append(eval_stats)
+    else:
+        train, evals = split_eval(train, config.eval_split, config.seed)
+    for s in stats:
+        report_data(s)
+    return train, evals, stats
+
+
 def chunks(items: Sequence[T], size: int) -> list[list[T]]:
     return [list(items[i: i + size]) for i in range(0, len(items), size)]
 

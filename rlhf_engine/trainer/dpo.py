@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from rlhf_engine.data.collate import preference_batch
 from rlhf_engine.data.tokenize import IGNORE_INDEX, TokenizedPair, build_preference_dataset
 from rlhf_engine.ops import logprobs_from_logits
-from rlhf_engine.trainer.common import (chunks, load_tokenizer, report_data, resolve_device, run_training,
-                                        save_hf_folder, seed_everything, split_eval, summarize)
+from rlhf_engine.trainer.common import (chunks, load_tokenizer, resolve_device, run_training,
+                                        save_hf_folder, seed_everything, summarize, train_eval_datasets)
 from rlhf_engine.trainer.dpo_config import DPOConfig
 
 
@@ -78,31 +78,13 @@ class DPOTrainer:
 
             model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path)
         self.model = model.to(self.device)
-        self.train_pairs, self.eval_pairs, self.data_stats = self._datasets(train_dataset, eval_dataset)
+        self.train_pairs, self.eval_pairs, self.data_stats = train_eval_datasets(
+            self.config, self.tokenizer, build_preference_dataset, train_dataset, eval_dataset)
         ref = self._reference(ref_model)
         self.ref_train = self._reference_logps(ref, self.train_pairs)  # [N, 2] chosen, rejected
         self.ref_eval = self._reference_logps(ref, self.eval_pairs)
         del ref
         self.log_history: list[dict[str, float]] = []
-
-    def _datasets(self, train_dataset: Any, eval_dataset: Any):
-        c = self.config
-        source = train_dataset if train_dataset is not None else c.train_file
-        if isinstance(source, str) and not source:
-            raise ValueError("DPOConfig.train_file is empty and no train_dataset was passed")
-        train, train_stats = build_preference_dataset(source, self.tokenizer, max_length=c.max_length,
-                                                      skip_invalid=c.skip_invalid, name="train")
-        stats = [train_stats]
-        eval_source = eval_dataset if eval_dataset is not None else (c.eval_file or None)
-        if eval_source is not None:
-            evals, eval_stats = build_preference_dataset(eval_source, self.tokenizer, max_length=c.max_length,
-                                                         skip_invalid=c.skip_invalid, name="eval")
-            stats.append(eval_stats)
-        else:
-            train, evals = split_eval(train, c.eval_split, c.seed)
-        for s in stats:
-            report_data(s)
-        return train, evals, stats
 
     def _reference(self, ref_model):
         if ref_model is None and self.config.ref_model_name_or_path:

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from rlhf_engine.data.collate import pack_sequences, packed_batch, sft_batch
 from rlhf_engine.data.tokenize import IGNORE_INDEX, TokenizedSFT, build_sft_dataset
-from rlhf_engine.trainer.common import (chunks, load_tokenizer, report_data, resolve_device, run_training,
-                                        save_hf_folder, seed_everything, split_eval, summarize)
+from rlhf_engine.trainer.common import (chunks, load_tokenizer, resolve_device, run_training,
+                                        save_hf_folder, seed_everything, summarize, train_eval_datasets)
 from rlhf_engine.trainer.sft_config import SFTConfig
 
 
@@ -50,27 +50,9 @@ class SFTTrainer:
 
             model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path)
         self.model = model.to(self.device)
-        self.train_examples, self.eval_examples, self.data_stats = self._datasets(train_dataset, eval_dataset)
+        self.train_examples, self.eval_examples, self.data_stats = train_eval_datasets(
+            self.config, self.tokenizer, build_sft_dataset, train_dataset, eval_dataset)
         self.log_history: list[dict[str, float]] = []
-
-    def _datasets(self, train_dataset: Any, eval_dataset: Any):
-        c = self.config
-        source = train_dataset if train_dataset is not None else c.train_file
-        if source is None or (isinstance(source, str) and not source):
-            raise ValueError("SFTConfig.train_file is empty and no train_dataset was passed")
-        train, train_stats = build_sft_dataset(source, self.tokenizer, max_length=c.max_length,
-                                               skip_invalid=c.skip_invalid, name="train")
-        stats = [train_stats]
-        eval_source = eval_dataset if eval_dataset is not None else (c.eval_file or None)
-        if eval_source is not None:
-            evals, eval_stats = build_sft_dataset(eval_source, self.tokenizer, max_length=c.max_length,
-                                                  skip_invalid=c.skip_invalid, name="eval")
-            stats.append(eval_stats)
-        else:
-            train, evals = split_eval(train, c.eval_split, c.seed)
-        for s in stats:
-            report_data(s)
-        return train, evals, stats
 
     def _batches(self, examples: list[TokenizedSFT], batch_size: int, shuffle_seed: int | None) -> list[dict]:
         if shuffle_seed is not None:
