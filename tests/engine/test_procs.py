@@ -1,6 +1,5 @@
 """Children (and their children) never outlive their parent."""
 
-import os
 import subprocess
 import sys
 import textwrap
