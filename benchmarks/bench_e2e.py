@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--response-length", type=int, help="generated tokens per completion (default 32; quick 8)")
     p.add_argument("--ppo-epochs", type=int, default=1)
     p.add_argument("--backend", choices=("vllm", "transformers"), default="vllm", help="our generator backend")
+    p.add_argument("--kv-cache-mib", type=int, default=256, help="vLLM KV cache of our generator")
     p.add_argument("--trl", action=argparse.BooleanOptionalAction, default=None,
                    help="TRL GRPOTrainer beside our grpo estimator (default on; off with --quick)")
     p.add_argument("--trl-steps", type=int, help="steps of the TRL comparison (default: --steps)")
@@ -184,11 +185,14 @@ def prepare(args: argparse.Namespace) -> Workload:
             raise SystemExit(f"--model {model}: no config.json there; give a local HF causal-LM folder")
     else:
         shape = QUICK_MODEL if args.quick else BENCH_MODEL
-        model = build_model(work / ("model_quick" if args.quick else "model_38m"), shape)
+        name = (f"model_v{shape.vocab_size}_h{shape.hidden_size}_l{shape.num_layers}_i{shape.intermediate_size}"
+                f"_p{shape.max_position_embeddings}")
+        model = build_model(work / name, shape)
     prompts = write_prompts(work / "prompts.jsonl")
     return Workload(model=str(model), prompts=str(prompts), batch_size=args.batch_size,
                     num_generations=args.num_generations, response_length=args.response_length, steps=args.steps,
-                    warmup_steps=args.warmup, ppo_epochs=args.ppo_epochs, backend=args.backend)
+                    warmup_steps=args.warmup, ppo_epochs=args.ppo_epochs, backend=args.backend,
+                    kv_cache_bytes=args.kv_cache_mib << 20)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -30,6 +30,8 @@ class ModelShape:
     num_layers: int = 8
     num_heads: int = 8
     intermediate_size: int = 2048
+    max_position_embeddings: int = 1024
+    """Room for the longest scaling point (512 generated tokens after the prompt)."""
 
 
 BENCH_MODEL = ModelShape()
@@ -62,6 +64,8 @@ class Workload:
     backend: str = "vllm"
     """Generator backend of our engine: vllm or transformers."""
     max_prompt_length: int = 32
+    kv_cache_bytes: int = 1 << 28
+    """vLLM's KV cache (256 MiB holds the default workload; raise it for a real model)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -168,7 +172,7 @@ def run_config(workload: Workload, variant: Variant, run_dir: Path, cpus: list[i
                 "learning_rate": wl.learning_rate, "init_kl_coef": wl.kl_coef, "adap_kl_ctrl": False,
                 "response_length": wl.response_length, "num_generations": wl.num_generations,
                 "advantage_estimator": variant.estimator, "seed": wl.seed},
-        "generator": {"backend": wl.backend, "max_model_len": max_model_len, "kv_cache_bytes": 1 << 28,
+        "generator": {"backend": wl.backend, "max_model_len": max_model_len, "kv_cache_bytes": wl.kv_cache_bytes,
                       "device": "cpu", "max_batch_size": wl.batch_size, "sampling": {"ignore_eos": True}},
         "transport": {"endpoint": f"ipc://{run_dir.resolve()}/ep"},
         # run_variant stops after wl.steps of total_steps, as a longer run would look at that point: the
@@ -193,7 +197,8 @@ def build_model(path: Path, shape: ModelShape) -> Path:
     if (path / "config.json").is_file() and (path / "tokenizer.json").is_file():
         return path
     spec = TinyLlamaSpec(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, num_layers=shape.num_layers,
-                         num_heads=shape.num_heads, intermediate_size=shape.intermediate_size)
+                         num_heads=shape.num_heads, intermediate_size=shape.intermediate_size,
+                         max_position_embeddings=shape.max_position_embeddings)
     return make_tiny_model_dir(path, spec)
 
 
