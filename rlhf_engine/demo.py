@@ -94,7 +94,7 @@ def run_demo(out: Path, *, ppo_steps: int | None = None, small: bool = False, ba
     sft_data = _write_jsonl(out / "sft.jsonl", synthetic.sft_records(budget.sft_examples, seed=1))
     sft = SFTTrainer(SFTConfig(model_name_or_path=str(base), train_file=str(sft_data), output_dir=str(out / "sft"),
                                num_train_epochs=budget.sft_epochs, per_device_train_batch_size=32,
-                               learning_rate=3e-3, warmup_ratio=0.05, max_length=64, logging_steps=1000,
+                               learning_rate=3e-3, warmup_ratio=0.05, max_length=64, logging_steps=20,
                                device="cpu"))
     sft_metrics = sft.train()
     times["sft"] = time.time() - t0
@@ -106,7 +106,7 @@ def run_demo(out: Path, *, ppo_steps: int | None = None, small: bool = False, ba
     rm = RewardTrainer(RewardConfig(model_name_or_path=str(out / "sft"), train_file=str(pairs),
                                     output_dir=str(out / "reward"), eval_split=0.1, num_train_epochs=budget.rm_epochs,
                                     per_device_train_batch_size=32, learning_rate=1e-3, warmup_ratio=0.05,
-                                    max_length=64, logging_steps=1000, device="cpu"))
+                                    max_length=64, logging_steps=20, device="cpu"))
     rm_metrics = rm.train()
     times["reward"] = time.time() - t0
 
@@ -119,7 +119,8 @@ def run_demo(out: Path, *, ppo_steps: int | None = None, small: bool = False, ba
                   "gold_fn": "rlhf_engine.demo:gold_scores"},
         "data": {"prompts": str(prompts_file), "max_prompt_length": 32},
         "ppo": {"batch_size": budget.ppo_batch_size, "mini_batch_size": budget.ppo_batch_size // 2,
-                "ppo_epochs": 2, "learning_rate": 3e-4, "init_kl_coef": 0.05, "adap_kl_ctrl": False,
+                "ppo_epochs": 2, "learning_rate": 3e-4, "init_kl_coef": 0.1, "adap_kl_ctrl": True,
+                "target": 4.0, "horizon": 400.0,
                 "response_length": RESPONSE_LENGTH, "vf_coef": 0.5, "max_grad_norm": 1.0, "seed": 0},
         "generator": {"backend": backend, "max_model_len": 128, "kv_cache_bytes": 1 << 27},
         "transport": {"endpoint": f"ipc://{out.resolve()}/engine"},

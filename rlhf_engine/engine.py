@@ -114,10 +114,10 @@ class RLHFEngine:
             state = load_state(ckpt) if ckpt is not None else None
             if state is not None:
                 self._restore(state)
-            self._metrics = MetricsLogger(self.run_dir, total_steps=cfg.engine.total_steps, progress=cfg.engine.progress,
-                                          tensorboard=cfg.engine.tensorboard, initial_step=self.step)
             self._timeline = Timeline(self.run_dir)
             self._start_generators()
+            self._metrics = MetricsLogger(self.run_dir, total_steps=cfg.engine.total_steps, progress=cfg.engine.progress,
+                                          tensorboard=cfg.engine.tensorboard, initial_step=self.step)
             if self.trainer.policy_version > 0:  # resumed: generators load the initial weights from disk
                 self._publish_weights()
             self._started_at = time.time()
