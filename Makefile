@@ -7,7 +7,7 @@ EXT    := $(VENV)/.stamp-ext
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: all setup build test test-slow demo bench cuda-check clean
+.PHONY: all setup build test test-slow demo bench bench-e2e cuda-check clean
 
 all: test
 
@@ -44,6 +44,10 @@ demo: $(EXT)
 
 bench: $(EXT)
 	$(BIN)/python benchmarks/bench_kernels.py
+
+# End-to-end throughput (sync vs async, vs TRL GRPO when `pip install trl==1.16.0`); see --help.
+bench-e2e: $(EXT)
+	$(BIN)/python benchmarks/bench_e2e.py --quick
 
 # Compiles every CUDA kernel header with nvcc for sm_80 and sm_90a (no GPU needed).
 cuda-check: $(DEPS)
