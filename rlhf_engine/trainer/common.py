@@ -276,6 +276,20 @@ def run_training(config: StageConfig, model: torch.nn.Module, epoch_batches: Cal
     return history
 
 
+def train_stage(config: StageConfig, model: torch.nn.Module, epoch_batches: Callable[[int], list[Any]],
+                step_fn: StepFn, evaluate: Callable[[], dict[str, float]] | None,
+                save: Callable[[Path | None], Path], data_stats: Sequence[DataStats]
+                ) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """`run_training`, then the final save to `output_dir` (`save(None)`); returns the log history and
+    the final metrics (`summarize`, plus the data counts as `data/<name>/*`)."""
+    history = run_training(config, model, epoch_batches, step_fn, evaluate, save)
+    save(None)
+    out = summarize(history)
+    for stats in data_stats:
+        out.update(stats.as_metrics(f"data/{stats.name}"))
+    return history, out
+
+
 def summarize(history: list[dict[str, float]]) -> dict[str, float]:
     """Final metrics of a run: the last value of every logged key, plus `train/first_loss` (the first
     logged training loss, to compare with `train/loss`)."""

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from rlhf_engine.data.collate import preference_batch
 from rlhf_engine.data.tokenize import TokenizedPair, build_preference_dataset
-from rlhf_engine.trainer.common import (chunks, load_tokenizer, resolve_device, run_training,
-                                        save_hf_folder, seed_everything, summarize, train_eval_datasets)
+from rlhf_engine.trainer.common import (chunks, load_tokenizer, resolve_device, save_hf_folder,
+                                        seed_everything, train_eval_datasets, train_stage)
 from rlhf_engine.trainer.reward_config import RewardConfig
 
 
@@ -125,15 +125,11 @@ class RewardTrainer:
     def train(self) -> dict[str, float]:
         """Run the configured steps, save the reward model to `output_dir`, return the final metrics."""
         c = self.config
-        self.log_history = run_training(
+        self.log_history, out = train_stage(
             c, self.model,
             epoch_batches=lambda epoch: self._batches(self.train_pairs, c.per_device_train_batch_size, c.seed + epoch),
-            step_fn=self._step, evaluate=self.evaluate if self.eval_pairs else None,
-            save=lambda path: self.save(path))
-        self.save()
-        out = summarize(self.log_history)
-        for stats in self.data_stats:
-            out.update(stats.as_metrics(f"data/{stats.name}"))
+            step_fn=self._step, evaluate=self.evaluate if self.eval_pairs else None, save=self.save,
+            data_stats=self.data_stats)
         return out
 
     def save(self, path: str | Path | None = None) -> Path:
