@@ -31,7 +31,56 @@ def _unique_id(name: str) -> str:
     return f"{name}@{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
-class TrainerPort:
+class _Port:
+    """What both ends share: the ZeroMQ context, the channel parts built in ``_open`` (closed in
+    reverse order), stats and an idempotent ``close``."""
+
+    def __init__(self, config: TransportConfig, fingerprint: str, name: str) -> None:
+        self.config = config
+        self.sender_id = _unique_id(name)
+        self._context = zmq.Context()
+        self._parts: list = []
+        self._closed = False
+        try:
+            self._open(fingerprint)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, fingerprint: str) -> None:
+        raise NotImplementedError
+
+    def _own(self, part):
+        self._parts.append(part)
+        return part
+
+    @property
+    def rollout_queue_depth(self) -> int:
+        return self._rollouts.depth
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {"control": dict(self._control.stats), "rollouts": dict(self._rollouts.stats),
+                "prompts": dict(self._prompts.stats)}
+
+    def close(self) -> None:
+        """Stop everything (idempotent); queued messages get ``linger_ms`` to leave."""
+        if self._closed:
+            return
+        self._closed = True
+        stopped = [part.close() for part in reversed(self._parts)]
+        if all(stopped):
+            self._context.term()
+        else:  # a thread still holds its socket: term() would wait for it forever
+            log.error("%s: leaving the ZeroMQ context open, a transport thread did not stop", self.sender_id)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class TrainerPort(_Port):
     """The trainer's end: binds the endpoints, receives rollouts, sends prompts and weights.
 
     ``fingerprint`` is ``model_fingerprint(...)`` of the policy; generators with another
@@ -39,23 +88,14 @@ class TrainerPort:
     """
 
     def __init__(self, config: TransportConfig, fingerprint: str, name: str = "trainer") -> None:
-        self.config = config
-        self.sender_id = _unique_id(name)
-        self._context = zmq.Context()
-        self._parts: list = []
-        try:
-            self._security = Security(config, server=True, context=self._context)
-            self._parts.append(self._security)
-            self._control = TrainerControl(self._context, config, fingerprint, self.sender_id, self._security)
-            self._parts.append(self._control)
-            self._rollouts = RolloutReceiver(self._context, config, self._security)
-            self._parts.append(self._rollouts)
-            self._prompts = PromptSender(self._context, config, self.sender_id, self._security)
-            self._parts.append(self._prompts)
-        except BaseException:
-            self.close()
-            raise
-        self._closed = False
+        super().__init__(config, fingerprint, name)
+
+    def _open(self, fingerprint: str) -> None:
+        config = self.config
+        self._security = self._own(Security(config, server=True, context=self._context))
+        self._control = self._own(TrainerControl(self._context, config, fingerprint, self.sender_id, self._security))
+        self._rollouts = self._own(RolloutReceiver(self._context, config, self._security))
+        self._prompts = self._own(PromptSender(self._context, config, self.sender_id, self._security))
 
     def wait_for_generators(self, n: int, timeout_s: float | None = None) -> list[GeneratorInfo]:
         """Block until ``n`` generators completed the handshake."""
@@ -116,55 +156,21 @@ class TrainerPort:
         """Reasons of refused handshakes."""
         return list(self._control.rejections)
 
-    @property
-    def rollout_queue_depth(self) -> int:
-        return self._rollouts.depth
 
-    def stats(self) -> dict[str, dict[str, int]]:
-        return {"control": dict(self._control.stats), "rollouts": dict(self._rollouts.stats),
-                "prompts": dict(self._prompts.stats)}
-
-    def close(self) -> None:
-        """Say goodbye to the generators and stop everything (idempotent)."""
-        if getattr(self, "_closed", False):
-            return
-        self._closed = True
-        stopped = [part.close() for part in reversed(self._parts)]
-        if all(stopped):
-            self._context.term()
-        else:  # a thread still holds its socket: term() would wait for it forever
-            log.error("%s: leaving the ZeroMQ context open, a transport thread did not stop", self.sender_id)
-
-    def __enter__(self) -> "TrainerPort":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class GeneratorPort:
+class GeneratorPort(_Port):
     """A generator's end: connects, handshakes (``HandshakeError`` if refused), then pulls
     prompts, pushes rollouts and receives complete weight updates."""
 
     def __init__(self, config: TransportConfig, fingerprint: str, name: str = "generator") -> None:
-        self.config = config
-        self.sender_id = _unique_id(name)
-        self._context = zmq.Context()
-        self._parts: list = []
-        try:
-            self._security = Security(config, server=False, context=self._context)
-            self._parts.append(self._security)
-            self._control = GeneratorControl(self._context, config, fingerprint, self.sender_id, self._security)
-            self._parts.append(self._control)
-            self._prompts = PromptReceiver(self._context, config, self._security)
-            self._parts.append(self._prompts)
-            self._rollouts = RolloutSender(self._context, config, self.sender_id, self._security,
-                                           health=self._control.health)
-            self._parts.append(self._rollouts)
-        except BaseException:
-            self.close()
-            raise
-        self._closed = False
+        super().__init__(config, fingerprint, name)
+
+    def _open(self, fingerprint: str) -> None:
+        config = self.config
+        self._security = self._own(Security(config, server=False, context=self._context))
+        self._control = self._own(GeneratorControl(self._context, config, fingerprint, self.sender_id, self._security))
+        self._prompts = self._own(PromptReceiver(self._context, config, self._security))
+        self._rollouts = self._own(RolloutSender(self._context, config, self.sender_id, self._security,
+                                                 health=self._control.health))
 
     def recv_prompts(self, timeout_s: float | None = None) -> PromptBatch | None:
         """The next prompt batch, or None after ``timeout_s``."""
@@ -199,28 +205,3 @@ class GeneratorPort:
     def check(self) -> None:
         """Raise ``ShutdownRequested`` / ``PeerDeadError`` if the trainer asked to stop or died."""
         self._control.health()
-
-    @property
-    def rollout_queue_depth(self) -> int:
-        return self._rollouts.depth
-
-    def stats(self) -> dict[str, dict[str, int]]:
-        return {"control": dict(self._control.stats), "rollouts": dict(self._rollouts.stats),
-                "prompts": dict(self._prompts.stats)}
-
-    def close(self) -> None:
-        """Stop everything (idempotent); queued rollouts get ``linger_ms`` to leave."""
-        if getattr(self, "_closed", False):
-            return
-        self._closed = True
-        stopped = [part.close() for part in reversed(self._parts)]
-        if all(stopped):
-            self._context.term()
-        else:  # a thread still holds its socket: term() would wait for it forever
-            log.error("%s: leaving the ZeroMQ context open, a transport thread did not stop", self.sender_id)
-
-    def __enter__(self) -> "GeneratorPort":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
