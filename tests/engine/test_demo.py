@@ -1,14 +1,10 @@
 """The demo pipeline (SFT -> reward model -> async PPO -> gold evaluation) on a very small budget."""
 
 import json
-import os
-import time
-
 from rlhf_engine.demo import run_demo
-from rlhf_engine.procs import descendants
 
 
-def test_demo_pipeline_small_budget(tmp_path, capsys):
+def test_demo_pipeline_small_budget(tmp_path, capsys, assert_no_new_children):
     result = run_demo(tmp_path / "demo", small=True, backend="transformers")
     out = capsys.readouterr().out
     assert "gold score, PPO policy" in out and "reward-model eval accuracy" in out
@@ -23,7 +19,4 @@ def test_demo_pipeline_small_budget(tmp_path, capsys):
     assert (tmp_path / "demo" / "ppo" / "checkpoints" / "step-00000002" / "policy" / "model.safetensors").is_file()
     assert (tmp_path / "demo" / "ppo" / "plots" / "reward.png").is_file()
     assert (tmp_path / "demo" / "ppo" / "plots" / "timeline.png").is_file()
-    deadline = time.monotonic() + 10
-    while descendants(os.getpid()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not descendants(os.getpid())
+    assert_no_new_children()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -48,13 +47,6 @@ def run_config(tmp_path: Path, policy_dir: Path, prompts_file: Path, *, backend:
     })
 
 
-def assert_no_children():
-    deadline = time.monotonic() + 10
-    while descendants(os.getpid()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    left = [p for p in descendants(os.getpid()) if Path(f"/proc/{p}").exists()]
-    assert not left, f"processes left behind: {left}"
-
 
 class Recorder(Callback):
     def __init__(self):
@@ -71,7 +63,7 @@ class Recorder(Callback):
 
 
 @pytest.mark.vllm
-def test_async_run_with_vllm_generator(tmp_path, policy_dir, prompts_file):
+def test_async_run_with_vllm_generator(tmp_path, policy_dir, prompts_file, assert_no_new_children):
     pytest.importorskip("vllm")
     cfg = run_config(tmp_path, policy_dir, prompts_file, backend="vllm", total_steps=3, mode="async", max_staleness=1)
     rec = Recorder()
@@ -79,7 +71,7 @@ def test_async_run_with_vllm_generator(tmp_path, policy_dir, prompts_file):
         history = engine.train()
         summary = engine.summary()
         live = {k: v.clone() for k, v in engine.trainer.policy_state_dict().items()}
-    assert_no_children()
+    assert_no_new_children()
     assert rec.steps == [1, 2, 3] and rec.rollouts >= 3 * 8 and len(rec.checkpoints) == 1
     assert all(h["off_policy/staleness_max"] <= 1 for h in history)
     # batch 1 was handed out before step 0 finished: sampled by version 0, trained at version 1
@@ -97,7 +89,7 @@ def test_async_run_with_vllm_generator(tmp_path, policy_dir, prompts_file):
     assert load_state(ckpt)["trainer"]["policy_version"] == 3
 
 
-def test_sync_resume_is_bit_exact(tmp_path, policy_dir, prompts_file):
+def test_sync_resume_is_bit_exact(tmp_path, policy_dir, prompts_file, assert_no_new_children):
     straight = run_config(tmp_path / "a", policy_dir, prompts_file, backend="transformers", total_steps=3, mode="sync")
     with RLHFEngine(straight) as engine:
         history = engine.train()
@@ -111,7 +103,7 @@ def test_sync_resume_is_bit_exact(tmp_path, policy_dir, prompts_file):
     with RLHFEngine(interrupted, resume=tmp_path / "b" / "run") as engine:
         assert engine.step == 2
         engine.train()
-    assert_no_children()
+    assert_no_new_children()
 
     a = latest_checkpoint(tmp_path / "a" / "run")
     b = latest_checkpoint(tmp_path / "b" / "run")
@@ -174,10 +166,10 @@ def test_cli_config_errors_name_key_and_file(tmp_path, policy_dir, prompts_file)
     assert res.returncode == 2 and "engine.mode = 'turbo'; expected one of 'async', 'sync'" in res.stderr
 
 
-def test_generator_failing_to_start_is_reported(tmp_path, policy_dir, prompts_file):
+def test_generator_failing_to_start_is_reported(tmp_path, policy_dir, prompts_file, assert_no_new_children):
     cfg = run_config(tmp_path, policy_dir, prompts_file, backend="transformers", total_steps=1)
     cfg.generator.model = str(tmp_path / "missing")  # the child cannot load it
     cfg.model.policy = str(policy_dir)
     with pytest.raises(RuntimeError, match=r"generator-0 exited with code \d+ before its handshake; see .*generator-0.log"):
         RLHFEngine(cfg).start()
-    assert_no_children()
+    assert_no_new_children()
