@@ -47,6 +47,11 @@ class AnswerKey:
                 answers[record[prompt_field]] = str(record[answer_field])
         return cls(answers)
 
+    @property
+    def prompts(self) -> list[str]:
+        """The prompts of the key, in the order they were given."""
+        return list(self._answers)
+
     def __len__(self) -> int:
         return len(self._answers)
 

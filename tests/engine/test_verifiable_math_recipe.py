@@ -1,0 +1,86 @@
+"""examples/verifiable_math: the shipped data, its rewards, its config, and GRPO steps through the engine."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_engine.config import load_run_config
+from rlhf_engine.engine import RLHFEngine
+from rlhf_engine.metrics import read_jsonl
+
+RECIPE = Path(__file__).resolve().parents[2] / "examples" / "verifiable_math"
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """The recipe sets engine.trainer_threads: 1, which sets this process's torch threads: restore them."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def recipe(monkeypatch):
+    """The recipe's modules, importable as the README runs them (PYTHONPATH=examples/verifiable_math)."""
+    monkeypatch.syspath_prepend(str(RECIPE))
+    import make_data
+    import math_reward
+    import tiny_model
+
+    return make_data, math_reward, tiny_model
+
+
+def recipe_config(tmp_path: Path, policy: Path, **engine):
+    return load_run_config(RECIPE / "grpo.yaml", [
+        f"model.policy={policy}", f"data.prompts={RECIPE / 'problems.jsonl'}",
+        f"transport.endpoint=ipc://{tmp_path}/ep", f"engine.run_dir={tmp_path / 'run'}", "engine.progress=false",
+        *(f"engine.{k}={v}" for k, v in engine.items()),
+    ])
+
+
+def test_shipped_problems_are_the_generator_output(recipe):
+    make_data, _, _ = recipe
+    shipped = [json.loads(line) for line in (RECIPE / "problems.jsonl").read_text().splitlines()]
+    assert shipped == make_data.problems(256, seed=0)
+    for p in shipped:  # single-digit operands and result
+        assert 0 <= int(p["answer"]) <= 9
+
+
+def test_rewards_score_the_example_data(recipe):
+    _, math_reward, _ = recipe
+    problems = [json.loads(line) for line in (RECIPE / "problems.jsonl").read_text().splitlines()]
+    prompts = [p["prompt"] for p in problems]
+    right = [f" #### {p['answer']}" for p in problems]
+    wrong = [f" #### {(int(p['answer']) + 1) % 10}" for p in problems]
+    assert math_reward.reward(prompts, right) == [1.1] * len(prompts)  # 1.0 correct + 0.1 format
+    assert math_reward.reward(prompts, wrong) == [0.1] * len(prompts)
+    assert math_reward.reward(prompts, [f" {p['answer']}" for p in problems]) == [0.0] * len(prompts)  # no `####`
+    # "Lia has 8 books and gets 1 more. ..." is 9: formatting variants of 9 all count
+    assert prompts[0].startswith("Lia has 8 books and gets 1 more")
+    assert math_reward.correct(prompts[:1] * 4, [" #### 9.0", " #### $9.", " \\boxed{9}", " #### 18/2"]) == [1.0] * 4
+
+
+def test_config_loads_with_grpo_settings():
+    cfg = load_run_config(RECIPE / "grpo.yaml")
+    assert cfg.ppo.advantage_estimator == "grpo" and cfg.ppo.num_generations == 8 and cfg.ppo.batch_size == 64
+    assert cfg.model.reward_fn == "math_reward:reward" and cfg.model.gold_fn == "math_reward:correct"
+    assert cfg.generator.sampling.n == 8 and cfg.generator.sampling.max_new_tokens == 4
+
+
+def test_two_grpo_steps_run(tmp_path, recipe, assert_no_new_children):
+    _, _, tiny_model = recipe
+    policy = tiny_model.build_base(tmp_path / "base")
+    with RLHFEngine(recipe_config(tmp_path, policy, total_steps=2)) as engine:
+        history = engine.train()
+    assert_no_new_children()
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and len(history) == 2
+    for r in rows:
+        # a random model rarely writes `####`: rewards lie in [0, 1.1], accuracy in [0, 1]
+        assert 0.0 <= r["env/reward_mean"] <= 1.1 and 0.0 <= r["env/gold_mean"] <= 1.0
+        assert math.isfinite(r["ppo/loss/policy"])
