@@ -1,6 +1,6 @@
 """Accuracy of a policy on the recipe's problems: the fraction of sampled answers that are right.
 
-    python examples/verifiable_math/evaluate.py out/verifiable_math/sft runs/verifiable_math/final_policy
+    python examples/verifiable_math/evaluate.py runs/verifiable_math/tiny/sft runs/verifiable_math/grpo/checkpoints/step-00000020/policy
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from pathlib import Path
 import torch
 
 from math_reward import KEY, correct
-
-PROBLEMS = Path(__file__).with_name("problems.jsonl")
 
 
 @torch.no_grad()

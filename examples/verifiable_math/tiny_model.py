@@ -1,12 +1,13 @@
 """The tiny policy of the verifiable-math recipe on a CPU: a tokenizer and Llama from scratch, then a
-short SFT warm start that teaches the answer format (` #### 7`) with noisy answers.
+short SFT warm start.
 
-    python examples/verifiable_math/tiny_model.py --out out/verifiable_math
+    python examples/verifiable_math/tiny_model.py --out runs/verifiable_math/tiny
 
-writes `out/verifiable_math/base` (random init) and `out/verifiable_math/sft` (the policy GRPO starts
-from). The warm-start answers are right only `--correct-fraction` of the time (else a random digit), so
-the SFT policy samples the right answer about that often: GRPO then has to raise it. A real model
-(0.5B-7B) needs no such step: it already knows the format from its instruction tuning.
+writes `runs/verifiable_math/tiny/base` (random init) and `.../tiny/sft` (the policy GRPO starts
+from). The warm start is deliberately short (1000 examples, one epoch, ~30 optimizer steps) and states
+only half of its answers in the checkable ` #### 7` format (the rest as a bare ` 7`): the SFT policy
+gets few answers right in a checkable form, and GRPO has both the format and the sums to improve. A real
+model (0.5B-7B) needs no such step: it already answers in a format from its instruction tuning.
 """
 
 from __future__ import annotations
@@ -31,18 +32,16 @@ def build_base(out: Path, seed: int = 0) -> Path:
     return out
 
 
-def warm_start(base: Path, out: Path, *, examples: int = 2000, epochs: int = 2, correct_fraction: float = 1.0,
+def warm_start(base: Path, out: Path, *, examples: int = 1000, epochs: int = 1, marked_fraction: float = 0.5,
                seed: int = 0) -> Path:
-    """SFT of `base` on `examples` problems answered in the ` #### N` format, the answer right with probability
-    `correct_fraction` (else a random digit); the result is saved in `out`."""
+    """SFT of `base` on `examples` problems with their right answers, a fraction `marked_fraction` of them in
+    the checkable ` #### N` format and the rest as a bare ` N`; the result is saved in `out`."""
     from rlhf_engine.trainer.sft import SFTTrainer
     from rlhf_engine.trainer.sft_config import SFTConfig
 
     rng = random.Random(seed + 2)
-    records = []
-    for p in problems(examples, seed=seed + 3):
-        answer = p["answer"] if rng.random() < correct_fraction else str(rng.randint(0, 9))
-        records.append({"prompt": p["prompt"], "completion": completion(answer)})
+    records = [{"prompt": p["prompt"], "completion": completion(p["answer"]) if rng.random() < marked_fraction
+                else f" {p['answer']}"} for p in problems(examples, seed=seed + 3)]
     out.mkdir(parents=True, exist_ok=True)
     sft_file = out.parent / f"{out.name}.jsonl"
     sft_file.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -54,12 +53,12 @@ def warm_start(base: Path, out: Path, *, examples: int = 2000, epochs: int = 2, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("out/verifiable_math"))
-    parser.add_argument("--sft-examples", type=int, default=2000)
-    parser.add_argument("--correct-fraction", type=float, default=1.0)
+    parser.add_argument("--out", type=Path, default=Path("runs/verifiable_math/tiny"))
+    parser.add_argument("--sft-examples", type=int, default=1000)
+    parser.add_argument("--marked-fraction", type=float, default=0.5)
     args = parser.parse_args()
     base = build_base(args.out / "base")
-    sft = warm_start(base, args.out / "sft", examples=args.sft_examples, correct_fraction=args.correct_fraction)
+    sft = warm_start(base, args.out / "sft", examples=args.sft_examples, marked_fraction=args.marked_fraction)
     print(f"SFT policy: {sft}")
 
 

@@ -123,3 +123,42 @@ def test_wandb_offline_run_holds_config_metrics_timeline_and_plots(tmp_path, mon
     for plot in ("reward", "kl", "timeline"):
         assert rows[2][f"plots/{plot}/_type"] == "image-file"
         assert (run_dirs[0] / "files" / rows[2][f"plots/{plot}/path"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_engine_run_sends_every_jsonl_metric_to_wandb(tmp_path, monkeypatch, assert_no_new_children):
+    wandb = pytest.importorskip("wandb")
+    from _wandb_records import read_run
+
+    from rlhf_engine.data import synthetic
+    from rlhf_engine.engine import RLHFEngine
+    from rlhf_engine.models.tiny import make_tiny_model_dir
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    policy = make_tiny_model_dir(tmp_path / "policy")
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in synthetic.prompts(16)))
+    cfg = load_run_config(None, base={
+        "model": {"policy": str(policy), "reward_fn": "rlhf_engine.demo:gold_scores"},
+        "data": {"prompts": str(tmp_path / "p.jsonl"), "max_prompt_length": 16},
+        "ppo": {"batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "response_length": 4},
+        "generator": {"backend": "transformers"},
+        "transport": {"endpoint": f"ipc://{tmp_path}/ep"},
+        "engine": {"run_dir": str(tmp_path / "run"), "total_steps": 2, "mode": "sync",
+                   "loggers": ["jsonl", "wandb"], "progress": False},
+    })
+    with RLHFEngine(cfg) as engine:
+        engine.train()
+    assert wandb.run is None
+    assert_no_new_children()
+
+    (run_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    run = read_run(run_file)
+    assert run["config"]["ppo"]["batch_size"] == 4 and run["config"]["engine"]["loggers"] == ["jsonl", "wandb"]
+    rows = {r["_step"]: r for r in run["history"]}
+    jsonl = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in jsonl] == [1, 2]
+    for rec in jsonl:
+        numeric = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
+        assert len(numeric) > 20
+        assert {k: rows[rec["step"]][k] for k in numeric} == pytest.approx(numeric, nan_ok=True)
+    assert rows[2]["timeline/_type"] == "table-file" and rows[2]["plots/timeline/_type"] == "image-file"

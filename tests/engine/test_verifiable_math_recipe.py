@@ -1,9 +1,9 @@
-"""examples/verifiable_math: the shipped data, its rewards, its config, and GRPO steps through the engine."""
+"""examples/verifiable_math: the shipped data, its rewards, its config, and the recipe's GRPO run through the
+engine raising the accuracy of the warm-started tiny model."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -72,15 +72,21 @@ def test_config_loads_with_grpo_settings():
     assert cfg.generator.sampling.n == 8 and cfg.generator.sampling.max_new_tokens == 4
 
 
-def test_two_grpo_steps_run(tmp_path, recipe, assert_no_new_children):
-    _, _, tiny_model = recipe
-    policy = tiny_model.build_base(tmp_path / "base")
-    with RLHFEngine(recipe_config(tmp_path, policy, total_steps=2)) as engine:
+def test_grpo_raises_accuracy_of_the_warm_started_tiny_model(tmp_path, recipe, assert_no_new_children):
+    _, math_reward, tiny_model = recipe
+    from evaluate import accuracy
+
+    torch.set_num_threads(1)  # tiny models: one thread is fastest (and the generator child has its own)
+    sft = tiny_model.warm_start(tiny_model.build_base(tmp_path / "base"), tmp_path / "sft")
+    prompts = math_reward.KEY.prompts
+    before = accuracy(sft, prompts, samples=4)
+    with RLHFEngine(recipe_config(tmp_path, sft)) as engine:  # the recipe's 20 steps
         history = engine.train()
+        engine.trainer.save_pretrained(tmp_path / "grpo")
     assert_no_new_children()
+    after = accuracy(tmp_path / "grpo", prompts, samples=4)
+    # measured: 0.04 -> 0.20 (1024 samples each; the standard error of each is < 0.013)
+    assert after > before + 0.08, (before, after, [round(h["env/gold_mean"], 3) for h in history])
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2] and len(history) == 2
-    for r in rows:
-        # a random model rarely writes `####`: rewards lie in [0, 1.1], accuracy in [0, 1]
-        assert 0.0 <= r["env/reward_mean"] <= 1.1 and 0.0 <= r["env/gold_mean"] <= 1.0
-        assert math.isfinite(r["ppo/loss/policy"])
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert all(0.0 <= r["env/reward_mean"] <= 1.1 and 0.0 <= r["env/gold_mean"] <= 1.0 for r in rows)
