@@ -42,6 +42,8 @@ def test_loggers_round_trip_through_yaml(tmp_path):
     cfg = load_run_config(None, base=base)
     save_run_config(cfg, tmp_path / "run.yaml")
     assert load_run_config(tmp_path / "run.yaml").engine.loggers == ["jsonl", "wandb"]
+    overridden = load_run_config(tmp_path / "run.yaml", ["engine.loggers=[tensorboard, wandb]"])
+    assert overridden.engine.loggers == ["jsonl", "tensorboard", "wandb"]
 
 
 @pytest.fixture
