@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from rlhf_engine.data.collate import preference_batch
 from rlhf_engine.data.tokenize import IGNORE_INDEX, TokenizedPair, build_preference_dataset
 from rlhf_engine.ops import logprobs_from_logits
-from rlhf_engine.trainer.common import (chunks, load_tokenizer, resolve_device, save_hf_folder,
+from rlhf_engine.trainer.stage import (chunks, load_tokenizer, resolve_device, save_hf_folder,
                                         seed_everything, train_eval_datasets, train_stage)
 from rlhf_engine.trainer.dpo_config import DPOConfig
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from rlhf_engine.models.loading import causal_lm, freeze, frozen_copy, policy_state_dict
-from rlhf_engine.models.reward import RewardFn, check_reward_model, function_scores, model_scores
+from rlhf_engine.models.reward_scoring import RewardFn, check_reward_model, function_scores, model_scores
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.ops import masked_mean, masked_whiten
 from rlhf_engine.trainer import advantages as adv
@@ -45,7 +45,7 @@ from rlhf_engine.trainer.experience import (
 )
 from rlhf_engine.trainer.kl_control import make_kl_controller
 from rlhf_engine.trainer.ppo_config import PPOConfig
-from rlhf_engine.trainer.rewards import clip_scores, kl_penalty, kl_shaped_rewards, missing_eos_penalty
+from rlhf_engine.trainer.shaping import clip_scores, kl_penalty, kl_shaped_rewards, missing_eos_penalty
 
 
 class PPOTrainer:

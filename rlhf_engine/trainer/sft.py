@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from rlhf_engine.data.collate import pack_sequences, packed_batch, sft_batch
 from rlhf_engine.data.tokenize import IGNORE_INDEX, TokenizedSFT, build_sft_dataset
-from rlhf_engine.trainer.common import (chunks, load_tokenizer, resolve_device, save_hf_folder,
+from rlhf_engine.trainer.stage import (chunks, load_tokenizer, resolve_device, save_hf_folder,
                                         seed_everything, train_eval_datasets, train_stage)
 from rlhf_engine.trainer.sft_config import SFTConfig
 

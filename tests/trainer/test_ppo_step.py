@@ -227,7 +227,7 @@ def test_reward_fn_scores_when_none_given(make_lm, tokenizer, data):
 
 
 def test_reward_model_scores_when_none_given(make_lm, make_reward_model, tokenizer, data):
-    from rlhf_engine.models.reward import model_scores
+    from rlhf_engine.models.reward_scoring import model_scores
 
     queries, responses, _ = data
     cfg = PPOConfig(batch_size=B, mini_batch_size=4, ppo_epochs=1, frozen_dtype="bfloat16")
