@@ -16,6 +16,7 @@ import torch
 from rlhf_engine.checkpoint import atomic_directory
 from rlhf_engine.data.records import DataStats
 from rlhf_engine.metrics import MetricsLogger
+from rlhf_engine.trainer.schedule import lr_scheduler
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -176,29 +177,13 @@ def chunks(items: Sequence[T], size: int) -> list[list[T]]:
     return [list(items[i: i + size]) for i in range(0, len(items), size)]
 
 
-def lr_lambda(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Multiplier of the peak LR at step s: linear warmup over `warmup_steps`, then `kind` decay to the end."""
-
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
-
-    return f
-
-
 def build_optimizer(model: torch.nn.Module, config: StageConfig, total_steps: int):
     """AdamW over the trainable parameters and its LambdaLR schedule for `total_steps` steps."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                   eps=config.adam_epsilon, weight_decay=config.weight_decay)
     warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.lr_scheduler_type, warmup, total_steps))
+    scheduler = lr_scheduler(optimizer, config.lr_scheduler_type, warmup, total_steps)
     return optimizer, scheduler
 
 
