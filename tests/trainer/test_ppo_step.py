@@ -265,7 +265,7 @@ def test_trainer_state_round_trip(make_trainer, data):
     assert names == trainer.model.pretrained_model.state_dict().keys()
 
 
-def test_issue_example_loop(make_lm, tokenizer, tmp_path):
+def test_trl_dataloader_loop_trains_on_full_batches_only(make_lm, tokenizer, tmp_path):
     from rlhf_engine import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer  # the public names
 
     AutoModelForCausalLMWithValueHead(make_lm()).save_pretrained(tmp_path / "sft_model")
