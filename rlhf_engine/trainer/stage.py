@@ -1,5 +1,6 @@
 """What the SFT, reward and DPO stages share: the base config, optimizer and LR schedule, the
-optimizer-step loop with gradient accumulation, evaluation cadence, and HF-folder checkpoints."""
+optimizer-step loop with gradient accumulation, evaluation cadence, HF-folder checkpoints, and the
+`StageTrainer` base class (`train` and `save`)."""
 
 from __future__ import annotations
 
@@ -285,3 +286,36 @@ def summarize(history: list[dict[str, float]]) -> dict[str, float]:
     if first is not None:
         out["train/first_loss"] = first
     return out
+
+
+class StageTrainer:
+    """What `SFTTrainer`, `RewardTrainer` and `DPOTrainer` share: `train()` and `save()`.
+
+    A subclass sets `config`, `model`, `tokenizer`, `data_stats`, `train_data` and `eval_data` (its
+    tokenized examples or pairs) and defines `_batches(data, batch_size, shuffle_seed)`, `_step(group)`
+    and `evaluate()`.
+    """
+
+    config: StageConfig
+    model: torch.nn.Module
+    tokenizer: Any
+    data_stats: list[DataStats]
+    train_data: list[Any]
+    eval_data: list[Any]
+    log_history: list[dict[str, float]]
+
+    def train(self) -> dict[str, float]:
+        """Run the configured steps, save the model to `output_dir`, return the final metrics
+        (`train/loss`, `train/first_loss`, the eval metrics, data counts, ...)."""
+        c = self.config
+        self.log_history, out = train_stage(
+            c, self.model,
+            epoch_batches=lambda epoch: self._batches(self.train_data, c.per_device_train_batch_size, c.seed + epoch),
+            step_fn=self._step, evaluate=self.evaluate if self.eval_data else None, save=self.save,
+            data_stats=self.data_stats)
+        return out
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write the model and tokenizer as an HF folder (default: `output_dir`); returns the folder."""
+        target = Path(path) if path is not None else Path(self.config.output_dir)
+        return save_hf_folder(self.model, self.tokenizer, target, atomic=path is not None)

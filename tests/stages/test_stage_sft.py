@@ -58,7 +58,7 @@ def test_sft_output_is_a_loadable_hf_folder_with_metrics(sft_run):
 def test_gradient_accumulation_equals_one_big_batch(tiny_dir, tmp_path):
     config = SFTConfig(model_name_or_path=str(tiny_dir), output_dir=str(tmp_path), max_length=64)
     trainer = SFTTrainer(config, train_dataset=synthetic.sft_records(8, seed=1))
-    examples = trainer.train_examples
+    examples = trainer.train_data
 
     def grads(batch_size):
         trainer.model.zero_grad()
