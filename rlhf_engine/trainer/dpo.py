@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from rlhf_engine.data.collate import preference_batch
 from rlhf_engine.data.tokenize import IGNORE_INDEX, TokenizedPair, build_preference_dataset
 from rlhf_engine.ops import logprobs_from_logits
-from rlhf_engine.trainer.stage import (StageTrainer, chunks, load_tokenizer, resolve_device, seed_everything,
-                                       train_eval_datasets)
+from rlhf_engine.trainer.stage import StageTrainer, chunks, load_causal_lm
 from rlhf_engine.trainer.dpo_config import DPOConfig
 
 
@@ -66,30 +65,15 @@ class DPOTrainer(StageTrainer):
 
     def __init__(self, config: DPOConfig, *, model=None, ref_model=None, tokenizer=None,
                  train_dataset: Any = None, eval_dataset: Any = None) -> None:
-        self.config = config
-        seed_everything(config.seed)
-        self.device = resolve_device(config.device)
-        if (tokenizer is None or model is None) and not config.model_name_or_path:
-            raise ValueError("DPOConfig.model_name_or_path is empty and no model/tokenizer was passed")
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_name_or_path)
-        if model is None:
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path)
-        self.model = model.to(self.device)
-        self.train_data, self.eval_data, self.data_stats = train_eval_datasets(
-            self.config, self.tokenizer, build_preference_dataset, train_dataset, eval_dataset)
+        self._setup(config, model, tokenizer, load_causal_lm, build_preference_dataset, train_dataset, eval_dataset)
         ref = self._reference(ref_model)
         self.ref_train = self._reference_logps(ref, self.train_data)  # [N, 2] chosen, rejected
         self.ref_eval = self._reference_logps(ref, self.eval_data)
         del ref
-        self.log_history: list[dict[str, float]] = []
 
     def _reference(self, ref_model):
         if ref_model is None and self.config.ref_model_name_or_path:
-            from transformers import AutoModelForCausalLM
-
-            ref_model = AutoModelForCausalLM.from_pretrained(self.config.ref_model_name_or_path)
+            ref_model = load_causal_lm(self.config.ref_model_name_or_path, self.tokenizer)
         if ref_model is None:
             ref_model = copy.deepcopy(self.model)
         ref_model.to(self.device).eval().requires_grad_(False)

@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 from rlhf_engine.data.collate import preference_batch
 from rlhf_engine.data.tokenize import TokenizedPair, build_preference_dataset
-from rlhf_engine.trainer.stage import (StageTrainer, chunks, load_tokenizer, resolve_device, seed_everything,
-                                       train_eval_datasets)
+from rlhf_engine.trainer.stage import StageTrainer, chunks
 from rlhf_engine.trainer.reward_config import RewardConfig
 
 
@@ -59,18 +58,9 @@ class RewardTrainer(StageTrainer):
 
     def __init__(self, config: RewardConfig, *, model=None, tokenizer=None, train_dataset: Any = None,
                  eval_dataset: Any = None) -> None:
-        self.config = config
-        seed_everything(config.seed)
-        self.device = resolve_device(config.device)
-        if (tokenizer is None or model is None) and not config.model_name_or_path:
-            raise ValueError("RewardConfig.model_name_or_path is empty and no model/tokenizer was passed")
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_name_or_path)
-        model = model if model is not None else load_reward_model_for_training(config.model_name_or_path,
-                                                                              self.tokenizer)
-        self.model = with_pad_token(model, self.tokenizer).to(self.device)
-        self.train_data, self.eval_data, self.data_stats = train_eval_datasets(
-            self.config, self.tokenizer, build_preference_dataset, train_dataset, eval_dataset)
-        self.log_history: list[dict[str, float]] = []
+        self._setup(config, model, tokenizer, load_reward_model_for_training, build_preference_dataset,
+                    train_dataset, eval_dataset)
+        self.model = with_pad_token(self.model, self.tokenizer)
 
     def _batches(self, pairs: list[TokenizedPair], batch_size: int, shuffle_seed: int | None) -> list[dict]:
         if shuffle_seed is not None:

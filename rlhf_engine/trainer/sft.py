@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 from rlhf_engine.data.collate import pack_sequences, packed_batch, sft_batch
 from rlhf_engine.data.tokenize import IGNORE_INDEX, TokenizedSFT, build_sft_dataset
-from rlhf_engine.trainer.stage import (StageTrainer, chunks, load_tokenizer, resolve_device, seed_everything,
-                                       train_eval_datasets)
+from rlhf_engine.trainer.stage import StageTrainer, chunks, load_causal_lm
 from rlhf_engine.trainer.sft_config import SFTConfig
 
 
@@ -37,21 +36,7 @@ class SFTTrainer(StageTrainer):
 
     def __init__(self, config: SFTConfig, *, model=None, tokenizer=None, train_dataset: Any = None,
                  eval_dataset: Any = None) -> None:
-        self.config = config
-        seed_everything(config.seed)
-        self.device = resolve_device(config.device)
-        if tokenizer is None or model is None:
-            if not config.model_name_or_path:
-                raise ValueError("SFTConfig.model_name_or_path is empty and no model/tokenizer was passed")
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_name_or_path)
-        if model is None:
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path)
-        self.model = model.to(self.device)
-        self.train_data, self.eval_data, self.data_stats = train_eval_datasets(
-            self.config, self.tokenizer, build_sft_dataset, train_dataset, eval_dataset)
-        self.log_history: list[dict[str, float]] = []
+        self._setup(config, model, tokenizer, load_causal_lm, build_sft_dataset, train_dataset, eval_dataset)
 
     def _batches(self, examples: list[TokenizedSFT], batch_size: int, shuffle_seed: int | None) -> list[dict]:
         if shuffle_seed is not None:

@@ -304,6 +304,23 @@ class StageTrainer:
     eval_data: list[Any]
     log_history: list[dict[str, float]]
 
+    def _setup(self, config: StageConfig, model: torch.nn.Module | None, tokenizer: Any,
+               load_model: Callable[[str, Any], torch.nn.Module], build: Callable[..., tuple[list[T], DataStats]],
+               train_dataset: Any, eval_dataset: Any) -> None:
+        """The start of every stage: seed, device, tokenizer and model (`load_model(path, tokenizer)` from
+        `config.model_name_or_path` when not given), then the tokenized data (see `train_eval_datasets`)."""
+        self.config = config
+        seed_everything(config.seed)  # a fresh head of a loaded model (the reward model's score) is random
+        self.device = resolve_device(config.device)
+        if (tokenizer is None or model is None) and not config.model_name_or_path:
+            raise ValueError(f"{type(config).__name__}.model_name_or_path is empty and no model/tokenizer was passed")
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_name_or_path)
+        model = model if model is not None else load_model(config.model_name_or_path, self.tokenizer)
+        self.model = model.to(self.device)
+        self.train_data, self.eval_data, self.data_stats = train_eval_datasets(
+            config, self.tokenizer, build, train_dataset, eval_dataset)
+        self.log_history = []
+
     def train(self) -> dict[str, float]:
         """Run the configured steps, save the model to `output_dir`, return the final metrics
         (`train/loss`, `train/first_loss`, the eval metrics, data counts, ...)."""
@@ -319,3 +336,10 @@ class StageTrainer:
         """Write the model and tokenizer as an HF folder (default: `output_dir`); returns the folder."""
         target = Path(path) if path is not None else Path(self.config.output_dir)
         return save_hf_folder(self.model, self.tokenizer, target, atomic=path is not None)
+
+
+def load_causal_lm(path: str, tokenizer: Any) -> torch.nn.Module:
+    """`AutoModelForCausalLM` from the HF folder `path` (the `load_model` of SFT and DPO)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)
