@@ -89,7 +89,7 @@ def test_cli_reports_missing_wandb_in_one_line_before_starting_generators(tmp_pa
 
 def test_wandb_offline_run_holds_config_metrics_timeline_and_plots(tmp_path, monkeypatch, assert_no_new_children):
     wandb = pytest.importorskip("wandb")
-    from _wandb_records import read_run
+    from tests.helpers.wandb_records import read_run
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -129,7 +129,7 @@ def test_wandb_offline_run_holds_config_metrics_timeline_and_plots(tmp_path, mon
 
 def test_engine_run_sends_every_jsonl_metric_to_wandb(tmp_path, monkeypatch, assert_no_new_children):
     wandb = pytest.importorskip("wandb")
-    from _wandb_records import read_run
+    from tests.helpers.wandb_records import read_run
 
     from rlhf_engine.data import synthetic
     from rlhf_engine.engine import RLHFEngine

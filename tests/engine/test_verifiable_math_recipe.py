@@ -7,21 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from rlhf_engine.config import load_run_config
 from rlhf_engine.engine import RLHFEngine
 from rlhf_engine.metrics import read_jsonl
+from tests.helpers.threads import one_torch_thread  # noqa: F401 (autouse: the recipe's tiny models, one thread)
 
 RECIPE = Path(__file__).resolve().parents[2] / "examples" / "verifiable_math"
-
-
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    """The recipe sets engine.trainer_threads: 1, which sets this process's torch threads: restore them."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -76,7 +68,6 @@ def test_grpo_raises_accuracy_of_the_warm_started_tiny_model(tmp_path, recipe, a
     _, math_reward, tiny_model = recipe
     from evaluate import accuracy
 
-    torch.set_num_threads(1)  # tiny models: one thread is fastest (and the generator child has its own)
     sft = tiny_model.warm_start(tiny_model.build_base(tmp_path / "base"), tmp_path / "sft")
     prompts = math_reward.KEY.prompts
     before = accuracy(sft, prompts, samples=4)
