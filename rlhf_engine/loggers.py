@@ -80,11 +80,6 @@ class WandbSink:
                                      reinit="create_new", settings=self._wandb.Settings(console="off"))
         self._last_step: int | None = None
 
-    @property
-    def run_path(self) -> Path:
-        """The local folder of this W&B run (`offline-run-*` or `run-*` under `run_dir/wandb/`)."""
-        return Path(self._run.dir).parent
-
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self._run.log(metrics, step=step)
         self._last_step = step

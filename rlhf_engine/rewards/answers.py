@@ -53,6 +53,9 @@ def parse_number(text: str) -> Fraction | None:
     s = s.replace("\\$", "").replace("$", "")
     if s.startswith("\\left(") or s.startswith("("):
         return None  # tuples and intervals are not numbers
+    if s[:1] in "+-" and s[1:2] == "\\":  # a sign before a LaTeX fraction: -\frac{1}{2}
+        inner = parse_number(s[1:])
+        return None if inner is None else -inner if s[0] == "-" else inner
     frac = _FRAC.match(s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac"))
     if frac is not None:
         num, den = parse_number(frac.group(1)), parse_number(frac.group(2))

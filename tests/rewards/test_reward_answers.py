@@ -35,6 +35,7 @@ def test_extract_answer(text, answer):
     ("-6/8", Fraction(-3, 4)),
     ("\\frac{3}{4}", Fraction(3, 4)),
     ("\\dfrac{-1}{2}", Fraction(-1, 2)),
+    ("-\\frac{1}{2}", Fraction(-1, 2)),
     ("1e3", Fraction(1000)),
     ("50%", Fraction(50)),
     (".5", Fraction(1, 2)),
