@@ -84,7 +84,8 @@ class TrainerControl(ControlThread):
             self._hello(identity, header, frame_user_id(frames[1]))
             return
         peer = self.roster.seen(identity)
-        if peer is None:
+        if peer is None:  # e.g. lost, or its connection was re-made: it must join again
+            self.send_now([identity], encode(self.header(ShutdownHeader, reason="no session: not in the roster")))
             raise WireError("unknown_peer", f"{type(header).__name__} from {header.sender!r} outside a session")
         if isinstance(header, WeightsAckHeader):
             self.weights.on_ack(peer, header)
@@ -166,6 +167,7 @@ class GeneratorControl(ControlThread):
         self._limits = limits
         sock = open_socket(context, zmq.DEALER, channel_endpoint(config.endpoint, "control"), bind=False,
                            security=security, config=config, limits=limits, hwm=0)
+        self._monitoring = security.curve
         self._monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS) if security.curve else None
         super().__init__(f"control-generator[{sender_id}]", sock, config, sender_id)
         self.fingerprint = fingerprint
@@ -234,6 +236,9 @@ class GeneratorControl(ControlThread):
         header, tensors = decode(frames, self._limits)
         self._last_seen = time.monotonic()
         self.stats["received"] += 1
+        if isinstance(header, (WelcomeHeader, RejectHeader)) and self._monitoring:
+            self._sock.disable_monitor()  # answered: later events would have no reader
+            self._monitoring = False
         if isinstance(header, WelcomeHeader):
             self.shm = header.shm
             self._answered.set()

@@ -86,6 +86,26 @@ def test_rogue_hello_then_silence_is_a_lost_generator_not_an_error():
             ctx.term()
 
 
+def test_a_hello_with_the_name_of_a_live_generator_is_refused():
+    config = fast_config(ipc_endpoint())
+    with TrainerPort(config, FINGERPRINT) as trainer, GeneratorPort(config, FINGERPRINT) as gen:
+        trainer.wait_for_generators(1)
+        ctx = zmq.Context()
+        rogue = ctx.socket(zmq.DEALER)
+        rogue.linger = 0
+        try:
+            rogue.connect(channel_endpoint(config.endpoint, "control"))
+            rogue.send_multipart(encode(HelloHeader(sender=gen.sender_id, seq=0, fingerprint=FINGERPRINT,
+                                                    hostname="elsewhere", shm=False)))
+            assert rogue.poll(5000)
+            header, _ = decode(rogue.recv_multipart(), WireLimits())
+            assert header.reason == f"generator name {gen.sender_id!r} is already connected"
+            assert [g.name for g in trainer.generators()] == [gen.sender_id]
+        finally:
+            rogue.close()
+            ctx.term()
+
+
 def test_a_rogue_pull_that_steals_a_batch_does_not_hang_the_port_and_a_reissue_reaches_a_generator():
     config = fast_config(ipc_endpoint())
     with TrainerPort(config, FINGERPRINT) as trainer:

@@ -6,6 +6,7 @@ import os
 import stat
 
 import pytest
+import torch
 import zmq
 
 from _peers import FINGERPRINT, fast_config, make_rollout, tcp_endpoint
@@ -19,6 +20,7 @@ from rlhf_engine.transport import (
     add_client_key,
     generate_keys,
     keys_main,
+    state_dict_specs,
 )
 from rlhf_engine.transport.endpoints import channel_endpoint
 
@@ -77,6 +79,21 @@ def test_curve_connects_with_the_keys_and_refuses_without_or_with_other_keys(tmp
         with pytest.raises(HandshakeError, match="no handshake answer"):  # another server key: ZeroMQ says nothing
             GeneratorPort(fast_config(endpoint, curve_keys_dir=str(tmp_path / "other"), handshake_timeout_s=1.0),
                           FINGERPRINT)
+
+
+def test_weights_of_exactly_the_model_specs_pass_curve(tmp_path):
+    """The socket's frame limit is the largest tensor: CURVE's per-frame overhead must still fit."""
+    generate_keys(tmp_path / "keys")
+    sd = {"big": torch.randn(1 << 16), "small": torch.randn(3).bfloat16()}
+    config = fast_config(tcp_endpoint(), curve_keys_dir=str(tmp_path / "keys"))
+    with TrainerPort(config, FINGERPRINT, weight_specs=state_dict_specs(sd)) as trainer, \
+            GeneratorPort(config, FINGERPRINT, weight_specs=state_dict_specs(sd)) as gen:
+        trainer.wait_for_generators(1)
+        trainer.publish_weights(1, sd)
+        update = gen.wait_weights(1, timeout_s=10)
+        assert all(torch.equal(update.tensors[k], v) for k, v in sd.items())
+        update.ack()
+        assert trainer.wait_for_acks(1, timeout_s=10) == {gen.sender_id: True}
 
 
 def test_a_client_key_not_in_the_trainers_folder_fails_with_authentication_failed(tmp_path):
