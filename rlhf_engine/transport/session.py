@@ -65,6 +65,7 @@ class TrainerControl(ControlThread):
         sock = open_socket(context, zmq.ROUTER, channel_endpoint(config.endpoint, "control"), bind=True,
                            security=security, config=config, limits=CONTROL_LIMITS, hwm=0)
         sock.router_mandatory = 1
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH) if security.curve else None
         super().__init__("control-trainer", sock, config, sender_id)
         self.fingerprint = fingerprint
         self.hostname = socket.gethostname()
@@ -128,7 +129,16 @@ class TrainerControl(ControlThread):
         for peer in self.roster.live():
             self.send_now([peer.identity], encode(self.header(HeartbeatHeader)))
 
+    def _after_poll(self) -> None:
+        while self._monitor is not None and self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            self._drop("auth_failed", f"a client's CURVE key is not in the keys folder (ZAP status {event['value']})")
+
     def _on_stop(self) -> None:
+        if self._monitor is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
         for peer in self.roster.live():  # orderly goodbye; linger bounds how long it may take
             self.send_now([peer.identity], encode(self.header(ShutdownHeader, reason="trainer closed")))
 

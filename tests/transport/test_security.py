@@ -4,6 +4,7 @@ an authenticated sender on every rollout, and a clear error for a refused key.""
 import logging
 import os
 import stat
+import time
 
 import pytest
 import torch
@@ -56,8 +57,10 @@ def test_keys_main_writes_keypairs_with_private_secrets(tmp_path, capsys):
     with pytest.raises(FileExistsError, match="--force"):
         keys_main([str(tmp_path / "keys")])
     assert "curve_keys_dir" in capsys.readouterr().out
-    public, secret = add_client_key(tmp_path / "keys", "gen-7")
-    assert (public.name, secret.name) == ("gen-7.key", "gen-7.key_secret")
+    assert keys_main([str(tmp_path / "keys"), "--client", "gen-7"]) == 0
+    public, secret = tmp_path / "keys" / "clients" / "gen-7.key", tmp_path / "keys" / "clients" / "gen-7.key_secret"
+    assert f"curve_client_key={secret}" in capsys.readouterr().out
+    assert public.exists()
     assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
     with pytest.raises(ValueError, match="letters, digits"):
         add_client_key(tmp_path / "keys", "../evil")
@@ -108,6 +111,10 @@ def test_a_client_key_not_in_the_trainers_folder_fails_with_authentication_faile
         with pytest.raises(AuthenticationFailed, match="authentication failed.*keys folder"):
             GeneratorPort(rogue, FINGERPRINT)
         assert trainer.generators() == []
+        deadline = time.monotonic() + 5
+        while not trainer.drop_counts().get("auth_failed") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert trainer.drop_counts()["auth_failed"] >= 1  # counted on the trainer's side too
         # the same key, once in the trainer's folder, is accepted (the allow-list is read at start)
     _, own = add_client_key(tmp_path / "keys", "gen-b")
     with TrainerPort(config, FINGERPRINT) as trainer:
