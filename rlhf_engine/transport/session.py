@@ -15,6 +15,7 @@ either way. Weight messages are handed to ``distribution.py``.
 
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 import threading
@@ -54,6 +55,7 @@ from rlhf_engine.transport.wire import (
 
 log = logging.getLogger(__name__)
 
+_MAX_REJECTIONS = 64
 _HANDSHAKE_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
 
@@ -69,7 +71,8 @@ class TrainerControl(ControlThread):
         super().__init__("control-trainer", sock, config, sender_id)
         self.fingerprint = fingerprint
         self.hostname = socket.gethostname()
-        self.rejections: list[str] = []
+        self.rejections: collections.deque[str] = collections.deque(maxlen=_MAX_REJECTIONS)
+        """Reasons of the latest refused handshakes (a peer flooding HELLOs cannot grow it)."""
         self.roster = roster
         self.weights = WeightPublisher(self, config, roster, weight_specs)
         self.start()
@@ -108,7 +111,7 @@ class TrainerControl(ControlThread):
             shm = self.weights.shm and hello.shm and hello.hostname == self.hostname
             reason = self.roster.join(identity, hello.sender, hello.hostname, shm, user_id)
         if reason:
-            log.error("handshake refused: %s", reason)
+            self._drop("handshake_refused", reason)  # counted; logged rate-limited
             with self.roster.cond:
                 self.rejections.append(reason)
                 self.roster.cond.notify_all()
@@ -155,6 +158,11 @@ class TrainerControl(ControlThread):
             raise HandshakeTimeout(f"only {len(self.roster.live())} of {n} generators connected to "
                                    f"{self.config.endpoint} within {timeout_s} s")
         return live
+
+    def refused(self) -> list[str]:
+        """Reasons of the latest refused handshakes, oldest first."""
+        with self.roster.cond:
+            return list(self.rejections)
 
     def shutdown_generators(self, reason: str = "trainer shutdown") -> None:
         for peer in self.roster.live():
