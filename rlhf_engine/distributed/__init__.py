@@ -15,7 +15,7 @@ from rlhf_engine.distributed.group import (
     launched_by_torchrun,
     rank_info_from_env,
 )
-from rlhf_engine.distributed.shard import is_sharded, reduce_gradients, shard_model
+from rlhf_engine.distributed.shard import clip_grad_norm, is_sharded, reduce_gradients, shard_model
 from rlhf_engine.distributed.weights import full_tensor, iter_full_state
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "StepBatch",
     "broadcast_step_batch",
     "check_divisible",
+    "clip_grad_norm",
     "destroy_process_group",
     "full_tensor",
     "init_process_group",

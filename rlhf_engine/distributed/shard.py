@@ -117,3 +117,26 @@ def reduce_gradients(comm: Comm, params: list[nn.Parameter]) -> None:
         flat /= comm.world_size
         for g, part in zip(grads, flat.split([g.numel() for g in grads])):
             g.copy_(part.view_as(g))
+
+
+def clip_grad_norm(comm: Comm, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global L2 norm of the gradients of all ranks (sharded and replicated), then scale them so the norm is
+    at most `max_norm` (coefficient max_norm / (norm + 1e-6), as `torch.nn.utils.clip_grad_norm_`).
+
+    Returns the norm before clipping, equal on every rank.
+    """
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    zero = torch.zeros((), dtype=torch.float32, device=comm.device)
+    sharded = [g.to_local() for g in grads if isinstance(g, DTensor)]
+    replicated = [g for g in grads if not isinstance(g, DTensor)]
+    # sum of squares: shards add up over ranks, replicated gradients count once
+    sharded_sq = sum((g.float().pow(2).sum() for g in sharded), zero)
+    replicated_sq = sum((g.float().pow(2).sum() for g in replicated), zero)
+    norm = (comm.all_reduce_sum(sharded_sq) + replicated_sq).sqrt()
+    if max_norm < float("inf"):
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+    return norm
