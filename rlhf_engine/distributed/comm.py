@@ -85,7 +85,7 @@ class Comm:
         """`text` of rank `src` on every rank (UTF-8 bytes as a uint8 tensor, its length first)."""
         data = (text or "").encode() if self.rank == src else b""
         size = self.broadcast_(torch.tensor([len(data)], dtype=torch.int64), src)
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == src else torch.empty(
+        buf = torch.tensor(list(data), dtype=torch.uint8) if self.rank == src else torch.empty(
             int(size), dtype=torch.uint8)
         return bytes(self.broadcast_(buf, src).tolist()).decode()
 

@@ -55,3 +55,12 @@ def check_divisible(world_size: int, batch_size: int, mini_batch_size: int) -> N
             f"ppo.mini_batch_size ({mini_batch_size}) must be divisible by the number of trainer ranks "
             f"({world_size}): each micro-batch is split evenly across ranks"
         )
+
+
+def check_mixed_precision(config: DistributedConfig, device_type: str) -> None:
+    """Raise unless the mixed precision asked for runs on `device_type` (bf16 needs CUDA)."""
+    if config.mixed_precision != "no" and device_type != "cuda":
+        raise ValueError(
+            f"trainer.mixed_precision={config.mixed_precision!r} needs CUDA (bf16 params, fp32 reduce); "
+            f"this rank runs on {device_type}: set trainer.mixed_precision: no"
+        )

@@ -30,20 +30,21 @@ DCP_DIR = "dcp"
 
 def save_sharded(
     comm: Comm,
-    final: Path,
+    final: Path | None,
     modules: dict[str, nn.Module],
     optimizer: torch.optim.Optimizer,
     extra: dict[str, Any],
     folders: dict[str, Callable[[Path], None]] | None = None,
 ) -> Path:
-    """Write a checkpoint at `final` from every rank (a collective); returns `final`.
+    """Write a checkpoint at `final` (rank 0's; the others pass None) from every rank (a collective);
+    returns `final`.
 
     modules: the trainable models by name (every optimizer parameter must belong to one of them);
     extra: the rest of the state as a tree of tensors and JSON values (rank 0's is saved);
     folders: sub-directory -> writer, called on every rank (writers gather, rank 0 writes; see `save_hf_folder`).
     """
-    final = Path(final)
     if comm.is_main:
+        final = Path(final)
         with atomic_directory(final) as tmp:
             _write(comm, tmp, modules, optimizer, extra, folders or {})
     else:

@@ -19,6 +19,10 @@ from rlhf_engine.distributed.config import DistributedConfig
 RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+class RendezvousError(RuntimeError):
+    """torchrun's environment is missing or inconsistent."""
+
+
 @dataclass(frozen=True)
 class RankInfo:
     """Where this process sits in the job."""
@@ -39,7 +43,7 @@ def rank_info_from_env(env: Mapping[str, str] | None = None) -> RankInfo:
     env = os.environ if env is None else env
     missing = [name for name in RENDEZVOUS_VARS if name not in env]
     if missing:
-        raise RuntimeError(
+        raise RendezvousError(
             f"torch.distributed rendezvous variables missing: {', '.join(missing)} (start the trainer with "
             "`rlhf-engine ppo --nproc N` or `torchrun --nproc_per_node N -m rlhf_engine ppo ...`)"
         )
@@ -47,9 +51,9 @@ def rank_info_from_env(env: Mapping[str, str] | None = None) -> RankInfo:
         rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
         int(env["MASTER_PORT"])
     except ValueError as e:
-        raise RuntimeError(f"bad rendezvous variable: {e}") from None
+        raise RendezvousError(f"bad rendezvous variable: {e}") from None
     if not 0 <= rank < world:
-        raise RuntimeError(f"RANK ({rank}) must lie in [0, WORLD_SIZE ({world}))")
+        raise RendezvousError(f"RANK ({rank}) must lie in [0, WORLD_SIZE ({world}))")
     return RankInfo(rank=rank, world_size=world, local_rank=local)
 
 

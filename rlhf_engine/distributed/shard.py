@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rlhf_engine.distributed.comm import Comm
-from rlhf_engine.distributed.config import DistributedConfig
+from rlhf_engine.distributed.config import DistributedConfig, check_mixed_precision
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -43,13 +43,9 @@ def _transformers_models(model: nn.Module) -> list[nn.Module]:
 def _mixed_precision(config: DistributedConfig, device: torch.device):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
+    check_mixed_precision(config, device.type)
     if config.mixed_precision == "no":
         return MixedPrecisionPolicy()
-    if device.type != "cuda":
-        raise ValueError(
-            f"trainer.mixed_precision={config.mixed_precision!r} needs CUDA (bf16 params, fp32 reduce); "
-            f"this rank runs on {device.type}: set trainer.mixed_precision: no"
-        )
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
@@ -68,8 +64,7 @@ def shard_model(model: nn.Module, config: DistributedConfig, comm: Comm, *, trai
     trainable=False (reference and reward models) shards only when `config.shard_frozen`, else leaves a full
     copy on each rank. One rank: only activation checkpointing applies.
     """
-    if config.mixed_precision != "no":
-        _mixed_precision(config, comm.device)  # raises on CPU, also for a single rank
+    check_mixed_precision(config, comm.device.type)  # also for a single rank
     if config.activation_checkpointing and trainable:
         from torch.distributed._composable import checkpoint
 

@@ -78,6 +78,6 @@ def test_single_rank_comm_is_identity():
     assert comm.all_reduce_sum(x) is x and comm.all_gather_rows(x) is x
     assert comm.agree_any(True) is True and comm.agree_any(False) is False
     assert comm.shard(6) == slice(0, 6) and comm.is_main and not comm.distributed
-    assert comm.broadcast_str("abc") == "abc"
+    assert comm.broadcast_str("abc") == "abc" and comm.broadcast_str("") == ""
     with pytest.raises(ValueError, match=r"rank \(2\) must lie in \[0, world_size \(2\)\)"):
         Comm(rank=2, world_size=2)
