@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.threads import one_torch_thread  # noqa: F401 (autouse fixture; each torchrun rank has 1 thread too)
+
 WORKERS = Path(__file__).parent / "workers"
 
 

@@ -10,7 +10,6 @@ from tests.distributed.workers import ppo_scenarios as scenarios
 
 @pytest.mark.parametrize("scenario", ["gae", "grpo"])
 def test_update_independent_of_micro_batch_split(scenario, monkeypatch):
-    torch.set_num_threads(1)
     results = []
     for mini, accumulation in ((8, 1), (2, 4)):  # one optimizer step over all 8 samples, either way
         name = f"{scenario}_{mini}x{accumulation}"

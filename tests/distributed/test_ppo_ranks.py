@@ -15,14 +15,6 @@ STAT_KEYS = ("objective/kl", "ppo/loss/policy", "ppo/loss/total", "ppo/policy/ap
              "ppo/optimizer_steps", "ppo/grad_norm", "ppo/returns/mean")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun rank runs
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The 1-rank runs (here), then the 2-rank runs (torchrun), both written to one directory."""

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from _peers import FINGERPRINT, fast_config, generator_main, ipc_endpoint, make_rollout, tcp_endpoint
+from tests.helpers.peers import FINGERPRINT, fast_config, generator_main, ipc_endpoint, make_rollout, tcp_endpoint
 from rlhf_engine.transport import BackpressureTimeout, GeneratorPort, TrainerPort
 
 

@@ -7,7 +7,7 @@ import stat
 import pytest
 import zmq
 
-from _peers import FINGERPRINT, fast_config, tcp_endpoint
+from tests.helpers.peers import FINGERPRINT, fast_config, tcp_endpoint
 from rlhf_engine.transport import (
     GeneratorPort,
     HandshakeError,
