@@ -1,11 +1,13 @@
-"""PPO on 2 gloo ranks equals PPO on 1 rank: weights and per-step stats after 3 steps (gae, grpo, early
-stop by target_kl, replicated DDP mode), and sharded checkpoints resume across world sizes (2 -> 1, 1 -> 2)."""
+"""PPO on 2 gloo ranks equals PPO on 1 rank: weights and per-step stats after 3 steps (gae, grpo, rloo,
+reinforce_pp with whitened rewards, early stop by target_kl, replicated DDP mode), and sharded checkpoints
+resume across world sizes (2 -> 1, 1 -> 2)."""
 
 import pytest
 import torch
 
 from rlhf_engine.distributed import Comm
 from tests.distributed.conftest import run_group, torchrun_cmd
+from tests.distributed.workers import ppo_scenarios as scenarios
 from tests.distributed.workers.ppo_scenarios import (
     STEPS, load_trainer, make_trainer, read_result, run_steps, write_result,
 )
@@ -20,7 +22,7 @@ def runs(tmp_path_factory):
     """The 1-rank runs (here), then the 2-rank runs (torchrun), both written to one directory."""
     out = tmp_path_factory.mktemp("ppo_ranks")
     comm = Comm()
-    for scenario in ("gae", "grpo", "target_kl"):
+    for scenario in scenarios.SCENARIOS:
         trainer = make_trainer(comm, scenario)
         save_after = 1 if scenario == "gae" else None
         history = run_steps(comm, trainer, scenario, range(STEPS), save_after, out / "ckpt_1rank")
@@ -45,7 +47,7 @@ def _assert_same_run(one, two, keys=STAT_KEYS):
                 assert s2[key] == pytest.approx(s1[key], abs=TOL), (step, key)
 
 
-@pytest.mark.parametrize("scenario", ["gae", "grpo"])
+@pytest.mark.parametrize("scenario", ["gae", "grpo", "rloo", "reinforce_pp"])
 def test_two_ranks_equal_one_rank(runs, scenario):
     one, two = read_result(runs, f"{scenario}_1"), read_result(runs, scenario)
     _assert_same_run(one, two)

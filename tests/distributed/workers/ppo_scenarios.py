@@ -28,7 +28,10 @@ SCENARIOS = {
     "gae": dict(advantage_estimator="gae"),
     "grpo": dict(advantage_estimator="grpo", num_generations=2),
     "target_kl": dict(advantage_estimator="gae", target_kl=2e-4, ppo_epochs=4),
+    "rloo": dict(advantage_estimator="rloo", num_generations=2),
+    "reinforce_pp": dict(advantage_estimator="reinforce_pp", whiten_rewards=True),
 }
+GROUPED = ("grpo", "rloo")
 
 
 def make_trainer(comm: Comm, scenario: str, fsdp: bool = True) -> PPOTrainer:
@@ -44,11 +47,11 @@ def make_trainer(comm: Comm, scenario: str, fsdp: bool = True) -> PPOTrainer:
 
 
 def step_batch(step: int, scenario: str, eos: int) -> StepBatch:
-    """Fixed samples of one step; grpo's come as groups of 2 consecutive samples with one prompt."""
+    """Fixed samples of one step; grpo's and rloo's come as groups of 2 consecutive samples with one prompt."""
     g = torch.Generator().manual_seed(1000 + step)
     queries, responses = [], []
     for i in range(B):
-        if scenario == "grpo" and i % 2 == 1:
+        if scenario in GROUPED and i % 2 == 1:
             queries.append(queries[-1].clone())
         else:
             queries.append(torch.randint(4, VOCAB, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g))

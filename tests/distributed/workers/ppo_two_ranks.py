@@ -1,6 +1,6 @@
 """2-rank worker of the equivalence tests: argv = out_dir, checkpoint saved by the 1-rank run after step 1.
 
-Writes <out>/<run>.safetensors and <out>/<run>.json for the runs gae, grpo, target_kl, ddp (gae replicated),
+Writes <out>/<run>.safetensors and <out>/<run>.json for every scenario, ddp (gae replicated),
 resumed_from_1 (the 1-rank checkpoint continued at 2 ranks), and the checkpoint <out>/ckpt_2ranks after
 step 1 of gae.
 """
@@ -8,7 +8,7 @@ step 1 of gae.
 import sys
 from pathlib import Path
 
-from ppo_scenarios import STEPS, load_trainer, make_trainer, run_steps, write_result
+from ppo_scenarios import SCENARIOS, STEPS, load_trainer, make_trainer, run_steps, write_result
 
 from rlhf_engine.distributed import Comm, DistributedConfig, destroy_process_group, init_process_group
 
@@ -16,7 +16,7 @@ from rlhf_engine.distributed import Comm, DistributedConfig, destroy_process_gro
 def main(out: Path, ckpt_1rank: Path) -> None:
     _, device = init_process_group(DistributedConfig(backend="gloo", timeout_s=60))
     comm = Comm.from_process_group(device)
-    for scenario in ("gae", "grpo", "target_kl"):
+    for scenario in SCENARIOS:
         trainer = make_trainer(comm, scenario)
         save_after = 1 if scenario == "gae" else None
         history = run_steps(comm, trainer, scenario, range(STEPS), save_after, out / "ckpt_2ranks")
