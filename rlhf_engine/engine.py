@@ -142,7 +142,10 @@ class RLHFEngine:
             return
         self._stopped = True
         if self._leader is not None:
-            self._leader.stop()  # the other trainer ranks leave their loop
+            try:
+                self._leader.stop()  # the other trainer ranks leave their loop
+            except Exception as e:  # a rank died: torchrun stops the others; the generators are stopped below
+                log.warning("could not release the other trainer ranks: %s", e)
         if self._port is not None:
             try:
                 self._port.shutdown_generators("engine stopping")
