@@ -311,7 +311,7 @@ class RLHFEngine:
             cpus = cfg.engine.generator_cpus[i] if cfg.engine.generator_cpus is not None else None
             self._children.append(start_child(
                 ["-m", "rlhf_engine.cli", "generator", "--config", str(self.run_dir / CONFIG_FILE),
-                 "--name", f"generator-{i}"],
+                 "--name", f"generator-{i}", "--connect", self._port.endpoint],
                 log_path=self.run_dir / f"generator-{i}.log", env=env, cpus=cpus,
             ))
         total = cfg.engine.num_generators + cfg.engine.external_generators

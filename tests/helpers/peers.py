@@ -41,7 +41,11 @@ def tcp_endpoint() -> str:
 
 
 def fast_config(endpoint: str, **overrides) -> TransportConfig:
+    """Quick heartbeats; a tcp endpoint without keys runs with ``allow_insecure`` (tests of the
+    wire itself; tests/transport/test_security.py checks that tcp needs keys)."""
     fields = dict(endpoint=endpoint, heartbeat_interval_s=0.1, heartbeat_timeout_s=1.5, handshake_timeout_s=10.0)
+    if endpoint.startswith("tcp://") and "curve_keys_dir" not in overrides:
+        fields["allow_insecure"] = True
     fields.update(overrides)
     return TransportConfig(**fields)
 
@@ -87,5 +91,36 @@ def trainer_main(config: TransportConfig, ready_path: str) -> None:
     """Bind, accept generators and idle until killed."""
     with TrainerPort(config, FINGERPRINT):
         open(ready_path, "w").close()
+        while True:
+            time.sleep(1)
+
+
+def rss_bytes() -> int:
+    """This process's resident set size (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def flood_main(config: TransportConfig, n: int, prompt_len: int, response_len: int) -> None:
+    """Send ``n`` rollouts of the given size as fast as back-pressure allows, then idle until killed."""
+    port = GeneratorPort(config, FINGERPRINT, name="flood")
+    template = make_rollout(0, 0, prompt_len, response_len)
+    for i in range(n):
+        template.rollout_id = f"flood-{i}"
+        port.send_rollout(template, timeout_s=600)
+    while True:
+        time.sleep(1)
+
+
+def hold_endpoint_main(config: TransportConfig, ready_path: str) -> None:
+    """Bind a trainer port and write its pid when ready; idle until killed."""
+    import os
+
+    with TrainerPort(config, FINGERPRINT):
+        with open(ready_path, "w") as f:
+            f.write(str(os.getpid()))
         while True:
             time.sleep(1)
