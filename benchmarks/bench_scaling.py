@@ -9,6 +9,7 @@ trainer before staging).
 
     python benchmarks/bench_scaling.py                 # writes benchmarks/results/scaling_cpu.json
     python benchmarks/bench_scaling.py --steps 2 --batch-size 8 --tag quick
+    python benchmarks/bench_scaling.py --ranks 1 --threads 1 --tag cpu_1rank_1thread   # one core's worth
 
 Each rank count runs in its own `torchrun` job (this file with --worker).
 """
@@ -44,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ranks", default="1,2", help="comma-separated rank counts")
     p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--model", help="HF folder (default: build the bench_e2e 38 M Llama)")
+    p.add_argument("--threads", type=int, help="torch threads per rank (default: cores / ranks)")
     p.add_argument("--tag", default="cpu", help="results file: scaling_<tag>.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: the per-rank JSON output directory
     return p.parse_args(argv)
@@ -118,7 +120,7 @@ def run_ranks(args: argparse.Namespace, nproc: int, model: Path, out_dir: Path) 
            "--steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--mini-batch-size", str(args.mini_batch_size), "--prompt-length", str(args.prompt_length),
            "--response-length", str(args.response_length), "--fsdp" if args.fsdp else "--no-fsdp"]
-    threads = max(1, (os.cpu_count() or 1) // nproc)  # every rank count uses all cores
+    threads = args.threads or max(1, (os.cpu_count() or 1) // nproc)  # default: every rank count uses all cores
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(nproc)]
