@@ -258,6 +258,8 @@ class RLHFEngine:
         return ckpt
 
     def _build_trainer(self, ckpt: Path | None) -> None:
+        from rlhf_engine.trainer.ppo_from_config import build_ppo_trainer
+
         self.trainer, self.tokenizer = build_ppo_trainer(self.config, ckpt, self.comm)
         self._leader = Leader(self.comm, self.trainer, self._save_sharded)
 
@@ -413,30 +415,3 @@ class RLHFEngine:
         weights = self._leader.weights() if self.comm.distributed else self.trainer.policy_state_dict()
         self._port.publish_weights(self.trainer.policy_version, weights)
 
-
-def build_ppo_trainer(config: RunConfig, ckpt: Path | None, comm: Comm):
-    """The PPO trainer of a run (every trainer rank builds it the same way); returns (trainer, tokenizer).
-    The policy (and critic) start from the checkpoint's HF folders when resuming; the reference is always the
-    initial policy."""
-    from transformers import AutoTokenizer
-
-    from rlhf_engine.models.loading import load_causal_lm
-    from rlhf_engine.models.reward_scoring import load_reward_model
-    from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
-    from rlhf_engine.trainer.ppo import PPOTrainer
-
-    m = config.model
-    tokenizer = AutoTokenizer.from_pretrained(m.policy)
-    policy_dir = ckpt / "policy" if ckpt is not None else Path(m.policy)
-    policy = AutoModelForCausalLMWithValueHead.from_pretrained(policy_dir)
-    ref = load_causal_lm(m.ref_model or m.policy, frozen=True)
-    value_model = None
-    if m.value_model is not None:
-        critic_dir = ckpt / "policy" / "critic" if ckpt is not None else Path(m.value_model)
-        value_model = AutoModelForCausalLMWithValueHead.from_pretrained(critic_dir)
-    reward_model = load_reward_model(m.reward_model) if m.reward_model is not None else None
-    reward_fn = import_function(m.reward_fn) if m.reward_fn is not None else None
-    trainer = PPOTrainer(config=config.ppo, model=policy, ref_model=ref, tokenizer=tokenizer,
-                         reward_model=reward_model, reward_fn=reward_fn, value_model=value_model,
-                         comm=comm, parallel=config.trainer)
-    return trainer, tokenizer

@@ -30,7 +30,8 @@ def run_ppo_ranks(config, resume: str | Path | None) -> dict[str, Any] | None:
     """Join the job, run this rank's part; returns rank 0's run summary (None on the other ranks)."""
     from rlhf_engine.distributed.dcp import load_sharded, save_sharded
     from rlhf_engine.distributed.driver import follow
-    from rlhf_engine.engine import RLHFEngine, build_ppo_trainer
+    from rlhf_engine.engine import RLHFEngine
+    from rlhf_engine.trainer.ppo_from_config import build_ppo_trainer
 
     _, device = init_process_group(config.trainer)
     comm = Comm.from_process_group(device)
