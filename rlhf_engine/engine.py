@@ -151,15 +151,17 @@ class RLHFEngine:
                 self._port.shutdown_generators("engine stopping")
             except Exception as e:  # the port may already be broken; the children are still stopped below
                 log.warning("could not ask the generators to stop: %s", e)
-        for child in self._children:
-            stop_child(child, grace_s=10.0)
-        self._children = []
-        if self._port is not None:
-            self._port.close()
-            self._port = None
-        for sink in (self._metrics, self._timeline):
-            if sink is not None:
-                sink.close()
+        try:
+            for child in self._children:
+                stop_child(child, grace_s=10.0)
+            self._children = []
+        finally:  # a second signal (torchrun stopping the ranks) must not leak the port's shared memory
+            if self._port is not None:
+                self._port.close()
+                self._port = None
+            for sink in (self._metrics, self._timeline):
+                if sink is not None:
+                    sink.close()
 
     def __enter__(self) -> "RLHFEngine":
         return self.start()

@@ -121,6 +121,8 @@ def test_killed_rank_stops_the_whole_job(tmp_path, files):
         rank1 = [pid for pid in marked_processes(mark) if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes()
                  .split(b"\0") and b"rlhf_engine" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(rank1) == 1, rank1
+        ranks = [pid for pid in marked_processes(mark) if b"LOCAL_RANK=" in Path(f"/proc/{pid}/environ").read_bytes()
+                 and b"rlhf_engine" in Path(f"/proc/{pid}/cmdline").read_bytes()]  # weight segments carry the pid
         os.kill(rank1[0], signal.SIGKILL)
         out, _ = proc.communicate(timeout=60)  # well within the heartbeat timeout of the generators (20 s) + exit
     except BaseException:
@@ -130,6 +132,7 @@ def test_killed_rank_stops_the_whole_job(tmp_path, files):
     assert "exitcode  : -9" in out and "rank      : 1" in out  # torchrun names the dead rank
     assert_none_left(mark)
     assert len(metric_steps(tmp_path / "run")) < 200
+    assert not [p for p in Path("/dev/shm").iterdir() if any(f"-{pid}-" in p.name for pid in ranks)]
 
 
 def test_bad_input_is_refused_before_anything_starts(tmp_path, files):
