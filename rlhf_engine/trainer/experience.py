@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from rlhf_engine.data.collate import left_pad, right_pad
+from rlhf_engine.distributed.comm import Comm
 from rlhf_engine.data.tokenize import IGNORE_INDEX
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.ops import logprobs_from_logits
@@ -189,16 +190,20 @@ def forward_experience(
     critic: AutoModelForCausalLMWithValueHead | None,
     batch: TokenBatch,
     config: PPOConfig,
+    comm: Comm,
 ) -> ExperiencePasses:
-    """`ExperiencePasses` of `batch`, in chunks of `mini_batch_size` rows. Values come from `critic` when
-    given, else from `model`'s value head (when the config uses a critic)."""
+    """`ExperiencePasses` of the whole `batch` on every rank: each rank runs its share of the rows in chunks
+    of `mini_batch_size / world_size` rows, then the shares are gathered, so every whole-batch statistic
+    computed from them (whitening, group baselines, the KL the controller sees) is the global one. Values
+    come from `critic` when given, else from `model`'s value head (when the config uses a critic)."""
     full_kl = config.kl_penalty == "full"
     shared_critic = config.uses_critic and critic is None
     parts: dict[str, list[torch.Tensor]] = {"old_logp": [], "ref_logp": [], "entropy": [], "kl": [], "values": []}
     width = batch.response_width
-    n = batch.input_ids.shape[0]
-    for start in range(0, n, config.mini_batch_size):
-        chunk = batch.select(torch.arange(start, min(start + config.mini_batch_size, n)))
+    mine = comm.shard(batch.input_ids.shape[0])
+    chunk_rows = config.mini_batch_size // comm.world_size
+    for start in range(mine.start, mine.stop, chunk_rows):
+        chunk = batch.select(torch.arange(start, min(start + chunk_rows, mine.stop)))
         pol = forward_policy(
             model, chunk, config.temperature, with_values=shared_critic, with_entropy=True, keep_logits=full_kl
         )
@@ -211,7 +216,7 @@ def forward_experience(
         for key, tensor in named.items():
             if tensor is not None:  # chunks are trimmed to their own widths: pad back to the batch's
                 parts[key].append(torch.nn.functional.pad(tensor.float(), (0, width - tensor.shape[1])))
-    joined = {key: torch.cat(chunks) if chunks else None for key, chunks in parts.items()}
+    joined = {key: comm.all_gather_rows(torch.cat(chunks)) if chunks else None for key, chunks in parts.items()}
     return ExperiencePasses(**joined)
 
 

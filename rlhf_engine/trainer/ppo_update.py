@@ -1,8 +1,13 @@
 """The PPO update of one step: epochs over shuffled minibatches of an `Experience`, one optimizer step
-per backward batch (`backward_batch_size` rows in micro-batches of `mini_batch_size`).
+per backward batch (`backward_batch_size` rows in micro-batches of `mini_batch_size`), on one rank or
+many.
 
-One device sync per optimizer step checks the gradient norm: a non-finite loss or gradient makes
-it non-finite (a NaN loss gives NaN gradients), and the update stops without that optimizer step.
+Each optimizer step's loss is the mean over the global token count N of its minibatch: every micro-batch
+on every rank adds sum(token losses) / N, so the update does not depend on how the minibatch is cut into
+micro-batches or ranks (each rank takes an equal slice of every micro-batch). One all-reduce per optimizer
+step gives every rank the minibatch's metrics, and with them the same non-finite and early-stop decisions;
+the global gradient norm is the one device sync that checks the gradients (a NaN loss gives NaN
+gradients), and the update stops without that optimizer step when it is not finite.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from rlhf_engine.distributed import Comm, clip_grad_norm, reduce_gradients
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.trainer import losses
 from rlhf_engine.trainer.experience import Experience, forward_policy, forward_values
@@ -25,7 +31,8 @@ class UpdateResult:
     """What the PPO epochs did."""
 
     stats: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
-    """Per-micro-batch metrics (0-dim, detached) of the optimizer steps taken, and `ppo/grad_norm` per step."""
+    """Per-optimizer-step metrics (0-dim, detached; token means over the step's whole minibatch, equal on
+    every rank) of the optimizer steps taken, and `ppo/grad_norm` per step."""
     optimizer_steps: int = 0
     early_stopped: bool = False
     """`target_kl` was exceeded: the epochs stopped after that optimizer step (a normal outcome)."""
@@ -37,36 +44,47 @@ def ppo_update(
     model: nn.Module,
     critic: AutoModelForCausalLMWithValueHead | None,
     optimizer: torch.optim.Optimizer,
-    params: list[nn.Parameter],
     exp: Experience,
     config: PPOConfig,
     shuffle: torch.Generator,
+    comm: Comm,
 ) -> UpdateResult:
-    """`ppo_epochs` passes over `exp` in an order drawn from `shuffle`; see the module docstring."""
+    """`ppo_epochs` passes over `exp` in an order drawn from `shuffle` (equal on every rank); see the module
+    docstring."""
     result = UpdateResult()
     max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
+    # the optimizer's own parameters: FSDP2 swaps a module's registered parameters between the sharded ones
+    # (which the optimizer holds) and unsharded ones around forward and backward
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    local_rows = config.mini_batch_size // comm.world_size
+    mine = slice(comm.rank * local_rows, (comm.rank + 1) * local_rows)  # this rank's slice of a micro-batch
     for _epoch in range(config.ppo_epochs):
         order = torch.randperm(config.batch_size, generator=shuffle)
         for b_start in range(0, config.batch_size, config.backward_batch_size):
             optimizer.zero_grad(set_to_none=True)
-            step_stats: dict[str, list[torch.Tensor]] = defaultdict(list)
-            for m_start in range(b_start, b_start + config.backward_batch_size, config.mini_batch_size):
-                rows = order[m_start : m_start + config.mini_batch_size]
-                loss, mb_stats = minibatch_loss(model, critic, exp, rows, config)
-                (loss / config.gradient_accumulation_steps).backward()
+            step_rows = order[b_start : b_start + config.backward_batch_size]
+            token_count = exp.batch.response_mask[step_rows].sum()  # N, over all ranks' rows of this step
+            sums: dict[str, torch.Tensor] = {}
+            for m_start in range(0, config.backward_batch_size, config.mini_batch_size):
+                rows = step_rows[m_start : m_start + config.mini_batch_size][mine]
+                loss, mb_stats = minibatch_loss(model, critic, exp, rows, config, token_count)
+                (loss * comm.world_size).backward()  # gradients are averaged over ranks: scale back to a sum
                 for key, value in mb_stats.items():
-                    step_stats[key].append(value)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                    sums[key] = sums[key] + value if key in sums else value
+            reduce_gradients(comm, params)  # replicated parameters; FSDP2 reduced in backward
+            keys = sorted(sums)
+            totals = comm.all_reduce_sum(torch.stack([sums[k] for k in keys]))  # [K], the step's token means
+            grad_norm = clip_grad_norm(comm, params, max_norm)
             if not bool(torch.isfinite(grad_norm)):  # device sync, the one of this optimizer step
                 result.non_finite = True
                 break
-            step_stats["ppo/grad_norm"].append(grad_norm.detach())
+            result.stats["ppo/grad_norm"].append(grad_norm.detach())
+            for key, value in zip(keys, totals.unbind()):
+                result.stats[key].append(value)
             optimizer.step()
             result.optimizer_steps += 1
-            for key, values in step_stats.items():
-                result.stats[key] += values
-            mean_approxkl = torch.stack(step_stats["ppo/policy/approxkl"]).mean()
-            if config.target_kl is not None and float(mean_approxkl) > config.target_kl:  # device sync
+            step_approxkl = totals[keys.index("ppo/policy/approxkl")]
+            if config.target_kl is not None and float(step_approxkl) > config.target_kl:  # device sync
                 result.early_stopped = True
                 break
         if result.non_finite or result.early_stopped:
@@ -81,9 +99,12 @@ def minibatch_loss(
     exp: Experience,
     rows: torch.Tensor,
     config: PPOConfig,
+    token_count: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss of the experience's `rows` (policy loss + vf_coef * value loss - entropy_coef * entropy),
-    with its detached metrics. Values come from `critic` when given, else from `model`'s value head."""
+    with its detached metrics; with `token_count`, each is these rows' share sum / token_count of a mean
+    over a larger minibatch (see `losses`). Values come from `critic` when given, else from `model`'s value
+    head."""
     mb = exp.batch.select(rows)
     width = mb.response_width
     mask = mb.response_mask
@@ -93,7 +114,8 @@ def minibatch_loss(
     )
     mb_is_weights = exp.is_weights[rows, :width] if exp.is_weights is not None else None
     pg_loss, pg_stats = losses.ppo_policy_loss(
-        out.logp, exp.old_logp[rows, :width], exp.advantages[rows, :width], mask, config.cliprange, mb_is_weights
+        out.logp, exp.old_logp[rows, :width], exp.advantages[rows, :width], mask, config.cliprange, mb_is_weights,
+        token_count,
     )
     loss = pg_loss
     stats = {
@@ -106,7 +128,8 @@ def minibatch_loss(
     if config.uses_critic:
         values = out.values if shared_critic else forward_values(critic, mb)
         vf_loss, vf_stats = losses.value_loss(
-            values, exp.values[rows, :width], exp.returns[rows, :width], mask, config.cliprange_value
+            values, exp.values[rows, :width], exp.returns[rows, :width], mask, config.cliprange_value,
+            token_count,
         )
         loss = loss + config.vf_coef * vf_loss
         stats.update({
@@ -115,7 +138,7 @@ def minibatch_loss(
             "ppo/val/error": vf_stats["error"],
         })
     if config.entropy_coef > 0:
-        entropy = losses.entropy_bonus(out.entropy, mask)
+        entropy = losses.entropy_bonus(out.entropy, mask, token_count)
         loss = loss - config.entropy_coef * entropy
         stats["ppo/policy/entropy"] = entropy.detach()
     stats["ppo/loss/total"] = loss.detach()
