@@ -70,7 +70,8 @@ def cuda_include_dirs() -> list[str]:
 
 
 def step(title: str, cmd: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess]:
-    print(f"cuda-build: {title}: {' '.join(cmd)}", flush=True)
+    shown = " ".join(a if "\n" not in a else "<script>" for a in cmd)
+    print(f"cuda-build: {title}: {shown}", flush=True)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     return time.perf_counter() - t0, r
