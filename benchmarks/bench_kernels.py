@@ -11,11 +11,12 @@ Times are the median and the best of `--repeat` runs after one warm-up. Peak ext
   cuda: torch.cuda.max_memory_allocated() during the call minus memory allocated before it.
 Log-probs from hidden states (section `hidden`): logprobs_from_hidden against the eager LM head
 (`hidden @ W.T` -> log_softmax -> gather) and against the eager LM head + our logits op
-(logprobs_from_logits with inplace_backward). Its peak extra memory on the CPU is measured in a
-FRESH SUBPROCESS PER ROW (inputs built, one warm-up call, VmHWM reset, one measured call) with
-MALLOC_MMAP_THRESHOLD_=65536 so that every freed buffer above 64 KiB goes back to the OS: the
-high-water mark then follows the live bytes. `extra` includes the gradients the call returns
-(grad_hidden, grad_weight: the same bytes for every impl); `workspace` is extra minus those.
+(logprobs_from_logits with inplace_backward). Each row runs in a FRESH SUBPROCESS: one call on a
+tiny problem (first-call setup), inputs built, on cuda one warm-up call, `--repeat` timed calls
+(on the CPU no full-size warm-up: a call takes seconds there). Peak extra memory on the CPU is the VmHWM rise over those
+calls, with MALLOC_MMAP_THRESHOLD_=65536 so that every freed buffer above 64 KiB goes back to the
+OS: the high-water mark then follows the live bytes. `extra` includes the gradients the call
+returns (grad_hidden, grad_weight: the same bytes for every impl); `workspace` is extra minus those.
 The bandwidth floor of a row is the bytes the op must move (forward: read the logits once;
 forward+backward: read them twice and write the gradient once) over the copy_ bandwidth
 measured in this run. `--model h100` adds a column with bytes / 3.35 TB/s: a MODEL, not a measurement.
@@ -181,8 +182,7 @@ def _hidden_impls() -> dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def hidden_case(n: int, h: int, v: int, dtype: torch.dtype, mode: str, impl: str, device: str):
-    """(run, result_bytes): the call for one hidden row on fresh inputs, and the bytes of the
-    results it returns (log-probs, plus grad_hidden and grad_weight for fwd+bwd)."""
+    """The call of one hidden row (fwd, or fwd+bwd returning the gradients) on fresh inputs."""
     gen = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(n, h, device=device, generator=gen).to(dtype)  # [N, H]
     weight = (torch.randn(v, h, device=device, generator=gen) * h**-0.5).to(dtype)  # [V, H]
@@ -194,7 +194,7 @@ def hidden_case(n: int, h: int, v: int, dtype: torch.dtype, mode: str, impl: str
             with torch.no_grad():
                 return fn(hidden, weight, labels)
 
-        return run, n * 4
+        return run
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
 
@@ -204,24 +204,44 @@ def hidden_case(n: int, h: int, v: int, dtype: torch.dtype, mode: str, impl: str
         grads, hidden.grad, weight.grad = (hidden.grad, weight.grad), None, None
         return grads
 
-    return run, (n * h + v * h) * hidden.element_size()
+    return run
 
 
-def hidden_peak_extra_subprocess(case: dict) -> int:
-    """Peak extra bytes of one hidden row, measured by this script in a fresh process (module docstring)."""
+def hidden_row_subprocess(case: dict, repeat: int) -> dict:
+    """{median_ms, best_ms, peak_extra_bytes} of one hidden row, run by this script in a fresh process."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [sys.executable, os.path.abspath(__file__), "--measure-hidden-memory", json.dumps(case)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--hidden-row", json.dumps({**case, "repeat": repeat})]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if r.returncode != 0:
-        raise RuntimeError(f"memory subprocess for {case} failed:\n{r.stderr[-3000:]}")
-    return int(r.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"subprocess for hidden row {case} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def _measure_hidden_memory(case_json: str) -> None:
+def _hidden_row(case_json: str) -> None:
+    """The child of hidden_row_subprocess: prints one JSON line."""
     case = json.loads(case_json)
-    run, _ = hidden_case(**{**case, "dtype": getattr(torch, case["dtype"])})
-    run()  # warm-up: one-time allocations (thread pools, kernels' first use) are not the call's
-    print(peak_extra_bytes(run, case["device"]))
+    repeat, device = case.pop("repeat"), case["device"]
+    dtype = getattr(torch, case["dtype"])
+    hidden_case(**{**case, "n": 8, "v": 64, "dtype": dtype})()  # first-call setup (dispatch, thread pools)
+    run = hidden_case(**{**case, "dtype": dtype})
+    if device == "cuda":
+        run()  # warm-up: cuBLAS handles, kernel loading
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        base = _rss()["VmRSS"]
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = run()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+        del out
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss()["VmHWM"]
+    print(json.dumps(dict(median_ms=statistics.median(times), best_ms=min(times), peak_extra_bytes=peak - base)))
 
 
 def bench_hidden(args, bandwidth: float) -> list[dict]:
@@ -237,14 +257,12 @@ def bench_hidden(args, bandwidth: float) -> list[dict]:
                 for impl in _hidden_impls():
                     dt = str(dtype).removeprefix("torch.")
                     case = dict(n=n, h=h, v=v, dtype=dt, mode=mode, impl=impl, device=args.device)
-                    run, result_bytes = hidden_case(n, h, v, dtype, mode, impl, args.device)
-                    median, best = time_ms(run, args.device, args.repeat)
-                    del run
-                    extra = (hidden_peak_extra_subprocess(case) if args.device == "cpu"
-                             else peak_extra_bytes(hidden_case(n, h, v, dtype, mode, impl, args.device)[0], args.device))
+                    result_bytes = n * 4 if mode == "fwd" else (n * h + v * h) * size  # logprob / grads
+                    m = hidden_row_subprocess(case, args.repeat)
+                    extra = m["peak_extra_bytes"]
                     row = dict(
                         op="hidden", mode=mode, impl=impl, n=n, h=h, v=v, dtype=dt,
-                        median_ms=median, best_ms=best, floor_ms=moved / bandwidth * 1e3,
+                        median_ms=m["median_ms"], best_ms=m["best_ms"], floor_ms=moved / bandwidth * 1e3,
                         peak_extra_mb=extra / 2**20, workspace_mb=(extra - result_bytes) / 2**20,
                         extra_frac_of_logits=extra / logit_bytes,
                     )
@@ -391,13 +409,13 @@ def main() -> None:
                         help="smoke run: --n 256, one small hidden shape, 1 timed run (checks the script, not speed)")
     parser.add_argument("--sections", default="logprobs,hidden,gae",
                         help="comma-separated subset of logprobs,hidden,gae (default: all)")
-    parser.add_argument("--measure-hidden-memory", default=None, help=argparse.SUPPRESS)  # internal: one subprocess row
+    parser.add_argument("--hidden-row", default=None, help=argparse.SUPPRESS)  # internal: one subprocess row
     parser.add_argument("--trl-max-v", type=int, default=32000,
                         help="largest V for TRL rows (one timed run each: on the CPU they take tens of seconds)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/kernels_<device>_<date>.json)")
     args = parser.parse_args()
-    if args.measure_hidden_memory:
-        _measure_hidden_memory(args.measure_hidden_memory)
+    if args.hidden_row:
+        _hidden_row(args.hidden_row)
         return
     resolve_device(args.device, "--device")
     if args.quick:

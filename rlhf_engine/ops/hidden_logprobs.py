@@ -14,6 +14,7 @@ grad_hidden, grad_weight) where an eager LM head that keeps its logits multiplie
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -40,11 +41,15 @@ def default_chunk_tokens(vocab: int, dtype: torch.dtype) -> int:
     return max(16, min(DEFAULT_CHUNK_TOKENS, _CHUNK_LOGIT_BYTES // per_token))
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """hidden [c, H] @ weight.T [H, V] (+ bias [V]) -> logits [c, V], in the inputs' dtype."""
+def _chunk_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buf: torch.Tensor
+) -> torch.Tensor:
+    """hidden [c, H] @ weight.T [H, V] (+ bias [V]) -> logits [c, V] in the inputs' dtype, written
+    into the first c rows of buf [chunk, V] (one buffer for all chunks: no allocation per chunk)."""
+    out = buf[: hidden.shape[0]]  # [c, V]
     if bias is None:
-        return torch.mm(hidden, weight.t())
-    return torch.addmm(bias, hidden, weight.t())
+        return torch.mm(hidden, weight.t(), out=out)
+    return torch.addmm(bias, hidden, weight.t(), out=out)
 
 
 @torch.library.custom_op("rlhf_engine::hidden_logprobs_fwd", mutates_args=(), device_types=("cpu", "cuda"))
@@ -65,9 +70,10 @@ def _hidden_logprobs_fwd(
     logprob = hidden.new_empty(n, dtype=dt)
     entropy = hidden.new_empty(n, dtype=dt)
     lse = hidden.new_empty(n, dtype=dt)
+    buf = hidden.new_empty(min(chunk_tokens, n), weight.shape[0])  # [chunk, V]
     for s in range(0, n, chunk_tokens):
         e = min(s + chunk_tokens, n)
-        logits = _chunk_logits(hidden[s:e], weight, bias)  # [c, V]
+        logits = _chunk_logits(hidden[s:e], weight, bias, buf)  # [c, V]
         lp, ent, ls = _ops.logprobs_fwd(logits, labels[s:e], inv_temperature, ignore_index, with_entropy)
         logprob[s:e], entropy[s:e], lse[s:e] = lp, ent, ls
     return logprob, entropy, lse
@@ -108,9 +114,10 @@ def _hidden_logprobs_bwd(
     grad_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
     grad_weight = torch.zeros_like(weight) if need_weight else weight.new_empty(0)
     bias_acc = torch.zeros(weight.shape[0], dtype=accum_dtype(weight.dtype), device=weight.device) if need_bias else None
+    buf = hidden.new_empty(min(chunk_tokens, n), weight.shape[0])  # [chunk, V]
     for s in range(0, n, chunk_tokens):
         e = min(s + chunk_tokens, n)
-        grads = _chunk_logits(hidden[s:e], weight, bias)  # [c, V] logits, overwritten with G_c below
+        grads = _chunk_logits(hidden[s:e], weight, bias, buf)  # [c, V] logits, overwritten with G_c below
         g_ent = grad_entropy[s:e] if grad_entropy.numel() else grad_entropy
         _ops.logprobs_bwd_inplace(
             grad_logprob[s:e], g_ent, grads, labels[s:e], lse[s:e], entropy[s:e], inv_temperature, ignore_index
@@ -170,10 +177,10 @@ torch.library.register_autograd("rlhf_engine::hidden_logprobs_fwd", _backward, s
 
 
 def _reject_dtensor(name: str, t: torch.Tensor) -> None:
-    if torch.distributed.is_available():
-        from torch.distributed.tensor import DTensor
-
-        if isinstance(t, DTensor):
+    # A DTensor exists only once its module is imported: look it up instead of importing it (slow).
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    if dtensor_module is not None:
+        if isinstance(t, dtensor_module.DTensor):
             raise TypeError(
                 f"{name} is a DTensor (placements {t.placements}): gather it first (FSDP2: call from inside "
                 "the LM head module's forward, or lm_head.unshard()), or pass t.full_tensor()"
