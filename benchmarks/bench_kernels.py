@@ -11,9 +11,9 @@ Times are the median and the best of `--repeat` runs after one warm-up. Peak ext
   cuda: torch.cuda.max_memory_allocated() during the call minus memory allocated before it.
 Log-probs from hidden states (section `hidden`): logprobs_from_hidden against the eager LM head
 (`hidden @ W.T` -> log_softmax -> gather) and against the eager LM head + our logits op
-(logprobs_from_logits with inplace_backward). Each row runs in a FRESH SUBPROCESS: one call on a
-tiny problem (first-call setup), inputs built, on cuda one warm-up call, `--repeat` timed calls
-(on the CPU no full-size warm-up: a call takes seconds there). Peak extra memory on the CPU is the VmHWM rise over those
+(logprobs_from_logits with inplace_backward). On the CPU each row runs in a FRESH SUBPROCESS (on
+cuda in this process): one call on a tiny problem (first-call setup), inputs built, on cuda one
+full warm-up call, `--repeat` timed calls (on the CPU no full-size warm-up: a call takes seconds). Peak extra memory on the CPU is the VmHWM rise over those
 calls, with MALLOC_MMAP_THRESHOLD_=65536 so that every freed buffer above 64 KiB goes back to the
 OS: the high-water mark then follows the live bytes. `extra` includes the gradients the call
 returns (grad_hidden, grad_weight: the same bytes for every impl); `workspace` is extra minus those.
@@ -219,7 +219,12 @@ def hidden_row_subprocess(case: dict, repeat: int) -> dict:
 
 def _hidden_row(case_json: str) -> None:
     """The child of hidden_row_subprocess: prints one JSON line."""
-    case = json.loads(case_json)
+    print(json.dumps(measure_hidden_row(json.loads(case_json))))
+
+
+def measure_hidden_row(case: dict) -> dict:
+    """{median_ms, best_ms, peak_extra_bytes} of one hidden row in this process (see module docstring)."""
+    case = dict(case)
     repeat, device = case.pop("repeat"), case["device"]
     dtype = getattr(torch, case["dtype"])
     hidden_case(**{**case, "n": 8, "v": 64, "dtype": dtype})()  # first-call setup (dispatch, thread pools)
@@ -241,7 +246,7 @@ def _hidden_row(case_json: str) -> None:
         times.append((time.perf_counter() - t0) * 1e3)
         del out
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss()["VmHWM"]
-    print(json.dumps(dict(median_ms=statistics.median(times), best_ms=min(times), peak_extra_bytes=peak - base)))
+    return dict(median_ms=statistics.median(times), best_ms=min(times), peak_extra_bytes=peak - base)
 
 
 def bench_hidden(args, bandwidth: float) -> list[dict]:
@@ -258,7 +263,9 @@ def bench_hidden(args, bandwidth: float) -> list[dict]:
                     dt = str(dtype).removeprefix("torch.")
                     case = dict(n=n, h=h, v=v, dtype=dt, mode=mode, impl=impl, device=args.device)
                     result_bytes = n * 4 if mode == "fwd" else (n * h + v * h) * size  # logprob / grads
-                    m = hidden_row_subprocess(case, args.repeat)
+                    # CPU: a fresh process per row (clean resident set); CUDA: the allocator's exact peak.
+                    m = (hidden_row_subprocess(case, args.repeat) if args.device == "cpu"
+                         else measure_hidden_row({**case, "repeat": args.repeat}))
                     extra = m["peak_extra_bytes"]
                     row = dict(
                         op="hidden", mode=mode, impl=impl, n=n, h=h, v=v, dtype=dt,
