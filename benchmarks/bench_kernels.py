@@ -251,8 +251,11 @@ def measure_hidden_row(case: dict) -> dict:
 
 def bench_hidden(args, bandwidth: float) -> list[dict]:
     rows = []
-    for n, h, v in HIDDEN_SHAPES_QUICK if args.quick else HIDDEN_SHAPES:
-        for dtype in (torch.float32, torch.bfloat16):
+    shapes = HIDDEN_SHAPES_QUICK if args.quick else HIDDEN_SHAPES
+    if args.hidden_shapes:
+        shapes = tuple(tuple(int(x) for x in s.split("x")) for s in args.hidden_shapes.split(","))
+    for n, h, v in shapes:
+        for dtype in (getattr(torch, d) for d in args.hidden_dtypes.split(",")):
             size = torch.empty((), dtype=dtype).element_size()
             logit_bytes = n * v * size
             # Unavoidable traffic: read hidden and weight (fwd); fwd+bwd reads them again and
@@ -416,6 +419,9 @@ def main() -> None:
                         help="smoke run: --n 256, one small hidden shape, 1 timed run (checks the script, not speed)")
     parser.add_argument("--sections", default="logprobs,hidden,gae",
                         help="comma-separated subset of logprobs,hidden,gae (default: all)")
+    parser.add_argument("--hidden-shapes", default=None,
+                        help="hidden rows: comma-separated NxHxV (default 4096x512x32000,1024x896x151936)")
+    parser.add_argument("--hidden-dtypes", default="float32,bfloat16", help="hidden rows: comma-separated dtypes")
     parser.add_argument("--hidden-row", default=None, help=argparse.SUPPRESS)  # internal: one subprocess row
     parser.add_argument("--trl-max-v", type=int, default=32000,
                         help="largest V for TRL rows (one timed run each: on the CPU they take tens of seconds)")

@@ -176,10 +176,10 @@ def test_torch_compile_fullgraph_matches_eager(device):
         torch.testing.assert_close(x.grad, y.grad)
 
 
-def test_default_chunk_keeps_a_chunk_of_logits_near_64_mib():
-    assert default_chunk_tokens(151936, torch.float32) == 110  # 64 MiB / (151936 * 4 B)
-    assert default_chunk_tokens(151936, torch.bfloat16) == 220
-    assert default_chunk_tokens(32000, torch.float32) == 524
+def test_default_chunk_keeps_a_chunk_of_logits_near_128_mib():
+    assert default_chunk_tokens(151936, torch.float32) == 220  # 128 MiB / (151936 * 4 B) = 220.8
+    assert default_chunk_tokens(151936, torch.bfloat16) == 441
+    assert default_chunk_tokens(32000, torch.float32) == 1024  # 1048 capped
     assert default_chunk_tokens(50, torch.float32) == 1024  # capped
     assert default_chunk_tokens(10**8, torch.float32) == 16  # floored
 
