@@ -8,6 +8,12 @@ when torch has CUDA and nvcc is present; `RLHF_ENGINE_CUDA` overrides this:
 `RLHF_ENGINE_CPU_ARCH` (default `native`) is passed as `-march=` to the C++ compiler;
 the extension is built on the machine that runs it (editable install), so `native`
 gives the widest vectors. Set e.g. `x86-64-v3` to build a portable binary.
+
+The CUDA build (RLHF_ENGINE_CUDA=1) uses build/cuda as its build folder and the CPU-only build
+build/cpu, so that the two never share object files; `make cuda-build` installs the CUDA build
+into .venv-cuda (non-editable) while the CPU build stays in place in rlhf_engine/.
+NVCC_FLAGS and CUDA_ARCHS below are the only copy of the nvcc flags: csrc/tools/cuda_check.py
+reads them from this file (as literals, without running it).
 """
 
 from __future__ import annotations
@@ -19,6 +25,14 @@ import shutil
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# nvcc flags of every CUDA translation unit, and the GPU architectures compiled for.
+NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math"]
+CUDA_ARCHS = ["80", "90a"]
+
+
+def gencode_flags(archs: list[str]) -> list[str]:
+    """-gencode flags for real-architecture code (SASS) of each arch, e.g. 90a -> sm_90a."""
+    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
 
 
 def _cuda_requested() -> bool:
@@ -41,7 +55,8 @@ def _cuda_requested() -> bool:
     return have_cuda
 
 
-def _extensions():
+def _extensions() -> tuple[list, bool]:
+    """The extension to build, and whether it has CUDA kernels."""
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     arch = os.environ.get("RLHF_ENGINE_CPU_ARCH", "native")
@@ -50,14 +65,7 @@ def _extensions():
     include_dirs = [os.path.join(ROOT, "csrc")]
     if _cuda_requested():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc = [
-            "-O3",
-            "-std=c++17",
-            "--use_fast_math",
-            "-DRLHF_ENGINE_CUDA",
-            "-gencode=arch=compute_80,code=sm_80",
-            "-gencode=arch=compute_90a,code=sm_90a",
-        ]
+        nvcc = [*NVCC_FLAGS, "-DRLHF_ENGINE_CUDA", *gencode_flags(CUDA_ARCHS)]
         return [
             CUDAExtension(
                 "rlhf_engine._C",
@@ -66,7 +74,7 @@ def _extensions():
                 extra_compile_args={"cxx": cxx + ["-DRLHF_ENGINE_WITH_CUDA"], "nvcc": nvcc},
                 extra_link_args=["-fopenmp"],
             )
-        ]
+        ], True
     return [
         CppExtension(
             "rlhf_engine._C",
@@ -75,7 +83,7 @@ def _extensions():
             extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"],
         )
-    ]
+    ], False
 
 
 def _build_ext():
@@ -84,4 +92,9 @@ def _build_ext():
     return BuildExtension.with_options(use_ninja=True)
 
 
-setup(ext_modules=_extensions(), cmdclass={"build_ext": _build_ext()})
+_EXTENSIONS, _WITH_CUDA = _extensions()
+setup(
+    ext_modules=_EXTENSIONS,
+    cmdclass={"build_ext": _build_ext()},
+    options={"build": {"build_base": os.path.join("build", "cuda" if _WITH_CUDA else "cpu")}},
+)

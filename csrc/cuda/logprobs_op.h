@@ -8,10 +8,14 @@
 
 namespace rlhf_engine::ops {
 
+// Largest block of the row kernels (logprobs, full KL), used from V ~ 32k (fp32) up;
+// csrc/tools/cuda_check.py reads it for its occupancy table.
+constexpr int kRowThreadsMax = 512;
+
 // Block size for one row of V elements: enough threads that each has a few 16-byte vectors.
 inline int logprobs_threads(int64_t vocab, int64_t elem_bytes) {
   const int64_t vectors = vocab * elem_bytes / dev::kVecBytes;
-  if (vectors >= 8 * 512) return 512;
+  if (vectors >= 8 * kRowThreadsMax) return kRowThreadsMax;
   if (vectors >= 4 * 256) return 256;
   return 128;
 }

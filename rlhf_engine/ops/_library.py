@@ -31,3 +31,54 @@ def float_dtype_check(name: str, t: torch.Tensor) -> None:
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     """The kernels' output/accumulation dtype for an input dtype: fp64 for fp64, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def cuda_kernels_built() -> bool:
+    """Whether the loaded rlhf_engine._C has CUDA kernels (built with RLHF_ENGINE_CUDA=1 on a CUDA torch)."""
+    load_library()
+    return "cuda" in torch.ops.rlhf_engine.build_info()
+
+
+def check_tensor_device(name: str, t: torch.Tensor, cuda_built: bool) -> None:
+    """A clear error for a tensor on a device the kernels do not run on (cuda_built: cuda_kernels_built())."""
+    if t.device.type == "cuda" and not cuda_built:
+        raise RuntimeError(
+            f"{name} is on {t.device} but rlhf_engine._C was built without CUDA kernels; "
+            "rebuild it with RLHF_ENGINE_CUDA=1 on a CUDA build of torch (README: CUDA build)"
+        )
+    if t.device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"{name} is on {t.device}; the kernels run on cpu and cuda")
+
+
+def resolve_device(device: str | torch.device, name: str = "device") -> torch.device:
+    """torch.device(device), or a RuntimeError naming `name` when CUDA is asked for and cannot run."""
+    d = torch.device(device)
+    if d.type == "cuda":
+        if torch.version.cuda is None:
+            raise RuntimeError(
+                f"{name}={str(device)!r} needs CUDA, but torch {torch.__version__} is a CPU-only build "
+                "(torch.version.cuda is None)"
+            )
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"{name}={str(device)!r} needs CUDA, but no CUDA device is visible to torch {torch.__version__} "
+                "(torch.cuda.is_available() is False)"
+            )
+        if not cuda_kernels_built():
+            raise RuntimeError(f"{name}={str(device)!r}: rlhf_engine._C was built without CUDA kernels")
+    elif d.type != "cpu":
+        raise ValueError(f"{name} must be 'cpu' or 'cuda[:i]', got {str(device)!r}")
+    return d
+
+
+def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """IndexError naming the first label outside [0, vocab) that is not ignore_index.
+
+    One reduction over the labels; on CUDA reading its result is a device sync.
+    """
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))  # [N]
+    if bool(bad.any()):  # device sync on CUDA
+        i = int(bad.nonzero()[0, 0])
+        raise IndexError(
+            f"labels[{i}] = {int(labels[i])} is out of range for V = {vocab} (and is not ignore_index = {ignore_index})"
+        )

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from rlhf_engine.ops._library import accum_dtype, float_dtype_check, load_library
+from rlhf_engine.ops._library import accum_dtype, check_labels_in_range, float_dtype_check, load_library
 
 load_library()
 _ops = torch.ops.rlhf_engine
@@ -125,7 +125,9 @@ def logprobs_from_logits(
     Returns logprob [...] fp32 (fp64 for fp64 logits), and entropy [...] when return_entropy:
         logprob = z[label] - logsumexp(z), entropy = -sum softmax(z) * log_softmax(z), z = logits / T.
     Positions whose label == ignore_index give 0 and no gradient. Differentiable w.r.t. logits.
-    A label outside [0, V) that is not ignore_index raises IndexError.
+    A label outside [0, V) that is not ignore_index raises IndexError on every device, checked
+    once here at op entry (one reduction; a device sync on CUDA). Under torch.compile this entry
+    check is not traced: the CPU kernel still raises, the CUDA kernel gives a NaN log-prob.
     inplace_backward=True: the backward overwrites the logits buffer with grad_logits instead of
     allocating a new [N, V] tensor; only for contiguous non-leaf logits the caller no longer needs.
     """
@@ -139,6 +141,8 @@ def logprobs_from_logits(
     v = logits.shape[-1]
     flat_logits = logits.reshape(-1, v).contiguous()  # [N, V], a copy only when not already contiguous
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()  # [N]
+    if not torch.compiler.is_compiling():
+        check_labels_in_range(flat_labels, v, ignore_index)
     args = (flat_logits, flat_labels, 1.0 / float(temperature), int(ignore_index), bool(return_entropy))
     if inplace_backward and torch.is_grad_enabled():
         logprob, entropy, _ = _LogprobsInplaceBackward.apply(*args)

@@ -28,6 +28,20 @@ def logprobs_reference(
     return torch.where(valid, lp, zero), torch.where(valid, ent, zero)
 
 
+def logprobs_from_hidden_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eager LM head then logprobs_reference: logits = hidden @ weight.T + bias, [..., V] in the
+    inputs' dtype (as a model computes them), then (logprob [...], entropy [...]) in fp32 (fp64)."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)  # [..., V]
+    return logprobs_reference(logits, labels, temperature, ignore_index)
+
+
 def token_kl_reference(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-token estimator, d = logp - ref_logp: kl d, abs |d|, mse d^2 / 2, k3 exp(-d) + d - 1."""
     d = logp - ref_logp

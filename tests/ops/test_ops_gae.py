@@ -23,22 +23,23 @@ def python_gae(rewards, values, mask, gamma, lam):
     return adv, ret
 
 
-def test_hand_computed_two_steps():
+def test_hand_computed_two_steps(device):
     # gamma = 0.5, lam = 0.5; r = [1, 2], V = [0.5, 1]
     # t=1: delta = 2 + 0 - 1 = 1, A_1 = 1, R_1 = 2
     # t=0: delta = 1 + 0.5 * 1 - 0.5 = 1, A_0 = 1 + 0.25 * 1 = 1.25, R_0 = 1.75
-    adv, ret = gae(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, 1.0]]), torch.ones(1, 2, dtype=torch.bool), 0.5, 0.5)
-    torch.testing.assert_close(adv, torch.tensor([[1.25, 1.0]]))
-    torch.testing.assert_close(ret, torch.tensor([[1.75, 2.0]]))
+    r, v = torch.tensor([[1.0, 2.0]], device=device), torch.tensor([[0.5, 1.0]], device=device)
+    adv, ret = gae(r, v, torch.ones(1, 2, dtype=torch.bool, device=device), 0.5, 0.5)
+    torch.testing.assert_close(adv.cpu(), torch.tensor([[1.25, 1.0]]))
+    torch.testing.assert_close(ret.cpu(), torch.tensor([[1.75, 2.0]]))
 
 
 @pytest.mark.parametrize("b,t", [(1, 1), (3, 17), (16, 128)])
 @pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95), (0.0, 0.5), (0.9, 0.0)])
-def test_matches_python_loop_with_holes(b, t, gamma, lam):
+def test_matches_python_loop_with_holes(device, b, t, gamma, lam):
     g = torch.Generator().manual_seed(b * 1000 + t)
     rewards, values = torch.randn(b, t, generator=g), torch.randn(b, t, generator=g)
     mask = torch.rand(b, t, generator=g) < 0.7  # random holes, some rows may be all masked
-    adv, ret = gae(rewards, values, mask, gamma, lam)
+    adv, ret = (o.cpu() for o in gae(rewards.to(device), values.to(device), mask.to(device), gamma, lam))
     want_adv, want_ret = python_gae(rewards, values, mask, gamma, lam)
     torch.testing.assert_close(adv.double(), want_adv, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ret.double(), want_ret, atol=1e-5, rtol=1e-5)
@@ -48,24 +49,26 @@ def test_matches_python_loop_with_holes(b, t, gamma, lam):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
-def test_other_dtypes(dtype):
+def test_other_dtypes(device, dtype):
     g = torch.Generator().manual_seed(5)
     rewards, values = torch.randn(4, 30, generator=g).to(dtype), torch.randn(4, 30, generator=g).to(dtype)
     mask = torch.rand(4, 30, generator=g) < 0.8
-    adv, ret = gae(rewards, values, mask.int(), 0.97, 0.9)  # an integer 0/1 mask works too
+    on = lambda t: t.to(device)  # noqa: E731
+    adv, ret = (o.cpu() for o in gae(on(rewards), on(values), on(mask.int()), 0.97, 0.9))  # an integer 0/1 mask works too
     assert adv.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     want_adv, _ = python_gae(rewards, values, mask, 0.97, 0.9)
     torch.testing.assert_close(adv.double(), want_adv, atol=1e-5, rtol=1e-5)
 
 
-def test_packed_equals_padded():
+def test_packed_equals_padded(device):
     g = torch.Generator().manual_seed(7)
     lengths = [5, 1, 0, 12, 7]
     t_max = max(lengths)
-    rewards, values = torch.randn(len(lengths), t_max, generator=g), torch.randn(len(lengths), t_max, generator=g)
-    mask = torch.arange(t_max)[None, :] < torch.tensor(lengths)[:, None]  # right padding
+    rewards = torch.randn(len(lengths), t_max, generator=g).to(device)
+    values = torch.randn(len(lengths), t_max, generator=g).to(device)
+    mask = (torch.arange(t_max)[None, :] < torch.tensor(lengths)[:, None]).to(device)  # right padding
     adv, ret = gae(rewards, values, mask, 0.99, 0.95)
-    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device)
     p_adv, p_ret = gae_packed(rewards[mask], values[mask], offsets, 0.99, 0.95)
     torch.testing.assert_close(p_adv, adv[mask], atol=0, rtol=0)
     torch.testing.assert_close(p_ret, ret[mask], atol=0, rtol=0)
@@ -77,21 +80,24 @@ def test_no_grad_even_for_inputs_that_require_it():
     assert not adv.requires_grad and not ret.requires_grad
 
 
-def test_noncontiguous_inputs():
+def test_noncontiguous_inputs(device):
     rewards, values = torch.randn(9, 6).t(), torch.randn(9, 6).t()  # [6, 9] strided views
     mask = torch.ones(6, 9, dtype=torch.bool)
-    adv, _ = gae(rewards, values, mask, 0.95, 0.9)
+    on = lambda t: t.t().to(device).t()  # noqa: E731  (the same strided view on the device)
+    adv = gae(on(rewards), on(values), mask.to(device), 0.95, 0.9)[0].cpu()
     torch.testing.assert_close(adv.double(), python_gae(rewards, values, mask, 0.95, 0.9)[0], atol=1e-5, rtol=1e-5)
 
 
-def test_opcheck():
-    r, v = torch.randn(3, 8), torch.randn(3, 8)
-    torch.library.opcheck(torch.ops.rlhf_engine.gae.default, (r, v, torch.rand(3, 8) < 0.5, 0.99, 0.95))
-    torch.library.opcheck(torch.ops.rlhf_engine.gae_packed.default, (r.flatten(), v.flatten(), torch.tensor([0, 10, 24]), 0.99, 0.95))
+def test_opcheck(device):
+    r, v = torch.randn(3, 8, device=device), torch.randn(3, 8, device=device)
+    mask = torch.rand(3, 8, device=device) < 0.5
+    torch.library.opcheck(torch.ops.rlhf_engine.gae.default, (r, v, mask, 0.99, 0.95))
+    offsets = torch.tensor([0, 10, 24], device=device)
+    torch.library.opcheck(torch.ops.rlhf_engine.gae_packed.default, (r.flatten(), v.flatten(), offsets, 0.99, 0.95))
 
 
-def test_torch_compile():
-    r, v, m = torch.randn(3, 8), torch.randn(3, 8), torch.rand(3, 8) < 0.5
+def test_torch_compile(device):
+    r, v, m = torch.randn(3, 8, device=device), torch.randn(3, 8, device=device), torch.rand(3, 8, device=device) < 0.5
     f = torch.compile(lambda a, b, c: gae(a, b, c, 0.9, 0.8), backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(f(r, v, m), gae(r, v, m, 0.9, 0.8))
 

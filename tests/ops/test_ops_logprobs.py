@@ -13,20 +13,20 @@ MAX_ELEMS = 1 << 24  # skip the giant combos (e.g. 4096 x 151936): they only add
 SHAPES = [(n, v) for n in NS for v in VS if n * v <= MAX_ELEMS]
 
 
-def _inputs(n, v, dtype, ignore, seed=0):
+def _inputs(n, v, dtype, ignore, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     logits = (3 * torch.randn(n, v, generator=g)).to(dtype)
     labels = torch.randint(0, v, (n,), generator=g)
     if ignore:
         labels[torch.rand(n, generator=g) < 0.3] = -100
-    return logits, labels
+    return logits.to(device), labels.to(device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,v", SHAPES)
 @pytest.mark.parametrize("ignore,temperature", [(False, 1.0), (True, 0.7)])
-def test_matches_reference_values_and_grads(n, v, dtype, ignore, temperature):
-    logits, labels = _inputs(n, v, dtype, ignore)
+def test_matches_reference_values_and_grads(device, n, v, dtype, ignore, temperature):
+    logits, labels = _inputs(n, v, dtype, ignore, device=device)
     x = logits.clone().requires_grad_()
     lp, ent = logprobs_from_logits(x, labels, temperature=temperature, return_entropy=True)
     xr = logits.float().requires_grad_()
@@ -35,7 +35,7 @@ def test_matches_reference_values_and_grads(n, v, dtype, ignore, temperature):
     torch.testing.assert_close(lp, rlp, **FWD[dtype])
     torch.testing.assert_close(ent, rent, atol=2e-4, rtol=1e-4)
     g = torch.Generator().manual_seed(1)
-    w_lp, w_ent = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    w_lp, w_ent = torch.randn(n, generator=g).to(device), torch.randn(n, generator=g).to(device)
     (lp * w_lp + ent * w_ent).sum().backward()
     (rlp * w_lp + rent * w_ent).sum().backward()
     assert x.grad.dtype == dtype
@@ -46,8 +46,8 @@ def test_matches_reference_values_and_grads(n, v, dtype, ignore, temperature):
         assert torch.all(x.grad[ignored] == 0)
 
 
-def test_fp16_and_logprob_only_grad():
-    logits, labels = _inputs(5, 1000, torch.float16, ignore=False)
+def test_fp16_and_logprob_only_grad(device):
+    logits, labels = _inputs(5, 1000, torch.float16, ignore=False, device=device)
     x = logits.clone().requires_grad_()
     logprobs_from_logits(x, labels).sum().backward()
     xr = logits.float().requires_grad_()
@@ -55,58 +55,58 @@ def test_fp16_and_logprob_only_grad():
     torch.testing.assert_close(x.grad.float(), xr.grad, **GRAD[torch.float16])
 
 
-def test_hand_computed_row():
+def test_hand_computed_row(device):
     # logits [0, ln 2, ln 5] -> softmax [1/8, 2/8, 5/8]; label 1 -> log(1/4); entropy = -sum p log p
-    logits = torch.tensor([[0.0, 0.6931471805599453, 1.6094379124341003]])
-    lp, ent = logprobs_from_logits(logits, torch.tensor([1]), return_entropy=True)
+    logits = torch.tensor([[0.0, 0.6931471805599453, 1.6094379124341003]], device=device)
+    lp, ent = (o.cpu() for o in logprobs_from_logits(logits, torch.tensor([1], device=device), return_entropy=True))
     p = torch.tensor([1 / 8, 2 / 8, 5 / 8], dtype=torch.float64)
     torch.testing.assert_close(lp, torch.tensor([-1.3862943611198906]), atol=1e-6, rtol=0)
     torch.testing.assert_close(ent.double(), -(p * p.log()).sum().reshape(1), atol=1e-6, rtol=0)
 
 
-def test_v_equals_one_gives_zero_logprob_entropy_and_grad():
-    x = torch.randn(4, 1, requires_grad=True)
-    lp, ent = logprobs_from_logits(x, torch.zeros(4, dtype=torch.long), return_entropy=True)
+def test_v_equals_one_gives_zero_logprob_entropy_and_grad(device):
+    x = torch.randn(4, 1, device=device, requires_grad=True)
+    lp, ent = logprobs_from_logits(x, torch.zeros(4, dtype=torch.long, device=device), return_entropy=True)
     assert torch.all(lp == 0) and torch.all(ent.abs() < 1e-6)
     (lp + ent).sum().backward()
     assert torch.all(x.grad.abs() < 1e-6)
 
 
-def test_leading_dims_and_noncontiguous_input():
-    base = torch.randn(7, 2, 3, 11)  # [V, B, ..., ] -> permuted to [B, T, V] non-contiguous
+def test_leading_dims_and_noncontiguous_input(device):
+    base = torch.randn(7, 2, 3, 11, device=device)  # [V, B, ..., ] -> permuted to [B, T, V] non-contiguous
     logits = base.permute(1, 2, 3, 0)[..., :7]  # [2, 3, 11, 7]: a strided view
     assert not logits.is_contiguous()
-    labels = torch.randint(0, 7, (2, 3, 11))
+    labels = torch.randint(0, 7, (2, 3, 11), device=device)
     lp = logprobs_from_logits(logits, labels)
     assert lp.shape == (2, 3, 11)
     torch.testing.assert_close(lp, logprobs_reference(logits.contiguous(), labels)[0], **FWD[torch.float32])
 
 
-def test_int32_labels_accepted():
-    logits, labels = _inputs(3, 50, torch.float32, ignore=False)
+def test_int32_labels_accepted(device):
+    logits, labels = _inputs(3, 50, torch.float32, ignore=False, device=device)
     torch.testing.assert_close(
         logprobs_from_logits(logits, labels.int()), logprobs_from_logits(logits, labels), atol=0, rtol=0
     )
 
 
-def test_masked_vocab_and_large_logits_stay_finite():
-    logits = torch.randn(3, 100) * 1e4  # huge scale: naive exp would overflow
+def test_masked_vocab_and_large_logits_stay_finite(device):
+    logits = torch.randn(3, 100, device=device) * 1e4  # huge scale: naive exp would overflow
     logits[:, 50:] = float("-inf")  # masked vocabulary entries
-    labels = torch.tensor([0, 10, 49])
+    labels = torch.tensor([0, 10, 49], device=device)
     lp = logprobs_from_logits(logits, labels)
     assert torch.isfinite(lp).all()
     torch.testing.assert_close(lp, torch.log_softmax(logits, -1).gather(1, labels[:, None])[:, 0])
 
 
-def test_custom_ignore_index():
-    logits, labels = _inputs(6, 20, torch.float32, ignore=False)
+def test_custom_ignore_index(device):
+    logits, labels = _inputs(6, 20, torch.float32, ignore=False, device=device)
     labels[2] = 5
     lp = logprobs_from_logits(logits, labels, ignore_index=5)
     assert lp[2] == 0 and torch.all(lp[labels != 5] < 0)
 
 
-def test_gradcheck_fp64():
-    logits, labels = _inputs(3, 9, torch.float64, ignore=False)
+def test_gradcheck_fp64(device):
+    logits, labels = _inputs(3, 9, torch.float64, ignore=False, device=device)
     labels[1] = -100
     x = logits.requires_grad_()
 
@@ -116,8 +116,8 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(f, (x,))
 
 
-def test_inplace_backward_matches_and_overwrites_buffer():
-    logits, labels = _inputs(5, 300, torch.float32, ignore=True)
+def test_inplace_backward_matches_and_overwrites_buffer(device):
+    logits, labels = _inputs(5, 300, torch.float32, ignore=True, device=device)
     ref_x = logits.clone().requires_grad_()
     logprobs_from_logits(ref_x, labels, return_entropy=True)[1].sum().backward()
     w = (logits / 2).requires_grad_()
@@ -131,23 +131,23 @@ def test_inplace_backward_matches_and_overwrites_buffer():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck(dtype):
-    logits, labels = _inputs(4, 33, dtype, ignore=True)
+def test_opcheck(device, dtype):
+    logits, labels = _inputs(4, 33, dtype, ignore=True, device=device)
     x = logits.requires_grad_()
     torch.library.opcheck(torch.ops.rlhf_engine.logprobs_fwd.default, (x, labels, 1.25, -100, True))
     lp, ent, lse = torch.ops.rlhf_engine.logprobs_fwd(logits.detach(), labels, 1.25, -100, True)
     torch.library.opcheck(
         torch.ops.rlhf_engine.logprobs_bwd.default,
-        (torch.randn(4), torch.randn(4), logits.detach(), labels, lse, ent, 1.25, -100),
+        (torch.randn(4, device=device), torch.randn(4, device=device), logits.detach(), labels, lse, ent, 1.25, -100),
     )
     torch.library.opcheck(
         torch.ops.rlhf_engine.logprobs_bwd_inplace.default,
-        (torch.randn(4), torch.empty(0), logits.detach().clone(), labels, lse, ent, 1.25, -100),
+        (torch.randn(4, device=device), torch.empty(0, device=device), logits.detach().clone(), labels, lse, ent, 1.25, -100),
     )
 
 
-def test_torch_compile_matches_eager():
-    logits, labels = _inputs(6, 40, torch.float32, ignore=True)
+def test_torch_compile_matches_eager(device):
+    logits, labels = _inputs(6, 40, torch.float32, ignore=True, device=device)
 
     def loss(z):
         lp, ent = logprobs_from_logits(z, labels, temperature=0.9, return_entropy=True)
@@ -189,22 +189,22 @@ def test_bad_temperature(temperature):
         logprobs_from_logits(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), temperature=temperature)
 
 
-def test_entropy_with_masked_vocab_is_entropy_over_the_rest():
-    logits = torch.randn(4, 5000)
+def test_entropy_with_masked_vocab_is_entropy_over_the_rest(device):
+    logits = torch.randn(4, 5000, device=device)
     logits[:, 1000:] = float("-inf")  # a masked tail: those tokens have probability 0
-    labels = torch.tensor([0, 1, 2, 999])
+    labels = torch.tensor([0, 1, 2, 999], device=device)
     _, ent = logprobs_from_logits(logits, labels, return_entropy=True)
     _, want = logprobs_reference(logits[:, :1000], labels)
     torch.testing.assert_close(ent, want, atol=2e-4, rtol=1e-4)
 
 
-def test_max_jump_in_a_later_block():
+def test_max_jump_in_a_later_block(device):
     # The running max is seeded from the first 2048-column block; a far larger logit later in
     # the row forces the kernel to rescale (and, past 2^60, to sum that block again).
     logits = torch.full((3, 10000), -40.0) + torch.randn(3, 10000)
     logits[0, 5000] = 60.0  # a jump of ~100 nats: the redo path
     logits[1, 9999] = -20.0  # a modest jump: the rescale path
-    labels = torch.tensor([5000, 9999, 7])
+    logits, labels = logits.to(device), torch.tensor([5000, 9999, 7], device=device)
     x = logits.clone().requires_grad_()
     lp, ent = logprobs_from_logits(x, labels, return_entropy=True)
     xr = logits.clone().requires_grad_()
@@ -214,3 +214,11 @@ def test_max_jump_in_a_later_block():
     (lp + ent).sum().backward()
     (rlp + rent).sum().backward()
     torch.testing.assert_close(x.grad, xr.grad, **GRAD[torch.float32])
+
+
+@pytest.mark.parametrize("label", [5, -1])
+def test_label_out_of_range_raises_on_every_device(device, label):
+    # One contract: IndexError at op entry on CPU and CUDA alike (the CUDA kernel alone would give NaN).
+    labels = torch.tensor([0, label], device=device)
+    with pytest.raises(IndexError, match=rf"labels\[1\] = {label} is out of range for V = 5"):
+        logprobs_from_logits(torch.randn(2, 5, device=device), labels)
