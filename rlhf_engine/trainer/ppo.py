@@ -27,14 +27,17 @@ from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.ops import masked_whiten
 from rlhf_engine.trainer import advantages as adv
 from rlhf_engine.trainer import losses
-from rlhf_engine.trainer.experience import Experience, forward_experience, make_token_batch, truncate_after_eos
+from rlhf_engine.trainer.experience import (Experience, PassLayout, forward_experience, make_token_batch,
+                                            truncate_after_eos)
 from rlhf_engine.trainer.kl_control import make_kl_controller
+from rlhf_engine.trainer.microbatch import plan_microbatches
+from rlhf_engine.trainer.packing import PackingSupport, packed_scores
 from rlhf_engine.trainer.ppo_config import PPOConfig
 from rlhf_engine.trainer.ppo_inputs import TokenSeqs, as_scores, as_token_list, check_step_inputs, collate_queries
 from rlhf_engine.trainer.ppo_stats import PhaseTimer, step_stats
 from rlhf_engine.trainer.ppo_update import ppo_update
 from rlhf_engine.trainer.schedule import lr_scheduler
-from rlhf_engine.trainer.shaping import clip_scores, kl_shaped_rewards, missing_eos_penalty
+from rlhf_engine.trainer.shaping import clip_scores, kl_penalty, kl_shaped_rewards, missing_eos_penalty
 
 
 class PPOTrainer:
@@ -97,6 +100,8 @@ class PPOTrainer:
         if self.pad_token_id is None:
             raise ValueError("no pad_token_id: the tokenizer and the model config both lack one")
         self.device = next(model.parameters()).device
+        self.layout = _pass_layout(config.packing, causal_lm(model), self.ref_model, value_model, self.reward_model)
+        """Which forward passes run packed (`PPOConfig.packing` and what each model supports)."""
 
         self.optimizer = optimizer if optimizer is not None else torch.optim.AdamW(
             self.trainable_parameters(), lr=config.learning_rate
@@ -165,12 +170,15 @@ class PPOTrainer:
         if self.reward_model is not None:
             # the classifier pools at the last token that is not *its* pad token: pad with that one
             pad = _first_not_none(self.reward_model.config.pad_token_id, self.pad_token_id)
-            chunks = []
-            for start in range(0, len(queries), self.config.mini_batch_size):
-                stop = start + self.config.mini_batch_size
-                b = make_token_batch(queries[start:stop], responses[start:stop], pad, self.eos_token_id, self.device)
-                chunks.append(model_scores(self.reward_model, b.input_ids, b.attention_mask, b.position_ids))
-            return torch.cat(chunks)
+            batch = make_token_batch(queries, responses, pad, self.eos_token_id, self.device)
+            plan = plan_microbatches(batch.lengths(), self.config.max_tokens_per_microbatch,
+                                     self.config.mini_batch_size)
+            scores = torch.empty(len(queries), dtype=torch.float32, device=self.device)
+            for rows in plan:
+                b = batch.select(torch.tensor(rows))
+                scores[rows] = (packed_scores(self.reward_model, b.pack()) if self.layout.reward else
+                                model_scores(self.reward_model, b.input_ids, b.attention_mask, b.position_ids))
+            return scores
         if self.reward_fn is not None:
             if self.tokenizer is None:
                 raise ValueError("reward_fn needs a tokenizer to decode prompts and completions")
@@ -212,20 +220,26 @@ class PPOTrainer:
             bad = torch.nonzero(~torch.isfinite(raw_scores)).flatten().tolist()
             return self._skip(f"non-finite scores at samples {bad}; step skipped, weights unchanged")
 
-        # 1. experience: old log-probs, values, reference log-probs (one no-grad forward pass each)
+        # 1. experience: old log-probs, values, reference log-probs (one no-grad forward of each model per
+        #    micro-batch; no policy pass when the update's own forward is pi_old, see `_old_logp_from_update`)
+        kl_coef = self.kl_ctl.value
+        reuse = self._old_logp_from_update(inputs.policy_versions, kl_coef)
         with timer("forward_pass"):
             batch = make_token_batch(inputs.queries, inputs.responses, self.pad_token_id, self.eos_token_id, self.device)
-            passes = forward_experience(self.model, self.ref_model, self.value_model, batch, cfg)
+            lengths = batch.lengths()
+            plan = plan_microbatches(lengths, cfg.max_tokens_per_microbatch, cfg.mini_batch_size)
+            passes = forward_experience(self.model, self.ref_model, self.value_model, batch, cfg, plan, self.layout,
+                                        with_old_logp=not reuse)
         if not passes.all_finite():  # device syncs
             return self._skip("non-finite log-probs or values in the experience; step skipped, weights unchanged")
 
         # 2. rewards and advantages
         mask = batch.response_mask
         with timer("compute_rewards"):
-            kl_coef = self.kl_ctl.value
             step_scores = clip_scores(raw_scores, cfg.score_clip)
             step_scores = missing_eos_penalty(step_scores, batch.has_eos, cfg.missing_eos_penalty)
-            rewards, non_score = kl_shaped_rewards(step_scores, passes.kl, mask, kl_coef)
+            kl = passes.kl if passes.kl is not None else torch.zeros_like(mask)  # kl_coef is 0 without it
+            rewards, non_score = kl_shaped_rewards(step_scores, kl, mask, kl_coef)
             if cfg.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
         with timer("compute_advantages"):
@@ -233,11 +247,11 @@ class PPOTrainer:
             behaviour, is_weights = None, None
             if inputs.behaviour_logp is not None:  # tokens after EOS are not trained
                 behaviour = inputs.behaviour_logp[:, : mask.shape[1]].to(self.device)
-                if cfg.off_policy_correction == "tis":
+                if cfg.off_policy_correction == "tis" and passes.old_logp is not None:
                     is_weights = losses.truncated_importance_weights(passes.old_logp, behaviour, cfg.tis_cap) * mask
         exp = Experience(
             batch=batch, old_logp=passes.old_logp, ref_logp=passes.ref_logp, values=passes.values,
-            entropy=passes.entropy, kl=passes.kl, kl_coef=kl_coef, raw_scores=raw_scores, scores=step_scores,
+            entropy=passes.entropy, kl=kl, kl_coef=kl_coef, raw_scores=raw_scores, scores=step_scores,
             non_score_rewards=non_score, rewards=rewards, advantages=advantages, returns=returns,
             behaviour_logp=behaviour, is_weights=is_weights,
         )
@@ -246,7 +260,12 @@ class PPOTrainer:
         learning_rate = float(self.optimizer.param_groups[0]["lr"])
         with timer("optimize_step"):
             update = ppo_update(self.model, self.value_model, self.optimizer, self.trainable_parameters(), exp, cfg,
-                                self._shuffle)
+                                self._shuffle, lengths, self.layout)
+        if update.policy_logp is not None:  # pi_old came from the update: the experience's metrics from it
+            exp.old_logp, exp.entropy = update.policy_logp, update.entropy
+            exp.kl = kl_penalty(cfg.kl_penalty, exp.old_logp, exp.ref_logp, mask, None, None, cfg.temperature)
+            if behaviour is not None and cfg.off_policy_correction == "tis":
+                exp.is_weights = losses.truncated_importance_weights(exp.old_logp, behaviour, cfg.tis_cap) * mask
 
         # 4. KL control, learning-rate schedule, policy version (the weights to publish)
         mean_kl = exp.mean_kl()  # device sync
@@ -272,6 +291,16 @@ class PPOTrainer:
             "ppo/skipped": float(update.non_finite),
             "ppo/policy_version": float(self.policy_version),
         }
+
+    def _old_logp_from_update(self, policy_versions: torch.Tensor | None, kl_coef: float) -> bool:
+        """Whether pi_old can be the update's own forward (detached) instead of a separate policy pass.
+
+        It can when the update makes one pass over on-policy data (`ppo_epochs == 1` and every sample drawn by
+        the current policy version; no versions given: the caller's own samples, on-policy) and nothing before
+        the update needs pi_old: the rewards do when KL-shaped (`kl_coef > 0`), so then the pass stays."""
+        cfg = self.config
+        on_policy = policy_versions is None or bool((policy_versions == self.policy_version).all())
+        return cfg.ppo_epochs == 1 and on_policy and kl_coef == 0 and cfg.kl_penalty != "full"
 
     def _advantages(
         self, rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor
@@ -348,6 +377,20 @@ def _cut_response(row: torch.Tensor, eos_token_id: int | None, pad_token_id: int
         return cut
     keep = (row != pad_token_id).nonzero()
     return row[: int(keep[-1, 0]) + 1] if keep.numel() else row[:1]
+
+
+def _pass_layout(packing: bool, policy: nn.Module, ref_model: nn.Module, critic: nn.Module | None,
+                 reward_model: nn.Module | None) -> PassLayout:
+    """Which passes run packed: all when `packing` and each model supports it (`PackingSupport`)."""
+    if not packing:
+        return PassLayout()
+    supports = PackingSupport()
+    return PassLayout(
+        policy=supports(policy),
+        ref=supports(ref_model),
+        critic=critic is not None and supports(causal_lm(critic)),
+        reward=reward_model is not None and hasattr(reward_model, "score") and supports(reward_model),
+    )
 
 
 def _first_not_none(*values):

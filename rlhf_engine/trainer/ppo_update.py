@@ -1,5 +1,10 @@
 """The PPO update of one step: epochs over shuffled minibatches of an `Experience`, one optimizer step
-per backward batch (`backward_batch_size` rows in micro-batches of `mini_batch_size`).
+per backward batch (`backward_batch_size` rows in micro-batches of `mini_batch_size` rows, or of at most
+`max_tokens_per_microbatch` tokens). Each micro-batch's loss is weighted by its share of the optimizer
+step's response tokens, so the step's gradient is that of one token mean, however the rows are grouped.
+
+On-policy data with one epoch may come without old log-probs (`Experience.old_logp` None): the update's
+own forward, detached, is pi_old (the ratio is exactly 1), and the update returns it for the metrics.
 
 One device sync per optimizer step checks the gradient norm: a non-finite loss or gradient makes
 it non-finite (a NaN loss gives NaN gradients), and the update stops without that optimizer step.
@@ -16,7 +21,8 @@ from torch import nn
 
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.trainer import losses
-from rlhf_engine.trainer.experience import Experience, forward_policy, forward_values
+from rlhf_engine.trainer.experience import Experience, ForwardOut, PassLayout, forward_policy, forward_values
+from rlhf_engine.trainer.microbatch import plan_microbatches
 from rlhf_engine.trainer.ppo_config import PPOConfig
 
 
@@ -31,6 +37,9 @@ class UpdateResult:
     """`target_kl` was exceeded: the epochs stopped after that optimizer step (a normal outcome)."""
     non_finite: bool = False
     """A loss or gradient was not finite: the update stopped before that optimizer step."""
+    policy_logp: torch.Tensor | None = None
+    """[B, T] the update's own detached log-probs (and `entropy`), when the experience had no old log-probs."""
+    entropy: torch.Tensor | None = None
 
 
 def ppo_update(
@@ -41,19 +50,36 @@ def ppo_update(
     exp: Experience,
     config: PPOConfig,
     shuffle: torch.Generator,
+    lengths: list[int],
+    layout: PassLayout = PassLayout(),
 ) -> UpdateResult:
-    """`ppo_epochs` passes over `exp` in an order drawn from `shuffle`; see the module docstring."""
+    """`ppo_epochs` passes over `exp` in an order drawn from `shuffle`; see the module docstring.
+    lengths: the real tokens of each sample (for the token budget)."""
     result = UpdateResult()
+    if exp.old_logp is None:
+        if config.ppo_epochs != 1:
+            raise ValueError(f"an experience without old log-probs needs ppo_epochs == 1, got {config.ppo_epochs}")
+        result.policy_logp = torch.zeros_like(exp.batch.response_mask)
+        result.entropy = torch.zeros_like(exp.batch.response_mask)
     max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
     for _epoch in range(config.ppo_epochs):
         order = torch.randperm(config.batch_size, generator=shuffle)
         for b_start in range(0, config.batch_size, config.backward_batch_size):
             optimizer.zero_grad(set_to_none=True)
             step_stats: dict[str, list[torch.Tensor]] = defaultdict(list)
-            for m_start in range(b_start, b_start + config.backward_batch_size, config.mini_batch_size):
-                rows = order[m_start : m_start + config.mini_batch_size]
-                loss, mb_stats = minibatch_loss(model, critic, exp, rows, config)
-                (loss / config.gradient_accumulation_steps).backward()
+            step_rows = order[b_start : b_start + config.backward_batch_size]
+            step_tokens = exp.batch.response_mask[step_rows].sum()
+            plan = plan_microbatches([lengths[r] for r in step_rows.tolist()], config.max_tokens_per_microbatch,
+                                     config.mini_batch_size)
+            for positions in plan:
+                rows = step_rows[positions]
+                loss, mb_stats, out = minibatch_loss(model, critic, exp, rows, config, layout)
+                # this micro-batch's share of the step's token mean: the shares sum to one mean
+                (loss * (exp.batch.response_mask[rows].sum() / step_tokens)).backward()
+                if result.policy_logp is not None:
+                    width = out.logp.shape[1]
+                    result.policy_logp[rows, :width] = out.logp.detach()
+                    result.entropy[rows, :width] = out.entropy.detach()
                 for key, value in mb_stats.items():
                     step_stats[key].append(value)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -81,19 +107,25 @@ def minibatch_loss(
     exp: Experience,
     rows: torch.Tensor,
     config: PPOConfig,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    layout: PassLayout = PassLayout(),
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], ForwardOut]:
     """Total loss of the experience's `rows` (policy loss + vf_coef * value loss - entropy_coef * entropy),
-    with its detached metrics. Values come from `critic` when given, else from `model`'s value head."""
+    with its detached metrics and the policy pass. Values come from `critic` when given, else from `model`'s
+    value head. Without old log-probs in `exp`, pi_old is this pass, detached."""
     mb = exp.batch.select(rows)
     width = mb.response_width
     mask = mb.response_mask
     shared_critic = config.uses_critic and critic is None
-    out = forward_policy(
-        model, mb, config.temperature, with_values=shared_critic, with_entropy=config.entropy_coef > 0
-    )
+    own_old_logp = exp.old_logp is None
+    out = forward_policy(model, mb, config.temperature, with_values=shared_critic,
+                         with_entropy=config.entropy_coef > 0 or own_old_logp, packed=layout.policy)
+    mb_old_logp = out.logp.detach() if own_old_logp else exp.old_logp[rows, :width]
     mb_is_weights = exp.is_weights[rows, :width] if exp.is_weights is not None else None
+    if own_old_logp and exp.behaviour_logp is not None and config.off_policy_correction == "tis":
+        mb_is_weights = losses.truncated_importance_weights(
+            mb_old_logp, exp.behaviour_logp[rows, :width], config.tis_cap) * mask
     pg_loss, pg_stats = losses.ppo_policy_loss(
-        out.logp, exp.old_logp[rows, :width], exp.advantages[rows, :width], mask, config.cliprange, mb_is_weights
+        out.logp, mb_old_logp, exp.advantages[rows, :width], mask, config.cliprange, mb_is_weights
     )
     loss = pg_loss
     stats = {
@@ -104,7 +136,7 @@ def minibatch_loss(
         "ppo/policy/ratio": pg_stats["ratio"],
     }
     if config.uses_critic:
-        values = out.values if shared_critic else forward_values(critic, mb)
+        values = out.values if shared_critic else forward_values(critic, mb, packed=layout.critic)
         vf_loss, vf_stats = losses.value_loss(
             values, exp.values[rows, :width], exp.returns[rows, :width], mask, config.cliprange_value
         )
@@ -119,4 +151,4 @@ def minibatch_loss(
         loss = loss - config.entropy_coef * entropy
         stats["ppo/policy/entropy"] = entropy.detach()
     stats["ppo/loss/total"] = loss.detach()
-    return loss, stats
+    return loss, stats, out
