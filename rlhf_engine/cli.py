@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "generator, transport, engine (see rlhf_engine/config.py).")
     _add_config_args(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue from the newest checkpoint of RUN_DIR")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="run the trainer as N ranks on this host (torchrun; settings in the trainer: section)")
 
     p = sub.add_parser("generator", help="a generator process that connects to a trainer",
                        description="Start a generator: loads generator and transport settings from the run's "
@@ -109,18 +111,46 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_ppo(args: argparse.Namespace) -> int:
+def _run_ppo(args: argparse.Namespace, argv: list[str]) -> int:
     from rlhf_engine.config import load_run_config
+    from rlhf_engine.distributed import launched_by_torchrun
     from rlhf_engine.engine import RLHFEngine
 
     config = load_run_config(args.config, args.overrides)
-    with RLHFEngine(config, resume=args.resume) as engine:
-        for _ in engine.steps():
-            pass
-        summary = engine.summary()
+    if args.nproc is not None and not launched_by_torchrun():
+        return _launch_ranks(config, args.nproc, argv)
+    if launched_by_torchrun():
+        from rlhf_engine.distributed.run import preflight, run_ppo_ranks
+
+        try:
+            preflight(config)
+        except (ValueError, RuntimeError) as e:  # RendezvousError is a RuntimeError
+            print(f"rlhf-engine ppo: trainer ranks: {e}", file=sys.stderr)
+            return 2
+        summary = run_ppo_ranks(config, args.resume)
+        if summary is None:  # not rank 0
+            return 0
+    else:
+        with RLHFEngine(config, resume=args.resume) as engine:
+            for _ in engine.steps():
+                pass
+            summary = engine.summary()
     print(f"ppo: {summary['steps']} steps in {summary['wall_s']:.1f} s, "
           f"{summary['generated_tokens_per_s']:.0f} generated tokens/s; run dir {config.engine.run_dir}")
     return 0
+
+
+def _launch_ranks(config, nproc: int, argv: list[str]) -> int:
+    """`--nproc N`: check that the batch splits over N ranks, then re-run this command under torchrun."""
+    from rlhf_engine.distributed.launch import relaunch
+    from rlhf_engine.distributed.run import preflight
+
+    try:
+        preflight(config, nproc)
+    except (ValueError, RuntimeError) as e:
+        print(f"rlhf-engine ppo: --nproc {nproc}: {e}", file=sys.stderr)
+        return 2
+    return relaunch(nproc, argv)
 
 
 def _run_generator(args: argparse.Namespace) -> int:
@@ -170,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in _STAGE_CONFIGS:
             return _run_stage(args.command, args)
         if args.command == "ppo":
-            return _run_ppo(args)
+            return _run_ppo(args, argv)
         if args.command == "generator":
             return _run_generator(args)
         if args.command == "plot":

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from rlhf_engine.config_loader import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from rlhf_engine.distributed.config import DistributedConfig
 from rlhf_engine.rollout.config import GeneratorConfig
 from rlhf_engine.trainer.ppo_config import PPOConfig
 from rlhf_engine.transport.config import TransportConfig
@@ -150,6 +151,9 @@ class RunConfig:
     """Backend and sampling; `model` defaults to `model.policy`, sampling defaults follow `ppo`."""
     transport: TransportConfig = field(default_factory=TransportConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    trainer: DistributedConfig = field(default_factory=DistributedConfig)
+    """The trainer's ranks when launched with `--nproc N` or torchrun: backend, FSDP2 or replicated, sharded
+    frozen models, mixed precision, activation checkpointing."""
 
     def __post_init__(self) -> None:
         if self.generator is None:

@@ -18,6 +18,8 @@ publishes its new weights; the generators apply them between batches.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +27,16 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from rlhf_engine.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from rlhf_engine.checkpoint import (
+    checkpoint_path, latest_checkpoint, list_checkpoints, load_state, rng_state, save_checkpoint, set_rng_state,
+)
 from rlhf_engine.config import RunConfig, import_function, save_run_config
 from rlhf_engine.cpu_plan import CpuPlan, TrainerCpus, make_cpu_plan
 from rlhf_engine.data.prompts import PromptStream, tokenize_prompts
 from rlhf_engine.data.records import DataStats
+from rlhf_engine.distributed import Comm, StepBatch
+from rlhf_engine.distributed.dcp import is_sharded_checkpoint, load_sharded, save_sharded
+from rlhf_engine.distributed.driver import Leader
 from rlhf_engine.metrics import MetricsLogger, Timeline, idle_fractions, read_jsonl
 from rlhf_engine.procs import start_child, stop_child
 from rlhf_engine.rollout.params import dir_fingerprint
@@ -71,8 +78,11 @@ class RLHFEngine:
     """
 
     def __init__(self, config: RunConfig, *, callbacks: list[Callback] | None = None,
-                 resume: str | Path | None = None) -> None:
+                 resume: str | Path | None = None, comm: Comm | None = None) -> None:
         self.config = config
+        self.comm = comm if comm is not None else Comm()
+        """Rank 0 of the trainer's ranks (torchrun); the engine runs on rank 0 only (see `distributed.run`)."""
+        self._leader: Leader | None = None
         self.callbacks = list(callbacks or [])
         self.run_dir = Path(config.engine.run_dir)
         self._resume = Path(resume) if resume is not None else None
@@ -112,11 +122,12 @@ class RLHFEngine:
             self._trainer_cpus = TrainerCpus(self.cpu_plan)  # restored by stop()
             save_run_config(cfg, self.run_dir / CONFIG_FILE)
             ckpt = self._find_resume_checkpoint()
+            self.comm.broadcast_str(str(ckpt) if ckpt is not None else "")  # the other ranks load it too
             self._build_trainer(ckpt)
             self._build_prompts()
             if cfg.model.gold_fn is not None:
                 self._gold_fn = import_function(cfg.model.gold_fn)
-            state = load_state(ckpt) if ckpt is not None else None
+            state = self._load_state(ckpt) if ckpt is not None else None
             if state is not None:
                 self._restore(state)
             self._timeline = Timeline(self.run_dir)
@@ -136,6 +147,11 @@ class RLHFEngine:
         if self._stopped:
             return
         self._stopped = True
+        if self._leader is not None:
+            try:
+                self._leader.stop()  # the other trainer ranks leave their loop
+            except Exception as e:  # a rank died: torchrun stops the others; the generators are stopped below
+                log.warning("could not release the other trainer ranks: %s", e)
         if self._port is not None:
             try:
                 self._port.shutdown_generators("engine stopping")
@@ -214,8 +230,11 @@ class RLHFEngine:
             "prompts": stream_state,
             "rng": rng_state(),
         }
-        path = save_checkpoint(self.run_dir, self.step, state, {"policy": self.trainer.save_pretrained},
-                               keep_last=self.config.engine.keep_last)
+        if self._sharded_checkpoints:
+            path = self._leader.save(checkpoint_path(self.run_dir, self.step), state)
+        else:
+            path = save_checkpoint(self.run_dir, self.step, state, {"policy": self.trainer.save_pretrained},
+                                   keep_last=self.config.engine.keep_last)
         self._timeline.add("trainer", "checkpoint", t0, time.time())
         for cb in self.callbacks:
             cb.on_checkpoint(path)
@@ -240,7 +259,7 @@ class RLHFEngine:
     def _find_resume_checkpoint(self) -> Path | None:
         if self._resume is None:
             return None
-        if (self._resume / "state.json").is_file():
+        if (self._resume / "state.json").is_file() or is_sharded_checkpoint(self._resume):
             return self._resume
         ckpt = latest_checkpoint(self._resume)
         if ckpt is None:
@@ -248,27 +267,31 @@ class RLHFEngine:
         return ckpt
 
     def _build_trainer(self, ckpt: Path | None) -> None:
-        from transformers import AutoTokenizer
+        self.trainer, self.tokenizer = build_ppo_trainer(self.config, ckpt, self.comm)
+        self._leader = Leader(self.comm, self.trainer, self._save_sharded)
 
-        from rlhf_engine.models.loading import load_causal_lm
-        from rlhf_engine.models.reward_scoring import load_reward_model
-        from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
-        from rlhf_engine.trainer.ppo import PPOTrainer
+    # ---- multi-rank pieces: sharded (DCP) checkpoints, used whenever the run was started by torchrun ----
+    @property
+    def _sharded_checkpoints(self) -> bool:
+        from rlhf_engine.distributed import launched_by_torchrun
 
-        m = self.config.model
-        self.tokenizer = AutoTokenizer.from_pretrained(m.policy)
-        policy_dir = ckpt / "policy" if ckpt is not None else Path(m.policy)
-        policy = AutoModelForCausalLMWithValueHead.from_pretrained(policy_dir)
-        # the reference is the *initial* policy, also when resuming
-        ref = load_causal_lm(m.ref_model or m.policy, frozen=True)
-        value_model = None
-        if m.value_model is not None:
-            critic_dir = ckpt / "policy" / "critic" if ckpt is not None else Path(m.value_model)
-            value_model = AutoModelForCausalLMWithValueHead.from_pretrained(critic_dir)
-        reward_model = load_reward_model(m.reward_model) if m.reward_model is not None else None
-        reward_fn = import_function(m.reward_fn) if m.reward_fn is not None else None
-        self.trainer = PPOTrainer(config=self.config.ppo, model=policy, ref_model=ref, tokenizer=self.tokenizer,
-                                  reward_model=reward_model, reward_fn=reward_fn, value_model=value_model)
+        return self.comm.distributed or launched_by_torchrun()
+
+    def _save_sharded(self, final: Path, state: dict[str, Any]) -> Path:
+        state = {**state, "trainer": self.trainer.run_state()}  # model and optimizer go to DCP
+        path = save_sharded(self.comm, final, self.trainer.trainable_modules(), self.trainer.optimizer, state,
+                            folders={"policy": self.trainer.save_pretrained})
+        if self.config.engine.keep_last:
+            for old in list_checkpoints(self.run_dir)[: -self.config.engine.keep_last]:
+                shutil.rmtree(old)
+        return path
+
+    def _load_state(self, ckpt: Path) -> dict[str, Any]:
+        if not is_sharded_checkpoint(ckpt):
+            return load_state(ckpt)
+        state = load_sharded(ckpt, self.trainer.trainable_modules(), self.trainer.optimizer)
+        self.trainer.load_run_state(state.pop("trainer"))
+        return state
 
     def _build_prompts(self) -> None:
         stats = DataStats("prompts")
@@ -278,7 +301,8 @@ class RLHFEngine:
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
-        self.trainer.load_state_dict(state["trainer"])
+        if "trainer" in state:  # single-process checkpoint (a sharded one was loaded by _load_state)
+            self.trainer.load_state_dict(state["trainer"])
         self._stream.load_state_dict(state["prompts"])
         set_rng_state(state["rng"])
         self._next_batch = self.step
@@ -378,11 +402,11 @@ class RLHFEngine:
         rollouts = sorted(batch.rollouts, key=lambda r: r.prompt_id)  # stable: group members stay together
         queries = [r.prompt_token_ids for r in rollouts]
         responses = [r.response_token_ids for r in rollouts]
-        stats = self.trainer.step(
+        stats = self._leader.step(StepBatch(  # every trainer rank joins (one rank: the plain step)
             queries, responses, None,
             behaviour_logprobs=[r.logprobs for r in rollouts],
-            policy_versions=[r.policy_version for r in rollouts],
-        )
+            policy_versions=torch.tensor([r.policy_version for r in rollouts], dtype=torch.long),
+        ))
         stats["env/generated_tokens"] = float(sum(int(r.numel()) for r in responses))
         if self._gold_fn is not None:
             prompts = self.tokenizer.batch_decode(queries, skip_special_tokens=True)
@@ -392,4 +416,33 @@ class RLHFEngine:
         return stats
 
     def _publish_weights(self) -> None:
-        self._port.publish_weights(self.trainer.policy_version, self.trainer.policy_state_dict())
+        weights = self._leader.weights() if self.comm.distributed else self.trainer.policy_state_dict()
+        self._port.publish_weights(self.trainer.policy_version, weights)
+
+
+def build_ppo_trainer(config: RunConfig, ckpt: Path | None, comm: Comm):
+    """The PPO trainer of a run (every trainer rank builds it the same way); returns (trainer, tokenizer).
+    The policy (and critic) start from the checkpoint's HF folders when resuming; the reference is always the
+    initial policy."""
+    from transformers import AutoTokenizer
+
+    from rlhf_engine.models.loading import load_causal_lm
+    from rlhf_engine.models.reward_scoring import load_reward_model
+    from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
+    from rlhf_engine.trainer.ppo import PPOTrainer
+
+    m = config.model
+    tokenizer = AutoTokenizer.from_pretrained(m.policy)
+    policy_dir = ckpt / "policy" if ckpt is not None else Path(m.policy)
+    policy = AutoModelForCausalLMWithValueHead.from_pretrained(policy_dir)
+    ref = load_causal_lm(m.ref_model or m.policy, frozen=True)
+    value_model = None
+    if m.value_model is not None:
+        critic_dir = ckpt / "policy" / "critic" if ckpt is not None else Path(m.value_model)
+        value_model = AutoModelForCausalLMWithValueHead.from_pretrained(critic_dir)
+    reward_model = load_reward_model(m.reward_model) if m.reward_model is not None else None
+    reward_fn = import_function(m.reward_fn) if m.reward_fn is not None else None
+    trainer = PPOTrainer(config=config.ppo, model=policy, ref_model=ref, tokenizer=tokenizer,
+                         reward_model=reward_model, reward_fn=reward_fn, value_model=value_model,
+                         comm=comm, parallel=config.trainer)
+    return trainer, tokenizer

@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from rlhf_engine.data.collate import left_pad, right_pad
+from rlhf_engine.distributed.comm import Comm
 from rlhf_engine.data.tokenize import IGNORE_INDEX
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.ops import logprobs_from_logits
-from rlhf_engine.trainer.packing import PackedBatch, pack_rows
+from rlhf_engine.trainer.packing import PackedBatch, PassLayout, pack_rows
 from rlhf_engine.trainer.ppo_config import PPOConfig
 from rlhf_engine.trainer.shaping import kl_penalty
 
@@ -188,16 +189,6 @@ def forward_values(critic: AutoModelForCausalLMWithValueHead, batch: TokenBatch,
     return values[:, :-1] * batch.response_mask  # [B, T]
 
 
-@dataclass(frozen=True)
-class PassLayout:
-    """Which forward passes run packed (True) or padded (False), decided once per trainer."""
-
-    policy: bool = False
-    ref: bool = False
-    critic: bool = False
-    reward: bool = False
-
-
 @dataclass
 class ExperiencePasses:
     """The no-grad forward passes over a batch at experience time, all [B, T] fp32, 0 on padding."""
@@ -221,20 +212,26 @@ def forward_experience(
     batch: TokenBatch,
     config: PPOConfig,
     microbatches: list[list[int]],
+    comm: Comm,
     layout: PassLayout = PassLayout(),
     *,
     with_old_logp: bool = True,
 ) -> ExperiencePasses:
-    """`ExperiencePasses` of `batch`, one forward of each model per micro-batch (rows of `batch`), under
-    `torch.inference_mode`. Values come from `critic` when given, else from `model`'s value head (when the
-    config uses a critic; that pass also gives the old log-probs). `with_old_logp` False: no policy pass
-    (unless the shared critic makes one): old log-probs, entropy and KL are left to the update."""
+    """`ExperiencePasses` of the whole `batch` on every rank: each rank runs its share of the rows, one
+    forward of each model per micro-batch (`microbatches`: lists of row ids that cover the rank's share
+    `comm.shard(B)`) under `torch.inference_mode` (`no_grad` across ranks), then the shares are gathered, so every whole-batch
+    statistic computed from them (whitening, group baselines, the KL the controller sees) is the global one.
+    Values come from `critic` when given, else from `model`'s value head (when the config uses a critic; that
+    pass also gives the old log-probs). `with_old_logp` False: no policy pass (unless the shared critic makes
+    one): old log-probs, entropy and KL are left to the update."""
     full_kl = config.kl_penalty == "full"
     shared_critic = config.uses_critic and critic is None
     run_policy = with_old_logp or shared_critic
     parts: dict[str, list[torch.Tensor]] = {"old_logp": [], "ref_logp": [], "entropy": [], "kl": [], "values": []}
     width = batch.response_width
-    with torch.inference_mode():
+    # inference mode keeps no autograd state at all; across ranks no_grad: FSDP2 unshards parameters into
+    # buffers it updates in place later, which inference tensors forbid outside inference mode
+    with torch.no_grad() if comm.distributed else torch.inference_mode():
         for rows in microbatches:
             chunk = batch.select(torch.tensor(rows))
             ref = forward_policy(ref_model, chunk, config.temperature, keep_logits=full_kl, packed=layout.ref)
@@ -251,13 +248,16 @@ def forward_experience(
                 if tensor is not None:  # chunks are trimmed to their own widths: pad back to the batch's
                     parts[key].append(torch.nn.functional.pad(tensor.float(), (0, width - tensor.shape[1])))
     # out of inference mode: the joined tensors are ordinary ones, which autograd may save in the update
-    return ExperiencePasses(**{key: _join(chunks, microbatches) if chunks else None for key, chunks in parts.items()})
+    first = comm.shard(batch.input_ids.shape[0]).start
+    joined = {key: comm.all_gather_rows(_join(chunks, microbatches, first)) if chunks else None
+              for key, chunks in parts.items()}
+    return ExperiencePasses(**joined)
 
 
-def _join(chunks: list[torch.Tensor], microbatches: list[list[int]]) -> torch.Tensor:
-    """Per-micro-batch rows [b_i, T] -> [B, T] in the batch's row order."""
-    stacked = torch.cat([c.clone() for c in chunks])  # [B, T] in micro-batch order
-    order = torch.tensor([row for rows in microbatches for row in rows])
+def _join(chunks: list[torch.Tensor], microbatches: list[list[int]], first: int) -> torch.Tensor:
+    """Per-micro-batch rows [b_i, T] -> [n, T]: the rank's share (rows first .. first + n - 1) in row order."""
+    stacked = torch.cat([c.clone() for c in chunks])  # [n, T] in micro-batch order
+    order = torch.tensor([row for rows in microbatches for row in rows]) - first
     out = torch.empty_like(stacked)
     out[order] = stacked
     return out

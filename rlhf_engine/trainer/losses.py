@@ -1,7 +1,9 @@
 """PPO loss pieces as pure functions of per-token tensors [B, T] (B sequences, T response tokens).
 
-Every reduction is a masked mean over the valid response tokens of the slice (`mask` is 1 on tokens up to
-and including EOS, 0 on padding), the token-level aggregation of TRL's PPO.
+Every reduction is a masked mean over the valid response tokens (`mask` is 1 on tokens up to and including
+EOS, 0 on padding), the token-level aggregation of TRL's PPO. By default the mean is over the slice's own
+tokens; with `token_count` N it is sum / N, so that the slices of one optimizer step (micro-batches, ranks)
+each contribute their share of one mean over the whole minibatch and sum to it exactly.
 """
 
 from __future__ import annotations
@@ -11,6 +13,14 @@ import torch
 from rlhf_engine.ops import masked_mean
 
 
+def token_mean(x: torch.Tensor, mask: torch.Tensor, token_count: torch.Tensor | float | None = None) -> torch.Tensor:
+    """sum(x * mask) / token_count over valid tokens (masked positions ignored even when non-finite);
+    token_count None: the mask's own count (`masked_mean`)."""
+    if token_count is None:
+        return masked_mean(x, mask)
+    return torch.where(mask != 0, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum() / token_count
+
+
 def ppo_policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -18,12 +28,13 @@ def ppo_policy_loss(
     mask: torch.Tensor,
     cliprange: float,
     is_weights: torch.Tensor | None = None,
+    token_count: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate loss of PPO (Schulman et al. 2017).
 
     logp [B, T]: current policy log-probs (with grad); old_logp [B, T]: at experience time;
     advantages [B, T]; mask [B, T]; is_weights [B, T] or None: per-token importance weights
-    (truncated pi_old / pi_behaviour for off-policy samples), detached.
+    (truncated pi_old / pi_behaviour for off-policy samples), detached; token_count: see the module docstring.
     Returns (scalar loss, stats), 0-dim and detached: `clipfrac`; `approxkl`, the k2 estimator
     0.5 * E[(log pi - log pi_old)^2] of KL(pi_old || pi) (TRL's, and what `target_kl` compares with);
     `approxkl_k3`, the unbiased k3 estimator E[(ratio - 1) - log ratio] (Schulman, "Approximating KL
@@ -38,15 +49,15 @@ def ppo_policy_loss(
     per_token = torch.maximum(unclipped, clipped)
     if is_weights is not None:
         per_token = per_token * is_weights
-    loss = masked_mean(per_token, mask)
+    loss = token_mean(per_token, mask, token_count)
     with torch.no_grad():
         stats = {
-            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "clipfrac": token_mean((clipped > unclipped).float(), mask, token_count),
             # k2 = 0.5 * E[(log pi - log pi_old)^2], the estimator TRL reports
-            "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
+            "approxkl": 0.5 * token_mean(log_ratio**2, mask, token_count),
             # k3 = E[(ratio - 1) - log ratio] >= 0 per token, unbiased for KL(pi_old || pi) on pi_old's samples
-            "approxkl_k3": masked_mean((ratio - 1.0) - log_ratio, mask),
-            "ratio": masked_mean(ratio, mask),
+            "approxkl_k3": token_mean((ratio - 1.0) - log_ratio, mask, token_count),
+            "ratio": token_mean(ratio, mask, token_count),
         }
     return loss, stats
 
@@ -57,6 +68,7 @@ def value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     cliprange_value: float,
+    token_count: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss.
 
@@ -69,18 +81,20 @@ def value_loss(
     values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     loss_unclipped = (values - returns) ** 2
     loss_clipped = (values_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+    loss = 0.5 * token_mean(torch.maximum(loss_unclipped, loss_clipped), mask, token_count)
     with torch.no_grad():
         stats = {
-            "clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask),
-            "error": masked_mean(loss_unclipped, mask),
+            "clipfrac": token_mean((loss_clipped > loss_unclipped).float(), mask, token_count),
+            "error": token_mean(loss_unclipped, mask, token_count),
         }
     return loss, stats
 
 
-def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def entropy_bonus(
+    entropy: torch.Tensor, mask: torch.Tensor, token_count: torch.Tensor | float | None = None
+) -> torch.Tensor:
     """Mean token entropy [B, T] -> scalar; the loss subtracts entropy_coef times this."""
-    return masked_mean(entropy, mask)
+    return token_mean(entropy, mask, token_count)
 
 
 def truncated_importance_weights(

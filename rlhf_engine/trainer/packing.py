@@ -66,6 +66,16 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_id
     )
 
 
+@dataclass(frozen=True)
+class PassLayout:
+    """Which forward passes run packed (True) or padded (False), decided once per trainer."""
+
+    policy: bool = False
+    ref: bool = False
+    critic: bool = False
+    reward: bool = False
+
+
 class PackingSupport:
     """Whether a model honours packed `position_ids` (checked once per model, by behaviour), with a one-time
     warning per model class that falls back to padding. Owned by one trainer: no process-level state."""
@@ -112,3 +122,19 @@ def packed_scores(reward_model: nn.Module, packed: PackedBatch) -> torch.Tensor:
     hidden = reward_model.base_model(input_ids=packed.input_ids, position_ids=packed.position_ids,
                                      use_cache=False).last_hidden_state  # [1, L, H]
     return reward_model.score(hidden[0, packed.last_index])[:, 0].float()  # [B]
+
+
+def pass_layout(packing: bool, policy: nn.Module, ref_model: nn.Module, critic: nn.Module | None,
+                 reward_model: nn.Module | None) -> PassLayout:
+    """Which passes run packed: all when `packing` and each model supports it (`PackingSupport`).
+    policy, ref_model: causal LMs; critic: an `AutoModelForCausalLMWithValueHead`; reward_model: a
+    sequence classifier (packed only with a `score` head, see `packed_scores`)."""
+    if not packing:
+        return PassLayout()
+    supports = PackingSupport()
+    return PassLayout(
+        policy=supports(policy),
+        ref=supports(ref_model),
+        critic=critic is not None and supports(critic.pretrained_model),
+        reward=reward_model is not None and hasattr(reward_model, "score") and supports(reward_model),
+    )

@@ -15,23 +15,24 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from rlhf_engine.data.collate import left_pad
+from rlhf_engine.distributed import Comm, DistributedConfig, check_divisible, is_sharded, iter_full_state, shard_model
+from rlhf_engine.distributed.dcp import save_hf_folder
 from rlhf_engine.models.loading import causal_lm, freeze, frozen_copy, policy_state_dict
 from rlhf_engine.models.reward_scoring import RewardFn, check_reward_model, function_scores, model_scores
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.ops import masked_whiten
 from rlhf_engine.trainer import advantages as adv
 from rlhf_engine.trainer import losses
-from rlhf_engine.trainer.experience import (Experience, PassLayout, forward_experience, make_token_batch,
-                                            truncate_after_eos)
+from rlhf_engine.trainer.experience import Experience, forward_experience, make_token_batch, truncate_after_eos
 from rlhf_engine.trainer.kl_control import make_kl_controller
-from rlhf_engine.trainer.microbatch import plan_microbatches
-from rlhf_engine.trainer.packing import PackingSupport, packed_scores
+from rlhf_engine.trainer.microbatch import rank_microbatches
+from rlhf_engine.trainer.packing import packed_scores, pass_layout
 from rlhf_engine.trainer.ppo_config import PPOConfig
 from rlhf_engine.trainer.ppo_inputs import TokenSeqs, as_scores, as_token_list, check_step_inputs, collate_queries
 from rlhf_engine.trainer.ppo_stats import PhaseTimer, step_stats
@@ -49,6 +50,10 @@ class PPOTrainer:
     value_model: a separate critic (`AutoModelForCausalLMWithValueHead`), trained alongside the policy; a value
         head on `model` is then unused.
     optimizer / lr_scheduler: default AdamW(learning_rate) and the config's schedule.
+    comm / parallel: this rank of a multi-rank trainer and how its models are wrapped (FSDP2 or replicated).
+        Every rank calls `step` with the same global batch (`rlhf_engine.distributed.broadcast_step_batch`);
+        each computes the experience of its share and its slice of every minibatch, and the result equals
+        the single-process trainer's. Default: one process.
     """
 
     def __init__(
@@ -65,6 +70,8 @@ class PPOTrainer:
         reward_model: nn.Module | None = None,
         reward_fn: RewardFn | None = None,
         value_model: AutoModelForCausalLMWithValueHead | None = None,
+        comm: Comm | None = None,
+        parallel: DistributedConfig | None = None,
     ) -> None:
         self.config = config = config if config is not None else PPOConfig()
         if model is None:
@@ -80,6 +87,12 @@ class PPOTrainer:
             raise ValueError(
                 f"value_model must be an AutoModelForCausalLMWithValueHead, got {type(value_model).__name__}"
             )
+        self.comm = comm = comm if comm is not None else Comm()
+        if comm.distributed:
+            check_divisible(comm.world_size, config.batch_size, config.mini_batch_size)
+            if optimizer is not None or lr_scheduler is not None:
+                raise ValueError("with several ranks the trainer builds its optimizer and scheduler itself "
+                                 "(after sharding the models): do not pass optimizer / lr_scheduler")
 
         self.model = model.eval()
         self.value_model = value_model.eval() if value_model is not None else None
@@ -100,8 +113,13 @@ class PPOTrainer:
         if self.pad_token_id is None:
             raise ValueError("no pad_token_id: the tokenizer and the model config both lack one")
         self.device = next(model.parameters()).device
-        self.layout = _pass_layout(config.packing, causal_lm(model), self.ref_model, value_model, self.reward_model)
+        self.layout = pass_layout(config.packing, causal_lm(model), self.ref_model, value_model, self.reward_model)
         """Which forward passes run packed (`PPOConfig.packing` and what each model supports)."""
+        parallel = parallel if parallel is not None else DistributedConfig()
+        for module, trainable in ((self.model, True), (self.value_model, True), (self.ref_model, False),
+                                  (self.reward_model, False)):
+            if module is not None:  # FSDP2 / replicated on several ranks; activation checkpointing
+                shard_model(module, parallel, comm, trainable=trainable)
 
         self.optimizer = optimizer if optimizer is not None else torch.optim.AdamW(
             self.trainable_parameters(), lr=config.learning_rate
@@ -164,20 +182,26 @@ class PPOTrainer:
 
     @torch.no_grad()
     def score(self, queries: TokenSeqs, responses: TokenSeqs) -> torch.Tensor:
-        """Scores [B] of (query, response) pairs from the reward model or the reward function."""
+        """Scores [B] of (query, response) pairs from the reward model or the reward function (with several
+        ranks, each scores its share and the scores are gathered)."""
         queries = as_token_list(queries, "queries")
         responses = as_token_list(responses, "responses")
+        mine = self.comm.shard(len(queries))
+        return self.comm.all_gather_rows(self._score(queries[mine], responses[mine]))
+
+    def _score(self, queries: list[torch.Tensor], responses: list[torch.Tensor]) -> torch.Tensor:
         if self.reward_model is not None:
             # the classifier pools at the last token that is not *its* pad token: pad with that one
             pad = _first_not_none(self.reward_model.config.pad_token_id, self.pad_token_id)
             batch = make_token_batch(queries, responses, pad, self.eos_token_id, self.device)
-            plan = plan_microbatches(batch.lengths(), self.config.max_tokens_per_microbatch,
-                                     self.config.mini_batch_size)
+            rows = list(range(len(queries)))
+            plan = rank_microbatches(rows, batch.lengths(), self.config.max_tokens_per_microbatch,
+                                     self.config.mini_batch_size // self.comm.world_size, self.comm)
             scores = torch.empty(len(queries), dtype=torch.float32, device=self.device)
-            for rows in plan:
-                b = batch.select(torch.tensor(rows))
-                scores[rows] = (packed_scores(self.reward_model, b.pack()) if self.layout.reward else
-                                model_scores(self.reward_model, b.input_ids, b.attention_mask, b.position_ids))
+            for mb in plan:
+                b = batch.select(torch.tensor(mb))
+                scores[mb] = (packed_scores(self.reward_model, b.pack()) if self.layout.reward else
+                              model_scores(self.reward_model, b.input_ids, b.attention_mask, b.position_ids))
             return scores
         if self.reward_fn is not None:
             if self.tokenizer is None:
@@ -227,9 +251,11 @@ class PPOTrainer:
         with timer("forward_pass"):
             batch = make_token_batch(inputs.queries, inputs.responses, self.pad_token_id, self.eos_token_id, self.device)
             lengths = batch.lengths()
-            plan = plan_microbatches(lengths, cfg.max_tokens_per_microbatch, cfg.mini_batch_size)
-            passes = forward_experience(self.model, self.ref_model, self.value_model, batch, cfg, plan, self.layout,
-                                        with_old_logp=not reuse)
+            mine = self.comm.shard(cfg.batch_size)
+            plan = rank_microbatches(list(range(mine.start, mine.stop)), lengths, cfg.max_tokens_per_microbatch,
+                                     cfg.mini_batch_size // self.comm.world_size, self.comm)
+            passes = forward_experience(self.model, self.ref_model, self.value_model, batch, cfg, plan, self.comm,
+                                        self.layout, with_old_logp=not reuse)
         if not passes.all_finite():  # device syncs
             return self._skip("non-finite log-probs or values in the experience; step skipped, weights unchanged")
 
@@ -259,8 +285,8 @@ class PPOTrainer:
         # 3. epochs over shuffled minibatches, one optimizer step per backward batch
         learning_rate = float(self.optimizer.param_groups[0]["lr"])
         with timer("optimize_step"):
-            update = ppo_update(self.model, self.value_model, self.optimizer, self.trainable_parameters(), exp, cfg,
-                                self._shuffle, lengths, self.layout)
+            update = ppo_update(self.model, self.value_model, self.optimizer, exp, cfg, self._shuffle, self.comm,
+                                lengths, self.layout)
         if update.policy_logp is not None:  # pi_old came from the update: the experience's metrics from it
             exp.old_logp, exp.entropy = update.policy_logp, update.entropy
             exp.kl = kl_penalty(cfg.kl_penalty, exp.old_logp, exp.ref_logp, mask, None, None, cfg.temperature)
@@ -300,7 +326,8 @@ class PPOTrainer:
         the update needs pi_old: the rewards do when KL-shaped (`kl_coef > 0`), so then the pass stays."""
         cfg = self.config
         on_policy = policy_versions is None or bool((policy_versions == self.policy_version).all())
-        return cfg.ppo_epochs == 1 and on_policy and kl_coef == 0 and cfg.kl_penalty != "full"
+        return (cfg.ppo_epochs == 1 and on_policy and kl_coef == 0 and cfg.kl_penalty != "full"
+                and not self.comm.distributed)  # across ranks each keeps only its rows of the update
 
     def _advantages(
         self, rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor
@@ -338,10 +365,18 @@ class PPOTrainer:
         generator: detached tensors aliasing the live parameters (copy them before the next `step`)."""
         return policy_state_dict(self.model)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Trainer state for checkpoints (models are saved with `save_pretrained`)."""
+    def policy_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full tensor) of the policy (transformers names, no value head), one tensor at a time. With
+        sharded models each is gathered from the shards: every rank must drain the iterator (rank 0 sends)."""
+        return iter_full_state(causal_lm(self.model))
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """The models the optimizer trains, by checkpoint name (for sharded checkpoints)."""
+        return {"policy": self.model, **({"critic": self.value_model} if self.value_model is not None else {})}
+
+    def run_state(self) -> dict[str, Any]:
+        """Trainer state besides models and optimizer: scheduler, KL controller, version, RNGs."""
         return {
-            "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "kl_ctl": self.kl_ctl.state_dict(),
             "policy_version": self.policy_version,
@@ -349,17 +384,30 @@ class PPOTrainer:
             "sampling_rng": self._sampling.get_state(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_run_state(self, state: dict[str, Any]) -> None:
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.policy_version = int(state["policy_version"])
         self._shuffle.set_state(state["shuffle_rng"])
         self._sampling.set_state(state["sampling_rng"])
 
+    def state_dict(self) -> dict[str, Any]:
+        """Trainer state for single-process checkpoints (models are saved with `save_pretrained`)."""
+        return {"optimizer": self.optimizer.state_dict(), **self.run_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_run_state(state)
+
     def save_pretrained(self, path: str | Path) -> None:
-        """Save the policy (HF folder + value head) to `path`, the separate critic to `path/critic`."""
+        """Save the policy (HF folder + value head) to `path`, the separate critic to `path/critic`.
+        With sharded models every rank must call it (the weights are gathered); rank 0 writes."""
         path = Path(path)
+        if is_sharded(self.model):
+            save_hf_folder(self.comm, self.model, path, self.tokenizer)
+            if self.value_model is not None:
+                save_hf_folder(self.comm, self.value_model, path / "critic")
+            return
         self.model.save_pretrained(path)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
@@ -377,20 +425,6 @@ def _cut_response(row: torch.Tensor, eos_token_id: int | None, pad_token_id: int
         return cut
     keep = (row != pad_token_id).nonzero()
     return row[: int(keep[-1, 0]) + 1] if keep.numel() else row[:1]
-
-
-def _pass_layout(packing: bool, policy: nn.Module, ref_model: nn.Module, critic: nn.Module | None,
-                 reward_model: nn.Module | None) -> PassLayout:
-    """Which passes run packed: all when `packing` and each model supports it (`PackingSupport`)."""
-    if not packing:
-        return PassLayout()
-    supports = PackingSupport()
-    return PassLayout(
-        policy=supports(policy),
-        ref=supports(ref_model),
-        critic=critic is not None and supports(causal_lm(critic)),
-        reward=reward_model is not None and hasattr(reward_model, "score") and supports(reward_model),
-    )
 
 
 def _first_not_none(*values):

@@ -1,13 +1,16 @@
 """The PPO update of one step: epochs over shuffled minibatches of an `Experience`, one optimizer step
 per backward batch (`backward_batch_size` rows in micro-batches of `mini_batch_size` rows, or of at most
-`max_tokens_per_microbatch` tokens). Each micro-batch's loss is weighted by its share of the optimizer
-step's response tokens, so the step's gradient is that of one token mean, however the rows are grouped.
+`max_tokens_per_microbatch` tokens), on one rank or many.
 
 On-policy data with one epoch may come without old log-probs (`Experience.old_logp` None): the update's
 own forward, detached, is pi_old (the ratio is exactly 1), and the update returns it for the metrics.
 
-One device sync per optimizer step checks the gradient norm: a non-finite loss or gradient makes
-it non-finite (a NaN loss gives NaN gradients), and the update stops without that optimizer step.
+Each optimizer step's loss is the mean over the global token count N of its minibatch: every micro-batch
+on every rank adds sum(token losses) / N, so the update does not depend on how the minibatch is cut into
+micro-batches or ranks (each rank takes an equal slice of every micro-batch). One all-reduce per optimizer
+step gives every rank the minibatch's metrics, and with them the same non-finite and early-stop decisions;
+the global gradient norm is the one device sync that checks the gradients (a NaN loss gives NaN
+gradients), and the update stops without that optimizer step when it is not finite.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from rlhf_engine.distributed import Comm, clip_grad_norm, reduce_gradients
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.trainer import losses
 from rlhf_engine.trainer.experience import Experience, ForwardOut, PassLayout, forward_policy, forward_values
-from rlhf_engine.trainer.microbatch import plan_microbatches
+from rlhf_engine.trainer.microbatch import rank_microbatches
 from rlhf_engine.trainer.ppo_config import PPOConfig
 
 
@@ -31,7 +35,8 @@ class UpdateResult:
     """What the PPO epochs did."""
 
     stats: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
-    """Per-micro-batch metrics (0-dim, detached) of the optimizer steps taken, and `ppo/grad_norm` per step."""
+    """Per-optimizer-step metrics (0-dim, detached; token means over the step's whole minibatch, equal on
+    every rank) of the optimizer steps taken, and `ppo/grad_norm` per step."""
     optimizer_steps: int = 0
     early_stopped: bool = False
     """`target_kl` was exceeded: the epochs stopped after that optimizer step (a normal outcome)."""
@@ -46,53 +51,58 @@ def ppo_update(
     model: nn.Module,
     critic: AutoModelForCausalLMWithValueHead | None,
     optimizer: torch.optim.Optimizer,
-    params: list[nn.Parameter],
     exp: Experience,
     config: PPOConfig,
     shuffle: torch.Generator,
+    comm: Comm,
     lengths: list[int],
     layout: PassLayout = PassLayout(),
 ) -> UpdateResult:
-    """`ppo_epochs` passes over `exp` in an order drawn from `shuffle`; see the module docstring.
-    lengths: the real tokens of each sample (for the token budget)."""
+    """`ppo_epochs` passes over `exp` in an order drawn from `shuffle` (equal on every rank); see the module
+    docstring. lengths: the real tokens of each sample (for the token budget)."""
     result = UpdateResult()
     if exp.old_logp is None:
-        if config.ppo_epochs != 1:
-            raise ValueError(f"an experience without old log-probs needs ppo_epochs == 1, got {config.ppo_epochs}")
+        if config.ppo_epochs != 1 or comm.distributed:
+            raise ValueError("an experience without old log-probs needs ppo_epochs == 1 on one rank, got "
+                             f"ppo_epochs={config.ppo_epochs}, world_size={comm.world_size}")
         result.policy_logp = torch.zeros_like(exp.batch.response_mask)
         result.entropy = torch.zeros_like(exp.batch.response_mask)
     max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
+    # the optimizer's own parameters: FSDP2 swaps a module's registered parameters between the sharded ones
+    # (which the optimizer holds) and unsharded ones around forward and backward
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    local_rows = config.mini_batch_size // comm.world_size
+    mine = slice(comm.rank * local_rows, (comm.rank + 1) * local_rows)  # this rank's slice of a micro-batch
     for _epoch in range(config.ppo_epochs):
         order = torch.randperm(config.batch_size, generator=shuffle)
         for b_start in range(0, config.batch_size, config.backward_batch_size):
             optimizer.zero_grad(set_to_none=True)
-            step_stats: dict[str, list[torch.Tensor]] = defaultdict(list)
             step_rows = order[b_start : b_start + config.backward_batch_size]
-            step_tokens = exp.batch.response_mask[step_rows].sum()
-            plan = plan_microbatches([lengths[r] for r in step_rows.tolist()], config.max_tokens_per_microbatch,
-                                     config.mini_batch_size)
-            for positions in plan:
-                rows = step_rows[positions]
-                loss, mb_stats, out = minibatch_loss(model, critic, exp, rows, config, layout)
-                # this micro-batch's share of the step's token mean: the shares sum to one mean
-                (loss * (exp.batch.response_mask[rows].sum() / step_tokens)).backward()
+            token_count = exp.batch.response_mask[step_rows].sum()  # N, over all ranks' rows of this step
+            sums: dict[str, torch.Tensor] = {}
+            for rows in _step_microbatches(step_rows, lengths, config, comm, mine):
+                loss, mb_stats, out = minibatch_loss(model, critic, exp, rows, config, token_count, layout)
+                (loss * comm.world_size).backward()  # gradients are averaged over ranks: scale back to a sum
                 if result.policy_logp is not None:
                     width = out.logp.shape[1]
                     result.policy_logp[rows, :width] = out.logp.detach()
                     result.entropy[rows, :width] = out.entropy.detach()
                 for key, value in mb_stats.items():
-                    step_stats[key].append(value)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                    sums[key] = sums[key] + value if key in sums else value
+            reduce_gradients(comm, params)  # replicated parameters; FSDP2 reduced in backward
+            keys = sorted(sums)
+            totals = comm.all_reduce_sum(torch.stack([sums[k] for k in keys]))  # [K], the step's token means
+            grad_norm = clip_grad_norm(comm, params, max_norm)
             if not bool(torch.isfinite(grad_norm)):  # device sync, the one of this optimizer step
                 result.non_finite = True
                 break
-            step_stats["ppo/grad_norm"].append(grad_norm.detach())
+            result.stats["ppo/grad_norm"].append(grad_norm.detach())
+            for key, value in zip(keys, totals.unbind()):
+                result.stats[key].append(value)
             optimizer.step()
             result.optimizer_steps += 1
-            for key, values in step_stats.items():
-                result.stats[key] += values
-            mean_approxkl = torch.stack(step_stats["ppo/policy/approxkl"]).mean()
-            if config.target_kl is not None and float(mean_approxkl) > config.target_kl:  # device sync
+            step_approxkl = totals[keys.index("ppo/policy/approxkl")]
+            if config.target_kl is not None and float(step_approxkl) > config.target_kl:  # device sync
                 result.early_stopped = True
                 break
         if result.non_finite or result.early_stopped:
@@ -101,17 +111,31 @@ def ppo_update(
     return result
 
 
+def _step_microbatches(step_rows: torch.Tensor, lengths: list[int], config: PPOConfig, comm: Comm,
+                       mine: slice) -> list[torch.Tensor]:
+    """This rank's micro-batches of an optimizer step's rows: its slice of every `mini_batch_size` slice, or,
+    with a token budget, its share of the step planned by `rank_microbatches`."""
+    if not config.max_tokens_per_microbatch:
+        return [step_rows[m : m + config.mini_batch_size][mine]
+                for m in range(0, config.backward_batch_size, config.mini_batch_size)]
+    my_rows = step_rows[comm.shard(len(step_rows))].tolist()
+    plan = rank_microbatches(my_rows, lengths, config.max_tokens_per_microbatch, 0, comm)
+    return [torch.tensor(rows) for rows in plan]
+
+
 def minibatch_loss(
     model: nn.Module,
     critic: AutoModelForCausalLMWithValueHead | None,
     exp: Experience,
     rows: torch.Tensor,
     config: PPOConfig,
+    token_count: torch.Tensor | float | None = None,
     layout: PassLayout = PassLayout(),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], ForwardOut]:
     """Total loss of the experience's `rows` (policy loss + vf_coef * value loss - entropy_coef * entropy),
-    with its detached metrics and the policy pass. Values come from `critic` when given, else from `model`'s
-    value head. Without old log-probs in `exp`, pi_old is this pass, detached."""
+    with its detached metrics and the policy pass; with `token_count`, each is these rows' share
+    sum / token_count of a mean over a larger minibatch (see `losses`). Values come from `critic` when
+    given, else from `model`'s value head. Without old log-probs in `exp`, pi_old is this pass, detached."""
     mb = exp.batch.select(rows)
     width = mb.response_width
     mask = mb.response_mask
@@ -125,7 +149,7 @@ def minibatch_loss(
         mb_is_weights = losses.truncated_importance_weights(
             mb_old_logp, exp.behaviour_logp[rows, :width], config.tis_cap) * mask
     pg_loss, pg_stats = losses.ppo_policy_loss(
-        out.logp, mb_old_logp, exp.advantages[rows, :width], mask, config.cliprange, mb_is_weights
+        out.logp, mb_old_logp, exp.advantages[rows, :width], mask, config.cliprange, mb_is_weights, token_count,
     )
     loss = pg_loss
     stats = {
@@ -138,7 +162,8 @@ def minibatch_loss(
     if config.uses_critic:
         values = out.values if shared_critic else forward_values(critic, mb, packed=layout.critic)
         vf_loss, vf_stats = losses.value_loss(
-            values, exp.values[rows, :width], exp.returns[rows, :width], mask, config.cliprange_value
+            values, exp.values[rows, :width], exp.returns[rows, :width], mask, config.cliprange_value,
+            token_count,
         )
         loss = loss + config.vf_coef * vf_loss
         stats.update({
@@ -147,7 +172,7 @@ def minibatch_loss(
             "ppo/val/error": vf_stats["error"],
         })
     if config.entropy_coef > 0:
-        entropy = losses.entropy_bonus(out.entropy, mask)
+        entropy = losses.entropy_bonus(out.entropy, mask, token_count)
         loss = loss - config.entropy_coef * entropy
         stats["ppo/policy/entropy"] = entropy.detach()
     stats["ppo/loss/total"] = loss.detach()

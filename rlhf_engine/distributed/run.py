@@ -1,0 +1,52 @@
+"""A PPO run as N trainer ranks (started by `rlhf-engine ppo --nproc N` or by torchrun directly).
+
+Rank 0 runs the `RLHFEngine` (generators, sockets, prompts, logs, checkpoints' bookkeeping) as a single
+trainer would; every other rank builds the same trainer and follows rank 0's ops (`driver.follow`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rlhf_engine.distributed.comm import Comm
+from rlhf_engine.distributed.config import check_divisible, check_mixed_precision
+from rlhf_engine.distributed.group import destroy_process_group, init_process_group, rank_info_from_env, resolve_backend
+
+
+def preflight(config, world_size: int | None = None) -> None:
+    """Checks made before any rank starts or joins, so a bad setting fails at once and not at a timeout:
+    torchrun's variables are complete (when `world_size` is None: read them), the batch splits over the
+    world size, mixed precision has the device it needs."""
+    if world_size is None:
+        world_size = rank_info_from_env().world_size
+    if world_size < 1:
+        raise ValueError(f"--nproc ({world_size}) must be >= 1")
+    check_divisible(world_size, config.ppo.batch_size, config.ppo.mini_batch_size)
+    check_mixed_precision(config.trainer, "cuda" if resolve_backend(config.trainer.backend) == "nccl" else "cpu")
+
+
+def run_ppo_ranks(config, resume: str | Path | None) -> dict[str, Any] | None:
+    """Join the job, run this rank's part; returns rank 0's run summary (None on the other ranks)."""
+    from rlhf_engine.distributed.dcp import load_sharded, save_sharded
+    from rlhf_engine.distributed.driver import follow
+    from rlhf_engine.engine import RLHFEngine, build_ppo_trainer
+
+    _, device = init_process_group(config.trainer)
+    comm = Comm.from_process_group(device)
+    try:
+        if comm.is_main:
+            with RLHFEngine(config, resume=resume, comm=comm) as engine:
+                for _ in engine.steps():
+                    pass
+                return engine.summary()
+        ckpt = comm.broadcast_str(None)
+        trainer, _ = build_ppo_trainer(config, Path(ckpt) if ckpt else None, comm)
+        if ckpt:
+            load_sharded(Path(ckpt), trainer.trainable_modules(), trainer.optimizer)
+        modules = trainer.trainable_modules()
+        follow(comm, trainer, lambda: save_sharded(comm, None, modules, trainer.optimizer, {},
+                                                   folders={"policy": trainer.save_pretrained}))
+        return None
+    finally:
+        destroy_process_group()

@@ -1,0 +1,60 @@
+"""Helpers for multi-rank tests: run a worker script as N gloo ranks under torchrun, and always reap it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.threads import one_torch_thread  # noqa: F401 (autouse fixture; each torchrun rank has 1 thread too)
+
+WORKERS = Path(__file__).parent / "workers"
+
+
+def torchrun_cmd(nproc: int, script: str, *args: str) -> list[str]:
+    """`python -m torch.distributed.run --standalone --nproc_per_node N workers/<script> args...`."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "--max-restarts=0", str(WORKERS / script), *args]
+
+
+def run_group(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `cmd` in its own process group; on timeout (or any error here) kill the whole group, so no rank
+    outlives the test. Returns the finished process (stdout and stderr merged)."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env=full_env)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        print(out[-6000:])
+        raise
+    finally:
+        _kill_group_leftovers(proc.pid)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
+
+
+def _kill_group_leftovers(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture
+def torchrun(tmp_path):
+    """torchrun(nproc, script, *args, timeout=120) -> stdout; fails the test with the ranks' output unless rc 0."""
+
+    def run(nproc: int, script: str, *args: str, timeout: float = 150.0, expect_rc: int | None = 0) -> str:
+        proc = run_group(torchrun_cmd(nproc, script, *args), timeout)
+        if expect_rc is not None and proc.returncode != expect_rc:
+            pytest.fail(f"{script} on {nproc} ranks exited {proc.returncode}:\n{proc.stdout[-8000:]}")
+        return proc.stdout
+
+    return run
