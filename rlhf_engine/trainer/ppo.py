@@ -36,9 +36,9 @@ from rlhf_engine.trainer.packing import packed_scores, pass_layout
 from rlhf_engine.trainer.ppo_config import PPOConfig
 from rlhf_engine.trainer.ppo_inputs import TokenSeqs, as_scores, as_token_list, check_step_inputs, collate_queries
 from rlhf_engine.trainer.ppo_stats import PhaseTimer, step_stats
-from rlhf_engine.trainer.ppo_update import ppo_update
+from rlhf_engine.trainer.ppo_update import adopt_update_logp, old_logp_from_update, ppo_update
 from rlhf_engine.trainer.schedule import lr_scheduler
-from rlhf_engine.trainer.shaping import clip_scores, kl_penalty, kl_shaped_rewards, missing_eos_penalty
+from rlhf_engine.trainer.shaping import clip_scores, kl_shaped_rewards, missing_eos_penalty
 
 
 class PPOTrainer:
@@ -245,9 +245,9 @@ class PPOTrainer:
             return self._skip(f"non-finite scores at samples {bad}; step skipped, weights unchanged")
 
         # 1. experience: old log-probs, values, reference log-probs (one no-grad forward of each model per
-        #    micro-batch; no policy pass when the update's own forward is pi_old, see `_old_logp_from_update`)
+        #    micro-batch; no policy pass when the update's own forward is pi_old, see `old_logp_from_update`)
         kl_coef = self.kl_ctl.value
-        reuse = self._old_logp_from_update(inputs.policy_versions, kl_coef)
+        reuse = old_logp_from_update(cfg, inputs.policy_versions, self.policy_version, kl_coef, self.comm)
         with timer("forward_pass"):
             batch = make_token_batch(inputs.queries, inputs.responses, self.pad_token_id, self.eos_token_id, self.device)
             lengths = batch.lengths()
@@ -288,10 +288,7 @@ class PPOTrainer:
             update = ppo_update(self.model, self.value_model, self.optimizer, exp, cfg, self._shuffle, self.comm,
                                 lengths, self.layout)
         if update.policy_logp is not None:  # pi_old came from the update: the experience's metrics from it
-            exp.old_logp, exp.entropy = update.policy_logp, update.entropy
-            exp.kl = kl_penalty(cfg.kl_penalty, exp.old_logp, exp.ref_logp, mask, None, None, cfg.temperature)
-            if behaviour is not None and cfg.off_policy_correction == "tis":
-                exp.is_weights = losses.truncated_importance_weights(exp.old_logp, behaviour, cfg.tis_cap) * mask
+            adopt_update_logp(exp, update, cfg)
 
         # 4. KL control, learning-rate schedule, policy version (the weights to publish)
         mean_kl = exp.mean_kl()  # device sync
@@ -317,17 +314,6 @@ class PPOTrainer:
             "ppo/skipped": float(update.non_finite),
             "ppo/policy_version": float(self.policy_version),
         }
-
-    def _old_logp_from_update(self, policy_versions: torch.Tensor | None, kl_coef: float) -> bool:
-        """Whether pi_old can be the update's own forward (detached) instead of a separate policy pass.
-
-        It can when the update makes one pass over on-policy data (`ppo_epochs == 1` and every sample drawn by
-        the current policy version; no versions given: the caller's own samples, on-policy) and nothing before
-        the update needs pi_old: the rewards do when KL-shaped (`kl_coef > 0`), so then the pass stays."""
-        cfg = self.config
-        on_policy = policy_versions is None or bool((policy_versions == self.policy_version).all())
-        return (cfg.ppo_epochs == 1 and on_policy and kl_coef == 0 and cfg.kl_penalty != "full"
-                and not self.comm.distributed)  # across ranks each keeps only its rows of the update
 
     def _advantages(
         self, rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor

@@ -28,6 +28,7 @@ from rlhf_engine.trainer import losses
 from rlhf_engine.trainer.experience import Experience, ForwardOut, PassLayout, forward_policy, forward_values
 from rlhf_engine.trainer.microbatch import rank_microbatches
 from rlhf_engine.trainer.ppo_config import PPOConfig
+from rlhf_engine.trainer.shaping import kl_penalty
 
 
 @dataclass
@@ -109,6 +110,29 @@ def ppo_update(
             break
     optimizer.zero_grad(set_to_none=True)
     return result
+
+
+def old_logp_from_update(config: PPOConfig, policy_versions: torch.Tensor | None, current_version: int,
+                         kl_coef: float, comm: Comm) -> bool:
+    """Whether pi_old can be the update's own forward (detached) instead of a separate policy pass.
+
+    It can when the update makes one pass over on-policy data (`ppo_epochs == 1` and every sample drawn by
+    the current policy version; no versions given: the caller's own samples, on-policy) and nothing before
+    the update needs pi_old: KL-shaped rewards do (`kl_coef > 0`, or the `full` KL from logits), so then the
+    pass stays. On several ranks each rank would only see its own rows of the update: the pass stays too."""
+    on_policy = policy_versions is None or bool((policy_versions == current_version).all())
+    return (config.ppo_epochs == 1 and on_policy and kl_coef == 0 and config.kl_penalty != "full"
+            and not comm.distributed)
+
+
+def adopt_update_logp(exp: Experience, update: UpdateResult, config: PPOConfig) -> None:
+    """Fill the experience's pi_old metrics (log-probs, entropy, KL, importance weights) from the update's own
+    forward, for an experience that had no separate policy pass."""
+    mask = exp.batch.response_mask
+    exp.old_logp, exp.entropy = update.policy_logp, update.entropy
+    exp.kl = kl_penalty(config.kl_penalty, exp.old_logp, exp.ref_logp, mask, None, None, config.temperature)
+    if exp.behaviour_logp is not None and config.off_policy_correction == "tis":
+        exp.is_weights = losses.truncated_importance_weights(exp.old_logp, exp.behaviour_logp, config.tis_cap) * mask
 
 
 def _step_microbatches(step_rows: torch.Tensor, lengths: list[int], config: PPOConfig, comm: Comm,

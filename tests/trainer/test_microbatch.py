@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
-from rlhf_engine.trainer.microbatch import plan_microbatches
+from rlhf_engine.trainer.microbatch import plan_microbatches, split_to_count
 from rlhf_engine.trainer.ppo import PPOTrainer
 from rlhf_engine.trainer.ppo_config import PPOConfig
 
@@ -62,3 +62,10 @@ def test_step_with_a_sample_over_the_budget_raises(make_lm, tokenizer):
     responses = [torch.tensor([8, 9]), torch.tensor([8, 9, 10, 11])]
     with pytest.raises(ValueError, match="sample 1 has 7 tokens .*max_tokens_per_microbatch is 6"):
         trainer.step(queries, responses, [0.0, 1.0])
+
+
+def test_split_to_count_halves_the_largest():
+    assert split_to_count([[0, 1, 2, 3], [4]], 3) == [[0, 1], [2, 3], [4]]
+    assert split_to_count([[0, 1, 2], [3]], 2) == [[0, 1, 2], [3]]
+    with pytest.raises(ValueError, match="cannot cut 2 samples into 3 micro-batches"):
+        split_to_count([[0], [1]], 3)
