@@ -2,7 +2,7 @@
 per backward batch (`backward_batch_size` rows in micro-batches of `mini_batch_size` rows, or of at most
 `max_tokens_per_microbatch` tokens), on one rank or many.
 
-On-policy data with one epoch may come without old log-probs (`Experience.old_logp` None): the update's
+On-policy data with one optimizer step may come without old log-probs (`Experience.old_logp` None): the update's
 own forward, detached, is pi_old (the ratio is exactly 1), and the update returns it for the metrics.
 
 Each optimizer step's loss is the mean over the global token count N of its minibatch: every micro-batch
@@ -63,9 +63,10 @@ def ppo_update(
     docstring. lengths: the real tokens of each sample (for the token budget)."""
     result = UpdateResult()
     if exp.old_logp is None:
-        if config.ppo_epochs != 1 or comm.distributed:
-            raise ValueError("an experience without old log-probs needs ppo_epochs == 1 on one rank, got "
-                             f"ppo_epochs={config.ppo_epochs}, world_size={comm.world_size}")
+        if config.ppo_epochs != 1 or config.backward_batch_size != config.batch_size or comm.distributed:
+            raise ValueError("an experience without old log-probs needs one optimizer step on one rank, got "
+                             f"ppo_epochs={config.ppo_epochs}, backward_batch_size={config.backward_batch_size}, "
+                             f"batch_size={config.batch_size}, world_size={comm.world_size}")
         result.policy_logp = torch.zeros_like(exp.batch.response_mask)
         result.entropy = torch.zeros_like(exp.batch.response_mask)
     max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
@@ -116,13 +117,14 @@ def old_logp_from_update(config: PPOConfig, policy_versions: torch.Tensor | None
                          kl_coef: float, comm: Comm) -> bool:
     """Whether pi_old can be the update's own forward (detached) instead of a separate policy pass.
 
-    It can when the update makes one pass over on-policy data (`ppo_epochs == 1` and every sample drawn by
-    the current policy version; no versions given: the caller's own samples, on-policy) and nothing before
-    the update needs pi_old: KL-shaped rewards do (`kl_coef > 0`, or the `full` KL from logits), so then the
+    It can when the update is one optimizer step (`ppo_epochs == 1` and `backward_batch_size == batch_size`:
+    a later optimizer step would see weights that already moved) on on-policy data (every sample drawn by the
+    current policy version; no versions given: the caller's own samples, on-policy) and nothing before the
+    update needs pi_old: KL-shaped rewards do (`kl_coef > 0`, or the `full` KL from logits), so then the
     pass stays. On several ranks each rank would only see its own rows of the update: the pass stays too."""
     on_policy = policy_versions is None or bool((policy_versions == current_version).all())
-    return (config.ppo_epochs == 1 and on_policy and kl_coef == 0 and config.kl_penalty != "full"
-            and not comm.distributed)
+    one_step = config.ppo_epochs == 1 and config.backward_batch_size == config.batch_size
+    return one_step and on_policy and kl_coef == 0 and config.kl_penalty != "full" and not comm.distributed
 
 
 def adopt_update_logp(exp: Experience, update: UpdateResult, config: PPOConfig) -> None:
