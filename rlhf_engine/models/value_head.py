@@ -70,10 +70,10 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
+        logits_to_keep: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids [B, L] -> (logits [B, K, V], values [B, K]) over the last K = logits_to_keep positions
-        (all L when 0; or at the K columns of a 1-D index tensor), from one pass through the backbone."""
+        (all L when 0), from one pass through the backbone."""
         logits, hidden = self._backbone(input_ids, attention_mask, position_ids, logits_to_keep, logits_to_keep)
         return logits, self.v_head(hidden)
 
@@ -82,7 +82,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """Values [B, K] only (as a separate critic): the LM head runs on one position."""
         _, hidden = self._backbone(input_ids, attention_mask, position_ids, 1, logits_to_keep)
@@ -93,12 +93,11 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
-        lm_positions: int | torch.Tensor,
-        keep: int | torch.Tensor,
+        lm_positions: int,
+        keep: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One pass: (logits [B, lm_positions, V] (all L when 0), the final hidden states [B, K, H] of the
-        last K = keep positions (all L when 0; the K columns of `keep` when it is an index tensor), after the
-        final norm)."""
+        last K = keep positions (all L when 0), after the final norm)."""
         out = self.pretrained_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -108,9 +107,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
             use_cache=False,
         )
         hidden = out.hidden_states[-1]  # [B, L, H]
-        if isinstance(keep, torch.Tensor):
-            hidden = hidden[:, keep]  # [B, K, H]
-        elif keep:
+        if keep:
             hidden = hidden[:, -keep:]  # [B, K, H]
         return out.logits, hidden
 

@@ -52,7 +52,7 @@ class TokenBatch:
         return self.attention_mask.sum(dim=1).tolist()
 
     def pack(self) -> PackedBatch:
-        """The rows as one packed row (`rlhf_engine.trainer.packing`)."""
+        """The rows as packed rows (`rlhf_engine.trainer.packing`)."""
         return pack_rows(self.input_ids, self.attention_mask, self.position_ids, self.query_width,
                          self.response_mask)
 
@@ -140,8 +140,7 @@ def forward_policy(
     `logprobs_from_logits` op, never from a full log_softmax; values come from the value head of the same
     pass (`with_values` needs an `AutoModelForCausalLMWithValueHead`). `keep_logits` also returns the
     response logits [B, T, V] as the model produced them (for the `full` KL). `packed`: the rows run as one
-    packed row (`rlhf_engine.trainer.packing`) and only the positions that predict a response token reach
-    the LM head; the outputs are the same [B, T] tensors as the padded pass.
+    packed rows (`rlhf_engine.trainer.packing`); the outputs are the same [B, T] tensors as the padded pass.
     """
     if with_values and not isinstance(model, AutoModelForCausalLMWithValueHead):
         raise TypeError(f"values need an AutoModelForCausalLMWithValueHead, got {type(model).__name__}")
@@ -149,7 +148,7 @@ def forward_policy(
         model = model.pretrained_model
     if packed:
         p = batch.pack()
-        kwargs = dict(input_ids=p.input_ids, position_ids=p.position_ids, logits_to_keep=p.predict_index)
+        kwargs = dict(input_ids=p.input_ids, position_ids=p.position_ids, logits_to_keep=0)
         labels = p.labels  # [1, N]
     else:
         kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -160,7 +159,10 @@ def forward_policy(
         logits, values = model(**kwargs)
     else:
         logits = model(**kwargs, use_cache=False).logits
-    if not packed:  # the logit at column Lq - 1 + t predicts response token t
+    if packed:  # [R, W, ...] -> [1, N, ...] at the positions that predict response tokens
+        logits = p.gather(logits)
+        values = p.gather(values) if values is not None else None
+    else:  # the logit at column Lq - 1 + t predicts response token t
         logits = logits[:, :-1]  # [B, T, V]
         values = values[:, :-1] if values is not None else None  # [B, T]
     if with_entropy:
@@ -178,8 +180,8 @@ def forward_values(critic: AutoModelForCausalLMWithValueHead, batch: TokenBatch,
     """Values [B, T] of a separate critic at the positions that predict each response token."""
     if packed:
         p = batch.pack()
-        values = critic.values(input_ids=p.input_ids, position_ids=p.position_ids, logits_to_keep=p.predict_index)
-        return p.unpack(values) * batch.response_mask  # [B, T]
+        values = critic.values(input_ids=p.input_ids, position_ids=p.position_ids)  # [R, W]
+        return p.unpack(p.gather(values)) * batch.response_mask  # [B, T]
     values = critic.values(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,

@@ -21,7 +21,7 @@ class Counter:
         self.grad_enabled.append(torch.is_grad_enabled())
 
 
-def _step(make_lm, tokenizer, random_pairs, *, versions=None, critic=False, **overrides):
+def _step(make_lm, tokenizer, random_pairs, *, versions=None, critic=False, ref_seed=None, **overrides):
     # one optimizer step of 2 micro-batches of 4
     kwargs = dict(batch_size=B, mini_batch_size=4, gradient_accumulation_steps=2, ppo_epochs=1, learning_rate=1e-3,
                   advantage_estimator="grpo",
@@ -29,7 +29,8 @@ def _step(make_lm, tokenizer, random_pairs, *, versions=None, critic=False, **ov
     kwargs.update(overrides)
     model = AutoModelForCausalLMWithValueHead(make_lm(seed=0))
     value_model = AutoModelForCausalLMWithValueHead(make_lm(seed=1)) if critic else None
-    trainer = PPOTrainer(PPOConfig(**kwargs), model, tokenizer=tokenizer, value_model=value_model)
+    ref_model = make_lm(seed=ref_seed) if ref_seed is not None else None
+    trainer = PPOTrainer(PPOConfig(**kwargs), model, ref_model, tokenizer=tokenizer, value_model=value_model)
     trainer.policy_version = 3
     counts = {"policy": Counter(model.pretrained_model), "ref": Counter(trainer.ref_model)}
     if critic:
@@ -41,13 +42,15 @@ def _step(make_lm, tokenizer, random_pairs, *, versions=None, critic=False, **ov
 
 
 def test_on_policy_one_epoch_without_kl_reuses_the_update_forward(make_lm, tokenizer, random_pairs):
-    counts, stats = _step(make_lm, tokenizer, random_pairs, versions=[3] * B)
+    counts, stats = _step(make_lm, tokenizer, random_pairs, versions=[3] * B, ref_seed=5)
     # 2 micro-batches of 4: the policy runs only in the update (with grad); the reference twice, no grad
     assert counts["policy"].calls == 2 and all(counts["policy"].grad_enabled)
     assert counts["ref"].calls == 2 and not any(counts["ref"].grad_enabled)
     assert stats["ppo/policy/ratio"] == pytest.approx(1.0, abs=1e-6)  # pi_old is that forward, detached
     assert stats["ppo/policy/approxkl"] == pytest.approx(0.0, abs=1e-10)
-    assert stats["objective/kl"] != 0.0  # the KL metric comes from the update's log-probs
+    # the KL metric comes from the update's log-probs: as with a separate pass (a stale sample keeps it)
+    _, kept = _step(make_lm, tokenizer, random_pairs, versions=[3] * (B - 1) + [2], ref_seed=5)
+    assert stats["objective/kl"] == pytest.approx(kept["objective/kl"], rel=1e-4) and abs(stats["objective/kl"]) > 1e-3
 
 
 @pytest.mark.parametrize("case", ["kl_in_rewards", "stale_sample", "two_epochs", "two_optimizer_steps"])

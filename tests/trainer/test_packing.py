@@ -24,18 +24,29 @@ def pairs(tokenizer, random_pairs):
 
 
 def test_pack_rows_layout():
-    # two rows: query [5, 6] (left-padded by one) + response [7, 8]; query [9, 10, 11] + response [12]
+    # query [5, 6] (left-padded by one) + response [7, 8]; query [9] + response [10]; query [11] + response [12]
+    # rows of W = 4 (the longest sample), first-fit-decreasing: sample 0 fills row 0, samples 1 and 2 share row 1
     pad = 0
-    batch = make_token_batch([torch.tensor([5, 6]), torch.tensor([9, 10, 11])],
-                             [torch.tensor([7, 8]), torch.tensor([12])], pad, None)
+    batch = make_token_batch([torch.tensor([5, 6]), torch.tensor([9]), torch.tensor([11])],
+                             [torch.tensor([7, 8]), torch.tensor([10]), torch.tensor([12])], pad, None)
     p = pack_rows(batch.input_ids, batch.attention_mask, batch.position_ids, batch.query_width,
                   batch.response_mask)
-    assert p.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12]]
-    assert p.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3]]
-    assert p.labels.tolist() == [[7, 8, 12]]
-    assert p.predict_index.tolist() == [1, 2, 6]  # the token before each response token
-    assert p.last_index.tolist() == [3, 7]
-    assert p.unpack(torch.tensor([[1.0, 2.0, 3.0]])).tolist() == [[1.0, 2.0], [3.0, 0.0]]
+    assert p.input_ids.tolist() == [[5, 6, 7, 8], [9, 10, 11, 12]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 0, 1]]
+    assert p.labels.tolist() == [[7, 8, 10, 12]]
+    assert p.predict_index.tolist() == [1, 2, 4, 6]  # flat positions of the token before each response token
+    assert p.last_index.tolist() == [3, 5, 7]
+    assert p.gather(torch.arange(8.0).reshape(2, 4)).tolist() == [[1.0, 2.0, 4.0, 6.0]]
+    assert p.unpack(torch.tensor([[1.0, 2.0, 3.0, 4.0]])).tolist() == [[1.0, 2.0], [3.0, 0.0], [4.0, 0.0]]
+
+
+def test_pack_rows_tail_continues_the_last_sequence():
+    # lengths 5 and 2: W = 5, two rows; row 1 holds 2 tokens and 3 of padding at positions 2, 3, 4
+    batch = make_token_batch([torch.tensor([5, 6, 7]), torch.tensor([9])],
+                             [torch.tensor([8, 4]), torch.tensor([10])], 0, None)
+    p = batch.pack()
+    assert p.input_ids.tolist() == [[5, 6, 7, 8, 4], [9, 10, 0, 0, 0]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
 
 
 @pytest.mark.parametrize("layers", [1, 2])
