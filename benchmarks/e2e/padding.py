@@ -9,8 +9,9 @@ batch goes through `PPOTrainer.step` `steps` times (the first is left out as war
 the seconds per step and its phases, and the tokens the trainer processed per useful token, counted from
 the micro-batches the passes ran on:
 
-  trunk   positions through the transformer: padded B_mb x width_mb per micro-batch, packed the real ones
-  lm_head positions through the LM head: padded B_mb x (T_mb + 1), packed one per response token
+  trunk   positions through the transformer: padded B_mb x width_mb per micro-batch, packed R x W (the
+          real tokens and the tails of the packed rows)
+  lm_head positions through the LM head: padded B_mb x (T_mb + 1), packed R x W
   useful  real tokens (query + response up to EOS) / response tokens
 """
 
@@ -57,13 +58,16 @@ def run(spec: dict) -> dict:
         trunk = lm_head = 0
         for rows in plan:
             mb = batch.select(torch.tensor(rows))
-            trunk += int(mb.attention_mask.sum()) if cfg.packing else mb.input_ids.numel()
-            lm_head += int(mb.response_mask.sum()) if cfg.packing else mb.response_ids.shape[0] * (mb.response_width + 1)
+            packed_rows = mb.pack().input_ids.numel() if cfg.packing else 0  # R x W, with the rows' tails
+            trunk += packed_rows if cfg.packing else mb.input_ids.numel()
+            # the LM head runs on every packed position; padded, on the last T + 1 columns
+            lm_head += packed_rows if cfg.packing else mb.response_ids.shape[0] * (mb.response_width + 1)
         steps = []
         for _ in range(spec["steps"]):
             t0 = time.perf_counter()
             stats = trainer.step(queries, responses, scores)
-            steps.append({"s": time.perf_counter() - t0, **{k2: v for k2, v in stats.items() if k2.startswith("time/ppo/")}})
+            times = {key: value for key, value in stats.items() if key.startswith("time/ppo/")}
+            steps.append({"s": time.perf_counter() - t0, **times})
         steady = steps[1:] or steps
         out["layouts"][layout] = {
             "s_per_step": sum(s["s"] for s in steady) / len(steady),

@@ -139,8 +139,9 @@ def forward_policy(
     Log-probs (and entropies) of the response tokens at `temperature` come from the fused
     `logprobs_from_logits` op, never from a full log_softmax; values come from the value head of the same
     pass (`with_values` needs an `AutoModelForCausalLMWithValueHead`). `keep_logits` also returns the
-    response logits [B, T, V] as the model produced them (for the `full` KL). `packed`: the rows run as one
-    packed rows (`rlhf_engine.trainer.packing`); the outputs are the same [B, T] tensors as the padded pass.
+    response logits [B, T, V] as the model produced them (for the `full` KL). `packed`: the rows run as
+    packed rows (`rlhf_engine.trainer.packing`; the LM head then runs on every position of those rows, whose
+    count is about the real tokens); the outputs are the same [B, T] tensors as the padded pass.
     """
     if with_values and not isinstance(model, AutoModelForCausalLMWithValueHead):
         raise TypeError(f"values need an AutoModelForCausalLMWithValueHead, got {type(model).__name__}")
@@ -170,7 +171,8 @@ def forward_policy(
     else:
         logp, entropy = logprobs_from_logits(logits, labels, temperature=temperature), None
     if packed:  # [1, N, ...] -> [B, T, ...]
-        logp, entropy, values, logits = (p.unpack(t) if t is not None else None for t in (logp, entropy, values, logits))
+        logp, entropy, values, logits = (p.unpack(t) if t is not None else None
+                                         for t in (logp, entropy, values, logits))
     if values is not None:
         values = values * batch.response_mask
     return ForwardOut(logp=logp, entropy=entropy, values=values, logits=logits if keep_logits else None)
@@ -221,8 +223,9 @@ def forward_experience(
 ) -> ExperiencePasses:
     """`ExperiencePasses` of the whole `batch` on every rank: each rank runs its share of the rows, one
     forward of each model per micro-batch (`microbatches`: lists of row ids that cover the rank's share
-    `comm.shard(B)`) under `torch.inference_mode` (`no_grad` across ranks), then the shares are gathered, so every whole-batch
-    statistic computed from them (whitening, group baselines, the KL the controller sees) is the global one.
+    `comm.shard(B)`) under `torch.inference_mode` (`no_grad` across ranks), then the shares are gathered, so
+    every whole-batch statistic computed from them (whitening, group baselines, the KL the controller sees)
+    is the global one.
     Values come from `critic` when given, else from `model`'s value head (when the config uses a critic; that
     pass also gives the old log-probs). `with_old_logp` False: no policy pass (unless the shared critic makes
     one): old log-probs, entropy and KL are left to the update."""

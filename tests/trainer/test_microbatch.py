@@ -40,8 +40,9 @@ def test_update_does_not_depend_on_the_budget(make_lm, tokenizer, random_pairs, 
     results = {}
     # 0: one micro-batch of all 8 rows; the budgets cut the same optimizer step into 2..8 micro-batches
     for budget in (0, 40, longest):
-        cfg = PPOConfig(batch_size=B, mini_batch_size=B, ppo_epochs=2, learning_rate=1e-3, advantage_estimator=estimator,
-                        num_generations=2, max_tokens_per_microbatch=budget, packing=packing)
+        cfg = PPOConfig(batch_size=B, mini_batch_size=B, ppo_epochs=2, learning_rate=1e-3,
+                        advantage_estimator=estimator, num_generations=2, max_tokens_per_microbatch=budget,
+                        packing=packing)
         model = AutoModelForCausalLMWithValueHead(make_lm(seed=0))
         # SGD: Adam's g / sqrt(v) would blow rounding noise in near-zero gradients up to +-lr
         trainer = PPOTrainer(cfg, model, tokenizer=tokenizer, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
