@@ -128,3 +128,9 @@ def test_model_without_position_ids_falls_back_with_one_warning(make_lm):
         warnings.simplefilter("error")  # the second model of the class: no second warning
         assert supports(b) is False
         assert supports(make_lm(seed=2)) is True
+
+
+def test_bf16_models_pack(make_lm, make_reward_model):
+    supports = PackingSupport()
+    assert supports(make_lm(seed=0).to(torch.bfloat16)) is True
+    assert supports(make_reward_model(seed=1).to(torch.bfloat16)) is True
