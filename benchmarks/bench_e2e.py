@@ -77,6 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(a point that a variant above already measured is taken from it)")
     p.add_argument("--scaling-batch-size", type=int, default=4, help="batch size of the length sweep")
     p.add_argument("--scaling-steps", type=int, default=2)
+    p.add_argument("--padding", action=argparse.BooleanOptionalAction, default=None,
+                   help="padding waste of the trainer, padded vs packed, on variable-length responses "
+                        "(default on; off with --quick)")
+    p.add_argument("--padding-lengths", default="8,128", help="min,max response length of the padding run")
+    p.add_argument("--padding-steps", type=int, default=3, help="trainer steps per layout (the first is warm-up)")
     p.add_argument("--tag", help="results file name: e2e_<tag>.json (default cpu; quick: quick)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/rlhf_bench_e2e"),
@@ -91,6 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.response_length = args.response_length or (8 if quick else 32)
     args.trl = (not quick) if args.trl is None else args.trl
     args.scaling = (not quick) if args.scaling is None else args.scaling
+    args.padding = (not quick) if args.padding is None else args.padding
     args.tag = args.tag or ("quick" if quick else "cpu")
     names = args.variants.split(",") if args.variants else (QUICK_VARIANTS if quick else DEFAULT_VARIANTS)
     args.variant_list = [parse_variant(n.strip()) for n in names if n.strip() and n.strip() != "none"]
@@ -149,6 +155,7 @@ def run_engine_variant(workload: Workload, variant: Variant, work: Path, cpus: l
                              for iv in result["timeline"] if iv["end"] >= result["t_start"]]
         entry["startup_s"] = result["t_start"] - result["t_launch"]
         entry["loop_stats"] = result["loop_stats"]
+        entry["cpu_plan"] = result["cpu_plan"]
         s = entry["summary"]
         print(f"   {s['s_per_step']:.2f} s/step, {s['samples_per_s']:.2f} samples/s, idle trainer "
               f"{s['idle_trainer']:.2f} generator {s['idle_generator']:.2f} (startup {entry['startup_s']:.0f} s, "
@@ -170,6 +177,23 @@ def run_trl(workload: Workload, steps: int, threads: int, work: Path, timeout: f
         entry["startup_s"] = result["t_start"] - result["t_launch"]
         print(f"   {entry['summary']['s_per_step']:.2f} s/step, {entry['summary']['samples_per_s']:.2f} samples/s",
               flush=True)
+    return entry
+
+
+def run_padding(workload: Workload, args: argparse.Namespace, threads: int, work: Path) -> dict:
+    low, high = (int(x) for x in args.padding_lengths.split(","))
+    spec = {"model": workload.model, "batch_size": workload.batch_size, "num_generations": workload.num_generations,
+            "min_length": low, "max_length": high, "steps": args.padding_steps, "threads": threads,
+            "estimator": "grpo"}
+    print(f"-- padding: {workload.batch_size} responses of {low}..{high} tokens, padded vs packed", flush=True)
+    result, info = _child("padding.py", spec, "padding", work, args.variant_timeout)
+    entry = {"spec": spec, "run": info}
+    if result is not None:
+        entry.update(result)
+        for name, r in result["layouts"].items():
+            print(f"   {name}: {r['s_per_step']:.2f} s/step, {r['trunk_per_useful_token']:.2f} trunk positions "
+                  f"per real token, {r['lm_head_per_response_token']:.2f} LM-head positions per response token",
+                  flush=True)
     return entry
 
 
@@ -238,7 +262,11 @@ def main(argv: list[str] | None = None) -> dict:
         if not over_budget("trl/grpo"):
             out["grpo"]["trl/grpo"] = run_trl(wl, trl_steps, len(cpus), work, args.variant_timeout)
 
-    # 3. time per step vs generation length and batch size
+    # 3. padding waste of the trainer on variable-length responses, padded vs packed
+    if args.padding and not over_budget("padding"):
+        out["padding"] = run_padding(workload, args, len(cpus), work)
+
+    # 4. time per step vs generation length and batch size
     if args.scaling:
         variant = parse_variant(args.scaling_variant)
         lengths = [int(x) for x in args.scaling_lengths.split(",")]

@@ -101,13 +101,13 @@ class EngineConfig:
     keep_last: int = 2
     """Checkpoints kept on disk."""
     trainer_threads: int | None = None
-    """torch threads of the trainer (None: torch's default)."""
+    """torch threads of the trainer (None: from the run's cpu plan, `rlhf_engine.cpu_plan`)."""
     generator_threads: int | None = None
-    """torch threads of each generator process (None: torch's default)."""
+    """Threads of each generator process (None: from the run's cpu plan, `rlhf_engine.cpu_plan`)."""
     generator_cpus: list[list[int]] | None = None
-    """Pin generator i to these CPU ids (benchmarks: separate cores for generator and trainer)."""
+    """Pin generator i to these CPU ids (None: from the run's cpu plan: sync all cores, async a split)."""
     trainer_cpus: list[int] | None = None
-    """Pin the trainer to these CPU ids."""
+    """Pin the trainer to these CPU ids (None: from the run's cpu plan)."""
     rollout_timeout_s: float = 600.0
     """Longest wait for a batch of rollouts before the run fails with an error naming the generators."""
     progress: bool = True

@@ -32,6 +32,7 @@ from rlhf_engine.checkpoint import (
 )
 from rlhf_engine.config import RunConfig, import_function, save_run_config
 from rlhf_engine.config_loader import to_dict
+from rlhf_engine.cpu_plan import CpuPlan, TrainerCpus, make_cpu_plan
 from rlhf_engine.data.prompts import PromptStream, tokenize_prompts
 from rlhf_engine.data.records import DataStats
 from rlhf_engine.distributed import Comm, StepBatch
@@ -101,6 +102,9 @@ class RLHFEngine:
         self._started_at = 0.0
         self._generated_tokens = 0
         self._stopped = True
+        self.cpu_plan: CpuPlan | None = None
+        """Cores and threads of the trainer and each generator (`rlhf_engine.cpu_plan`), set by `start`."""
+        self._trainer_cpus: TrainerCpus | None = None
 
     # ----------------------------------------------------------------------------------------------
     # lifecycle
@@ -111,10 +115,12 @@ class RLHFEngine:
         self._stopped = False
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if cfg.engine.trainer_threads is not None:
-                torch.set_num_threads(cfg.engine.trainer_threads)
-            if cfg.engine.trainer_cpus is not None:
-                os.sched_setaffinity(0, cfg.engine.trainer_cpus)
+            e = cfg.engine
+            self.cpu_plan = make_cpu_plan(e.mode, e.num_generators, trainer_threads=e.trainer_threads,
+                                          trainer_cpus=e.trainer_cpus, generator_threads=e.generator_threads,
+                                          generator_cpus=e.generator_cpus)
+            log.info("cpu plan: %s", self.cpu_plan.describe()["phases"])
+            self._trainer_cpus = TrainerCpus(self.cpu_plan)  # restored by stop()
             save_run_config(cfg, self.run_dir / CONFIG_FILE)
             ckpt = self._find_resume_checkpoint()
             self.comm.broadcast_str(str(ckpt) if ckpt is not None else "")  # the other ranks load it too
@@ -164,6 +170,9 @@ class RLHFEngine:
             for sink in (self._metrics, self._timeline):
                 if sink is not None:
                     sink.close()
+            if self._trainer_cpus is not None:
+                self._trainer_cpus.restore()
+                self._trainer_cpus = None
 
     def __enter__(self) -> "RLHFEngine":
         return self.start()
@@ -311,14 +320,11 @@ class RLHFEngine:
         fingerprint = dir_fingerprint(cfg.model.policy)
         self._port = TrainerPort(cfg.transport, fingerprint)
         for i in range(cfg.engine.num_generators):
-            env = {}
-            if cfg.engine.generator_threads is not None:
-                env["OMP_NUM_THREADS"] = str(cfg.engine.generator_threads)
-            cpus = cfg.engine.generator_cpus[i] if cfg.engine.generator_cpus is not None else None
             self._children.append(start_child(
                 ["-m", "rlhf_engine.cli", "generator", "--config", str(self.run_dir / CONFIG_FILE),
                  "--name", f"generator-{i}", "--connect", self._port.endpoint],
-                log_path=self.run_dir / f"generator-{i}.log", env=env, cpus=cpus,
+                log_path=self.run_dir / f"generator-{i}.log", env=self.cpu_plan.generator_env(i),
+                cpus=self.cpu_plan.generator_cpus[i],
             ))
         total = cfg.engine.num_generators + cfg.engine.external_generators
         self._wait_for_generators(total)

@@ -180,6 +180,16 @@ def render(out: dict) -> str:
         parts += ["\nGRPO: ours vs TRL GRPOTrainer (transformers generation on the CPU), "
                   "same model, prompts, group, steps",
                   _table(["run", "s/step", "samp/s", "tok/s", "reward", "KL/token last"], rows)]
+    if out.get("padding", {}).get("layouts"):
+        pad = out["padding"]
+        rows = [[name, _f(r["s_per_step"]), _f(r["experience_fwd_s"]), _f(r["update_s"]),
+                 _f(r["trunk_per_useful_token"]), _f(r["lm_head_per_response_token"])]
+                for name, r in pad["layouts"].items()]
+        spec = pad["spec"]
+        parts += [f"\npadding waste: trainer step on {spec['batch_size']} responses of {spec['min_length']}.."
+                  f"{spec['max_length']} tokens ({spec['threads']} threads)",
+                  _table(["layout", "s/step", "exp_fwd", "update", "trunk pos/real token",
+                          "lm_head pos/response token"], rows)]
     if out.get("scaling"):
         rows = []
         for name, v in out["scaling"].items():

@@ -47,12 +47,14 @@ def run(spec: dict) -> dict:
     t_launch = time.time()
     with RLHFEngine(config) as engine:
         t_start = time.time()  # generators connected, models loaded: the measured run starts here
+        cpu_plan = engine.cpu_plan.describe()
         for _ in engine.steps():
             if engine.step >= spec["steps"]:
                 break
         t_end = time.time()
     return {
         "mode": config.engine.mode,
+        "cpu_plan": cpu_plan,  # which process had which cores and threads in each phase
         "rows": read_jsonl(run_dir / METRICS_FILE),  # the step metrics with their end times
         "timeline": read_jsonl(run_dir / TIMELINE_FILE),
         "t_launch": t_launch,

@@ -22,6 +22,7 @@ from rlhf_engine.distributed.comm import Comm
 from rlhf_engine.data.tokenize import IGNORE_INDEX
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.ops import logprobs_from_logits
+from rlhf_engine.trainer.packing import PackedBatch, PassLayout, pack_rows
 from rlhf_engine.trainer.ppo_config import PPOConfig
 from rlhf_engine.trainer.shaping import kl_penalty
 
@@ -45,6 +46,15 @@ class TokenBatch:
     def labels(self) -> torch.Tensor:
         """Response ids [B, T] with IGNORE_INDEX on padding, for `logprobs_from_logits`."""
         return self.response_ids.masked_fill(self.response_mask == 0, IGNORE_INDEX)
+
+    def lengths(self) -> list[int]:
+        """Real tokens (query + response up to EOS) of each row (a device sync)."""
+        return self.attention_mask.sum(dim=1).tolist()
+
+    def pack(self) -> PackedBatch:
+        """The rows as packed rows (`rlhf_engine.trainer.packing`)."""
+        return pack_rows(self.input_ids, self.attention_mask, self.position_ids, self.query_width,
+                         self.response_mask)
 
     def select(self, rows: torch.Tensor) -> "TokenBatch":
         """The sub-batch of `rows`, with columns that are padding in every selected row trimmed off."""
@@ -122,42 +132,58 @@ def forward_policy(
     with_values: bool = False,
     with_entropy: bool = False,
     keep_logits: bool = False,
+    packed: bool = False,
 ) -> ForwardOut:
     """One pass of a causal LM (or `AutoModelForCausalLMWithValueHead`) over `batch`.
 
     Log-probs (and entropies) of the response tokens at `temperature` come from the fused
     `logprobs_from_logits` op, never from a full log_softmax; values come from the value head of the same
     pass (`with_values` needs an `AutoModelForCausalLMWithValueHead`). `keep_logits` also returns the
-    response logits [B, T, V] as the model produced them (for the `full` KL).
+    response logits [B, T, V] as the model produced them (for the `full` KL). `packed`: the rows run as
+    packed rows (`rlhf_engine.trainer.packing`; the LM head then runs on every position of those rows, whose
+    count is about the real tokens); the outputs are the same [B, T] tensors as the padded pass.
     """
-    keep = batch.response_width + 1
-    kwargs = dict(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        logits_to_keep=keep,
-    )
+    if with_values and not isinstance(model, AutoModelForCausalLMWithValueHead):
+        raise TypeError(f"values need an AutoModelForCausalLMWithValueHead, got {type(model).__name__}")
+    if not with_values and isinstance(model, AutoModelForCausalLMWithValueHead):
+        model = model.pretrained_model
+    if packed:
+        p = batch.pack()
+        kwargs = dict(input_ids=p.input_ids, position_ids=p.position_ids, logits_to_keep=0)
+        labels = p.labels  # [1, N]
+    else:
+        kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      position_ids=batch.position_ids, logits_to_keep=batch.response_width + 1)
+        labels = batch.labels()  # [B, T]
     values = None
     if with_values:
-        if not isinstance(model, AutoModelForCausalLMWithValueHead):
-            raise TypeError(f"values need an AutoModelForCausalLMWithValueHead, got {type(model).__name__}")
         logits, values = model(**kwargs)
-        values = values[:, :-1] * batch.response_mask  # [B, T]
     else:
-        if isinstance(model, AutoModelForCausalLMWithValueHead):
-            model = model.pretrained_model
         logits = model(**kwargs, use_cache=False).logits
-    logits = logits[:, :-1]  # [B, T, V]: the logit at column Lq - 1 + t predicts response token t
-    labels = batch.labels()
+    if packed:  # [R, W, ...] -> [1, N, ...] at the positions that predict response tokens
+        logits = p.gather(logits)
+        values = p.gather(values) if values is not None else None
+    else:  # the logit at column Lq - 1 + t predicts response token t
+        logits = logits[:, :-1]  # [B, T, V]
+        values = values[:, :-1] if values is not None else None  # [B, T]
     if with_entropy:
         logp, entropy = logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True)
     else:
         logp, entropy = logprobs_from_logits(logits, labels, temperature=temperature), None
+    if packed:  # [1, N, ...] -> [B, T, ...]
+        logp, entropy, values, logits = (p.unpack(t) if t is not None else None
+                                         for t in (logp, entropy, values, logits))
+    if values is not None:
+        values = values * batch.response_mask
     return ForwardOut(logp=logp, entropy=entropy, values=values, logits=logits if keep_logits else None)
 
 
-def forward_values(critic: AutoModelForCausalLMWithValueHead, batch: TokenBatch) -> torch.Tensor:
+def forward_values(critic: AutoModelForCausalLMWithValueHead, batch: TokenBatch, packed: bool = False) -> torch.Tensor:
     """Values [B, T] of a separate critic at the positions that predict each response token."""
+    if packed:
+        p = batch.pack()
+        values = critic.values(input_ids=p.input_ids, position_ids=p.position_ids)  # [R, W]
+        return p.unpack(p.gather(values)) * batch.response_mask  # [B, T]
     values = critic.values(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -171,53 +197,75 @@ def forward_values(critic: AutoModelForCausalLMWithValueHead, batch: TokenBatch)
 class ExperiencePasses:
     """The no-grad forward passes over a batch at experience time, all [B, T] fp32, 0 on padding."""
 
-    old_logp: torch.Tensor  # log pi_old(a_t | s_t), the policy before this step's updates
+    old_logp: torch.Tensor | None  # log pi_old(a_t | s_t); None: left to the update's own forward
     ref_logp: torch.Tensor  # log pi_ref(a_t | s_t)
-    entropy: torch.Tensor  # entropy of pi_old at each position
-    kl: torch.Tensor  # per-token KL penalty estimate of pi_old against pi_ref (kind = kl_penalty)
+    entropy: torch.Tensor | None  # entropy of pi_old at each position (None with old_logp)
+    kl: torch.Tensor | None  # per-token KL penalty estimate of pi_old against pi_ref (None with old_logp)
     values: torch.Tensor | None  # V(s_t) of the critic; None for the critic-free estimators
 
     def all_finite(self) -> bool:
         """Whether the log-probs and values hold only finite numbers (one device sync per tensor)."""
-        checked = [self.old_logp, self.ref_logp] + ([self.values] if self.values is not None else [])
+        checked = [t for t in (self.old_logp, self.ref_logp, self.values) if t is not None]
         return all(bool(torch.isfinite(t).all()) for t in checked)
 
 
-@torch.no_grad()
 def forward_experience(
     model: nn.Module,
     ref_model: nn.Module,
     critic: AutoModelForCausalLMWithValueHead | None,
     batch: TokenBatch,
     config: PPOConfig,
+    microbatches: list[list[int]],
     comm: Comm,
+    layout: PassLayout = PassLayout(),
+    *,
+    with_old_logp: bool = True,
 ) -> ExperiencePasses:
-    """`ExperiencePasses` of the whole `batch` on every rank: each rank runs its share of the rows in chunks
-    of `mini_batch_size / world_size` rows, then the shares are gathered, so every whole-batch statistic
-    computed from them (whitening, group baselines, the KL the controller sees) is the global one. Values
-    come from `critic` when given, else from `model`'s value head (when the config uses a critic)."""
+    """`ExperiencePasses` of the whole `batch` on every rank: each rank runs its share of the rows, one
+    forward of each model per micro-batch (`microbatches`: lists of row ids that cover the rank's share
+    `comm.shard(B)`) under `torch.inference_mode` (`no_grad` across ranks), then the shares are gathered, so
+    every whole-batch statistic computed from them (whitening, group baselines, the KL the controller sees)
+    is the global one.
+    Values come from `critic` when given, else from `model`'s value head (when the config uses a critic; that
+    pass also gives the old log-probs). `with_old_logp` False: no policy pass (unless the shared critic makes
+    one): old log-probs, entropy and KL are left to the update."""
     full_kl = config.kl_penalty == "full"
     shared_critic = config.uses_critic and critic is None
+    run_policy = with_old_logp or shared_critic
     parts: dict[str, list[torch.Tensor]] = {"old_logp": [], "ref_logp": [], "entropy": [], "kl": [], "values": []}
     width = batch.response_width
-    mine = comm.shard(batch.input_ids.shape[0])
-    chunk_rows = config.mini_batch_size // comm.world_size
-    for start in range(mine.start, mine.stop, chunk_rows):
-        chunk = batch.select(torch.arange(start, min(start + chunk_rows, mine.stop)))
-        pol = forward_policy(
-            model, chunk, config.temperature, with_values=shared_critic, with_entropy=True, keep_logits=full_kl
-        )
-        ref = forward_policy(ref_model, chunk, config.temperature, keep_logits=full_kl)
-        kl = kl_penalty(
-            config.kl_penalty, pol.logp, ref.logp, chunk.response_mask, pol.logits, ref.logits, config.temperature
-        )
-        values = forward_values(critic, chunk) if config.uses_critic and critic is not None else pol.values
-        named = {"old_logp": pol.logp, "ref_logp": ref.logp, "entropy": pol.entropy, "kl": kl, "values": values}
-        for key, tensor in named.items():
-            if tensor is not None:  # chunks are trimmed to their own widths: pad back to the batch's
-                parts[key].append(torch.nn.functional.pad(tensor.float(), (0, width - tensor.shape[1])))
-    joined = {key: comm.all_gather_rows(torch.cat(chunks)) if chunks else None for key, chunks in parts.items()}
+    # inference mode keeps no autograd state at all; across ranks no_grad: FSDP2 unshards parameters into
+    # buffers it updates in place later, which inference tensors forbid outside inference mode
+    with torch.no_grad() if comm.distributed else torch.inference_mode():
+        for rows in microbatches:
+            chunk = batch.select(torch.tensor(rows))
+            ref = forward_policy(ref_model, chunk, config.temperature, keep_logits=full_kl, packed=layout.ref)
+            named = {"ref_logp": ref.logp}
+            if run_policy:
+                pol = forward_policy(model, chunk, config.temperature, with_values=shared_critic, with_entropy=True,
+                                     keep_logits=full_kl, packed=layout.policy)
+                named.update(old_logp=pol.logp, entropy=pol.entropy, values=pol.values, kl=kl_penalty(
+                    config.kl_penalty, pol.logp, ref.logp, chunk.response_mask, pol.logits, ref.logits,
+                    config.temperature))
+            if config.uses_critic and critic is not None:
+                named["values"] = forward_values(critic, chunk, packed=layout.critic)
+            for key, tensor in named.items():
+                if tensor is not None:  # chunks are trimmed to their own widths: pad back to the batch's
+                    parts[key].append(torch.nn.functional.pad(tensor.float(), (0, width - tensor.shape[1])))
+    # out of inference mode: the joined tensors are ordinary ones, which autograd may save in the update
+    first = comm.shard(batch.input_ids.shape[0]).start
+    joined = {key: comm.all_gather_rows(_join(chunks, microbatches, first)) if chunks else None
+              for key, chunks in parts.items()}
     return ExperiencePasses(**joined)
+
+
+def _join(chunks: list[torch.Tensor], microbatches: list[list[int]], first: int) -> torch.Tensor:
+    """Per-micro-batch rows [b_i, T] -> [n, T]: the rank's share (rows first .. first + n - 1) in row order."""
+    stacked = torch.cat([c.clone() for c in chunks])  # [n, T] in micro-batch order
+    order = torch.tensor([row for rows in microbatches for row in rows]) - first
+    out = torch.empty_like(stacked)
+    out[order] = stacked
+    return out
 
 
 @dataclass
@@ -226,7 +274,7 @@ class Experience:
     gradients ([B, T] fp32 unless noted)."""
 
     batch: TokenBatch
-    old_logp: torch.Tensor
+    old_logp: torch.Tensor | None  # None: the update's own forward gives it (on-policy, one epoch)
     ref_logp: torch.Tensor
     values: torch.Tensor | None  # None for the critic-free estimators
     entropy: torch.Tensor

@@ -31,10 +31,12 @@ from rlhf_engine.trainer import advantages as adv
 from rlhf_engine.trainer import losses
 from rlhf_engine.trainer.experience import Experience, forward_experience, make_token_batch, truncate_after_eos
 from rlhf_engine.trainer.kl_control import make_kl_controller
+from rlhf_engine.trainer.microbatch import rank_microbatches
+from rlhf_engine.trainer.packing import packed_scores, pass_layout
 from rlhf_engine.trainer.ppo_config import PPOConfig
 from rlhf_engine.trainer.ppo_inputs import TokenSeqs, as_scores, as_token_list, check_step_inputs, collate_queries
 from rlhf_engine.trainer.ppo_stats import PhaseTimer, step_stats
-from rlhf_engine.trainer.ppo_update import ppo_update
+from rlhf_engine.trainer.ppo_update import adopt_update_logp, old_logp_from_update, ppo_update
 from rlhf_engine.trainer.schedule import lr_scheduler
 from rlhf_engine.trainer.shaping import clip_scores, kl_shaped_rewards, missing_eos_penalty
 
@@ -111,6 +113,8 @@ class PPOTrainer:
         if self.pad_token_id is None:
             raise ValueError("no pad_token_id: the tokenizer and the model config both lack one")
         self.device = next(model.parameters()).device
+        self.layout = pass_layout(config.packing, causal_lm(model), self.ref_model, value_model, self.reward_model)
+        """Which forward passes run packed (`PPOConfig.packing` and what each model supports)."""
         parallel = parallel if parallel is not None else DistributedConfig()
         for module, trainable in ((self.model, True), (self.value_model, True), (self.ref_model, False),
                                   (self.reward_model, False)):
@@ -189,13 +193,16 @@ class PPOTrainer:
         if self.reward_model is not None:
             # the classifier pools at the last token that is not *its* pad token: pad with that one
             pad = _first_not_none(self.reward_model.config.pad_token_id, self.pad_token_id)
-            chunks = []
-            chunk_rows = self.config.mini_batch_size // self.comm.world_size
-            for start in range(0, len(queries), chunk_rows):
-                stop = start + chunk_rows
-                b = make_token_batch(queries[start:stop], responses[start:stop], pad, self.eos_token_id, self.device)
-                chunks.append(model_scores(self.reward_model, b.input_ids, b.attention_mask, b.position_ids))
-            return torch.cat(chunks)
+            batch = make_token_batch(queries, responses, pad, self.eos_token_id, self.device)
+            rows = list(range(len(queries)))
+            plan = rank_microbatches(rows, batch.lengths(), self.config.max_tokens_per_microbatch,
+                                     self.config.mini_batch_size // self.comm.world_size, self.comm)
+            scores = torch.empty(len(queries), dtype=torch.float32, device=self.device)
+            for mb in plan:
+                b = batch.select(torch.tensor(mb))
+                scores[mb] = (packed_scores(self.reward_model, b.pack()) if self.layout.reward else
+                              model_scores(self.reward_model, b.input_ids, b.attention_mask, b.position_ids))
+            return scores
         if self.reward_fn is not None:
             if self.tokenizer is None:
                 raise ValueError("reward_fn needs a tokenizer to decode prompts and completions")
@@ -245,21 +252,29 @@ class PPOTrainer:
             warnings.warn(f"non-finite scores at samples {dropped} ({source}): dropped from this step",
                           RuntimeWarning, stacklevel=2)
 
-        # 1. experience: old log-probs, values, reference log-probs (one no-grad forward pass each)
+        # 1. experience: old log-probs, values, reference log-probs (one no-grad forward of each model per
+        #    micro-batch; no policy pass when the update's own forward is pi_old, see `old_logp_from_update`)
+        kl_coef = self.kl_ctl.value
+        reuse = old_logp_from_update(cfg, inputs.policy_versions, self.policy_version, kl_coef, self.comm)
         with timer("forward_pass"):
             batch = make_token_batch(inputs.queries, inputs.responses, self.pad_token_id, self.eos_token_id, self.device)
             batch.response_mask = batch.response_mask * kept[:, None]  # [B, T]: dropped samples have no valid token
-            passes = forward_experience(self.model, self.ref_model, self.value_model, batch, cfg, self.comm)
+            lengths = batch.lengths()
+            mine = self.comm.shard(cfg.batch_size)
+            plan = rank_microbatches(list(range(mine.start, mine.stop)), lengths, cfg.max_tokens_per_microbatch,
+                                     cfg.mini_batch_size // self.comm.world_size, self.comm)
+            passes = forward_experience(self.model, self.ref_model, self.value_model, batch, cfg, plan, self.comm,
+                                        self.layout, with_old_logp=not reuse)
         if not passes.all_finite():  # device syncs
             return self._skip("non-finite log-probs or values in the experience; step skipped, weights unchanged")
 
         # 2. rewards and advantages
         mask = batch.response_mask
         with timer("compute_rewards"):
-            kl_coef = self.kl_ctl.value
             step_scores = clip_scores(torch.where(kept, raw_scores, 0.0), cfg.score_clip)  # [B], 0 where dropped
             step_scores = missing_eos_penalty(step_scores, batch.has_eos, cfg.missing_eos_penalty)
-            rewards, non_score = kl_shaped_rewards(step_scores, passes.kl, mask, kl_coef)
+            kl = passes.kl if passes.kl is not None else torch.zeros_like(mask)  # kl_coef is 0 without it
+            rewards, non_score = kl_shaped_rewards(step_scores, kl, mask, kl_coef)
             if cfg.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
         with timer("compute_advantages"):
@@ -267,11 +282,11 @@ class PPOTrainer:
             behaviour, is_weights = None, None
             if inputs.behaviour_logp is not None:  # tokens after EOS are not trained
                 behaviour = inputs.behaviour_logp[:, : mask.shape[1]].to(self.device)
-                if cfg.off_policy_correction == "tis":
+                if cfg.off_policy_correction == "tis" and passes.old_logp is not None:
                     is_weights = losses.truncated_importance_weights(passes.old_logp, behaviour, cfg.tis_cap) * mask
         exp = Experience(
             batch=batch, old_logp=passes.old_logp, ref_logp=passes.ref_logp, values=passes.values,
-            entropy=passes.entropy, kl=passes.kl, kl_coef=kl_coef, raw_scores=raw_scores, scores=step_scores,
+            entropy=passes.entropy, kl=kl, kl_coef=kl_coef, raw_scores=raw_scores, scores=step_scores,
             non_score_rewards=non_score, rewards=rewards, advantages=advantages, returns=returns,
             behaviour_logp=behaviour, is_weights=is_weights,
         )
@@ -279,7 +294,10 @@ class PPOTrainer:
         # 3. epochs over shuffled minibatches, one optimizer step per backward batch
         learning_rate = float(self.optimizer.param_groups[0]["lr"])
         with timer("optimize_step"):
-            update = ppo_update(self.model, self.value_model, self.optimizer, exp, cfg, self._shuffle, self.comm)
+            update = ppo_update(self.model, self.value_model, self.optimizer, exp, cfg, self._shuffle, self.comm,
+                                lengths, self.layout)
+        if update.policy_logp is not None:  # pi_old came from the update: the experience's metrics from it
+            adopt_update_logp(exp, update, cfg)
 
         # 4. KL control, learning-rate schedule, policy version (the weights to publish)
         mean_kl = exp.mean_kl()  # device sync

@@ -39,6 +39,15 @@ class PPOConfig:
     """Slices whose gradients are summed into one optimizer step."""
     ppo_epochs: int = 4
     """Passes over the (shuffled) batch per `step()`."""
+    max_tokens_per_microbatch: int = 0
+    """Token budget of one forward/backward micro-batch (0: off, `mini_batch_size` samples each). When set,
+    the experience passes and each optimizer step's `backward_batch_size` samples are cut into micro-batches
+    of at most this many real tokens (query + response) each, and the loss is weighted by tokens, so the
+    update does not depend on the budget. A sample longer than the budget raises ValueError at `step`."""
+    packing: bool = True
+    """Run the forward passes (policy, value, reference, reward model) on packed micro-batches: the samples
+    concatenated without padding, position ids restarting per sample. A model that does not support it
+    falls back to padding with a one-time warning."""
     max_grad_norm: float | None = None
     """Clip the global gradient norm to this value before each optimizer step (None: no clipping)."""
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
@@ -122,6 +131,9 @@ class PPOConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} ({value!r}) must be a positive integer")
+        if isinstance(self.max_tokens_per_microbatch, bool) or not isinstance(self.max_tokens_per_microbatch, int) \
+                or self.max_tokens_per_microbatch < 0:
+            raise ValueError(f"max_tokens_per_microbatch ({self.max_tokens_per_microbatch!r}) must be an integer >= 0")
         if self.batch_size % self.backward_batch_size:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be divisible by mini_batch_size * "

@@ -1,6 +1,9 @@
 """The PPO update of one step: epochs over shuffled minibatches of an `Experience`, one optimizer step
-per backward batch (`backward_batch_size` rows in micro-batches of `mini_batch_size`), on one rank or
-many.
+per backward batch (`backward_batch_size` rows in micro-batches of `mini_batch_size` rows, or of at most
+`max_tokens_per_microbatch` tokens), on one rank or many.
+
+On-policy data with one optimizer step may come without old log-probs (`Experience.old_logp` None): the update's
+own forward, detached, is pi_old (the ratio is exactly 1), and the update returns it for the metrics.
 
 Each optimizer step's loss is the mean over the global token count N of its minibatch: every micro-batch
 on every rank adds sum(token losses) / N, so the update does not depend on how the minibatch is cut into
@@ -22,8 +25,10 @@ from torch import nn
 from rlhf_engine.distributed import Comm, clip_grad_norm, reduce_gradients
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.trainer import losses
-from rlhf_engine.trainer.experience import Experience, forward_policy, forward_values
+from rlhf_engine.trainer.experience import Experience, ForwardOut, PassLayout, forward_policy, forward_values
+from rlhf_engine.trainer.microbatch import rank_microbatches
 from rlhf_engine.trainer.ppo_config import PPOConfig
+from rlhf_engine.trainer.shaping import kl_penalty
 
 
 @dataclass
@@ -38,6 +43,9 @@ class UpdateResult:
     """`target_kl` was exceeded: the epochs stopped after that optimizer step (a normal outcome)."""
     non_finite: bool = False
     """A loss or gradient was not finite: the update stopped before that optimizer step."""
+    policy_logp: torch.Tensor | None = None
+    """[B, T] the update's own detached log-probs (and `entropy`), when the experience had no old log-probs."""
+    entropy: torch.Tensor | None = None
 
 
 def ppo_update(
@@ -48,10 +56,19 @@ def ppo_update(
     config: PPOConfig,
     shuffle: torch.Generator,
     comm: Comm,
+    lengths: list[int],
+    layout: PassLayout = PassLayout(),
 ) -> UpdateResult:
     """`ppo_epochs` passes over `exp` in an order drawn from `shuffle` (equal on every rank); see the module
-    docstring."""
+    docstring. lengths: the real tokens of each sample (for the token budget)."""
     result = UpdateResult()
+    if exp.old_logp is None:
+        if config.ppo_epochs != 1 or config.backward_batch_size != config.batch_size or comm.distributed:
+            raise ValueError("an experience without old log-probs needs one optimizer step on one rank, got "
+                             f"ppo_epochs={config.ppo_epochs}, backward_batch_size={config.backward_batch_size}, "
+                             f"batch_size={config.batch_size}, world_size={comm.world_size}")
+        result.policy_logp = torch.zeros_like(exp.batch.response_mask)
+        result.entropy = torch.zeros_like(exp.batch.response_mask)
     max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
     # the optimizer's own parameters: FSDP2 swaps a module's registered parameters between the sharded ones
     # (which the optimizer holds) and unsharded ones around forward and backward
@@ -65,10 +82,13 @@ def ppo_update(
             step_rows = order[b_start : b_start + config.backward_batch_size]
             token_count = exp.batch.response_mask[step_rows].sum()  # N, over all ranks' rows of this step
             sums: dict[str, torch.Tensor] = {}
-            for m_start in range(0, config.backward_batch_size, config.mini_batch_size):
-                rows = step_rows[m_start : m_start + config.mini_batch_size][mine]
-                loss, mb_stats = minibatch_loss(model, critic, exp, rows, config, token_count)
+            for rows in _step_microbatches(step_rows, lengths, config, comm, mine):
+                loss, mb_stats, out = minibatch_loss(model, critic, exp, rows, config, token_count, layout)
                 (loss * comm.world_size).backward()  # gradients are averaged over ranks: scale back to a sum
+                if result.policy_logp is not None:
+                    width = out.logp.shape[1]
+                    result.policy_logp[rows, :width] = out.logp.detach()
+                    result.entropy[rows, :width] = out.entropy.detach()
                 for key, value in mb_stats.items():
                     sums[key] = sums[key] + value if key in sums else value
             reduce_gradients(comm, params)  # replicated parameters; FSDP2 reduced in backward
@@ -93,6 +113,42 @@ def ppo_update(
     return result
 
 
+def old_logp_from_update(config: PPOConfig, policy_versions: torch.Tensor | None, current_version: int,
+                         kl_coef: float, comm: Comm) -> bool:
+    """Whether pi_old can be the update's own forward (detached) instead of a separate policy pass.
+
+    It can when the update is one optimizer step (`ppo_epochs == 1` and `backward_batch_size == batch_size`:
+    a later optimizer step would see weights that already moved) on on-policy data (every sample drawn by the
+    current policy version; no versions given: the caller's own samples, on-policy) and nothing before the
+    update needs pi_old: KL-shaped rewards do (`kl_coef > 0`, or the `full` KL from logits), so then the
+    pass stays. On several ranks each rank would only see its own rows of the update: the pass stays too."""
+    on_policy = policy_versions is None or bool((policy_versions == current_version).all())
+    one_step = config.ppo_epochs == 1 and config.backward_batch_size == config.batch_size
+    return one_step and on_policy and kl_coef == 0 and config.kl_penalty != "full" and not comm.distributed
+
+
+def adopt_update_logp(exp: Experience, update: UpdateResult, config: PPOConfig) -> None:
+    """Fill the experience's pi_old metrics (log-probs, entropy, KL, importance weights) from the update's own
+    forward, for an experience that had no separate policy pass."""
+    mask = exp.batch.response_mask
+    exp.old_logp, exp.entropy = update.policy_logp, update.entropy
+    exp.kl = kl_penalty(config.kl_penalty, exp.old_logp, exp.ref_logp, mask, None, None, config.temperature)
+    if exp.behaviour_logp is not None and config.off_policy_correction == "tis":
+        exp.is_weights = losses.truncated_importance_weights(exp.old_logp, exp.behaviour_logp, config.tis_cap) * mask
+
+
+def _step_microbatches(step_rows: torch.Tensor, lengths: list[int], config: PPOConfig, comm: Comm,
+                       mine: slice) -> list[torch.Tensor]:
+    """This rank's micro-batches of an optimizer step's rows: its slice of every `mini_batch_size` slice, or,
+    with a token budget, its share of the step planned by `rank_microbatches`."""
+    if not config.max_tokens_per_microbatch:
+        return [step_rows[m : m + config.mini_batch_size][mine]
+                for m in range(0, config.backward_batch_size, config.mini_batch_size)]
+    my_rows = step_rows[comm.shard(len(step_rows))].tolist()
+    plan = rank_microbatches(my_rows, lengths, config.max_tokens_per_microbatch, 0, comm)
+    return [torch.tensor(rows) for rows in plan]
+
+
 def minibatch_loss(
     model: nn.Module,
     critic: AutoModelForCausalLMWithValueHead | None,
@@ -100,22 +156,26 @@ def minibatch_loss(
     rows: torch.Tensor,
     config: PPOConfig,
     token_count: torch.Tensor | float | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    layout: PassLayout = PassLayout(),
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], ForwardOut]:
     """Total loss of the experience's `rows` (policy loss + vf_coef * value loss - entropy_coef * entropy),
-    with its detached metrics; with `token_count`, each is these rows' share sum / token_count of a mean
-    over a larger minibatch (see `losses`). Values come from `critic` when given, else from `model`'s value
-    head."""
+    with its detached metrics and the policy pass; with `token_count`, each is these rows' share
+    sum / token_count of a mean over a larger minibatch (see `losses`). Values come from `critic` when
+    given, else from `model`'s value head. Without old log-probs in `exp`, pi_old is this pass, detached."""
     mb = exp.batch.select(rows)
     width = mb.response_width
     mask = mb.response_mask
     shared_critic = config.uses_critic and critic is None
-    out = forward_policy(
-        model, mb, config.temperature, with_values=shared_critic, with_entropy=config.entropy_coef > 0
-    )
+    own_old_logp = exp.old_logp is None
+    out = forward_policy(model, mb, config.temperature, with_values=shared_critic,
+                         with_entropy=config.entropy_coef > 0 or own_old_logp, packed=layout.policy)
+    mb_old_logp = out.logp.detach() if own_old_logp else exp.old_logp[rows, :width]
     mb_is_weights = exp.is_weights[rows, :width] if exp.is_weights is not None else None
+    if own_old_logp and exp.behaviour_logp is not None and config.off_policy_correction == "tis":
+        mb_is_weights = losses.truncated_importance_weights(
+            mb_old_logp, exp.behaviour_logp[rows, :width], config.tis_cap) * mask
     pg_loss, pg_stats = losses.ppo_policy_loss(
-        out.logp, exp.old_logp[rows, :width], exp.advantages[rows, :width], mask, config.cliprange, mb_is_weights,
-        token_count,
+        out.logp, mb_old_logp, exp.advantages[rows, :width], mask, config.cliprange, mb_is_weights, token_count,
     )
     loss = pg_loss
     stats = {
@@ -126,7 +186,7 @@ def minibatch_loss(
         "ppo/policy/ratio": pg_stats["ratio"],
     }
     if config.uses_critic:
-        values = out.values if shared_critic else forward_values(critic, mb)
+        values = out.values if shared_critic else forward_values(critic, mb, packed=layout.critic)
         vf_loss, vf_stats = losses.value_loss(
             values, exp.values[rows, :width], exp.returns[rows, :width], mask, config.cliprange_value,
             token_count,
@@ -142,4 +202,4 @@ def minibatch_loss(
         loss = loss - config.entropy_coef * entropy
         stats["ppo/policy/entropy"] = entropy.detach()
     stats["ppo/loss/total"] = loss.detach()
-    return loss, stats
+    return loss, stats, out

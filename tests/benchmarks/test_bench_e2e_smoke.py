@@ -32,7 +32,8 @@ def test_bad_variant_names_are_refused(name, match):
 def test_cpu_plan_pins_generator_and_trainer_to_their_own_cores():
     assert cpu_plan(parse_variant("pinned/async-s1"), [0, 1]) == {
         "trainer_threads": 1, "trainer_cpus": [1], "generator_threads": 1, "generator_cpus": [[0]]}
-    assert cpu_plan(parse_variant("unpinned/sync"), [0, 1]) == {"trainer_threads": 2, "generator_threads": 2}
+    assert cpu_plan(parse_variant("unpinned/sync"), [0, 1]) == {
+        "trainer_threads": 2, "trainer_cpus": [0, 1], "generator_threads": 2, "generator_cpus": [[0, 1]]}
     with pytest.raises(ValueError, match="need 3 cores; this machine has 2"):
         cpu_plan(parse_variant("pinned/sync-g2"), [0, 1])
     assert not parse_variant("pinned/sync-g2").fits(2) and parse_variant("unpinned/sync-g2").fits(2)

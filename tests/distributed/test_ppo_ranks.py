@@ -57,6 +57,12 @@ def test_two_ranks_equal_one_rank(runs, scenario):
     assert one[1][-1]["objective/kl"] != 0.0
 
 
+def test_token_budget_on_two_ranks_equals_one_rank_without_budget(runs):
+    # the same update however the step's samples are cut: by rows on one rank, by tokens on each of two ranks
+    _assert_same_run(read_result(runs, "gae_1"), read_result(runs, "budget"))
+    _assert_same_run(read_result(runs, "gae_1"), read_result(runs, "budget_1"))
+
+
 def test_replicated_mode_equals_one_rank(runs):
     _assert_same_run(read_result(runs, "gae_1"), read_result(runs, "ddp"))
 

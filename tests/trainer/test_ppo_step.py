@@ -273,9 +273,11 @@ def test_reward_model_scores_when_none_given(make_lm, make_reward_model, tokeniz
     assert next(trainer.ref_model.parameters()).dtype == torch.bfloat16
     batch = make_token_batch(queries, responses, tokenizer.pad_token_id, tokenizer.eos_token_id)
     expected = model_scores(trainer.reward_model, batch.input_ids, batch.attention_mask, batch.position_ids)
-    torch.testing.assert_close(trainer.score(queries, responses), expected)  # chunked by 4 = all at once
+    # chunked by 4 and packed = all at once padded, up to bf16 rounding (packed rows sum in another order;
+    # one bf16 ulp is 2^-8 relative)
+    torch.testing.assert_close(trainer.score(queries, responses), expected, rtol=8e-3, atol=2e-3)
     stats = trainer.step(queries, responses)
-    assert stats["env/reward_mean"] == pytest.approx(float(expected.mean()), abs=1e-5)
+    assert stats["env/reward_mean"] == pytest.approx(float(expected.mean()), abs=2e-3)
 
 
 def test_generate_returns_responses_cut_after_eos(make_trainer, tokenizer):

@@ -30,6 +30,8 @@ SCENARIOS = {
     "target_kl": dict(advantage_estimator="gae", target_kl=2e-4, ppo_epochs=4),
     "rloo": dict(advantage_estimator="rloo", num_generations=2),
     "reinforce_pp": dict(advantage_estimator="reinforce_pp", whiten_rewards=True),
+    # micro-batches of at most 16 tokens (samples hold 3..14): a varying count per rank, equalized
+    "budget": dict(advantage_estimator="gae", max_tokens_per_microbatch=16),
 }
 GROUPED = ("grpo", "rloo")
 
