@@ -13,6 +13,12 @@ flight in async mode, one in sync mode — each carrying the oldest policy versi
 sample it, so a sample is never more than `max_staleness` versions behind the policy that trains
 on it. While the generators sample batch k+1, the trainer scores and trains on batch k, then
 publishes its new weights; the generators apply them between batches.
+
+Faults: a local generator that exits is replaced (within `engine.max_generator_restarts` per
+`engine.restart_window_s`; the replacement starts from the newest weights); the prompts a lost
+generator held, and those nobody took within `engine.reissue_timeout_s`, are handed out again.
+Every rollout passes the `intake` rules before it is trained on; what fails is dropped and
+counted (`wire/dropped/<reason>`, `faults/*` in the metrics).
 """
 
 from __future__ import annotations
@@ -30,10 +36,12 @@ from rlhf_engine.checkpoint import latest_checkpoint, load_state, rng_state, sav
 from rlhf_engine.config import RunConfig, import_function, save_run_config
 from rlhf_engine.data.prompts import PromptStream, tokenize_prompts
 from rlhf_engine.data.records import DataStats
-from rlhf_engine.metrics import MetricsLogger, Timeline, idle_fractions, read_jsonl
-from rlhf_engine.procs import start_child, stop_child
+from rlhf_engine.intake import Intake, IntakeLimits
+from rlhf_engine.local_generators import GeneratorExited, LocalGenerators, RestartBudgetExceeded
+from rlhf_engine.metrics import MetricsLogger, Timeline, drop_steps_after, idle_fractions, read_jsonl
 from rlhf_engine.rollout.params import dir_fingerprint
 from rlhf_engine.transport import PromptBatch, Rollout, TrainerPort
+from rlhf_engine.transport.errors import BackpressureTimeout
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +55,7 @@ class Callback:
         """After each PPO step, with its metrics."""
 
     def on_rollout(self, rollout: Rollout) -> None:
-        """For every rollout the trainer receives."""
+        """For every rollout the trainer trains on, just before its step (with the trainer's prompt tokens)."""
 
     def on_checkpoint(self, path: Path) -> None:
         """After a checkpoint was written completely."""
@@ -55,13 +63,10 @@ class Callback:
 
 @dataclass
 class _Batch:
-    """A prompt batch handed out and the rollouts received for it so far."""
+    """The rollouts of one step, complete (`num_generations` per prompt, grouped by prompt)."""
 
     batch_id: int
-    prompts: dict[int, list[int]]  # prompt_id -> token ids
-    sent_at: float
     rollouts: list[Rollout]
-    stream_state_before: dict[str, int]
 
 
 class RLHFEngine:
@@ -80,13 +85,18 @@ class RLHFEngine:
         self.trainer = None
         self.tokenizer = None
         self._port: TrainerPort | None = None
-        self._children: list = []
+        self._local: LocalGenerators | None = None
+        self._intake: Intake | None = None
+        self._known_senders: set[str] = set()
+        self._lost_senders: set[str] = set()
+        self._no_generator_since: float | None = None
+        self._stream_states: dict[int, dict[str, int]] = {}
         self._metrics: MetricsLogger | None = None
         self._timeline: Timeline | None = None
         self._stream: PromptStream | None = None
-        self._batches: dict[int, _Batch] = {}
         self._next_batch = 0
         self._gold_fn: Callable | None = None
+        self._vocab_size = 0
         self._generator_names: dict[str, str] = {}
         self._started_at = 0.0
         self._generated_tokens = 0
@@ -109,6 +119,8 @@ class RLHFEngine:
             ckpt = self._find_resume_checkpoint()
             self._build_trainer(ckpt)
             self._build_prompts()
+            self._intake = Intake(IntakeLimits(vocab_size=self._vocab_size, response_length=cfg.ppo.response_length,
+                                               num_generations=cfg.ppo.num_generations))
             if cfg.model.gold_fn is not None:
                 self._gold_fn = import_function(cfg.model.gold_fn)
             state = load_state(ckpt) if ckpt is not None else None
@@ -136,9 +148,8 @@ class RLHFEngine:
                 self._port.shutdown_generators("engine stopping")
             except Exception as e:  # the port may already be broken; the children are still stopped below
                 log.warning("could not ask the generators to stop: %s", e)
-        for child in self._children:
-            stop_child(child, grace_s=10.0)
-        self._children = []
+        if self._local is not None:
+            self._local.stop_all(grace_s=10.0)
         if self._port is not None:
             self._port.close()
             self._port = None
@@ -187,6 +198,8 @@ class RLHFEngine:
             stats["time/engine/wait_rollouts"] = t_wait
             stats["time/engine/step"] = time.time() - t_step
             self.step += 1
+            self._stream_states.pop(self.step - 1, None)
+            stats.update(self._fault_stats())
             stats["step"] = self.step
             self._metrics.log(self.step, stats)
             for cb in self.callbacks:
@@ -198,8 +211,7 @@ class RLHFEngine:
     def save_checkpoint(self) -> Path:
         """Write a checkpoint of the current step atomically; returns its directory."""
         t0 = time.time()
-        pending = self._batches.get(self.step)
-        stream_state = pending.stream_state_before if pending is not None else self._stream.state_dict()
+        stream_state = self._stream_states.get(self.step, self._stream.state_dict())
         state = {
             "step": self.step,
             "trainer": self.trainer.state_dict(),
@@ -251,6 +263,7 @@ class RLHFEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(m.policy)
         policy_dir = ckpt / "policy" if ckpt is not None else Path(m.policy)
         policy = AutoModelForCausalLMWithValueHead.from_pretrained(policy_dir)
+        self._vocab_size = policy.pretrained_model.get_input_embeddings().num_embeddings
         # the reference is the *initial* policy, also when resuming
         ref = load_causal_lm(m.ref_model or m.policy, frozen=True)
         value_model = None
@@ -274,97 +287,178 @@ class RLHFEngine:
         self._stream.load_state_dict(state["prompts"])
         set_rng_state(state["rng"])
         self._next_batch = self.step
+        drop_steps_after(self.run_dir, self.step)  # the steps after the checkpoint are run again
         log.info("resumed at step %d (policy version %d)", self.step, self.trainer.policy_version)
 
     def _start_generators(self) -> None:
         cfg = self.config
         # the generators fingerprint the policy folder they load (names, shapes, stored dtypes)
-        fingerprint = dir_fingerprint(cfg.model.policy)
-        self._port = TrainerPort(cfg.transport, fingerprint)
-        for i in range(cfg.engine.num_generators):
-            env = {}
-            if cfg.engine.generator_threads is not None:
-                env["OMP_NUM_THREADS"] = str(cfg.engine.generator_threads)
-            cpus = cfg.engine.generator_cpus[i] if cfg.engine.generator_cpus is not None else None
-            self._children.append(start_child(
-                ["-m", "rlhf_engine.cli", "generator", "--config", str(self.run_dir / CONFIG_FILE),
-                 "--name", f"generator-{i}"],
-                log_path=self.run_dir / f"generator-{i}.log", env=env, cpus=cpus,
-            ))
-        total = cfg.engine.num_generators + cfg.engine.external_generators
-        self._wait_for_generators(total)
+        self._port = TrainerPort(cfg.transport, dir_fingerprint(cfg.model.policy))
+        e = cfg.engine
+        self._local = LocalGenerators(self.run_dir / CONFIG_FILE, self.run_dir, threads=e.generator_threads,
+                                      cpus=e.generator_cpus, max_restarts=e.max_generator_restarts,
+                                      window_s=e.restart_window_s)
+        for i in range(e.num_generators):
+            self._local.start(i)
+        total = e.num_generators + e.external_generators
+        self._await(lambda: len(self._port.generators()) >= total, list(range(e.num_generators)),
+                    f"{total} generators to connect to {cfg.transport.endpoint}", "before its handshake")
 
-    def _wait_for_generators(self, total: int) -> None:
-        deadline = time.monotonic() + self.config.transport.handshake_timeout_s + 120.0  # engine start included
-        while len(self._port.generators()) < total:
-            for i, child in enumerate(self._children):
-                if child.poll() is not None:
-                    raise RuntimeError(
-                        f"generator-{i} exited with code {child.returncode} before its handshake; "
-                        f"see {self.run_dir / f'generator-{i}.log'}"
-                    )
+    def _await(self, ready: Callable[[], bool], children: list[int], what: str, when: str) -> None:
+        """Poll until `ready()`; `GeneratorExited` (with its log tail) if one of the local `children`
+        exits first, `TimeoutError` after the handshake timeout plus two minutes of engine start."""
+        t0 = time.monotonic()
+        deadline = t0 + self.config.transport.handshake_timeout_s + 120.0
+        while not ready():
+            for i, _ in self._local.exited(children):
+                raise self._local.exit_error(i, when)
             if self._port.rejections:
                 raise RuntimeError(f"a generator was refused: {self._port.rejections[-1]}")
             if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"only {len(self._port.generators())} of {total} generators connected to "
-                    f"{self.config.transport.endpoint}; see the generator logs in {self.run_dir}"
-                )
-            try:
-                self._port.wait_for_generators(total, timeout_s=1.0)
-            except TimeoutError:
-                continue
+                raise TimeoutError(f"still waiting for {what} after {time.monotonic() - t0:.0f} s; "
+                                   f"see the generator logs in {self.run_dir}")
+            self._port.raise_if_dead()
+            time.sleep(0.1)
 
     def _fill_pipeline(self, last_step: int) -> None:
         in_flight = self.config.engine.batches_in_flight
         while self._next_batch < min(self.step + in_flight, last_step):
             b = self._next_batch
-            state_before = self._stream.state_dict()
+            self._stream_states[b] = self._stream.state_dict()
             drawn = self._stream.next_batch(self.config.prompts_per_step)
-            prompt_ids = [b * self.config.prompts_per_step + j for j in range(len(drawn))]
-            prompts = {pid: p.token_ids for pid, p in zip(prompt_ids, drawn)}
-            self._port.send_prompts(PromptBatch(
-                batch_id=b, prompt_ids=prompt_ids, prompts=list(prompts.values()),
-                min_policy_version=self.trainer.policy_version,
-            ))
-            self._batches[b] = _Batch(b, prompts, time.time(), [], state_before)
+            prompts = {b * self.config.prompts_per_step + j: p.token_ids for j, p in enumerate(drawn)}
+            self._intake.issue(b, prompts, self.trainer.policy_version, time.monotonic())
+            self._send(b, prompts, timeout_s=None)
             self._next_batch += 1
 
+    def _send(self, batch_id: int, prompts: dict[int, list[int]], timeout_s: float | None) -> None:
+        self._port.send_prompts(PromptBatch(batch_id=batch_id, prompt_ids=list(prompts), prompts=list(prompts.values()),
+                                            min_policy_version=self.trainer.policy_version), timeout_s)
+
     def _collect(self, batch_id: int) -> _Batch:
-        """Receive rollouts until batch `batch_id` is complete (rollouts of later batches are kept)."""
-        want = self.config.ppo.batch_size
-        batch = self._batches[batch_id]
-        deadline = time.monotonic() + self.config.engine.rollout_timeout_s
-        per_step = self.config.prompts_per_step
-        while len(batch.rollouts) < want:
+        """Receive rollouts until every prompt of batch `batch_id` has its `num_generations` (rollouts of
+        later batches are kept), tending the generators meanwhile."""
+        e = self.config.engine
+        deadline = time.monotonic() + e.rollout_timeout_s
+        while not self._intake.complete(batch_id):
             self._port.raise_if_dead()
-            for i, child in enumerate(self._children):
-                if child.poll() is not None:
-                    raise RuntimeError(f"generator-{i} exited with code {child.returncode}; "
-                                       f"see {self.run_dir / f'generator-{i}.log'}")
+            self._tend_generators()
+            self._reissue(self._intake.unclaimed(time.monotonic(), e.reissue_timeout_s), "nobody took them within "
+                          f"{e.reissue_timeout_s:g} s (engine.reissue_timeout_s)")
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"batch {batch_id}: {len(batch.rollouts)} of {want} rollouts after "
-                    f"{self.config.engine.rollout_timeout_s} s (engine.rollout_timeout_s)"
+                    f"batch {batch_id}: {self._intake.received(batch_id)} of {self.config.ppo.batch_size} rollouts "
+                    f"after {e.rollout_timeout_s} s (engine.rollout_timeout_s); live generators: "
+                    f"{[g.name for g in self._port.generators()]}"
                 )
-            for r in self._port.recv_rollouts(want, timeout_s=0.5):
-                owner = self._batches.get(r.prompt_id // per_step)
-                if owner is None or r.prompt_id not in owner.prompts:
-                    log.warning("dropping rollout %s for unknown prompt %d", r.rollout_id, r.prompt_id)
-                    continue
-                owner.rollouts.append(r)
-                self._generated_tokens += int(r.response_token_ids.numel())
-                for cb in self.callbacks:
-                    cb.on_rollout(r)
-                if len(owner.rollouts) == want:
-                    self._record_generation(owner)
-        return self._batches.pop(batch_id)
+            for r in self._port.recv_rollouts(self.config.ppo.batch_size, timeout_s=0.5):
+                if r.sender not in self._known_senders:  # may have joined since the last roster read
+                    self._known_senders.update(g.name for g in self._port.generators())
+                self._intake.offer(r, r.sender, self._known_senders, self.trainer.policy_version)
+        batch = _Batch(batch_id, self._intake.take(batch_id))
+        self._record_generation(batch)
+        for r in batch.rollouts:
+            self._generated_tokens += int(r.response_token_ids.numel())
+            for cb in self.callbacks:
+                cb.on_rollout(r)
+        return batch
+
+    def _tend_generators(self) -> None:
+        """Replace local generators that exited, hand out again what lost generators held, and fail
+        once no generator was left for `engine.no_generator_timeout_s`."""
+        roster = self._port.generators()
+        self._known_senders.update(g.name for g in roster)
+        for info in self._port.pop_lost_generators():
+            self._generators_lost([info.name], "it stopped sending heartbeats")
+        for i, code in self._local.exited():
+            name = self._local.name(i)
+            log.warning("%s exited with code %s; replacing it", name, code)
+            self._generators_lost([s for s in self._known_senders if s.startswith(name + "@")],
+                                  f"its process exited with code {code}", process_gone=True)
+            self._replace(i)
+        now = time.monotonic()
+        if self._port.generators() or self._local.running():
+            self._no_generator_since = None
+        elif self._no_generator_since is None:
+            self._no_generator_since = now
+        elif now - self._no_generator_since > self.config.engine.no_generator_timeout_s:
+            raise RuntimeError(f"no generator left for {self.config.engine.no_generator_timeout_s:g} s "
+                               "(engine.no_generator_timeout_s); the last checkpoint is resumable")
+
+    def _generators_lost(self, senders: list[str], why: str, *, process_gone: bool = False) -> None:
+        """Re-issue what `senders` held (each once); `process_gone`: a local process exited, so the
+        batches waiting in its queue (prompts nobody holds yet) are lost too, even before its handshake."""
+        new = [s for s in senders if s not in self._lost_senders]
+        self._lost_senders.update(new)
+        held = {pid for s in new + ([""] if process_gone else []) for pid in self._intake.held_by(s)}
+        self._reissue(sorted(held), f"generator {' '.join(senders) or '(before its handshake)'} was lost: {why}")
+
+    def _reissue(self, prompt_ids: list[int], why: str) -> None:
+        """Hand `prompt_ids` out again (a batch per step), asking for the newest weights."""
+        if not prompt_ids:
+            return
+        log.warning("re-issuing %d prompts: %s", len(prompt_ids), why)
+        for batch_id, prompts in self._intake.reissue(prompt_ids, time.monotonic()).items():
+            try:
+                self._send(batch_id, prompts, timeout_s=1.0)
+            except BackpressureTimeout:  # no generator reads now: they count as unclaimed and go out again later
+                log.warning("could not re-issue %d prompts of batch %d yet: no generator has room", len(prompts), batch_id)
+
+    def _replace(self, i: int) -> None:
+        """Restart local generator `i` from the newest weights and wait for its handshake (no new weights
+        are published meanwhile, so it samples with them from its first batch). Once the restart budget
+        is spent: a checkpoint of the current step, then `RestartBudgetExceeded`."""
+        self._local.stop(i, grace_s=0.0)  # whatever it left behind (vLLM engine core, staging files)
+        while True:
+            try:
+                self._local.count_restart()
+            except RestartBudgetExceeded as e:
+                self.save_checkpoint()
+                raise RestartBudgetExceeded(f"{e}; last exit: {self._local.exit_error(i, 'at last')}; "
+                                            f"a checkpoint of step {self.step} is in {self.run_dir}") from None
+            t0, t_wall = time.monotonic(), time.time()
+            weights = self._save_generator_weights()
+            self._local.start(i, weights=weights, version=self.trainer.policy_version)
+            name = self._local.name(i)
+            try:
+                self._await(lambda: any(g.name.startswith(name + "@") for g in self._port.generators()), [i],
+                            f"{name} to connect", "before its handshake")
+            except GeneratorExited as e:
+                log.warning("%s", e)
+                self._local.stop(i, grace_s=0.0)
+                continue
+            finally:
+                if weights is not None:
+                    weights.unlink(missing_ok=True)
+            log.warning("%s replaced in %.1f s (weights v%d)", name, time.monotonic() - t0, self.trainer.policy_version)
+            self._timeline.add("trainer", "replace_generator", t_wall, time.time())
+            return
+
+    def _save_generator_weights(self) -> Path | None:
+        """The policy's current weights as a safetensors file for a replacement generator (None at v0:
+        the policy folder holds them)."""
+        if self.trainer.policy_version == 0:
+            return None
+        from safetensors.torch import save_file
+
+        path = self.run_dir / f"generator-weights-v{self.trainer.policy_version}.safetensors"
+        save_file({k: v.detach().contiguous().clone() for k, v in self.trainer.policy_state_dict().items()}, str(path))
+        return path
+
+    def _fault_stats(self) -> dict[str, float]:
+        """The cumulative fault and drop counters of the run so far."""
+        stats = {"faults/generator_restarts": float(self._local.restarts),
+                 "faults/reissued_prompts": float(self._intake.reissued),
+                 "faults/late_rollouts": float(self._intake.dropped["late"])}
+        drops = dict(self._port.drop_counts())
+        for reason, n in self._intake.dropped.items():
+            drops[reason] = drops.get(reason, 0) + n
+        stats.update({f"wire/dropped/{reason}": float(n) for reason, n in sorted(drops.items())})
+        return stats
 
     def _record_generation(self, batch: _Batch) -> None:
-        """Add the generators' busy intervals of `batch` to the timeline (from the rollouts' timestamps;
-        the generator id is the first '/'-separated part of a rollout id, as `GeneratorLoop` writes them)."""
-        for finished_at, seconds, sender in {(r.finished_at, r.generation_time, r.rollout_id.split("/")[0])
-                                             for r in batch.rollouts}:
+        """Add the generators' busy intervals of `batch` to the timeline (from the rollouts' timestamps)."""
+        for finished_at, seconds, sender in {(r.finished_at, r.generation_time, r.sender) for r in batch.rollouts}:
             if finished_at > 0:
                 name = self._generator_names.setdefault(sender, f"generator-{len(self._generator_names)}")
                 self._timeline.add(name, "generate", finished_at - seconds, finished_at)

@@ -13,39 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _runs import run_config
 from rlhf_engine.checkpoint import latest_checkpoint, list_checkpoints, load_state
-from rlhf_engine.config import load_run_config, save_run_config
-from rlhf_engine.data import synthetic
+from rlhf_engine.config import save_run_config
 from rlhf_engine.engine import Callback, RLHFEngine
 from rlhf_engine.metrics import read_jsonl
-from rlhf_engine.models.tiny import make_tiny_model_dir
 from rlhf_engine.procs import descendants
-
-
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("engine") / "policy")
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("engine_data") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in synthetic.prompts(64, seed=0)))
-    return path
-
-
-def run_config(tmp_path: Path, policy_dir: Path, prompts_file: Path, *, backend: str, **engine):
-    return load_run_config(None, base={
-        "model": {"policy": str(policy_dir), "reward_fn": "rlhf_engine.demo:gold_scores",
-                  "gold_fn": "rlhf_engine.demo:gold_scores"},
-        "data": {"prompts": str(prompts_file), "max_prompt_length": 16},
-        "ppo": {"batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1, "learning_rate": 1e-3,
-                "response_length": 8, "seed": 0},
-        "generator": {"backend": backend, "max_model_len": 64, "kv_cache_bytes": 1 << 26},
-        "transport": {"endpoint": f"ipc://{tmp_path}/ep", "heartbeat_timeout_s": 20.0},
-        "engine": {"run_dir": str(tmp_path / "run"), "tensorboard": False, "progress": False, **engine},
-    })
-
 
 
 class Recorder(Callback):
