@@ -131,6 +131,8 @@ def _from_dict(cls: type[T], data: dict[str, Any], *, where: _Where, prefix: str
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
+        if isinstance(e, ConfigError):  # names its field already
+            raise ConfigError(f"{source}: {e}") from e
         raise ConfigError(f"{source}: invalid {prefix or cls.__name__}: {e}") from e
 
 

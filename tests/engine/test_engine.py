@@ -132,7 +132,7 @@ def test_cli_config_errors_name_key_and_file(tmp_path, policy_dir, prompts_file)
     res = subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "ppo", "--config", str(path)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
-    assert f"{path}: unknown key(s) 'ppo.init_kl_coeff'" in res.stderr
+    assert f"{path}:3: unknown key(s) 'ppo.init_kl_coeff'" in res.stderr
     path.write_text(path.read_text().replace("init_kl_coeff", "init_kl_coef"))
     res = subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "ppo", "--config", str(path),
                           "--set", "engine.mode=turbo"], capture_output=True, text=True, timeout=120)
@@ -146,3 +146,43 @@ def test_generator_failing_to_start_is_reported(tmp_path, policy_dir, prompts_fi
     with pytest.raises(RuntimeError, match=r"generator-0 exited with code \d+ before its handshake; see .*generator-0.log"):
         RLHFEngine(cfg).start()
     assert_no_new_children()
+
+
+def test_cli_errors_are_one_line_with_status_2(tmp_path, policy_dir, prompts_file, capsys):
+    from rlhf_engine.cli import main
+    from rlhf_engine.config_loader import ConfigError
+
+    good = f"model: {{policy: {policy_dir}, reward_fn: 'rlhf_engine.demo:gold_scores'}}\ndata: {{prompts: {prompts_file}}}\n"
+    cases = {
+        "missing folder": (good.replace(str(policy_dir), str(tmp_path / "nope")), [],
+                           f"model.policy: no such model folder: {tmp_path / 'nope'}"),
+        "too long": (good, ["--set", "data.max_prompt_length=500", "--set", "ppo.response_length=64"],
+                     "data.max_prompt_length (500) + ppo.response_length (64) = 564 exceeds the policy's "
+                     "max_position_embeddings (512)"),
+        "max_model_len": (good, ["--set", "generator.max_model_len=100"],
+                          "= 320 exceeds generator.max_model_len (100)"),
+        "optional section": (good + "generator:\n  kv_cache_bytes: lots\n", [],
+                             ":4: generator.kv_cache_bytes = 'lots' must be an integer"),
+        "bad data": (good.replace(str(prompts_file), str(tmp_path / "bad.jsonl")), [], f"{tmp_path / 'bad.jsonl'}:2: "),
+        "no resume": (good, ["--resume", tmp_path / "nothing"], f"--resume {tmp_path / 'nothing'}: no complete checkpoint"),
+    }
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
+    sigterm = signal.getsignal(signal.SIGTERM)  # main() turns SIGTERM into KeyboardInterrupt
+    try:
+        for name, (text, extra, expected) in cases.items():
+            path = tmp_path / f"{name.replace(' ', '_')}.yaml"
+            path.write_text(text)
+            code = main(["ppo", "--config", str(path), "--set", f"engine.run_dir={tmp_path / 'run'}",
+                         *map(str, extra)])
+            err = capsys.readouterr().err
+            lines = [line for line in err.splitlines() if line.startswith("rlhf-engine ppo:")]
+            assert code == 2 and len(lines) == 1 and expected in lines[0], (name, err[-2000:])
+        with pytest.raises(ConfigError, match=r"missing_folder.yaml:1: model.policy: no such model folder"):
+            main(["--debug", "ppo", "--config", str(tmp_path / "missing_folder.yaml")])
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    # the real process: status 2 and one line
+    res = subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "ppo", "--config", str(tmp_path / "nowhere.yaml")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        f"rlhf-engine ppo: config error: config file {tmp_path / 'nowhere.yaml'} does not exist"]
