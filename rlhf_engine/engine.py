@@ -295,7 +295,8 @@ class RLHFEngine:
         # the generators fingerprint the policy folder they load (names, shapes, stored dtypes)
         self._port = TrainerPort(cfg.transport, dir_fingerprint(cfg.model.policy))
         e = cfg.engine
-        self._local = LocalGenerators(self.run_dir / CONFIG_FILE, self.run_dir, threads=e.generator_threads,
+        self._local = LocalGenerators(self.run_dir / CONFIG_FILE, self.run_dir, self._port.endpoint,
+                                      cfg.transport.shm_dir, threads=e.generator_threads,
                                       cpus=e.generator_cpus, max_restarts=e.max_generator_restarts,
                                       window_s=e.restart_window_s)
         for i in range(e.num_generators):

@@ -46,14 +46,17 @@ class _Child:
 class LocalGenerators:
     """Generator child processes for one run.
 
-    config_path: the run's saved config (the children read it); max_restarts within window_s:
+    config_path: the run's saved config (the children read it); endpoint: the trainer's (they connect
+    to it); shm_dir: where each child gets a staging folder of its own; max_restarts within window_s:
     the restart budget of all children together.
     """
 
-    def __init__(self, config_path: Path, run_dir: Path, *, threads: int | None = None,
+    def __init__(self, config_path: Path, run_dir: Path, endpoint: str, shm_dir: str, *, threads: int | None = None,
                  cpus: list[list[int]] | None = None, max_restarts: int = 3, window_s: float = 3600.0) -> None:
         self.config_path = Path(config_path)
         self.run_dir = Path(run_dir)
+        self.endpoint = endpoint
+        self.shm_dir = shm_dir
         self.threads = threads
         self.cpus = cpus
         self.max_restarts = max_restarts
@@ -76,11 +79,12 @@ class LocalGenerators:
         weights it loads from the policy folder before it connects."""
         n = self._starts[i]
         name = f"generator-{i}" if n == 0 else f"generator-{i}.{n}"
-        args = ["-m", "rlhf_engine.cli", "generator", "--config", str(self.config_path), "--name", name]
+        args = ["-m", "rlhf_engine.cli", "generator", "--config", str(self.config_path), "--name", name,
+                "--connect", self.endpoint]
         if weights is not None:
             args += ["--weights", str(weights), "--weights-version", str(version)]
         # its own folder for the weight staging file: removed when it stops, also after a SIGKILL
-        staging = tempfile.mkdtemp(prefix=f"rlhf_engine-{name}-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        staging = tempfile.mkdtemp(prefix=f"rlhf_engine-{name}-", dir=self.shm_dir if os.path.isdir(self.shm_dir) else None)
         args += ["--set", f"generator.staging_dir={staging}"]
         env = {"OMP_NUM_THREADS": str(self.threads)} if self.threads is not None else {}
         cpus = self.cpus[i] if self.cpus is not None else None

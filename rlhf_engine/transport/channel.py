@@ -8,6 +8,7 @@ and ``SendChannel.send`` blocks — logging after ``blocked_log_s`` and raising
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -98,19 +99,64 @@ class SendChannel(IoThread):
                 self._poll(False, True, _POLL_MS)
 
 
+class BoundedQueue:
+    """A FIFO bounded in items and in bytes (an item larger than ``max_bytes`` still fits alone)."""
+
+    def __init__(self, max_items: int, max_bytes: int) -> None:
+        self._max_items = max_items
+        self._max_bytes = max_bytes
+        self._items: collections.deque[tuple[object, int]] = collections.deque()
+        self.nbytes = 0
+        self._cond = threading.Condition()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item, nbytes: int, timeout_s: float) -> bool:
+        """Append ``item`` (``nbytes`` long); False if it did not fit within ``timeout_s``."""
+        with self._cond:
+            full = lambda: self._items and (len(self._items) >= self._max_items
+                                            or self.nbytes + nbytes > self._max_bytes)
+            if full() and not self._cond.wait_for(lambda: not full(), timeout_s):
+                return False
+            self._items.append((item, nbytes))
+            self.nbytes += nbytes
+            self._cond.notify_all()
+            return True
+
+    def get(self, timeout_s: float):
+        """The oldest item, or None after ``timeout_s``."""
+        with self._cond:
+            if not self._items and not self._cond.wait_for(lambda: self._items, timeout_s):
+                return None
+            item, nbytes = self._items.popleft()
+            self.nbytes -= nbytes
+            self._cond.notify_all()
+            return item
+
+
 class RecvChannel(IoThread):
-    """Validates each message, converts it with ``accept`` (None = drop), queues the result."""
+    """Validates each message against ``limits``, converts it with ``accept(header, tensors, user_id)``
+    (``user_id``: the ZAP User-Id of the authenticated connection, None without CURVE) and queues
+    the result; ``accept`` raises ``WireError`` to drop a message (counted and logged by reason).
+
+    Memory: at most ``queue_size`` items and ``queue_bytes`` bytes of tensors queued here."""
 
     def __init__(self, name: str, sock: zmq.Socket, *, queue_size: int, linger_ms: int, limits: WireLimits,
-                 accept: Callable[[Header, list[torch.Tensor]], object | None]) -> None:
-        super().__init__(name, sock, linger_ms)
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+                 accept: Callable[[Header, list[torch.Tensor], str | None], object],
+                 queue_bytes: int = 1 << 62, drop_log_interval_s: float = 10.0) -> None:
+        super().__init__(name, sock, linger_ms, drop_log_interval_s)
+        self._queue = BoundedQueue(queue_size, queue_bytes)
         self._limits = limits
         self._accept = accept
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queue.nbytes
 
     def get(self, timeout_s: float | None, health: Callable[[], None] = lambda: None):
         """The next item, or None after ``timeout_s`` (None = wait forever)."""
@@ -119,24 +165,9 @@ class RecvChannel(IoThread):
             self.check()
             health()
             left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
-            if left <= 0:
-                try:
-                    return self._queue.get_nowait()
-                except queue.Empty:
-                    return None
-            try:
-                return self._queue.get(timeout=left)
-            except queue.Empty:
-                continue
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+            item = self._queue.get(max(left, 0.0))
+            if item is not None or (deadline is not None and time.monotonic() >= deadline):
+                return item
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -150,12 +181,20 @@ class RecvChannel(IoThread):
                     break
                 try:
                     header, tensors = decode(frames, self._limits)
-                    item = self._accept(header, tensors)
+                    item = self._accept(header, tensors, frame_user_id(frames[0]))
                 except WireError as e:
                     self._drop(e.reason, e.detail)
                     continue
-                if item is None:
-                    continue
                 self.stats["received"] += 1
-                if not self._put(item):
-                    return
+                nbytes = sum(spec.nbytes for spec in header.tensors)
+                while not self._queue.put(item, nbytes, 0.1):
+                    if self._stop.is_set():
+                        return
+
+
+def frame_user_id(frame) -> str | None:
+    """The ZAP User-Id of the connection ``frame`` came through (CURVE: the client's z85 public key)."""
+    try:
+        return frame.get("User-Id") or None
+    except (zmq.ZMQError, AttributeError):
+        return None  # no ZAP handler on this socket (ipc without CURVE)

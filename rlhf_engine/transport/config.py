@@ -2,31 +2,44 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from rlhf_engine.transport.wire import WireLimits
+from dataclasses import dataclass
 
 
 @dataclass
 class TransportConfig:
     """How the trainer and its generators talk. Both ends should use the same values."""
 
-    endpoint: str = "ipc:///tmp/rlhf-engine"
+    endpoint: str | None = None
     """Base endpoint. ``ipc://PATH`` uses ``PATH.{control,rollouts,prompts}``;
-    ``tcp://HOST:PORT`` uses ports PORT (control), PORT+1 (rollouts), PORT+2 (prompts)."""
+    ``tcp://HOST:PORT`` uses ports PORT (control), PORT+1 (rollouts), PORT+2 (prompts).
+    None (trainer only): a fresh private directory (mode 0700) under ``ipc_dir``, removed on
+    close; the trainer port's ``endpoint`` says where, for the generators' ``--connect``."""
+    ipc_dir: str | None = None
+    """Where the private directory of ``endpoint=None`` is made (None: the system temp dir)."""
+    max_prompt_tokens: int = 2048
+    """Longest prompt on the wire; the run config sets it to ``data.max_prompt_length``."""
+    max_response_tokens: int = 2048
+    """Longest response on the wire; the run config sets it to ``ppo.response_length``."""
+    max_batch_prompts: int = 4096
+    """Most prompts in one prompt batch; the run config sets it to the prompts per step."""
     rollout_queue_size: int = 256
     """Rollouts buffered in-process on each side (plus ``rollout_hwm`` in each socket)."""
+    rollout_queue_bytes: int = 64 << 20
+    """Bytes of rollouts buffered in-process on the trainer (whichever bound comes first)."""
     rollout_hwm: int = 64
-    """ZeroMQ high-water mark (messages) of the rollout sockets."""
+    """ZeroMQ high-water mark (messages) of the rollout sockets, per connected peer."""
     prompt_queue_size: int = 2
     """Prompt batches buffered on each side; small so the trainer's data position stays near."""
     send_timeout_s: float = 300.0
     """Default longest wait of a blocking send before ``BackpressureTimeout``."""
     blocked_log_s: float = 5.0
     """A send blocked this long logs a warning naming the back-pressure."""
+    drop_log_interval_s: float = 10.0
+    """Dropped messages are logged at most once per reason per interval, with their count."""
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 10.0
-    """A peer silent this long is dead (``PeerDeadError``)."""
+    """A peer silent this long is lost (the trainer drops it from the roster; a generator
+    raises ``PeerDeadError``)."""
     handshake_timeout_s: float = 30.0
     linger_ms: int = 200
     """ZeroMQ linger on close: messages still queued after this are dropped."""
@@ -40,16 +53,21 @@ class TransportConfig:
     ack_timeout_s: float = 120.0
     """Longest wait for generators to release a shared-memory buffer."""
     curve_keys_dir: str | None = None
-    """Folder written by ``rlhf-engine keys``: enables CURVE encryption and authentication."""
+    """Folder written by ``rlhf-engine keys``: enables CURVE encryption and authentication.
+    The trainer accepts only the client public keys in it (``client.key``, ``clients/*.key``)."""
+    curve_client_key: str | None = None
+    """A generator's own secret key file (default: ``client.key_secret`` in ``curve_keys_dir``)."""
     allow_insecure: bool = False
-    """Permit a non-loopback endpoint without CURVE (logs a warning)."""
-    limits: WireLimits = field(default_factory=WireLimits)
+    """Permit a ``tcp://`` endpoint (loopback included) without CURVE (logs a warning): anyone
+    who can reach the port can then join as a generator, read prompts and weights, and send rollouts."""
 
     def __post_init__(self) -> None:
-        for name in ("rollout_queue_size", "rollout_hwm", "prompt_queue_size", "bucket_bytes", "shm_buffers"):
+        for name in ("rollout_queue_size", "rollout_queue_bytes", "rollout_hwm", "prompt_queue_size", "bucket_bytes",
+                     "shm_buffers", "max_prompt_tokens", "max_response_tokens", "max_batch_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TransportConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("send_timeout_s", "heartbeat_interval_s", "heartbeat_timeout_s", "handshake_timeout_s", "ack_timeout_s"):
+        for name in ("send_timeout_s", "heartbeat_interval_s", "heartbeat_timeout_s", "handshake_timeout_s",
+                     "ack_timeout_s", "drop_log_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TransportConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
@@ -59,11 +77,11 @@ class TransportConfig:
             )
         if self.linger_ms < 0:
             raise ValueError(f"TransportConfig.linger_ms must be >= 0, got {self.linger_ms}")
-        if not self.endpoint.startswith(("ipc://", "tcp://")):
+        if self.endpoint is not None and not self.endpoint.startswith(("ipc://", "tcp://")):
             raise ValueError(f"endpoint must start with ipc:// or tcp://, got {self.endpoint!r}")
 
     @property
     def use_shm(self) -> bool:
         if self.weights_via_shm is None:
-            return self.endpoint.startswith("ipc://")
+            return self.endpoint is None or self.endpoint.startswith("ipc://")
         return self.weights_via_shm

@@ -1,8 +1,15 @@
-"""Endpoint names per channel, the loopback rule, and socket security setup."""
+"""Endpoint names per channel, socket security (CURVE + a ZAP allow-list) and socket setup.
+
+Only our peers talk to us: every ``tcp://`` endpoint, loopback included, needs CURVE keys
+(``transport.curve_keys_dir``) unless ``allow_insecure`` is set. With keys, the trainer runs a
+ZAP handler that accepts only the client public keys of the keys folder; each accepted
+connection carries the client's key as its ZAP User-Id, which the trainer binds to the
+generator's session at the handshake (see ``roster.py``). ``ipc://`` endpoints rely on the
+private directory (mode 0700) they live in (see ``ipcdir.py``); CURVE works there too.
+"""
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 
 import zmq
@@ -10,7 +17,8 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from rlhf_engine.transport.config import TransportConfig
 from rlhf_engine.transport.errors import InsecureEndpointError
-from rlhf_engine.transport.keys import CurveKeys, apply_client_keys, apply_server_keys, load_keys
+from rlhf_engine.transport.keys import CurveKeys, allowed_client_keys, apply_client_keys, apply_server_keys, load_keys
+from rlhf_engine.transport.wire import WireLimits
 
 log = logging.getLogger(__name__)
 
@@ -30,19 +38,14 @@ def channel_endpoint(base: str, channel: str) -> str:
     raise ValueError(f"endpoint must start with ipc:// or tcp://, got {base!r}")
 
 
-def is_loopback(endpoint: str) -> bool:
-    """True for ipc:// and tcp:// on a loopback address (127.0.0.0/8, ::1, localhost)."""
-    if endpoint.startswith(("ipc://", "inproc://")):
-        return True
-    if not endpoint.startswith("tcp://"):
-        return False
-    host = endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # an interface name, "*" or a DNS name: not known to be loopback
+class _AllowList:
+    """ZAP credentials provider: a client may connect iff its public key is in the keys folder."""
+
+    def __init__(self, keys: set[bytes]) -> None:
+        self._keys = keys
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self._keys
 
 
 class Security:
@@ -53,19 +56,25 @@ class Security:
         self._server = server
         self._auth: ThreadAuthenticator | None = None
         if config.curve_keys_dir is not None:
-            self.keys = load_keys(config.curve_keys_dir, server=server)
+            self.keys = load_keys(config.curve_keys_dir, server=server, client_key=config.curve_client_key)
             if server:
-                self._auth = ThreadAuthenticator(context)
+                allowed = allowed_client_keys(config.curve_keys_dir)
+                self._auth = ThreadAuthenticator(context, log=logging.getLogger("rlhf_engine.transport.zap"))
                 self._auth.start()
-                self._auth.configure_curve(domain="*", location=str(self.keys.directory))
-        elif not is_loopback(config.endpoint):
+                self._auth.configure_curve_callback(domain="*", credentials_provider=_AllowList(allowed))
+                log.info("CURVE on %s: %d client keys allowed", config.endpoint, len(allowed))
+        elif config.endpoint is not None and config.endpoint.startswith("tcp://"):
             if not config.allow_insecure:
                 raise InsecureEndpointError(
-                    f"endpoint {config.endpoint!r} is not loopback: set transport.curve_keys_dir "
-                    "(create keys with `rlhf-engine keys DIR`) or pass allow_insecure=True"
+                    f"endpoint {config.endpoint!r} is tcp without CURVE keys: set transport.curve_keys_dir "
+                    "(create keys with `rlhf-engine keys DIR`) or allow_insecure=True"
                 )
-            log.warning("transport endpoint %s is not loopback and runs WITHOUT encryption or authentication "
-                        "(allow_insecure=True)", config.endpoint)
+            log.warning("transport endpoint %s runs WITHOUT encryption or authentication (allow_insecure=True): "
+                        "anyone who reaches it can join as a generator", config.endpoint)
+
+    @property
+    def curve(self) -> bool:
+        return self.keys is not None
 
     def apply(self, sock: zmq.Socket) -> None:
         if self.keys is None:
@@ -83,13 +92,13 @@ class Security:
 
 
 def open_socket(context: zmq.Context, kind: int, endpoint: str, *, bind: bool, security: Security,
-                config: TransportConfig, hwm: int | None = None) -> zmq.Socket:
-    """A socket with linger, size limit (MAXMSGSIZE: no frame larger than the wire limits is
-    ever allocated), high-water marks and CURVE applied, then bound or connected."""
+                config: TransportConfig, limits: WireLimits, hwm: int | None = None) -> zmq.Socket:
+    """A socket with linger, the channel's frame size limit (MAXMSGSIZE: no larger frame is ever
+    allocated), high-water marks and CURVE applied, then bound or connected."""
     sock = context.socket(kind)
     try:
         sock.linger = config.linger_ms
-        sock.setsockopt(zmq.MAXMSGSIZE, max(config.limits.max_tensor_bytes, config.limits.max_header_bytes))
+        sock.setsockopt(zmq.MAXMSGSIZE, limits.max_frame_bytes)
         if hwm is not None:
             sock.sndhwm = hwm
             sock.rcvhwm = hwm

@@ -31,3 +31,11 @@ class ShutdownRequested(TransportClosed):
 
 class InsecureEndpointError(TransportError):
     """A non-loopback endpoint without CURVE keys and without the insecure opt-out."""
+
+
+class EndpointInUseError(TransportError, OSError):
+    """An ``ipc://`` endpoint is held by another live trainer."""
+
+
+class AuthenticationFailed(HandshakeError):
+    """The trainer's CURVE/ZAP handler refused this generator's key."""

@@ -15,16 +15,18 @@ from collections import Counter
 
 import zmq
 
+from rlhf_engine.transport.drops import DropLog
 from rlhf_engine.transport.errors import TransportClosed, TransportError
 
 log = logging.getLogger(__name__)
 
 
 class IoThread:
-    def __init__(self, name: str, sock: zmq.Socket, linger_ms: int) -> None:
+    def __init__(self, name: str, sock: zmq.Socket, linger_ms: int, drop_log_interval_s: float = 10.0) -> None:
         self.name = name
         self.stats: Counter[str] = Counter()
         """Message counters: ``sent``, ``received``, ``dropped.<reason>``, ..."""
+        self._drops = DropLog(name, self.stats, drop_log_interval_s)
         self._sock = sock
         self._linger_ms = linger_ms
         self._stop = threading.Event()
@@ -69,8 +71,7 @@ class IoThread:
         return bool(ev & zmq.POLLIN), bool(ev & zmq.POLLOUT)
 
     def _drop(self, reason: str, detail: str) -> None:
-        self.stats[f"dropped.{reason}"] += 1
-        log.warning("%s: dropped a message (%s): %s", self.name, reason, detail)
+        self._drops.drop(reason, detail)
 
     # ---- user side ---------------------------------------------------------
     def wake(self) -> None:

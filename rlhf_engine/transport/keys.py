@@ -1,10 +1,14 @@
-"""CURVE keypairs for non-loopback endpoints: ``rlhf-engine keys DIR`` writes them.
+"""CURVE keypairs for tcp endpoints: ``rlhf-engine keys DIR`` writes them.
 
-A keys folder holds two certificates in ZeroMQ's text format (``zmq.auth``):
+A keys folder holds certificates in ZeroMQ's text format (``zmq.auth``):
 ``server.key`` / ``server.key_secret`` (the trainer) and ``client.key`` /
-``client.key_secret`` (the generators). The trainer encrypts with its secret key and
-accepts only clients whose public key is in the folder; a generator needs the folder
-too (its own secret key and the server's public key). Secret files are mode 0600.
+``client.key_secret`` (the generators' shared key), plus optional per-generator keys
+``clients/NAME.key`` / ``clients/NAME.key_secret`` (``add_client_key``). The trainer
+encrypts with its secret key and accepts only clients whose public key is in the folder
+(``allowed_client_keys``); a generator needs the server's public key and its own secret
+key (``transport.curve_client_key``, default ``client.key_secret``). Secret files are mode 0600.
+With one shared client key, every generator holding it can claim any generator's name;
+per-generator keys bind each name to its own key.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import zmq.auth
 
 SERVER = "server"
 CLIENT = "client"
+CLIENTS_DIR = "clients"
 
 
 @dataclass(frozen=True)
@@ -50,19 +55,54 @@ def generate_keys(directory: str | os.PathLike, *, force: bool = False) -> list[
     return written
 
 
-def load_keys(directory: str | os.PathLike, *, server: bool) -> CurveKeys:
-    """Load the keys the server (trainer) or a client (generator) needs from ``directory``."""
+def add_client_key(directory: str | os.PathLike, name: str, *, force: bool = False) -> list[Path]:
+    """Write a keypair for generator ``name`` into ``directory/clients`` (its public key joins the
+    trainer's allow-list; the generator uses ``curve_client_key=<written secret file>``)."""
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise ValueError(f"client key name must be letters, digits, '-', '_' or '.', got {name!r}")
+    folder = Path(directory) / CLIENTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = [str(p) for p in (folder / f"{name}.key", folder / f"{name}.key_secret") if p.exists()]
+    if existing and not force:
+        raise FileExistsError(f"key files already exist: {existing}; pass force=True (--force) to overwrite")
+    public, secret = zmq.auth.create_certificates(str(folder), name)
+    os.chmod(secret, 0o600)
+    return [Path(public), Path(secret)]
+
+
+def allowed_client_keys(directory: str | os.PathLike) -> set[bytes]:
+    """z85 public keys the trainer accepts: ``client.key`` and ``clients/*.key`` of ``directory``."""
     folder = Path(directory)
+    paths = [folder / f"{CLIENT}.key", *sorted((folder / CLIENTS_DIR).glob("*.key"))]
+    keys = set()
+    for path in paths:
+        if path.exists():
+            public, _ = zmq.auth.load_certificate(str(path))
+            keys.add(public)
+    if not keys:
+        raise FileNotFoundError(f"CURVE keys folder {folder} holds no client public key; "
+                                f"create it with `rlhf-engine keys {folder}`")
+    return keys
+
+
+def load_keys(directory: str | os.PathLike, *, server: bool, client_key: str | os.PathLike | None = None) -> CurveKeys:
+    """Load the keys the server (trainer) or a client (generator) needs from ``directory``;
+    a client uses ``client_key`` (a secret key file) instead of ``client.key_secret`` when given."""
+    folder = Path(directory)
+    client_path = Path(client_key) if client_key is not None else folder / f"{CLIENT}.key_secret"
     try:
         server_public, server_secret = zmq.auth.load_certificate(str(folder / f"{SERVER}.key_secret" if server else folder / f"{SERVER}.key"))
-        client_public, client_secret = zmq.auth.load_certificate(str(folder / f"{CLIENT}.key" if server else folder / f"{CLIENT}.key_secret"))
+        if server:
+            client_public, client_secret = b"", None
+        else:
+            client_public, client_secret = zmq.auth.load_certificate(str(client_path))
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"CURVE keys folder {folder} is incomplete ({e}); create it with `rlhf-engine keys {folder}`") from None
     if server and server_secret is None:
         raise ValueError(f"{folder / (SERVER + '.key_secret')} holds no secret key")
     if not server and client_secret is None:
-        raise ValueError(f"{folder / (CLIENT + '.key_secret')} holds no secret key")
-    return CurveKeys(folder, server_public, server_secret if server else None, client_public, client_secret if not server else None)
+        raise ValueError(f"{client_path} holds no secret key")
+    return CurveKeys(folder, server_public, server_secret if server else None, client_public, client_secret)
 
 
 def apply_server_keys(sock: zmq.Socket, keys: CurveKeys) -> None:

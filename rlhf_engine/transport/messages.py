@@ -50,6 +50,9 @@ class Rollout:
     finished_at: float = 0.0
     """Wall-clock time (Unix seconds, generator's clock) when that batch finished; 0 if unknown.
     With `generation_time` it gives the generator's busy interval for the run's timeline."""
+    sender: str = ""
+    """The generator that sent it (``GeneratorInfo.name``), set by the trainer's transport from the
+    authenticated session on receive; never read from the payload, and not sent."""
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = _as_1d(self.prompt_token_ids, torch.int64, "prompt_token_ids")
@@ -82,12 +85,18 @@ class Rollout:
         return header, tensors
 
     @classmethod
-    def from_wire(cls, header: RolloutHeader, tensors: Sequence[torch.Tensor]) -> "Rollout":
-        """Build from a decoded message; raises ``WireError`` when the layout is wrong."""
+    def from_wire(cls, header: RolloutHeader, tensors: Sequence[torch.Tensor], max_prompt_tokens: int | None = None,
+                  max_response_tokens: int | None = None) -> "Rollout":
+        """Build from a decoded message (``sender`` = ``header.sender``; the receiver checks it);
+        raises ``WireError`` when the layout is wrong or a token count exceeds its limit."""
         layout = [(s.name, s.dtype, len(s.shape)) for s in header.tensors]
         expected = [("prompt_token_ids", "int64", 1), ("response_token_ids", "int64", 1), ("logprobs", "float32", 1)]
         if layout != expected:
             raise WireError("bad_rollout", f"tensors {layout}, expected {expected}")
+        for spec, limit in zip(header.tensors, (max_prompt_tokens, max_response_tokens, max_response_tokens)):
+            if limit is not None and spec.shape[0] > limit:
+                raise WireError("rollout_too_large", f"rollout {header.rollout_id[:40]!r}: {spec.name} has "
+                                                     f"{spec.shape[0]} entries, at most {limit} allowed")
         try:
             return cls(
                 rollout_id=header.rollout_id,
@@ -99,6 +108,7 @@ class Rollout:
                 finish_reason=header.finish_reason,
                 generation_time=header.generation_time,
                 finished_at=header.finished_at,
+                sender=header.sender,
             )
         except ValueError as e:
             raise WireError("bad_rollout", str(e)) from None

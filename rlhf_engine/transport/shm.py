@@ -1,7 +1,13 @@
 """Shared-memory buffers for same-host weight updates: one memcpy instead of two socket copies.
 
+The one home of our shared-memory files: their layout (``layout``: 64-byte aligned offsets),
+their names (``rlhf-engine-<owner pid>-<kind>-<random>``, mode 0600, ``create_file``), their
+mapping (``map_file``) and the removal of those whose owner died (``remove_stale_files``).
+The trainer's weight buffers (kind ``weights``) live here; a vLLM generator's staging file
+(kind ``staging``, ``rollout/staging.py``) uses the same helpers.
+
 The trainer writes a whole update into a file under ``shm_dir`` (tmpfs) that it created
-(mode 0600, name ``rlhf-engine-<pid>-<random>``) and sends only a header over ZeroMQ.
+and sends only a header over ZeroMQ.
 A generator maps the same file and views the tensors in place (the trainer only ever
 writes these buffers, so nothing a generator does to them reaches the trainer's model). Buffers are reused once every generator acknowledged,
 so after the first update no page is faulted in again on either side.
@@ -35,7 +41,21 @@ def layout(nbytes: Sequence[int]) -> tuple[list[int], int]:
     return offsets, max(pos, ALIGN)
 
 
-def _map(path: str, size: int) -> torch.Tensor:
+def create_file(directory: str, kind: str, size: int) -> str:
+    """A new file of ``size`` bytes, mode 0600, named for this process (see ``remove_stale_files``)."""
+    path = os.path.join(directory, f"{PREFIX}{os.getpid()}-{kind}-{secrets.token_hex(8)}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+    return path
+
+
+def map_file(path: str, size: int) -> torch.Tensor:
     """A uint8 tensor ``[size]`` over the whole file, shared and pre-faulted (MAP_POPULATE).
 
     Shared, not private copy-on-write: a private writable mapping would be populated with
@@ -65,10 +85,14 @@ class Segment:
                 self.buffer[off:off + n].copy_(flat.view(torch.uint8))
 
 
-def remove_orphans(directory: str) -> list[str]:
-    """Delete buffers left behind by trainers that died (their pid no longer exists)."""
+def remove_stale_files(directory: str) -> list[str]:
+    """Delete our files in ``directory`` whose owner process is gone (never those of a live one)."""
     removed = []
-    for name in os.listdir(directory):
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return removed
+    for name in names:
         pid = name[len(PREFIX):].split("-", 1)[0]
         if not name.startswith(PREFIX) or not pid.isdigit():
             continue
@@ -95,7 +119,6 @@ class ShmPool:
         self._max = max_buffers
         self._segments: list[Segment] = []
         self._cond = threading.Condition()
-        remove_orphans(directory)
 
     def acquire(self, size: int, timeout_s: float, holders: set[str]) -> Segment:
         """A free segment of ``size`` bytes, marked as held by ``holders`` (waits for a release;
@@ -125,13 +148,8 @@ class ShmPool:
                 self._cond.wait(left)
 
     def _create(self, size: int) -> Segment:
-        path = os.path.join(self._dir, f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, size)
-        finally:
-            os.close(fd)
-        return Segment(path, size, _map(path, size))
+        path = create_file(self._dir, "weights", size)
+        return Segment(path, size, map_file(path, size))
 
     def release(self, peer: str, path: str | None = None) -> None:
         """``peer`` no longer holds the segment at ``path`` (or any segment, when None)."""
@@ -180,7 +198,7 @@ class ShmReader:
             if st.st_size != size:
                 raise WireError("bad_shm", f"{real} has {st.st_size} bytes, header says {size}")
             try:
-                buf = _map(real, size)
+                buf = map_file(real, size)
             except (OSError, ValueError) as e:
                 raise WireError("bad_shm", f"cannot map {real}: {e}") from None
             self._maps[real] = buf

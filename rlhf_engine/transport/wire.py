@@ -69,7 +69,9 @@ MAX_NDIM = 8
 
 @dataclass(frozen=True)
 class WireLimits:
-    """Size limits applied to every received message before anything is allocated."""
+    """Size limits of one channel, checked on every received message before its tensors are used;
+    ``max_frame_bytes`` is also the socket's MAXMSGSIZE (a larger frame is never allocated:
+    ZeroMQ drops the connection that sends it). ``limits.py`` derives them from the config."""
 
     max_header_bytes: int = 1 << 20
     """Largest accepted header frame (msgpack)."""
@@ -81,10 +83,17 @@ class WireLimits:
     """Most tensors in one message."""
 
     def __post_init__(self) -> None:
-        for name in ("max_header_bytes", "max_tensor_bytes", "max_message_bytes", "max_tensors"):
+        if self.max_header_bytes <= 0:
+            raise ValueError(f"WireLimits.max_header_bytes must be > 0, got {self.max_header_bytes}")
+        for name in ("max_tensor_bytes", "max_message_bytes", "max_tensors"):
             value = getattr(self, name)
-            if value <= 0:
-                raise ValueError(f"WireLimits.{name} must be > 0, got {value}")
+            if value < 0:
+                raise ValueError(f"WireLimits.{name} must be >= 0, got {value}")
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """The largest frame a socket with these limits accepts (its ZeroMQ MAXMSGSIZE)."""
+        return max(self.max_header_bytes, self.max_tensor_bytes)
 
 
 class WireError(Exception):

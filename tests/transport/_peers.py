@@ -41,7 +41,11 @@ def tcp_endpoint() -> str:
 
 
 def fast_config(endpoint: str, **overrides) -> TransportConfig:
+    """Quick heartbeats; a tcp endpoint without keys runs with ``allow_insecure`` (tests of the
+    wire itself; tests/transport/test_security.py checks that tcp needs keys)."""
     fields = dict(endpoint=endpoint, heartbeat_interval_s=0.1, heartbeat_timeout_s=1.5, handshake_timeout_s=10.0)
+    if endpoint.startswith("tcp://") and "curve_keys_dir" not in overrides:
+        fields["allow_insecure"] = True
     fields.update(overrides)
     return TransportConfig(**fields)
 

@@ -18,7 +18,7 @@ from rlhf_engine.transport import (
     model_fingerprint,
     state_dict_specs,
 )
-from rlhf_engine.transport.control import GeneratorControl
+from rlhf_engine.transport.session import GeneratorControl
 from rlhf_engine.transport.endpoints import Security
 from rlhf_engine.transport.wire import PROTOCOL_VERSION
 
@@ -88,21 +88,25 @@ def test_killed_trainer_becomes_peer_dead_error_in_the_generator(tmp_path):
         proc.join()
 
 
-def test_killed_generator_is_reported_dead_by_the_trainer():
+def test_killed_generator_leaves_the_roster_without_an_error_and_is_reported_once():
     config = fast_config(ipc_endpoint(), heartbeat_timeout_s=1.0)
     with TrainerPort(config, FINGERPRINT) as trainer:
         proc = mp.get_context("spawn").Process(target=idle_generator_main, args=(config,))
         proc.start()
         try:
             (info,) = trainer.wait_for_generators(1, timeout_s=60)
-            trainer.raise_if_dead()
             proc.kill()
             deadline = time.monotonic() + 5
-            while not trainer.dead_generators() and time.monotonic() < deadline:
+            lost = []
+            while not lost and time.monotonic() < deadline:
+                lost = trainer.pop_lost_generators()
                 time.sleep(0.05)
-            assert [g.sender_id for g in trainer.dead_generators()] == [info.sender_id]
-            with pytest.raises(PeerDeadError, match=info.sender_id):
-                trainer.raise_if_dead()
+            assert [(g.name, g.state) for g in lost] == [(info.name, "lost")]
+            assert trainer.generators() == [] and trainer.pop_lost_generators() == []
+            trainer.raise_if_dead()  # a lost generator is not the port's failure
+            with GeneratorPort(config, FINGERPRINT) as again:  # anyone may (re)join at any time
+                (back,) = trainer.wait_for_generators(1, timeout_s=10)
+                assert back.name == again.sender_id != info.name
         finally:
             proc.kill()
             proc.join()
@@ -120,7 +124,8 @@ def test_orderly_shutdown_reaches_the_generator_and_its_goodbye_reaches_the_trai
     deadline = time.monotonic() + 5
     while trainer.generators() and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert trainer.generators() == [] and trainer.dead_generators() == []
+    assert trainer.generators() == []
+    assert [(g.name, g.state) for g in trainer.pop_lost_generators()] == [(info.name, "left")]
     start = time.monotonic()
     trainer.close()
     assert time.monotonic() - start < 1.0

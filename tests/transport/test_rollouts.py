@@ -39,7 +39,7 @@ def test_10k_rollouts_from_two_processes_none_lost_none_duplicated_in_order(make
             assert trainer.recv_rollout(timeout_s=0.2) is None
             assert got[1] == list(range(n_per_sender))
             assert got[2] == list(range(n_per_sender))
-            assert trainer.stats()["rollouts"]["duplicates"] == 2 * duplicates
+            assert trainer.drop_counts() == {"duplicate": 2 * duplicates}
             trainer.shutdown_generators("test done")
             for p in procs:
                 p.join(30)

@@ -1,4 +1,5 @@
-"""Loopback by default; CURVE required (and working) for anything else."""
+"""Only our peers talk to us: CURVE on every tcp endpoint, a ZAP allow-list of client keys,
+an authenticated sender on every rollout, and a clear error for a refused key."""
 
 import logging
 import os
@@ -7,26 +8,19 @@ import stat
 import pytest
 import zmq
 
-from _peers import FINGERPRINT, fast_config, tcp_endpoint
+from _peers import FINGERPRINT, fast_config, make_rollout, tcp_endpoint
 from rlhf_engine.transport import (
+    AuthenticationFailed,
     GeneratorPort,
     HandshakeError,
     InsecureEndpointError,
     Rollout,
     TrainerPort,
+    add_client_key,
     generate_keys,
     keys_main,
 )
-from rlhf_engine.transport.endpoints import channel_endpoint, is_loopback
-
-
-@pytest.mark.parametrize("endpoint, local", [
-    ("ipc:///tmp/x", True), ("tcp://127.0.0.1:5000", True), ("tcp://127.3.2.1:5000", True),
-    ("tcp://localhost:5000", True), ("tcp://[::1]:5000", True), ("tcp://0.0.0.0:5000", False),
-    ("tcp://*:5000", False), ("tcp://10.1.2.3:5000", False), ("tcp://eth0:5000", False),
-])
-def test_is_loopback(endpoint, local):
-    assert is_loopback(endpoint) is local
+from rlhf_engine.transport.endpoints import channel_endpoint
 
 
 def test_channel_endpoints_are_derived_from_the_base():
@@ -38,14 +32,15 @@ def test_curve_is_available():
     assert zmq.has("curve")
 
 
-def test_non_loopback_without_keys_is_refused_unless_explicitly_insecure(caplog):
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_tcp_without_keys_is_refused_loopback_included_unless_explicitly_insecure(host, caplog):
     port = tcp_endpoint().rsplit(":", 1)[1]
-    with pytest.raises(InsecureEndpointError, match="not loopback.*rlhf-engine keys"):
-        TrainerPort(fast_config(f"tcp://0.0.0.0:{port}"), FINGERPRINT)
+    with pytest.raises(InsecureEndpointError, match="tcp without CURVE keys.*rlhf-engine keys"):
+        TrainerPort(fast_config(f"tcp://{host}:{port}", allow_insecure=False), FINGERPRINT)
     with pytest.raises(InsecureEndpointError):
-        GeneratorPort(fast_config(f"tcp://10.255.255.1:{port}"), FINGERPRINT)
+        GeneratorPort(fast_config(f"tcp://{host}:{port}", allow_insecure=False), FINGERPRINT)
     with caplog.at_level(logging.WARNING):
-        with TrainerPort(fast_config(f"tcp://0.0.0.0:{port}", allow_insecure=True), FINGERPRINT):
+        with TrainerPort(fast_config(f"tcp://{host}:{port}", allow_insecure=True), FINGERPRINT):
             pass
     assert "WITHOUT encryption or authentication" in caplog.text
 
@@ -59,6 +54,11 @@ def test_keys_main_writes_keypairs_with_private_secrets(tmp_path, capsys):
     with pytest.raises(FileExistsError, match="--force"):
         keys_main([str(tmp_path / "keys")])
     assert "curve_keys_dir" in capsys.readouterr().out
+    public, secret = add_client_key(tmp_path / "keys", "gen-7")
+    assert (public.name, secret.name) == ("gen-7.key", "gen-7.key_secret")
+    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+    with pytest.raises(ValueError, match="letters, digits"):
+        add_client_key(tmp_path / "keys", "../evil")
 
 
 def test_curve_connects_with_the_keys_and_refuses_without_or_with_other_keys(tmp_path):
@@ -70,9 +70,47 @@ def test_curve_connects_with_the_keys_and_refuses_without_or_with_other_keys(tmp
         with GeneratorPort(config, FINGERPRINT) as gen:
             trainer.wait_for_generators(1)
             gen.send_rollout(Rollout("r0", 0, [1], [2, 3], [-1.0, -2.0], 0, "stop", 0.0))
-            assert trainer.recv_rollout(timeout_s=5).rollout_id == "r0"
+            got = trainer.recv_rollout(timeout_s=5)
+            assert (got.rollout_id, got.sender) == ("r0", gen.sender_id)
         with pytest.raises(HandshakeError, match="no handshake answer"):
-            GeneratorPort(fast_config(endpoint, handshake_timeout_s=1.0), FINGERPRINT)  # plain text
-        with pytest.raises(HandshakeError, match="no handshake answer"):
+            GeneratorPort(fast_config(endpoint, handshake_timeout_s=1.0, allow_insecure=True), FINGERPRINT)
+        with pytest.raises(HandshakeError, match="no handshake answer"):  # another server key: ZeroMQ says nothing
             GeneratorPort(fast_config(endpoint, curve_keys_dir=str(tmp_path / "other"), handshake_timeout_s=1.0),
                           FINGERPRINT)
+
+
+def test_a_client_key_not_in_the_trainers_folder_fails_with_authentication_failed(tmp_path):
+    generate_keys(tmp_path / "keys")
+    _, stranger = add_client_key(tmp_path / "elsewhere", "stranger")  # right server key, unknown client key
+    for name in ("server.key",):
+        (tmp_path / "elsewhere" / name).write_bytes((tmp_path / "keys" / name).read_bytes())
+    config = fast_config(tcp_endpoint(), curve_keys_dir=str(tmp_path / "keys"), handshake_timeout_s=10.0)
+    with TrainerPort(config, FINGERPRINT) as trainer:
+        rogue = fast_config(config.endpoint, curve_keys_dir=str(tmp_path / "elsewhere"), curve_client_key=str(stranger),
+                            handshake_timeout_s=10.0)
+        with pytest.raises(AuthenticationFailed, match="authentication failed.*keys folder"):
+            GeneratorPort(rogue, FINGERPRINT)
+        assert trainer.generators() == []
+        # the same key, once in the trainer's folder, is accepted (the allow-list is read at start)
+    _, own = add_client_key(tmp_path / "keys", "gen-b")
+    with TrainerPort(config, FINGERPRINT) as trainer:
+        with GeneratorPort(fast_config(config.endpoint, curve_keys_dir=str(tmp_path / "keys"),
+                                       curve_client_key=str(own)), FINGERPRINT):
+            assert len(trainer.wait_for_generators(1)) == 1
+
+
+def test_a_rollout_claiming_another_generators_name_is_dropped_and_counted(tmp_path):
+    generate_keys(tmp_path / "keys")
+    _, key_b = add_client_key(tmp_path / "keys", "b")
+    config = fast_config(tcp_endpoint(), curve_keys_dir=str(tmp_path / "keys"))
+    with TrainerPort(config, FINGERPRINT) as trainer, GeneratorPort(config, FINGERPRINT, name="a") as gen_a, \
+            GeneratorPort(fast_config(config.endpoint, curve_keys_dir=str(tmp_path / "keys"), curve_client_key=str(key_b)),
+                          FINGERPRINT, name="b") as gen_b:
+        trainer.wait_for_generators(2)
+        gen_b._rollouts._sender_id = gen_a.sender_id  # b's connection (b's key) claims to be a
+        gen_b.send_rollout(make_rollout(0, 0, 4, 4))
+        gen_a.send_rollout(make_rollout(0, 1, 4, 4))
+        got = trainer.recv_rollout(timeout_s=5)
+        assert (got.rollout_id, got.sender) == ("g0-1", gen_a.sender_id)
+        assert trainer.recv_rollout(timeout_s=0.5) is None
+        assert trainer.drop_counts() == {"forged_sender": 1}

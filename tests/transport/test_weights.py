@@ -116,7 +116,7 @@ def test_generators_with_and_without_shared_memory_get_the_same_update():
     config = fast_config(ipc_endpoint())
     with TrainerPort(config, FINGERPRINT) as trainer, GeneratorPort(config, FINGERPRINT) as g_shm, \
             GeneratorPort(dataclasses.replace(config, weights_via_shm=False), FINGERPRINT) as g_frames:
-        infos = {g.sender_id: g.shm for g in trainer.wait_for_generators(2)}
+        infos = {g.name: g.shm for g in trainer.wait_for_generators(2)}
         assert infos == {g_shm.sender_id: True, g_frames.sender_id: False}
         trainer.publish_weights(1, sd)
         for gen in (g_shm, g_frames):

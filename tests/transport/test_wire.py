@@ -128,7 +128,7 @@ garbage_frame = st.one_of(
 
 @pytest.fixture(scope="module")
 def live_pair():
-    config = fast_config(ipc_endpoint(), limits=LIMITS)
+    config = fast_config(ipc_endpoint(), max_prompt_tokens=4096, max_response_tokens=4096)
     with TrainerPort(config, FINGERPRINT) as trainer, GeneratorPort(config, FINGERPRINT) as gen:
         ctx = zmq.Context()
         raw = ctx.socket(zmq.PUSH)
