@@ -117,8 +117,9 @@ class EngineConfig:
     restart_window_s: float = 3600.0
     """The window of `max_generator_restarts`."""
     reissue_timeout_s: float = 120.0
-    """Prompts nobody delivered a rollout for within this many seconds of being handed out (a lost or
-    stolen batch) are handed out again. Longer than one batch's generation time, or work is doubled."""
+    """Prompts without a rollout within this many seconds of being handed out (a lost or stolen batch)
+    or of their last rollout (a generator stuck half-way) are handed out again. Keep it above the time
+    a batch may wait and take to generate, or work is done twice."""
     no_generator_timeout_s: float = 300.0
     """The run stops when no generator was connected (and no local one starting) for this long."""
     progress: bool = True

@@ -344,7 +344,7 @@ class RLHFEngine:
         while not self._intake.complete(batch_id):
             self._port.raise_if_dead()
             self._tend_generators()
-            self._reissue(self._intake.unclaimed(time.monotonic(), e.reissue_timeout_s), "nobody took them within "
+            self._reissue(self._intake.stalled(time.monotonic(), e.reissue_timeout_s), "no rollout for them within "
                           f"{e.reissue_timeout_s:g} s (engine.reissue_timeout_s)")
             if time.monotonic() > deadline:
                 raise TimeoutError(
@@ -355,7 +355,7 @@ class RLHFEngine:
             for r in self._port.recv_rollouts(self.config.ppo.batch_size, timeout_s=0.5):
                 if r.sender not in self._known_senders:  # may have joined since the last roster read
                     self._known_senders.update(g.name for g in self._port.generators())
-                self._intake.offer(r, r.sender, self._known_senders, self.trainer.policy_version)
+                self._intake.offer(r, r.sender, self._known_senders, self.trainer.policy_version, time.monotonic())
         batch = _Batch(batch_id, self._intake.take(batch_id))
         self._record_generation(batch)
         for r in batch.rollouts:
@@ -402,7 +402,7 @@ class RLHFEngine:
         for batch_id, prompts in self._intake.reissue(prompt_ids, time.monotonic()).items():
             try:
                 self._send(batch_id, prompts, timeout_s=1.0)
-            except BackpressureTimeout:  # no generator reads now: they count as unclaimed and go out again later
+            except BackpressureTimeout:  # no generator reads now: they stall and go out again later
                 log.warning("could not re-issue %d prompts of batch %d yet: no generator has room", len(prompts), batch_id)
 
     def _replace(self, i: int) -> None:

@@ -23,8 +23,9 @@ The prompt tokens of an accepted rollout are the trainer's own, never the wire's
 Holders and re-issues: the first sender whose rollout for a prompt is accepted *holds* it; only
 its rollouts count for that prompt, so a group is never a mix of two samplings. A prompt is
 re-issued (handed out again, `reissue`) when its holder is lost before delivering
-num_generations rollouts, or when nobody took it within a timeout (a lost or stolen batch, or a
-generator that died before sending anything): its partial rollouts are discarded, the old holder's
+num_generations rollouts, or when it stalls: no rollout for it within a timeout of its issue or of
+its last rollout (a lost or stolen batch, a generator that died before sending anything, or one
+that delivers part of a group and no more): its partial rollouts are discarded, the old holder's
 further rollouts for it are `late`, and the next sender to deliver holds it. The staleness bound
 stays the first issue's `min_policy_version`: a re-issue only ever asks for newer weights.
 """
@@ -86,8 +87,8 @@ class PromptInFlight:
     token_ids: list[int]
     min_policy_version: int
     """Of the first issue: the staleness bound of this prompt's samples."""
-    issued_at: float
-    """Time of the latest (re-)issue."""
+    active_at: float
+    """Time of the latest (re-)issue or accepted rollout."""
     holder: str | None = None
     rollouts: list[Rollout] = field(default_factory=list)
     rollout_ids: set[str] = field(default_factory=set)
@@ -123,10 +124,11 @@ class Intake:
         return sorted(p.prompt_id for p in self._prompts.values()
                       if len(p.rollouts) < n and (p.holder is None or p.holder == sender))
 
-    def unclaimed(self, now: float, timeout_s: float) -> list[int]:
-        """Prompts nobody delivered for within `timeout_s` of their latest issue."""
+    def stalled(self, now: float, timeout_s: float) -> list[int]:
+        """Incomplete prompts without a rollout within `timeout_s` of their latest issue or rollout."""
+        n = self.limits.num_generations
         return sorted(p.prompt_id for p in self._prompts.values()
-                      if p.holder is None and now - p.issued_at >= timeout_s)
+                      if len(p.rollouts) < n and now - p.active_at >= timeout_s)
 
     def reissue(self, prompt_ids: list[int], now: float) -> dict[int, dict[int, list[int]]]:
         """Mark `prompt_ids` as handed out again; returns them grouped by step ({step: {id: tokens}})."""
@@ -135,25 +137,27 @@ class Intake:
             p = self._prompts[pid]
             if p.holder is not None:
                 p.replaced.add(p.holder)
-            p.holder, p.rollouts, p.issued_at = None, [], now
+            p.holder, p.rollouts, p.active_at = None, [], now
             p.reissues += 1
             self.reissued += 1
             by_step.setdefault(p.step, {})[pid] = p.token_ids
         return by_step
 
     # ---- receiving ---------------------------------------------------------------------------
-    def offer(self, rollout: Rollout, sender: str, known_senders, trainer_version: int) -> Rollout | None:
+    def offer(self, rollout: Rollout, sender: str, known_senders, trainer_version: int,
+              now: float = 0.0) -> Rollout | None:
         """Accept `rollout` from `sender` (the transport's authenticated name) and return it with the
         trainer's prompt tokens, or count why it is dropped and return None.
 
-        known_senders: the senders that completed the handshake on this run (a container).
+        known_senders: the senders that completed the handshake on this run (a container); now: the
+        clock of `issue`/`stalled`.
         """
         reason = self._check(rollout, sender, known_senders, trainer_version)
         if reason is not None:
             self.dropped[reason] += 1
             return None
         p = self._prompts[rollout.prompt_id]
-        p.holder = sender
+        p.holder, p.active_at = sender, now
         p.rollout_ids.add(rollout.rollout_id)
         accepted = dataclasses.replace(rollout, prompt_token_ids=torch.tensor(p.token_ids, dtype=torch.int64))
         p.rollouts.append(accepted)

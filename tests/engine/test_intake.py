@@ -112,13 +112,16 @@ def test_lost_holder_prompts_are_reissued_and_its_late_rollouts_dropped():
     assert it.complete(0)
 
 
-def test_unclaimed_prompts_after_the_timeout():
+def test_stalled_prompts_after_the_timeout():
     it = intake()
-    it.offer(rollout(prompt_id=0), "a", SENDERS, 3)
-    assert it.unclaimed(now=9.0, timeout_s=10.0) == []
-    assert it.unclaimed(now=10.0, timeout_s=10.0) == [1, 2]
-    it.reissue([1], now=10.0)
-    assert it.unclaimed(now=15.0, timeout_s=10.0) == [2]
+    it.offer(rollout(prompt_id=0, tokens=(1,)), "a", SENDERS, 3, now=4.0)  # a delivered 1 of 2 for prompt 0
+    it.offer(rollout(prompt_id=1, tokens=(1,)), "a", SENDERS, 3, now=4.0)
+    it.offer(rollout(prompt_id=1, tokens=(2,)), "a", SENDERS, 3, now=4.0)  # and completed prompt 1
+    assert it.stalled(now=9.0, timeout_s=10.0) == []
+    assert it.stalled(now=10.0, timeout_s=10.0) == [2]  # nobody took it
+    assert it.stalled(now=14.0, timeout_s=10.0) == [0, 2]  # a stopped half-way through it
+    it.reissue([2], now=14.0)
+    assert it.stalled(now=20.0, timeout_s=10.0) == [0]
 
 
 def test_issuing_a_prompt_twice_is_refused():

@@ -1,0 +1,134 @@
+"""Faults during a run: generators killed, forged rollouts, rogue peers. The run goes on, trains
+each step's prompts exactly as an undisturbed run with the same seed does, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from _runs import run_config
+from rlhf_engine.engine import Callback, RLHFEngine
+from rlhf_engine.procs import descendants, stop_child
+
+STEPS = 20
+ROGUE = str(Path(__file__).with_name("_rogue.py"))
+
+
+class PromptLog(Callback):
+    """The sorted prompt token lists each step trained on (a prompt appears num_generations times)."""
+
+    def __init__(self) -> None:
+        self.steps: list[list[tuple[int, ...]]] = []
+        self._current: list[tuple[int, ...]] = []
+
+    def on_rollout(self, rollout) -> None:
+        self._current.append(tuple(rollout.prompt_token_ids.tolist()))
+
+    def on_step(self, step, stats) -> None:
+        self.steps.append(sorted(self._current))
+        self._current = []
+
+
+def chaos_config(tmp_path, policy_dir, prompts_file, **engine):
+    (tmp_path / "shm").mkdir(parents=True, exist_ok=True)
+    return run_config(tmp_path, policy_dir, prompts_file, backend="transformers", total_steps=STEPS, mode="async",
+                      max_staleness=1, reissue_timeout_s=5.0, transport={"shm_dir": str(tmp_path / "shm")}, **engine)
+
+
+def run(cfg, on_stats=None) -> tuple[PromptLog, list[dict]]:
+    log = PromptLog()
+    history = []
+    with RLHFEngine(cfg, callbacks=[log]) as engine:
+        for stats in engine.steps():
+            history.append(stats)
+            if on_stats is not None:
+                on_stats(engine, stats)
+    return log, history
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory, policy_dir, prompts_file):
+    """What an undisturbed run with the same seed trains, step by step."""
+    log, history = run(chaos_config(tmp_path_factory.mktemp("undisturbed"), policy_dir, prompts_file))
+    assert len(log.steps) == STEPS and all(len(s) == 8 for s in log.steps)
+    assert history[-1]["faults/generator_restarts"] == 0 and history[-1]["faults/reissued_prompts"] == 0
+    return log.steps
+
+
+def start_rogue(*args: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, ROGUE, *args], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    line = proc.stdout.readline()
+    assert line.startswith("ready"), f"rogue {args[0]} did not start: {line!r}"
+    return proc
+
+
+def generator_pids() -> list[int]:
+    out = []
+    for pid in descendants(os.getpid()):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"generator" in cmd and b"--name" in cmd:
+            out.append(pid)
+    return out
+
+
+def assert_nothing_left(tmp_path, assert_no_new_children):
+    assert_no_new_children()
+    assert os.listdir(tmp_path / "shm") == [], "shared-memory or staging files left behind"
+
+
+def test_generator_killed_three_times(tmp_path, policy_dir, prompts_file, undisturbed, assert_no_new_children):
+    rng = random.Random(14)
+    kill_after = sorted(rng.sample(range(2, STEPS - 2), 3))
+    killed = []
+
+    def kill_later(delay: float) -> None:
+        time.sleep(delay)
+        pids = generator_pids()
+        assert len(pids) == 1, pids
+        os.kill(pids[0], signal.SIGKILL)
+        killed.append(pids[0])
+
+    def on_stats(engine, stats):
+        if engine.step in kill_after:  # at a random moment of the next step
+            threading.Thread(target=kill_later, args=(rng.uniform(0.0, 0.5),)).start()
+
+    cfg = chaos_config(tmp_path, policy_dir, prompts_file, max_generator_restarts=3)
+    log, history = run(cfg, on_stats)
+    assert len(set(killed)) == 3
+    assert log.steps == undisturbed
+    last = history[-1]
+    assert last["faults/generator_restarts"] == 3
+    assert last["faults/reissued_prompts"] >= 1
+    assert all(h["off_policy/staleness_max"] <= 1 for h in history)
+    print(f"\nkilled after steps {kill_after}: restarts {last['faults/generator_restarts']:.0f}, "
+          f"re-issued prompts {last['faults/reissued_prompts']:.0f}, late rollouts {last['faults/late_rollouts']:.0f}")
+    assert_nothing_left(tmp_path, assert_no_new_children)
+
+
+def test_forged_rollout_flood(tmp_path, policy_dir, prompts_file, undisturbed, assert_no_new_children):
+    cfg = chaos_config(tmp_path, policy_dir, prompts_file, external_generators=1)
+    rogue = start_rogue("flood", cfg.transport.endpoint, str(policy_dir))  # counted as the external generator
+    try:
+        log, history = run(cfg)
+    finally:
+        stop_child(rogue, grace_s=0)
+    assert log.steps == undisturbed
+    drops = {k.removeprefix("wire/dropped/"): v for k, v in history[-1].items() if k.startswith("wire/dropped/")}
+    print(f"\ndropped: {drops}; re-issued prompts {history[-1]['faults/reissued_prompts']:.0f}")
+    for reason in ("token_out_of_range", "unknown_prompt", "bad_logprob", "future_version"):
+        assert drops.get(reason, 0) > 0, (reason, drops)
+    assert sum(v for k, v in drops.items() if "large" in k or "too_long" in k) > 0, drops
+    assert drops.get("duplicate", 0) > 0, drops
+    assert_nothing_left(tmp_path, assert_no_new_children)
