@@ -157,6 +157,13 @@ class RLHFEngine:
             if sink is not None:
                 sink.close()
 
+    @property
+    def endpoint(self) -> str:
+        """Where generators connect (`rlhf-engine generator --connect ENDPOINT`); known once started."""
+        if self._port is None:
+            raise RuntimeError("the engine is not started")
+        return self._port.endpoint
+
     def __enter__(self) -> "RLHFEngine":
         return self.start()
 
@@ -302,8 +309,11 @@ class RLHFEngine:
         for i in range(e.num_generators):
             self._local.start(i)
         total = e.num_generators + e.external_generators
+        if e.external_generators:
+            log.info("waiting for %d external generators: rlhf-engine generator --config ... --connect %s",
+                     e.external_generators, self._port.endpoint)
         self._await(lambda: len(self._port.generators()) >= total, list(range(e.num_generators)),
-                    f"{total} generators to connect to {cfg.transport.endpoint}", "before its handshake")
+                    f"{total} generators to connect to {self._port.endpoint}", "before its handshake")
 
     def _await(self, ready: Callable[[], bool], children: list[int], what: str, when: str) -> None:
         """Poll until `ready()`; `GeneratorExited` (with its log tail) if one of the local `children`

@@ -1,8 +1,9 @@
 """Rogue peers for the engine's chaos tests, run as scripts:
 
-  python _rogue.py flood ENDPOINT POLICY_DIR    handshake as a generator (right fingerprint), take its
-                                                weights, never sample, and push forged rollouts until killed
-  python _rogue.py hello ENDPOINT POLICY_DIR    handshake, then stop (SIGSTOP): silent from then on
+  python _rogue.py flood ENDPOINT POLICY_DIR SHM_DIR  handshake as a generator (right fingerprint), take
+                                                     its weights, never sample, and push forged rollouts
+                                                     until killed
+  python _rogue.py hello ENDPOINT POLICY_DIR SHM_DIR  handshake, then stop (SIGSTOP): silent from then on
   python _rogue.py pull ENDPOINT                a bare PULL socket on the prompts endpoint that swallows batches
 """
 
@@ -18,7 +19,7 @@ import torch
 import zmq
 
 from rlhf_engine.rollout.params import dir_fingerprint
-from rlhf_engine.transport import GeneratorPort, Rollout, TransportConfig
+from rlhf_engine.transport import BackpressureTimeout, GeneratorPort, Rollout, TransportConfig
 from rlhf_engine.transport.endpoints import channel_endpoint
 
 VOCAB = 512  # the tiny test model's
@@ -46,21 +47,24 @@ def kinds(i: int) -> list[Rollout]:
     ]
 
 
-def flood(endpoint: str, policy_dir: str) -> None:
-    port = GeneratorPort(TransportConfig(endpoint=endpoint), dir_fingerprint(policy_dir), name="rogue")
+def flood(endpoint: str, policy_dir: str, shm_dir: str) -> None:
+    port = GeneratorPort(TransportConfig(endpoint=endpoint, shm_dir=shm_dir), dir_fingerprint(policy_dir), name="rogue")
     print("ready", port.sender_id, flush=True)
     for i in itertools.count():
         update = port.poll_weights()
         if update is not None:
             update.ack(False)
         batch = kinds(i)
-        for r in batch + batch[:2]:  # the first two twice: duplicates
-            port.send_rollout(r)
+        try:
+            for r in batch + batch[:2]:  # the first two twice: duplicates
+                port.send_rollout(r, timeout_s=0.1)
+        except BackpressureTimeout:  # the trainer reads only while it waits for rollouts: ack weights meanwhile
+            pass
         time.sleep(0.02)
 
 
-def hello(endpoint: str, policy_dir: str) -> None:
-    GeneratorPort(TransportConfig(endpoint=endpoint), dir_fingerprint(policy_dir), name="silent")
+def hello(endpoint: str, policy_dir: str, shm_dir: str) -> None:
+    GeneratorPort(TransportConfig(endpoint=endpoint, shm_dir=shm_dir), dir_fingerprint(policy_dir), name="silent")
     print("ready", flush=True)
     os.kill(os.getpid(), signal.SIGSTOP)
 

@@ -118,12 +118,18 @@ def test_generator_killed_three_times(tmp_path, policy_dir, prompts_file, undist
 
 
 def test_forged_rollout_flood(tmp_path, policy_dir, prompts_file, undisturbed, assert_no_new_children):
-    cfg = chaos_config(tmp_path, policy_dir, prompts_file, external_generators=1)
-    rogue = start_rogue("flood", cfg.transport.endpoint, str(policy_dir))  # counted as the external generator
+    cfg = chaos_config(tmp_path, policy_dir, prompts_file)
+    rogues = []
+
+    def on_stats(engine, stats):
+        if engine.step == 1:  # from here on to the end
+            rogues.append(start_rogue("flood", engine.endpoint, str(policy_dir), str(tmp_path / "shm")))
+
     try:
-        log, history = run(cfg)
+        log, history = run(cfg, on_stats)
     finally:
-        stop_child(rogue, grace_s=0)
+        for rogue in rogues:
+            stop_child(rogue, grace_s=0)
     assert log.steps == undisturbed
     drops = {k.removeprefix("wire/dropped/"): v for k, v in history[-1].items() if k.startswith("wire/dropped/")}
     print(f"\ndropped: {drops}; re-issued prompts {history[-1]['faults/reissued_prompts']:.0f}")
