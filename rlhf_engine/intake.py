@@ -4,8 +4,9 @@ A prompt is *in flight* from the moment the trainer hands it out (`issue`) until
 its rollouts (`take`). A rollout from the wire is accepted only if, in this order:
 
 1. its sender completed the handshake on this run             else `unknown_sender`
-2. its prompt is in flight                                     else `unknown_prompt` (`late` for one
-                                                               already trained)
+2. its prompt is in flight                                     else `unknown_prompt`, or
+                                                               `already_trained` (`late` if it was
+                                                               re-issued)
 3. it has 1..response_length response tokens, each in
    [0, vocab_size), and as many behaviour log-probs, finite
    and <= 0                                                    else `empty_response`, `too_long`,
@@ -105,6 +106,8 @@ class Intake:
         self._prompts: dict[int, PromptInFlight] = {}
         self._trained_below = 0
         """Every prompt id below this one has been trained (ids grow with the step)."""
+        self._reissued_ids: set[int] = set()
+        """Prompts ever re-issued: a rollout for one is `late`, also after it trained."""
         self.dropped: Counter[str] = Counter()
         self.reissued = 0
         """Prompts handed out again."""
@@ -140,6 +143,7 @@ class Intake:
             p.holder, p.rollouts, p.active_at = None, [], now
             p.reissues += 1
             self.reissued += 1
+            self._reissued_ids.add(pid)
             by_step.setdefault(p.step, {})[pid] = p.token_ids
         return by_step
 
@@ -168,7 +172,9 @@ class Intake:
             return "unknown_sender"
         p = self._prompts.get(rollout.prompt_id)
         if p is None:
-            return "late" if 0 <= rollout.prompt_id < self._trained_below else "unknown_prompt"
+            if rollout.prompt_id in self._reissued_ids:
+                return "late"
+            return "already_trained" if 0 <= rollout.prompt_id < self._trained_below else "unknown_prompt"
         reason = check_content(rollout, self.limits, p.min_policy_version, trainer_version)
         if reason is not None:
             return reason
@@ -190,7 +196,7 @@ class Intake:
 
     def take(self, step: int) -> list[Rollout]:
         """The rollouts of a complete `step`, ordered by prompt id (a group stays together); its prompts
-        leave the flight, so later rollouts for them are `late`."""
+        leave the flight (later rollouts for them are `already_trained`, or `late`)."""
         if not self.complete(step):
             raise ValueError(f"step {step} is not complete")
         prompts = sorted((p for p in self._prompts.values() if p.step == step), key=lambda p: p.prompt_id)

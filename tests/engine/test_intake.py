@@ -92,7 +92,7 @@ def test_step_completes_with_num_generations_per_prompt_and_later_rollouts_are_l
     assert [r.prompt_id for r in taken] == [0, 0, 1, 1]
     assert it.in_flight(0) == 0
     assert it.offer(rollout(prompt_id=1, tokens=(6,)), "a", SENDERS, 3) is None
-    assert it.dropped["late"] == 1
+    assert it.dropped["already_trained"] == 1
     with pytest.raises(ValueError, match="not complete"):
         it.take(1)
 
@@ -110,6 +110,11 @@ def test_lost_holder_prompts_are_reissued_and_its_late_rollouts_dropped():
     assert it.offer(rollout(prompt_id=0, tokens=(7,)), "b", SENDERS, 3) is not None
     assert it.offer(rollout(prompt_id=0, tokens=(8,)), "b", SENDERS, 3) is not None
     assert it.complete(0)
+    it.offer(rollout(prompt_id=1, tokens=(3,)), "b", SENDERS, 3)  # prompt 1 was complete: too many
+    it.take(0)
+    assert it.offer(rollout(prompt_id=0, tokens=(3,)), "a", SENDERS, 3) is None  # late, also once trained
+    assert it.offer(rollout(prompt_id=1, tokens=(4,)), "b", SENDERS, 3) is None
+    assert it.dropped == {"late": 2, "too_many": 1, "already_trained": 1}
 
 
 def test_stalled_prompts_after_the_timeout():
