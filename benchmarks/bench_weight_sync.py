@@ -6,7 +6,8 @@ generator process and reports GB/s for:
 - memcpy         one in-process ``copy_`` of the same bytes into preallocated tensors (the bar)
 - ipc+shm        our same-host path: one copy into a shared-memory buffer, header over ipc://
 - ipc frames     tensors as zero-copy ZeroMQ frames over ipc:// (shared memory disabled)
-- tcp frames     tensors as zero-copy ZeroMQ frames over tcp://127.0.0.1 (the other-host path)
+- tcp frames     tensors as zero-copy ZeroMQ frames over tcp://127.0.0.1 with CURVE (the other-host
+                 path: every tcp endpoint is encrypted and authenticated)
 - pickle         ``pickle.dumps(state_dict)`` over a PUSH/PULL ipc:// socket, ``pickle.loads``
                  in the generator (the baseline; pickle is used only here, never in the engine)
 
@@ -35,7 +36,7 @@ import msgspec
 import torch
 import zmq
 
-from rlhf_engine.transport import GeneratorPort, Rollout, ShutdownRequested, TrainerPort, TransportConfig
+from rlhf_engine.transport import GeneratorPort, Rollout, ShutdownRequested, TrainerPort, TransportConfig, generate_keys
 from rlhf_engine.transport.weights import model_fingerprint, state_dict_specs
 
 TENSOR_BYTES = 16 << 20  # 16 MiB per tensor, like a large linear layer shard
@@ -53,7 +54,7 @@ def specs_of(sd):
 # ---- generator process ---------------------------------------------------------------
 def weights_generator(config: TransportConfig, fingerprint: str, specs, apply: bool, reps: int) -> None:
     own = {k: torch.empty(shape, dtype=getattr(torch, dtype)) for k, shape, dtype in specs} if apply else {}
-    with GeneratorPort(config, fingerprint) as port:
+    with GeneratorPort(config, fingerprint, weight_specs=specs) as port:
         for version in range(1, reps + 1):
             update = port.wait_weights(version, timeout_s=600)
             if apply:
@@ -130,9 +131,13 @@ def bench_memcpy(memcpy, reps):
 
 def bench_transport(sd, memcpy, endpoint, shm, apply, reps):
     fp = model_fingerprint(state_dict_specs(sd))
-    config = TransportConfig(endpoint=endpoint, weights_via_shm=shm, ack_timeout_s=600)
+    keys = None
+    if endpoint.startswith("tcp://"):
+        keys = os.path.join(tempfile.mkdtemp(prefix="bws-"), "keys")
+        generate_keys(keys)
+    config = TransportConfig(endpoint=endpoint, weights_via_shm=shm, ack_timeout_s=600, curve_keys_dir=keys)
     ctx = mp.get_context("spawn")
-    with TrainerPort(config, fp) as trainer:
+    with TrainerPort(config, fp, weight_specs=specs_of(sd)) as trainer:
         proc = ctx.Process(target=weights_generator, args=(config, fp, specs_of(sd), apply, reps + 1))
         proc.start()
         trainer.wait_for_generators(1, timeout_s=120)
@@ -175,7 +180,8 @@ def bench_pickle(sd, memcpy, reps):
 
 
 def bench_rollouts(prompt_len, response_len, n):
-    config = TransportConfig(endpoint=f"ipc://{tempfile.mkdtemp(prefix='bws-')}/ep")
+    config = TransportConfig(endpoint=f"ipc://{tempfile.mkdtemp(prefix='bws-')}/ep", max_prompt_tokens=prompt_len,
+                             max_response_tokens=response_len)
     with TrainerPort(config, "rollouts") as trainer:
         proc = mp.get_context("spawn").Process(target=rollout_generator, args=(config, prompt_len, response_len, n))
         proc.start()
@@ -226,8 +232,8 @@ def main() -> None:
         "ipc+shm delivered": lambda: bench_transport(sd, memcpy, ipc(), True, False, args.reps),
         "ipc+shm applied": lambda: bench_transport(sd, memcpy, ipc(), True, True, args.reps),
         "ipc frames delivered": lambda: bench_transport(sd, memcpy, ipc(), False, False, args.reps),
-        "tcp frames delivered": lambda: bench_transport(sd, memcpy, f"tcp://127.0.0.1:{tcp_port}", False, False, args.reps),
-        "tcp frames applied": lambda: bench_transport(sd, memcpy, f"tcp://127.0.0.1:{tcp_port + 3}", False, True, args.reps),
+        "tcp+curve frames delivered": lambda: bench_transport(sd, memcpy, f"tcp://127.0.0.1:{tcp_port}", False, False, args.reps),
+        "tcp+curve frames applied": lambda: bench_transport(sd, memcpy, f"tcp://127.0.0.1:{tcp_port + 3}", False, True, args.reps),
         "pickle over ipc": lambda: bench_pickle(sd, memcpy, args.reps),
     }
     results = {}

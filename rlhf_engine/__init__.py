@@ -18,7 +18,7 @@ _EXPORTS = {
     "SFTConfig": "rlhf_engine.trainer.sft_config",
     "SFTTrainer": "rlhf_engine.trainer.sft",
     "RewardConfig": "rlhf_engine.trainer.reward_config",
-    "RewardTrainer": "rlhf_engine.trainer.reward",
+    "RewardTrainer": "rlhf_engine.trainer.reward_trainer",
     "DPOConfig": "rlhf_engine.trainer.dpo_config",
     "DPOTrainer": "rlhf_engine.trainer.dpo",
     "RLHFEngine": "rlhf_engine.engine",
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from rlhf_engine.trainer.dpo_config import DPOConfig
     from rlhf_engine.trainer.ppo import PPOTrainer
     from rlhf_engine.trainer.ppo_config import PPOConfig
-    from rlhf_engine.trainer.reward import RewardTrainer
+    from rlhf_engine.trainer.reward_trainer import RewardTrainer
     from rlhf_engine.trainer.reward_config import RewardConfig
     from rlhf_engine.trainer.sft import SFTTrainer
     from rlhf_engine.trainer.sft_config import SFTConfig

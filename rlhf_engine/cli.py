@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _STAGE_CONFIGS = {
     "sft": ("rlhf_engine.trainer.sft_config", "SFTConfig", "rlhf_engine.trainer.sft", "SFTTrainer"),
-    "reward": ("rlhf_engine.trainer.reward_config", "RewardConfig", "rlhf_engine.trainer.reward", "RewardTrainer"),
+    "reward": ("rlhf_engine.trainer.reward_config", "RewardConfig", "rlhf_engine.trainer.reward_trainer", "RewardTrainer"),
     "dpo": ("rlhf_engine.trainer.dpo_config", "DPOConfig", "rlhf_engine.trainer.dpo", "DPOTrainer"),
 }
 

@@ -72,7 +72,7 @@ def run_demo(out: Path, *, ppo_steps: int | None = None, small: bool = False, ba
     from rlhf_engine.config import load_run_config
     from rlhf_engine.engine import RLHFEngine
     from rlhf_engine.models.tiny import make_tiny_model_dir
-    from rlhf_engine.trainer.reward import RewardTrainer
+    from rlhf_engine.trainer.reward_trainer import RewardTrainer
     from rlhf_engine.trainer.reward_config import RewardConfig
     from rlhf_engine.trainer.sft import SFTTrainer
     from rlhf_engine.trainer.sft_config import SFTConfig

@@ -262,7 +262,7 @@ class RLHFEngine:
         from transformers import AutoTokenizer
 
         from rlhf_engine.models.loading import load_causal_lm
-        from rlhf_engine.models.reward import load_reward_model
+        from rlhf_engine.models.reward_scoring import load_reward_model
         from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
         from rlhf_engine.trainer.ppo import PPOTrainer
 

@@ -1,4 +1,5 @@
-"""Batches of tokenized examples: right padding, or packing several sequences into one row.
+"""Batches of tokenized examples: padding (right for training, left for generation), or packing
+several sequences into one row.
 
 Packed rows carry `position_ids` that restart at 0 for every sequence and **no** attention mask:
 transformers (>= 4.56) then derives a block-diagonal causal mask from the restarts (eager, sdpa and
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -27,19 +29,41 @@ class PackedRow:
     position_ids: list[int]
 
 
-def pad_sequences(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
-    """Right-pad integer lists to one `[B, T]` long tensor, T = the longest."""
+def pad_sequences(seqs: Sequence[Sequence[int] | torch.Tensor], value: int, *,
+                  side: Literal["right", "left"] = "right") -> torch.Tensor:
+    """Pad integer sequences (lists or 1-D tensors) to one `[B, T]` long tensor, T = the longest,
+    with `value` on the `side` given."""
     width = max(len(s) for s in seqs)
     out = torch.full((len(seqs), width), value, dtype=torch.long)
     for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        if side == "right":
+            out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        else:
+            out[i, width - len(s) :] = torch.as_tensor(s, dtype=torch.long)
     return out
+
+
+def right_pad(seqs: Sequence[Sequence[int] | torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids [B, T], attention_mask [B, T]) int64, padding after each sequence (training batches)."""
+    return pad_sequences(seqs, pad_id), _padding_mask([len(s) for s in seqs], "right")
+
+
+def left_pad(seqs: Sequence[Sequence[int] | torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids [B, P], attention_mask [B, P]) int64, padding before each sequence, so that every
+    sequence ends at the last column (prompts for generation, queries of a PPO batch)."""
+    return pad_sequences(seqs, pad_id, side="left"), _padding_mask([len(s) for s in seqs], "left")
+
+
+def _padding_mask(lengths: list[int], side: Literal["right", "left"]) -> torch.Tensor:
+    """[B, max(lengths)] int64: 1 on the tokens, 0 on the padding."""
+    n = torch.tensor(lengths, dtype=torch.long)[:, None]  # [B, 1]
+    cols = torch.arange(max(lengths))[None, :]  # [1, T]
+    return (cols < n if side == "right" else cols >= cols.shape[1] - n).long()
 
 
 def sft_batch(examples: Sequence[TokenizedSFT], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Padded batch: `input_ids`, `attention_mask`, `labels` (-100 on padding), each `[B, T]`."""
-    input_ids = pad_sequences([e.input_ids for e in examples], pad_token_id)
-    attention_mask = pad_sequences([[1] * len(e.input_ids) for e in examples], 0)
+    input_ids, attention_mask = right_pad([e.input_ids for e in examples], pad_token_id)
     labels = pad_sequences([e.labels for e in examples], IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
@@ -84,9 +108,10 @@ def preference_batch(pairs: Sequence[TokenizedPair], pad_token_id: int) -> dict[
     `labels` of shape `[2B, T]` (rows 0..B-1 chosen, B..2B-1 rejected) and `margin` `[B]` (0 where absent)."""
     seqs = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     labels = [p.chosen_labels for p in pairs] + [p.rejected_labels for p in pairs]
+    input_ids, attention_mask = right_pad(seqs, pad_token_id)
     return {
-        "input_ids": pad_sequences(seqs, pad_token_id),
-        "attention_mask": pad_sequences([[1] * len(s) for s in seqs], 0),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
         "labels": pad_sequences(labels, IGNORE_INDEX),
         "margin": torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32),
     }

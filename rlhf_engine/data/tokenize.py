@@ -8,12 +8,17 @@ dropped and counted in `DataStats.dropped_empty`. Nothing is cut or dropped with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from rlhf_engine.data.formats import PreferenceText, TextExample, preference_example, sft_example
 from rlhf_engine.data.records import DataError, DataStats, read_records
 
 IGNORE_INDEX = -100
+"""Label of a token that is not trained (the `ignore_index` of PyTorch's cross-entropy)."""
+
+E = TypeVar("E")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -97,45 +102,35 @@ def tokenize_pair(example: PreferenceText, tokenizer, max_length: int | None, st
 def build_sft_dataset(source: Any, tokenizer, *, max_length: int | None, skip_invalid: bool = False,
                       name: str = "train") -> tuple[list[TokenizedSFT], DataStats]:
     """Read, check and tokenize an SFT dataset (`source` as in `read_records`)."""
-    stats = DataStats(name)
-    out = []
-    for record in read_records(source, stats, skip_invalid=skip_invalid):
-        try:
-            example = sft_example(record, tokenizer)
-        except DataError as e:
-            if not skip_invalid:
-                raise
-            stats.skip(str(e))
-            continue
-        tokenized = tokenize_sft(example, tokenizer, max_length, stats)
-        if tokenized is not None:
-            out.append(tokenized)
-    stats.kept = len(out)
-    _require_some(out, stats)
-    return out, stats
+    return _build_dataset(source, tokenizer, sft_example, tokenize_sft, max_length=max_length,
+                          skip_invalid=skip_invalid, name=name)
 
 
 def build_preference_dataset(source: Any, tokenizer, *, max_length: int | None, skip_invalid: bool = False,
                              name: str = "train") -> tuple[list[TokenizedPair], DataStats]:
     """Read, check and tokenize a preference dataset (`source` as in `read_records`)."""
+    return _build_dataset(source, tokenizer, preference_example, tokenize_pair, max_length=max_length,
+                          skip_invalid=skip_invalid, name=name)
+
+
+def _build_dataset(source: Any, tokenizer, parse: Callable[[Any, Any], E], tokenize: Callable[..., T | None], *,
+                   max_length: int | None, skip_invalid: bool, name: str) -> tuple[list[T], DataStats]:
+    """Records of `source` -> `parse(record, tokenizer)` (a `DataError` raises, or is counted and skipped
+    with `skip_invalid`) -> `tokenize(example, tokenizer, max_length, stats)` (None: dropped, counted)."""
     stats = DataStats(name)
     out = []
     for record in read_records(source, stats, skip_invalid=skip_invalid):
         try:
-            example = preference_example(record, tokenizer)
+            example = parse(record, tokenizer)
         except DataError as e:
             if not skip_invalid:
                 raise
             stats.skip(str(e))
             continue
-        tokenized = tokenize_pair(example, tokenizer, max_length, stats)
+        tokenized = tokenize(example, tokenizer, max_length, stats)
         if tokenized is not None:
             out.append(tokenized)
     stats.kept = len(out)
-    _require_some(out, stats)
-    return out, stats
-
-
-def _require_some(examples: list, stats: DataStats) -> None:
-    if not examples:
+    if not out:
         raise DataError(f"dataset {stats.name!r} has no usable example ({stats.summary()})")
+    return out, stats

@@ -1,4 +1,4 @@
-"""Load and freeze the models of an RLHF run: policy, reference, critic (reward models: `reward.py`)."""
+"""Load and freeze the models of an RLHF run: policy, reference, critic (reward models: `reward_scoring.py`)."""
 
 from __future__ import annotations
 

@@ -74,18 +74,8 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids [B, L] -> (logits [B, K, V], values [B, K]) over the last K = logits_to_keep positions
         (all L when 0), from one pass through the backbone."""
-        out = self.pretrained_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_to_keep=logits_to_keep,
-            output_hidden_states=True,
-            use_cache=False,
-        )
-        hidden = out.hidden_states[-1]  # [B, L, H], after the final norm
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]  # [B, K, H]
-        return out.logits, self.v_head(hidden)
+        logits, hidden = self._backbone(input_ids, attention_mask, position_ids, logits_to_keep, logits_to_keep)
+        return logits, self.v_head(hidden)
 
     def values(
         self,
@@ -95,18 +85,31 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """Values [B, K] only (as a separate critic): the LM head runs on one position."""
+        _, hidden = self._backbone(input_ids, attention_mask, position_ids, 1, logits_to_keep)
+        return self.v_head(hidden)
+
+    def _backbone(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        lm_positions: int,
+        keep: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass: (logits [B, lm_positions, V] (all L when 0), the final hidden states [B, K, H] of the
+        last K = keep positions (all L when 0), after the final norm)."""
         out = self.pretrained_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            logits_to_keep=1,
+            logits_to_keep=lm_positions,
             output_hidden_states=True,
             use_cache=False,
         )
         hidden = out.hidden_states[-1]  # [B, L, H]
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]  # [B, K, H]
-        return self.v_head(hidden)
+        if keep:
+            hidden = hidden[:, -keep:]  # [B, K, H]
+        return out.logits, hidden
 
     def generate(self, *args, **kwargs):
         """`transformers` generation of the underlying causal LM."""

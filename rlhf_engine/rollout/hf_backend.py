@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
+from rlhf_engine.data.collate import left_pad
 from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
 from rlhf_engine.rollout.generator import Generator
 from rlhf_engine.rollout.types import Completion
@@ -27,17 +28,6 @@ def pick_attn_implementation(requested: str) -> str:
     if requested != "auto":
         return requested
     return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "sdpa"
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token-id lists to one width: (input_ids [B, P], attention_mask [B, P]) int64."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.int64)
-    mask = torch.zeros((len(prompts), width), dtype=torch.int64)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p) :] = torch.tensor(p, dtype=torch.int64)
-        mask[b, width - len(p) :] = 1
-    return ids, mask
 
 
 def warpers(c: SamplingConfig) -> list:

@@ -13,9 +13,7 @@ from pathlib import Path
 
 import torch
 
-_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64", "I64": "int64",
-                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-
+from rlhf_engine.dtypes import SAFETENSORS_DTYPES
 
 TIED_HEAD = "lm_head.weight"
 """Stored once with the embeddings when `tie_word_embeddings`; a trainer's state dict still lists it."""
@@ -39,7 +37,7 @@ def stored_params(model_dir: str | Path) -> list[tuple[str, tuple[int, ...], str
         with safe_open(str(model_dir / name), framework="pt") as f:
             for key in f.keys():
                 piece = f.get_slice(key)
-                out.append((key, tuple(piece.get_shape()), _DTYPE_NAMES[piece.get_dtype()]))
+                out.append((key, tuple(piece.get_shape()), SAFETENSORS_DTYPES[piece.get_dtype()]))
     config = model_dir / "config.json"
     tied = config.exists() and json.loads(config.read_text()).get("tie_word_embeddings", False)
     names = {name for name, _, _ in out}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import random
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,8 +12,7 @@ import torch.nn.functional as F
 from rlhf_engine.data.collate import preference_batch
 from rlhf_engine.data.tokenize import IGNORE_INDEX, TokenizedPair, build_preference_dataset
 from rlhf_engine.ops import logprobs_from_logits
-from rlhf_engine.trainer.common import (chunks, load_tokenizer, resolve_device, save_hf_folder,
-                                        seed_everything, train_eval_datasets, train_stage)
+from rlhf_engine.trainer.stage import StageTrainer, chunks, load_causal_lm
 from rlhf_engine.trainer.dpo_config import DPOConfig
 
 
@@ -56,7 +54,7 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], *, average: bool) -> t
     return total
 
 
-class DPOTrainer:
+class DPOTrainer(StageTrainer):
     """Train a causal LM on preference pairs with DPO; `train()` then `save()`.
 
     The reference (`ref_model`, or `config.ref_model_name_or_path`, or a frozen copy of the initial
@@ -67,30 +65,15 @@ class DPOTrainer:
 
     def __init__(self, config: DPOConfig, *, model=None, ref_model=None, tokenizer=None,
                  train_dataset: Any = None, eval_dataset: Any = None) -> None:
-        self.config = config
-        seed_everything(config.seed)
-        self.device = resolve_device(config.device)
-        if (tokenizer is None or model is None) and not config.model_name_or_path:
-            raise ValueError("DPOConfig.model_name_or_path is empty and no model/tokenizer was passed")
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_name_or_path)
-        if model is None:
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path)
-        self.model = model.to(self.device)
-        self.train_pairs, self.eval_pairs, self.data_stats = train_eval_datasets(
-            self.config, self.tokenizer, build_preference_dataset, train_dataset, eval_dataset)
+        self._setup(config, model, tokenizer, load_causal_lm, build_preference_dataset, train_dataset, eval_dataset)
         ref = self._reference(ref_model)
-        self.ref_train = self._reference_logps(ref, self.train_pairs)  # [N, 2] chosen, rejected
-        self.ref_eval = self._reference_logps(ref, self.eval_pairs)
+        self.ref_train = self._reference_logps(ref, self.train_data)  # [N, 2] chosen, rejected
+        self.ref_eval = self._reference_logps(ref, self.eval_data)
         del ref
-        self.log_history: list[dict[str, float]] = []
 
     def _reference(self, ref_model):
         if ref_model is None and self.config.ref_model_name_or_path:
-            from transformers import AutoModelForCausalLM
-
-            ref_model = AutoModelForCausalLM.from_pretrained(self.config.ref_model_name_or_path)
+            ref_model = load_causal_lm(self.config.ref_model_name_or_path, self.tokenizer)
         if ref_model is None:
             ref_model = copy.deepcopy(self.model)
         ref_model.to(self.device).eval().requires_grad_(False)
@@ -150,28 +133,13 @@ class DPOTrainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """The DPO metrics on the eval pairs, prefixed `eval/`; empty dict without eval data."""
-        if not self.eval_pairs:
+        if not self.eval_data:
             return {}
         self.model.eval()
         totals: dict[str, float] = {}
-        for batch in self._batches(self.eval_pairs, self.config.per_device_eval_batch_size, None):
+        for batch in self._batches(self.eval_data, self.config.per_device_eval_batch_size, None):
             losses, sums = self._losses(batch, self.ref_eval)
             sums["loss"] = losses.sum().item()
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + v
-        return {f"eval/{k}": v / len(self.eval_pairs) for k, v in totals.items()}
-
-    def train(self) -> dict[str, float]:
-        """Run the configured steps, save the policy to `output_dir`, return the final metrics."""
-        c = self.config
-        self.log_history, out = train_stage(
-            c, self.model,
-            epoch_batches=lambda epoch: self._batches(self.train_pairs, c.per_device_train_batch_size, c.seed + epoch),
-            step_fn=self._step, evaluate=self.evaluate if self.eval_pairs else None, save=self.save,
-            data_stats=self.data_stats)
-        return out
-
-    def save(self, path: str | Path | None = None) -> Path:
-        """Write the policy and tokenizer as an HF folder (default: `output_dir`)."""
-        target = Path(path) if path is not None else Path(self.config.output_dir)
-        return save_hf_folder(self.model, self.tokenizer, target, atomic=path is not None)
+        return {f"eval/{k}": v / len(self.eval_data) for k, v in totals.items()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from rlhf_engine.trainer.common import StageConfig
+from rlhf_engine.trainer.stage import StageConfig
 
 
 @dataclass

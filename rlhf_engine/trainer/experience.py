@@ -13,17 +13,16 @@ Lq - 1 ... Lq + T - 2 predict the T response tokens; the model only computes the
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import torch
 from torch import nn
 
+from rlhf_engine.data.collate import left_pad, right_pad
+from rlhf_engine.data.tokenize import IGNORE_INDEX
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.ops import logprobs_from_logits
-
-IGNORE_INDEX = -100
-
-TokenSeqs = Sequence[torch.Tensor] | Sequence[Sequence[int]] | torch.Tensor
+from rlhf_engine.trainer.ppo_config import PPOConfig
+from rlhf_engine.trainer.shaping import kl_penalty
 
 
 @dataclass
@@ -86,29 +85,21 @@ def make_token_batch(
     queries, responses: lists of non-empty 1-D int64 tensors (checked by the caller).
     """
     responses = [truncate_after_eos(r, eos_token_id) for r in responses]
-    batch = len(queries)
-    q_width = max(len(q) for q in queries)
-    r_width = max(len(r) for r in responses)
-    input_ids = torch.full((batch, q_width + r_width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch, q_width + r_width), dtype=torch.long)
-    response_mask = torch.zeros((batch, r_width), dtype=torch.float32)
-    has_eos = torch.zeros(batch, dtype=torch.bool)
-    for i, (q, r) in enumerate(zip(queries, responses)):
-        input_ids[i, q_width - len(q) : q_width] = q
-        input_ids[i, q_width : q_width + len(r)] = r
-        attention_mask[i, q_width - len(q) : q_width + len(r)] = 1
-        response_mask[i, : len(r)] = 1.0
-        has_eos[i] = eos_token_id is not None and bool(r[-1] == eos_token_id)
+    query_ids, query_mask = left_pad(queries, pad_token_id)  # [B, Lq]
+    response_ids, response_mask = right_pad(responses, pad_token_id)  # [B, T]
+    input_ids = torch.cat([query_ids, response_ids], dim=1)  # [B, Lq + T]
+    attention_mask = torch.cat([query_mask, response_mask], dim=1)  # [B, Lq + T]
+    has_eos = torch.tensor([eos_token_id is not None and int(r[-1]) == eos_token_id for r in responses])
     # positions count from each query's first real token; padding gets 0 (it is never attended)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     return TokenBatch(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
         position_ids=position_ids.to(device),
-        response_ids=input_ids[:, q_width:].to(device),
-        response_mask=response_mask.to(device),
+        response_ids=response_ids.to(device),
+        response_mask=response_mask.float().to(device),
         has_eos=has_eos.to(device),
-        query_width=q_width,
+        query_width=query_ids.shape[1],
     )
 
 
@@ -176,8 +167,58 @@ def forward_values(critic: AutoModelForCausalLMWithValueHead, batch: TokenBatch)
 
 
 @dataclass
+class ExperiencePasses:
+    """The no-grad forward passes over a batch at experience time, all [B, T] fp32, 0 on padding."""
+
+    old_logp: torch.Tensor  # log pi_old(a_t | s_t), the policy before this step's updates
+    ref_logp: torch.Tensor  # log pi_ref(a_t | s_t)
+    entropy: torch.Tensor  # entropy of pi_old at each position
+    kl: torch.Tensor  # per-token KL penalty estimate of pi_old against pi_ref (kind = kl_penalty)
+    values: torch.Tensor | None  # V(s_t) of the critic; None for the critic-free estimators
+
+    def all_finite(self) -> bool:
+        """Whether the log-probs and values hold only finite numbers (one device sync per tensor)."""
+        checked = [self.old_logp, self.ref_logp] + ([self.values] if self.values is not None else [])
+        return all(bool(torch.isfinite(t).all()) for t in checked)
+
+
+@torch.no_grad()
+def forward_experience(
+    model: nn.Module,
+    ref_model: nn.Module,
+    critic: AutoModelForCausalLMWithValueHead | None,
+    batch: TokenBatch,
+    config: PPOConfig,
+) -> ExperiencePasses:
+    """`ExperiencePasses` of `batch`, in chunks of `mini_batch_size` rows. Values come from `critic` when
+    given, else from `model`'s value head (when the config uses a critic)."""
+    full_kl = config.kl_penalty == "full"
+    shared_critic = config.uses_critic and critic is None
+    parts: dict[str, list[torch.Tensor]] = {"old_logp": [], "ref_logp": [], "entropy": [], "kl": [], "values": []}
+    width = batch.response_width
+    n = batch.input_ids.shape[0]
+    for start in range(0, n, config.mini_batch_size):
+        chunk = batch.select(torch.arange(start, min(start + config.mini_batch_size, n)))
+        pol = forward_policy(
+            model, chunk, config.temperature, with_values=shared_critic, with_entropy=True, keep_logits=full_kl
+        )
+        ref = forward_policy(ref_model, chunk, config.temperature, keep_logits=full_kl)
+        kl = kl_penalty(
+            config.kl_penalty, pol.logp, ref.logp, chunk.response_mask, pol.logits, ref.logits, config.temperature
+        )
+        values = forward_values(critic, chunk) if config.uses_critic and critic is not None else pol.values
+        named = {"old_logp": pol.logp, "ref_logp": ref.logp, "entropy": pol.entropy, "kl": kl, "values": values}
+        for key, tensor in named.items():
+            if tensor is not None:  # chunks are trimmed to their own widths: pad back to the batch's
+                parts[key].append(torch.nn.functional.pad(tensor.float(), (0, width - tensor.shape[1])))
+    joined = {key: torch.cat(chunks) if chunks else None for key, chunks in parts.items()}
+    return ExperiencePasses(**joined)
+
+
+@dataclass
 class Experience:
-    """Everything the PPO epochs need about a batch, computed once without gradients ([B, T] unless noted)."""
+    """Everything the PPO epochs and the step's metrics need about a batch, computed once without
+    gradients ([B, T] fp32 unless noted)."""
 
     batch: TokenBatch
     old_logp: torch.Tensor
@@ -185,91 +226,16 @@ class Experience:
     values: torch.Tensor | None  # None for the critic-free estimators
     entropy: torch.Tensor
     kl: torch.Tensor  # per-token KL penalty estimate (kind = kl_penalty)
+    kl_coef: float  # the KL coefficient the rewards were shaped with
+    raw_scores: torch.Tensor  # [B], as given or from the reward model / function
     scores: torch.Tensor  # [B], after clipping and the missing-EOS penalty
-    rewards: torch.Tensor
+    non_score_rewards: torch.Tensor  # -kl_coef * kl, 0 on padding
+    rewards: torch.Tensor  # non-score rewards plus each score at its row's last token (maybe whitened)
     advantages: torch.Tensor
     returns: torch.Tensor
+    behaviour_logp: torch.Tensor | None  # the sampler's log-probs (off-policy samples) or None
     is_weights: torch.Tensor | None  # truncated importance weights (off-policy samples) or None
 
-
-# ------------------------------------------------------------------------------------------------------
-# inputs of a step, checked where they enter
-# ------------------------------------------------------------------------------------------------------
-def as_token_list(seqs: TokenSeqs, name: str) -> list[torch.Tensor]:
-    """B token sequences (a list of 1-D tensors / int lists, or a 2-D tensor) -> list of 1-D int64 CPU tensors;
-    empty, non-integer or non-1-D entries raise ValueError naming `name[i]`."""
-    if isinstance(seqs, torch.Tensor):
-        if seqs.ndim != 2:
-            raise ValueError(f"{name} as a tensor must be 2-D [B, L], got shape {tuple(seqs.shape)}")
-        seqs = list(seqs)
-    out = []
-    for i, s in enumerate(seqs):
-        t = torch.as_tensor(s)
-        if t.ndim != 1:
-            raise ValueError(f"{name}[{i}] must be a 1-D token sequence, got shape {tuple(t.shape)}")
-        if t.numel() == 0:
-            raise ValueError(f"{name}[{i}] is empty")
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise ValueError(f"{name}[{i}] must hold integer token ids, got {t.dtype}")
-        out.append(t.long().cpu())
-    if not out:
-        raise ValueError(f"{name} is empty")
-    return out
-
-
-def as_scores(scores, n: int) -> torch.Tensor:
-    """B scores (floats, 0-dim tensors or a tensor) -> [B] fp32; a wrong count raises ValueError."""
-    if isinstance(scores, torch.Tensor):
-        t = scores.detach().float().reshape(-1)
-    else:
-        t = torch.stack([torch.as_tensor(s, dtype=torch.float32).detach().cpu().reshape(()) for s in scores])
-    if t.shape[0] != n:
-        raise ValueError(f"got {t.shape[0]} scores for {n} samples")
-    return t
-
-
-def as_behaviour_logprobs(logprobs, responses: list[torch.Tensor]) -> torch.Tensor:
-    """The sampler's log-probs as [B, T] fp32 (T = longest response), 0 on padding; checked."""
-    n, width = len(responses), max(len(r) for r in responses)
-    if isinstance(logprobs, torch.Tensor) and logprobs.ndim == 2:
-        if logprobs.shape[0] != n or logprobs.shape[1] < width:
-            raise ValueError(
-                f"behaviour_logprobs of shape {tuple(logprobs.shape)} must be [{n}, >= {width}] "
-                "(batch, response width)"
-            )
-        rows = [logprobs[i, : len(r)] for i, r in enumerate(responses)]
-    else:
-        rows = [torch.as_tensor(lp, dtype=torch.float32) for lp in logprobs]
-        if len(rows) != n:
-            raise ValueError(f"got {len(rows)} behaviour_logprobs for {n} samples")
-    out = torch.zeros((n, width), dtype=torch.float32)
-    for i, (lp, r) in enumerate(zip(rows, responses)):
-        if lp.shape != (len(r),):
-            raise ValueError(
-                f"behaviour_logprobs[{i}] has shape {tuple(lp.shape)}; response {i} has {len(r)} tokens"
-            )
-        if not bool(torch.isfinite(lp).all()):
-            raise ValueError(f"behaviour_logprobs[{i}] holds non-finite values")
-        out[i, : len(r)] = lp.float().cpu()
-    return out
-
-
-def as_policy_versions(versions, n: int, current: int) -> torch.Tensor:
-    """B policy versions -> [B] int64, each in [0, current]."""
-    t = torch.as_tensor(versions, dtype=torch.long).reshape(-1).cpu()
-    if t.shape[0] != n:
-        raise ValueError(f"got {t.shape[0]} policy_versions for {n} samples")
-    if bool((t > current).any()) or bool((t < 0).any()):
-        raise ValueError(f"policy_versions must lie in [0, {current}] (the trainer's version); got {t.tolist()}")
-    return t
-
-
-def check_groups(queries: list[torch.Tensor], k: int) -> None:
-    """Raise unless the queries form groups of k consecutive equal prompts (grpo / rloo)."""
-    for g in range(0, len(queries), k):
-        for i in range(g + 1, g + k):
-            if not torch.equal(queries[i], queries[g]):
-                raise ValueError(
-                    f"queries[{i}] differs from queries[{g}]: group estimators need groups of num_generations "
-                    f"({k}) consecutive samples with the same prompt"
-                )
+    def mean_kl(self) -> float:
+        """Sum of the KL penalty estimate over each response, averaged over the batch (a device sync)."""
+        return float((self.kl * self.batch.response_mask).sum(dim=1).mean())

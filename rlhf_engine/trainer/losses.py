@@ -24,7 +24,10 @@ def ppo_policy_loss(
     logp [B, T]: current policy log-probs (with grad); old_logp [B, T]: at experience time;
     advantages [B, T]; mask [B, T]; is_weights [B, T] or None: per-token importance weights
     (truncated pi_old / pi_behaviour for off-policy samples), detached.
-    Returns (scalar loss, stats) with stats `clipfrac` and `approxkl` (0-dim, detached).
+    Returns (scalar loss, stats), 0-dim and detached: `clipfrac`; `approxkl`, the k2 estimator
+    0.5 * E[(log pi - log pi_old)^2] of KL(pi_old || pi) (TRL's, and what `target_kl` compares with);
+    `approxkl_k3`, the unbiased k3 estimator E[(ratio - 1) - log ratio] (Schulman, "Approximating KL
+    divergence"; CleanRL's `approx_kl`); `ratio`, the mean ratio.
     """
     # ratio_t = pi(a_t|s_t) / pi_old(a_t|s_t)
     log_ratio = logp - old_logp
@@ -39,8 +42,10 @@ def ppo_policy_loss(
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            # approxkl = 0.5 * E[(log pi - log pi_old)^2], the estimator TRL reports
+            # k2 = 0.5 * E[(log pi - log pi_old)^2], the estimator TRL reports
             "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
+            # k3 = E[(ratio - 1) - log ratio] >= 0 per token, unbiased for KL(pi_old || pi) on pi_old's samples
+            "approxkl_k3": masked_mean((ratio - 1.0) - log_ratio, mask),
             "ratio": masked_mean(ratio, mask),
         }
     return loss, stats

@@ -48,7 +48,8 @@ class PPOConfig:
     total_steps: int | None = None
     """PPO steps of the whole run; required by the decaying schedules (`linear`, `cosine`)."""
     seed: int = 0
-    """Seeds torch's global RNG (sampling in `generate`) and the minibatch / dataloader shuffles."""
+    """Seeds the trainer's own generators: sampling in `generate`, the minibatch and dataloader shuffles
+    (torch's global RNG is never touched)."""
 
     # --- KL penalty and control --------------------------------------------------------------------
     kl_penalty: Literal["kl", "abs", "mse", "k3", "full"] = "kl"

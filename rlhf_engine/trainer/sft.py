@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,8 +10,7 @@ import torch.nn.functional as F
 
 from rlhf_engine.data.collate import pack_sequences, packed_batch, sft_batch
 from rlhf_engine.data.tokenize import IGNORE_INDEX, TokenizedSFT, build_sft_dataset
-from rlhf_engine.trainer.common import (chunks, load_tokenizer, resolve_device, save_hf_folder,
-                                        seed_everything, train_eval_datasets, train_stage)
+from rlhf_engine.trainer.stage import StageTrainer, chunks, load_causal_lm
 from rlhf_engine.trainer.sft_config import SFTConfig
 
 
@@ -29,7 +27,7 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     return loss, (shift_labels != IGNORE_INDEX).sum()
 
 
-class SFTTrainer:
+class SFTTrainer(StageTrainer):
     """Fine-tune a causal LM on prompt/completion, chat or text data; `train()` then `save()`.
 
     `model`, `tokenizer`, `train_dataset`, `eval_dataset` default to the paths in `config`; a dataset
@@ -38,21 +36,7 @@ class SFTTrainer:
 
     def __init__(self, config: SFTConfig, *, model=None, tokenizer=None, train_dataset: Any = None,
                  eval_dataset: Any = None) -> None:
-        self.config = config
-        seed_everything(config.seed)
-        self.device = resolve_device(config.device)
-        if tokenizer is None or model is None:
-            if not config.model_name_or_path:
-                raise ValueError("SFTConfig.model_name_or_path is empty and no model/tokenizer was passed")
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_name_or_path)
-        if model is None:
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path)
-        self.model = model.to(self.device)
-        self.train_examples, self.eval_examples, self.data_stats = train_eval_datasets(
-            self.config, self.tokenizer, build_sft_dataset, train_dataset, eval_dataset)
-        self.log_history: list[dict[str, float]] = []
+        self._setup(config, model, tokenizer, load_causal_lm, build_sft_dataset, train_dataset, eval_dataset)
 
     def _batches(self, examples: list[TokenizedSFT], batch_size: int, shuffle_seed: int | None) -> list[dict]:
         if shuffle_seed is not None:
@@ -84,27 +68,11 @@ class SFTTrainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean per-token loss on the eval examples (`eval/loss`); empty dict without eval data."""
-        if not self.eval_examples:
+        if not self.eval_data:
             return {}
         self.model.eval()
         loss, n = 0.0, 0
-        for batch in self._batches(self.eval_examples, self.config.per_device_eval_batch_size, None):
+        for batch in self._batches(self.eval_data, self.config.per_device_eval_batch_size, None):
             s, k = self._loss_sum(batch)
             loss, n = loss + s.item(), n + int(k)
         return {"eval/loss": loss / n, "eval/tokens": float(n)}
-
-    def train(self) -> dict[str, float]:
-        """Run the configured steps, save the final model to `output_dir`, return the final metrics
-        (`train/loss`, `train/first_loss`, `eval/loss`, data counts, ...)."""
-        c = self.config
-        self.log_history, out = train_stage(
-            c, self.model,
-            epoch_batches=lambda epoch: self._batches(self.train_examples, c.per_device_train_batch_size, c.seed + epoch),
-            step_fn=self._step, evaluate=self.evaluate if self.eval_examples else None, save=self.save,
-            data_stats=self.data_stats)
-        return out
-
-    def save(self, path: str | Path | None = None) -> Path:
-        """Write model and tokenizer as an HF folder (default: `output_dir`); returns the folder."""
-        target = Path(path) if path is not None else Path(self.config.output_dir)
-        return save_hf_folder(self.model, self.tokenizer, target, atomic=path is not None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf_engine.trainer.common import StageConfig
+from rlhf_engine.trainer.stage import StageConfig
 
 
 @dataclass

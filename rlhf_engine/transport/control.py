@@ -70,6 +70,7 @@ class ControlThread(IoThread):
                         self._handle(frames)
                     except WireError as e:
                         self._drop(e.reason, e.detail)
+            self._after_poll()
             while True:
                 try:
                     route, frames, sent = self._outbox.get_nowait()
@@ -82,6 +83,9 @@ class ControlThread(IoThread):
         self._on_stop()
 
     def _on_start(self) -> None:
+        pass
+
+    def _after_poll(self) -> None:
         pass
 
     def _on_stop(self) -> None:

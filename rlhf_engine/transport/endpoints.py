@@ -23,6 +23,9 @@ from rlhf_engine.transport.wire import WireLimits
 log = logging.getLogger(__name__)
 
 CHANNELS = ("control", "rollouts", "prompts")
+FRAME_OVERHEAD = 256
+"""Slack on MAXMSGSIZE: ZeroMQ checks it against the frame on the wire, which CURVE makes a
+few dozen bytes longer than the payload (command name, nonce, MAC)."""
 
 
 def channel_endpoint(base: str, channel: str) -> str:
@@ -98,7 +101,7 @@ def open_socket(context: zmq.Context, kind: int, endpoint: str, *, bind: bool, s
     sock = context.socket(kind)
     try:
         sock.linger = config.linger_ms
-        sock.setsockopt(zmq.MAXMSGSIZE, limits.max_frame_bytes)
+        sock.setsockopt(zmq.MAXMSGSIZE, limits.max_frame_bytes + FRAME_OVERHEAD)
         if hwm is not None:
             sock.sndhwm = hwm
             sock.rcvhwm = hwm

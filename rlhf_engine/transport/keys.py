@@ -28,7 +28,8 @@ CLIENTS_DIR = "clients"
 
 @dataclass(frozen=True)
 class CurveKeys:
-    """Keys one end needs; ``server_secret`` is set only when loaded for the server."""
+    """Keys one end needs: the server's secret only when loaded for the server (then no client
+    key: the trainer's allow-list comes from ``allowed_client_keys``), the client's pair otherwise."""
 
     directory: Path
     server_public: bytes
@@ -118,11 +119,20 @@ def apply_client_keys(sock: zmq.Socket, keys: CurveKeys) -> None:
 
 
 def keys_main(argv: list[str] | None = None) -> int:
-    """``rlhf-engine keys DIR [--force]``: write a CURVE keypair folder."""
-    parser = argparse.ArgumentParser(prog="rlhf-engine keys", description="Write CURVE keypairs for non-loopback transport endpoints.")
+    """``rlhf-engine keys DIR [--client NAME] [--force]``: write a CURVE keys folder, or add a
+    generator's own keypair to it."""
+    parser = argparse.ArgumentParser(prog="rlhf-engine keys", description="Write CURVE keypairs for tcp transport endpoints.")
     parser.add_argument("directory", help="folder to write server.key, server.key_secret, client.key, client.key_secret")
+    parser.add_argument("--client", metavar="NAME", help="add a keypair for one generator: clients/NAME.key(_secret)")
     parser.add_argument("--force", action="store_true", help="overwrite existing key files")
     args = parser.parse_args(argv)
+    if args.client is not None:
+        written = add_client_key(args.directory, args.client, force=args.force)
+        for path in written:
+            print(path)
+        print(f"restart the trainer to allow the new key; that generator: set transport.curve_keys_dir="
+              f"{args.directory} and transport.curve_client_key={written[1]}")
+        return 0
     for path in generate_keys(args.directory, force=args.force):
         print(path)
     print(f"trainer and generators: set transport.curve_keys_dir={args.directory} (copy the folder to every host)")

@@ -192,8 +192,8 @@ class TrainerPort(_Port):
 
     @property
     def rejections(self) -> list[str]:
-        """Reasons of refused handshakes."""
-        return list(self._control.rejections)
+        """Reasons of the latest refused handshakes (also counted in ``drop_counts`` as ``handshake_refused``)."""
+        return self._control.refused()
 
 
 class GeneratorPort(_Port):

@@ -4,8 +4,9 @@ Per-sender order is kept (one ZeroMQ pipe per sender, one sending thread). The t
 accepts a rollout only from a sender that completed the handshake in this run, through a
 connection with the same ZAP User-Id (CURVE key) it joined with (``Roster.authenticate``),
 and only within the size the config allows (``limits.rollout_limits``); it drops duplicates:
-a sequence number not above the sender's last one, or a (sender, rollout id) seen within the
-last ``dedup_window`` rollouts. Every drop is counted by reason (``unknown_sender``,
+a sequence number not above the sender's last one, or a (sender, prompt id, rollout id) seen
+within the last ``dedup_window`` rollouts (keyed by prompt too, so that a re-issued subset of a
+batch, whose prompts a generator may number from 0 again, is not taken for a repeat). Every drop is counted by reason (``unknown_sender``,
 ``forged_sender``, ``rollout_too_large``, ``duplicate``, ...).
 """
 
@@ -67,7 +68,7 @@ class RolloutReceiver:
         self._config = config
         self._roster = roster
         self._last_seq: dict[str, int] = {}
-        self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._seen: OrderedDict[tuple[str, int, str], None] = OrderedDict()
         self._dedup_window = dedup_window
         limits = rollout_limits(config)
         sock = open_socket(context, zmq.PULL, channel_endpoint(config.endpoint, "rollouts"), bind=True,
@@ -85,7 +86,7 @@ class RolloutReceiver:
             raise WireError(refused, f"rollout {header.rollout_id[:40]!r} claims sender {header.sender[:80]!r}, "
                                      f"connection user id {user_id!r}")
         rollout = Rollout.from_wire(header, tensors, self._config.max_prompt_tokens, self._config.max_response_tokens)
-        key = (header.sender, rollout.rollout_id)
+        key = (header.sender, rollout.prompt_id, rollout.rollout_id)
         if header.seq <= self._last_seq.get(header.sender, -1) or key in self._seen:
             raise WireError("duplicate", f"rollout {rollout.rollout_id!r} (seq {header.seq}) from {header.sender!r}")
         self._last_seq[header.sender] = header.seq

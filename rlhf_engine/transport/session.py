@@ -15,6 +15,7 @@ either way. Weight messages are handed to ``distribution.py``.
 
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 import threading
@@ -54,6 +55,7 @@ from rlhf_engine.transport.wire import (
 
 log = logging.getLogger(__name__)
 
+_MAX_REJECTIONS = 64
 _HANDSHAKE_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
 
@@ -65,10 +67,12 @@ class TrainerControl(ControlThread):
         sock = open_socket(context, zmq.ROUTER, channel_endpoint(config.endpoint, "control"), bind=True,
                            security=security, config=config, limits=CONTROL_LIMITS, hwm=0)
         sock.router_mandatory = 1
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH) if security.curve else None
         super().__init__("control-trainer", sock, config, sender_id)
         self.fingerprint = fingerprint
         self.hostname = socket.gethostname()
-        self.rejections: list[str] = []
+        self.rejections: collections.deque[str] = collections.deque(maxlen=_MAX_REJECTIONS)
+        """Reasons of the latest refused handshakes (a peer flooding HELLOs cannot grow it)."""
         self.roster = roster
         self.weights = WeightPublisher(self, config, roster, weight_specs)
         self.start()
@@ -84,7 +88,8 @@ class TrainerControl(ControlThread):
             self._hello(identity, header, frame_user_id(frames[1]))
             return
         peer = self.roster.seen(identity)
-        if peer is None:
+        if peer is None:  # e.g. lost, or its connection was re-made: it must join again
+            self.send_now([identity], encode(self.header(ShutdownHeader, reason="no session: not in the roster")))
             raise WireError("unknown_peer", f"{type(header).__name__} from {header.sender!r} outside a session")
         if isinstance(header, WeightsAckHeader):
             self.weights.on_ack(peer, header)
@@ -106,7 +111,7 @@ class TrainerControl(ControlThread):
             shm = self.weights.shm and hello.shm and hello.hostname == self.hostname
             reason = self.roster.join(identity, hello.sender, hello.hostname, shm, user_id)
         if reason:
-            log.error("handshake refused: %s", reason)
+            self._drop("handshake_refused", reason)  # counted; logged rate-limited
             with self.roster.cond:
                 self.rejections.append(reason)
                 self.roster.cond.notify_all()
@@ -127,7 +132,16 @@ class TrainerControl(ControlThread):
         for peer in self.roster.live():
             self.send_now([peer.identity], encode(self.header(HeartbeatHeader)))
 
+    def _after_poll(self) -> None:
+        while self._monitor is not None and self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            self._drop("auth_failed", f"a client's CURVE key is not in the keys folder (ZAP status {event['value']})")
+
     def _on_stop(self) -> None:
+        if self._monitor is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
         for peer in self.roster.live():  # orderly goodbye; linger bounds how long it may take
             self.send_now([peer.identity], encode(self.header(ShutdownHeader, reason="trainer closed")))
 
@@ -144,6 +158,11 @@ class TrainerControl(ControlThread):
             raise HandshakeTimeout(f"only {len(self.roster.live())} of {n} generators connected to "
                                    f"{self.config.endpoint} within {timeout_s} s")
         return live
+
+    def refused(self) -> list[str]:
+        """Reasons of the latest refused handshakes, oldest first."""
+        with self.roster.cond:
+            return list(self.rejections)
 
     def shutdown_generators(self, reason: str = "trainer shutdown") -> None:
         for peer in self.roster.live():
@@ -166,6 +185,7 @@ class GeneratorControl(ControlThread):
         self._limits = limits
         sock = open_socket(context, zmq.DEALER, channel_endpoint(config.endpoint, "control"), bind=False,
                            security=security, config=config, limits=limits, hwm=0)
+        self._monitoring = security.curve
         self._monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS) if security.curve else None
         super().__init__(f"control-generator[{sender_id}]", sock, config, sender_id)
         self.fingerprint = fingerprint
@@ -234,6 +254,9 @@ class GeneratorControl(ControlThread):
         header, tensors = decode(frames, self._limits)
         self._last_seen = time.monotonic()
         self.stats["received"] += 1
+        if isinstance(header, (WelcomeHeader, RejectHeader)) and self._monitoring:
+            self._sock.disable_monitor()  # answered: later events would have no reader
+            self._monitoring = False
         if isinstance(header, WelcomeHeader):
             self.shm = header.shm
             self._answered.set()

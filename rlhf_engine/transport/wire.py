@@ -36,6 +36,8 @@ from typing import Sequence, Union
 import msgspec
 import torch
 
+from rlhf_engine.dtypes import DTYPE_NAMES, TORCH_DTYPES
+
 PROTOCOL_VERSION = 1
 
 
@@ -51,19 +53,7 @@ class MessageKind(enum.IntEnum):
     SHUTDOWN = 9  # both ways: orderly goodbye
 
 
-ALLOWED_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in ALLOWED_DTYPES.items()}
+ALLOWED_DTYPES = TORCH_DTYPES  # the wire carries exactly the dtypes the project names
 MAX_NDIM = 8
 
 

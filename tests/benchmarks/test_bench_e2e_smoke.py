@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))  # the benchmark's helpers live in benchmarks/e2e
+from benchmarks.e2e import analysis
+from benchmarks.e2e.workload import Variant, Workload, cpu_plan, parse_variant, run_config
 
-from e2e import analysis  # noqa: E402
-from e2e.workload import Variant, Workload, cpu_plan, parse_variant, run_config  # noqa: E402
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.mark.parametrize("name", ["pinned/sync", "pinned/async-s1", "unpinned/async-s2-g2", "unpinned/sync-grpo"])

@@ -4,11 +4,21 @@ import pytest
 import torch
 
 from rlhf_engine.data import IGNORE_INDEX, TokenizedSFT, pack_sequences, packed_batch, preference_batch, sft_batch
+from rlhf_engine.data.collate import left_pad, right_pad
 from rlhf_engine.data.tokenize import TokenizedPair
 from rlhf_engine.models.tiny import TinyLlamaSpec, build_llama
 from rlhf_engine.trainer.sft import causal_lm_loss_sum
 
 PAD = 3
+
+
+def test_left_and_right_pad_with_masks():
+    ids, mask = left_pad([[5, 6, 7], torch.tensor([9])], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 9]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = right_pad([[5], [6, 7, 8]], pad_id=PAD)
+    assert ids.tolist() == [[5, PAD, PAD], [6, 7, 8]]
+    assert mask.tolist() == [[1, 0, 0], [1, 1, 1]]
 
 
 def examples(lengths, prompt_len=2, seed=0):

@@ -5,7 +5,7 @@ import torch
 
 from rlhf_engine.ops import logprobs_from_logits
 from rlhf_engine.ops.reference import logprobs_reference
-from ops_tolerances import FWD, GRAD
+from tests.helpers.tolerances import FWD, GRAD
 
 NS = [1, 3, 257, 4096]
 VS = [1, 7, 512, 32000, 151936]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ops_tolerances import FWD, GRAD
+from tests.helpers.tolerances import FWD, GRAD
 from rlhf_engine.ops import token_kl
 from rlhf_engine.ops.reference import full_kl_reference, token_kl_reference
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
-from rlhf_engine.rollout.hf_backend import HFGenerator, left_pad
-from tests.rollout.conftest import perturbed_state, prompts, reference_logprobs, stop_string_case
+from rlhf_engine.rollout.hf_backend import HFGenerator
+from tests.helpers.rollout import perturbed_state, prompts, reference_logprobs, stop_string_case
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +23,6 @@ def reference(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-
-
-def test_left_pad():
-    ids, mask = left_pad([[5, 6, 7], [9]], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7], [0, 0, 9]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
 def test_logprobs_match_the_model_before_and_after_an_update(hf_generator, reference, tiny_model_dir):

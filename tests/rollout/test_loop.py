@@ -10,7 +10,7 @@ import torch
 from rlhf_engine.rollout.loop import GeneratorLoop
 from rlhf_engine.rollout.params import dir_fingerprint
 from rlhf_engine.transport import GeneratorPort, PromptBatch, TrainerPort, TransportConfig
-from tests.rollout.conftest import perturbed_state, prompts, reference_logprobs
+from tests.helpers.rollout import perturbed_state, prompts, reference_logprobs
 
 pytestmark = pytest.mark.vllm
 

@@ -17,7 +17,8 @@ from rlhf_engine.procs import descendants
 from rlhf_engine.rollout.params import dir_fingerprint
 from rlhf_engine.transport import PromptBatch, TrainerPort, TransportConfig
 
-SCRIPT = str(Path(__file__).with_name("_processes.py"))
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ["-m", "tests.helpers.processes"]  # run from ROOT
 
 
 def spec(model_dir: str, endpoint: str, backend: str = "transformers", **generator) -> dict:
@@ -48,7 +49,8 @@ def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
 def test_generator_process_serves_then_stops_on_shutdown(tmp_path, tiny_model_dir):
     s = spec(tiny_model_dir, f"ipc://{tmp_path}/ep")
     with TrainerPort(TransportConfig(**s["transport"]), dir_fingerprint(tiny_model_dir)) as trainer:
-        child = subprocess.Popen([sys.executable, SCRIPT, "generator", json.dumps(s)], stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen([sys.executable, *SCRIPT, "generator", json.dumps(s)], stdout=subprocess.PIPE, text=True,
+                                 cwd=ROOT)
         try:
             trainer.wait_for_generators(1, timeout_s=120.0)
             trainer.send_prompts(PromptBatch(batch_id=0, prompt_ids=[5, 6], prompts=[[1, 40, 41], [1, 50]]))
@@ -69,7 +71,8 @@ def kill_parent_and_check(s: dict, grace_s: float, start_timeout_s: float = 120.
     """Start a stand-in trainer with generator children, SIGKILL it, and require that every
     descendant (generators and whatever they started) exits within `grace_s`."""
     s = {**s, "start_timeout_s": start_timeout_s}
-    parent = subprocess.Popen([sys.executable, SCRIPT, "parent", json.dumps(s)], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen([sys.executable, *SCRIPT, "parent", json.dumps(s)], stdout=subprocess.PIPE, text=True,
+                              cwd=ROOT)
     try:
         line = ""
         for line in parent.stdout:  # engine logs may come first; EOF if the parent failed

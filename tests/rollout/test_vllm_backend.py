@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhf_engine.rollout.config import SamplingConfig
-from tests.rollout.conftest import perturbed_state, prompts, reference_logprobs, stop_string_case
+from tests.helpers.rollout import perturbed_state, prompts, reference_logprobs, stop_string_case
 
 pytestmark = pytest.mark.vllm
 

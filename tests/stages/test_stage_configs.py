@@ -59,7 +59,7 @@ def test_validation_messages_show_values(cls, kwargs, message):
 
 
 def test_lr_schedule_warmup_then_decay():
-    from rlhf_engine.trainer.common import lr_lambda
+    from rlhf_engine.trainer.schedule import lr_lambda
 
     f = lr_lambda("linear", warmup_steps=2, total_steps=6)
     assert [f(s) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]

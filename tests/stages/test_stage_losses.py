@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhf_engine.trainer.dpo import dpo_loss, sequence_logps
-from rlhf_engine.trainer.reward import bradley_terry_loss
+from rlhf_engine.trainer.reward_trainer import bradley_terry_loss
 from rlhf_engine.trainer.sft import causal_lm_loss_sum
 
 NEG_LOGSIG_1 = math.log(1 + math.exp(-1))  # -log sigmoid(1) = 0.313262

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rlhf_engine.data import preference_batch, synthetic
-from rlhf_engine.trainer.reward import RewardTrainer, with_pad_token
+from rlhf_engine.trainer.reward_trainer import RewardTrainer, with_pad_token
 from rlhf_engine.trainer.reward_config import RewardConfig
 
 
@@ -34,7 +34,7 @@ def test_saved_reward_model_scores_like_the_trained_one(rm_run):
     loaded = AutoModelForSequenceClassification.from_pretrained(trainer.config.output_dir).eval()
     assert loaded.config.num_labels == 1
     assert loaded.config.pad_token_id == trainer.tokenizer.pad_token_id
-    batch = preference_batch(trainer.eval_pairs[:4], trainer.tokenizer.pad_token_id)
+    batch = preference_batch(trainer.eval_data[:4], trainer.tokenizer.pad_token_id)
     with torch.no_grad():
         got = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
         trainer.model.eval()

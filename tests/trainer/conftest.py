@@ -6,17 +6,9 @@ import pytest
 import torch
 
 from rlhf_engine.models.tiny import TinyLlamaSpec, build_llama, build_tokenizer
+from tests.helpers.threads import one_torch_thread  # noqa: F401 (autouse fixture)
 
 VOCAB = 300
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread (intra-op sync dominates), above all on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,8 @@ def test_policy_loss_hand_computed():
     assert stats["clipfrac"].item() == pytest.approx(1.0)
     # approxkl = 0.5 * mean(ln(1.5)^2, ln(0.5)^2) = 0.5 * (0.164402 + 0.480453) / 2 = 0.161214
     assert stats["approxkl"].item() == pytest.approx(0.161214, abs=1e-5)
+    # k3 = mean((r - 1) - ln r) = mean(0.5 - 0.405465, -0.5 + 0.693147) = (0.094535 + 0.193147) / 2 = 0.143841
+    assert stats["approxkl_k3"].item() == pytest.approx(0.143841, abs=1e-5)
 
 
 def test_policy_loss_inside_clip_range_is_plain_surrogate():

@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlhf_engine.models.loading import freeze, frozen_copy, policy_state_dict
-from rlhf_engine.models.reward import function_scores, load_reward_model, model_scores
+from rlhf_engine.models.reward_scoring import function_scores, load_reward_model, model_scores
 from rlhf_engine.models.value_head import VALUE_HEAD_FILE, AutoModelForCausalLMWithValueHead
 
 

@@ -43,13 +43,13 @@ def test_on_policy_single_minibatch_has_ratio_one(make_trainer, data):
     # one epoch, one minibatch: the loss is evaluated before any update, so pi == pi_old
     assert stats["ppo/policy/ratio"] == pytest.approx(1.0, abs=1e-5)
     assert stats["ppo/policy/clipfrac"] == 0.0
-    assert stats["ppo/policy/approxkl"] < 1e-10
+    assert stats["ppo/policy/approxkl"] < 1e-10 and abs(stats["ppo/policy/approxkl_k3"]) < 1e-6
     assert stats["ppo/val/clipfrac"] == 0.0
     assert stats["ppo/optimizer_steps"] == 1.0 and stats["ppo/skipped"] == 0.0
     assert stats["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is a copy of the policy
     assert trainer.policy_version == 1
     for key in ("objective/kl_coef", "objective/entropy", "ppo/loss/policy", "ppo/loss/value", "ppo/returns/mean",
-                "ppo/val/error", "env/reward_mean", "env/reward_std", "time/ppo/forward_pass",
+                "ppo/val/error", "ppo/val/explained_variance", "env/reward_mean", "env/reward_std", "time/ppo/forward_pass",
                 "time/ppo/optimize_step", "time/ppo/total", "time/ppo/tokens_per_second"):
         assert math.isfinite(stats[key]), key
     assert stats["env/reward_mean"] == pytest.approx(0.0, abs=1e-6)
@@ -227,7 +227,7 @@ def test_reward_fn_scores_when_none_given(make_lm, tokenizer, data):
 
 
 def test_reward_model_scores_when_none_given(make_lm, make_reward_model, tokenizer, data):
-    from rlhf_engine.models.reward import model_scores
+    from rlhf_engine.models.reward_scoring import model_scores
 
     queries, responses, _ = data
     cfg = PPOConfig(batch_size=B, mini_batch_size=4, ppo_epochs=1, frozen_dtype="bfloat16")
@@ -265,7 +265,7 @@ def test_trainer_state_round_trip(make_trainer, data):
     assert names == trainer.model.pretrained_model.state_dict().keys()
 
 
-def test_issue_example_loop(make_lm, tokenizer, tmp_path):
+def test_trl_dataloader_loop_trains_on_full_batches_only(make_lm, tokenizer, tmp_path):
     from rlhf_engine import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer  # the public names
 
     AutoModelForCausalLMWithValueHead(make_lm()).save_pretrained(tmp_path / "sft_model")
@@ -323,3 +323,17 @@ def test_score_clip_and_missing_eos_penalty_shape_scores(make_trainer, data):
     assert stats["env/reward_mean"] == pytest.approx(float(scores.mean()), abs=1e-6)  # raw scores reported
     assert stats["tokens/eos_fraction"] == 0.5
 
+
+
+def test_trainer_leaves_the_global_rng_untouched(make_lm, tokenizer, data):
+    queries, _, scores = data
+    model = AutoModelForCausalLMWithValueHead(make_lm(seed=0))
+    config = PPOConfig(batch_size=B, mini_batch_size=4, ppo_epochs=2, learning_rate=1e-3, response_length=6, seed=3)
+    state = torch.random.get_rng_state()
+    trainer = PPOTrainer(config=config, model=model, tokenizer=tokenizer)
+    responses = trainer.generate(queries)
+    trainer.step(queries, responses, scores)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    # sampling draws from the trainer's own seeded generator: the same seed samples the same responses
+    again = PPOTrainer(config=config, model=AutoModelForCausalLMWithValueHead(make_lm(seed=0)), tokenizer=tokenizer)
+    assert all(torch.equal(a, b) for a, b in zip(again.generate(queries), responses))

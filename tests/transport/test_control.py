@@ -8,7 +8,7 @@ import pytest
 import torch
 import zmq
 
-from _peers import FINGERPRINT, fast_config, idle_generator_main, ipc_endpoint, trainer_main
+from tests.helpers.peers import FINGERPRINT, fast_config, idle_generator_main, ipc_endpoint, trainer_main
 from rlhf_engine.transport import (
     GeneratorPort,
     HandshakeError,

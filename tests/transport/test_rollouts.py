@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from _peers import FINGERPRINT, fast_config, generator_main, ipc_endpoint, make_rollout, tcp_endpoint
+from tests.helpers.peers import FINGERPRINT, fast_config, generator_main, ipc_endpoint, make_rollout, tcp_endpoint
 from rlhf_engine.transport import BackpressureTimeout, GeneratorPort, TrainerPort
 
 
@@ -87,3 +87,18 @@ def test_close_of_both_ends_is_fast_with_rollouts_in_flight():
     assert time.monotonic() - start < 1.0
     gen.close()  # idempotent
     trainer.close()
+
+
+def test_a_rollout_id_repeated_for_another_prompt_is_not_a_duplicate():
+    """A re-issued subset of a batch may reach the same generator, which numbers its prompts
+    from 0 again: the id repeats, the prompt does not."""
+    config = fast_config(ipc_endpoint())
+    with TrainerPort(config, FINGERPRINT) as trainer, GeneratorPort(config, FINGERPRINT) as gen:
+        first, reissued, again = make_rollout(0, 0, 4, 4), make_rollout(0, 1, 4, 4), make_rollout(0, 1, 4, 4)
+        first.rollout_id = reissued.rollout_id = again.rollout_id = "gen/7/0/0"  # prompts 0, 1, 1
+        for r in (first, reissued, again):
+            gen.send_rollout(r)
+        got = [trainer.recv_rollout(timeout_s=5) for _ in range(2)]
+        assert [(r.prompt_id, r.rollout_id) for r in got] == [(0, "gen/7/0/0"), (1, "gen/7/0/0")]
+        assert trainer.recv_rollout(timeout_s=0.5) is None
+        assert trainer.drop_counts() == {"duplicate": 1}

@@ -4,11 +4,13 @@ an authenticated sender on every rollout, and a clear error for a refused key.""
 import logging
 import os
 import stat
+import time
 
 import pytest
+import torch
 import zmq
 
-from _peers import FINGERPRINT, fast_config, make_rollout, tcp_endpoint
+from tests.helpers.peers import FINGERPRINT, fast_config, make_rollout, tcp_endpoint
 from rlhf_engine.transport import (
     AuthenticationFailed,
     GeneratorPort,
@@ -19,6 +21,7 @@ from rlhf_engine.transport import (
     add_client_key,
     generate_keys,
     keys_main,
+    state_dict_specs,
 )
 from rlhf_engine.transport.endpoints import channel_endpoint
 
@@ -54,8 +57,10 @@ def test_keys_main_writes_keypairs_with_private_secrets(tmp_path, capsys):
     with pytest.raises(FileExistsError, match="--force"):
         keys_main([str(tmp_path / "keys")])
     assert "curve_keys_dir" in capsys.readouterr().out
-    public, secret = add_client_key(tmp_path / "keys", "gen-7")
-    assert (public.name, secret.name) == ("gen-7.key", "gen-7.key_secret")
+    assert keys_main([str(tmp_path / "keys"), "--client", "gen-7"]) == 0
+    public, secret = tmp_path / "keys" / "clients" / "gen-7.key", tmp_path / "keys" / "clients" / "gen-7.key_secret"
+    assert f"curve_client_key={secret}" in capsys.readouterr().out
+    assert public.exists()
     assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
     with pytest.raises(ValueError, match="letters, digits"):
         add_client_key(tmp_path / "keys", "../evil")
@@ -79,6 +84,21 @@ def test_curve_connects_with_the_keys_and_refuses_without_or_with_other_keys(tmp
                           FINGERPRINT)
 
 
+def test_weights_of_exactly_the_model_specs_pass_curve(tmp_path):
+    """The socket's frame limit is the largest tensor: CURVE's per-frame overhead must still fit."""
+    generate_keys(tmp_path / "keys")
+    sd = {"big": torch.randn(1 << 16), "small": torch.randn(3).bfloat16()}
+    config = fast_config(tcp_endpoint(), curve_keys_dir=str(tmp_path / "keys"))
+    with TrainerPort(config, FINGERPRINT, weight_specs=state_dict_specs(sd)) as trainer, \
+            GeneratorPort(config, FINGERPRINT, weight_specs=state_dict_specs(sd)) as gen:
+        trainer.wait_for_generators(1)
+        trainer.publish_weights(1, sd)
+        update = gen.wait_weights(1, timeout_s=10)
+        assert all(torch.equal(update.tensors[k], v) for k, v in sd.items())
+        update.ack()
+        assert trainer.wait_for_acks(1, timeout_s=10) == {gen.sender_id: True}
+
+
 def test_a_client_key_not_in_the_trainers_folder_fails_with_authentication_failed(tmp_path):
     generate_keys(tmp_path / "keys")
     _, stranger = add_client_key(tmp_path / "elsewhere", "stranger")  # right server key, unknown client key
@@ -91,6 +111,10 @@ def test_a_client_key_not_in_the_trainers_folder_fails_with_authentication_faile
         with pytest.raises(AuthenticationFailed, match="authentication failed.*keys folder"):
             GeneratorPort(rogue, FINGERPRINT)
         assert trainer.generators() == []
+        deadline = time.monotonic() + 5
+        while not trainer.drop_counts().get("auth_failed") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert trainer.drop_counts()["auth_failed"] >= 1  # counted on the trainer's side too
         # the same key, once in the trainer's folder, is accepted (the allow-list is read at start)
     _, own = add_client_key(tmp_path / "keys", "gen-b")
     with TrainerPort(config, FINGERPRINT) as trainer:

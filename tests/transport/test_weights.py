@@ -9,7 +9,7 @@ import pytest
 import torch
 import zmq
 
-from _peers import FINGERPRINT, fast_config, ipc_endpoint, tcp_endpoint
+from tests.helpers.peers import FINGERPRINT, fast_config, ipc_endpoint, tcp_endpoint
 from rlhf_engine.transport import GeneratorPort, TrainerPort
 from rlhf_engine.transport.endpoints import channel_endpoint
 from rlhf_engine.transport.weights import model_fingerprint, state_dict_specs

@@ -9,7 +9,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _peers import FINGERPRINT, fast_config, ipc_endpoint, make_rollout
+from tests.helpers.peers import FINGERPRINT, fast_config, ipc_endpoint, make_rollout
 from rlhf_engine.transport import GeneratorPort, PromptBatch, Rollout, TrainerPort
 from rlhf_engine.transport.endpoints import channel_endpoint
 from rlhf_engine.transport.wire import (

@@ -93,3 +93,34 @@ def trainer_main(config: TransportConfig, ready_path: str) -> None:
         open(ready_path, "w").close()
         while True:
             time.sleep(1)
+
+
+def rss_bytes() -> int:
+    """This process's resident set size (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def flood_main(config: TransportConfig, n: int, prompt_len: int, response_len: int) -> None:
+    """Send ``n`` rollouts of the given size as fast as back-pressure allows, then idle until killed."""
+    port = GeneratorPort(config, FINGERPRINT, name="flood")
+    template = make_rollout(0, 0, prompt_len, response_len)
+    for i in range(n):
+        template.rollout_id = f"flood-{i}"
+        port.send_rollout(template, timeout_s=600)
+    while True:
+        time.sleep(1)
+
+
+def hold_endpoint_main(config: TransportConfig, ready_path: str) -> None:
+    """Bind a trainer port and write its pid when ready; idle until killed."""
+    import os
+
+    with TrainerPort(config, FINGERPRINT):
+        with open(ready_path, "w") as f:
+            f.write(str(os.getpid()))
+        while True:
+            time.sleep(1)

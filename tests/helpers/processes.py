@@ -1,9 +1,10 @@
-"""Process entry points for the rollout process tests (run as scripts, so they are spawn-safe).
+"""Process entry points for the rollout process tests (run as `python -m` from the repository root, so
+they are spawn-safe).
 
-    python _processes.py generator '<json>'   run_generator with {"generator": {...}, "transport": {...}}
-    python _processes.py parent '<json>'      a stand-in trainer: binds a TrainerPort, starts generators
-                                              (one per entry of "children": "pdeathsig" or "plain"),
-                                              prints "ready <pid> <pid>..." after their handshakes, then sleeps
+    python -m tests.helpers.processes generator '<json>'   run_generator with {"generator": {...}, "transport": {...}}
+    python -m tests.helpers.processes parent '<json>'      a stand-in trainer: binds a TrainerPort, starts generators
+                                                          (one per entry of "children": "pdeathsig" or "plain"),
+                                                          prints "ready <pid> <pid>..." after their handshakes, then sleeps
 """
 
 from __future__ import annotations
@@ -12,10 +13,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def generator_main(spec: dict) -> int:
     from rlhf_engine.rollout.config import GeneratorConfig
@@ -33,7 +30,7 @@ def parent_main(spec: dict) -> int:
     from rlhf_engine.transport import TrainerPort, TransportConfig
 
     port = TrainerPort(TransportConfig(**spec["transport"]), dir_fingerprint(spec["generator"]["model"]))
-    args = [__file__, "generator", json.dumps(spec)]
+    args = ["-m", "tests.helpers.processes", "generator", json.dumps(spec)]
     children = []
     for kind in spec["children"]:
         if kind == "pdeathsig":
@@ -47,6 +44,5 @@ def parent_main(spec: dict) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     spec = json.loads(sys.argv[2])
     sys.exit(generator_main(spec) if sys.argv[1] == "generator" else parent_main(spec))

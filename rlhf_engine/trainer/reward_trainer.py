@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 from rlhf_engine.data.collate import preference_batch
 from rlhf_engine.data.tokenize import TokenizedPair, build_preference_dataset
-from rlhf_engine.trainer.common import (chunks, load_tokenizer, resolve_device, save_hf_folder,
-                                        seed_everything, train_eval_datasets, train_stage)
+from rlhf_engine.trainer.stage import StageTrainer, chunks
 from rlhf_engine.trainer.reward_config import RewardConfig
 
 
@@ -50,7 +49,7 @@ def with_pad_token(model, tokenizer):
     return model
 
 
-class RewardTrainer:
+class RewardTrainer(StageTrainer):
     """Train a reward model on prompt/chosen/rejected pairs (optional `margin`); `train()` then `save()`.
 
     `model`, `tokenizer`, `train_dataset`, `eval_dataset` default to the paths in `config`.
@@ -59,18 +58,9 @@ class RewardTrainer:
 
     def __init__(self, config: RewardConfig, *, model=None, tokenizer=None, train_dataset: Any = None,
                  eval_dataset: Any = None) -> None:
-        self.config = config
-        seed_everything(config.seed)
-        self.device = resolve_device(config.device)
-        if (tokenizer is None or model is None) and not config.model_name_or_path:
-            raise ValueError("RewardConfig.model_name_or_path is empty and no model/tokenizer was passed")
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_name_or_path)
-        model = model if model is not None else load_reward_model_for_training(config.model_name_or_path,
-                                                                              self.tokenizer)
-        self.model = with_pad_token(model, self.tokenizer).to(self.device)
-        self.train_pairs, self.eval_pairs, self.data_stats = train_eval_datasets(
-            self.config, self.tokenizer, build_preference_dataset, train_dataset, eval_dataset)
-        self.log_history: list[dict[str, float]] = []
+        self._setup(config, model, tokenizer, load_reward_model_for_training, build_preference_dataset,
+                    train_dataset, eval_dataset)
+        self.model = with_pad_token(self.model, self.tokenizer)
 
     def _batches(self, pairs: list[TokenizedPair], batch_size: int, shuffle_seed: int | None) -> list[dict]:
         if shuffle_seed is not None:
@@ -93,7 +83,7 @@ class RewardTrainer:
 
     @property
     def _use_margin(self) -> bool:
-        return any(p.margin is not None for p in self.train_pairs)
+        return any(p.margin is not None for p in self.train_data)
 
     def _step(self, group: list[dict]) -> dict[str, float]:
         n_total = sum(b["margin"].shape[0] for b in group)
@@ -110,29 +100,14 @@ class RewardTrainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """`eval/loss`, `eval/accuracy`, `eval/margin` over the eval pairs; empty dict without eval data."""
-        if not self.eval_pairs:
+        if not self.eval_data:
             return {}
         self.model.eval()
         n, loss_sum, correct, margin_sum = 0, 0.0, 0.0, 0.0
-        for batch in self._batches(self.eval_pairs, self.config.per_device_eval_batch_size, None):
+        for batch in self._batches(self.eval_data, self.config.per_device_eval_batch_size, None):
             loss, chosen, rejected = self._loss(batch)
             k = chosen.shape[0]
             n, loss_sum = n + k, loss_sum + loss.item() * k
             correct += (chosen > rejected).sum().item()
             margin_sum += (chosen - rejected).sum().item()
         return {"eval/loss": loss_sum / n, "eval/accuracy": correct / n, "eval/margin": margin_sum / n}
-
-    def train(self) -> dict[str, float]:
-        """Run the configured steps, save the reward model to `output_dir`, return the final metrics."""
-        c = self.config
-        self.log_history, out = train_stage(
-            c, self.model,
-            epoch_batches=lambda epoch: self._batches(self.train_pairs, c.per_device_train_batch_size, c.seed + epoch),
-            step_fn=self._step, evaluate=self.evaluate if self.eval_pairs else None, save=self.save,
-            data_stats=self.data_stats)
-        return out
-
-    def save(self, path: str | Path | None = None) -> Path:
-        """Write the reward model and tokenizer as an HF folder (default: `output_dir`)."""
-        target = Path(path) if path is not None else Path(self.config.output_dir)
-        return save_hf_folder(self.model, self.tokenizer, target, atomic=path is not None)

@@ -1,5 +1,6 @@
 """What the SFT, reward and DPO stages share: the base config, optimizer and LR schedule, the
-optimizer-step loop with gradient accumulation, evaluation cadence, and HF-folder checkpoints."""
+optimizer-step loop with gradient accumulation, evaluation cadence, HF-folder checkpoints, and the
+`StageTrainer` base class (`train` and `save`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from rlhf_engine.checkpoint import atomic_directory
 from rlhf_engine.data.records import DataStats
 from rlhf_engine.metrics import MetricsLogger
+from rlhf_engine.trainer.schedule import lr_scheduler
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -176,29 +178,13 @@ def chunks(items: Sequence[T], size: int) -> list[list[T]]:
     return [list(items[i: i + size]) for i in range(0, len(items), size)]
 
 
-def lr_lambda(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Multiplier of the peak LR at step s: linear warmup over `warmup_steps`, then `kind` decay to the end."""
-
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
-
-    return f
-
-
 def build_optimizer(model: torch.nn.Module, config: StageConfig, total_steps: int):
     """AdamW over the trainable parameters and its LambdaLR schedule for `total_steps` steps."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                   eps=config.adam_epsilon, weight_decay=config.weight_decay)
     warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.lr_scheduler_type, warmup, total_steps))
+    scheduler = lr_scheduler(optimizer, config.lr_scheduler_type, warmup, total_steps)
     return optimizer, scheduler
 
 
@@ -300,3 +286,60 @@ def summarize(history: list[dict[str, float]]) -> dict[str, float]:
     if first is not None:
         out["train/first_loss"] = first
     return out
+
+
+class StageTrainer:
+    """What `SFTTrainer`, `RewardTrainer` and `DPOTrainer` share: `train()` and `save()`.
+
+    A subclass sets `config`, `model`, `tokenizer`, `data_stats`, `train_data` and `eval_data` (its
+    tokenized examples or pairs) and defines `_batches(data, batch_size, shuffle_seed)`, `_step(group)`
+    and `evaluate()`.
+    """
+
+    config: StageConfig
+    model: torch.nn.Module
+    tokenizer: Any
+    data_stats: list[DataStats]
+    train_data: list[Any]
+    eval_data: list[Any]
+    log_history: list[dict[str, float]]
+
+    def _setup(self, config: StageConfig, model: torch.nn.Module | None, tokenizer: Any,
+               load_model: Callable[[str, Any], torch.nn.Module], build: Callable[..., tuple[list[T], DataStats]],
+               train_dataset: Any, eval_dataset: Any) -> None:
+        """The start of every stage: seed, device, tokenizer and model (`load_model(path, tokenizer)` from
+        `config.model_name_or_path` when not given), then the tokenized data (see `train_eval_datasets`)."""
+        self.config = config
+        seed_everything(config.seed)  # a fresh head of a loaded model (the reward model's score) is random
+        self.device = resolve_device(config.device)
+        if (tokenizer is None or model is None) and not config.model_name_or_path:
+            raise ValueError(f"{type(config).__name__}.model_name_or_path is empty and no model/tokenizer was passed")
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_name_or_path)
+        model = model if model is not None else load_model(config.model_name_or_path, self.tokenizer)
+        self.model = model.to(self.device)
+        self.train_data, self.eval_data, self.data_stats = train_eval_datasets(
+            config, self.tokenizer, build, train_dataset, eval_dataset)
+        self.log_history = []
+
+    def train(self) -> dict[str, float]:
+        """Run the configured steps, save the model to `output_dir`, return the final metrics
+        (`train/loss`, `train/first_loss`, the eval metrics, data counts, ...)."""
+        c = self.config
+        self.log_history, out = train_stage(
+            c, self.model,
+            epoch_batches=lambda epoch: self._batches(self.train_data, c.per_device_train_batch_size, c.seed + epoch),
+            step_fn=self._step, evaluate=self.evaluate if self.eval_data else None, save=self.save,
+            data_stats=self.data_stats)
+        return out
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write the model and tokenizer as an HF folder (default: `output_dir`); returns the folder."""
+        target = Path(path) if path is not None else Path(self.config.output_dir)
+        return save_hf_folder(self.model, self.tokenizer, target, atomic=path is not None)
+
+
+def load_causal_lm(path: str, tokenizer: Any) -> torch.nn.Module:
+    """`AutoModelForCausalLM` from the HF folder `path` (the `load_model` of SFT and DPO)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)

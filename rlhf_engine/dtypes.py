@@ -1,0 +1,27 @@
+"""The tensor dtypes the project names in text (wire headers, safetensors files, model folders): one table.
+
+`TORCH_DTYPES` maps our dtype names to torch dtypes (the wire's allow-list), `DTYPE_NAMES` is its
+inverse, and `SAFETENSORS_DTYPES` maps the codes in safetensors headers to our names.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
+SAFETENSORS_DTYPES: dict[str, str] = {
+    "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}
