@@ -2,11 +2,15 @@
 per backward batch (`backward_batch_size` rows in micro-batches of `mini_batch_size`).
 
 One device sync per optimizer step checks the gradient norm: a non-finite loss or gradient makes
-it non-finite (a NaN loss gives NaN gradients), and the update stops without that optimizer step.
+it non-finite (a NaN loss gives NaN gradients), and the update stops without that optimizer step;
+the optimizer steps already taken in this update are undone (from a copy of the parameters and
+optimizer state made at the start, only when the update has more than one optimizer step), so a
+skipped step leaves the weights exactly as they were.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -30,7 +34,8 @@ class UpdateResult:
     early_stopped: bool = False
     """`target_kl` was exceeded: the epochs stopped after that optimizer step (a normal outcome)."""
     non_finite: bool = False
-    """A loss or gradient was not finite: the update stopped before that optimizer step."""
+    """A loss or gradient was not finite: the update stopped, every optimizer step of it undone
+    (`optimizer_steps` is then 0 and `stats` empty)."""
 
 
 def ppo_update(
@@ -45,6 +50,8 @@ def ppo_update(
     """`ppo_epochs` passes over `exp` in an order drawn from `shuffle`; see the module docstring."""
     result = UpdateResult()
     max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
+    steps_planned = config.ppo_epochs * (config.batch_size // config.backward_batch_size)
+    saved = ([p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())) if steps_planned > 1 else None
     for _epoch in range(config.ppo_epochs):
         order = torch.randperm(config.batch_size, generator=shuffle)
         for b_start in range(0, config.batch_size, config.backward_batch_size):
@@ -72,6 +79,12 @@ def ppo_update(
         if result.non_finite or result.early_stopped:
             break
     optimizer.zero_grad(set_to_none=True)
+    if result.non_finite and result.optimizer_steps:  # undo the steps taken: nothing of this update stays
+        with torch.no_grad():
+            for p, old in zip(params, saved[0]):
+                p.copy_(old)
+        optimizer.load_state_dict(saved[1])
+        result = UpdateResult(non_finite=True)
     return result
 
 
