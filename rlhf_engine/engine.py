@@ -37,11 +37,11 @@ from rlhf_engine.config import RunConfig, import_function, save_run_config
 from rlhf_engine.data.prompts import PromptStream, tokenize_prompts
 from rlhf_engine.data.records import DataStats
 from rlhf_engine.intake import Intake, IntakeLimits
-from rlhf_engine.local_generators import GeneratorExited, LocalGenerators, RestartBudgetExceeded
+from rlhf_engine.local_generators import LocalGenerators
 from rlhf_engine.metrics import MetricsLogger, Timeline, drop_steps_after, idle_fractions, read_jsonl
 from rlhf_engine.rollout.params import dir_fingerprint
-from rlhf_engine.transport import PromptBatch, Rollout, TrainerPort
-from rlhf_engine.transport.errors import BackpressureTimeout
+from rlhf_engine.supervisor import Supervisor
+from rlhf_engine.transport import Rollout, TrainerPort
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,7 @@ class RLHFEngine:
         self._port: TrainerPort | None = None
         self._local: LocalGenerators | None = None
         self._intake: Intake | None = None
-        self._known_senders: set[str] = set()
-        self._lost_senders: set[str] = set()
-        self._no_generator_since: float | None = None
+        self._supervisor: Supervisor | None = None
         self._stream_states: dict[int, dict[str, int]] = {}
         self._metrics: MetricsLogger | None = None
         self._timeline: Timeline | None = None
@@ -206,7 +204,7 @@ class RLHFEngine:
             stats["time/engine/step"] = time.time() - t_step
             self.step += 1
             self._stream_states.pop(self.step - 1, None)
-            stats.update(self._fault_stats())
+            stats.update(self._supervisor.stats())
             stats["step"] = self.step
             self._metrics.log(self.step, stats)
             for cb in self.callbacks:
@@ -298,38 +296,17 @@ class RLHFEngine:
         log.info("resumed at step %d (policy version %d)", self.step, self.trainer.policy_version)
 
     def _start_generators(self) -> None:
-        cfg = self.config
+        cfg, e = self.config, self.config.engine
         # the generators fingerprint the policy folder they load (names, shapes, stored dtypes)
         self._port = TrainerPort(cfg.transport, dir_fingerprint(cfg.model.policy))
-        e = cfg.engine
         self._local = LocalGenerators(self.run_dir / CONFIG_FILE, self.run_dir, self._port.endpoint,
                                       cfg.transport.shm_dir, threads=e.generator_threads,
                                       cpus=e.generator_cpus, max_restarts=e.max_generator_restarts,
                                       window_s=e.restart_window_s)
-        for i in range(e.num_generators):
-            self._local.start(i)
-        total = e.num_generators + e.external_generators
-        if e.external_generators:
-            log.info("waiting for %d external generators: rlhf-engine generator --config ... --connect %s",
-                     e.external_generators, self._port.endpoint)
-        self._await(lambda: len(self._port.generators()) >= total, list(range(e.num_generators)),
-                    f"{total} generators to connect to {self._port.endpoint}", "before its handshake")
-
-    def _await(self, ready: Callable[[], bool], children: list[int], what: str, when: str) -> None:
-        """Poll until `ready()`; `GeneratorExited` (with its log tail) if one of the local `children`
-        exits first, `TimeoutError` after the handshake timeout plus two minutes of engine start."""
-        t0 = time.monotonic()
-        deadline = t0 + self.config.transport.handshake_timeout_s + 120.0
-        while not ready():
-            for i, _ in self._local.exited(children):
-                raise self._local.exit_error(i, when)
-            if self._port.rejections:
-                raise RuntimeError(f"a generator was refused: {self._port.rejections[-1]}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"still waiting for {what} after {time.monotonic() - t0:.0f} s; "
-                                   f"see the generator logs in {self.run_dir}")
-            self._port.raise_if_dead()
-            time.sleep(0.1)
+        self._supervisor = Supervisor(cfg, self._port, self._local, self._intake, self._timeline,
+                                      version=lambda: self.trainer.policy_version,
+                                      weights=self.trainer.policy_state_dict, on_budget_spent=self.save_checkpoint)
+        self._supervisor.start()
 
     def _fill_pipeline(self, last_step: int) -> None:
         in_flight = self.config.engine.batches_in_flight
@@ -339,12 +316,8 @@ class RLHFEngine:
             drawn = self._stream.next_batch(self.config.prompts_per_step)
             prompts = {b * self.config.prompts_per_step + j: p.token_ids for j, p in enumerate(drawn)}
             self._intake.issue(b, prompts, self.trainer.policy_version, time.monotonic())
-            self._send(b, prompts, timeout_s=None)
+            self._supervisor.send(b, prompts)
             self._next_batch += 1
-
-    def _send(self, batch_id: int, prompts: dict[int, list[int]], timeout_s: float | None) -> None:
-        self._port.send_prompts(PromptBatch(batch_id=batch_id, prompt_ids=list(prompts), prompts=list(prompts.values()),
-                                            min_policy_version=self.trainer.policy_version), timeout_s)
 
     def _collect(self, batch_id: int) -> _Batch:
         """Receive rollouts until every prompt of batch `batch_id` has its `num_generations` (rollouts of
@@ -353,9 +326,7 @@ class RLHFEngine:
         deadline = time.monotonic() + e.rollout_timeout_s
         while not self._intake.complete(batch_id):
             self._port.raise_if_dead()
-            self._tend_generators()
-            self._reissue(self._intake.stalled(time.monotonic(), e.reissue_timeout_s), "no rollout for them within "
-                          f"{e.reissue_timeout_s:g} s (engine.reissue_timeout_s)")
+            self._supervisor.tend()
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"batch {batch_id}: {self._intake.received(batch_id)} of {self.config.ppo.batch_size} rollouts "
@@ -363,9 +334,7 @@ class RLHFEngine:
                     f"{[g.name for g in self._port.generators()]}"
                 )
             for r in self._port.recv_rollouts(self.config.ppo.batch_size, timeout_s=0.5):
-                if r.sender not in self._known_senders:  # may have joined since the last roster read
-                    self._known_senders.update(g.name for g in self._port.generators())
-                self._intake.offer(r, r.sender, self._known_senders, self.trainer.policy_version, time.monotonic())
+                self._supervisor.offer(r)
         batch = _Batch(batch_id, self._intake.take(batch_id))
         self._record_generation(batch)
         for r in batch.rollouts:
@@ -373,99 +342,6 @@ class RLHFEngine:
             for cb in self.callbacks:
                 cb.on_rollout(r)
         return batch
-
-    def _tend_generators(self) -> None:
-        """Replace local generators that exited, hand out again what lost generators held, and fail
-        once no generator was left for `engine.no_generator_timeout_s`."""
-        roster = self._port.generators()
-        self._known_senders.update(g.name for g in roster)
-        for info in self._port.pop_lost_generators():
-            self._generators_lost([info.name], "it stopped sending heartbeats")
-        for i, code in self._local.exited():
-            name = self._local.name(i)
-            log.warning("%s exited with code %s; replacing it", name, code)
-            self._generators_lost([s for s in self._known_senders if s.startswith(name + "@")],
-                                  f"its process exited with code {code}", process_gone=True)
-            self._replace(i)
-        now = time.monotonic()
-        if self._port.generators() or self._local.running():
-            self._no_generator_since = None
-        elif self._no_generator_since is None:
-            self._no_generator_since = now
-        elif now - self._no_generator_since > self.config.engine.no_generator_timeout_s:
-            raise RuntimeError(f"no generator left for {self.config.engine.no_generator_timeout_s:g} s "
-                               "(engine.no_generator_timeout_s); the last checkpoint is resumable")
-
-    def _generators_lost(self, senders: list[str], why: str, *, process_gone: bool = False) -> None:
-        """Re-issue what `senders` held (each once); `process_gone`: a local process exited, so the
-        batches waiting in its queue (prompts nobody holds yet) are lost too, even before its handshake."""
-        new = [s for s in senders if s not in self._lost_senders]
-        self._lost_senders.update(new)
-        held = {pid for s in new + ([""] if process_gone else []) for pid in self._intake.held_by(s)}
-        self._reissue(sorted(held), f"generator {' '.join(senders) or '(before its handshake)'} was lost: {why}")
-
-    def _reissue(self, prompt_ids: list[int], why: str) -> None:
-        """Hand `prompt_ids` out again (a batch per step), asking for the newest weights."""
-        if not prompt_ids:
-            return
-        log.warning("re-issuing %d prompts: %s", len(prompt_ids), why)
-        for batch_id, prompts in self._intake.reissue(prompt_ids, time.monotonic()).items():
-            try:
-                self._send(batch_id, prompts, timeout_s=1.0)
-            except BackpressureTimeout:  # no generator reads now: they stall and go out again later
-                log.warning("could not re-issue %d prompts of batch %d yet: no generator has room", len(prompts), batch_id)
-
-    def _replace(self, i: int) -> None:
-        """Restart local generator `i` from the newest weights and wait for its handshake (no new weights
-        are published meanwhile, so it samples with them from its first batch). Once the restart budget
-        is spent: a checkpoint of the current step, then `RestartBudgetExceeded`."""
-        self._local.stop(i, grace_s=0.0)  # whatever it left behind (vLLM engine core, staging files)
-        while True:
-            try:
-                self._local.count_restart()
-            except RestartBudgetExceeded as e:
-                self.save_checkpoint()
-                raise RestartBudgetExceeded(f"{e}; last exit: {self._local.exit_error(i, 'at last')}; "
-                                            f"a checkpoint of step {self.step} is in {self.run_dir}") from None
-            t0, t_wall = time.monotonic(), time.time()
-            weights = self._save_generator_weights()
-            self._local.start(i, weights=weights, version=self.trainer.policy_version)
-            name = self._local.name(i)
-            try:
-                self._await(lambda: any(g.name.startswith(name + "@") for g in self._port.generators()), [i],
-                            f"{name} to connect", "before its handshake")
-            except GeneratorExited as e:
-                log.warning("%s", e)
-                self._local.stop(i, grace_s=0.0)
-                continue
-            finally:
-                if weights is not None:
-                    weights.unlink(missing_ok=True)
-            log.warning("%s replaced in %.1f s (weights v%d)", name, time.monotonic() - t0, self.trainer.policy_version)
-            self._timeline.add("trainer", "replace_generator", t_wall, time.time())
-            return
-
-    def _save_generator_weights(self) -> Path | None:
-        """The policy's current weights as a safetensors file for a replacement generator (None at v0:
-        the policy folder holds them)."""
-        if self.trainer.policy_version == 0:
-            return None
-        from safetensors.torch import save_file
-
-        path = self.run_dir / f"generator-weights-v{self.trainer.policy_version}.safetensors"
-        save_file({k: v.detach().contiguous().clone() for k, v in self.trainer.policy_state_dict().items()}, str(path))
-        return path
-
-    def _fault_stats(self) -> dict[str, float]:
-        """The cumulative fault and drop counters of the run so far."""
-        stats = {"faults/generator_restarts": float(self._local.restarts),
-                 "faults/reissued_prompts": float(self._intake.reissued),
-                 "faults/late_rollouts": float(self._intake.dropped["late"])}
-        drops = dict(self._port.drop_counts())
-        for reason, n in self._intake.dropped.items():
-            drops[reason] = drops.get(reason, 0) + n
-        stats.update({f"wire/dropped/{reason}": float(n) for reason, n in sorted(drops.items())})
-        return stats
 
     def _record_generation(self, batch: _Batch) -> None:
         """Add the generators' busy intervals of `batch` to the timeline (from the rollouts' timestamps)."""

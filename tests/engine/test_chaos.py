@@ -139,3 +139,45 @@ def test_forged_rollout_flood(tmp_path, policy_dir, prompts_file, undisturbed, a
     assert sum(v for k, v in drops.items() if "large" in k or "too_long" in k) > 0, drops
     assert drops.get("duplicate", 0) > 0, drops
     assert_nothing_left(tmp_path, assert_no_new_children)
+
+
+def test_restart_budget_spent_stops_with_a_checkpoint(tmp_path, policy_dir, prompts_file, assert_no_new_children):
+    from rlhf_engine.checkpoint import latest_checkpoint, load_state
+    from rlhf_engine.local_generators import RestartBudgetExceeded
+
+    cfg = chaos_config(tmp_path, policy_dir, prompts_file, max_generator_restarts=0)
+    cfg.engine.total_steps = 5
+
+    def on_stats(engine, stats):
+        if engine.step == 2:
+            os.kill(generator_pids()[0], signal.SIGKILL)
+
+    with pytest.raises(RestartBudgetExceeded, match=r"(?s)max_generator_restarts=0.*generator-0 exited with code -9"):
+        run(cfg, on_stats)
+    assert load_state(latest_checkpoint(tmp_path / "run"))["step"] == 2
+    assert_nothing_left(tmp_path, assert_no_new_children)
+
+
+def test_rogue_hello_and_rogue_pull_do_not_stop_the_run(tmp_path, policy_dir, prompts_file, assert_no_new_children):
+    cfg = run_config(tmp_path, policy_dir, prompts_file, backend="transformers", total_steps=6, mode="async",
+                     reissue_timeout_s=5.0, transport={"shm_dir": str(tmp_path / "shm"), "heartbeat_timeout_s": 3.0})
+    (tmp_path / "shm").mkdir()
+    rogues = []
+
+    def on_stats(engine, stats):
+        if engine.step == 1:
+            rogues.append(start_rogue("hello", engine.endpoint, str(policy_dir), str(tmp_path / "shm")))
+            rogues.append(start_rogue("pull", engine.endpoint))
+
+    try:
+        log, history = run(cfg, on_stats)
+    finally:
+        for rogue in rogues:
+            os.kill(rogue.pid, signal.SIGCONT)
+            stop_child(rogue, grace_s=0)
+    assert len(history) == 6
+    last = history[-1]
+    print(f"\nrogue HELLO + rogue PULL: re-issued prompts {last['faults/reissued_prompts']:.0f}, "
+          f"late {last['faults/late_rollouts']:.0f}")
+    assert last["faults/reissued_prompts"] > 0  # the batches the rogue PULL swallowed went out again
+    assert_nothing_left(tmp_path, assert_no_new_children)
