@@ -76,7 +76,7 @@ def stop_child(proc: subprocess.Popen, *, grace_s: float = 5.0) -> int:
 
 
 def _members(pid: int, family: set[int]) -> list[int]:
-    """Living processes of `pid`'s group or session, or in `family` (zombies excluded)."""
+    """Living processes: `pid` itself, its group or session, and `family` (zombies excluded)."""
     out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -85,7 +85,7 @@ def _members(pid: int, family: set[int]) -> list[int]:
         if fields is None or fields[0] == "Z":
             continue
         # fields after the command name: state ppid pgrp session ...
-        if int(entry.name) in family or int(fields[2]) == pid or int(fields[3]) == pid:
+        if int(entry.name) == pid or int(entry.name) in family or int(fields[2]) == pid or int(fields[3]) == pid:
             out.append(int(entry.name))
     return out
 

@@ -148,13 +148,17 @@ def test_restart_budget_spent_stops_with_a_checkpoint(tmp_path, policy_dir, prom
     cfg = chaos_config(tmp_path, policy_dir, prompts_file, max_generator_restarts=0)
     cfg.engine.total_steps = 5
 
+    done = []
+
     def on_stats(engine, stats):
+        done.append(engine.step)
         if engine.step == 2:
             os.kill(generator_pids()[0], signal.SIGKILL)
 
     with pytest.raises(RestartBudgetExceeded, match=r"(?s)max_generator_restarts=0.*generator-0 exited with code -9"):
         run(cfg, on_stats)
-    assert load_state(latest_checkpoint(tmp_path / "run"))["step"] == 2
+    # the run stopped after the steps it completed (2, or 3 when the next batch was already in), resumable
+    assert done[-1] in (2, 3) and load_state(latest_checkpoint(tmp_path / "run"))["step"] == done[-1]
     assert_nothing_left(tmp_path, assert_no_new_children)
 
 
@@ -180,4 +184,33 @@ def test_rogue_hello_and_rogue_pull_do_not_stop_the_run(tmp_path, policy_dir, pr
     print(f"\nrogue HELLO + rogue PULL: re-issued prompts {last['faults/reissued_prompts']:.0f}, "
           f"late {last['faults/late_rollouts']:.0f}")
     assert last["faults/reissued_prompts"] > 0  # the batches the rogue PULL swallowed went out again
+    assert_nothing_left(tmp_path, assert_no_new_children)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_generator_killed_is_replaced_and_its_tree_ends(tmp_path, policy_dir, prompts_file, assert_no_new_children):
+    pytest.importorskip("vllm")
+    cfg = run_config(tmp_path, policy_dir, prompts_file, backend="vllm", total_steps=6, mode="async",
+                     transport={"shm_dir": str(tmp_path / "shm")})
+    (tmp_path / "shm").mkdir()
+    trees = []
+
+    def on_stats(engine, stats):
+        if engine.step in (2, 4):
+            leader = generator_pids()[0]
+            trees.append([leader, *descendants(leader)])  # vLLM's engine core, worker, resource tracker
+            os.kill(leader, signal.SIGKILL)  # the leader alone: its children now have parent pid 1
+
+    log, history = run(cfg, on_stats)
+    assert len(history) == 6 and history[-1]["faults/generator_restarts"] == 2
+    assert all(len(tree) > 1 for tree in trees), trees
+    assert not [p for tree in trees for p in tree if _alive(p)], "processes of a killed generator survived"
     assert_nothing_left(tmp_path, assert_no_new_children)

@@ -108,3 +108,11 @@ def test_stop_child_ends_the_group_and_session_of_a_dead_leader(tmp_path):
     # reachable while the leader lives
     assert not _alive(kids[0]) and not _alive(kids[1])
     os.kill(kids[2], signal.SIGKILL)
+
+
+def test_stop_child_stops_a_process_that_is_not_a_group_leader():
+    proc = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                             "time.sleep(60)"])
+    t0 = time.monotonic()
+    assert stop_child(proc, grace_s=0.1) == -9  # SIGTERM ignored: killed
+    assert time.monotonic() - t0 < 10
