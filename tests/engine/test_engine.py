@@ -73,10 +73,13 @@ def test_sync_resume_is_bit_exact(tmp_path, policy_dir, prompts_file, assert_no_
     with RLHFEngine(interrupted) as engine:
         engine.train(steps=2)  # stop after step 2 (checkpoints at 1 and 2)
     assert [p.name for p in list_checkpoints(tmp_path / "b" / "run")] == ["step-00000001", "step-00000002"]
+    with open(tmp_path / "b" / "run" / "metrics.jsonl", "a") as f:  # a step 3 logged before the interruption
+        f.write('{"step": 3, "time": 0}\n')
     with RLHFEngine(interrupted, resume=tmp_path / "b" / "run") as engine:
         assert engine.step == 2
         engine.train()
     assert_no_new_children()
+    assert [r["step"] for r in read_jsonl(tmp_path / "b" / "run" / "metrics.jsonl")] == [1, 2, 3]
 
     a = latest_checkpoint(tmp_path / "a" / "run")
     b = latest_checkpoint(tmp_path / "b" / "run")
@@ -143,8 +146,10 @@ def test_generator_failing_to_start_is_reported(tmp_path, policy_dir, prompts_fi
     cfg = run_config(tmp_path, policy_dir, prompts_file, backend="transformers", total_steps=1)
     cfg.generator.model = str(tmp_path / "missing")  # the child cannot load it
     cfg.model.policy = str(policy_dir)
-    with pytest.raises(RuntimeError, match=r"generator-0 exited with code \d+ before its handshake; see .*generator-0.log"):
+    with pytest.raises(RuntimeError, match=r"generator-0 exited with code \d+ before its handshake; see .*generator-0.log") as e:
         RLHFEngine(cfg).start()
+    # the last lines of the child's log say why: its config names a generator model that is not the policy
+    assert "its last lines:\n" in str(e.value) and "  | rlhf-engine generator: config error:" in str(e.value)
     assert_no_new_children()
 
 
