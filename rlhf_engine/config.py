@@ -20,11 +20,13 @@ import dataclasses
 import importlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 from rlhf_engine.config_loader import ConfigError, apply_overrides, from_dict, load_yaml, to_dict, yaml_lines
+from rlhf_engine.loggers import LOGGERS, LoggerName
 from rlhf_engine.rollout.config import GeneratorConfig
 from rlhf_engine.trainer.ppo_config import PPOConfig
 from rlhf_engine.transport.config import TransportConfig
@@ -124,8 +126,13 @@ class EngineConfig:
     """The run stops when no generator was connected (and no local one starting) for this long."""
     progress: bool = True
     """Show a progress bar."""
-    tensorboard: bool = True
-    """Also log to TensorBoard when it is installed."""
+    loggers: list[LoggerName] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    """Where step metrics go: `jsonl` (`run_dir/metrics.jsonl`, always written), `tensorboard`
+    (`run_dir/tensorboard`, skipped when the package is missing), `wandb` (a Weights & Biases run with
+    the config, metrics, timeline and plots; needs `pip install 'rlhf_engine[wandb]'`; set
+    `WANDB_MODE=offline` to write it locally for a later `wandb sync`)."""
+    tensorboard: bool | None = None
+    """Deprecated, use `loggers`: False drops `tensorboard` from `loggers`, True adds it."""
 
     def __post_init__(self) -> None:
         if self.total_steps < 1:
@@ -150,6 +157,17 @@ class EngineConfig:
                 raise ValueError(f"engine.{name} ({getattr(self, name)}) must be > 0")
         if self.max_generator_restarts < 0:
             raise ValueError(f"engine.max_generator_restarts ({self.max_generator_restarts}) must be >= 0")
+        unknown = [n for n in self.loggers if n not in LOGGERS]
+        if unknown or len(set(self.loggers)) != len(self.loggers):
+            raise ValueError(f"engine.loggers ({self.loggers}) must name each of {list(LOGGERS)} at most once")
+        if self.tensorboard is not None:
+            warnings.warn("engine.tensorboard is deprecated: list the sinks in engine.loggers "
+                          "(e.g. [jsonl] or [jsonl, tensorboard])", FutureWarning, stacklevel=2)
+            others = [n for n in self.loggers if n != "tensorboard"]
+            self.loggers = others + ["tensorboard"] if self.tensorboard else others
+            self.tensorboard = None  # mapped: a saved config holds `loggers` only
+        if "jsonl" not in self.loggers:
+            self.loggers = ["jsonl", *self.loggers]
 
     @property
     def batches_in_flight(self) -> int:

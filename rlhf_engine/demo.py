@@ -125,7 +125,7 @@ def run_demo(out: Path, *, ppo_steps: int | None = None, small: bool = False, ba
         "generator": {"backend": backend, "max_model_len": 128, "kv_cache_bytes": 1 << 27},
         "transport": {"endpoint": f"ipc://{out.resolve()}/engine"},
         "engine": {"run_dir": str(out / "ppo"), "total_steps": steps, "mode": "async", "max_staleness": 1,
-                   "tensorboard": False},
+                   "loggers": ["jsonl"]},
     })
     with RLHFEngine(config) as engine:
         history = engine.train()

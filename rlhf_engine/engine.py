@@ -34,6 +34,7 @@ import torch
 
 from rlhf_engine.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from rlhf_engine.config import RunConfig, import_function, save_run_config
+from rlhf_engine.config_loader import to_dict
 from rlhf_engine.data.prompts import PromptStream, tokenize_prompts
 from rlhf_engine.data.records import DataStats
 from rlhf_engine.intake import Intake, IntakeLimits
@@ -124,10 +125,11 @@ class RLHFEngine:
             state = load_state(ckpt) if ckpt is not None else None
             if state is not None:
                 self._restore(state)
+            # before any process starts: a logger whose package is missing fails here
+            self._metrics = MetricsLogger(self.run_dir, loggers=cfg.engine.loggers, total_steps=cfg.engine.total_steps,
+                                          progress=cfg.engine.progress, initial_step=self.step, run_config=to_dict(cfg))
             self._timeline = Timeline(self.run_dir)
             self._start_generators()
-            self._metrics = MetricsLogger(self.run_dir, total_steps=cfg.engine.total_steps, progress=cfg.engine.progress,
-                                          tensorboard=cfg.engine.tensorboard, initial_step=self.step)
             if self.trainer.policy_version > 0:  # resumed: generators load the initial weights from disk
                 self._publish_weights()
             self._started_at = time.time()

@@ -1,4 +1,4 @@
-"""What a run records: per-step metrics (JSONL, TensorBoard when installed, a progress bar)
+"""What a run records: per-step metrics (JSONL, the other sinks of `engine.loggers`, a progress bar)
 and a timeline of busy intervals per process, for the idle-fraction numbers and the Gantt plot.
 
 Files in the run directory:
@@ -14,39 +14,35 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
+
+from rlhf_engine.loggers import make_sinks
 
 METRICS_FILE = "metrics.jsonl"
 TIMELINE_FILE = "timeline.jsonl"
 
 
 def _jsonable(value: Any) -> Any:
-    if hasattr(value, "item"):  # 0-d tensors and numpy scalars
-        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
 
 
 class MetricsLogger:
-    """Appends step metrics to `run_dir/metrics.jsonl`, mirrors them to TensorBoard when the
-    `tensorboard` package is installed, and shows a tqdm progress bar with the key numbers."""
+    """Appends step metrics to `run_dir/metrics.jsonl`, sends the numeric ones to the other `loggers`
+    (`tensorboard`, `wandb`: see `rlhf_engine.loggers`), and shows a tqdm progress bar with the key numbers.
+
+    run_config: the run's config as a dict, recorded by loggers that keep it (W&B).
+    """
 
     PROGRESS_KEYS = (("env/reward_mean", "reward"), ("objective/kl", "kl"), ("time/tokens_per_s", "tok/s"))
 
-    def __init__(self, run_dir: str | Path, *, total_steps: int | None = None, progress: bool = True,
-                 tensorboard: bool = True, initial_step: int = 0) -> None:
+    def __init__(self, run_dir: str | Path, *, loggers: Sequence[str] = ("jsonl",), total_steps: int | None = None,
+                 progress: bool = True, initial_step: int = 0, run_config: dict[str, Any] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._sinks = make_sinks(loggers, self.run_dir, run_config)  # first: a missing package fails here
         self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
-        self._tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional
-                SummaryWriter = None
-            if SummaryWriter is not None:
-                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
         self._bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -54,14 +50,15 @@ class MetricsLogger:
             self._bar = tqdm(total=total_steps, initial=initial_step, desc="ppo", unit="step", dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        """Record the metrics of `step` (one JSON line, flushed)."""
-        record = {"step": step, "time": time.time(), **{k: _jsonable(v) for k, v in metrics.items()}}
+        """Record the metrics of `step` (one JSON line, flushed; numeric values to every sink)."""
+        values = {k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}  # 0-d tensors, numpy
+        record = {"step": step, "time": time.time(), **{k: _jsonable(v) for k, v in values.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "time"):
-                    self._tb.add_scalar(k, v, step)
+        numeric = {k: float(v) for k, v in values.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        for sink in self._sinks:
+            sink.log(step, numeric)
         if self._bar is not None:
             shown = {name: f"{record[k]:.3g}" for k, name in self.PROGRESS_KEYS if isinstance(record.get(k), (int, float))}
             self._bar.set_postfix(shown, refresh=False)
@@ -72,11 +69,11 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
         if not self._file.closed:
             self._file.close()
+        sinks, self._sinks = self._sinks, []
+        for sink in sinks:
+            sink.close()
 
 
 @dataclass(frozen=True)

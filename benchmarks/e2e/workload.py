@@ -180,7 +180,7 @@ def run_config(workload: Workload, variant: Variant, run_dir: Path, cpus: list[i
         # parameters with the optimizer) is written inside the measurement
         "engine": {"run_dir": str(run_dir), "total_steps": wl.steps + variant.lookahead, "mode": variant.mode,
                    "max_staleness": variant.max_staleness if variant.mode == "async" else 1,
-                   "num_generators": variant.num_generators, "progress": False, "tensorboard": False,
+                   "num_generators": variant.num_generators, "progress": False, "loggers": ["jsonl"],
                    "rollout_timeout_s": 900.0, **cpu_plan(variant, cpus)},
     }
 

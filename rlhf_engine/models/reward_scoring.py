@@ -49,5 +49,6 @@ def function_scores(reward_fn: RewardFn, prompts: list[str], completions: list[s
     """Call `reward_fn(prompts, completions)` and check it returns one float per completion."""
     scores = torch.as_tensor(reward_fn(prompts, completions), dtype=torch.float32).reshape(-1)
     if scores.shape[0] != len(completions):
-        raise ValueError(f"reward_fn returned {scores.shape[0]} scores for {len(completions)} completions")
+        name = getattr(reward_fn, "__qualname__", repr(reward_fn))
+        raise ValueError(f"model.reward_fn ({name}) returned {scores.shape[0]} scores for {len(completions)} completions")
     return scores

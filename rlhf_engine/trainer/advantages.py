@@ -30,28 +30,38 @@ def sequence_returns(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (rewards * mask).sum(dim=1)
 
 
-def grpo_advantages(returns: torch.Tensor, num_generations: int, eps: float = 1e-4) -> torch.Tensor:
+def grpo_advantages(returns: torch.Tensor, num_generations: int, eps: float = 1e-4,
+                    valid: torch.Tensor | None = None) -> torch.Tensor:
     """Group-normalised advantages of GRPO (Shao et al. 2024).
 
     returns [B] with B = G * k -> advantages [B]:
     # A_i = (R_i - mean_group(R)) / (std_group(R) + eps)      (std with Bessel's correction)
+    valid [B] bool (None: all): the samples that count; mean and std are over a group's valid samples, and
+    an invalid sample, or any sample of a group with fewer than 2 valid ones, gets A = 0.
     """
     grouped = _grouped(returns, num_generations)  # [G, k]
-    mean = grouped.mean(dim=1, keepdim=True)
-    std = grouped.std(dim=1, keepdim=True)
-    return ((grouped - mean) / (std + eps)).reshape(-1)  # [B]
+    v = _grouped_valid(valid, grouped)  # [G, k]
+    n = v.sum(dim=1, keepdim=True)  # [G, 1]
+    mean = (grouped * v).sum(dim=1, keepdim=True) / n.clamp(min=1)
+    std = ((((grouped - mean) * v) ** 2).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+    adv = (grouped - mean) / (std + eps)
+    return torch.where((v > 0) & (n >= 2), adv, torch.zeros_like(adv)).reshape(-1)  # [B]
 
 
-def rloo_advantages(returns: torch.Tensor, num_generations: int) -> torch.Tensor:
+def rloo_advantages(returns: torch.Tensor, num_generations: int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """REINFORCE leave-one-out advantages (Ahmadian et al. 2024).
 
     returns [B] with B = G * k -> advantages [B]:
     # A_i = R_i - (sum_group(R) - R_i) / (k - 1)
+    valid [B] bool (None: all): sums and k are over a group's valid samples; an invalid sample, or any sample
+    of a group with fewer than 2 valid ones, gets A = 0.
     """
-    k = num_generations
-    grouped = _grouped(returns, k)  # [G, k]
-    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)
-    return (grouped - baseline).reshape(-1)  # [B]
+    grouped = _grouped(returns, num_generations)  # [G, k]
+    v = _grouped_valid(valid, grouped)  # [G, k]
+    n = v.sum(dim=1, keepdim=True)  # [G, 1]
+    baseline = ((grouped * v).sum(dim=1, keepdim=True) - grouped) / (n - 1).clamp(min=1)
+    adv = grouped - baseline
+    return torch.where((v > 0) & (n >= 2), adv, torch.zeros_like(adv)).reshape(-1)  # [B]
 
 
 def reinforce_pp_advantages(
@@ -70,6 +80,13 @@ def reinforce_pp_advantages(
 def broadcast_to_tokens(sequence_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B] -> [B, T]: the value of each sequence at each of its valid tokens, 0 on padding."""
     return sequence_values[:, None].to(torch.float32) * mask
+
+
+def _grouped_valid(valid: torch.Tensor | None, grouped: torch.Tensor) -> torch.Tensor:
+    """valid [B] bool (None: all) as 0/1 floats shaped like `grouped` [G, k]."""
+    if valid is None:
+        return torch.ones_like(grouped)
+    return valid.to(grouped.device, torch.float32).reshape(grouped.shape)
 
 
 def _grouped(returns: torch.Tensor, k: int) -> torch.Tensor:

@@ -227,7 +227,7 @@ class Experience:
     entropy: torch.Tensor
     kl: torch.Tensor  # per-token KL penalty estimate (kind = kl_penalty)
     kl_coef: float  # the KL coefficient the rewards were shaped with
-    raw_scores: torch.Tensor  # [B], as given or from the reward model / function
+    raw_scores: torch.Tensor  # [B], as given or from the reward model / function (non-finite: dropped)
     scores: torch.Tensor  # [B], after clipping and the missing-EOS penalty
     non_score_rewards: torch.Tensor  # -kl_coef * kl, 0 on padding
     rewards: torch.Tensor  # non-score rewards plus each score at its row's last token (maybe whitened)

@@ -197,8 +197,10 @@ class PPOTrainer:
         are ignored). scores: B floats (None: from the reward model / function). behaviour_logprobs: the
         sampler's log-prob of each response token (B sequences as long as the responses, or [B, >= T]).
         policy_versions: the policy version that sampled each response (for staleness metrics).
-        A batch with non-finite scores, or a non-finite loss or gradient, skips the update (with a warning)
-        and reports `ppo/skipped` = 1; weights are never updated from non-finite values.
+        A sample with a non-finite score is dropped from the step (with a warning; none of its tokens is
+        trained, it leaves its GRPO/RLOO group; counted in `env/nonfinite_rewards`); a batch of only such
+        samples, or a non-finite loss or gradient, skips the update (with a warning) and reports
+        `ppo/skipped` = 1; weights are never updated from non-finite values.
         """
         cfg = self.config
         timer = PhaseTimer()
@@ -208,13 +210,20 @@ class PPOTrainer:
                                    self.policy_version)
         raw_scores = self.score(inputs.queries, inputs.responses) if scores is None else as_scores(scores, cfg.batch_size)
         raw_scores = raw_scores.to(self.device, torch.float32)
-        if not bool(torch.isfinite(raw_scores).all()):  # device sync
-            bad = torch.nonzero(~torch.isfinite(raw_scores)).flatten().tolist()
-            return self._skip(f"non-finite scores at samples {bad}; step skipped, weights unchanged")
+        # a non-finite score drops its sample: none of its tokens is trained or counted, it leaves its group
+        kept = torch.isfinite(raw_scores)  # [B]
+        dropped = torch.nonzero(~kept).flatten().tolist()  # device sync
+        if dropped:
+            source = "given scores" if scores is not None else "model.reward_fn" if self.reward_fn else "reward model"
+            if len(dropped) == cfg.batch_size:
+                return self._skip(f"non-finite scores at samples {dropped} ({source}): every sample; step skipped")
+            warnings.warn(f"non-finite scores at samples {dropped} ({source}): dropped from this step",
+                          RuntimeWarning, stacklevel=2)
 
         # 1. experience: old log-probs, values, reference log-probs (one no-grad forward pass each)
         with timer("forward_pass"):
             batch = make_token_batch(inputs.queries, inputs.responses, self.pad_token_id, self.eos_token_id, self.device)
+            batch.response_mask = batch.response_mask * kept[:, None]  # [B, T]: dropped samples have no valid token
             passes = forward_experience(self.model, self.ref_model, self.value_model, batch, cfg)
         if not passes.all_finite():  # device syncs
             return self._skip("non-finite log-probs or values in the experience; step skipped, weights unchanged")
@@ -223,13 +232,13 @@ class PPOTrainer:
         mask = batch.response_mask
         with timer("compute_rewards"):
             kl_coef = self.kl_ctl.value
-            step_scores = clip_scores(raw_scores, cfg.score_clip)
+            step_scores = clip_scores(torch.where(kept, raw_scores, 0.0), cfg.score_clip)  # [B], 0 where dropped
             step_scores = missing_eos_penalty(step_scores, batch.has_eos, cfg.missing_eos_penalty)
             rewards, non_score = kl_shaped_rewards(step_scores, passes.kl, mask, kl_coef)
             if cfg.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
         with timer("compute_advantages"):
-            advantages, returns = self._advantages(rewards, passes.values, mask)
+            advantages, returns = self._advantages(rewards, passes.values, mask, kept)
             behaviour, is_weights = None, None
             if inputs.behaviour_logp is not None:  # tokens after EOS are not trained
                 behaviour = inputs.behaviour_logp[:, : mask.shape[1]].to(self.device)
@@ -274,9 +283,9 @@ class PPOTrainer:
         }
 
     def _advantages(
-        self, rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor
+        self, rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, kept: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(advantages, returns) [B, T] of the configured estimator."""
+        """(advantages, returns) [B, T] of the configured estimator; `kept` [B]: the samples not dropped."""
         cfg = self.config
         if cfg.advantage_estimator == "gae":
             return adv.gae_advantages(rewards, values, mask, cfg.gamma, cfg.lam)
@@ -284,9 +293,9 @@ class PPOTrainer:
             return adv.reinforce_pp_advantages(rewards, mask, cfg.gamma)
         seq_returns = adv.sequence_returns(rewards, mask)  # [B]
         if cfg.advantage_estimator == "grpo":
-            seq_adv = adv.grpo_advantages(seq_returns, cfg.num_generations)
+            seq_adv = adv.grpo_advantages(seq_returns, cfg.num_generations, valid=kept)
         else:
-            seq_adv = adv.rloo_advantages(seq_returns, cfg.num_generations)
+            seq_adv = adv.rloo_advantages(seq_returns, cfg.num_generations, valid=kept)
         return adv.broadcast_to_tokens(seq_adv, mask), adv.broadcast_to_tokens(seq_returns, mask)
 
     def _skip(self, reason: str) -> dict[str, float]:

@@ -50,14 +50,16 @@ def step_stats(exp: Experience, update: UpdateResult, mean_kl: float, tis_cap: f
     metric of `update`, and the experience's rewards, KL, advantages, values and off-policy weights.
     `staleness` [B]: policy versions between sampling and this step, None when unknown."""
     mask = exp.batch.response_mask
+    finite_scores = exp.raw_scores[torch.isfinite(exp.raw_scores)]  # [B - dropped samples]
     stats = {key: float(torch.stack(values).mean()) for key, values in update.stats.items()}
     stats.update({
         "objective/kl": mean_kl,
         "objective/kl_coef": float(exp.kl_coef),
         "objective/entropy": float(masked_mean(exp.entropy, mask)),
         "objective/scores": float(exp.scores.mean()),
-        "env/reward_mean": float(exp.raw_scores.mean()),
-        "env/reward_std": float(exp.raw_scores.std()) if exp.raw_scores.numel() > 1 else 0.0,
+        "env/reward_mean": float(finite_scores.mean()),
+        "env/reward_std": float(finite_scores.std()) if finite_scores.numel() > 1 else 0.0,
+        "env/nonfinite_rewards": float(exp.raw_scores.numel() - finite_scores.numel()),  # samples dropped
         "ppo/mean_non_score_reward": float(exp.non_score_rewards.sum(dim=1).mean()),
         "ppo/returns/mean": float(masked_mean(exp.returns, mask)),
         "ppo/policy/advantages_mean": float(masked_mean(exp.advantages, mask)),

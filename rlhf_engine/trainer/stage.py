@@ -221,7 +221,7 @@ def run_training(config: StageConfig, model: torch.nn.Module, epoch_batches: Cal
     steps_per_epoch = math.ceil(len(epoch_batches(0)) / accum)
     total = config.max_steps if config.max_steps > 0 else steps_per_epoch * config.num_train_epochs
     optimizer, scheduler = build_optimizer(model, config, total)
-    logger = MetricsLogger(config.output_dir, progress=False, tensorboard=False)
+    logger = MetricsLogger(config.output_dir, progress=False)
     history: list[dict[str, float]] = []
 
     def log(step: int, metrics: dict[str, float]) -> None:

@@ -17,5 +17,5 @@ def run_config(tmp_path: Path, policy_dir: Path, prompts_file: Path, *, backend:
                 "response_length": 8, "seed": 0},
         "generator": {"backend": backend, "max_model_len": 64, "kv_cache_bytes": 1 << 26},
         "transport": {"endpoint": f"ipc://{tmp_path}/ep", "heartbeat_timeout_s": 20.0, **(transport or {})},
-        "engine": {"run_dir": str(tmp_path / "run"), "tensorboard": False, "progress": False, **engine},
+        "engine": {"run_dir": str(tmp_path / "run"), "loggers": ["jsonl"], "progress": False, **engine},
     })

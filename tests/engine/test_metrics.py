@@ -6,7 +6,7 @@ from rlhf_engine.metrics import Interval, MetricsLogger, Timeline, idle_fraction
 
 
 def test_metrics_jsonl_records_steps(tmp_path):
-    log = MetricsLogger(tmp_path, total_steps=2, progress=False, tensorboard=False)
+    log = MetricsLogger(tmp_path, total_steps=2, progress=False)
     log.log(1, {"env/reward_mean": 0.5, "objective/kl": float("nan")})
     log.log(2, {"env/reward_mean": 1.0})
     log.close()

@@ -45,6 +45,20 @@ def test_rloo_leave_one_out_baseline():
     assert adv.tolist() == pytest.approx([-3.0, -1.5, 4.5])
 
 
+def test_group_estimators_leave_out_invalid_samples():
+    # k = 3; group 1 (1, 99, 3) with 99 invalid: GRPO over (1, 3) -> mean 2, std sqrt2 -> (-0.70711, 0, 0.70711);
+    # RLOO over (1, 3): baselines 3 and 1 -> (-2, 0, 2); group 2 (4, 7, 8) with only 7 valid: all 0
+    returns = torch.tensor([1.0, 99.0, 3.0, 4.0, 7.0, 8.0])
+    valid = torch.tensor([True, False, True, False, True, False])
+    assert grpo_advantages(returns, 3, eps=0.0, valid=valid).tolist() == pytest.approx(
+        [-0.707107, 0.0, 0.707107, 0.0, 0.0, 0.0], abs=1e-5)
+    assert rloo_advantages(returns, 3, valid=valid).tolist() == pytest.approx([-2.0, 0.0, 2.0, 0.0, 0.0, 0.0])
+    # all valid: the same as without a mask
+    every = torch.ones(6, dtype=torch.bool)
+    assert torch.equal(grpo_advantages(returns, 3, valid=every), grpo_advantages(returns, 3))
+    assert torch.equal(rloo_advantages(returns, 3, valid=every), rloo_advantages(returns, 3))
+
+
 def test_group_estimators_reject_ragged_groups():
     with pytest.raises(ValueError, match="groups of 3"):
         rloo_advantages(torch.tensor([1.0, 2.0]), num_generations=3)

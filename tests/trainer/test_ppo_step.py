@@ -124,14 +124,50 @@ def test_staleness_counts_versions(make_trainer, data):
         trainer.step(*data, policy_versions=[5] * B)
 
 
-def test_non_finite_scores_skip_step_and_keep_weights(make_trainer, data):
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_non_finite_score_drops_its_sample_and_the_step_goes_on(make_trainer, data, estimator, tokenizer):
+    queries, responses, scores = data
+    groups = dict(num_generations=4, value_head=False) if estimator == "grpo" else {}
+    grouped = [queries[0]] * 4 + [queries[1]] * 4
+    bad = scores.clone()
+    bad[3] = float("nan")
+    trainer = make_trainer(advantage_estimator=estimator, **groups)
+    with pytest.warns(RuntimeWarning, match=r"non-finite scores at samples \[3\] \(given scores\): dropped"):
+        stats = trainer.step(grouped, responses, bad)
+    assert stats["ppo/skipped"] == 0.0 and trainer.policy_version == 1
+    assert stats["env/nonfinite_rewards"] == 1.0
+    # the mean of the 7 finite scores of linspace(-1, 1, 8) without index 3 (-1/7): (0 + 1/7) / 7
+    assert stats["env/reward_mean"] == pytest.approx((1 / 7) / 7, abs=1e-6)
+    # the dropped sample contributes nothing: another response in its place gives the same weights
+    other = make_trainer(advantage_estimator=estimator, **groups)
+    swapped = list(responses)
+    swapped[3] = torch.tensor([5, 6, 7, tokenizer.eos_token_id])
+    with pytest.warns(RuntimeWarning):
+        other.step(grouped, swapped, bad)
+    for (name, a), b in zip(trainer.model.state_dict().items(), other.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_non_finite_reward_fn_scores_name_the_setting(make_lm, tokenizer, data):
+    queries, responses, _ = data
+
+    def shaky(prompts, completions):  # NaN for the first completion, 1.0 for the others
+        return [math.nan] + [1.0] * (len(completions) - 1)
+
+    trainer = PPOTrainer(config=PPOConfig(batch_size=B, mini_batch_size=B, ppo_epochs=1, response_length=6,
+                                          advantage_estimator="reinforce_pp"),
+                         model=make_lm(), tokenizer=tokenizer, reward_fn=shaky)
+    with pytest.warns(RuntimeWarning, match=r"samples \[0\] \(model.reward_fn\): dropped from this step"):
+        stats = trainer.step(queries, responses)
+    assert stats["env/nonfinite_rewards"] == 1.0 and stats["env/reward_mean"] == 1.0 and trainer.policy_version == 1
+
+
+def test_only_non_finite_scores_skip_step_and_keep_weights(make_trainer, data):
     queries, responses, scores = data
     trainer = make_trainer()
     before = _weights(trainer)
-    bad = scores.clone()
-    bad[3] = float("nan")
-    with pytest.warns(RuntimeWarning, match=r"non-finite scores at samples \[3\]"):
-        stats = trainer.step(queries, responses, bad)
+    with pytest.warns(RuntimeWarning, match="every sample; step skipped"):
+        stats = trainer.step(queries, responses, torch.full((B,), float("inf")))
     assert stats["ppo/skipped"] == 1.0 and trainer.policy_version == 0
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
