@@ -34,7 +34,7 @@ from rlhf_engine.transport.config import TransportConfig
 
 @dataclass
 class ModelConfig:
-    """Where the four models come from: local HF folders (checked to exist; never looked up on a hub)."""
+    """Where the four models come from: local HF folders (never looked up on a hub; `check_folders`)."""
 
     policy: str
     """The policy to train (usually the SFT output); also what the generators load."""
@@ -53,8 +53,6 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.policy:
             raise ValueError("model.policy must name the policy's HF folder")
-        for name in ("policy", "ref_model", "reward_model", "value_model"):
-            check_model_folder(getattr(self, name), f"model.{name}")
         if (self.reward_model is None) == (self.reward_fn is None):
             raise ValueError(
                 f"give exactly one of model.reward_model ({self.reward_model!r}) and model.reward_fn ({self.reward_fn!r})"
@@ -63,6 +61,12 @@ class ModelConfig:
             spec = getattr(self, name)
             if spec is not None and (":" not in spec or not all(spec.split(":", 1))):
                 raise ValueError(f"model.{name} ({spec!r}) must look like 'package.module:function'")
+
+    def check_folders(self) -> None:
+        """`ConfigError` naming the first model folder that does not exist (checked when a run starts,
+        so that a config may name folders an earlier stage still has to write)."""
+        for name in ("policy", "ref_model", "reward_model", "value_model"):
+            check_model_folder(getattr(self, name), f"model.{name}")
 
 
 @dataclass

@@ -114,6 +114,7 @@ class RLHFEngine:
                 torch.set_num_threads(cfg.engine.trainer_threads)
             if cfg.engine.trainer_cpus is not None:
                 os.sched_setaffinity(0, cfg.engine.trainer_cpus)
+            cfg.model.check_folders()
             save_run_config(cfg, self.run_dir / CONFIG_FILE)
             ckpt = self._find_resume_checkpoint()
             self._build_trainer(ckpt)

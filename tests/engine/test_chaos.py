@@ -40,7 +40,10 @@ class PromptLog(Callback):
 def chaos_config(tmp_path, policy_dir, prompts_file, **engine):
     (tmp_path / "shm").mkdir(parents=True, exist_ok=True)
     return run_config(tmp_path, policy_dir, prompts_file, backend="transformers", total_steps=STEPS, mode="async",
-                      max_staleness=1, reissue_timeout_s=20.0, transport={"shm_dir": str(tmp_path / "shm")}, **engine)
+                      max_staleness=1, reissue_timeout_s=20.0, **engine,
+                      # a killed generator leaves the roster (and frees its weight buffers) before its replacement
+                      # is up; see the report on the transport's shared-memory holders
+                      transport={"shm_dir": str(tmp_path / "shm"), "heartbeat_timeout_s": 5.0})
 
 
 def run(cfg, on_stats=None) -> tuple[PromptLog, list[dict]]:
