@@ -10,7 +10,9 @@
   rlhf-engine keys    DIR                    a CURVE keypair for non-loopback endpoints
   rlhf-engine bench   ...                    the end-to-end throughput benchmark
 
-Every `--config` command takes `--set section.key=value` overrides (repeatable).
+Every `--config` command takes `--set section.key=value` overrides (repeatable). Config, data and
+missing-file errors print one line (file:line: field ...) and exit with status 2; `--debug` shows
+the traceback instead.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     for name, text in (("sft", "supervised fine-tuning on prompt/completion, chat or text data"),
@@ -64,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--connect", metavar="ENDPOINT", help="trainer endpoint (default: transport.endpoint)")
     p.add_argument("--name", default="generator", help="name shown in the trainer's logs")
+    p.add_argument("--weights", metavar="FILE", help="safetensors file of newer policy weights to start from "
+                   "(the engine passes it to a replacement generator)")
+    p.add_argument("--weights-version", type=int, default=0, metavar="V", help="the policy version of --weights")
 
     p = sub.add_parser("plot", help="write PNG plots of a run", description="Write PNGs of reward, KL, KL "
                        "coefficient, entropy, losses, throughput and the process timeline into RUN_DIR/plots.")
@@ -96,13 +102,13 @@ _STAGE_CONFIGS = {
 def _run_stage(name: str, args: argparse.Namespace) -> int:
     import importlib
 
-    from rlhf_engine.config_loader import apply_overrides, from_dict, load_yaml
+    from rlhf_engine.config_loader import apply_overrides, from_dict, load_yaml, yaml_lines
 
     cfg_module, cfg_name, trainer_module, trainer_name = _STAGE_CONFIGS[name]
     config_cls = getattr(importlib.import_module(cfg_module), cfg_name)
     trainer_cls = getattr(importlib.import_module(trainer_module), trainer_name)
     data = apply_overrides(load_yaml(args.config), args.overrides)
-    config = from_dict(config_cls, data, source=args.config)
+    config = from_dict(config_cls, data, source=args.config, lines=yaml_lines(args.config))
     trainer = trainer_cls(config)
     metrics = trainer.train()  # saves the final model to output_dir
     print(f"{name}: saved to {config.output_dir}")
@@ -163,7 +169,8 @@ def _run_generator(args: argparse.Namespace) -> int:
     transport = config.transport
     if args.connect:
         transport = dataclasses.replace(transport, endpoint=args.connect)
-    run_generator(config.generator, transport, name=args.name, max_staleness=config.engine.max_staleness)
+    run_generator(config.generator, transport, name=args.name, max_staleness=config.engine.max_staleness,
+                  weights=args.weights, weights_version=args.weights_version)
     return 0
 
 
@@ -178,6 +185,12 @@ def _run_bench(argv: list[str]) -> int:
     sys.argv = [str(script), *argv]
     runpy.run_path(str(script), run_name="__main__")
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error) if not isinstance(error, FileNotFoundError) or not error.filename else \
+        f"{error.filename}: {error.strerror or 'no such file or directory'}"
+    return " ".join(text.split())
 
 
 def _raise_interrupt(signum, frame) -> None:
@@ -195,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM stops a run the way Ctrl-C does: generators shut down, the last checkpoint stays intact
     signal.signal(signal.SIGTERM, _raise_interrupt)
     from rlhf_engine.config_loader import ConfigError
+    from rlhf_engine.data.records import DataError
 
     try:
         if args.command in _STAGE_CONFIGS:
@@ -218,8 +232,11 @@ def main(argv: list[str] | None = None) -> int:
             from rlhf_engine.transport import keys_main
 
             return keys_main([args.dir])
-    except ConfigError as e:
-        print(f"rlhf-engine {args.command}: config error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        if args.debug:
+            raise
+        kind = "config error" if isinstance(e, ConfigError) else "data error" if isinstance(e, DataError) else "missing file"
+        print(f"rlhf-engine {args.command}: {kind}: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"rlhf-engine {args.command}: interrupted; everything was stopped", file=sys.stderr)

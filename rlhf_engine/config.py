@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from rlhf_engine.config_loader import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from rlhf_engine.config_loader import ConfigError, apply_overrides, from_dict, load_yaml, to_dict, yaml_lines
 from rlhf_engine.distributed.config import DistributedConfig
 from rlhf_engine.loggers import LOGGERS, LoggerName
 from rlhf_engine.rollout.config import GeneratorConfig
@@ -33,7 +35,7 @@ from rlhf_engine.transport.config import TransportConfig
 
 @dataclass
 class ModelConfig:
-    """Where the four models come from (local HF folders)."""
+    """Where the four models come from: local HF folders (never looked up on a hub; `check_folders`)."""
 
     policy: str
     """The policy to train (usually the SFT output); also what the generators load."""
@@ -60,6 +62,12 @@ class ModelConfig:
             spec = getattr(self, name)
             if spec is not None and (":" not in spec or not all(spec.split(":", 1))):
                 raise ValueError(f"model.{name} ({spec!r}) must look like 'package.module:function'")
+
+    def check_folders(self) -> None:
+        """`ConfigError` naming the first model folder that does not exist (checked when a run starts,
+        so that a config may name folders an earlier stage still has to write)."""
+        for name in ("policy", "ref_model", "reward_model", "value_model"):
+            check_model_folder(getattr(self, name), f"model.{name}")
 
 
 @dataclass
@@ -110,6 +118,17 @@ class EngineConfig:
     """Pin the trainer to these CPU ids (None: from the run's cpu plan)."""
     rollout_timeout_s: float = 600.0
     """Longest wait for a batch of rollouts before the run fails with an error naming the generators."""
+    max_generator_restarts: int = 3
+    """Local generator processes that exit are restarted, at most this many times within
+    `restart_window_s` (all generators together); one more stops the run (with a checkpoint)."""
+    restart_window_s: float = 3600.0
+    """The window of `max_generator_restarts`."""
+    reissue_timeout_s: float = 120.0
+    """Prompts without a rollout within this many seconds of being handed out (a lost or stolen batch)
+    or of their last rollout (a generator stuck half-way) are handed out again. Keep it above the time
+    a batch may wait and take to generate, or work is done twice."""
+    no_generator_timeout_s: float = 300.0
+    """The run stops when no generator was connected (and no local one starting) for this long."""
     progress: bool = True
     """Show a progress bar."""
     loggers: list[LoggerName] = field(default_factory=lambda: ["jsonl", "tensorboard"])
@@ -138,8 +157,11 @@ class EngineConfig:
             raise ValueError(
                 f"engine.generator_cpus has {len(self.generator_cpus)} entries for {self.num_generators} generators"
             )
-        if self.rollout_timeout_s <= 0:
-            raise ValueError(f"engine.rollout_timeout_s ({self.rollout_timeout_s}) must be > 0")
+        for name in ("rollout_timeout_s", "restart_window_s", "reissue_timeout_s", "no_generator_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"engine.{name} ({getattr(self, name)}) must be > 0")
+        if self.max_generator_restarts < 0:
+            raise ValueError(f"engine.max_generator_restarts ({self.max_generator_restarts}) must be >= 0")
         unknown = [n for n in self.loggers if n not in LOGGERS]
         if unknown or len(set(self.loggers)) != len(self.loggers):
             raise ValueError(f"engine.loggers ({self.loggers}) must name each of {list(LOGGERS)} at most once")
@@ -198,6 +220,17 @@ class RunConfig:
             raise ValueError(f"generator.sampling.n ({gen.sampling.n}) must equal ppo.num_generations ({ppo.num_generations})")
         if ppo.batch_size % gen.sampling.n:
             raise ValueError(f"ppo.batch_size ({ppo.batch_size}) must be divisible by generator.sampling.n ({gen.sampling.n})")
+        # a prompt and its response must fit the model and the generator's sequence length
+        longest = self.data.max_prompt_length + ppo.response_length
+        positions = max_positions(self.model.policy)
+        for limit, name in ((positions, "the policy's max_position_embeddings"), (gen.max_model_len, "generator.max_model_len")):
+            if limit is not None and longest > limit:
+                raise ValueError(f"data.max_prompt_length ({self.data.max_prompt_length}) + ppo.response_length "
+                                 f"({ppo.response_length}) = {longest} exceeds {name} ({limit})")
+        # the wire carries nothing longer than the run can produce (the generators read the same config)
+        self.transport.max_prompt_tokens = self.data.max_prompt_length
+        self.transport.max_response_tokens = ppo.response_length
+        self.transport.max_batch_prompts = self.prompts_per_step
 
     @property
     def prompts_per_step(self) -> int:
@@ -219,7 +252,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] = (), base: di
         if section not in data:
             raise ConfigError(f"{source}: missing section {section!r}")
     data = _fill_generator_defaults(data)
-    return from_dict(RunConfig, data, source=source)
+    return from_dict(RunConfig, data, source=source, lines=yaml_lines(path) if path is not None else None)
 
 
 def _fill_generator_defaults(data: dict[str, Any]) -> dict[str, Any]:
@@ -244,6 +277,29 @@ def save_run_config(config: RunConfig, path: str | Path) -> None:
     import yaml
 
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def check_model_folder(path: str | None, field: str) -> None:
+    """`ConfigError("FIELD: no such model folder: PATH")` unless `path` (if given) is a folder: models
+    are local HF folders, never looked up on a hub."""
+    if path is not None and not os.path.isdir(os.path.expanduser(path)):
+        raise ConfigError(f"{field}: no such model folder: {path}")
+
+
+def max_positions(model_dir: str) -> int | None:
+    """`max_position_embeddings` (or `n_positions`) of the HF config in `model_dir`, None if it has none."""
+    path = Path(os.path.expanduser(model_dir)) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not a readable model config: {e}") from e
+    for key in ("max_position_embeddings", "n_positions"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    text = config.get("text_config")
+    return text.get("max_position_embeddings") if isinstance(text, dict) else None
 
 
 def import_function(spec: str) -> Callable:

@@ -13,12 +13,17 @@ flight in async mode, one in sync mode — each carrying the oldest policy versi
 sample it, so a sample is never more than `max_staleness` versions behind the policy that trains
 on it. While the generators sample batch k+1, the trainer scores and trains on batch k, then
 publishes its new weights; the generators apply them between batches.
+
+Faults: a local generator that exits is replaced (within `engine.max_generator_restarts` per
+`engine.restart_window_s`; the replacement starts from the newest weights); the prompts a lost
+generator held, and those nobody took within `engine.reissue_timeout_s`, are handed out again.
+Every rollout passes the `intake` rules before it is trained on; what fails is dropped and
+counted (`wire/dropped/<reason>`, `faults/*` in the metrics).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -38,10 +43,12 @@ from rlhf_engine.data.records import DataStats
 from rlhf_engine.distributed import Comm, StepBatch
 from rlhf_engine.distributed.dcp import is_sharded_checkpoint, load_sharded, save_sharded
 from rlhf_engine.distributed.driver import Leader
-from rlhf_engine.metrics import MetricsLogger, Timeline, idle_fractions, read_jsonl
-from rlhf_engine.procs import start_child, stop_child
+from rlhf_engine.intake import Intake, IntakeLimits
+from rlhf_engine.local_generators import LocalGenerators
+from rlhf_engine.metrics import MetricsLogger, Timeline, drop_steps_after, idle_fractions, read_jsonl
 from rlhf_engine.rollout.params import dir_fingerprint
-from rlhf_engine.transport import PromptBatch, Rollout, TrainerPort
+from rlhf_engine.supervisor import Supervisor
+from rlhf_engine.transport import Rollout, TrainerPort
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +62,7 @@ class Callback:
         """After each PPO step, with its metrics."""
 
     def on_rollout(self, rollout: Rollout) -> None:
-        """For every rollout the trainer receives."""
+        """For every rollout the trainer trains on, just before its step (with the trainer's prompt tokens)."""
 
     def on_checkpoint(self, path: Path) -> None:
         """After a checkpoint was written completely."""
@@ -63,13 +70,10 @@ class Callback:
 
 @dataclass
 class _Batch:
-    """A prompt batch handed out and the rollouts received for it so far."""
+    """The rollouts of one step, complete (`num_generations` per prompt, grouped by prompt)."""
 
     batch_id: int
-    prompts: dict[int, list[int]]  # prompt_id -> token ids
-    sent_at: float
     rollouts: list[Rollout]
-    stream_state_before: dict[str, int]
 
 
 class RLHFEngine:
@@ -91,13 +95,16 @@ class RLHFEngine:
         self.trainer = None
         self.tokenizer = None
         self._port: TrainerPort | None = None
-        self._children: list = []
+        self._local: LocalGenerators | None = None
+        self._intake: Intake | None = None
+        self._supervisor: Supervisor | None = None
+        self._stream_states: dict[int, dict[str, int]] = {}
         self._metrics: MetricsLogger | None = None
         self._timeline: Timeline | None = None
         self._stream: PromptStream | None = None
-        self._batches: dict[int, _Batch] = {}
         self._next_batch = 0
         self._gold_fn: Callable | None = None
+        self._vocab_size = 0
         self._generator_names: dict[str, str] = {}
         self._started_at = 0.0
         self._generated_tokens = 0
@@ -121,11 +128,14 @@ class RLHFEngine:
                                           generator_cpus=e.generator_cpus)
             log.info("cpu plan: %s", self.cpu_plan.describe()["phases"])
             self._trainer_cpus = TrainerCpus(self.cpu_plan)  # restored by stop()
+            cfg.model.check_folders()
             save_run_config(cfg, self.run_dir / CONFIG_FILE)
             ckpt = self._find_resume_checkpoint()
             self.comm.broadcast_str(str(ckpt) if ckpt is not None else "")  # the other ranks load it too
             self._build_trainer(ckpt)
             self._build_prompts()
+            self._intake = Intake(IntakeLimits(vocab_size=self._vocab_size, response_length=cfg.ppo.response_length,
+                                               num_generations=cfg.ppo.num_generations))
             if cfg.model.gold_fn is not None:
                 self._gold_fn = import_function(cfg.model.gold_fn)
             state = self._load_state(ckpt) if ckpt is not None else None
@@ -160,9 +170,8 @@ class RLHFEngine:
             except Exception as e:  # the port may already be broken; the children are still stopped below
                 log.warning("could not ask the generators to stop: %s", e)
         try:
-            for child in self._children:
-                stop_child(child, grace_s=10.0)
-            self._children = []
+            if self._local is not None:
+                self._local.stop_all(grace_s=10.0)
         finally:  # a second signal (torchrun stopping the ranks) must not leak the port's shared memory
             if self._port is not None:
                 self._port.close()
@@ -173,6 +182,13 @@ class RLHFEngine:
             if self._trainer_cpus is not None:
                 self._trainer_cpus.restore()
                 self._trainer_cpus = None
+
+    @property
+    def endpoint(self) -> str:
+        """Where generators connect (`rlhf-engine generator --connect ENDPOINT`); known once started."""
+        if self._port is None:
+            raise RuntimeError("the engine is not started")
+        return self._port.endpoint
 
     def __enter__(self) -> "RLHFEngine":
         return self.start()
@@ -215,6 +231,8 @@ class RLHFEngine:
             stats["time/engine/wait_rollouts"] = t_wait
             stats["time/engine/step"] = time.time() - t_step
             self.step += 1
+            self._stream_states.pop(self.step - 1, None)
+            stats.update(self._supervisor.stats())
             stats["step"] = self.step
             self._metrics.log(self.step, stats)
             for cb in self.callbacks:
@@ -226,8 +244,7 @@ class RLHFEngine:
     def save_checkpoint(self) -> Path:
         """Write a checkpoint of the current step atomically; returns its directory."""
         t0 = time.time()
-        pending = self._batches.get(self.step)
-        stream_state = pending.stream_state_before if pending is not None else self._stream.state_dict()
+        stream_state = self._stream_states.get(self.step, self._stream.state_dict())
         state = {
             "step": self.step,
             "trainer": self.trainer.state_dict(),
@@ -274,6 +291,7 @@ class RLHFEngine:
         from rlhf_engine.trainer.ppo_from_config import build_ppo_trainer
 
         self.trainer, self.tokenizer = build_ppo_trainer(self.config, ckpt, self.comm)
+        self._vocab_size = self.trainer.model.pretrained_model.get_input_embeddings().num_embeddings
         self._leader = Leader(self.comm, self.trainer, self._save_sharded)
 
     # ---- multi-rank pieces: sharded (DCP) checkpoints, used whenever the run was started by torchrun ----
@@ -312,94 +330,59 @@ class RLHFEngine:
         self._stream.load_state_dict(state["prompts"])
         set_rng_state(state["rng"])
         self._next_batch = self.step
+        drop_steps_after(self.run_dir, self.step)  # the steps after the checkpoint are run again
         log.info("resumed at step %d (policy version %d)", self.step, self.trainer.policy_version)
 
     def _start_generators(self) -> None:
-        cfg = self.config
+        cfg, e = self.config, self.config.engine
         # the generators fingerprint the policy folder they load (names, shapes, stored dtypes)
-        fingerprint = dir_fingerprint(cfg.model.policy)
-        self._port = TrainerPort(cfg.transport, fingerprint)
-        for i in range(cfg.engine.num_generators):
-            self._children.append(start_child(
-                ["-m", "rlhf_engine.cli", "generator", "--config", str(self.run_dir / CONFIG_FILE),
-                 "--name", f"generator-{i}", "--connect", self._port.endpoint],
-                log_path=self.run_dir / f"generator-{i}.log", env=self.cpu_plan.generator_env(i),
-                cpus=self.cpu_plan.generator_cpus[i],
-            ))
-        total = cfg.engine.num_generators + cfg.engine.external_generators
-        self._wait_for_generators(total)
-
-    def _wait_for_generators(self, total: int) -> None:
-        deadline = time.monotonic() + self.config.transport.handshake_timeout_s + 120.0  # engine start included
-        while len(self._port.generators()) < total:
-            for i, child in enumerate(self._children):
-                if child.poll() is not None:
-                    raise RuntimeError(
-                        f"generator-{i} exited with code {child.returncode} before its handshake; "
-                        f"see {self.run_dir / f'generator-{i}.log'}"
-                    )
-            if self._port.rejections:
-                raise RuntimeError(f"a generator was refused: {self._port.rejections[-1]}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"only {len(self._port.generators())} of {total} generators connected to "
-                    f"{self.config.transport.endpoint}; see the generator logs in {self.run_dir}"
-                )
-            try:
-                self._port.wait_for_generators(total, timeout_s=1.0)
-            except TimeoutError:
-                continue
+        self._port = TrainerPort(cfg.transport, dir_fingerprint(cfg.model.policy))
+        self._local = LocalGenerators(self.run_dir / CONFIG_FILE, self.run_dir, self._port.endpoint,
+                                      cfg.transport.shm_dir, cpu_plan=self.cpu_plan, max_restarts=e.max_generator_restarts,
+                                      window_s=e.restart_window_s)
+        self._supervisor = Supervisor(cfg, self._port, self._local, self._intake, self._timeline,
+                                      version=lambda: self.trainer.policy_version,
+                                      weights=self._policy_weights, on_budget_spent=self.save_checkpoint)
+        self._supervisor.start()
 
     def _fill_pipeline(self, last_step: int) -> None:
         in_flight = self.config.engine.batches_in_flight
         while self._next_batch < min(self.step + in_flight, last_step):
             b = self._next_batch
-            state_before = self._stream.state_dict()
+            self._stream_states[b] = self._stream.state_dict()
             drawn = self._stream.next_batch(self.config.prompts_per_step)
-            prompt_ids = [b * self.config.prompts_per_step + j for j in range(len(drawn))]
-            prompts = {pid: p.token_ids for pid, p in zip(prompt_ids, drawn)}
-            self._port.send_prompts(PromptBatch(
-                batch_id=b, prompt_ids=prompt_ids, prompts=list(prompts.values()),
-                min_policy_version=self.trainer.policy_version,
-            ))
-            self._batches[b] = _Batch(b, prompts, time.time(), [], state_before)
+            prompts = {b * self.config.prompts_per_step + j: p.token_ids for j, p in enumerate(drawn)}
+            self._intake.issue(b, prompts, self.trainer.policy_version, time.monotonic())
+            self._supervisor.send(b, prompts)
             self._next_batch += 1
 
     def _collect(self, batch_id: int) -> _Batch:
-        """Receive rollouts until batch `batch_id` is complete (rollouts of later batches are kept)."""
-        want = self.config.ppo.batch_size
-        batch = self._batches[batch_id]
-        deadline = time.monotonic() + self.config.engine.rollout_timeout_s
-        per_step = self.config.prompts_per_step
-        while len(batch.rollouts) < want:
+        """Receive rollouts until every prompt of batch `batch_id` has its `num_generations` (rollouts of
+        later batches are kept), tending the generators meanwhile."""
+        e = self.config.engine
+        deadline = time.monotonic() + e.rollout_timeout_s
+        while not self._intake.complete(batch_id):
             self._port.raise_if_dead()
-            for i, child in enumerate(self._children):
-                if child.poll() is not None:
-                    raise RuntimeError(f"generator-{i} exited with code {child.returncode}; "
-                                       f"see {self.run_dir / f'generator-{i}.log'}")
+            self._supervisor.tend()
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"batch {batch_id}: {len(batch.rollouts)} of {want} rollouts after "
-                    f"{self.config.engine.rollout_timeout_s} s (engine.rollout_timeout_s)"
+                    f"batch {batch_id}: {self._intake.received(batch_id)} of {self.config.ppo.batch_size} rollouts "
+                    f"after {e.rollout_timeout_s} s (engine.rollout_timeout_s); live generators: "
+                    f"{[g.name for g in self._port.generators()]}"
                 )
-            for r in self._port.recv_rollouts(want, timeout_s=0.5):
-                owner = self._batches.get(r.prompt_id // per_step)
-                if owner is None or r.prompt_id not in owner.prompts:
-                    log.warning("dropping rollout %s for unknown prompt %d", r.rollout_id, r.prompt_id)
-                    continue
-                owner.rollouts.append(r)
-                self._generated_tokens += int(r.response_token_ids.numel())
-                for cb in self.callbacks:
-                    cb.on_rollout(r)
-                if len(owner.rollouts) == want:
-                    self._record_generation(owner)
-        return self._batches.pop(batch_id)
+            for r in self._port.recv_rollouts(self.config.ppo.batch_size, timeout_s=0.5):
+                self._supervisor.offer(r)
+        batch = _Batch(batch_id, self._intake.take(batch_id))
+        self._record_generation(batch)
+        for r in batch.rollouts:
+            self._generated_tokens += int(r.response_token_ids.numel())
+            for cb in self.callbacks:
+                cb.on_rollout(r)
+        return batch
 
     def _record_generation(self, batch: _Batch) -> None:
-        """Add the generators' busy intervals of `batch` to the timeline (from the rollouts' timestamps;
-        the generator id is the first '/'-separated part of a rollout id, as `GeneratorLoop` writes them)."""
-        for finished_at, seconds, sender in {(r.finished_at, r.generation_time, r.rollout_id.split("/")[0])
-                                             for r in batch.rollouts}:
+        """Add the generators' busy intervals of `batch` to the timeline (from the rollouts' timestamps)."""
+        for finished_at, seconds, sender in {(r.finished_at, r.generation_time, r.sender) for r in batch.rollouts}:
             if finished_at > 0:
                 name = self._generator_names.setdefault(sender, f"generator-{len(self._generator_names)}")
                 self._timeline.add(name, "generate", finished_at - seconds, finished_at)
@@ -421,7 +404,9 @@ class RLHFEngine:
             stats["env/gold_mean"] = float(gold.mean())
         return stats
 
-    def _publish_weights(self) -> None:
-        weights = self._leader.weights() if self.comm.distributed else self.trainer.policy_state_dict()
-        self._port.publish_weights(self.trainer.policy_version, weights)
+    def _policy_weights(self) -> dict[str, torch.Tensor]:
+        """The full policy weights (gathered from every rank's shards when the trainer is distributed)."""
+        return self._leader.weights() if self.comm.distributed else self.trainer.policy_state_dict()
 
+    def _publish_weights(self) -> None:
+        self._port.publish_weights(self.trainer.policy_version, self._policy_weights())

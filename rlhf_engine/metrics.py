@@ -110,6 +110,25 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def drop_steps_after(run_dir: str | Path, step: int) -> None:
+    """Remove the records of steps after `step` from `run_dir/metrics.jsonl` (a resumed run logs them
+    again), atomically; lines that are not JSON (a torn last write) go too."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)
+
+
 def idle_fractions(intervals: Iterable[Interval | dict], start: float, end: float) -> dict[str, float]:
     """Fraction of [start, end] that each process spent outside its busy intervals.
 

@@ -2,7 +2,8 @@
 
 Each child runs in its own process group (so its own children, e.g. vLLM engine cores, are
 stopped with it) and gets SIGTERM from the kernel if the parent dies first (PR_SET_PDEATHSIG).
-`stop_child` asks politely (SIGTERM to the group), waits, then kills the group.
+`stop_child` waits for a polite exit, then SIGTERMs and SIGKILLs whatever is left of the group,
+the session and the descendants, also when the leader itself is already dead.
 """
 
 from __future__ import annotations
@@ -53,34 +54,70 @@ def start_child(args: list[str], *, log_path: str | Path | None = None, env: dic
 
 
 def stop_child(proc: subprocess.Popen, *, grace_s: float = 5.0) -> int:
-    """Stop `proc` and its process group: wait `grace_s` for a clean exit (after the caller asked
-    it to stop), then SIGTERM the group, then SIGKILL it. Returns the exit code. Idempotent."""
+    """Stop `proc` and everything it started: wait `grace_s` for a clean exit (after the caller
+    asked it to stop), then SIGTERM, then SIGKILL the rest. Returns the exit code. Idempotent.
+
+    "Everything it started" is its process group and session (`start_child` makes it the leader of
+    both) plus its descendants at the time of the call: a dead leader's children (vLLM's engine core,
+    the resource tracker) live on with parent pid 1, and only their group and session still name
+    them. The leader stays unreaped until they are gone, so its pid (their group id) is not reused.
+    """
+    family = set(descendants(proc.pid)) if proc.returncode is None else set()
     try:
-        return proc.wait(timeout=grace_s)
+        proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         pass
     for sig, wait_s in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
+        if not _signal_all(proc, family, sig):
             break
-        try:
-            return proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-    _reap_group(proc.pid)
+        if _wait_gone(proc, family, wait_s):
+            break
     return proc.wait()
 
 
-def _reap_group(pgid: int) -> None:
-    """SIGKILL whatever is left of process group `pgid` (children that outlived their leader)."""
-    deadline = time.monotonic() + 2.0
-    while time.monotonic() < deadline:
+def _members(pid: int, family: set[int]) -> list[int]:
+    """Living processes: `pid` itself, its group or session, and `family` (zombies excluded)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(entry / "stat")
+        if fields is None or fields[0] == "Z":
+            continue
+        # fields after the command name: state ppid pgrp session ...
+        if int(entry.name) == pid or int(entry.name) in family or int(fields[2]) == pid or int(fields[3]) == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def _signal_all(proc: subprocess.Popen, family: set[int], sig: int) -> bool:
+    """Send `sig` to every member; False when none is left."""
+    members = _members(proc.pid, family)
+    for pid in members:
         try:
-            os.killpg(pgid, signal.SIGKILL)
+            os.kill(pid, sig)
         except ProcessLookupError:
-            return
+            pass
+    return bool(members)
+
+
+def _wait_gone(proc: subprocess.Popen, family: set[int], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        proc.poll()  # reaps the leader once it exits (its zombie is not counted)
+        if not _members(proc.pid, family):
+            return True
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.05)
+
+
+def _stat_fields(path: Path) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (which may hold spaces and parentheses)."""
+    try:
+        return path.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
 def descendants(pid: int) -> list[int]:
@@ -89,13 +126,9 @@ def descendants(pid: int) -> list[int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # the command name may contain spaces and parentheses: ppid is the 2nd field after the last ')'
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
+        fields = _stat_fields(entry / "stat")
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
     out, stack = [], [pid]
     while stack:
         for child in children.get(stack.pop(), []):

@@ -87,6 +87,9 @@ class GeneratorConfig:
     """transformers backend: most sequences (prompts x n) in one `generate` call."""
     initial_version: int = 0
     """Policy version of the weights in `model` (updates must carry a larger version)."""
+    staging_dir: str = "/dev/shm"
+    """vLLM backend: folder of the shared-memory file through which weight updates reach the engine
+    process (the engine gives each generator it starts a folder of its own and removes it)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.sampling, dict):

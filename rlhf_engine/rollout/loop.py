@@ -113,7 +113,8 @@ class GeneratorLoop:
         for c in completions:
             self.port.send_rollout(
                 Rollout(
-                    rollout_id=f"{self.port.sender_id}/{batch.batch_id}/{c.prompt_index}/{c.sample_index}",
+                    # the batch count keeps ids unique when the trainer hands a batch out again
+                    rollout_id=f"{self.port.sender_id}/{batch.batch_id}.{self.stats.batches}/{c.prompt_index}/{c.sample_index}",
                     prompt_id=batch.prompt_ids[c.prompt_index],
                     prompt_token_ids=c.prompt_ids,
                     response_token_ids=c.response_ids,

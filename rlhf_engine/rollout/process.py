@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 import threading
+from pathlib import Path
 
 from rlhf_engine.rollout.config import GeneratorConfig
 from rlhf_engine.rollout.generator import make_generator
@@ -45,15 +46,27 @@ def sigterm_as_exit():
 
 
 def run_generator(
-    config: GeneratorConfig, transport: TransportConfig, *, name: str = "generator", max_staleness: int = 1
+    config: GeneratorConfig, transport: TransportConfig, *, name: str = "generator", max_staleness: int = 1,
+    weights: str | Path | None = None, weights_version: int = 0,
 ) -> LoopStats:
     """Serve the trainer at `transport.endpoint` with a generator built from `config` until it
     says stop; returns what the loop did. Raises `PeerDeadError` when the trainer goes silent and
-    `HandshakeError` when it refuses us (model fingerprint or protocol mismatch)."""
+    `HandshakeError` when it refuses us (model fingerprint or protocol mismatch).
+
+    weights: a safetensors file of policy `weights_version` (HF names) applied before connecting:
+    a replacement generator starts from the trainer's newest weights, not the policy folder's.
+    """
     fingerprint = dir_fingerprint(config.model)
     with sigterm_as_exit():
         generator = make_generator(config)
         try:
+            if weights is not None:
+                from safetensors.torch import load_file
+
+                if not generator.update_weights(weights_version, load_file(str(weights))):
+                    raise ValueError(f"{weights}: version {weights_version} is not newer than the generator's "
+                                     f"v{generator.version}")
+                log.info("%s: started from weights v%d of %s", name, weights_version, weights)
             with GeneratorPort(transport, fingerprint, name=name) as port:
                 log.info("%s connected to %s with %s (weights v%d)", port.sender_id, transport.endpoint,
                          type(generator).__name__, generator.version)

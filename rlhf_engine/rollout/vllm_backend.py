@@ -116,7 +116,7 @@ class VLLMGenerator(Generator):
 
     def _apply_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
         if self._staging is None:
-            self._staging = StagingFile(self.expected, getattr(torch, self.config.dtype))
+            self._staging = StagingFile(self.expected, getattr(torch, self.config.dtype), self.config.staging_dir)
         t0 = time.perf_counter()
         self._staging.write(named_tensors)
         t1 = time.perf_counter()

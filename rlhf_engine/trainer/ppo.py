@@ -304,8 +304,8 @@ class PPOTrainer:
         if update.optimizer_steps:
             self.policy_version += 1
         if update.non_finite:
-            warnings.warn(f"non-finite loss or gradient norm after {update.optimizer_steps} optimizer steps; "
-                          "update stopped, no step taken with it", RuntimeWarning, stacklevel=2)
+            warnings.warn("non-finite loss or gradient norm: update stopped and undone, weights unchanged",
+                          RuntimeWarning, stacklevel=2)
         else:
             self.kl_ctl.update(mean_kl, cfg.batch_size)
             self.lr_scheduler.step()

@@ -10,11 +10,15 @@ on every rank adds sum(token losses) / N, so the update does not depend on how t
 micro-batches or ranks (each rank takes an equal slice of every micro-batch). One all-reduce per optimizer
 step gives every rank the minibatch's metrics, and with them the same non-finite and early-stop decisions;
 the global gradient norm is the one device sync that checks the gradients (a NaN loss gives NaN
-gradients), and the update stops without that optimizer step when it is not finite.
+gradients), and the update stops without that optimizer step when it is not finite; the optimizer steps
+already taken in this update are then undone (from a copy of the parameters and optimizer state made at the
+start, only when the update has more than one optimizer step), so a skipped step leaves the weights exactly
+as they were.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -42,7 +46,8 @@ class UpdateResult:
     early_stopped: bool = False
     """`target_kl` was exceeded: the epochs stopped after that optimizer step (a normal outcome)."""
     non_finite: bool = False
-    """A loss or gradient was not finite: the update stopped before that optimizer step."""
+    """A loss or gradient was not finite: the update stopped, every optimizer step of it undone
+    (`optimizer_steps` is then 0 and `stats` empty)."""
     policy_logp: torch.Tensor | None = None
     """[B, T] the update's own detached log-probs (and `entropy`), when the experience had no old log-probs."""
     entropy: torch.Tensor | None = None
@@ -75,6 +80,8 @@ def ppo_update(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     local_rows = config.mini_batch_size // comm.world_size
     mine = slice(comm.rank * local_rows, (comm.rank + 1) * local_rows)  # this rank's slice of a micro-batch
+    steps_planned = config.ppo_epochs * (config.batch_size // config.backward_batch_size)
+    saved = ([p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())) if steps_planned > 1 else None
     for _epoch in range(config.ppo_epochs):
         order = torch.randperm(config.batch_size, generator=shuffle)
         for b_start in range(0, config.batch_size, config.backward_batch_size):
@@ -110,6 +117,12 @@ def ppo_update(
         if result.non_finite or result.early_stopped:
             break
     optimizer.zero_grad(set_to_none=True)
+    if result.non_finite and result.optimizer_steps:  # undo the steps taken: nothing of this update stays
+        with torch.no_grad():
+            for p, old in zip(params, saved[0]):
+                p.copy_(old)
+        optimizer.load_state_dict(saved[1])
+        result = UpdateResult(non_finite=True)
     return result
 
 

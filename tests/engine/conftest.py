@@ -1,10 +1,13 @@
 """Fixtures of the engine tests."""
 
+import json
 import os
 import time
 
 import pytest
 
+from rlhf_engine.data import synthetic
+from rlhf_engine.models.tiny import make_tiny_model_dir
 from rlhf_engine.procs import descendants
 
 
@@ -22,3 +25,15 @@ def assert_no_new_children():
         assert not left, f"processes left behind: {left}"
 
     return check
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("engine") / "policy")
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("engine_data") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in synthetic.prompts(64, seed=0)))
+    return path

@@ -76,3 +76,28 @@ def test_load_yaml_errors(tmp_path):
         load_yaml(bad)
     (tmp_path / "empty.yaml").write_text("")
     assert load_yaml(tmp_path / "empty.yaml") == {}
+
+
+def test_errors_name_file_line_and_the_real_field_of_an_optional_section(tmp_path):
+    from dataclasses import dataclass
+
+    from rlhf_engine.config_loader import yaml_lines
+
+    @dataclass
+    class Inner:
+        lr: float = 1.0
+
+    @dataclass
+    class Top:
+        inner: Inner | None = None
+        steps: int = 1
+
+    path = tmp_path / "run.yaml"
+    path.write_text("steps: 2\ninner:\n  lr: fast\n")
+    assert yaml_lines(path) == {"steps": 1, "inner": 2, "inner.lr": 3}
+    with pytest.raises(ConfigError) as e:
+        from_dict(Top, load_yaml(path), source=str(path), lines=yaml_lines(path))
+    assert str(e.value) == f"{path}:3: inner.lr = 'fast' must be a number"
+    path.write_text("steps: 2\ninner:\n  lrr: 1\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:3: unknown key\(s\) 'inner.lrr'"):
+        from_dict(Top, load_yaml(path), source=str(path), lines=yaml_lines(path))

@@ -13,39 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _runs import run_config
 from rlhf_engine.checkpoint import latest_checkpoint, list_checkpoints, load_state
-from rlhf_engine.config import load_run_config, save_run_config
-from rlhf_engine.data import synthetic
+from rlhf_engine.config import save_run_config
 from rlhf_engine.engine import Callback, RLHFEngine
 from rlhf_engine.metrics import read_jsonl
-from rlhf_engine.models.tiny import make_tiny_model_dir
 from rlhf_engine.procs import descendants
-
-
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("engine") / "policy")
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("engine_data") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in synthetic.prompts(64, seed=0)))
-    return path
-
-
-def run_config(tmp_path: Path, policy_dir: Path, prompts_file: Path, *, backend: str, **engine):
-    return load_run_config(None, base={
-        "model": {"policy": str(policy_dir), "reward_fn": "rlhf_engine.demo:gold_scores",
-                  "gold_fn": "rlhf_engine.demo:gold_scores"},
-        "data": {"prompts": str(prompts_file), "max_prompt_length": 16},
-        "ppo": {"batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1, "learning_rate": 1e-3,
-                "response_length": 8, "seed": 0},
-        "generator": {"backend": backend, "max_model_len": 64, "kv_cache_bytes": 1 << 26},
-        "transport": {"endpoint": f"ipc://{tmp_path}/ep", "heartbeat_timeout_s": 20.0},
-        "engine": {"run_dir": str(tmp_path / "run"), "loggers": ["jsonl"], "progress": False, **engine},
-    })
-
 
 
 class Recorder(Callback):
@@ -100,10 +73,13 @@ def test_sync_resume_is_bit_exact(tmp_path, policy_dir, prompts_file, assert_no_
     with RLHFEngine(interrupted) as engine:
         engine.train(steps=2)  # stop after step 2 (checkpoints at 1 and 2)
     assert [p.name for p in list_checkpoints(tmp_path / "b" / "run")] == ["step-00000001", "step-00000002"]
+    with open(tmp_path / "b" / "run" / "metrics.jsonl", "a") as f:  # a step 3 logged before the interruption
+        f.write('{"step": 3, "time": 0}\n')
     with RLHFEngine(interrupted, resume=tmp_path / "b" / "run") as engine:
         assert engine.step == 2
         engine.train()
     assert_no_new_children()
+    assert [r["step"] for r in read_jsonl(tmp_path / "b" / "run" / "metrics.jsonl")] == [1, 2, 3]
 
     a = latest_checkpoint(tmp_path / "a" / "run")
     b = latest_checkpoint(tmp_path / "b" / "run")
@@ -159,7 +135,7 @@ def test_cli_config_errors_name_key_and_file(tmp_path, policy_dir, prompts_file)
     res = subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "ppo", "--config", str(path)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
-    assert f"{path}: unknown key(s) 'ppo.init_kl_coeff'" in res.stderr
+    assert f"{path}:3: unknown key(s) 'ppo.init_kl_coeff'" in res.stderr
     path.write_text(path.read_text().replace("init_kl_coeff", "init_kl_coef"))
     res = subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "ppo", "--config", str(path),
                           "--set", "engine.mode=turbo"], capture_output=True, text=True, timeout=120)
@@ -170,6 +146,48 @@ def test_generator_failing_to_start_is_reported(tmp_path, policy_dir, prompts_fi
     cfg = run_config(tmp_path, policy_dir, prompts_file, backend="transformers", total_steps=1)
     cfg.generator.model = str(tmp_path / "missing")  # the child cannot load it
     cfg.model.policy = str(policy_dir)
-    with pytest.raises(RuntimeError, match=r"generator-0 exited with code \d+ before its handshake; see .*generator-0.log"):
+    with pytest.raises(RuntimeError, match=r"generator-0 exited with code \d+ before its handshake; see .*generator-0.log") as e:
         RLHFEngine(cfg).start()
+    # the last lines of the child's log say why: its config names a generator model that is not the policy
+    assert "its last lines:\n" in str(e.value) and "  | rlhf-engine generator: config error:" in str(e.value)
     assert_no_new_children()
+
+
+def test_cli_errors_are_one_line_with_status_2(tmp_path, policy_dir, prompts_file, capsys):
+    from rlhf_engine.cli import main
+    from rlhf_engine.config_loader import ConfigError
+
+    good = f"model: {{policy: {policy_dir}, reward_fn: 'rlhf_engine.demo:gold_scores'}}\ndata: {{prompts: {prompts_file}}}\n"
+    cases = {
+        "missing folder": (good.replace(str(policy_dir), str(tmp_path / "nope")), [],
+                           f"model.policy: no such model folder: {tmp_path / 'nope'}"),
+        "too long": (good, ["--set", "data.max_prompt_length=500", "--set", "ppo.response_length=64"],
+                     "data.max_prompt_length (500) + ppo.response_length (64) = 564 exceeds the policy's "
+                     "max_position_embeddings (512)"),
+        "max_model_len": (good, ["--set", "generator.max_model_len=100"],
+                          "= 320 exceeds generator.max_model_len (100)"),
+        "optional section": (good + "generator:\n  kv_cache_bytes: lots\n", [],
+                             ":4: generator.kv_cache_bytes = 'lots' must be an integer"),
+        "bad data": (good.replace(str(prompts_file), str(tmp_path / "bad.jsonl")), [], f"{tmp_path / 'bad.jsonl'}:2: "),
+        "no resume": (good, ["--resume", tmp_path / "nothing"], f"--resume {tmp_path / 'nothing'}: no complete checkpoint"),
+    }
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
+    sigterm = signal.getsignal(signal.SIGTERM)  # main() turns SIGTERM into KeyboardInterrupt
+    try:
+        for name, (text, extra, expected) in cases.items():
+            path = tmp_path / f"{name.replace(' ', '_')}.yaml"
+            path.write_text(text)
+            code = main(["ppo", "--config", str(path), "--set", f"engine.run_dir={tmp_path / 'run'}",
+                         *map(str, extra)])
+            err = capsys.readouterr().err
+            lines = [line for line in err.splitlines() if line.startswith("rlhf-engine ppo:")]
+            assert code == 2 and len(lines) == 1 and expected in lines[0], (name, err[-2000:])
+        with pytest.raises(ConfigError, match=r"^model.policy: no such model folder"):
+            main(["--debug", "ppo", "--config", str(tmp_path / "missing_folder.yaml")])
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    # the real process: status 2 and one line
+    res = subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "ppo", "--config", str(tmp_path / "nowhere.yaml")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        f"rlhf-engine ppo: config error: config file {tmp_path / 'nowhere.yaml'} does not exist"]

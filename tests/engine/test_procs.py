@@ -62,3 +62,57 @@ def test_child_dies_with_its_parent(tmp_path):
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(child)
+
+
+# A leader with three grandchildren: one in its group, one in its own group (same session), one in
+# its own session (found only as a descendant while the leader lives).
+SCATTERED = textwrap.dedent(
+    """
+    import os, subprocess, sys, time
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    kids = [subprocess.Popen(sleep), subprocess.Popen(sleep, process_group=0), subprocess.Popen(sleep, start_new_session=True)]
+    print("ready", *[k.pid for k in kids], flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def _start_scattered(tmp_path):
+    log = tmp_path / "child.log"
+    proc = start_child(["-c", SCATTERED], log_path=log)
+    deadline = time.monotonic() + 20
+    while "ready" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    kids = [int(p) for p in log.read_text().split()[1:4]]
+    assert len(kids) == 3 and all(_alive(p) for p in kids)
+    return proc, kids
+
+
+def test_stop_child_ends_the_tree_of_a_live_leader(tmp_path):
+    proc, kids = _start_scattered(tmp_path)
+    stop_child(proc, grace_s=0.2)
+    assert proc.returncode is not None
+    assert not [p for p in kids if _alive(p)]
+
+
+def test_stop_child_ends_the_group_and_session_of_a_dead_leader(tmp_path):
+    import os
+    import signal
+
+    proc, kids = _start_scattered(tmp_path)
+    os.kill(proc.pid, signal.SIGKILL)  # the leader dies first: its children now have parent pid 1
+    proc.wait()
+    assert _alive(kids[0]) and _alive(kids[1])
+    stop_child(proc, grace_s=0)
+    # the two that stayed in the leader's group or session are gone; the one that left both is only
+    # reachable while the leader lives
+    assert not _alive(kids[0]) and not _alive(kids[1])
+    os.kill(kids[2], signal.SIGKILL)
+
+
+def test_stop_child_stops_a_process_that_is_not_a_group_leader():
+    proc = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                             "time.sleep(60)"])
+    t0 = time.monotonic()
+    assert stop_child(proc, grace_s=0.1) == -9  # SIGTERM ignored: killed
+    assert time.monotonic() - t0 < 10

@@ -189,6 +189,36 @@ def test_non_finite_loss_skips_update(make_trainer, data, monkeypatch):
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
 
+def test_non_finite_gradient_late_in_the_update_undoes_the_earlier_optimizer_steps(make_trainer, data, monkeypatch):
+    # 2 epochs x 2 backward batches = 4 optimizer steps; the loss turns NaN at the 3rd (after 2 were applied)
+    trainer = make_trainer(mini_batch_size=B // 2, ppo_epochs=2)
+    before = _weights(trainer)
+    opt_before = {k: v.clone() for k, v in trainer.optimizer.state_dict()["state"].get(0, {}).items()}
+    calls = []
+
+    def nan_late(logp, *args, **kwargs):  # NaN gradients for every log-prob (a NaN loss alone may be masked)
+        loss, stats = real(logp, *args, **kwargs)
+        calls.append(1)
+        return (loss + (logp * float("nan")).sum() if len(calls) == 3 else loss), stats
+
+    real = ppo_module.losses.ppo_policy_loss
+    monkeypatch.setattr(ppo_module.losses, "ppo_policy_loss", nan_late)
+    with pytest.warns(RuntimeWarning, match="non-finite loss or gradient norm: update stopped and undone"):
+        stats = trainer.step(*data)
+    assert len(calls) == 3
+    assert stats["ppo/skipped"] == 1.0 and stats["ppo/optimizer_steps"] == 0.0 and trainer.policy_version == 0
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert trainer.optimizer.state_dict()["state"].get(0, {}).keys() == opt_before.keys()  # Adam moments as before
+    # and the next step trains as the first would have: one more try gives the un-monkeypatched result
+    monkeypatch.setattr(ppo_module.losses, "ppo_policy_loss", real)
+    fresh = make_trainer(mini_batch_size=B // 2, ppo_epochs=2)
+    fresh._shuffle.set_state(trainer._shuffle.get_state())
+    trainer.step(*data)
+    fresh.step(*data)
+    for k, v in fresh.model.state_dict().items():
+        assert torch.allclose(trainer.model.state_dict()[k], v, atol=1e-6), k
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [

@@ -1,0 +1,214 @@
+"""What the trainer trains on: the prompts in flight and the rules a rollout must pass to join them.
+
+A prompt is *in flight* from the moment the trainer hands it out (`issue`) until its step takes
+its rollouts (`take`). A rollout from the wire is accepted only if, in this order:
+
+1. its sender completed the handshake on this run             else `unknown_sender`
+2. its prompt is in flight                                     else `unknown_prompt`, or
+                                                               `already_trained` (`late` if it was
+                                                               re-issued)
+3. it has 1..response_length response tokens, each in
+   [0, vocab_size), and as many behaviour log-probs, finite
+   and <= 0                                                    else `empty_response`, `too_long`,
+                                                               `token_out_of_range`, `logprob_length`,
+                                                               `bad_logprob`
+4. its policy version lies in [the prompt's min_policy_version,
+   the trainer's version] (the staleness window)               else `stale_version`, `future_version`
+5. its rollout id is new for that prompt                       else `duplicate`
+6. it comes from the prompt's holder (see below)               else `late` (the prompt was re-issued)
+                                                               or `wrong_holder`
+7. the prompt has fewer than num_generations rollouts          else `too_many`
+
+The prompt tokens of an accepted rollout are the trainer's own, never the wire's.
+
+Holders and re-issues: the first sender whose rollout for a prompt is accepted *holds* it; only
+its rollouts count for that prompt, so a group is never a mix of two samplings. A prompt is
+re-issued (handed out again, `reissue`) when its holder is lost before delivering
+num_generations rollouts, or when it stalls: no rollout for it within a timeout of its issue or of
+its last rollout (a lost or stolen batch, a generator that died before sending anything, or one
+that delivers part of a group and no more): its partial rollouts are discarded, the old holder's
+further rollouts for it are `late`, and the next sender to deliver holds it. The staleness bound
+stays the first issue's `min_policy_version`: a re-issue only ever asks for newer weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from rlhf_engine.transport import Rollout
+
+
+@dataclass(frozen=True)
+class IntakeLimits:
+    """What a rollout may hold, from the run config and the policy."""
+
+    vocab_size: int
+    """Token ids must lie in [0, vocab_size) (the policy's embedding rows)."""
+    response_length: int
+    """Most response tokens (`ppo.response_length`)."""
+    num_generations: int
+    """Rollouts a prompt trains on (`ppo.num_generations`)."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "response_length", "num_generations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be >= 1")
+
+
+def check_content(rollout: Rollout, limits: IntakeLimits, min_version: int, trainer_version: int) -> str | None:
+    """The drop reason for `rollout`'s tokens, log-probs and policy version (rules 3 and 4), or None."""
+    tokens, logprobs = rollout.response_token_ids, rollout.logprobs  # [R], [R]
+    if tokens.numel() == 0:
+        return "empty_response"
+    if tokens.numel() > limits.response_length:
+        return "too_long"
+    if int(tokens.min()) < 0 or int(tokens.max()) >= limits.vocab_size:
+        return "token_out_of_range"
+    if logprobs.shape != tokens.shape:
+        return "logprob_length"
+    if not bool(torch.isfinite(logprobs).all()) or bool((logprobs > 0).any()):
+        return "bad_logprob"
+    if rollout.policy_version < min_version:
+        return "stale_version"
+    if rollout.policy_version > trainer_version:
+        return "future_version"
+    return None
+
+
+@dataclass
+class PromptInFlight:
+    """One prompt handed out and the rollouts accepted for it so far."""
+
+    prompt_id: int
+    step: int
+    token_ids: list[int]
+    min_policy_version: int
+    """Of the first issue: the staleness bound of this prompt's samples."""
+    active_at: float
+    """Time of the latest (re-)issue or accepted rollout."""
+    holder: str | None = None
+    rollouts: list[Rollout] = field(default_factory=list)
+    rollout_ids: set[str] = field(default_factory=set)
+    replaced: set[str] = field(default_factory=set)
+    """Former holders: their rollouts for this prompt are late."""
+    reissues: int = 0
+
+
+class Intake:
+    """The prompts in flight, the acceptance rules, and the counts of what was dropped and why."""
+
+    def __init__(self, limits: IntakeLimits) -> None:
+        self.limits = limits
+        self._prompts: dict[int, PromptInFlight] = {}
+        self._trained_below = 0
+        """Every prompt id below this one has been trained (ids grow with the step)."""
+        self._reissued_ids: set[int] = set()
+        """Prompts ever re-issued: a rollout for one is `late`, also after it trained."""
+        self.dropped: Counter[str] = Counter()
+        self.reissued = 0
+        """Prompts handed out again."""
+
+    # ---- issuing -----------------------------------------------------------------------------
+    def issue(self, step: int, prompts: dict[int, list[int]], min_policy_version: int, now: float) -> None:
+        """Put the prompts `{prompt_id: token_ids}` of `step` in flight."""
+        for pid, tokens in prompts.items():
+            if pid in self._prompts or pid < self._trained_below:
+                raise ValueError(f"prompt {pid} of step {step} was issued before")
+            self._prompts[pid] = PromptInFlight(pid, step, list(tokens), min_policy_version, now)
+
+    def held_by(self, sender: str) -> list[int]:
+        """Prompts that may be lost with `sender`: incomplete ones it holds, and those nobody holds
+        yet (any generator may have taken them)."""
+        n = self.limits.num_generations
+        return sorted(p.prompt_id for p in self._prompts.values()
+                      if len(p.rollouts) < n and (p.holder is None or p.holder == sender))
+
+    def stalled(self, now: float, timeout_s: float) -> list[int]:
+        """Incomplete prompts without a rollout within `timeout_s` of their latest issue or rollout."""
+        n = self.limits.num_generations
+        return sorted(p.prompt_id for p in self._prompts.values()
+                      if len(p.rollouts) < n and now - p.active_at >= timeout_s)
+
+    def reissue(self, prompt_ids: list[int], now: float) -> dict[int, dict[int, list[int]]]:
+        """Mark `prompt_ids` as handed out again; returns them grouped by step ({step: {id: tokens}})."""
+        by_step: dict[int, dict[int, list[int]]] = {}
+        for pid in prompt_ids:
+            p = self._prompts[pid]
+            if p.holder is not None:
+                p.replaced.add(p.holder)
+            p.holder, p.rollouts, p.active_at = None, [], now
+            p.reissues += 1
+            self.reissued += 1
+            self._reissued_ids.add(pid)
+            by_step.setdefault(p.step, {})[pid] = p.token_ids
+        return by_step
+
+    # ---- receiving ---------------------------------------------------------------------------
+    def offer(self, rollout: Rollout, sender: str, known_senders, trainer_version: int,
+              now: float = 0.0) -> Rollout | None:
+        """Accept `rollout` from `sender` (the transport's authenticated name) and return it with the
+        trainer's prompt tokens, or count why it is dropped and return None.
+
+        known_senders: the senders that completed the handshake on this run (a container); now: the
+        clock of `issue`/`stalled`.
+        """
+        reason = self._check(rollout, sender, known_senders, trainer_version)
+        if reason is not None:
+            self.dropped[reason] += 1
+            return None
+        p = self._prompts[rollout.prompt_id]
+        p.holder, p.active_at = sender, now
+        p.rollout_ids.add(rollout.rollout_id)
+        accepted = dataclasses.replace(rollout, prompt_token_ids=torch.tensor(p.token_ids, dtype=torch.int64))
+        p.rollouts.append(accepted)
+        return accepted
+
+    def _check(self, rollout: Rollout, sender: str, known_senders, trainer_version: int) -> str | None:
+        if sender not in known_senders:
+            return "unknown_sender"
+        p = self._prompts.get(rollout.prompt_id)
+        if p is None:
+            if rollout.prompt_id in self._reissued_ids:
+                return "late"
+            return "already_trained" if 0 <= rollout.prompt_id < self._trained_below else "unknown_prompt"
+        reason = check_content(rollout, self.limits, p.min_policy_version, trainer_version)
+        if reason is not None:
+            return reason
+        if rollout.rollout_id in p.rollout_ids:
+            return "duplicate"
+        if sender in p.replaced:
+            return "late"
+        if p.holder is not None and p.holder != sender:
+            return "late" if p.reissues else "wrong_holder"
+        if len(p.rollouts) >= self.limits.num_generations:
+            return "too_many"
+        return None
+
+    # ---- training ----------------------------------------------------------------------------
+    def complete(self, step: int) -> bool:
+        """Whether every prompt of `step` has num_generations rollouts."""
+        prompts = [p for p in self._prompts.values() if p.step == step]
+        return bool(prompts) and all(len(p.rollouts) == self.limits.num_generations for p in prompts)
+
+    def take(self, step: int) -> list[Rollout]:
+        """The rollouts of a complete `step`, ordered by prompt id (a group stays together); its prompts
+        leave the flight (later rollouts for them are `already_trained`, or `late`)."""
+        if not self.complete(step):
+            raise ValueError(f"step {step} is not complete")
+        prompts = sorted((p for p in self._prompts.values() if p.step == step), key=lambda p: p.prompt_id)
+        for p in prompts:
+            del self._prompts[p.prompt_id]
+        self._trained_below = max(self._trained_below, prompts[-1].prompt_id + 1)
+        return [r for p in prompts for r in p.rollouts]
+
+    def in_flight(self, step: int) -> int:
+        """Prompts of `step` still in flight."""
+        return sum(p.step == step for p in self._prompts.values())
+
+    def received(self, step: int) -> int:
+        """Rollouts accepted so far for `step`."""
+        return sum(len(p.rollouts) for p in self._prompts.values() if p.step == step)
