@@ -83,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--small", action="store_true", help="a very small budget (for tests)")
     p.add_argument("--backend", default="auto", choices=("auto", "vllm", "transformers"), help="generator backend")
 
-    p = sub.add_parser("keys", help="write a CURVE keypair", description="Write a CURVE keypair into DIR "
-                       "(point transport.curve_keys_dir at it on both ends for non-loopback endpoints).")
+    p = sub.add_parser("keys", help="write CURVE keypairs", description="Write CURVE keypairs into DIR "
+                       "(point transport.curve_keys_dir at it on both ends; every tcp endpoint needs them).")
     p.add_argument("dir", metavar="DIR")
+    p.add_argument("--client", metavar="NAME", help="add a keypair for one generator: DIR/clients/NAME.key(_secret)")
+    p.add_argument("--force", action="store_true", help="overwrite existing key files")
 
     sub.add_parser("bench", help="end-to-end throughput benchmark (see benchmarks/bench_e2e.py --help)",
                    add_help=False)
@@ -231,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "keys":
             from rlhf_engine.transport import keys_main
 
-            return keys_main([args.dir])
+            return keys_main([args.dir, *(["--client", args.client] if args.client else []),
+                              *(["--force"] if args.force else [])])
     except (ConfigError, DataError, FileNotFoundError) as e:
         if args.debug:
             raise

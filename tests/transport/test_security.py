@@ -138,3 +138,14 @@ def test_a_rollout_claiming_another_generators_name_is_dropped_and_counted(tmp_p
         assert (got.rollout_id, got.sender) == ("g0-1", gen_a.sender_id)
         assert trainer.recv_rollout(timeout_s=0.5) is None
         assert trainer.drop_counts() == {"forged_sender": 1}
+
+
+def test_cli_keys_forwards_client_and_force(tmp_path, capsys):
+    from rlhf_engine.cli import main
+
+    assert main(["keys", str(tmp_path / "keys")]) == 0
+    assert main(["keys", str(tmp_path / "keys"), "--client", "gen-1"]) == 0
+    assert (tmp_path / "keys" / "clients" / "gen-1.key").exists()
+    before = (tmp_path / "keys" / "server.key").read_bytes()
+    assert main(["keys", str(tmp_path / "keys"), "--force"]) == 0
+    assert (tmp_path / "keys" / "server.key").read_bytes() != before  # a new server keypair
