@@ -103,6 +103,9 @@ class WeightPublisher:
         if shm_peers:
             offsets, size = layout([s.nbytes for s in specs])
             segment = self._pool.acquire(size, timeout_s, {p.name for p in shm_peers})
+            # a generator lost (and forgotten) while acquire waited must not hold the new buffer: the roster
+            # drops a peer before forgetting it, so one lost after this line is released by `forget`
+            self._pool.retain(segment, {p.name for p in self._roster.live()})
             segment.write([t for _, t in named], offsets)
             with self._roster.cond:
                 self._shm_paths[version] = segment.path

@@ -151,6 +151,13 @@ class ShmPool:
         path = create_file(self._dir, "weights", size)
         return Segment(path, size, map_file(path, size))
 
+    def retain(self, segment: Segment, peers: set[str]) -> None:
+        """Only ``peers`` (the generators live now) hold ``segment``: a holder lost while ``acquire`` waited
+        was forgotten (``release``) before the segment named it, and would otherwise hold it forever."""
+        with self._cond:
+            segment.waiting_for &= peers
+            self._cond.notify_all()
+
     def release(self, peer: str, path: str | None = None) -> None:
         """``peer`` no longer holds the segment at ``path`` (or any segment, when None)."""
         with self._cond:

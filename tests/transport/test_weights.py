@@ -229,3 +229,27 @@ def test_close_returns_fast_while_a_weight_update_is_in_flight():
     thread.join(5)
     assert not thread.is_alive()
     assert all(type(e).__name__ in ("TransportClosed", "TransportError") for e in errors), errors
+
+
+def test_a_holder_lost_while_publish_waits_does_not_hold_the_buffer_forever(tmp_path):
+    """The race of a generator lost while `publish` waits for a free buffer: `forget` ran before the new
+    buffer named it as a holder; `retain` (what publish does next, with the live roster) drops it."""
+    import threading
+
+    from rlhf_engine.transport.shm import ShmPool
+
+    pool = ShmPool(str(tmp_path), max_buffers=1)
+    first = pool.acquire(4096, 1.0, {"a", "b"})
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire(4096, 5.0, {"a", "b"})))
+    waiter.start()
+    pool.release("a")  # generator a lost: forgotten while the publish waits
+    pool.release("b", first.path)  # b acks the old version: the buffer is free again
+    waiter.join(timeout=5.0)
+    segment = got[0]
+    assert segment.waiting_for == {"a", "b"}  # named from the roster as it was when the publish began
+    pool.retain(segment, {"b"})  # the roster now: a is gone
+    assert segment.waiting_for == {"b"}
+    pool.release("b", segment.path)
+    assert pool.acquire(4096, 0.5, {"b"}).path == segment.path  # free again: nobody holds it forever
+    pool.close()
