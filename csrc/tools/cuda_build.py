@@ -7,8 +7,10 @@ Run with the python of the CUDA venv (.venv-cuda, made by the Makefile). Steps, 
   2. in a fresh process that sees no GPU: import the installed package, require build_info
      "cpu+cuda", and check the dispatcher registrations of every kernel-bearing op
      (CPU, CUDA, Meta; Autograd for each `*_fwd` op that has a `*_bwd`);
-  3. tests/ops on the CPU against the installed package (`python -P`: the checkout's own
-     rlhf_engine/ is not on sys.path).
+  3. tests/ops on the CPU against the installed package: run from a copy of tests/ in a temporary
+     folder with `python -P`, so neither the checkout's own rlhf_engine/ (pytest would put the
+     checkout on sys.path: its `pythonpath` setting, and `tests/__init__.py`) nor its CPU build is
+     importable; the step first checks which rlhf_engine that folder imports.
 The toolkit lacks cusparse.h, which torch's CUDA headers include: the venv's nvidia/cu13/include
 (from the CUDA torch's dependencies) supplies it through CPLUS_INCLUDE_PATH.
 """
@@ -19,9 +21,11 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,6 +35,9 @@ from cuda_check import find_cuda_home  # noqa: E402  (a sibling script, not a pa
 
 KEYS = ("CPU", "CUDA", "Meta")
 PYTEST = [sys.executable, "-P", "-m", "pytest", "tests/ops", "-q", "-p", "no:cacheprovider", "-m", "not slow"]
+# pytest settings of the copied tests (pyproject's, without `pythonpath`: that would import the checkout)
+PYTEST_INI = "[pytest]\naddopts = -ra --strict-markers\nmarkers =\n    slow: long-running cases\n    vllm: needs vLLM\n"
+_WHICH = "import os, rlhf_engine.ops, tests.helpers; print(os.path.dirname(rlhf_engine.ops.__file__))"
 
 # Runs in the fresh process of step 2; prints one JSON object.
 _CHECK = r"""
@@ -69,11 +76,11 @@ def cuda_include_dirs() -> list[str]:
     return sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
 
 
-def step(title: str, cmd: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess]:
+def step(title: str, cmd: list[str], env: dict[str, str], cwd: str = ROOT) -> tuple[float, subprocess.CompletedProcess]:
     shown = " ".join(a if "\n" not in a else "<script>" for a in cmd)
     print(f"cuda-build: {title}: {shown}", flush=True)
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     return time.perf_counter() - t0, r
 
 
@@ -122,7 +129,21 @@ def main() -> int:
     print(f"cuda-build: {len(kernel_ops)} kernel-bearing ops, each with CPU, CUDA and Meta kernels", flush=True)
     if args.skip_tests:
         return 0
-    test_s, r = step("tests/ops on the CPU", PYTEST, env)
+    with tempfile.TemporaryDirectory(prefix="cuda-build-tests-") as tmp:
+        shutil.copytree(os.path.join(ROOT, "tests"), os.path.join(tmp, "tests"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        with open(os.path.join(tmp, "pytest.ini"), "w") as f:
+            f.write(PYTEST_INI)
+        tmp_env = {**env, "PYTHONPATH": tmp}  # `tests.helpers`, and nothing of the checkout
+        which = subprocess.run([sys.executable, "-P", "-c", _WHICH], cwd=tmp, env=tmp_env, capture_output=True,
+                               text=True)
+        package = which.stdout.strip()
+        if which.returncode != 0 or not package.startswith(sysconfig.get_paths()["purelib"]):
+            print(which.stderr[-3000:], file=sys.stderr)
+            print(f"cuda-build FAILED: the tests would import {package or 'nothing'}, not the installed copy",
+                  file=sys.stderr)
+            return 1
+        test_s, r = step(f"tests/ops on the CPU (importing {package})", PYTEST, tmp_env, cwd=tmp)
     print(r.stdout[-3000:], r.stderr[-3000:], sep="")
     if r.returncode != 0:
         print("cuda-build FAILED: tests/ops failed in the CUDA build", file=sys.stderr)
