@@ -62,7 +62,7 @@ class TokenBatch:
         response_mask = self.response_mask[rows]
         # device sync: the trimmed widths are read back as Python ints
         lead = int((attention_mask[:, : self.query_width] == 0).sum(dim=1).min())
-        width = int(response_mask.sum(dim=1).max())
+        width = max(1, int(response_mask.sum(dim=1).max()))  # >= 1: rows of only dropped samples still run
         end = self.query_width + width
         return replace(
             self,
@@ -166,7 +166,10 @@ def forward_policy(
     else:  # the logit at column Lq - 1 + t predicts response token t
         logits = logits[:, :-1]  # [B, T, V]
         values = values[:, :-1] if values is not None else None  # [B, T]
-    if with_entropy:
+    if labels.numel() == 0:  # no response token (a micro-batch of dropped samples): zeros still on the graph
+        logp = logits.sum(dim=-1) * 0.0  # [..., 0]
+        entropy = logp if with_entropy else None
+    elif with_entropy:
         logp, entropy = logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True)
     else:
         logp, entropy = logprobs_from_logits(logits, labels, temperature=temperature), None

@@ -87,7 +87,8 @@ def ppo_update(
         for b_start in range(0, config.batch_size, config.backward_batch_size):
             optimizer.zero_grad(set_to_none=True)
             step_rows = order[b_start : b_start + config.backward_batch_size]
-            token_count = exp.batch.response_mask[step_rows].sum()  # N, over all ranks' rows of this step
+            # N, over all ranks' rows of this step; at least 1: a minibatch of dropped samples adds no gradient
+            token_count = exp.batch.response_mask[step_rows].sum().clamp(min=1)
             sums: dict[str, torch.Tensor] = {}
             for rows in _step_microbatches(step_rows, lengths, config, comm, mine):
                 loss, mb_stats, out = minibatch_loss(model, critic, exp, rows, config, token_count, layout)

@@ -405,3 +405,17 @@ def test_trainer_leaves_the_global_rng_untouched(make_lm, tokenizer, data):
     # sampling draws from the trainer's own seeded generator: the same seed samples the same responses
     again = PPOTrainer(config=config, model=AutoModelForCausalLMWithValueHead(make_lm(seed=0)), tokenizer=tokenizer)
     assert all(torch.equal(a, b) for a, b in zip(again.generate(queries), responses))
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_a_minibatch_of_only_dropped_samples_takes_no_step_and_the_update_goes_on(make_trainer, data, packing):
+    queries, responses, scores = data
+    bad = scores.clone()
+    bad[: B - 1] = float("nan")  # every optimizer step but one sees only dropped samples
+    trainer = make_trainer(mini_batch_size=1, gradient_accumulation_steps=1, packing=packing)  # B steps of one row
+    before = _weights(trainer)
+    with pytest.warns(RuntimeWarning, match="dropped from this step"):
+        stats = trainer.step(queries, responses, bad)
+    assert stats["ppo/skipped"] == 0.0 and stats["ppo/optimizer_steps"] == float(B)
+    assert trainer.policy_version == 1
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
