@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import signal
@@ -77,7 +78,17 @@ def pull(endpoint: str) -> None:
         sock.recv_multipart()
 
 
+LIFETIME_S = 600  # a rogue stops by itself at the latest after this long
+
+
+def bound_lifetime() -> None:
+    """Die with the test process (SIGKILL, also while stopped) and after LIFETIME_S at the latest."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    signal.alarm(LIFETIME_S)
+
+
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
+    bound_lifetime()
     torch.set_num_threads(1)
     {"flood": flood, "hello": hello, "pull": pull}[mode](*args)
