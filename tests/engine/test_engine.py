@@ -110,7 +110,11 @@ def test_sigint_stops_all_processes_and_keeps_checkpoint(tmp_path, policy_dir, p
         assert family, "the engine should have a generator child"
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("the engine did not stop within 30 s of SIGINT; its output:\n" + proc.communicate()[0][-4000:])
         assert time.monotonic() - t0 < 20
     finally:
         if proc.poll() is None:
