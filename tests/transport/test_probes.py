@@ -1,6 +1,7 @@
 """The hostile-but-fair probes of issue 14, as tests: rogue peers, endpoint takeover, stale files,
 oversized rollouts and a flood of the largest allowed ones."""
 
+import contextlib
 import multiprocessing as mp
 import os
 import stat
@@ -34,6 +35,20 @@ from rlhf_engine.transport.limits import rollout_limits
 from rlhf_engine.transport.wire import HeartbeatHeader, HelloHeader, ShutdownHeader, WelcomeHeader, WireLimits, decode, encode
 
 
+@contextlib.contextmanager
+def raw_peer(endpoint: str, kind: int, channel: str):
+    """A bare ZeroMQ socket of `kind` connected to `channel` of the trainer at `endpoint` (no handshake)."""
+    ctx = zmq.Context()
+    sock = ctx.socket(kind)
+    sock.linger = 0
+    try:
+        sock.connect(channel_endpoint(endpoint, channel))
+        yield sock
+    finally:
+        sock.close()
+        ctx.term()
+
+
 def _wait_for(predicate, timeout_s: float):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -61,11 +76,7 @@ def _dead_pid() -> int:
 def test_rogue_hello_then_silence_is_a_lost_generator_not_an_error():
     config = fast_config(ipc_endpoint(), heartbeat_timeout_s=1.0)
     with TrainerPort(config, FINGERPRINT) as trainer:
-        ctx = zmq.Context()
-        rogue = ctx.socket(zmq.DEALER)
-        rogue.linger = 0
-        try:
-            rogue.connect(channel_endpoint(config.endpoint, "control"))
+        with raw_peer(config.endpoint, zmq.DEALER, "control") as rogue:
             rogue.send_multipart(encode(HelloHeader(sender="rogue", seq=0, fingerprint=FINGERPRINT,
                                                     hostname="elsewhere", shm=False)))
             (info,) = trainer.wait_for_generators(1, timeout_s=5)
@@ -81,39 +92,25 @@ def test_rogue_hello_then_silence_is_a_lost_generator_not_an_error():
             assert kinds[0] is WelcomeHeader and kinds[-1] is ShutdownHeader  # told it was dropped
             rogue.send_multipart(encode(HeartbeatHeader(sender="rogue", seq=5)))  # too late: no session
             assert _wait_for(lambda: trainer.drop_counts().get("unknown_peer") == 1, 5)
-        finally:
-            rogue.close()
-            ctx.term()
 
 
 def test_a_hello_with_the_name_of_a_live_generator_is_refused():
     config = fast_config(ipc_endpoint())
     with TrainerPort(config, FINGERPRINT) as trainer, GeneratorPort(config, FINGERPRINT) as gen:
         trainer.wait_for_generators(1)
-        ctx = zmq.Context()
-        rogue = ctx.socket(zmq.DEALER)
-        rogue.linger = 0
-        try:
-            rogue.connect(channel_endpoint(config.endpoint, "control"))
+        with raw_peer(config.endpoint, zmq.DEALER, "control") as rogue:
             rogue.send_multipart(encode(HelloHeader(sender=gen.sender_id, seq=0, fingerprint=FINGERPRINT,
                                                     hostname="elsewhere", shm=False)))
             assert rogue.poll(5000)
             header, _ = decode(rogue.recv_multipart(), WireLimits())
             assert header.reason == f"generator name {gen.sender_id!r} is already connected"
             assert [g.name for g in trainer.generators()] == [gen.sender_id]
-        finally:
-            rogue.close()
-            ctx.term()
 
 
 def test_a_rogue_pull_that_steals_a_batch_does_not_hang_the_port_and_a_reissue_reaches_a_generator():
     config = fast_config(ipc_endpoint())
     with TrainerPort(config, FINGERPRINT) as trainer:
-        ctx = zmq.Context()
-        thief = ctx.socket(zmq.PULL)
-        thief.linger = 0
-        thief.connect(channel_endpoint(config.endpoint, "prompts"))
-        try:
+        with raw_peer(config.endpoint, zmq.PULL, "prompts") as thief:
             time.sleep(0.2)  # connected
             start = time.monotonic()
             trainer.send_prompts(PromptBatch(0, [10, 11, 12], [[1], [2], [3]]), timeout_s=5)
@@ -121,9 +118,6 @@ def test_a_rogue_pull_that_steals_a_batch_does_not_hang_the_port_and_a_reissue_r
             assert thief.poll(5000)  # the batch went to the thief
             header, _ = decode(thief.recv_multipart(), WireLimits())
             assert header.prompt_ids == (10, 11, 12)
-        finally:
-            thief.close()  # and vanished
-            ctx.term()
         with GeneratorPort(config, FINGERPRINT) as gen:
             trainer.wait_for_generators(1)
             trainer.send_prompts(PromptBatch(0, [11, 12], [[2], [3]]), timeout_s=5)  # re-issue of a subset
@@ -135,37 +129,23 @@ def test_with_curve_a_rogue_pull_without_keys_gets_no_batch(tmp_path):
     generate_keys(tmp_path / "keys")
     config = fast_config(tcp_endpoint(), curve_keys_dir=str(tmp_path / "keys"))
     with TrainerPort(config, FINGERPRINT) as trainer:
-        ctx = zmq.Context()
-        thief = ctx.socket(zmq.PULL)
-        thief.linger = 0
-        thief.connect(channel_endpoint(config.endpoint, "prompts"))
-        try:
+        with raw_peer(config.endpoint, zmq.PULL, "prompts") as thief:
             with GeneratorPort(config, FINGERPRINT) as gen:
                 trainer.wait_for_generators(1)
                 for b in range(3):
                     trainer.send_prompts(PromptBatch(b, [b], [[b]]), timeout_s=5)
                     assert gen.recv_prompts(timeout_s=5).batch_id == b
             assert not thief.poll(300)
-        finally:
-            thief.close()
-            ctx.term()
 
 
 def test_rollouts_from_a_sender_without_a_session_are_dropped_and_counted():
     config = fast_config(ipc_endpoint())
     with TrainerPort(config, FINGERPRINT) as trainer:
-        ctx = zmq.Context()
-        raw = ctx.socket(zmq.PUSH)
-        raw.linger = 0
-        raw.connect(channel_endpoint(config.endpoint, "rollouts"))
-        try:
+        with raw_peer(config.endpoint, zmq.PUSH, "rollouts") as raw:
             for i in range(3):
                 raw.send_multipart(encode(*make_rollout(0, i, 4, 4).to_wire("never-said-hello", i)))
             assert _wait_for(lambda: trainer.drop_counts() == {"unknown_sender": 3}, 5)
             assert trainer.recv_rollout(timeout_s=0) is None
-        finally:
-            raw.close()
-            ctx.term()
 
 
 # ---- endpoints and files -----------------------------------------------------------------------
