@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_engine.ops import gae, masked_whiten
+from rlhf_engine.ops import gae, gae_packed, masked_whiten
 
 
 def gae_advantages(
@@ -21,8 +21,27 @@ def gae_advantages(
     # A_t = delta_t + gamma * lam * A_{t+1}
     # R_t = A_t + V_t                                   (the value target, not whitened)
     """
-    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    advantages, returns = gae_on_valid_tokens(rewards, values, mask, gamma, lam)
     return masked_whiten(advantages, mask) * mask, returns
+
+
+def gae_on_valid_tokens(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gae` of [B, T] tensors computed on their valid tokens only, packed end to end (`gae_packed`): the scan
+    touches the N = mask.sum() response tokens instead of B * T padded positions (with responses of 8 to 128
+    tokens, N is about half of B * T). Equal to `gae(rewards, values, mask, ...)`, which skips masked positions
+    the same way. Returns (advantages [B, T], returns [B, T]) fp32, 0 on padding."""
+    valid = mask.bool()
+    offsets = torch.zeros(valid.shape[0] + 1, dtype=torch.int64, device=valid.device)
+    torch.cumsum(valid.sum(dim=1), dim=0, out=offsets[1:])  # sequence i spans [offsets[i], offsets[i + 1])
+    advantages = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+    returns = torch.zeros_like(advantages)
+    if not valid.any():  # every sample dropped: nothing to scan
+        return advantages, returns
+    packed_adv, packed_ret = gae_packed(rewards[valid], values[valid], offsets, gamma, lam)  # [N]
+    advantages[valid], returns[valid] = packed_adv, packed_ret
+    return advantages, returns
 
 
 def sequence_returns(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

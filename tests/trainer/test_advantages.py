@@ -29,6 +29,27 @@ def test_gae_returns_hand_computed_and_advantages_whitened():
     assert advantages[0, 2].item() == 0.0
 
 
+def test_gae_on_packed_valid_tokens_equals_padded_scan():
+    # responses of 8..128 tokens (and one fully masked sample): the packed scan over the valid tokens gives
+    # the padded kernel's advantages and returns at every valid position and 0 on padding
+    from rlhf_engine.ops import gae
+    from rlhf_engine.trainer.advantages import gae_on_valid_tokens
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([8, 128, 37, 0, 64, 99])
+    mask = torch.arange(128)[None, :] < lengths[:, None]  # [6, 128]
+    rewards = torch.randn(6, 128, generator=g)
+    values = torch.randn(6, 128, generator=g)
+    adv, ret = gae_on_valid_tokens(rewards, values, mask, gamma=0.99, lam=0.95)
+    ref_adv, ref_ret = gae(rewards, values, mask, 0.99, 0.95)
+    torch.testing.assert_close(adv, ref_adv * mask, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ret, ref_ret * mask, rtol=0, atol=1e-5)
+    assert adv[~mask].abs().max() == 0 and ret[3].abs().max() == 0
+    # a batch whose samples were all dropped: zeros, no error from the empty scan
+    zero_adv, zero_ret = gae_on_valid_tokens(rewards, values, torch.zeros_like(mask), 0.99, 0.95)
+    assert zero_adv.abs().max() == 0 and zero_ret.abs().max() == 0
+
+
 def test_grpo_group_normalised():
     # group 1: (1, 3) -> mean 2, std (Bessel) = sqrt(2) -> (-1/sqrt2, 1/sqrt2) = (-0.70711, 0.70711)
     # group 2: (5, 5) -> std 0 -> (0, 0)
