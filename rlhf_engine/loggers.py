@@ -10,6 +10,7 @@ run directory holds.
 from __future__ import annotations
 
 import logging
+import secrets
 from pathlib import Path
 from typing import Any, Literal, Protocol, Sequence
 
@@ -20,6 +21,9 @@ log = logging.getLogger(__name__)
 LoggerName = Literal["jsonl", "tensorboard", "wandb"]
 LOGGERS: tuple[str, ...] = ("jsonl", "tensorboard", "wandb")
 """Every valid `engine.loggers` entry; `jsonl` (metrics.jsonl) is always written."""
+
+RUN_ID_FILE = "wandb/run_id"
+"""Where a run directory keeps its W&B run id (relative to the run directory)."""
 
 WANDB_MISSING = "engine.loggers includes 'wandb' but the wandb package is not installed: pip install 'rlhf_engine[wandb]'"
 
@@ -68,6 +72,9 @@ class WandbSink:
     """A W&B run in `run_dir/wandb/`: the run config at start, every step's metrics, and on close the
     timeline as a table and the plots of `rlhf-engine plot` as images.
 
+    One run directory is one W&B run: a resumed run continues the W&B run of its first start (`RUN_ID_FILE`).
+    W&B keeps the rows it already has: steps after the checkpoint that the resumed run trains again keep
+    their first values there (metrics.jsonl holds the new ones), since a W&B history cannot be rewound offline.
     Project, entity and mode come from W&B's own settings (`WANDB_PROJECT`, `WANDB_ENTITY`,
     `WANDB_MODE=offline`, `wandb login`). The run is finished on close, and W&B's background service is
     stopped when no other W&B run of this process is active: nothing of W&B outlives the logger.
@@ -76,9 +83,22 @@ class WandbSink:
     def __init__(self, run_dir: Path, run_config: dict[str, Any] | None) -> None:
         self._wandb = import_wandb()
         self.run_dir = run_dir
-        self._run = self._wandb.init(dir=str(run_dir), name=run_dir.name, config=run_config or {},
-                                     reinit="create_new", settings=self._wandb.Settings(console="off"))
+        self.run_id = self._run_id(run_dir)
+        self._run = self._wandb.init(dir=str(run_dir), name=run_dir.name, id=self.run_id, resume="allow",
+                                     config=run_config or {}, reinit="create_new",
+                                     settings=self._wandb.Settings(console="off"))
         self._last_step: int | None = None
+
+    def _run_id(self, run_dir: Path) -> str:
+        """The W&B run id of `run_dir`: made on the first start and kept in `run_dir/wandb/run_id`, so that
+        a resumed run (`--resume RUN_DIR`) logs into the same W&B run instead of starting a new one."""
+        path = run_dir / RUN_ID_FILE
+        if path.is_file():
+            return path.read_text().strip()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        run_id = secrets.token_hex(6)  # W&B run ids: letters and digits
+        path.write_text(run_id + "\n")
+        return run_id
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self._run.log(metrics, step=step)

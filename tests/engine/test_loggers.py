@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -164,3 +165,26 @@ def test_engine_run_sends_every_jsonl_metric_to_wandb(tmp_path, monkeypatch, ass
         assert len(numeric) > 20
         assert {k: rows[rec["step"]][k] for k in numeric} == pytest.approx(numeric, nan_ok=True)
     assert rows[2]["timeline/_type"] == "table-file" and rows[2]["plots/timeline/_type"] == "image-file"
+
+
+def test_wandb_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch, assert_no_new_children):
+    pytest.importorskip("wandb")
+    from tests.helpers.wandb_records import read_run
+
+    from rlhf_engine.loggers import RUN_ID_FILE
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for step in (1, 2):  # the first start, then a resume in the same run directory
+        logger = MetricsLogger(tmp_path, loggers=["jsonl", "wandb"], progress=False, initial_step=step - 1)
+        logger.log(step, {"env/reward_mean": float(step)})
+        logger.close()
+        time.sleep(1.1)  # W&B names an offline segment by the second it started in: keep the two apart
+    assert_no_new_children()
+    run_id = (tmp_path / RUN_ID_FILE).read_text().strip()
+    assert len(run_id) >= 8
+    run_dirs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    # two offline segments of ONE W&B run (`wandb sync` uploads both into it), each with its own step
+    assert len(run_dirs) == 2 and all(d.name.endswith(f"-{run_id}") for d in run_dirs)
+    steps = [[r["_step"] for r in read_run(next(d.glob("run-*.wandb")))["history"]] for d in run_dirs]
+    assert sorted(steps) == [[1], [2]]
