@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from rlhf_engine.data.collate import preference_batch
 from rlhf_engine.data.tokenize import IGNORE_INDEX, TokenizedPair, build_preference_dataset
+from rlhf_engine.models.lm_head import check_plain_lm_head, next_token_logprobs_from_hidden
 from rlhf_engine.ops import logprobs_from_logits
 from rlhf_engine.trainer.stage import StageTrainer, chunks, load_causal_lm
 from rlhf_engine.trainer.dpo_config import DPOConfig
@@ -39,15 +40,20 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return losses, chosen_rewards, rejected_rewards
 
 
-def sequence_logps(model, batch: dict[str, torch.Tensor], *, average: bool) -> torch.Tensor:
+def sequence_logps(model, batch: dict[str, torch.Tensor], *, average: bool, from_hidden: bool = False) -> torch.Tensor:
     """Log-prob of each row's labelled tokens, summed (or averaged when `average`): [rows] fp32.
 
     batch: `input_ids`, `attention_mask`, `labels` [rows, T] on the model's device (labels -100 on
-    prompt and padding). Token t is scored from the logits at t-1.
+    prompt and padding). Token t is scored from the logits at t-1 (`from_hidden`: from the hidden state at
+    t-1, without logits).
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     labels = batch["labels"][:, 1:]  # [rows, T-1]
-    logp = logprobs_from_logits(logits[:, :-1], labels, ignore_index=IGNORE_INDEX)  # [rows, T-1], 0 where ignored
+    if from_hidden:
+        logp = next_token_logprobs_from_hidden(model, inputs, batch["labels"])  # [rows, T-1], 0 where ignored
+    else:
+        logits = model(**inputs, use_cache=False).logits
+        logp = logprobs_from_logits(logits[:, :-1], labels, ignore_index=IGNORE_INDEX)  # [rows, T-1]
     total = logp.sum(-1)
     if average:
         total = total / (labels != IGNORE_INDEX).sum(-1).clamp(min=1)
@@ -67,6 +73,9 @@ class DPOTrainer(StageTrainer):
                  train_dataset: Any = None, eval_dataset: Any = None) -> None:
         self._setup(config, model, tokenizer, load_causal_lm, build_preference_dataset, train_dataset, eval_dataset)
         ref = self._reference(ref_model)
+        if config.logprobs_from_hidden:
+            for m in (self.model, ref):
+                check_plain_lm_head(m, "logprobs_from_hidden")
         self.ref_train = self._reference_logps(ref, self.train_data)  # [N, 2] chosen, rejected
         self.ref_eval = self._reference_logps(ref, self.eval_data)
         del ref
@@ -87,7 +96,8 @@ class DPOTrainer(StageTrainer):
     def _reference_logps(self, ref_model, pairs: list[TokenizedPair]) -> torch.Tensor:
         out = []
         for batch in self._batches(pairs, self.config.per_device_eval_batch_size, None):
-            logps = sequence_logps(ref_model, self._on_device(batch), average=self._average)  # [2B]
+            logps = sequence_logps(ref_model, self._on_device(batch), average=self._average,
+                                   from_hidden=self.config.logprobs_from_hidden)  # [2B]
             out.append(torch.stack(logps.chunk(2), dim=1).cpu())  # [B, 2]
         return torch.cat(out) if out else torch.empty(0, 2)
 
@@ -106,7 +116,8 @@ class DPOTrainer(StageTrainer):
         return {k: v.to(self.device) for k, v in batch.items() if k != "index"}
 
     def _losses(self, batch: dict[str, torch.Tensor], ref: torch.Tensor):
-        logps = sequence_logps(self.model, self._on_device(batch), average=self._average)  # [2B]
+        logps = sequence_logps(self.model, self._on_device(batch), average=self._average,
+                               from_hidden=self.config.logprobs_from_hidden)  # [2B]
         policy_chosen, policy_rejected = logps.chunk(2)
         ref_logps = ref[batch["index"]].to(self.device)  # [B, 2] cached reference log-probs of these pairs
         losses, chosen_r, rejected_r = dpo_loss(policy_chosen, policy_rejected, ref_logps[:, 0], ref_logps[:, 1],

@@ -25,6 +25,9 @@ class DPOConfig(StageConfig):
     """Conservative DPO: the probability that a preference label is flipped (sigmoid loss only)."""
     ref_model_name_or_path: str = ""
     """Reference model folder; empty: the initial policy (frozen copy)."""
+    logprobs_from_hidden: bool = False
+    """Sequence log-probs of the policy and the reference from their final hidden states with the chunked
+    `logprobs_from_hidden` op: the [tokens, V] logits are never materialized. False: logits, then log-probs."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -12,6 +12,7 @@ Lq - 1 ... Lq + T - 2 predict the T response tokens; the model only computes the
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 from rlhf_engine.data.collate import left_pad, right_pad
 from rlhf_engine.distributed.comm import Comm
 from rlhf_engine.data.tokenize import IGNORE_INDEX
+from rlhf_engine.models.lm_head import HiddenLogprobHead, hidden_logprob_head
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.ops import logprobs_from_logits
 from rlhf_engine.trainer.packing import PackedBatch, PassLayout, pack_rows
@@ -133,6 +135,7 @@ def forward_policy(
     with_entropy: bool = False,
     keep_logits: bool = False,
     packed: bool = False,
+    from_hidden: bool = False,
 ) -> ForwardOut:
     """One pass of a causal LM (or `AutoModelForCausalLMWithValueHead`) over `batch`.
 
@@ -142,6 +145,8 @@ def forward_policy(
     response logits [B, T, V] as the model produced them (for the `full` KL). `packed`: the rows run as
     packed rows (`rlhf_engine.trainer.packing`; the LM head then runs on every position of those rows, whose
     count is about the real tokens); the outputs are the same [B, T] tensors as the padded pass.
+    `from_hidden`: the log-probs come from the final hidden states through `logprobs_from_hidden` inside the
+    model's forward (`rlhf_engine.models.lm_head`): no [tokens, V] logits exist (not with `keep_logits`).
     """
     if with_values and not isinstance(model, AutoModelForCausalLMWithValueHead):
         raise TypeError(f"values need an AutoModelForCausalLMWithValueHead, got {type(model).__name__}")
@@ -155,30 +160,41 @@ def forward_policy(
         kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                       position_ids=batch.position_ids, logits_to_keep=batch.response_width + 1)
         labels = batch.labels()  # [B, T]
-    values = None
-    if with_values:
-        logits, values = model(**kwargs)
+    # packed: outputs [R, W, ...] -> [1, N, ...] at the positions that predict response tokens; padded: the
+    # output at column Lq - 1 + t predicts response token t
+    select = p.gather if packed else (lambda x: x[:, :-1])
+    lm = model.pretrained_model if with_values else model
+    head = (HiddenLogprobHead(lm.get_output_embeddings(), labels, select, temperature, with_entropy)
+            if from_hidden else None)
+    with hidden_logprob_head(lm, head) if head is not None else contextlib.nullcontext():
+        if with_values:
+            logits, values = model(**kwargs)
+            values = select(values)
+        else:
+            logits, values = model(**kwargs, use_cache=False).logits, None
+    if head is not None:  # the head's output: [..., 2] log-prob and entropy; no logits exist
+        logp, entropy = logits[..., 0], (logits[..., 1] if with_entropy else None)
+        logits = None
     else:
-        logits = model(**kwargs, use_cache=False).logits
-    if packed:  # [R, W, ...] -> [1, N, ...] at the positions that predict response tokens
-        logits = p.gather(logits)
-        values = p.gather(values) if values is not None else None
-    else:  # the logit at column Lq - 1 + t predicts response token t
-        logits = logits[:, :-1]  # [B, T, V]
-        values = values[:, :-1] if values is not None else None  # [B, T]
-    if labels.numel() == 0:  # no response token (a micro-batch of dropped samples): zeros still on the graph
-        logp = logits.sum(dim=-1) * 0.0  # [..., 0]
-        entropy = logp if with_entropy else None
-    elif with_entropy:
-        logp, entropy = logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True)
-    else:
-        logp, entropy = logprobs_from_logits(logits, labels, temperature=temperature), None
+        logits = select(logits)  # [..., V]
+        logp, entropy = _logprobs(logits, labels, temperature, with_entropy)
     if packed:  # [1, N, ...] -> [B, T, ...]
         logp, entropy, values, logits = (p.unpack(t) if t is not None else None
                                          for t in (logp, entropy, values, logits))
     if values is not None:
         values = values * batch.response_mask
     return ForwardOut(logp=logp, entropy=entropy, values=values, logits=logits if keep_logits else None)
+
+
+def _logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+              with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropies) of `labels` [...] under `logits` [..., V] with the fused logits op."""
+    if labels.numel() == 0:  # no response token (a micro-batch of dropped samples): zeros still on the graph
+        logp = logits.sum(dim=-1) * 0.0  # [..., 0]
+        return logp, logp if with_entropy else None
+    if with_entropy:
+        return logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True)
+    return logprobs_from_logits(logits, labels, temperature=temperature), None
 
 
 def forward_values(critic: AutoModelForCausalLMWithValueHead, batch: TokenBatch, packed: bool = False) -> torch.Tensor:
@@ -242,11 +258,12 @@ def forward_experience(
     with torch.no_grad() if comm.distributed else torch.inference_mode():
         for rows in microbatches:
             chunk = batch.select(torch.tensor(rows))
-            ref = forward_policy(ref_model, chunk, config.temperature, keep_logits=full_kl, packed=layout.ref)
+            ref = forward_policy(ref_model, chunk, config.temperature, keep_logits=full_kl, packed=layout.ref,
+                                 from_hidden=layout.from_hidden)
             named = {"ref_logp": ref.logp}
             if run_policy:
                 pol = forward_policy(model, chunk, config.temperature, with_values=shared_critic, with_entropy=True,
-                                     keep_logits=full_kl, packed=layout.policy)
+                                     keep_logits=full_kl, packed=layout.policy, from_hidden=layout.from_hidden)
                 named.update(old_logp=pol.logp, entropy=pol.entropy, values=pol.values, kl=kl_penalty(
                     config.kl_penalty, pol.logp, ref.logp, chunk.response_mask, pol.logits, ref.logits,
                     config.temperature))
@@ -282,10 +299,10 @@ class Experience:
     values: torch.Tensor | None  # None for the critic-free estimators
     entropy: torch.Tensor
     kl: torch.Tensor  # per-token KL penalty estimate (kind = kl_penalty)
-    kl_coef: float  # the KL coefficient the rewards were shaped with
+    kl_coef: float  # the KL coefficient beta of this step: in the rewards, or in the loss (`kl_in_reward`)
     raw_scores: torch.Tensor  # [B], as given or from the reward model / function (non-finite: dropped)
     scores: torch.Tensor  # [B], after clipping and the missing-EOS penalty
-    non_score_rewards: torch.Tensor  # -kl_coef * kl, 0 on padding
+    non_score_rewards: torch.Tensor  # -kl_coef * kl (0 with the KL in the loss), 0 on padding
     rewards: torch.Tensor  # non-score rewards plus each score at its row's last token (maybe whitened)
     advantages: torch.Tensor
     returns: torch.Tensor

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rlhf_engine.models.lm_head import check_plain_lm_head
+
 
 @dataclass
 class PackedBatch:
@@ -105,12 +107,14 @@ def _first_fit_decreasing(lengths: list[int], width: int) -> tuple[list[int], li
 
 @dataclass(frozen=True)
 class PassLayout:
-    """Which forward passes run packed (True) or padded (False), decided once per trainer."""
+    """How the forward passes run, decided once per trainer: which run packed (True) or padded (False), and
+    whether the causal LMs' log-probs come from their hidden states (`PPOConfig.logprobs_from_hidden`)."""
 
     policy: bool = False
     ref: bool = False
     critic: bool = False
     reward: bool = False
+    from_hidden: bool = False
 
 
 class PackingSupport:
@@ -168,16 +172,21 @@ def packed_scores(reward_model: nn.Module, packed: PackedBatch) -> torch.Tensor:
 
 
 def pass_layout(packing: bool, policy: nn.Module, ref_model: nn.Module, critic: nn.Module | None,
-                 reward_model: nn.Module | None) -> PassLayout:
+                 reward_model: nn.Module | None, from_hidden: bool = False) -> PassLayout:
     """Which passes run packed: all when `packing` and each model supports it (`PackingSupport`).
     policy, ref_model: causal LMs; critic: an `AutoModelForCausalLMWithValueHead`; reward_model: a
-    sequence classifier (packed only with a `score` head, see `packed_scores`)."""
+    sequence classifier (packed only with a `score` head, see `packed_scores`). `from_hidden`: log-probs from
+    hidden states; ValueError naming `ppo.logprobs_from_hidden` when a causal LM post-processes its logits."""
+    if from_hidden:
+        for model in (policy, ref_model):
+            check_plain_lm_head(model, "ppo.logprobs_from_hidden")
     if not packing:
-        return PassLayout()
+        return PassLayout(from_hidden=from_hidden)
     supports = PackingSupport()
     return PassLayout(
         policy=supports(policy),
         ref=supports(ref_model),
         critic=critic is not None and supports(critic.pretrained_model),
         reward=reward_model is not None and hasattr(reward_model, "score") and supports(reward_model),
+        from_hidden=from_hidden,
     )

@@ -113,7 +113,8 @@ class PPOTrainer:
         if self.pad_token_id is None:
             raise ValueError("no pad_token_id: the tokenizer and the model config both lack one")
         self.device = next(model.parameters()).device
-        self.layout = pass_layout(config.packing, causal_lm(model), self.ref_model, value_model, self.reward_model)
+        self.layout = pass_layout(config.packing, causal_lm(model), self.ref_model, value_model, self.reward_model,
+                                  config.logprobs_from_hidden)
         """Which forward passes run packed (`PPOConfig.packing` and what each model supports)."""
         parallel = parallel if parallel is not None else DistributedConfig()
         for module, trainable in ((self.model, True), (self.value_model, True), (self.ref_model, False),
@@ -255,7 +256,8 @@ class PPOTrainer:
         # 1. experience: old log-probs, values, reference log-probs (one no-grad forward of each model per
         #    micro-batch; no policy pass when the update's own forward is pi_old, see `old_logp_from_update`)
         kl_coef = self.kl_ctl.value
-        reuse = old_logp_from_update(cfg, inputs.policy_versions, self.policy_version, kl_coef, self.comm)
+        reward_kl_coef = kl_coef if cfg.kl_in_reward else 0.0  # else the KL is a loss term of the update
+        reuse = old_logp_from_update(cfg, inputs.policy_versions, self.policy_version, reward_kl_coef, self.comm)
         with timer("forward_pass"):
             batch = make_token_batch(inputs.queries, inputs.responses, self.pad_token_id, self.eos_token_id, self.device)
             batch.response_mask = batch.response_mask * kept[:, None]  # [B, T]: dropped samples have no valid token
@@ -274,7 +276,7 @@ class PPOTrainer:
             step_scores = clip_scores(torch.where(kept, raw_scores, 0.0), cfg.score_clip)  # [B], 0 where dropped
             step_scores = missing_eos_penalty(step_scores, batch.has_eos, cfg.missing_eos_penalty)
             kl = passes.kl if passes.kl is not None else torch.zeros_like(mask)  # kl_coef is 0 without it
-            rewards, non_score = kl_shaped_rewards(step_scores, kl, mask, kl_coef)
+            rewards, non_score = kl_shaped_rewards(step_scores, kl, mask, reward_kl_coef)
             if cfg.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
         with timer("compute_advantages"):

@@ -67,6 +67,12 @@ class PPOConfig:
     from both models' logits; holds both [B, T, V] logit tensors of a forward chunk at once)."""
     init_kl_coef: float = 0.2
     """Initial (or, with `adap_kl_ctrl=False`, fixed) KL coefficient beta."""
+    kl_in_reward: bool = True
+    """Where the KL penalty acts. True (TRL's PPO): in the reward, r_t = -beta * KL_t, before the advantages.
+    False (TRL's GRPOTrainer `beta`, verl's `use_kl_loss`): as a loss term beta * mean_t KL_t of the current
+    policy against the reference, added to the policy loss (estimator `kl_penalty`; `k3` is the usual
+    choice). Then nothing before the update needs pi_old, so on-policy data with `ppo_epochs == 1` needs no
+    separate policy forward pass (see `old_logp_from_update`)."""
     adap_kl_ctrl: bool = True
     """Adapt beta towards `target` (Ziegler et al. 2019): beta *= 1 + clip(KL/target - 1, -0.2, 0.2) * n/horizon."""
     target: float = 6.0
@@ -124,6 +130,12 @@ class PPOConfig:
     # --- frozen models ---------------------------------------------------------------------------------
     frozen_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     """Cast the frozen reference and reward models to this dtype (None: keep their dtype)."""
+    logprobs_from_hidden: bool = False
+    """Compute the policy's and reference's token log-probs (and entropies) from their final hidden states with
+    the chunked `logprobs_from_hidden` op, inside the model's forward: the [tokens, V] logits are never
+    materialized (at V = 151936 that is most of the activation memory), for one more LM-head matmul in the
+    backward. False: the LM head's logits, then the fused `logprobs_from_logits`. A model that post-processes
+    its logits (soft cap, scale) is refused with a ValueError; not with `kl_penalty='full'`, which needs logits."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
@@ -144,6 +156,10 @@ class PPOConfig:
         _check_choice("advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
         _check_choice("off_policy_correction", self.off_policy_correction, OFF_POLICY_CORRECTIONS)
         _check_choice("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
+        if self.kl_penalty == "full" and (self.logprobs_from_hidden or not self.kl_in_reward):
+            raise ValueError("kl_penalty='full' needs the logits of the experience pass: it works with "
+                             "kl_in_reward=True and logprobs_from_hidden=False only (got kl_in_reward="
+                             f"{self.kl_in_reward}, logprobs_from_hidden={self.logprobs_from_hidden})")
         if self.frozen_dtype is not None:
             _check_choice("frozen_dtype", self.frozen_dtype, FROZEN_DTYPES)
         if self.advantage_estimator in GROUP_ESTIMATORS:

@@ -172,7 +172,8 @@ def minibatch_loss(
     token_count: torch.Tensor | float | None = None,
     layout: PassLayout = PassLayout(),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], ForwardOut]:
-    """Total loss of the experience's `rows` (policy loss + vf_coef * value loss - entropy_coef * entropy),
+    """Total loss of the experience's `rows` (policy loss + vf_coef * value loss - entropy_coef * entropy, plus
+    beta * KL to the reference when `kl_in_reward` is False),
     with its detached metrics and the policy pass; with `token_count`, each is these rows' share
     sum / token_count of a mean over a larger minibatch (see `losses`). Values come from `critic` when
     given, else from `model`'s value head. Without old log-probs in `exp`, pi_old is this pass, detached."""
@@ -182,7 +183,8 @@ def minibatch_loss(
     shared_critic = config.uses_critic and critic is None
     own_old_logp = exp.old_logp is None
     out = forward_policy(model, mb, config.temperature, with_values=shared_critic,
-                         with_entropy=config.entropy_coef > 0 or own_old_logp, packed=layout.policy)
+                         with_entropy=config.entropy_coef > 0 or own_old_logp, packed=layout.policy,
+                         from_hidden=layout.from_hidden)
     mb_old_logp = out.logp.detach() if own_old_logp else exp.old_logp[rows, :width]
     mb_is_weights = exp.is_weights[rows, :width] if exp.is_weights is not None else None
     if own_old_logp and exp.behaviour_logp is not None and config.off_policy_correction == "tis":
@@ -211,6 +213,11 @@ def minibatch_loss(
             "ppo/val/clipfrac": vf_stats["clipfrac"],
             "ppo/val/error": vf_stats["error"],
         })
+    if not config.kl_in_reward and exp.kl_coef > 0:  # beta * KL(pi || ref) as a loss term (GRPO's)
+        kl = kl_penalty(config.kl_penalty, out.logp, exp.ref_logp[rows, :width], mask)
+        kl_loss = losses.token_mean(kl, mask, token_count)
+        loss = loss + exp.kl_coef * kl_loss
+        stats["ppo/loss/kl"] = kl_loss.detach()
     if config.entropy_coef > 0:
         entropy = losses.entropy_bonus(out.entropy, mask, token_count)
         loss = loss - config.entropy_coef * entropy

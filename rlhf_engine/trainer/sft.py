@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from rlhf_engine.data.collate import pack_sequences, packed_batch, sft_batch
 from rlhf_engine.data.tokenize import IGNORE_INDEX, TokenizedSFT, build_sft_dataset
+from rlhf_engine.models.lm_head import check_plain_lm_head, next_token_logprobs_from_hidden
 from rlhf_engine.trainer.stage import StageTrainer, chunks, load_causal_lm
 from rlhf_engine.trainer.sft_config import SFTConfig
 
@@ -37,6 +38,8 @@ class SFTTrainer(StageTrainer):
     def __init__(self, config: SFTConfig, *, model=None, tokenizer=None, train_dataset: Any = None,
                  eval_dataset: Any = None) -> None:
         self._setup(config, model, tokenizer, load_causal_lm, build_sft_dataset, train_dataset, eval_dataset)
+        if self.config.logprobs_from_hidden:
+            check_plain_lm_head(self.model, "logprobs_from_hidden")
 
     def _batches(self, examples: list[TokenizedSFT], batch_size: int, shuffle_seed: int | None) -> list[dict]:
         if shuffle_seed is not None:
@@ -51,6 +54,9 @@ class SFTTrainer(StageTrainer):
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         labels = batch.pop("labels")
+        if self.config.logprobs_from_hidden:  # no [B, T, V] logits
+            logp = next_token_logprobs_from_hidden(self.model, batch, labels)  # [B, T - 1], 0 where not scored
+            return -logp.sum(), (labels[:, 1:] != IGNORE_INDEX).sum()
         # use_cache=False: with a cache, transformers ignores packed position ids when building the mask
         logits = self.model(**batch, use_cache=False).logits  # [B, T, V]
         return causal_lm_loss_sum(logits, labels)

@@ -21,6 +21,9 @@ class SFTConfig(StageConfig):
     packing: bool = False
     """Pack several sequences into rows of `max_length` tokens (position ids restart per sequence and
     attention stays within each sequence, so the loss equals the unpacked one) instead of padding."""
+    logprobs_from_hidden: bool = False
+    """Compute the loss from the final hidden states with the chunked `logprobs_from_hidden` op: the [tokens, V]
+    logits are never materialized (one more LM-head matmul in the backward). False: logits + cross-entropy."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -47,7 +47,7 @@ def _assert_same_run(one, two, keys=STAT_KEYS):
                 assert s2[key] == pytest.approx(s1[key], abs=TOL), (step, key)
 
 
-@pytest.mark.parametrize("scenario", ["gae", "grpo", "rloo", "reinforce_pp"])
+@pytest.mark.parametrize("scenario", ["gae", "grpo", "rloo", "reinforce_pp", "gae_hidden"])
 def test_two_ranks_equal_one_rank(runs, scenario):
     one, two = read_result(runs, f"{scenario}_1"), read_result(runs, scenario)
     _assert_same_run(one, two)
@@ -55,6 +55,11 @@ def test_two_ranks_equal_one_rank(runs, scenario):
     moved = max(float((one[0][k] - weights_before[k]).abs().max()) for k in weights_before)
     assert moved > 10 * TOL  # the comparison is not vacuous: 3 steps moved the weights
     assert one[1][-1]["objective/kl"] != 0.0
+
+
+def test_logprobs_from_hidden_under_fsdp_equal_the_logits_path(runs):
+    # the hidden-state path runs inside the sharded model's forward: same run as the logits path, on 2 ranks
+    _assert_same_run(read_result(runs, "gae_1"), read_result(runs, "gae_hidden"))
 
 
 def test_token_budget_on_two_ranks_equals_one_rank_without_budget(runs):

@@ -24,3 +24,14 @@ def test_dpo_raises_the_margin(tiny_dir, tmp_path, loss_type, lr):
     assert metrics["eval/rewards/accuracies"] >= 0.75
     assert metrics["train/loss"] < metrics["train/first_loss"]
     assert {"train/rewards/chosen", "train/rewards/rejected", "train/rewards/accuracies"} <= set(metrics)
+
+
+def test_reference_logps_from_hidden_equal_the_logits_path(tiny_dir, tmp_path):
+    refs = []
+    for from_hidden in (False, True):
+        config = DPOConfig(model_name_or_path=str(tiny_dir), output_dir=str(tmp_path), max_length=64,
+                           eval_split=0.25, logprobs_from_hidden=from_hidden)
+        trainer = DPOTrainer(config, train_dataset=synthetic.preference_records(16, min_gap=2))
+        refs.append(trainer.ref_train)
+    assert refs[0].shape == (12, 2) and refs[0].abs().min() > 1.0  # summed log-probs of real completions
+    torch.testing.assert_close(refs[1], refs[0], rtol=1e-5, atol=1e-4)

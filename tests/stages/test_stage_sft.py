@@ -87,3 +87,19 @@ def test_packed_eval_loss_equals_padded_from_jsonl_files(tiny_dir, tmp_path):
         losses[packing] = trainer.evaluate()
     assert losses[True]["eval/tokens"] == losses[False]["eval/tokens"]
     assert losses[True]["eval/loss"] == pytest.approx(losses[False]["eval/loss"], rel=1e-5)
+
+
+def test_loss_and_gradients_from_hidden_equal_the_logits_path(tiny_dir, tmp_path):
+    # logprobs_from_hidden: the loss without [tokens, V] logits; same loss and gradients as cross-entropy
+    results = []
+    for from_hidden in (False, True):
+        config = SFTConfig(model_name_or_path=str(tiny_dir), output_dir=str(tmp_path), max_length=64,
+                           logprobs_from_hidden=from_hidden)
+        trainer = SFTTrainer(config, train_dataset=synthetic.sft_records(8, seed=1))
+        trainer.model.zero_grad()
+        metrics = trainer._step(trainer._batches(trainer.train_data, 3, None))
+        results.append((metrics, [p.grad.clone() for p in trainer.model.parameters()]))
+    (m0, g0), (m1, g1) = results
+    assert m1["tokens"] == m0["tokens"] and m1["loss"] == pytest.approx(m0["loss"], rel=1e-5)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)

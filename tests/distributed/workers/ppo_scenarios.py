@@ -32,6 +32,8 @@ SCENARIOS = {
     "reinforce_pp": dict(advantage_estimator="reinforce_pp", whiten_rewards=True),
     # micro-batches of at most 16 tokens (samples hold 3..14): a varying count per rank, equalized
     "budget": dict(advantage_estimator="gae", max_tokens_per_microbatch=16),
+    # log-probs from the hidden states inside the FSDP2-sharded model's forward (the LM head gathered there)
+    "gae_hidden": dict(advantage_estimator="gae", logprobs_from_hidden=True),
 }
 GROUPED = ("grpo", "rloo")
 
