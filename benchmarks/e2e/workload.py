@@ -173,7 +173,9 @@ def run_config(workload: Workload, variant: Variant, run_dir: Path, cpus: list[i
         "ppo": {"batch_size": wl.batch_size, "mini_batch_size": wl.batch_size, "ppo_epochs": wl.ppo_epochs,
                 "learning_rate": wl.learning_rate, "init_kl_coef": wl.kl_coef, "adap_kl_ctrl": False,
                 "response_length": wl.response_length, "num_generations": wl.num_generations,
-                "advantage_estimator": variant.estimator, "seed": wl.seed},
+                "advantage_estimator": variant.estimator, "seed": wl.seed,
+                # the critic-free estimators as TRL's GRPOTrainer runs them: beta * KL (k3) in the loss
+                **({"kl_in_reward": False, "kl_penalty": "k3"} if variant.estimator != "gae" else {})},
         "generator": {"backend": wl.backend, "max_model_len": max_model_len, "kv_cache_bytes": wl.kv_cache_bytes,
                       "device": "cpu", "max_batch_size": wl.batch_size, "sampling": {"ignore_eos": True}},
         "transport": {"endpoint": f"ipc://{run_dir.resolve()}/ep"},
