@@ -257,7 +257,7 @@ class PPOTrainer:
         #    micro-batch; no policy pass when the update's own forward is pi_old, see `old_logp_from_update`)
         kl_coef = self.kl_ctl.value
         reward_kl_coef = kl_coef if cfg.kl_in_reward else 0.0  # else the KL is a loss term of the update
-        reuse = old_logp_from_update(cfg, inputs.policy_versions, self.policy_version, reward_kl_coef, self.comm)
+        reuse = old_logp_from_update(cfg, reward_kl_coef, self.comm)
         with timer("forward_pass"):
             batch = make_token_batch(inputs.queries, inputs.responses, self.pad_token_id, self.eos_token_id, self.device)
             batch.response_mask = batch.response_mask * kept[:, None]  # [B, T]: dropped samples have no valid token

@@ -127,18 +127,18 @@ def ppo_update(
     return result
 
 
-def old_logp_from_update(config: PPOConfig, policy_versions: torch.Tensor | None, current_version: int,
-                         kl_coef: float, comm: Comm) -> bool:
+def old_logp_from_update(config: PPOConfig, kl_coef: float, comm: Comm) -> bool:
     """Whether pi_old can be the update's own forward (detached) instead of a separate policy pass.
 
-    It can when the update is one optimizer step (`ppo_epochs == 1` and `backward_batch_size == batch_size`:
-    a later optimizer step would see weights that already moved) on on-policy data (every sample drawn by the
-    current policy version; no versions given: the caller's own samples, on-policy) and nothing before the
-    update needs pi_old: KL-shaped rewards do (`kl_coef > 0`, or the `full` KL from logits), so then the
-    pass stays. On several ranks each rank would only see its own rows of the update: the pass stays too."""
-    on_policy = policy_versions is None or bool((policy_versions == current_version).all())
+    pi_old is the trainer's policy at experience time. When the update is one optimizer step (`ppo_epochs == 1`
+    and `backward_batch_size == batch_size`), the update's forward runs with exactly those weights, so it gives
+    the same log-probs as a separate pass would, for fresh and stale samples alike (a stale sample's distance
+    to its sampler is corrected by the importance weights pi_old / pi_behaviour, computed from that forward
+    too). The pass stays when something needs pi_old first: a later optimizer step (the weights moved by
+    then), KL-shaped rewards (`kl_coef > 0` with `kl_in_reward`, or the `full` KL from logits), or several
+    ranks (each would only see its own rows of the update)."""
     one_step = config.ppo_epochs == 1 and config.backward_batch_size == config.batch_size
-    return one_step and on_policy and kl_coef == 0 and config.kl_penalty != "full" and not comm.distributed
+    return one_step and kl_coef == 0 and config.kl_penalty != "full" and not comm.distributed
 
 
 def adopt_update_logp(exp: Experience, update: UpdateResult, config: PPOConfig) -> None:
