@@ -11,8 +11,8 @@ toy, per-call overheads dominate and say nothing about generation). Per backend:
                  also creates the staging file): vLLM copies it into the shared-memory staging file
                  and reloads it in the engine, then resets the prefix cache (the split is recorded)
 
-`vllm` runs the engine in vLLM's own spawned engine process (`engine_process=True`, the default),
-`vllm-in-process` inside the generator process (`engine_process=False`); either way vLLM's CPU worker binds
+`vllm` runs the engine in vLLM's own spawned engine process (`engine_process=True`),
+`vllm-in-process` inside the generator process (`engine_process=False`, the default); either way vLLM's CPU worker binds
 its torch threads to cores (it reserves one core of this 2-core machine for the caller);
 transformers uses torch's default threads. On a shared machine the load average (recorded) moves
 the numbers: compare runs by their ratios.

