@@ -11,7 +11,7 @@ the micro-batches the passes ran on:
 
   trunk   positions through the transformer: padded B_mb x width_mb per micro-batch, packed R x W (the
           real tokens and the tails of the packed rows)
-  lm_head positions through the LM head: padded B_mb x (T_mb + 1), packed R x W
+  lm_head positions through the LM head: padded B_mb x (T_mb + 1), packed the N response tokens
   useful  real tokens (query + response up to EOS) / response tokens
 """
 
@@ -60,8 +60,9 @@ def run(spec: dict) -> dict:
             mb = batch.select(torch.tensor(rows))
             packed_rows = mb.pack().input_ids.numel() if cfg.packing else 0  # R x W, with the rows' tails
             trunk += packed_rows if cfg.packing else mb.input_ids.numel()
-            # the LM head runs on every packed position; padded, on the last T + 1 columns
-            lm_head += packed_rows if cfg.packing else mb.response_ids.shape[0] * (mb.response_width + 1)
+            # packed, the LM head runs at the positions that predict a response token; padded, on the last T + 1
+            # columns
+            lm_head += int(mb.response_mask.sum()) if cfg.packing else mb.response_ids.shape[0] * (mb.response_width + 1)
         steps = []
         for _ in range(spec["steps"]):
             t0 = time.perf_counter()

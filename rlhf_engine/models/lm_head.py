@@ -1,6 +1,6 @@
 """Token log-probs of a causal LM straight from its final hidden states: the [tokens, V] logits never exist.
 
-    with hidden_logprob_head(model, head):      # model.lm_head is `head` for this block
+    with replaced_lm_head(model, head):         # model.lm_head is `head` for this block
         out = model(input_ids, ...).logits      # [..., 2]: (log-prob, entropy) of head.labels
 
 `HiddenLogprobHead` stands in for the model's LM head (an `nn.Linear`) for one forward: it receives the
@@ -58,6 +58,20 @@ class HiddenLogprobHead(nn.Module):
         return torch.stack([logp, entropy], dim=-1)  # [..., 2]
 
 
+class SelectedPositionsHead(nn.Module):
+    """The LM head applied only at the positions that predict a label: hidden [B, K, H] -> select -> [..., H] ->
+    logits [..., V]. For packed rows, whose forward would otherwise run the head on every position (prompt
+    tokens included: about twice the response tokens when prompts and responses are equally long)."""
+
+    def __init__(self, lm_head: nn.Module, select: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.lm_head = lm_head
+        self.select = select
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.select(hidden))
+
+
 def _head_slot(model: nn.Module) -> tuple[nn.Module, str]:
     """(parent module, attribute) that hold `model`'s output embeddings (`lm_head` of transformers' causal LMs,
     found anywhere below `model`, e.g. inside a PEFT wrapper)."""
@@ -70,7 +84,7 @@ def _head_slot(model: nn.Module) -> tuple[nn.Module, str]:
 
 
 @contextlib.contextmanager
-def hidden_logprob_head(model: nn.Module, head: HiddenLogprobHead) -> Iterator[None]:
+def replaced_lm_head(model: nn.Module, head: nn.Module) -> Iterator[None]:
     """Make `head` the LM head of the causal LM `model` for the block (the original is put back after)."""
     parent, name = _head_slot(model)
     original = getattr(parent, name)
@@ -114,6 +128,6 @@ def next_token_logprobs_from_hidden(model: nn.Module, inputs: dict[str, torch.Te
     states (no logits): `model(**inputs)` with labels [B, T] (IGNORE_INDEX: not scored) -> [B, T - 1] fp32,
     0 where ignored. The SFT loss and DPO's sequence log-probs with `logprobs_from_hidden`."""
     head = HiddenLogprobHead(model.get_output_embeddings(), labels[:, 1:], lambda hidden: hidden[:, :-1])
-    with hidden_logprob_head(model, head):
+    with replaced_lm_head(model, head):
         out = model(**inputs, use_cache=False).logits  # [B, T - 1, 2]
     return out[..., 0]

@@ -21,7 +21,7 @@ from torch import nn
 from rlhf_engine.data.collate import left_pad, right_pad
 from rlhf_engine.distributed.comm import Comm
 from rlhf_engine.data.tokenize import IGNORE_INDEX
-from rlhf_engine.models.lm_head import HiddenLogprobHead, hidden_logprob_head
+from rlhf_engine.models.lm_head import HiddenLogprobHead, SelectedPositionsHead, replaced_lm_head
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.ops import logprobs_from_logits
 from rlhf_engine.trainer.packing import PackedBatch, PassLayout, pack_rows
@@ -143,8 +143,8 @@ def forward_policy(
     `logprobs_from_logits` op, never from a full log_softmax; values come from the value head of the same
     pass (`with_values` needs an `AutoModelForCausalLMWithValueHead`). `keep_logits` also returns the
     response logits [B, T, V] as the model produced them (for the `full` KL). `packed`: the rows run as
-    packed rows (`rlhf_engine.trainer.packing`; the LM head then runs on every position of those rows, whose
-    count is about the real tokens); the outputs are the same [B, T] tensors as the padded pass.
+    packed rows (`rlhf_engine.trainer.packing`; the LM head runs only at the positions that predict a response
+    token); the outputs are the same [B, T] tensors as the padded pass.
     `from_hidden`: the log-probs come from the final hidden states through `logprobs_from_hidden` inside the
     model's forward (`rlhf_engine.models.lm_head`): no [tokens, V] logits exist (not with `keep_logits`).
     """
@@ -164,19 +164,21 @@ def forward_policy(
     # output at column Lq - 1 + t predicts response token t
     select = p.gather if packed else (lambda x: x[:, :-1])
     lm = model.pretrained_model if with_values else model
-    head = (HiddenLogprobHead(lm.get_output_embeddings(), labels, select, temperature, with_entropy)
-            if from_hidden else None)
-    with hidden_logprob_head(lm, head) if head is not None else contextlib.nullcontext():
+    head = None  # padded: the model's own head on the last T + 1 columns (`logits_to_keep`)
+    if from_hidden:
+        head = HiddenLogprobHead(lm.get_output_embeddings(), labels, select, temperature, with_entropy)
+    elif packed:  # the head at the N predicting positions only, not at every position of the packed rows
+        head = SelectedPositionsHead(lm.get_output_embeddings(), select)
+    with replaced_lm_head(lm, head) if head is not None else contextlib.nullcontext():
         if with_values:
-            logits, values = model(**kwargs)
+            out, values = model(**kwargs)
             values = select(values)
         else:
-            logits, values = model(**kwargs, use_cache=False).logits, None
-    if head is not None:  # the head's output: [..., 2] log-prob and entropy; no logits exist
-        logp, entropy = logits[..., 0], (logits[..., 1] if with_entropy else None)
-        logits = None
+            out, values = model(**kwargs, use_cache=False).logits, None
+    if from_hidden:  # the head's output: [..., 2] log-prob and entropy; no logits exist
+        logp, entropy, logits = out[..., 0], (out[..., 1] if with_entropy else None), None
     else:
-        logits = select(logits)  # [..., V]
+        logits = out if packed else select(out)  # [..., V]
         logp, entropy = _logprobs(logits, labels, temperature, with_entropy)
     if packed:  # [1, N, ...] -> [B, T, ...]
         logp, entropy, values, logits = (p.unpack(t) if t is not None else None

@@ -18,7 +18,9 @@ packed call passes `use_cache=False` (with a cache, transformers ignores the res
 
 Outputs at the N positions that predict a response token are gathered (`gather`, flat indices into
 [R * W], in the order of `response_mask.bool()`) and `unpack` scatters such [1, N, ...] tensors back to
-the padded [B, T, ...] layout of the experience.
+the padded [B, T, ...] layout of the experience. The LM head itself runs on those N positions only (the
+policy passes gather the hidden states before it: `models.lm_head.SelectedPositionsHead`), not on every
+position of the rows.
 """
 
 from __future__ import annotations

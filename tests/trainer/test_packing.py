@@ -134,3 +134,14 @@ def test_bf16_models_pack(make_lm, make_reward_model):
     supports = PackingSupport()
     assert supports(make_lm(seed=0).to(torch.bfloat16)) is True
     assert supports(make_reward_model(seed=1).to(torch.bfloat16)) is True
+
+
+def test_packed_pass_runs_the_lm_head_only_where_a_response_token_is_predicted(make_lm, tokenizer, pairs):
+    lm = make_lm(seed=0)
+    rows = []
+    lm.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
+    batch = make_token_batch(*pairs, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    with torch.no_grad():
+        forward_policy(lm, batch, 1.0, packed=True)
+    assert rows == [int(batch.response_mask.sum())]  # N positions, not the R x W of the packed rows
+    assert rows[0] < batch.pack().input_ids.numel() / 2
