@@ -89,6 +89,16 @@ def test_resume_restores_the_adapters_and_continues_exactly(model_dirs, tmp_path
         assert torch.equal(back[name], live[name]), name
 
 
+def test_fresh_adapters_are_drawn_from_the_run_seed(model_dirs, tmp_path):
+    config = run_config(model_dirs, tmp_path)
+    torch.manual_seed(1)
+    first = trained_state(build_ppo_trainer(config, None, Comm())[0].model)
+    torch.manual_seed(2)  # another global RNG state: the same adapters
+    second = trained_state(build_ppo_trainer(config, None, Comm())[0].model)
+    a = "pretrained_model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    assert first[a].abs().sum() > 0 and all(torch.equal(first[n], second[n]) for n in first)
+
+
 def test_resume_errors_name_the_mismatch(model_dirs, tmp_path):
     config = run_config(model_dirs, tmp_path)
     trainer, _ = build_ppo_trainer(config, None, Comm())
