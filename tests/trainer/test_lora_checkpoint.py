@@ -113,6 +113,7 @@ def test_lora_critic_trains_adapters_and_saves_a_peft_folder(model_dirs, tmp_pat
     config = run_config(model_dirs, tmp_path, value_model=str(model_dirs[1]), lora={"r": 8, "critic": True})
     trainer, tokenizer = build_ppo_trainer(config, None, Comm())
     critic = trainer.value_model
+    assert trainer.layout.critic  # the LoRA critic runs packed too
     trainable = {n for n, p in critic.named_parameters() if p.requires_grad}
     assert trainable == {n for n in trainable if ".lora_" in n or n.startswith("v_head.")}
     assert {"v_head.summary.weight", "v_head.summary.bias"} <= trainable and len(trainable) == 2 + 8
