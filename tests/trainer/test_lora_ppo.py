@@ -94,8 +94,9 @@ def test_lora_rejects_several_ranks(tmp_path):
     from rlhf_engine.config import load_run_config
     from rlhf_engine.distributed.run import preflight
 
-    config = load_run_config(None, base={"model": {"policy": str(tmp_path), "reward_fn": "m:f", "lora": {"r": 8}},
-                                         "data": {"prompts": "p.jsonl"}, "ppo": {"batch_size": 8, "mini_batch_size": 4}})
+    config = load_run_config(None, base={
+        "model": {"policy": str(tmp_path), "reward_fn": "m:f", "lora": {"r": 8}},
+        "data": {"prompts": "p.jsonl"}, "ppo": {"batch_size": 8, "mini_batch_size": 4}})
     preflight(config, 1)
     with pytest.raises(ValueError, match=r"model.lora: LoRA policies train on one trainer rank, not 2"):
         preflight(config, 2)
