@@ -151,6 +151,9 @@ def export_merged(policy_dir: str | Path, out: str | Path, base: str | Path | No
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     policy_dir, out = Path(policy_dir), Path(out)
+    if not is_adapter_folder(policy_dir) and not (policy_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{policy_dir} is neither a checkpoint nor a model folder (no {ADAPTER_CONFIG}, "
+                                "no config.json)")
     if is_adapter_folder(policy_dir):
         from peft import PeftModel
 

@@ -100,8 +100,8 @@ class PPOTrainer:
 
         self.lora = is_lora(causal_lm(model))
         """The policy trains LoRA adapters on a frozen base (a peft model inside `model`)."""
-        if self.lora and comm.distributed:
-            raise ValueError(f"LoRA policies train on one rank; this trainer has {comm.world_size}")
+        if comm.distributed and (self.lora or (value_model is not None and is_lora(value_model.pretrained_model))):
+            raise ValueError(f"LoRA models train on one rank; this trainer has {comm.world_size}")
         self.model = model.eval()
         self.value_model = value_model.eval() if value_model is not None else None
         self.ref_model = reference_model(model, ref_model, config.frozen_dtype)

@@ -171,7 +171,7 @@ def test_export_merge_writes_an_hf_folder_with_the_lora_logits(load_base, base_d
         torch.testing.assert_close(merged(IDS).logits, model(IDS).logits, rtol=0, atol=1e-5)
 
 
-def test_export_names_a_missing_base(load_base, tmp_path, capsys):
+def test_export_errors_name_the_missing_folder(load_base, tmp_path, capsys):
     from rlhf_engine.cli import main
 
     model = apply_lora(load_base(), LoraConfig())
@@ -180,3 +180,6 @@ def test_export_names_a_missing_base(load_base, tmp_path, capsys):
     assert main(["export", "--merge", str(tmp_path / "policy"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "names base model" in err and "gone" in err and "--base" in err
+    (tmp_path / "empty").mkdir()
+    assert main(["export", "--merge", str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
+    assert "is neither a checkpoint nor a model folder" in capsys.readouterr().err
