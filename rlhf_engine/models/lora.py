@@ -161,8 +161,18 @@ def merged_state_dict(model: "peft.PeftModel") -> dict[str, torch.Tensor]:
 
 def adapter_config_dict(config: LoraConfig, base_model_path: str) -> dict:
     """The `adapter_config.json` of a PEFT folder for adapters of `config` on the causal LM at
-    `base_model_path` (as `PeftModel.save_pretrained` writes it: inference mode, sets as lists)."""
-    pconfig = peft_config(config, "CAUSAL_LM", str(base_model_path))
+    `base_model_path` (as `PeftModel.save_pretrained` writes it: inference mode, sets as sorted lists;
+    `all-linear` stays as is, see `model_adapter_config` for the layer names a model resolved it to)."""
+    return _config_json(peft_config(config, "CAUSAL_LM", str(base_model_path)))
+
+
+def model_adapter_config(model: "peft.PeftModel") -> dict:
+    """The `adapter_config.json` that `model.save_pretrained` writes now (its live peft config, with
+    `target_modules` as the layer names peft matched, sorted)."""
+    return _config_json(copy.copy(model.peft_config[model.active_adapter]))
+
+
+def _config_json(pconfig) -> dict:
     pconfig.inference_mode = True
     out = pconfig.to_dict()
     for key, value in out.items():

@@ -24,7 +24,7 @@ from rlhf_engine.distributed import Comm, DistributedConfig, check_divisible, is
 from rlhf_engine.distributed.dcp import save_hf_folder
 from rlhf_engine.models.loading import AdaptersDisabled, causal_lm, freeze, policy_state_dict, reference_model
 from rlhf_engine.models.lora import adapter_state_dict as lora_adapters
-from rlhf_engine.models.lora import is_lora
+from rlhf_engine.models.lora import is_lora, model_adapter_config
 from rlhf_engine.models.reward_scoring import RewardFn, check_reward_model, function_scores, model_scores
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.ops import masked_whiten
@@ -351,6 +351,13 @@ class PPOTrainer:
         if not self.lora:
             raise RuntimeError("adapter_state_dict: the policy has no LoRA adapters (model.lora is not set)")
         return lora_adapters(causal_lm(self.model))
+
+    def adapter_config(self) -> dict:
+        """The policy's `adapter_config.json` as its PEFT folder holds it (LoRA only; else RuntimeError): with
+        `adapter_state_dict()`, what a generator needs to write a loadable adapter folder."""
+        if not self.lora:
+            raise RuntimeError("adapter_config: the policy has no LoRA adapters (model.lora is not set)")
+        return model_adapter_config(causal_lm(self.model))
 
     def policy_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor) of the policy (transformers names, no value head), one tensor at a time. With
