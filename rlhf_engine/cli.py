@@ -151,6 +151,13 @@ def _run_ppo(args: argparse.Namespace, argv: list[str]) -> int:
         if summary is None:  # not rank 0
             return 0
     else:
+        from rlhf_engine.distributed.group import resolve_device
+
+        try:
+            resolve_device(config.trainer)
+        except RuntimeError as e:
+            print(f"rlhf-engine ppo: {e}", file=sys.stderr)
+            return 2
         with RLHFEngine(config, resume=args.resume) as engine:
             for _ in engine.steps():
                 pass

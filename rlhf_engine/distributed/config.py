@@ -7,14 +7,20 @@ from typing import Literal
 
 BACKENDS = ("auto", "gloo", "nccl")
 MIXED_PRECISIONS = ("no", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
 class DistributedConfig:
-    """Settings of a trainer that runs as N ranks under torchrun (all ignored by a single process)."""
+    """Where the trainer runs (`device`, also for a single process) and, for N ranks under torchrun, how the
+    ranks talk and how their models are wrapped (the rest, ignored by a single process)."""
 
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the trainer's models (policy, critic, reference, reward model) live: `cuda` = this rank's GPU
+    (cuda:LOCAL_RANK, cuda:0 for a single process), `cpu`, or `auto` (cuda when CUDA is available, else cpu).
+    Also for a single process: it is the trainer's device, whatever runs the generators."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
-    """Process-group backend: `auto` picks nccl when CUDA is available, else gloo."""
+    """Process-group backend: `auto` picks nccl for a CUDA trainer, gloo for a CPU one; nccl needs CUDA."""
     fsdp: bool = True
     """Shard trainable models with FSDP2 (`fully_shard` per decoder layer + root); False: replicate with DDP."""
     shard_frozen: bool = False
@@ -27,6 +33,8 @@ class DistributedConfig:
     """Longest wait of any collective before the job fails (a dead or unreachable rank)."""
 
     def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"trainer.device ({self.device!r}) must be one of {', '.join(DEVICES)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"trainer.backend ({self.backend!r}) must be one of {', '.join(BACKENDS)}")
         if self.mixed_precision not in MIXED_PRECISIONS:

@@ -57,12 +57,33 @@ def rank_info_from_env(env: Mapping[str, str] | None = None) -> RankInfo:
     return RankInfo(rank=rank, world_size=world, local_rank=local)
 
 
-def resolve_backend(name: str) -> str:
-    """`auto` -> nccl when CUDA is available, else gloo; nccl without CUDA raises."""
+def resolve_device(config: DistributedConfig, local_rank: int = 0) -> torch.device:
+    """The trainer's device (`trainer.device`): `cuda` -> cuda:local_rank, `auto` -> that when CUDA is
+    available, else the CPU. RuntimeError naming the setting when CUDA is asked for and absent."""
+    wants_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if not wants_cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("trainer.device='cuda' but this torch sees no CUDA device "
+                           f"(torch {torch.__version__}); set trainer.device: cpu or auto")
+    if local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"trainer rank with LOCAL_RANK {local_rank} needs cuda:{local_rank}, but this host has "
+                           f"{torch.cuda.device_count()} CUDA devices: start at most that many ranks per host")
+    return torch.device("cuda", local_rank)
+
+
+def resolve_backend(name: str, device_type: str | None = None) -> str:
+    """The process-group backend for a trainer on `device_type` (None: where CUDA decides): `auto` -> nccl for
+    CUDA, gloo for the CPU; nccl without CUDA raises, and so do gloo with CUDA or nccl with a CPU trainer."""
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
+        return "nccl" if device_type == "cuda" else "gloo"
     if name == "nccl" and not torch.cuda.is_available():
         raise RuntimeError("trainer.backend='nccl' needs CUDA devices; this host has none (use gloo or auto)")
+    if (name == "nccl") != (device_type == "cuda"):
+        raise RuntimeError(f"trainer.backend={name!r} does not serve a trainer on {device_type} "
+                           f"(trainer.device): nccl goes with cuda, gloo with cpu; or set trainer.backend: auto")
     return name
 
 
@@ -72,10 +93,9 @@ def init_process_group(config: DistributedConfig, env: Mapping[str, str] | None 
     A rank that cannot reach MASTER_ADDR:MASTER_PORT fails after `config.timeout_s` with torch's error.
     """
     info = rank_info_from_env(env)
-    backend = resolve_backend(config.backend)
-    device = torch.device("cpu")
-    if backend == "nccl":
-        device = torch.device("cuda", info.local_rank)
+    device = resolve_device(config, info.local_rank)
+    backend = resolve_backend(config.backend, device.type)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(

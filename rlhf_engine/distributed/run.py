@@ -11,7 +11,9 @@ from typing import Any
 
 from rlhf_engine.distributed.comm import Comm
 from rlhf_engine.distributed.config import check_divisible, check_mixed_precision
-from rlhf_engine.distributed.group import destroy_process_group, init_process_group, rank_info_from_env, resolve_backend
+from rlhf_engine.distributed.group import (
+    destroy_process_group, init_process_group, rank_info_from_env, resolve_backend, resolve_device,
+)
 
 
 def preflight(config, world_size: int | None = None) -> None:
@@ -25,7 +27,9 @@ def preflight(config, world_size: int | None = None) -> None:
     if world_size > 1 and config.model.lora is not None:
         raise ValueError(f"model.lora: LoRA policies train on one trainer rank, not {world_size}")
     check_divisible(world_size, config.ppo.batch_size, config.ppo.mini_batch_size)
-    check_mixed_precision(config.trainer, "cuda" if resolve_backend(config.trainer.backend) == "nccl" else "cpu")
+    device = resolve_device(config.trainer)
+    resolve_backend(config.trainer.backend, device.type)
+    check_mixed_precision(config.trainer, device.type)
 
 
 def run_ppo_ranks(config, resume: str | Path | None) -> dict[str, Any] | None:

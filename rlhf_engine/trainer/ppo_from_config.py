@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_engine.distributed import Comm
+from rlhf_engine.distributed.group import resolve_device
 from rlhf_engine.models.loading import is_adapter_folder, load_causal_lm, load_lora_model
 from rlhf_engine.models.lora import LoraConfig
 from rlhf_engine.models.reward_scoring import load_reward_model
@@ -19,7 +20,8 @@ if TYPE_CHECKING:
 def build_ppo_trainer(config: RunConfig, ckpt: Path | None, comm: Comm) -> tuple[PPOTrainer, Any]:
     """The PPO trainer of a run (every trainer rank builds it the same way); returns (trainer, tokenizer).
     The policy (and critic) start from the checkpoint's folders when resuming; the reference is always the
-    initial policy (with `model.lora` and no `model.ref_model`: the policy's base with adapters disabled)."""
+    initial policy (with `model.lora` and no `model.ref_model`: the policy's base with adapters disabled).
+    The models go to `trainer.device`."""
     from transformers import AutoTokenizer
 
     from rlhf_engine.config import import_function
@@ -38,6 +40,11 @@ def build_ppo_trainer(config: RunConfig, ckpt: Path | None, comm: Comm) -> tuple
                                       config.ppo.seed + 1)
     reward_model = load_reward_model(m.reward_model) if m.reward_model is not None else None
     reward_fn = import_function(m.reward_fn) if m.reward_fn is not None else None
+    # `trainer.device`: every rank's models on its device (a rank's is cuda:LOCAL_RANK, set when it joined)
+    device = comm.device if comm.distributed else resolve_device(config.trainer)
+    for model in (policy, ref, value_model, reward_model):
+        if model is not None:
+            model.to(device)
     trainer = PPOTrainer(config=config.ppo, model=policy, ref_model=ref, tokenizer=tokenizer,
                          reward_model=reward_model, reward_fn=reward_fn, value_model=value_model,
                          comm=comm, parallel=config.trainer)

@@ -50,3 +50,25 @@ def test_mixed_precision_on_cpu_is_refused():
                                       intermediate_size=256), build_tokenizer(300))
     with pytest.raises(ValueError, match="trainer.mixed_precision='bf16' needs CUDA .* this rank runs on cpu"):
         shard_model(model, DistributedConfig(mixed_precision="bf16"), Comm())
+
+
+def test_trainer_device_setting():
+    from rlhf_engine.distributed.group import resolve_device
+
+    with pytest.raises(ValueError, match=r"trainer.device \('tpu'\) must be one of auto, cpu, cuda"):
+        DistributedConfig(device="tpu")
+    assert resolve_device(DistributedConfig(device="cpu")) == torch.device("cpu")
+    expected = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    assert resolve_device(DistributedConfig()) == expected
+    # the backend follows the trainer's device; a mismatch is named
+    assert resolve_backend("auto", "cpu") == "gloo"
+    with pytest.raises(RuntimeError, match="trainer.backend='gloo' does not serve a trainer on cuda"):
+        resolve_backend("gloo", "cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_cuda_trainer_without_cuda_is_refused_naming_the_setting():
+    from rlhf_engine.distributed.group import resolve_device
+
+    with pytest.raises(RuntimeError, match="trainer.device='cuda' but this torch sees no CUDA device"):
+        resolve_device(DistributedConfig(device="cuda"))
