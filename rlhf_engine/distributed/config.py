@@ -17,7 +17,8 @@ class DistributedConfig:
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the trainer's models (policy, critic, reference, reward model) live: `cuda` = this rank's GPU
-    (cuda:LOCAL_RANK, cuda:0 for a single process), `cpu`, or `auto` (cuda when CUDA is available, else cpu).
+    (cuda:LOCAL_RANK, cuda:0 for a single process), `cpu`, or `auto` (what a named `backend` serves: gloo
+    cpu, nccl cuda; with `backend: auto`, cuda when CUDA is available, else cpu).
     Also for a single process: it is the trainer's device, whatever runs the generators."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """Process-group backend: `auto` picks nccl for a CUDA trainer, gloo for a CPU one; nccl needs CUDA."""

@@ -58,9 +58,13 @@ def rank_info_from_env(env: Mapping[str, str] | None = None) -> RankInfo:
 
 
 def resolve_device(config: DistributedConfig, local_rank: int = 0) -> torch.device:
-    """The trainer's device (`trainer.device`): `cuda` -> cuda:local_rank, `auto` -> that when CUDA is
-    available, else the CPU. RuntimeError naming the setting when CUDA is asked for and absent."""
-    wants_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    """The trainer's device (`trainer.device`): `cuda` -> cuda:local_rank; `auto` -> the one a named backend
+    serves (gloo: cpu, nccl: cuda), else cuda when CUDA is available, else the CPU. RuntimeError naming the
+    setting when CUDA is asked for and absent."""
+    if config.device == "auto":
+        wants_cuda = config.backend == "nccl" or (config.backend == "auto" and torch.cuda.is_available())
+    else:
+        wants_cuda = config.device == "cuda"
     if not wants_cuda:
         return torch.device("cpu")
     if not torch.cuda.is_available():

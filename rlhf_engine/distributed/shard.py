@@ -64,7 +64,7 @@ def shard_model(model: nn.Module, config: DistributedConfig, comm: Comm, *, trai
     trainable=False (reference and reward models) shards only when `config.shard_frozen`, else leaves a full
     copy on each rank. One rank: only activation checkpointing applies.
     """
-    check_mixed_precision(config, comm.device.type)  # also for a single rank
+    check_mixed_precision(config, next(model.parameters()).device.type)  # also for a single rank
     if config.activation_checkpointing and trainable:
         from torch.distributed._composable import checkpoint
 

@@ -113,9 +113,7 @@ class GeneratorConfig:
             raise ValueError(f"kv_cache_bytes ({self.kv_cache_bytes}) must be > 0")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size ({self.tensor_parallel_size}) must be >= 1")
-        if self.engine_process is None:
-            self.engine_process = self.tensor_parallel_size > 1
-        if not self.engine_process and self.tensor_parallel_size > 1:
+        if self.engine_process is False and self.tensor_parallel_size > 1:
             raise ValueError(f"engine_process=False needs tensor_parallel_size 1, got {self.tensor_parallel_size}")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size ({self.max_batch_size}) must be >= 1")
@@ -123,6 +121,11 @@ class GeneratorConfig:
             raise ValueError(f"initial_version ({self.initial_version}) must be >= 0")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device ({self.device!r}) must be auto, cpu, cuda or cuda:N")
+
+    @property
+    def vllm_in_processes(self) -> bool:
+        """`engine_process` resolved: explicit, or (None) processes only for tensor parallelism."""
+        return self.engine_process if self.engine_process is not None else self.tensor_parallel_size > 1
 
     def batch_seed(self, batch: int) -> int:
         """The seed of batch number `batch`: distinct per batch, fixed for a given `seed`."""

@@ -6,7 +6,9 @@
 - Weight updates: copied once into a shared-memory staging file, then loaded inside the
   engine by `WeightReloadExtension.rlhf_reload_weights` (`model_runner.reload_weights`);
   the prefix cache is reset afterwards, since cached KV blocks came from the old weights.
-- vLLM starts its engine core with spawn: build this from a spawn-safe entry point.
+- The engine runs inside this process by default (`GeneratorConfig.engine_process`); in its own
+  processes (tensor parallelism, or asked for) vLLM starts them with spawn: build this from a spawn-safe
+  entry point.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class VLLMGenerator(Generator):
         super().__init__(config)
         from vllm import LLM
 
-        with _multiprocessing_env(config.engine_process):
+        with _multiprocessing_env(config.vllm_in_processes):
             self.llm = LLM(
                 model=config.model,
                 dtype=config.dtype,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_engine.ops import gae, gae_packed, masked_whiten
+from rlhf_engine.ops._library import accum_dtype
 
 
 def gae_advantages(
@@ -31,13 +32,13 @@ def gae_on_valid_tokens(
     """`gae` of [B, T] tensors computed on their valid tokens only, packed end to end (`gae_packed`): the scan
     touches the N = mask.sum() response tokens instead of B * T padded positions (with responses of 8 to 128
     tokens, N is about half of B * T). Equal to `gae(rewards, values, mask, ...)`, which skips masked positions
-    the same way. Returns (advantages [B, T], returns [B, T]) fp32, 0 on padding."""
+    the same way. Returns (advantages [B, T], returns [B, T]) fp32 (fp64 for fp64 inputs), 0 on padding."""
     valid = mask.bool()
     offsets = torch.zeros(valid.shape[0] + 1, dtype=torch.int64, device=valid.device)
     torch.cumsum(valid.sum(dim=1), dim=0, out=offsets[1:])  # sequence i spans [offsets[i], offsets[i + 1])
-    advantages = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+    advantages = torch.zeros(valid.shape, dtype=accum_dtype(rewards.dtype), device=valid.device)
     returns = torch.zeros_like(advantages)
-    if not valid.any():  # every sample dropped: nothing to scan
+    if not valid.any():  # every sample dropped: nothing to scan (a device sync, as is the boolean indexing)
         return advantages, returns
     packed_adv, packed_ret = gae_packed(rewards[valid], values[valid], offsets, gamma, lam)  # [N]
     advantages[valid], returns[valid] = packed_adv, packed_ret

@@ -296,7 +296,7 @@ class Experience:
     gradients ([B, T] fp32 unless noted)."""
 
     batch: TokenBatch
-    old_logp: torch.Tensor | None  # None: the update's own forward gives it (on-policy, one epoch)
+    old_logp: torch.Tensor | None  # None: the update's own forward gives it (one optimizer step)
     ref_logp: torch.Tensor
     values: torch.Tensor | None  # None for the critic-free estimators
     entropy: torch.Tensor

@@ -29,7 +29,6 @@ from rlhf_engine.models.reward_scoring import RewardFn, check_reward_model, func
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.ops import masked_whiten
 from rlhf_engine.trainer import advantages as adv
-from rlhf_engine.trainer import losses
 from rlhf_engine.trainer.experience import Experience, forward_experience, make_token_batch
 from rlhf_engine.trainer.kl_control import make_kl_controller
 from rlhf_engine.trainer.microbatch import rank_microbatches
@@ -38,7 +37,7 @@ from rlhf_engine.trainer.ppo_config import PPOConfig
 from rlhf_engine.trainer.ppo_generate import sample_responses
 from rlhf_engine.trainer.ppo_inputs import TokenSeqs, as_scores, as_token_list, check_step_inputs, collate_queries
 from rlhf_engine.trainer.ppo_stats import PhaseTimer, step_stats
-from rlhf_engine.trainer.ppo_update import adopt_update_logp, old_logp_from_update, ppo_update
+from rlhf_engine.trainer.ppo_update import adopt_update_logp, off_policy_weights, old_logp_from_update, ppo_update
 from rlhf_engine.trainer.schedule import lr_scheduler
 from rlhf_engine.trainer.shaping import clip_scores, kl_shaped_rewards, missing_eos_penalty
 
@@ -264,11 +263,10 @@ class PPOTrainer:
                 rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
         with timer("compute_advantages"):
             advantages, returns = self._advantages(rewards, passes.values, mask, kept)
-            behaviour, is_weights = None, None
+            behaviour = None
             if inputs.behaviour_logp is not None:  # tokens after EOS are not trained
                 behaviour = inputs.behaviour_logp[:, : mask.shape[1]].to(self.device)
-                if cfg.off_policy_correction == "tis" and passes.old_logp is not None:
-                    is_weights = losses.truncated_importance_weights(passes.old_logp, behaviour, cfg.tis_cap) * mask
+            is_weights = off_policy_weights(cfg, passes.old_logp, behaviour, mask)
         exp = Experience(
             batch=batch, old_logp=passes.old_logp, ref_logp=passes.ref_logp, values=passes.values,
             entropy=passes.entropy, kl=kl, kl_coef=kl_coef, raw_scores=raw_scores, scores=step_scores,

@@ -70,9 +70,11 @@ class PPOConfig:
     kl_in_reward: bool = True
     """Where the KL penalty acts. True (TRL's PPO): in the reward, r_t = -beta * KL_t, before the advantages.
     False (TRL's GRPOTrainer `beta`, verl's `use_kl_loss`): as a loss term beta * mean_t KL_t of the current
-    policy against the reference, added to the policy loss (estimator `kl_penalty`; `k3` is the usual
-    choice). Then nothing before the update needs pi_old, so on-policy data with `ppo_epochs == 1` needs no
-    separate policy forward pass (see `old_logp_from_update`)."""
+    policy against the reference, added to the policy loss, with `kl_penalty` `k3` (its expected gradient on
+    the sampled tokens is that of KL(ref || pi); TRL's choice) or `mse` (that of KL(pi || ref)); `kl` and `abs`
+    are refused there (the expected gradient of the log-ratio is 0, that of `abs` is biased). Then nothing
+    before the update needs pi_old, so one optimizer step per PPO step needs no separate policy forward pass
+    (see `old_logp_from_update`)."""
     adap_kl_ctrl: bool = True
     """Adapt beta towards `target` (Ziegler et al. 2019): beta *= 1 + clip(KL/target - 1, -0.2, 0.2) * n/horizon."""
     target: float = 6.0
@@ -160,6 +162,9 @@ class PPOConfig:
             raise ValueError("kl_penalty='full' needs the logits of the experience pass: it works with "
                              "kl_in_reward=True and logprobs_from_hidden=False only (got kl_in_reward="
                              f"{self.kl_in_reward}, logprobs_from_hidden={self.logprobs_from_hidden})")
+        if not self.kl_in_reward and self.kl_penalty in ("kl", "abs"):
+            raise ValueError(f"kl_in_reward=False needs kl_penalty 'k3' or 'mse', got {self.kl_penalty!r}: as a loss "
+                             "term the log-ratio estimator has zero expected gradient and 'abs' a biased one")
         if self.frozen_dtype is not None:
             _check_choice("frozen_dtype", self.frozen_dtype, FROZEN_DTYPES)
         if self.advantage_estimator in GROUP_ESTIMATORS:
@@ -202,6 +207,12 @@ class PPOConfig:
     def backward_batch_size(self) -> int:
         """Samples of one optimizer step: mini_batch_size * gradient_accumulation_steps."""
         return self.mini_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def one_optimizer_step(self) -> bool:
+        """True when a PPO step is one optimizer step (one epoch, one backward batch): its forward runs with the
+        weights of the experience (see `ppo_update.old_logp_from_update`)."""
+        return self.ppo_epochs == 1 and self.backward_batch_size == self.batch_size
 
     @property
     def uses_critic(self) -> bool:

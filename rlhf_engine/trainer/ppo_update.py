@@ -2,8 +2,9 @@
 per backward batch (`backward_batch_size` rows in micro-batches of `mini_batch_size` rows, or of at most
 `max_tokens_per_microbatch` tokens), on one rank or many.
 
-On-policy data with one optimizer step may come without old log-probs (`Experience.old_logp` None): the update's
-own forward, detached, is pi_old (the ratio is exactly 1), and the update returns it for the metrics.
+With one optimizer step the experience may come without old log-probs (`Experience.old_logp` None), fresh or
+stale samples alike: the update's own forward, detached, is pi_old (the ratio is exactly 1), and the update
+returns it for the metrics.
 
 Each optimizer step's loss is the mean over the global token count N of its minibatch: every micro-batch
 on every rank adds sum(token losses) / N, so the update does not depend on how the minibatch is cut into
@@ -68,7 +69,7 @@ def ppo_update(
     docstring. lengths: the real tokens of each sample (for the token budget)."""
     result = UpdateResult()
     if exp.old_logp is None:
-        if config.ppo_epochs != 1 or config.backward_batch_size != config.batch_size or comm.distributed:
+        if not config.one_optimizer_step or comm.distributed:
             raise ValueError("an experience without old log-probs needs one optimizer step on one rank, got "
                              f"ppo_epochs={config.ppo_epochs}, backward_batch_size={config.backward_batch_size}, "
                              f"batch_size={config.batch_size}, world_size={comm.world_size}")
@@ -127,7 +128,7 @@ def ppo_update(
     return result
 
 
-def old_logp_from_update(config: PPOConfig, kl_coef: float, comm: Comm) -> bool:
+def old_logp_from_update(config: PPOConfig, reward_kl_coef: float, comm: Comm) -> bool:
     """Whether pi_old can be the update's own forward (detached) instead of a separate policy pass.
 
     pi_old is the trainer's policy at experience time. When the update is one optimizer step (`ppo_epochs == 1`
@@ -135,10 +136,18 @@ def old_logp_from_update(config: PPOConfig, kl_coef: float, comm: Comm) -> bool:
     the same log-probs as a separate pass would, for fresh and stale samples alike (a stale sample's distance
     to its sampler is corrected by the importance weights pi_old / pi_behaviour, computed from that forward
     too). The pass stays when something needs pi_old first: a later optimizer step (the weights moved by
-    then), KL-shaped rewards (`kl_coef > 0` with `kl_in_reward`, or the `full` KL from logits), or several
-    ranks (each would only see its own rows of the update)."""
-    one_step = config.ppo_epochs == 1 and config.backward_batch_size == config.batch_size
-    return one_step and kl_coef == 0 and config.kl_penalty != "full" and not comm.distributed
+    then), KL-shaped rewards (`reward_kl_coef > 0`, or the `full` KL from logits), or several ranks (each would
+    only see its own rows of the update)."""
+    return config.one_optimizer_step and reward_kl_coef == 0 and config.kl_penalty != "full" and not comm.distributed
+
+
+def off_policy_weights(config: PPOConfig, old_logp: torch.Tensor | None, behaviour_logp: torch.Tensor | None,
+                       mask: torch.Tensor) -> torch.Tensor | None:
+    """The truncated importance weights min(pi_old / pi_behaviour, tis_cap) [B, T], 0 on padding, when the step
+    has the sampler's log-probs and `off_policy_correction` is `tis`; else None."""
+    if old_logp is None or behaviour_logp is None or config.off_policy_correction != "tis":
+        return None
+    return losses.truncated_importance_weights(old_logp, behaviour_logp, config.tis_cap) * mask
 
 
 def adopt_update_logp(exp: Experience, update: UpdateResult, config: PPOConfig) -> None:
@@ -147,8 +156,7 @@ def adopt_update_logp(exp: Experience, update: UpdateResult, config: PPOConfig) 
     mask = exp.batch.response_mask
     exp.old_logp, exp.entropy = update.policy_logp, update.entropy
     exp.kl = kl_penalty(config.kl_penalty, exp.old_logp, exp.ref_logp, mask, None, None, config.temperature)
-    if exp.behaviour_logp is not None and config.off_policy_correction == "tis":
-        exp.is_weights = losses.truncated_importance_weights(exp.old_logp, exp.behaviour_logp, config.tis_cap) * mask
+    exp.is_weights = off_policy_weights(config, exp.old_logp, exp.behaviour_logp, mask)
 
 
 def _step_microbatches(step_rows: torch.Tensor, lengths: list[int], config: PPOConfig, comm: Comm,
@@ -186,10 +194,11 @@ def minibatch_loss(
                          with_entropy=config.entropy_coef > 0 or own_old_logp, packed=layout.policy,
                          from_hidden=layout.from_hidden)
     mb_old_logp = out.logp.detach() if own_old_logp else exp.old_logp[rows, :width]
-    mb_is_weights = exp.is_weights[rows, :width] if exp.is_weights is not None else None
-    if own_old_logp and exp.behaviour_logp is not None and config.off_policy_correction == "tis":
-        mb_is_weights = losses.truncated_importance_weights(
-            mb_old_logp, exp.behaviour_logp[rows, :width], config.tis_cap) * mask
+    if own_old_logp:  # the weights against the sampler from this forward, as pi_old
+        behaviour = exp.behaviour_logp[rows, :width] if exp.behaviour_logp is not None else None
+        mb_is_weights = off_policy_weights(config, mb_old_logp, behaviour, mask)
+    else:
+        mb_is_weights = exp.is_weights[rows, :width] if exp.is_weights is not None else None
     pg_loss, pg_stats = losses.ppo_policy_loss(
         out.logp, mb_old_logp, exp.advantages[rows, :width], mask, config.cliprange, mb_is_weights, token_count,
     )

@@ -175,16 +175,22 @@ def test_wandb_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch, a
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    ids = []
     for step in (1, 2):  # the first start, then a resume in the same run directory
         logger = MetricsLogger(tmp_path, loggers=["jsonl", "wandb"], progress=False, initial_step=step - 1)
         logger.log(step, {"env/reward_mean": float(step)})
         logger.close()
+        ids.append((tmp_path / RUN_ID_FILE).read_text().strip())
         time.sleep(1.1)  # W&B names an offline segment by the second it started in: keep the two apart
     assert_no_new_children()
-    run_id = (tmp_path / RUN_ID_FILE).read_text().strip()
+    run_id = ids[0]
+    assert ids[1] == run_id
     assert len(run_id) >= 8
     run_dirs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     # two offline segments of ONE W&B run (`wandb sync` uploads both into it), each with its own step
     assert len(run_dirs) == 2 and all(d.name.endswith(f"-{run_id}") for d in run_dirs)
     steps = [[r["_step"] for r in read_run(next(d.glob("run-*.wandb")))["history"]] for d in run_dirs]
     assert sorted(steps) == [[1], [2]]
+    # a fresh run (from step 0) in the same directory is a new W&B run
+    MetricsLogger(tmp_path, loggers=["jsonl", "wandb"], progress=False).close()
+    assert (tmp_path / RUN_ID_FILE).read_text().strip() not in ("", run_id)

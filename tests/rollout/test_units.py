@@ -35,8 +35,9 @@ def test_generator_config_checks():
     with pytest.raises(ValueError, match="engine_process=False needs tensor_parallel_size 1"):
         GeneratorConfig(model="m", tensor_parallel_size=2, engine_process=False)
     # auto: vLLM inside the generator process (no spinning worker process), in processes for tensor parallelism
-    assert GeneratorConfig(model="m").engine_process is False
-    assert GeneratorConfig(model="m", tensor_parallel_size=2).engine_process is True
+    assert GeneratorConfig(model="m").vllm_in_processes is False
+    assert GeneratorConfig(model="m", tensor_parallel_size=2).vllm_in_processes is True
+    assert GeneratorConfig(model="m", tensor_parallel_size=2).engine_process is None  # saved configs stay auto
     config = GeneratorConfig(model="m", sampling={"n": 4, "stop": ["\n"]})
     assert config.sampling == SamplingConfig(n=4, stop=("\n",))
     seeds = {config.batch_seed(b) for b in range(1000)}

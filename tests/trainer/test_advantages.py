@@ -105,3 +105,17 @@ def test_sequence_returns_and_broadcast():
     # row 0: -0.1 - 0.2 + 1 = 0.7 ; row 1: 0.5 (padding ignored)
     assert sequence_returns(rewards, mask).tolist() == pytest.approx([0.7, 0.5])
     assert broadcast_to_tokens(torch.tensor([2.0, 3.0]), mask).tolist() == [[2.0, 2.0, 2.0], [3.0, 0.0, 0.0]]
+
+
+def test_gae_on_valid_tokens_keeps_fp64():
+    from rlhf_engine.ops import gae
+    from rlhf_engine.trainer.advantages import gae_on_valid_tokens
+
+    rewards = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 2.0]], dtype=torch.float64)
+    values = torch.tensor([[0.5, 0.25, 9.0], [0.1, 0.2, 0.3]], dtype=torch.float64)
+    mask = torch.tensor([[True, False, True], [True, True, True]])  # not a prefix: the scan skips the hole
+    adv, ret = gae_on_valid_tokens(rewards, values, mask, 0.9, 0.8)
+    ref_adv, ref_ret = gae(rewards, values, mask, 0.9, 0.8)
+    assert adv.dtype == torch.float64
+    torch.testing.assert_close(adv, ref_adv * mask, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ret, ref_ret * mask, rtol=0, atol=1e-12)

@@ -59,3 +59,10 @@ def test_kl_loss_gradient_pulls_policy_towards_reference(make_lm, tokenizer, ran
     assert first["ppo/loss/policy"] == 0.0 and first["ppo/loss/kl"] > 0
     second = trainer.step(queries, responses, torch.zeros(B))
     assert second["ppo/loss/kl"] < 0.9 * first["ppo/loss/kl"]
+
+
+def test_kl_in_loss_refuses_estimators_without_the_kl_gradient():
+    for kind in ("kl", "abs"):
+        with pytest.raises(ValueError, match=f"kl_in_reward=False needs kl_penalty 'k3' or 'mse', got '{kind}'"):
+            PPOConfig(kl_in_reward=False, kl_penalty=kind)
+    PPOConfig(kl_in_reward=False, kl_penalty="mse")  # accepted

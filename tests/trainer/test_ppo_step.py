@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
-from rlhf_engine.trainer import ppo as ppo_module
+from rlhf_engine.trainer import losses
 from rlhf_engine.trainer.experience import forward_policy, make_token_batch
 from rlhf_engine.trainer.ppo import PPOTrainer
 from rlhf_engine.trainer.ppo_config import PPOConfig
@@ -180,8 +180,8 @@ def test_non_finite_loss_skips_update(make_trainer, data, monkeypatch):
         loss, stats = real(*args, **kwargs)
         return loss * float("nan"), stats
 
-    real = ppo_module.losses.ppo_policy_loss
-    monkeypatch.setattr(ppo_module.losses, "ppo_policy_loss", nan_loss)
+    real = losses.ppo_policy_loss
+    monkeypatch.setattr(losses, "ppo_policy_loss", nan_loss)
     with pytest.warns(RuntimeWarning, match="non-finite loss"):
         stats = trainer.step(*data)
     assert stats["ppo/skipped"] == 1.0 and stats["ppo/optimizer_steps"] == 0.0
@@ -201,8 +201,8 @@ def test_non_finite_gradient_late_in_the_update_undoes_the_earlier_optimizer_ste
         calls.append(1)
         return (loss + (logp * float("nan")).sum() if len(calls) == 3 else loss), stats
 
-    real = ppo_module.losses.ppo_policy_loss
-    monkeypatch.setattr(ppo_module.losses, "ppo_policy_loss", nan_late)
+    real = losses.ppo_policy_loss
+    monkeypatch.setattr(losses, "ppo_policy_loss", nan_late)
     with pytest.warns(RuntimeWarning, match="non-finite loss or gradient norm: update stopped and undone"):
         stats = trainer.step(*data)
     assert len(calls) == 3
@@ -210,7 +210,7 @@ def test_non_finite_gradient_late_in_the_update_undoes_the_earlier_optimizer_ste
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
     assert trainer.optimizer.state_dict()["state"].get(0, {}).keys() == opt_before.keys()  # Adam moments as before
     # and the next step trains as the first would have: one more try gives the un-monkeypatched result
-    monkeypatch.setattr(ppo_module.losses, "ppo_policy_loss", real)
+    monkeypatch.setattr(losses, "ppo_policy_loss", real)
     fresh = make_trainer(mini_batch_size=B // 2, ppo_epochs=2)
     fresh._shuffle.set_state(trainer._shuffle.get_state())
     trainer.step(*data)
