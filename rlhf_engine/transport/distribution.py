@@ -35,6 +35,7 @@ from rlhf_engine.transport.shm import BuffersHeld, Segment, ShmPool, ShmReader, 
 from rlhf_engine.transport.weights import Staging, bucketize
 from rlhf_engine.transport.wire import (
     ShutdownHeader,
+    TensorSpec,
     WeightsAckHeader,
     WeightsHeader,
     WireError,
@@ -136,18 +137,31 @@ class WeightPublisher:
     def publish(self, version: int, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                 timeout_s: float) -> list[str]:
         """Send ``version`` to every live generator; returns their names. Returns once the trainer's
-        tensors are no longer referenced (copied into shared memory, or written to the sockets)."""
+        tensors are no longer referenced (copied into shared memory, or written to the sockets).
+
+        With shared memory and the model's specs known, the tensors are taken one at a time and each is
+        copied into the buffer as it comes: an iterator that makes each on demand (gathered from shards)
+        never has a second full copy of the model alive; socket frames are then sent from the buffer."""
         self._control.check()
         if version <= self._published:
             raise ValueError(f"weight version {version} must be greater than the last published ({self._published})")
-        named, specs = self._checked(named_tensors)
+        stream = self._pool is not None and self._specs is not None
+        named, specs = (None, self._specs.wire_specs()) if stream else self._checked(named_tensors)
         peers = self._roster.live()
         tcp_peers = [p for p in peers if not p.shm]
         sent_to: list[str] = []
         if self._pool is not None:  # also with no generator on this host now: one that joins gets it from here
             offsets, size = layout([s.nbytes for s in specs])
             segment = self._acquire(size, timeout_s, {p.name for p in peers if p.shm})
-            segment.write([t for _, t in named], offsets)
+            try:
+                if stream:
+                    _copy_in(segment, specs, offsets, named_tensors)
+                    named = list(zip([s.name for s in specs], segment.views(specs, offsets)))  # for socket frames
+                else:
+                    segment.write([t for _, t in named], offsets)
+            except BaseException:
+                self._pool.assign(segment, set())  # nobody holds a half-written buffer
+                raise
             fields = dict(tensors=specs, weight_version=version, bucket=0, num_buckets=1, shm_path=segment.path,
                           shm_size=size, offsets=tuple(offsets))
             frames = encode(self._control.header(WeightsHeader, **fields))
@@ -274,6 +288,21 @@ class WeightPublisher:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close()
+
+
+def _copy_in(segment: Segment, specs: tuple[TensorSpec, ...], offsets: list[int], named_tensors) -> None:
+    """Copy each ``(name, tensor)`` into its place in ``segment`` as it comes (``ValueError`` unless the
+    tensors are exactly ``specs``)."""
+    place = {s.name: (s, off) for s, off in zip(specs, offsets)}
+    for name, tensor in (named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors):
+        spec, off = place.pop(name, (None, 0))
+        got = tensor_spec(name, tensor)
+        if spec is None or got != spec:
+            raise ValueError(f"weight update tensor {name!r} {got.dtype}{list(got.shape)}: the model has "
+                             f"{'no such tensor (or it came twice)' if spec is None else f'{spec.dtype}{list(spec.shape)}'}")
+        segment.write([tensor], [off])
+    if place:
+        raise ValueError(f"weight update does not match the model's specs: missing {sorted(place)[:5]}")
 
 
 class WeightReceiver:

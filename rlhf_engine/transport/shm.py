@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from rlhf_engine.transport.wire import TensorSpec, WireError
+from rlhf_engine.transport.wire import ALLOWED_DTYPES, TensorSpec, WireError
 
 PREFIX = "rlhf-engine-"
 ALIGN = 64
@@ -85,6 +85,12 @@ class Segment:
             n = flat.numel() * flat.element_size()
             if n:
                 self.buffer[off:off + n].copy_(flat.view(torch.uint8))
+
+
+    def views(self, specs: Sequence[TensorSpec], offsets: Sequence[int]) -> list[torch.Tensor]:
+        """The tensors written at ``offsets``, as views of the buffer."""
+        return [self.buffer[off:off + spec.nbytes].view(ALLOWED_DTYPES[spec.dtype]).view(spec.shape) if spec.nbytes
+                else torch.empty(spec.shape, dtype=ALLOWED_DTYPES[spec.dtype]) for spec, off in zip(specs, offsets)]
 
 
 def remove_stale_files(directory: str) -> list[str]:

@@ -324,3 +324,39 @@ def test_a_holder_lost_while_publish_waits_does_not_hold_the_buffer_forever(tmp_
     pool.release("b", segment.path)
     assert pool.acquire(4096, 0.5, {"b"}).path == segment.path  # free again: nobody holds it forever
     pool.close()
+
+
+def test_with_the_models_specs_a_publish_takes_one_tensor_at_a_time_into_shared_memory(tmp_path):
+    import gc
+    import weakref
+
+    sd = {f"w{i}": torch.randn(1000) for i in range(5)} | {"i": torch.arange(6).view(2, 3)}
+    specs = state_dict_specs(sd)
+    fp = model_fingerprint(specs)
+    config = fast_config(ipc_endpoint(), shm_dir=str(tmp_path))
+    made: list[weakref.ref] = []
+
+    def on_demand(scale):  # each tensor made when asked for, as a gather from shards makes it
+        for name, t in sd.items():
+            gc.collect()
+            assert all(ref() is None for ref in made[:-1]), "earlier tensors are still referenced"
+            fresh = t * scale
+            made.append(weakref.ref(fresh))
+            yield name, fresh
+
+    with TrainerPort(config, fp, weight_specs=specs) as trainer, \
+            GeneratorPort(config, fp, weight_specs=specs) as g_shm, \
+            GeneratorPort(dataclasses.replace(config, weights_via_shm=False), fp, weight_specs=specs) as g_frames:
+        trainer.wait_for_generators(2)
+        assert sorted(trainer.publish_weights(1, on_demand(2))) == sorted([g_shm.sender_id, g_frames.sender_id])
+        for gen in (g_shm, g_frames):  # frames are sent from the shared-memory buffer
+            update = gen.wait_weights(1, timeout_s=10)
+            assert all(torch.equal(update.tensors[k], v * 2) for k, v in sd.items())
+            update.ack()
+        made.clear()
+        with pytest.raises(ValueError, match=r"missing \['i'\]"):
+            trainer.publish_weights(2, ((k, v) for k, v in sd.items() if k != "i"))
+        with pytest.raises(ValueError, match=r"tensor 'w0' float32\[999\]: the model has float32\[1000\]"):
+            trainer.publish_weights(2, {"w0": torch.zeros(999)})
+        trainer.publish_weights(2, on_demand(3))  # a failed publish left no buffer held
+        assert torch.equal(g_shm.wait_weights(2, timeout_s=10).tensors["w4"], sd["w4"] * 3)
