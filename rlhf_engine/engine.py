@@ -342,7 +342,7 @@ class RLHFEngine:
                                       window_s=e.restart_window_s)
         self._supervisor = Supervisor(cfg, self._port, self._local, self._intake, self._timeline,
                                       version=lambda: self.trainer.policy_version,
-                                      weights=self._policy_weights, on_budget_spent=self.save_checkpoint)
+                                      weights=self._policy_weights, save_checkpoint=self.save_checkpoint)
         self._supervisor.start()
 
     def _fill_pipeline(self, last_step: int) -> None:

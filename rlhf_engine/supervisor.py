@@ -1,10 +1,13 @@
 """`Supervisor`: keeps a run supplied with generators, and each prompt in flight with one.
 
-Once per poll of the engine's rollout loop (`tend`): a local generator process that exited is
-replaced (within the restart budget) from the newest weights; the prompts a lost generator
+Once per poll of the engine's rollout loop (`tend`): a local generator process that exited, or that
+the transport dropped from its roster while alive (silent, or holding a weight buffer without an
+ack), is replaced (within the restart budget) from the newest weights; the prompts a lost generator
 held, and prompts that stalled (no rollout within `engine.reissue_timeout_s`), are handed out
-again; with no generator at all for `engine.no_generator_timeout_s` the run fails. Every rollout
-goes through the intake (`offer`) with the senders that completed the handshake on this run.
+again; a generator that joined since the last publish gets the newest weights over socket frames
+(over shared memory it got them at its handshake); with no generator at all for
+`engine.no_generator_timeout_s` the run fails. Every rollout goes through the intake (`offer`) with
+the senders that completed the handshake on this run.
 """
 
 from __future__ import annotations
@@ -22,20 +25,29 @@ from rlhf_engine.local_generators import GeneratorExited, LocalGenerators, Resta
 from rlhf_engine.metrics import Timeline
 from rlhf_engine.transport import PromptBatch, Rollout, TrainerPort
 from rlhf_engine.transport.errors import BackpressureTimeout
+from rlhf_engine.transport.roster import LEFT, LOST, UNACKED
 
 log = logging.getLogger(__name__)
+
+_WHY_LOST = {LOST: "it stopped sending heartbeats", LEFT: "it said goodbye",
+             UNACKED: "it held a weight buffer without an ack for transport.ack_timeout_s"}
+
+
+class NoGeneratorLeft(RuntimeError):
+    """No generator, local or external, for `engine.no_generator_timeout_s`."""
 
 
 class Supervisor:
     """The engine's generators, local and external, as seen from the trainer.
 
     version / weights: the trainer's current policy version and weights (HF names);
-    on_budget_spent: called (to write a checkpoint) before `RestartBudgetExceeded` is raised.
+    save_checkpoint: called before the run stops for want of generators (`RestartBudgetExceeded`,
+    `NoGeneratorLeft`), so that it can be resumed from the current step.
     """
 
     def __init__(self, config: RunConfig, port: TrainerPort, local: LocalGenerators, intake: Intake,
                  timeline: Timeline, *, version: Callable[[], int], weights: Callable[[], Mapping[str, torch.Tensor]],
-                 on_budget_spent: Callable[[], None]) -> None:
+                 save_checkpoint: Callable[[], object]) -> None:
         self.config = config
         self.port = port
         self.local = local
@@ -43,10 +55,11 @@ class Supervisor:
         self.timeline = timeline
         self._version = version
         self._weights = weights
-        self._on_budget_spent = on_budget_spent
+        self._save_checkpoint = save_checkpoint
         self._known: set[str] = set()
         self._lost: set[str] = set()
         self._no_generator_since: float | None = None
+        self._unacked = 0
 
     def start(self) -> None:
         """Start the local generators and wait until they and the external ones completed the handshake."""
@@ -77,13 +90,20 @@ class Supervisor:
         e = self.config.engine
         self._known.update(g.name for g in self.port.generators())
         for info in self.port.pop_lost_generators():
-            self._generators_lost([info.name], "it stopped sending heartbeats")
+            self._unacked += info.state == UNACKED
+            i = self._local_index(info.name)
+            replace = i is not None and info.state != LEFT  # a local process alive but silent or stuck: as a crash
+            self._generators_lost([info.name], _WHY_LOST[info.state], process_gone=replace)
+            if replace:
+                log.warning("%s was dropped from the roster (%s); replacing it", info.name, _WHY_LOST[info.state])
+                self._replace(i)
         for i, code in self.local.exited():
             name = self.local.name(i)
             log.warning("%s exited with code %s; replacing it", name, code)
             self._generators_lost([s for s in self._known if s.startswith(name + "@")],
                                   f"its process exited with code {code}", process_gone=True)
             self._replace(i)
+        self.port.catch_up_weights(self._version(), self._weights)  # to those that joined since the last publish
         now = time.monotonic()
         self._reissue(self.intake.stalled(now, e.reissue_timeout_s),
                       f"no rollout for them within {e.reissue_timeout_s:g} s (engine.reissue_timeout_s)")
@@ -92,14 +112,16 @@ class Supervisor:
         elif self._no_generator_since is None:
             self._no_generator_since = now
         elif now - self._no_generator_since > e.no_generator_timeout_s:
-            raise RuntimeError(f"no generator left for {e.no_generator_timeout_s:g} s (engine.no_generator_timeout_s); "
-                               "the last checkpoint is resumable")
+            path = self._save_checkpoint()
+            raise NoGeneratorLeft(f"no generator left for {e.no_generator_timeout_s:g} s (engine.no_generator_timeout_s); "
+                                  f"a checkpoint of the current step was written: resume with --resume {path}")
 
     def stats(self) -> dict[str, float]:
         """The cumulative fault and drop counters of the run so far."""
         stats = {"faults/generator_restarts": float(self.local.restarts),
                  "faults/reissued_prompts": float(self.intake.reissued),
-                 "faults/late_rollouts": float(self.intake.dropped["late"])}
+                 "faults/late_rollouts": float(self.intake.dropped["late"]),
+                 "faults/unacked_generators": float(self._unacked)}
         drops = dict(self.port.drop_counts())
         for reason, n in self.intake.dropped.items():
             drops[reason] = drops.get(reason, 0) + n
@@ -122,9 +144,17 @@ class Supervisor:
             self.port.raise_if_dead()
             time.sleep(0.1)
 
+    def _local_index(self, sender: str) -> int | None:
+        """The index of the local generator process that runs as `sender` now, or None (external, or replaced)."""
+        for i in range(self.config.engine.num_generators):
+            if sender.startswith(self.local.name(i) + "@"):
+                return i
+        return None
+
     def _generators_lost(self, senders: list[str], why: str, *, process_gone: bool = False) -> None:
-        """Re-issue what `senders` held (each once); `process_gone`: a local process exited, so the
-        batches waiting in its queue (prompts nobody holds yet) are lost too, even before its handshake."""
+        """Re-issue what `senders` held (each once); `process_gone`: a local process exited (or is stopped
+        now), so the batches waiting in its queue (prompts nobody holds yet) are lost too, even before its
+        handshake."""
         new = [s for s in senders if s not in self._lost]
         self._lost.update(new)
         held = {pid for s in new + ([""] if process_gone else []) for pid in self.intake.held_by(s)}
@@ -150,7 +180,7 @@ class Supervisor:
             try:
                 self.local.count_restart()
             except RestartBudgetExceeded as e:
-                self._on_budget_spent()
+                self._save_checkpoint()
                 raise RestartBudgetExceeded(f"{e}; a checkpoint of the current step was written; last exit: "
                                             f"{self.local.exit_error(i, 'at last')}") from None
             t0, t_wall = time.monotonic(), time.time()

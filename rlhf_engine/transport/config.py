@@ -51,7 +51,8 @@ class TransportConfig:
     shm_buffers: int = 2
     """Shared-memory buffers the trainer may hold (one being read, one being written)."""
     ack_timeout_s: float = 120.0
-    """Longest wait for generators to release a shared-memory buffer."""
+    """Longest wait of a publish for a free shared-memory buffer; the generators that still hold the
+    oldest one then are dropped from the roster (they never acked that update)."""
     curve_keys_dir: str | None = None
     """Folder written by ``rlhf-engine keys``: enables CURVE encryption and authentication.
     The trainer accepts only the client public keys in it (``client.key``, ``clients/*.key``)."""

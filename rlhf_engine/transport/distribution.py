@@ -2,7 +2,13 @@
 
 ``WeightPublisher`` sends one update to every live generator — through a shared-memory
 buffer for generators on this host (header only over the socket), as buckets of tensor
-frames otherwise — and collects the acks that let it reuse a buffer. ``WeightReceiver``
+frames otherwise — and collects the acks that let it reuse a buffer. A generator that joins
+later gets the newest update at once: from its shared-memory buffer, which stays intact until
+no other buffer is free (``on_join``), or over socket frames when the user hands the same
+tensors again (``catch_up``: no second copy of the model is kept). One that still holds the
+oldest buffer when a publish has waited ``timeout_s`` for a free one (it never acks) is dropped
+from the roster (state ``unacked``) and told to shut down: the run goes on with the others.
+``WeightReceiver``
 hands an update to its user only when it is complete (``WeightUpdate``), drops stale or
 repeated versions, checks every tensor against the model's specs when it knows them, and
 acknowledges each version (taken or skipped).
@@ -13,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -23,10 +30,20 @@ from rlhf_engine.transport.control import ControlThread
 from rlhf_engine.transport.errors import BackpressureTimeout
 from rlhf_engine.transport.limits import WeightSpecs
 from rlhf_engine.transport.messages import WeightUpdate
-from rlhf_engine.transport.roster import GeneratorInfo, Roster
-from rlhf_engine.transport.shm import ShmPool, ShmReader, layout
+from rlhf_engine.transport.roster import UNACKED, GeneratorInfo, Roster
+from rlhf_engine.transport.shm import BuffersHeld, Segment, ShmPool, ShmReader, layout
 from rlhf_engine.transport.weights import Staging, bucketize
-from rlhf_engine.transport.wire import WeightsAckHeader, WeightsHeader, WireError, WireLimits, check_specs, encode, tensor_spec
+from rlhf_engine.transport.wire import (
+    ShutdownHeader,
+    TensorSpec,
+    WeightsAckHeader,
+    WeightsHeader,
+    WireError,
+    WireLimits,
+    check_specs,
+    encode,
+    tensor_spec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +68,18 @@ class _Sent:
             self.done.set()
 
 
+@dataclass
+class _NewestInShm:
+    """The newest update in shared memory, for generators that join after it was sent."""
+
+    segment: Segment
+    fields: dict
+    """Its ``WeightsHeader`` fields (all but sender and seq)."""
+
+
 class WeightPublisher:
-    """Trainer side. Acks and roster changes are waited for on ``roster.cond``."""
+    """Trainer side. Acks and roster changes are waited for on ``roster.cond``; ``_lock`` orders a
+    publish's sending against a joining generator's catch-up (each gets the newest update once)."""
 
     def __init__(self, control: ControlThread, config: TransportConfig, roster: Roster,
                  specs: WeightSpecs | None) -> None:
@@ -64,6 +91,10 @@ class WeightPublisher:
         self._published = -1
         self._shm_paths: dict[int, str] = {}
         self._pool = ShmPool(config.shm_dir, config.shm_buffers) if config.use_shm else None
+        self._lock = threading.Lock()
+        self._newest_shm: _NewestInShm | None = None
+        self._recipients: set[str] = set()
+        """Generators that were sent the newest version (each once)."""
 
     @property
     def shm(self) -> bool:
@@ -80,56 +111,145 @@ class WeightPublisher:
 
     def forget(self, peer: GeneratorInfo) -> None:
         """``peer`` was lost or left: it holds no buffer any more."""
+        self._forget(peer.name)
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            self._recipients.discard(name)  # a new session of it is sent the newest again
         if self._pool is not None:
-            self._pool.release(peer.name)
+            self._pool.release(name)
+
+    def on_join(self, peer: GeneratorInfo) -> None:
+        """``peer`` completed its handshake: send it the newest update in shared memory, if any, so that it
+        can sample without waiting for the next publish (one being written now reaches it anyway)."""
+        if self._pool is None or not peer.shm:
+            return
+        with self._lock:
+            newest = self._newest_shm
+            if newest is None or peer.name in self._recipients or not self._pool.hold(newest.segment, peer.name):
+                return
+            self._recipients.add(peer.name)
+            self._control.send_now([peer.identity], encode(self._control.header(WeightsHeader, **newest.fields)))
+        log.info("generator %s joined after weight version %d: sent it that version from shared memory", peer.name,
+                 newest.fields["weight_version"])
 
     # ---- user side -----------------------------------------------------------
     def publish(self, version: int, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                 timeout_s: float) -> list[str]:
         """Send ``version`` to every live generator; returns their names. Returns once the trainer's
-        tensors are no longer referenced (copied into shared memory, or written to the sockets)."""
+        tensors are no longer referenced (copied into shared memory, or written to the sockets).
+
+        With shared memory and the model's specs known, the tensors are taken one at a time and each is
+        copied into the buffer as it comes: an iterator that makes each on demand (gathered from shards)
+        never has a second full copy of the model alive; socket frames are then sent from the buffer."""
         self._control.check()
         if version <= self._published:
             raise ValueError(f"weight version {version} must be greater than the last published ({self._published})")
-        named = list(named_tensors.items()) if isinstance(named_tensors, Mapping) else list(named_tensors)
-        specs = tuple(tensor_spec(name, t) for name, t in named)
-        if self._specs is not None:
-            self._specs.check_published(specs)
-        check_specs(specs, WireLimits())
+        stream = self._pool is not None and self._specs is not None
+        named, specs = (None, self._specs.wire_specs()) if stream else self._checked(named_tensors)
         peers = self._roster.live()
-        shm_peers = [p for p in peers if p.shm]
         tcp_peers = [p for p in peers if not p.shm]
-        header = self._control.header
-        if shm_peers:
+        sent_to: list[str] = []
+        if self._pool is not None:  # also with no generator on this host now: one that joins gets it from here
             offsets, size = layout([s.nbytes for s in specs])
-            segment = self._pool.acquire(size, timeout_s, {p.name for p in shm_peers})
-            # a generator lost (and forgotten) while acquire waited must not hold the new buffer: the roster
-            # drops a peer before forgetting it, so one lost after this line is released by `forget`
-            self._pool.retain(segment, {p.name for p in self._roster.live()})
-            segment.write([t for _, t in named], offsets)
-            with self._roster.cond:
-                self._shm_paths[version] = segment.path
-            frames = encode(header(WeightsHeader, tensors=specs, weight_version=version, bucket=0, num_buckets=1,
-                                   shm_path=segment.path, shm_size=size, offsets=tuple(offsets)))
-            for peer in shm_peers:
-                self._control.enqueue([peer.identity], frames)
+            segment = self._acquire(size, timeout_s, {p.name for p in peers if p.shm})
+            try:
+                if stream:
+                    _copy_in(segment, specs, offsets, named_tensors)
+                    named = list(zip([s.name for s in specs], segment.views(specs, offsets)))  # for socket frames
+                else:
+                    segment.write([t for _, t in named], offsets)
+            except BaseException:
+                self._pool.assign(segment, set())  # nobody holds a half-written buffer
+                raise
+            fields = dict(tensors=specs, weight_version=version, bucket=0, num_buckets=1, shm_path=segment.path,
+                          shm_size=size, offsets=tuple(offsets))
+            frames = encode(self._control.header(WeightsHeader, **fields))
+            with self._lock:
+                # the generators live now: one lost while acquire waited holds nothing (the roster drops a peer
+                # before forgetting it), one that joined meanwhile is sent this update (its catch-up waits here)
+                shm_peers = [p for p in self._roster.live() if p.shm]
+                sent_to = [p.name for p in shm_peers]
+                self._pool.assign(segment, set(sent_to))
+                self._pool.pin(segment)
+                self._newest_shm = _NewestInShm(segment, fields)
+                self._recipients = set(sent_to)
+                with self._roster.cond:
+                    self._shm_paths[version] = segment.path
+                for peer in shm_peers:
+                    self._control.enqueue([peer.identity], frames)
+        else:
+            with self._lock:
+                self._recipients = set()
         if tcp_peers:
-            buckets = bucketize(named, self._config.bucket_bytes)
-            sent = _Sent(len(buckets) * len(tcp_peers))
-            for i, bucket in enumerate(buckets):
-                tensors = [t.detach() for _, t in bucket]
-                frames = encode(header(WeightsHeader, tensors=tuple(tensor_spec(n, t) for n, t in bucket),
-                                       weight_version=version, bucket=i, num_buckets=len(buckets)), tensors)
-                for peer in tcp_peers:
-                    self._control.enqueue([peer.identity], frames, sent)
-            self._wait_sent(sent, timeout_s, [p.name for p in tcp_peers])
+            self._send_frames(version, named, tcp_peers, timeout_s)
+            sent_to += [p.name for p in tcp_peers]
         self._published = version
         with self._roster.cond:
             for old in [v for v in self._acks if v <= version - _ACK_HISTORY]:
                 del self._acks[old]
             for old in [v for v in self._shm_paths if v <= version - _ACK_HISTORY]:
                 del self._shm_paths[old]
-        return [p.name for p in peers]
+        return sent_to
+
+    def catch_up(self, version: int, weights: Callable[[], Mapping[str, torch.Tensor]], timeout_s: float) -> list[str]:
+        """Send ``version``, the newest published, as socket frames to the live generators that joined
+        since it was published and got it from no shared-memory buffer; ``weights()`` (called only when
+        one needs it) must return the tensors published as ``version``. Returns their names."""
+        with self._lock:
+            if version != self._published:
+                return []
+            missing = [p for p in self._roster.live() if not p.shm and p.name not in self._recipients]
+        if not missing:
+            return []
+        named, _ = self._checked(weights())
+        self._send_frames(version, named, missing, timeout_s)
+        names = [p.name for p in missing]
+        log.info("generators %s joined after weight version %d: sent it to them", names, version)
+        return names
+
+    def _checked(self, named_tensors) -> tuple[list[tuple[str, torch.Tensor]], tuple]:
+        """``[(name, tensor)]`` and their specs, checked against the model's (when known) and the wire's limits."""
+        named = list(named_tensors.items()) if isinstance(named_tensors, Mapping) else list(named_tensors)
+        specs = tuple(tensor_spec(name, t) for name, t in named)
+        if self._specs is not None:
+            self._specs.check_published(specs)
+        check_specs(specs, WireLimits())
+        return named, specs
+
+    def _send_frames(self, version: int, named: list[tuple[str, torch.Tensor]], peers: list[GeneratorInfo],
+                     timeout_s: float) -> None:
+        """Send ``version`` to ``peers`` as buckets of tensor frames; returns once they were written to the socket."""
+        buckets = bucketize(named, self._config.bucket_bytes)
+        sent = _Sent(len(buckets) * len(peers))
+        for i, bucket in enumerate(buckets):
+            tensors = [t.detach() for _, t in bucket]
+            frames = encode(self._control.header(WeightsHeader, tensors=tuple(tensor_spec(n, t) for n, t in bucket),
+                                                 weight_version=version, bucket=i, num_buckets=len(buckets)), tensors)
+            for peer in peers:
+                self._control.enqueue([peer.identity], frames, sent)
+        self._wait_sent(sent, timeout_s, [p.name for p in peers])
+        with self._lock:
+            self._recipients.update(p.name for p in peers)
+
+    def _acquire(self, size: int, timeout_s: float, holders: set[str]) -> Segment:
+        """A free buffer; the generators that still hold the oldest one after ``timeout_s`` are dropped."""
+        while True:
+            try:
+                return self._pool.acquire(size, timeout_s, holders)
+            except BuffersHeld as e:
+                self._drop_unacked(e.oldest_holders, timeout_s)
+                holders = holders - e.oldest_holders
+
+    def _drop_unacked(self, names: set[str], waited_s: float) -> None:
+        """Drop ``names`` from the roster (state ``unacked``), ask them to shut down and free their buffers."""
+        reason = f"dropped from the roster: no ack of a weight update for more than {waited_s:g} s"
+        for peer in self._roster.live():
+            if peer.name in names and self._roster.remove(peer.identity, UNACKED) is not None:
+                log.warning("generator %s %s (it holds the oldest shared-memory buffer)", peer.name, reason)
+                self._control.enqueue([peer.identity], encode(self._control.header(ShutdownHeader, reason=reason)))
+        for name in names:
+            self._forget(name)
 
     def _wait_sent(self, sent: _Sent, timeout_s: float, peers: list[str]) -> None:
         deadline = time.monotonic() + timeout_s
@@ -168,6 +288,21 @@ class WeightPublisher:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close()
+
+
+def _copy_in(segment: Segment, specs: tuple[TensorSpec, ...], offsets: list[int], named_tensors) -> None:
+    """Copy each ``(name, tensor)`` into its place in ``segment`` as it comes (``ValueError`` unless the
+    tensors are exactly ``specs``)."""
+    place = {s.name: (s, off) for s, off in zip(specs, offsets)}
+    for name, tensor in (named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors):
+        spec, off = place.pop(name, (None, 0))
+        got = tensor_spec(name, tensor)
+        if spec is None or got != spec:
+            raise ValueError(f"weight update tensor {name!r} {got.dtype}{list(got.shape)}: the model has "
+                             f"{'no such tensor (or it came twice)' if spec is None else f'{spec.dtype}{list(spec.shape)}'}")
+        segment.write([tensor], [off])
+    if place:
+        raise ValueError(f"weight update does not match the model's specs: missing {sorted(place)[:5]}")
 
 
 class WeightReceiver:

@@ -77,6 +77,11 @@ class WeightSpecs:
             out[str(name)] = (DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")), tuple(int(d) for d in shape))
         return cls(out)
 
+    def wire_specs(self) -> tuple[TensorSpec, ...]:
+        """The tensors as ``TensorSpec``s, in the order they were given."""
+        return tuple(TensorSpec(name, dtype, shape, torch.Size(shape).numel() * _itemsize(dtype))
+                     for name, (dtype, shape) in self.tensors.items())
+
     def limits(self, bucket_bytes: int) -> WireLimits:
         """Limits of one weights message (a bucket of at most the whole model, or a shared-memory header)."""
         sizes = [torch.Size(shape).numel() * _itemsize(dtype) for dtype, shape in self.tensors.values()]

@@ -15,7 +15,7 @@ import logging
 import os
 import secrets
 import socket
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 import zmq
@@ -136,7 +136,8 @@ class TrainerPort(_Port):
 
     def pop_lost_generators(self) -> list[GeneratorInfo]:
         """Generators that left the roster since the last call, each once: ``state`` is ``lost``
-        (silent for ``heartbeat_timeout_s``) or ``left`` (said goodbye)."""
+        (silent for ``heartbeat_timeout_s``), ``unacked`` (a publish waited its timeout for a buffer
+        it held; it was told to shut down) or ``left`` (said goodbye)."""
         return self._roster.pop_lost()
 
     def raise_if_dead(self) -> None:
@@ -176,9 +177,21 @@ class TrainerPort(_Port):
                         named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                         timeout_s: float | None = None) -> list[str]:
         """Send weight ``version`` to every live generator; returns their names. When it returns,
-        the tensors may be modified (they were copied to shared memory or written to the sockets)."""
+        the tensors may be modified (they were copied to shared memory or written to the sockets).
+        A publish that waits ``timeout_s`` (default ``ack_timeout_s``) for a free shared-memory buffer
+        drops the generators that hold the oldest one (``pop_lost_generators``: ``unacked``) and goes on.
+        A generator that joins later is sent the newest version from shared memory right away (over
+        socket frames: ``catch_up_weights``)."""
         return self._control.weights.publish(version, named_tensors,
                                              self.config.ack_timeout_s if timeout_s is None else timeout_s)
+
+    def catch_up_weights(self, version: int, weights: Callable[[], Mapping[str, torch.Tensor]],
+                         timeout_s: float | None = None) -> list[str]:
+        """Send the newest published ``version`` to generators on socket frames that joined after it was
+        published (those on shared memory got it at their handshake); ``weights()`` returns the tensors
+        of ``version`` and is called only when one needs them. Returns their names. Cheap when none does:
+        call it whenever convenient (the engine does, while it waits for rollouts)."""
+        return self._control.weights.catch_up(version, weights, self.config.ack_timeout_s if timeout_s is None else timeout_s)
 
     def wait_for_acks(self, version: int, timeout_s: float | None = None,
                       generators: Iterable[str] | None = None) -> dict[str, bool]:

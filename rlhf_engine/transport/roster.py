@@ -1,8 +1,9 @@
 """The trainer's roster: which generators completed the handshake, which are live, which were lost.
 
 A generator joins with a HELLO (its name, and the ZAP User-Id of its connection when CURVE
-is on); it is lost when it is silent for ``heartbeat_timeout_s`` and leaves when it says
-goodbye. Neither is an error on the trainer's side: the generator moves out of ``live()``
+is on); it is lost when it is silent for ``heartbeat_timeout_s``, dropped as ``unacked`` when
+it holds a weight buffer that a publish waited ``ack_timeout_s`` for, and leaves when it says
+goodbye. None is an error on the trainer's side: the generator moves out of ``live()``
 and is handed once to ``pop_lost()``, so that the engine can re-issue its prompts. A
 generator may join again at any time with a new HELLO (a new session).
 
@@ -18,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-LIVE, LOST, LEFT = "live", "lost", "left"
+LIVE, LOST, UNACKED, LEFT = "live", "lost", "unacked", "left"
 
 
 @dataclass
@@ -34,7 +35,7 @@ class GeneratorInfo:
     user_id: str | None = None
     """ZAP User-Id of its connection (the z85 CURVE public key), None without CURVE."""
     state: str = LIVE
-    """``live``, ``lost`` (heartbeat timeout) or ``left`` (said goodbye)."""
+    """``live``, ``lost`` (heartbeat timeout), ``unacked`` (held a weight buffer too long) or ``left`` (said goodbye)."""
 
 
 class Roster:
@@ -70,7 +71,7 @@ class Roster:
             return peer
 
     def remove(self, identity: bytes, state: str) -> GeneratorInfo | None:
-        """Move a live generator out (``lost`` or ``left``); it is reported once by ``pop_lost``."""
+        """Move a live generator out (``lost``, ``unacked`` or ``left``); it is reported once by ``pop_lost``."""
         with self.cond:
             peer = self._live.pop(identity, None)
             if peer is not None:

@@ -120,6 +120,9 @@ class TrainerControl(ControlThread):
         log.info("generator %s connected from %s (weights via %s)", hello.sender, hello.hostname,
                  "shared memory" if shm else "socket frames")
         self.send_now([identity], encode(self.header(WelcomeHeader, shm=shm)))
+        peer = self.roster.seen(identity)
+        if peer is not None:
+            self.weights.on_join(peer)
 
     def _beat(self) -> None:
         timeout = self.config.heartbeat_timeout_s

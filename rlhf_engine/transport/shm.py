@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from rlhf_engine.transport.wire import TensorSpec, WireError
+from rlhf_engine.transport.wire import ALLOWED_DTYPES, TensorSpec, WireError
 
 PREFIX = "rlhf-engine-"
 ALIGN = 64
@@ -76,6 +76,8 @@ class Segment:
     buffer: torch.Tensor
     waiting_for: set[str] = field(default_factory=set)
     """Peers that still hold the update written here."""
+    taken: int = 0
+    """When ``acquire`` last handed it out (a count): the smallest is the oldest update."""
 
     def write(self, tensors: Sequence[torch.Tensor], offsets: Sequence[int]) -> None:
         for tensor, off in zip(tensors, offsets):
@@ -83,6 +85,12 @@ class Segment:
             n = flat.numel() * flat.element_size()
             if n:
                 self.buffer[off:off + n].copy_(flat.view(torch.uint8))
+
+
+    def views(self, specs: Sequence[TensorSpec], offsets: Sequence[int]) -> list[torch.Tensor]:
+        """The tensors written at ``offsets``, as views of the buffer."""
+        return [self.buffer[off:off + spec.nbytes].view(ALLOWED_DTYPES[spec.dtype]).view(spec.shape) if spec.nbytes
+                else torch.empty(spec.shape, dtype=ALLOWED_DTYPES[spec.dtype]) for spec, off in zip(specs, offsets)]
 
 
 def remove_stale_files(directory: str) -> list[str]:
@@ -111,52 +119,97 @@ def remove_stale_files(directory: str) -> list[str]:
     return removed
 
 
+class BuffersHeld(TimeoutError):
+    """Every buffer is still held after the timeout; ``oldest_holders`` hold the oldest update."""
+
+    def __init__(self, message: str, oldest_holders: set[str]) -> None:
+        super().__init__(message)
+        self.oldest_holders = oldest_holders
+
+
 class ShmPool:
-    """Trainer side: at most ``max_buffers`` segments; a busy one is reused once released."""
+    """Trainer side: at most ``max_buffers`` segments; a busy one is reused once released.
+
+    The segment of the newest update is *pinned* (``pin``): it stays readable for a generator that
+    joins later (``hold``), and is written again only when no other segment can be had.
+    """
 
     def __init__(self, directory: str, max_buffers: int) -> None:
         self._dir = directory
         self._max = max_buffers
         self._segments: list[Segment] = []
+        self._pinned: Segment | None = None
+        self._taken = 0
         self._cond = threading.Condition()
 
     def acquire(self, size: int, timeout_s: float, holders: set[str]) -> Segment:
-        """A free segment of ``size`` bytes, marked as held by ``holders`` (waits for a release;
-        TimeoutError names the peers still holding every buffer)."""
+        """A free segment of ``size`` bytes, marked as held by ``holders``: an unpinned one, else a new one,
+        else the pinned one (then unpinned); waits for a release. ``BuffersHeld`` after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while True:
-                for seg in self._segments:
-                    if seg.size == size and not seg.waiting_for:
-                        seg.waiting_for = set(holders)
-                        return seg
-                if len(self._segments) < self._max:
-                    seg = self._create(size)
-                    seg.waiting_for = set(holders)
-                    self._segments.append(seg)
+                seg = self._free(size)
+                if seg is not None:
+                    if seg is self._pinned:
+                        self._pinned = None
+                    self._taken += 1
+                    seg.waiting_for, seg.taken = set(holders), self._taken
                     return seg
-                idle = [s for s in self._segments if not s.waiting_for]
-                if idle:  # wrong size (the model changed): replace it
-                    self._segments.remove(idle[0])
-                    os.unlink(idle[0].path)
-                    continue
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    oldest = min(self._segments, key=lambda s: s.taken)
                     holders = sorted({p for s in self._segments for p in s.waiting_for})
-                    raise TimeoutError(f"all {self._max} shared-memory weight buffers are still held by {holders} "
-                                       f"after {timeout_s} s: generators must ack() each WeightUpdate")
+                    raise BuffersHeld(f"all {self._max} shared-memory weight buffers are still held by {holders} "
+                                      f"after {timeout_s} s: generators must ack() each WeightUpdate",
+                                      set(oldest.waiting_for))
                 self._cond.wait(left)
+
+    def _free(self, size: int) -> Segment | None:
+        """A segment ``acquire`` may hand out now (lock held), or None."""
+        while True:
+            idle = [s for s in self._segments if not s.waiting_for]
+            fits = [s for s in idle if s.size == size]
+            unpinned = [s for s in fits if s is not self._pinned]
+            if unpinned:
+                return unpinned[0]
+            if len(self._segments) < self._max:
+                seg = self._create(size)
+                self._segments.append(seg)
+                return seg
+            if fits:
+                return fits[0]
+            if not idle:
+                return None
+            # wrong size (the model changed): replace it
+            self._segments.remove(idle[0])
+            if idle[0] is self._pinned:
+                self._pinned = None
+            os.unlink(idle[0].path)
 
     def _create(self, size: int) -> Segment:
         path = create_file(self._dir, "weights", size)
         return Segment(path, size, map_file(path, size))
 
-    def retain(self, segment: Segment, peers: set[str]) -> None:
-        """Only ``peers`` (the generators live now) hold ``segment``: a holder lost while ``acquire`` waited
-        was forgotten (``release``) before the segment named it, and would otherwise hold it forever."""
+    def assign(self, segment: Segment, peers: set[str]) -> None:
+        """Exactly ``peers`` (the generators live now, the update written) hold ``segment``: a holder lost
+        while ``acquire`` waited was forgotten (``release``) before the segment named it, and would
+        otherwise hold it forever; one that joined meanwhile gets this update too."""
         with self._cond:
-            segment.waiting_for &= peers
+            segment.waiting_for = set(peers)
             self._cond.notify_all()
+
+    def pin(self, segment: Segment) -> None:
+        """``segment`` holds the newest update (until ``acquire`` hands it out again)."""
+        with self._cond:
+            self._pinned = segment
+
+    def hold(self, segment: Segment, peer: str) -> bool:
+        """``peer`` holds ``segment`` if it is still pinned (its update is the newest and intact); else False."""
+        with self._cond:
+            if segment is not self._pinned:
+                return False
+            segment.waiting_for.add(peer)
+            return True
 
     def release(self, peer: str, path: str | None = None) -> None:
         """``peer`` no longer holds the segment at ``path`` (or any segment, when None)."""
@@ -174,6 +227,7 @@ class ShmPool:
                 except FileNotFoundError:
                     pass
             self._segments.clear()
+            self._pinned = None
 
 
 class ShmReader:

@@ -93,10 +93,6 @@ def test_sync_resume_is_bit_exact(tmp_path, policy_dir, prompts_file, assert_no_
     assert sa["prompts"] == sb["prompts"] and sa["trainer"]["kl_ctl"] == sb["trainer"]["kl_ctl"]
 
 
-# slow: in two full clean-clone runs of the default suite (after tests/distributed) the engine overran its
-# 30 s stop after SIGINT, while it passes alone and in tests/engine; kept out of CI until that interaction
-# is found (issue 14 stays open)
-@pytest.mark.slow
 def test_sigint_stops_all_processes_and_keeps_checkpoint(tmp_path, policy_dir, prompts_file):
     cfg = run_config(tmp_path, policy_dir, prompts_file, backend="transformers", total_steps=1000, mode="async",
                      save_steps=1)
@@ -119,7 +115,9 @@ def test_sigint_stops_all_processes_and_keeps_checkpoint(tmp_path, policy_dir, p
         except subprocess.TimeoutExpired:
             proc.kill()
             pytest.fail("the engine did not stop within 30 s of SIGINT; its output:\n" + proc.communicate()[0][-4000:])
-        assert time.monotonic() - t0 < 20
+        stopped_s = time.monotonic() - t0
+        print(f"\nstopped {stopped_s:.1f} s after SIGINT")
+        assert stopped_s < 20
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -4,7 +4,9 @@ oversized rollouts and a flood of the largest allowed ones."""
 import contextlib
 import multiprocessing as mp
 import os
+import socket
 import stat
+import threading
 import time
 
 import pytest
@@ -92,6 +94,70 @@ def test_rogue_hello_then_silence_is_a_lost_generator_not_an_error():
             assert kinds[0] is WelcomeHeader and kinds[-1] is ShutdownHeader  # told it was dropped
             rogue.send_multipart(encode(HeartbeatHeader(sender="rogue", seq=5)))  # too late: no session
             assert _wait_for(lambda: trainer.drop_counts().get("unknown_peer") == 1, 5)
+
+
+class DeafRogue:
+    """A peer on its own thread that handshakes as a same-host generator, heartbeats, and drops every
+    weight update without an ack (so it holds each shared-memory buffer); records what it received."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.received: list = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        with raw_peer(self.endpoint, zmq.DEALER, "control") as sock:
+            sock.send_multipart(encode(HelloHeader(sender="deaf", seq=0, fingerprint=FINGERPRINT,
+                                                   hostname=socket.gethostname(), shm=True)))
+            seq = 1
+            while not self._stop.is_set():
+                while sock.poll(0):
+                    header, _ = decode(sock.recv_multipart(), WireLimits())
+                    self.received.append(header)
+                sock.send_multipart(encode(HeartbeatHeader(sender="deaf", seq=seq)))
+                seq += 1
+                time.sleep(0.1)
+
+    def kinds(self) -> list[tuple]:
+        return [(type(h).__name__, getattr(h, "weight_version", None)) for h in self.received
+                if not isinstance(h, HeartbeatHeader)]
+
+
+def test_a_generator_that_never_acks_weights_is_dropped_and_the_others_go_on(tmp_path):
+    config = fast_config(ipc_endpoint(), shm_dir=str(tmp_path), ack_timeout_s=1.0)
+    w = torch.arange(64.0)
+    with TrainerPort(config, FINGERPRINT) as trainer, GeneratorPort(config, FINGERPRINT) as gen, \
+            DeafRogue(config.endpoint) as rogue:
+        assert {g.name for g in trainer.wait_for_generators(2)} == {gen.sender_id, "deaf"}
+        for v in (1, 2, 3, 4):
+            t0 = time.monotonic()
+            sent_to = trainer.publish_weights(v, {"w": w + v})
+            took = time.monotonic() - t0
+            update = gen.wait_weights(v, timeout_s=10)
+            assert torch.equal(update.tensors["w"], w + v)
+            update.ack()
+            if v == 3:  # both buffers held by the rogue: waited ack_timeout_s, then dropped it
+                assert took >= 1.0 and sorted(sent_to) == [gen.sender_id]
+                assert [(g.name, g.state) for g in trainer.pop_lost_generators()] == [("deaf", "unacked")]
+                print(f"\nunacked generator dropped after {took:.2f} s (ack_timeout_s=1.0)")
+            assert trainer.wait_for_acks(v, timeout_s=10, generators=[gen.sender_id]) == {gen.sender_id: True}
+        assert [g.name for g in trainer.generators()] == [gen.sender_id]
+        assert len(os.listdir(tmp_path)) == 2  # its buffers were reused, none added
+        assert _wait_for(lambda: ("ShutdownHeader", None) in rogue.kinds(), 5)
+        kinds = rogue.kinds()
+        assert kinds[:3] == [("WelcomeHeader", None), ("WeightsHeader", 1), ("WeightsHeader", 2)]
+        assert ("WeightsHeader", 3) not in kinds
+        assert _wait_for(lambda: trainer.drop_counts().get("unknown_peer", 0) > 0, 5)  # its later heartbeats
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_hello_with_the_name_of_a_live_generator_is_refused():

@@ -10,7 +10,7 @@ import torch
 import zmq
 
 from tests.helpers.peers import FINGERPRINT, fast_config, ipc_endpoint, tcp_endpoint
-from rlhf_engine.transport import GeneratorPort, TrainerPort
+from rlhf_engine.transport import GeneratorPort, ShutdownRequested, TrainerPort
 from rlhf_engine.transport.endpoints import channel_endpoint
 from rlhf_engine.transport.weights import model_fingerprint, state_dict_specs
 from rlhf_engine.transport.wire import WeightsHeader, WelcomeHeader, WireLimits, decode, encode, tensor_spec
@@ -57,28 +57,99 @@ def test_50m_param_mixed_dtype_state_dict_round_trips_bit_exact(make_endpoint, s
         assert trainer.wait_for_acks(1, timeout_s=10) == {gen.sender_id: True}
 
 
-def test_shm_buffers_are_reused_and_bounded_when_generators_do_not_ack(tmp_path):
+def test_shm_buffers_are_reused_and_bounded_and_a_generator_holding_both_is_dropped(tmp_path):
     sd = {"w": torch.randn(1000), "b": torch.randn(10).bfloat16()}
     config = fast_config(ipc_endpoint(), shm_dir=str(tmp_path), shm_buffers=2)
     with TrainerPort(config, FINGERPRINT) as trainer, GeneratorPort(config, FINGERPRINT) as gen:
         trainer.wait_for_generators(1)
-        paths = []
         for v in (1, 2):
             trainer.publish_weights(v, {k: t + v for k, t in sd.items()})
             update = gen.wait_weights(v, timeout_s=10)
             assert torch.equal(update.tensors["w"], sd["w"] + v)
-            paths.append(update)  # taken, never acked: both buffers stay held
-        with pytest.raises(TimeoutError, match="still held by .*must ack"):
-            trainer.publish_weights(3, sd, timeout_s=0.5)
-        for update in paths:
             update.ack()
         trainer.wait_for_acks(2, timeout_s=10)
-        trainer.publish_weights(4, {k: t * 4 for k, t in sd.items()})
-        update = gen.wait_weights(4, timeout_s=10)
-        assert torch.equal(update.tensors["w"], sd["w"] * 4)
-        assert torch.equal(update.tensors["b"], sd["b"] * 4)
+        trainer.publish_weights(3, {k: t * 3 for k, t in sd.items()})  # into the buffer of version 1
+        held = [gen.wait_weights(3, timeout_s=10)]
+        trainer.publish_weights(4, {k: t * 4 for k, t in sd.items()})  # into the buffer of version 2
+        held.append(gen.wait_weights(4, timeout_s=10))
+        assert torch.equal(held[0].tensors["w"], sd["w"] * 3) and torch.equal(held[1].tensors["b"], sd["b"] * 4)
         assert len(os.listdir(tmp_path)) == 2  # the two buffers, reused
+        # taken, never acked: it holds both buffers; the next publish waits its timeout, then drops it
+        assert trainer.publish_weights(5, sd, timeout_s=0.5) == []
+        assert [(g.name, g.state) for g in trainer.pop_lost_generators()] == [(gen.sender_id, "unacked")]
+        with pytest.raises(ShutdownRequested, match="no ack of a weight update for more than 0.5 s"):
+            _wait_until_raises(gen.check, 5)
+        assert len(os.listdir(tmp_path)) == 2
     assert os.listdir(tmp_path) == []  # removed on close
+
+
+def _wait_until_raises(call, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        call()
+        time.sleep(0.05)
+
+
+def test_a_generator_joining_after_a_publish_gets_the_newest_version_at_once(tmp_path):
+    config = fast_config(ipc_endpoint(), shm_dir=str(tmp_path))
+    w = torch.arange(1000.0)
+    with TrainerPort(config, FINGERPRINT) as trainer:
+        assert trainer.publish_weights(1, {"w": w + 1}) == []  # nobody there: kept in shared memory
+        assert trainer.publish_weights(2, {"w": w + 2}) == []
+        for _ in range(2):  # a first session, then the same process joins again
+            with GeneratorPort(config, FINGERPRINT) as gen:
+                update = gen.wait_weights(2, timeout_s=10)  # no publish since it joined
+                assert update.version == 2 and torch.equal(update.tensors["w"], w + 2)
+                update.ack()
+                assert trainer.wait_for_acks(2, timeout_s=10, generators=[gen.sender_id]) == {gen.sender_id: True}
+                assert gen.poll_weights() is None  # sent once
+        with GeneratorPort(config, FINGERPRINT) as gen:
+            late = gen.wait_weights(2, timeout_s=10)  # not acked yet: version 2's buffer stays intact
+            trainer.publish_weights(3, {"w": w + 3})
+            assert torch.equal(late.tensors["w"], w + 2)
+            late.ack()
+            assert torch.equal(gen.wait_weights(3, timeout_s=10).tensors["w"], w + 3)
+
+
+def test_a_generator_joining_over_socket_frames_gets_the_newest_version_from_catch_up():
+    config = fast_config(tcp_endpoint())  # no shared memory: frames
+    w = torch.arange(8.0)
+    calls = []
+
+    def weights():
+        calls.append(1)
+        return {"w": w + 1}
+
+    with TrainerPort(config, FINGERPRINT) as trainer:
+        trainer.publish_weights(1, {"w": w + 1})
+        assert trainer.catch_up_weights(1, weights) == [] and calls == []  # nobody there: nothing to do
+        with GeneratorPort(config, FINGERPRINT) as gen:
+            trainer.wait_for_generators(1)
+            assert trainer.catch_up_weights(0, weights) == []  # not the newest published version: ignored
+            assert trainer.catch_up_weights(1, weights) == [gen.sender_id]
+            update = gen.wait_weights(1, timeout_s=10)
+            assert update.version == 1 and torch.equal(update.tensors["w"], w + 1)
+            update.ack()
+            assert trainer.catch_up_weights(1, weights) == [] and calls == [1]  # once per joining generator
+            trainer.publish_weights(2, {"w": w + 2})
+            assert trainer.catch_up_weights(2, weights) == []  # got it from the publish
+            assert torch.equal(gen.wait_weights(2, timeout_s=10).tensors["w"], w + 2)
+
+
+def test_the_pinned_newest_buffer_is_rewritten_only_when_no_other_can_be_had(tmp_path):
+    from rlhf_engine.transport.shm import ShmPool
+
+    pool = ShmPool(str(tmp_path), max_buffers=2)
+    first = pool.acquire(4096, 1.0, set())
+    pool.pin(first)
+    second = pool.acquire(4096, 1.0, set())  # first is free but pinned: a new one
+    assert second is not first and pool.hold(first, "late")  # a joiner may still read the newest
+    pool.release("late")
+    pool.pin(second)
+    assert pool.acquire(4096, 1.0, {"a"}) is first  # unpinned and free
+    assert pool.acquire(4096, 1.0, {"a"}) is second  # the only free one, though pinned: unpinned
+    assert not pool.hold(second, "late")  # being rewritten: a joiner gets the next publish instead
+    pool.close()
 
 
 def test_a_newer_version_replaces_an_untaken_one_which_is_acked_as_skipped():
@@ -233,7 +304,7 @@ def test_close_returns_fast_while_a_weight_update_is_in_flight():
 
 def test_a_holder_lost_while_publish_waits_does_not_hold_the_buffer_forever(tmp_path):
     """The race of a generator lost while `publish` waits for a free buffer: `forget` ran before the new
-    buffer named it as a holder; `retain` (what publish does next, with the live roster) drops it."""
+    buffer named it as a holder; `assign` (what publish does next, with the live roster) drops it."""
     import threading
 
     from rlhf_engine.transport.shm import ShmPool
@@ -248,8 +319,44 @@ def test_a_holder_lost_while_publish_waits_does_not_hold_the_buffer_forever(tmp_
     waiter.join(timeout=5.0)
     segment = got[0]
     assert segment.waiting_for == {"a", "b"}  # named from the roster as it was when the publish began
-    pool.retain(segment, {"b"})  # the roster now: a is gone
+    pool.assign(segment, {"b"})  # the roster now: a is gone
     assert segment.waiting_for == {"b"}
     pool.release("b", segment.path)
     assert pool.acquire(4096, 0.5, {"b"}).path == segment.path  # free again: nobody holds it forever
     pool.close()
+
+
+def test_with_the_models_specs_a_publish_takes_one_tensor_at_a_time_into_shared_memory(tmp_path):
+    import gc
+    import weakref
+
+    sd = {f"w{i}": torch.randn(1000) for i in range(5)} | {"i": torch.arange(6).view(2, 3)}
+    specs = state_dict_specs(sd)
+    fp = model_fingerprint(specs)
+    config = fast_config(ipc_endpoint(), shm_dir=str(tmp_path))
+    made: list[weakref.ref] = []
+
+    def on_demand(scale):  # each tensor made when asked for, as a gather from shards makes it
+        for name, t in sd.items():
+            gc.collect()
+            assert all(ref() is None for ref in made[:-1]), "earlier tensors are still referenced"
+            fresh = t * scale
+            made.append(weakref.ref(fresh))
+            yield name, fresh
+
+    with TrainerPort(config, fp, weight_specs=specs) as trainer, \
+            GeneratorPort(config, fp, weight_specs=specs) as g_shm, \
+            GeneratorPort(dataclasses.replace(config, weights_via_shm=False), fp, weight_specs=specs) as g_frames:
+        trainer.wait_for_generators(2)
+        assert sorted(trainer.publish_weights(1, on_demand(2))) == sorted([g_shm.sender_id, g_frames.sender_id])
+        for gen in (g_shm, g_frames):  # frames are sent from the shared-memory buffer
+            update = gen.wait_weights(1, timeout_s=10)
+            assert all(torch.equal(update.tensors[k], v * 2) for k, v in sd.items())
+            update.ack()
+        made.clear()
+        with pytest.raises(ValueError, match=r"missing \['i'\]"):
+            trainer.publish_weights(2, ((k, v) for k, v in sd.items() if k != "i"))
+        with pytest.raises(ValueError, match=r"tensor 'w0' float32\[999\]: the model has float32\[1000\]"):
+            trainer.publish_weights(2, {"w0": torch.zeros(999)})
+        trainer.publish_weights(2, on_demand(3))  # a failed publish left no buffer held
+        assert torch.equal(g_shm.wait_weights(2, timeout_s=10).tensors["w4"], sd["w4"] * 3)
