@@ -209,5 +209,6 @@ class Supervisor:
         from safetensors.torch import save_file
 
         path = self.local.run_dir / f"generator-weights-v{self._version()}.safetensors"
-        save_file({k: v.detach().contiguous().clone() for k, v in self._weights().items()}, str(path))
+        # written before anything changes the weights: no copy of CPU tensors; a CUDA trainer's come to the host
+        save_file({k: v.detach().contiguous().cpu() for k, v in self._weights().items()}, str(path))
         return path
