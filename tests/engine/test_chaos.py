@@ -301,7 +301,7 @@ def test_vllm_generator_killed_is_replaced_and_its_tree_ends(tmp_path, policy_di
 
     log, history = run(cfg, on_stats)
     assert len(history) == 6 and history[-1]["faults/generator_restarts"] == 2
-    # in processes, vLLM's engine core and worker are the leader's descendants; in process, it has none
-    assert all(len(tree) > 1 for tree in trees) if engine_process else all(len(tree) >= 1 for tree in trees), trees
+    if engine_process:  # vLLM's engine core and worker are the leader's descendants
+        assert all(len(tree) > 1 for tree in trees), trees
     assert not [p for tree in trees for p in tree if _alive(p)], "processes of a killed generator survived"
     assert_nothing_left(tmp_path, assert_no_new_children)
