@@ -6,6 +6,7 @@
   rlhf-engine ppo     --config run.yaml      async PPO (trainer here, generators as child processes)
   rlhf-engine generator --config run.yaml    a generator process that connects to a trainer
   rlhf-engine plot    RUN_DIR                PNG plots of a run
+  rlhf-engine export  --merge CKPT OUT       the policy of a checkpoint as a plain HF folder (LoRA merged)
   rlhf-engine demo                           the whole pipeline on a tiny built-in task
   rlhf-engine keys    DIR                    a CURVE keypair for non-loopback endpoints
   rlhf-engine bench   ...                    the end-to-end throughput benchmark
@@ -74,6 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="write PNG plots of a run", description="Write PNGs of reward, KL, KL "
                        "coefficient, entropy, losses, throughput and the process timeline into RUN_DIR/plots.")
     p.add_argument("run_dir", metavar="RUN_DIR")
+
+    p = sub.add_parser("export", help="write a checkpoint's policy as a plain HF folder (LoRA merged)",
+                       description="Write the policy of a PPO checkpoint as an HF folder that AutoModelForCausalLM "
+                                   "and vLLM load as is: LoRA adapters are merged into their base (W + scale * B @ A), "
+                                   "full weights are copied; no value head.")
+    p.add_argument("--merge", action="store_true", required=True, help="merge LoRA adapters into the base")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a checkpoint folder (runs/x/checkpoints/step-N), a run folder (its newest checkpoint) or a "
+                        "policy folder")
+    p.add_argument("out", metavar="OUT", help="the HF folder to write")
+    p.add_argument("--base", metavar="DIR", help="the base model folder (default: the one the adapters name)")
 
     p = sub.add_parser("demo", help="SFT -> reward model -> async PPO on a tiny built-in task",
                        description="Build a tiny tokenizer and Llama, run SFT, train a reward model on "
@@ -179,6 +191,21 @@ def _run_generator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_export(args: argparse.Namespace) -> int:
+    from rlhf_engine.checkpoint import latest_checkpoint
+    from rlhf_engine.models.loading import export_merged
+
+    src = Path(args.checkpoint)
+    if not src.is_dir():
+        raise FileNotFoundError(2, "no such folder", str(src))
+    newest = latest_checkpoint(src)
+    ckpt = newest if newest is not None else src
+    policy = ckpt / "policy" if (ckpt / "policy").is_dir() else ckpt
+    out = export_merged(policy, args.out, base=args.base)
+    print(f"export: {policy} -> {out}")
+    return 0
+
+
 def _run_bench(argv: list[str]) -> int:
     import runpy
 
@@ -228,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             for path in plot_run(args.run_dir):
                 print(path)
             return 0
+        if args.command == "export":
+            return _run_export(args)
         if args.command == "demo":
             from rlhf_engine.demo import run_demo
 

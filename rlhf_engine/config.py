@@ -1,7 +1,7 @@
 """The config tree of a PPO run: one validated dataclass per YAML section.
 
 ```yaml
-model:     {policy: out/sft, reward_model: out/rm}       # ModelConfig
+model:     {policy: out/sft, reward_model: out/rm}       # ModelConfig (+ lora: {r: 16} for LoRA)
 data:      {prompts: prompts.jsonl}                      # DataConfig
 ppo:       {batch_size: 16, mini_batch_size: 4, ...}     # PPOConfig (TRL names)
 generator: {backend: vllm, sampling: {max_new_tokens: 32}}  # GeneratorConfig (model = model.policy)
@@ -28,6 +28,7 @@ from typing import Any, Callable, Literal
 from rlhf_engine.config_loader import ConfigError, apply_overrides, from_dict, load_yaml, to_dict, yaml_lines
 from rlhf_engine.distributed.config import DistributedConfig
 from rlhf_engine.loggers import LOGGERS, LoggerName
+from rlhf_engine.models.lora import LoraConfig
 from rlhf_engine.rollout.config import GeneratorConfig
 from rlhf_engine.trainer.ppo_config import PPOConfig
 from rlhf_engine.transport.config import TransportConfig
@@ -50,6 +51,11 @@ class ModelConfig:
     gold_fn: str | None = None
     """Optional `module:function` scored on every batch and logged as `env/gold_mean`, never trained on
     (e.g. a task's true metric when the reward is a learned model)."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters on the frozen policy (`{r: 16, alpha: 32, target_modules: [q_proj, ...]}`, see
+    `rlhf_engine.models.lora.LoraConfig`; needs `pip install 'rlhf-engine[lora]'`). Without `ref_model`, the
+    reference is then the policy's base with its adapters disabled: no second copy of the weights. One trainer
+    rank only."""
 
     def __post_init__(self) -> None:
         if not self.policy:
@@ -62,6 +68,9 @@ class ModelConfig:
             spec = getattr(self, name)
             if spec is not None and (":" not in spec or not all(spec.split(":", 1))):
                 raise ValueError(f"model.{name} ({spec!r}) must look like 'package.module:function'")
+        if self.lora is not None and self.lora.critic and self.value_model is None:
+            raise ValueError("model.lora.critic is true but model.value_model is not set: the value head on the "
+                             "policy trains fully; give a separate critic to train it with LoRA")
 
     def check_folders(self) -> None:
         """`ConfigError` naming the first model folder that does not exist (checked when a run starts,

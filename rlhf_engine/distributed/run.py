@@ -22,6 +22,8 @@ def preflight(config, world_size: int | None = None) -> None:
         world_size = rank_info_from_env().world_size
     if world_size < 1:
         raise ValueError(f"--nproc ({world_size}) must be >= 1")
+    if world_size > 1 and config.model.lora is not None:
+        raise ValueError(f"model.lora: LoRA policies train on one trainer rank, not {world_size}")
     check_divisible(world_size, config.ppo.batch_size, config.ppo.mini_batch_size)
     check_mixed_precision(config.trainer, "cuda" if resolve_backend(config.trainer.backend) == "nccl" else "cpu")
 

@@ -106,7 +106,7 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> "peft.PeftModel":
     peft = _peft()
     task = "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
     pconfig = peft_config(config, task)
-    for name, shape in _matched_layers(model, pconfig).items():
+    for name, shape in _matched_layers(model, pconfig, config.target_modules).items():
         if config.r > min(shape):
             raise ValueError(f"model.lora.r ({config.r}) exceeds the rank of {name} ({shape[0]} x {shape[1]}): "
                              f"choose r <= {min(shape)}")
@@ -120,8 +120,9 @@ def _linear_layers(model: nn.Module) -> dict[str, tuple[int, int]]:
     return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
 
 
-def _matched_layers(model: nn.Module, pconfig) -> dict[str, tuple[int, int]]:
-    """The linear layers peft will adapt (by peft's own matching), checked before the model is changed."""
+def _matched_layers(model: nn.Module, pconfig, targets: list[str] | str) -> dict[str, tuple[int, int]]:
+    """The linear layers peft will adapt (by peft's own matching), checked before the model is changed;
+    `targets`: the configured `target_modules` (for the error)."""
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
 
     linear = _linear_layers(model)
@@ -131,7 +132,7 @@ def _matched_layers(model: nn.Module, pconfig) -> dict[str, tuple[int, int]]:
                if (found := check_target_module_exists(pconfig, name)) is True or isinstance(found, re.Match)}
     if not matched:
         leaves = sorted({name.rsplit(".", 1)[-1] for name in linear})
-        raise ValueError(f"model.lora.target_modules ({pconfig.target_modules!r}) matches no linear layer of "
+        raise ValueError(f"model.lora.target_modules ({targets!r}) matches no linear layer of "
                          f"{type(model).__name__}; its linear layers are named {leaves}")
     return matched
 

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from rlhf_engine.data.collate import preference_batch
 from rlhf_engine.data.tokenize import IGNORE_INDEX, TokenizedPair, build_preference_dataset
+from rlhf_engine.models.loading import AdaptersDisabled
+from rlhf_engine.models.lora import is_lora
 from rlhf_engine.ops import logprobs_from_logits
 from rlhf_engine.trainer.stage import StageTrainer, chunks, load_causal_lm
 from rlhf_engine.trainer.dpo_config import DPOConfig
@@ -58,7 +60,7 @@ class DPOTrainer(StageTrainer):
     """Train a causal LM on preference pairs with DPO; `train()` then `save()`.
 
     The reference (`ref_model`, or `config.ref_model_name_or_path`, or a frozen copy of the initial
-    policy) scores every train and eval pair once at construction; its log-probs are cached and the
+    policy; with `config.lora` the policy's base with adapters disabled) scores every train and eval pair once at construction; its log-probs are cached and the
     reference model is released. Metrics: loss, rewards/chosen, rewards/rejected,
     rewards/accuracies, rewards/margins, logps/chosen, logps/rejected.
     """
@@ -74,6 +76,8 @@ class DPOTrainer(StageTrainer):
     def _reference(self, ref_model):
         if ref_model is None and self.config.ref_model_name_or_path:
             ref_model = load_causal_lm(self.config.ref_model_name_or_path, self.tokenizer)
+        if ref_model is None and is_lora(self.model):  # the frozen base: the adapters disabled, no copy
+            return AdaptersDisabled(self.model).eval()
         if ref_model is None:
             ref_model = copy.deepcopy(self.model)
         ref_model.to(self.device).eval().requires_grad_(False)

@@ -136,6 +136,8 @@ class PackingSupport:
 
 
 def _accepts_position_ids(model: nn.Module) -> bool:
+    if hasattr(model, "get_base_model"):  # a peft model passes position_ids on to its base model
+        model = model.get_base_model()
     params = inspect.signature(model.forward).parameters
     return "position_ids" in params
 

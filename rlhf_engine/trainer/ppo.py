@@ -23,7 +23,9 @@ from torch import nn
 from rlhf_engine.data.collate import left_pad
 from rlhf_engine.distributed import Comm, DistributedConfig, check_divisible, is_sharded, iter_full_state, shard_model
 from rlhf_engine.distributed.dcp import save_hf_folder
-from rlhf_engine.models.loading import causal_lm, freeze, frozen_copy, policy_state_dict
+from rlhf_engine.models.loading import AdaptersDisabled, causal_lm, freeze, policy_state_dict, reference_model
+from rlhf_engine.models.lora import adapter_state_dict as lora_adapters
+from rlhf_engine.models.lora import is_lora
 from rlhf_engine.models.reward_scoring import RewardFn, check_reward_model, function_scores, model_scores
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.ops import masked_whiten
@@ -45,7 +47,9 @@ class PPOTrainer:
     """PPO trainer. `model` is the policy: an `AutoModelForCausalLMWithValueHead` (shared-backbone critic), or
     any transformers causal LM when `value_model` is given or the advantage estimator is critic-free.
 
-    ref_model: frozen reference; None means a frozen copy of the initial policy.
+    ref_model: frozen reference; None means a frozen copy of the initial policy, or, when the policy's causal LM
+        is a peft LoRA model (`rlhf_engine.models.lora.apply_lora`), that model with its adapters disabled
+        (the frozen base, no second copy of the weights).
     reward_model / reward_fn: optional source of scores when `step` is called without them.
     value_model: a separate critic (`AutoModelForCausalLMWithValueHead`), trained alongside the policy; a value
         head on `model` is then unused.
@@ -94,13 +98,15 @@ class PPOTrainer:
                 raise ValueError("with several ranks the trainer builds its optimizer and scheduler itself "
                                  "(after sharding the models): do not pass optimizer / lr_scheduler")
 
+        self.lora = is_lora(causal_lm(model))
+        """The policy trains LoRA adapters on a frozen base (a peft model inside `model`)."""
+        if self.lora and comm.distributed:
+            raise ValueError(f"LoRA policies train on one rank; this trainer has {comm.world_size}")
         self.model = model.eval()
         self.value_model = value_model.eval() if value_model is not None else None
-        self.ref_model = (
-            frozen_copy(causal_lm(model), config.frozen_dtype)
-            if ref_model is None
-            else freeze(causal_lm(ref_model), config.frozen_dtype)
-        )
+        self.ref_model = reference_model(model, ref_model, config.frozen_dtype)
+        """Frozen reference: `ref_model`, else the LoRA policy with its adapters disabled (no copy), else a
+        frozen copy of the initial policy."""
         self.reward_model = None
         if reward_model is not None:
             check_reward_model(reward_model)
@@ -116,7 +122,8 @@ class PPOTrainer:
         self.layout = pass_layout(config.packing, causal_lm(model), self.ref_model, value_model, self.reward_model)
         """Which forward passes run packed (`PPOConfig.packing` and what each model supports)."""
         parallel = parallel if parallel is not None else DistributedConfig()
-        for module, trainable in ((self.model, True), (self.value_model, True), (self.ref_model, False),
+        own_ref = None if isinstance(self.ref_model, AdaptersDisabled) else self.ref_model  # else: the policy's
+        for module, trainable in ((self.model, True), (self.value_model, True), (own_ref, False),
                                   (self.reward_model, False)):
             if module is not None:  # FSDP2 / replicated on several ranks; activation checkpointing
                 shard_model(module, parallel, comm, trainable=trainable)
@@ -357,12 +364,23 @@ class PPOTrainer:
 
     def policy_state_dict(self) -> dict[str, torch.Tensor]:
         """The policy's current weights under transformers' names (no value head), for weight sync to a
-        generator: detached tensors aliasing the live parameters (copy them before the next `step`)."""
+        generator: detached tensors aliasing the live parameters (copy them before the next `step`); with LoRA
+        the merged weights W + scale * B @ A."""
         return policy_state_dict(self.model)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The policy's LoRA adapters under peft's names (what `adapter_model.safetensors` holds), detached fp32
+        tensors aliasing the live ones (copy them before the next `step`): all a generator needs each version
+        besides the base it loaded once (`rlhf_engine.models.lora.adapter_state_dict`)."""
+        if not self.lora:
+            raise RuntimeError("adapter_state_dict: the policy has no LoRA adapters (model.lora is not set)")
+        return lora_adapters(causal_lm(self.model))
 
     def policy_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor) of the policy (transformers names, no value head), one tensor at a time. With
         sharded models each is gathered from the shards: every rank must drain the iterator (rank 0 sends)."""
+        if self.lora:  # one rank: the merged weights
+            return iter(self.policy_state_dict().items())
         return iter_full_state(causal_lm(self.model))
 
     def trainable_modules(self) -> dict[str, nn.Module]:
@@ -395,7 +413,8 @@ class PPOTrainer:
         self.load_run_state(state)
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Save the policy (HF folder + value head) to `path`, the separate critic to `path/critic`.
+        """Save the policy (HF folder + value head) to `path`, the separate critic to `path/critic`; a LoRA
+        model as a PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`) instead.
         With sharded models every rank must call it (the weights are gathered); rank 0 writes."""
         path = Path(path)
         if is_sharded(self.model):

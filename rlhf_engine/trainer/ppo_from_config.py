@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_engine.distributed import Comm
-from rlhf_engine.models.loading import load_causal_lm
+from rlhf_engine.models.loading import is_adapter_folder, load_causal_lm, load_lora_model
+from rlhf_engine.models.lora import LoraConfig
 from rlhf_engine.models.reward_scoring import load_reward_model
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.trainer.ppo import PPOTrainer
@@ -17,24 +18,37 @@ if TYPE_CHECKING:
 
 def build_ppo_trainer(config: RunConfig, ckpt: Path | None, comm: Comm) -> tuple[PPOTrainer, Any]:
     """The PPO trainer of a run (every trainer rank builds it the same way); returns (trainer, tokenizer).
-    The policy (and critic) start from the checkpoint's HF folders when resuming; the reference is always the
-    initial policy."""
+    The policy (and critic) start from the checkpoint's folders when resuming; the reference is always the
+    initial policy (with `model.lora` and no `model.ref_model`: the policy's base with adapters disabled)."""
     from transformers import AutoTokenizer
 
     from rlhf_engine.config import import_function
 
     m = config.model
     tokenizer = AutoTokenizer.from_pretrained(m.policy)
-    policy_dir = ckpt / "policy" if ckpt is not None else Path(m.policy)
-    policy = AutoModelForCausalLMWithValueHead.from_pretrained(policy_dir)
-    ref = load_causal_lm(m.ref_model or m.policy, frozen=True)
+    saved = ckpt / "policy" if ckpt is not None else None
+    policy = _load_trainable(m.policy, saved, m.lora)
+    ref = load_causal_lm(m.ref_model, frozen=True) if m.ref_model is not None else None
+    if ref is None and m.lora is None:
+        ref = load_causal_lm(m.policy, frozen=True)
     value_model = None
     if m.value_model is not None:
-        critic_dir = ckpt / "policy" / "critic" if ckpt is not None else Path(m.value_model)
-        value_model = AutoModelForCausalLMWithValueHead.from_pretrained(critic_dir)
+        critic_lora = m.lora if m.lora is not None and m.lora.critic else None
+        value_model = _load_trainable(m.value_model, saved / "critic" if saved is not None else None, critic_lora)
     reward_model = load_reward_model(m.reward_model) if m.reward_model is not None else None
     reward_fn = import_function(m.reward_fn) if m.reward_fn is not None else None
     trainer = PPOTrainer(config=config.ppo, model=policy, ref_model=ref, tokenizer=tokenizer,
                          reward_model=reward_model, reward_fn=reward_fn, value_model=value_model,
                          comm=comm, parallel=config.trainer)
     return trainer, tokenizer
+
+
+def _load_trainable(path: str, saved: Path | None, lora: LoraConfig | None) -> AutoModelForCausalLMWithValueHead:
+    """A trainable model with a value head: from the HF folder `path`, or from a checkpoint's folder `saved`
+    (full weights, or with `lora` the adapters on `path` as the frozen base)."""
+    if lora is not None:
+        return load_lora_model(path, lora, saved)
+    if saved is not None and is_adapter_folder(saved):
+        raise ValueError(f"{saved} holds LoRA adapters but model.lora is not set: set the run's model.lora to "
+                         "resume it")
+    return AutoModelForCausalLMWithValueHead.from_pretrained(saved if saved is not None else Path(path))

@@ -17,6 +17,7 @@ import torch
 from rlhf_engine.checkpoint import atomic_directory
 from rlhf_engine.data.records import DataStats
 from rlhf_engine.metrics import MetricsLogger
+from rlhf_engine.models.lora import LoraConfig, apply_lora, is_lora, merged_state_dict
 from rlhf_engine.trainer.schedule import lr_scheduler
 
 T = TypeVar("T")
@@ -79,6 +80,11 @@ class StageConfig:
     """Seed for initialisation, shuffling and the eval split."""
     device: str = "auto"
     """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters on the frozen model (`{r: 16, alpha: 32, target_modules: [q_proj, ...]}`, see
+    `rlhf_engine.models.lora.LoraConfig`; a reward model's score head trains fully). The saved folder is then
+    the merged model (an HF folder, as without LoRA) plus the adapters alone in its `adapter/` (PEFT format).
+    Needs `pip install 'rlhf-engine[lora]'`."""
 
     def __post_init__(self) -> None:
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -188,20 +194,32 @@ def build_optimizer(model: torch.nn.Module, config: StageConfig, total_steps: in
     return optimizer, scheduler
 
 
+LORA_ADAPTER_DIR = "adapter"
+"""Sub-folder of a stage's saved folder that holds the LoRA adapters alone (PEFT format)."""
+
+
 def save_hf_folder(model, tokenizer, path: str | Path, *, atomic: bool) -> Path:
-    """`save_pretrained` model and tokenizer into `path` (safetensors). `atomic`: write a temp folder
-    and rename it into place (for `checkpoint-<step>` folders; the final `output_dir` also holds
-    the run's metrics and checkpoints, so it is written in place)."""
+    """`save_pretrained` model and tokenizer into `path` (safetensors); a LoRA model as the merged HF folder
+    plus its adapters in `path/adapter`. `atomic`: write a temp folder and rename it into place (for
+    `checkpoint-<step>` folders; the final `output_dir` also holds the run's metrics and checkpoints, so it
+    is written in place)."""
     path = Path(path)
     if atomic:
         with atomic_directory(path) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+            _write_model(model, tokenizer, tmp)
     else:
         path.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(path, safe_serialization=True)
-        tokenizer.save_pretrained(path)
+        _write_model(model, tokenizer, path)
     return path
+
+
+def _write_model(model, tokenizer, folder: Path) -> None:
+    if is_lora(model):
+        model.get_base_model().save_pretrained(folder, state_dict=merged_state_dict(model), safe_serialization=True)
+        model.save_pretrained(folder / LORA_ADAPTER_DIR)
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
 
 
 StepFn = Callable[[list[Any]], dict[str, float]]
@@ -308,7 +326,8 @@ class StageTrainer:
                load_model: Callable[[str, Any], torch.nn.Module], build: Callable[..., tuple[list[T], DataStats]],
                train_dataset: Any, eval_dataset: Any) -> None:
         """The start of every stage: seed, device, tokenizer and model (`load_model(path, tokenizer)` from
-        `config.model_name_or_path` when not given), then the tokenized data (see `train_eval_datasets`)."""
+        `config.model_name_or_path` when not given; with `config.lora`, LoRA adapters on it), then the
+        tokenized data (see `train_eval_datasets`)."""
         self.config = config
         seed_everything(config.seed)  # a fresh head of a loaded model (the reward model's score) is random
         self.device = resolve_device(config.device)
@@ -316,6 +335,8 @@ class StageTrainer:
             raise ValueError(f"{type(config).__name__}.model_name_or_path is empty and no model/tokenizer was passed")
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_name_or_path)
         model = model if model is not None else load_model(config.model_name_or_path, self.tokenizer)
+        if config.lora is not None and not is_lora(model):
+            model = apply_lora(model, config.lora)
         self.model = model.to(self.device)
         self.train_data, self.eval_data, self.data_stats = train_eval_datasets(
             config, self.tokenizer, build, train_dataset, eval_dataset)

@@ -13,27 +13,32 @@ so p(target set) = 0.1 * 16.1 / (0.1 * 16.1 + 0.9) = 0.64, and its KL per token 
 import pytest
 import torch
 
+from rlhf_engine.models.lora import LoraConfig, apply_lora
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.trainer.ppo import PPOTrainer
 from rlhf_engine.trainer.ppo_config import PPOConfig
 
 TARGET = range(10, 40)
 STEPS = 30
+LORA_LR = 1e-2
+"""LoRA's usual larger step: the adapters start at B = 0 and hold a small part of the weights."""
 
 
 def rule_reward(responses: list[torch.Tensor]) -> list[float]:
     return [float(((r >= TARGET.start) & (r < TARGET.stop)).float().mean()) for r in responses]
 
 
-def _train(make_lm, tokenizer, **overrides):
-    """30 PPO steps on the rule reward; returns (per-step mean rewards, per-step objective/kl)."""
+def _train(make_lm, tokenizer, lora=None, **overrides):
+    """30 PPO steps on the rule reward; returns (per-step mean rewards, per-step objective/kl). `lora`: the
+    policy trains LoRA adapters of this config (the reference is then its base with adapters disabled)."""
     kwargs = dict(
         batch_size=32, mini_batch_size=16, ppo_epochs=2, learning_rate=2e-3, response_length=12,
         init_kl_coef=0.03, adap_kl_ctrl=False, vf_coef=0.5, cliprange_value=10.0, seed=0,
     )
     kwargs.update(overrides)
     config = PPOConfig(**kwargs)
-    model = AutoModelForCausalLMWithValueHead(make_lm(seed=0))
+    lm = make_lm(seed=0)
+    model = AutoModelForCausalLMWithValueHead(apply_lora(lm, lora) if lora is not None else lm)
     trainer = PPOTrainer(config=config, model=model, tokenizer=tokenizer)
     texts = ("the cat likes", "a dog sees", "my friend", "our teacher")
     prompts = [torch.tensor(tokenizer(t)["input_ids"][:5]) for t in texts]
@@ -56,6 +61,17 @@ def test_ppo_learns_rule_based_reward(make_lm, tokenizer):
     assert after > before + 0.2, (before, after)
     # bounded: within 1.5x the KL of the regularised optimum (10.3, module docstring) at every step
     assert max(kls) < 15.0, kls
+
+
+def test_lora_ppo_learns_rule_based_reward(make_lm, tokenizer):
+    """The same task with LoRA adapters (r 16 on q, k, v, o; ~11% of the 1-layer model's weights train)."""
+    pytest.importorskip("peft")
+    rewards, kls = _train(make_lm, tokenizer, lora=LoraConfig(r=16), learning_rate=LORA_LR)
+    before, after = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    print(f"LoRA: reward first 5 steps {before:.3f}, last 5 steps {after:.3f}; KL max {max(kls):.2f}")
+    assert before < 0.2
+    assert after > before + 0.2, (before, after)
+    assert max(kls) < 15.0, kls  # the reference (the base, adapters disabled) bounds it as above
 
 
 @pytest.mark.slow
