@@ -35,7 +35,8 @@ class AdapterVersions(Callback):
         self.rollouts.append(rollout)
 
 
-@pytest.mark.parametrize("backend", ["transformers", pytest.param("vllm", marks=pytest.mark.vllm)])
+# vllm: ~80 s on a loaded 2-core machine (the adapter sync into vLLM is also in tests/rollout/test_vllm_lora.py)
+@pytest.mark.parametrize("backend", ["transformers", pytest.param("vllm", marks=[pytest.mark.vllm, pytest.mark.slow])])
 def test_async_lora_run_samples_with_the_synced_adapters(tmp_path, policy_dir, prompts_file, backend,
                                                           assert_no_new_children):
     if backend == "vllm":
