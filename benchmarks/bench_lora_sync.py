@@ -59,7 +59,8 @@ def sizes(model_dir: str, full_dtype: str) -> dict:
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
     # what the trainer publishes: its state dict (a tied lm_head listed under its own name too)
     full = [(name, tuple(t.shape), full_dtype) for name, t in model.state_dict().items()]
-    out = {"full": {"tensors": len(full), "params": numel(full), "bytes": nbytes(full), "dtype": full_dtype}}
+    out = {"model_params": sum(p.numel() for p in model.parameters()),  # a tied lm_head counted once
+           "full": {"tensors": len(full), "params": numel(full), "bytes": nbytes(full), "dtype": full_dtype}}
     for label, targets in (("lora_r16_qkvo", ["q_proj", "k_proj", "v_proj", "o_proj"]), ("lora_r16_all_linear", "all-linear")):
         specs = adapter_specs(model_dir, LoraConfig(**LORA, target_modules=targets))
         out[label] = {"tensors": len(specs), "params": numel(specs), "bytes": nbytes(specs), "dtype": "float32",
@@ -97,7 +98,7 @@ def apply_times(model_dir: str, backend: str, lora, reps: int) -> dict:
     from rlhf_engine.rollout.generator import make_generator
 
     staging = tempfile.mkdtemp(prefix="bls-staging-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    config = GeneratorConfig(model=model_dir, backend=backend, max_model_len=128, kv_cache_bytes=1 << 28,
+    config = GeneratorConfig(model=model_dir, backend=backend, max_model_len=256, kv_cache_bytes=1 << 28,
                              device="cpu", staging_dir=staging, lora=lora)
     t0 = time.perf_counter()
     gen = make_generator(config)
@@ -187,7 +188,8 @@ def main() -> None:
     print("sizes (computed from parameter counts)", flush=True)
     size = {"bench_model": sizes(model_dir, "float32"), "qwen2.5-0.5b_shape": sizes(qwen_dir(args.work_dir), "bfloat16")}
     for name, s in size.items():
-        print(f"  {name:20s} full {s['full']['bytes'] / 1e6:9.1f} MB ({s['full']['params'] / 1e6:.1f} M params, "
+        print(f"  {name:20s} {s['model_params'] / 1e6:.1f} M params; full sync {s['full']['bytes'] / 1e6:9.1f} MB "
+              f"({s['full']['params'] / 1e6:.1f} M values, "
               f"{s['full']['dtype']})  LoRA r16 qkvo {s['lora_r16_qkvo']['bytes'] / 1e6:7.2f} MB "
               f"({s['lora_r16_qkvo']['bytes_vs_full']:.2%})  all-linear {s['lora_r16_all_linear']['bytes'] / 1e6:7.2f} MB "
               f"({s['lora_r16_all_linear']['bytes_vs_full']:.2%})", flush=True)

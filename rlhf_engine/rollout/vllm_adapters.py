@@ -43,7 +43,7 @@ class AdapterSlot:
     """The one adapter generation uses (`request`), replaced by `load` for each version.
 
     `load` of the first version (the generator's initial weights: all-zero adapters, i.e. the base)
-    also checks that vLLM takes this adapter layout at all, before any rollout.
+    also checks that vLLM takes this adapter layout and applies every module of it, before any rollout.
     """
 
     def __init__(self, llm, lora: LoraConfig, model_dir: str, staging_dir: str) -> None:
@@ -90,7 +90,15 @@ class AdapterSlot:
             raise ValueError(f"vLLM cannot take these LoRA adapters (model.lora.sync: adapters): {e}; "
                              f"{SYNC_HINT}") from e
         if not added:
-            raise RuntimeError(f"vLLM did not load adapter {request.lora_name} (id {request.lora_int_id}) from {request.lora_path}")
+            raise RuntimeError(f"vLLM did not load adapter {request.lora_name} (id {request.lora_int_id}) "
+                               f"from {request.lora_path}")
+        if self.request is None:  # the first adapter: does vLLM serve every module of this layout as peft does?
+            refused = sorted({name for names in self.llm.collective_rpc("rlhf_lora_modules_not_linear",
+                                                                        args=(request.lora_int_id,)) for name in names})
+            if refused:
+                self.llm.llm_engine.remove_lora(request.lora_int_id)
+                raise ValueError(f"vLLM serves LoRA adapters on linear layers only, not on {refused} "
+                                 f"(model.lora.target_modules) with model.lora.sync: adapters; {SYNC_HINT}")
 
     def close(self) -> None:
         """Delete the adapter folders (the engine is stopped by its owner). Idempotent."""

@@ -85,3 +85,16 @@ def test_wrong_adapters_are_rejected_before_anything_is_applied(vllm_lora_genera
     for a, b in zip(before, after):
         assert torch.equal(a.response_ids, b.response_ids)
         assert torch.allclose(a.logprobs, b.logprobs, atol=1e-6)
+
+
+def test_adapters_vllm_does_not_serve_like_peft_name_the_sync_switch(tiny_model_dir, tmp_path):
+    pytest.importorskip("vllm")
+    from rlhf_engine.rollout.vllm_backend import VLLMGenerator
+
+    # vLLM 0.32 takes an lm_head adapter without an error, but its log-probs were 1.8 nats from peft's:
+    # the generator refuses it at start and points at the merged sync
+    config = GeneratorConfig(model=tiny_model_dir, backend="vllm", max_model_len=MAX_MODEL_LEN, kv_cache_bytes=1 << 27,
+                             staging_dir=str(tmp_path), lora=LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match=r"not on \['lm_head'\] \(model.lora.target_modules\).*model.lora.sync: merged"):
+        VLLMGenerator(config)
+    assert os.listdir(tmp_path) == []
