@@ -17,7 +17,9 @@
   (`kv_cache_utils._gen_lora_extra_hash_keys`), so blocks computed with the old adapter would be
   reused unless the cache were reset; a fresh name per version can never hit them, and a rollout's
   adapter is named by its version. At start the all-zero adapter of the initial version is loaded
-  (equal to the base), which also checks that vLLM serves this adapter layout before any rollout.
+  (equal to the base), which also checks that vLLM serves every module of this layout with a
+  linear LoRA layer (an `lm_head` adapter loads without an error but does not match peft) before
+  any rollout; what it cannot serve is refused naming `model.lora.sync: merged`.
 - vLLM starts its engine core with spawn: build this from a spawn-safe entry point.
 """
 
