@@ -83,9 +83,9 @@ def memory(counts: dict[str, int]) -> dict[str, float]:
     return out
 
 
-def table(rows: dict[str, dict]) -> str:
+def table(rows: dict[str, dict], r: int) -> str:
     """The README's markdown table."""
-    lines = ["| model | params | LoRA params (r, q/k/v/o) | reference copy avoided (fp32 / bf16) | "
+    lines = [f"| model | params | LoRA params (r {r}, q/k/v/o) | reference copy avoided (fp32 / bf16) | "
              "Adam state full → LoRA | gradients full → LoRA | policy + ref + grads + Adam, fp32: full → LoRA |",
              "|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
@@ -108,7 +108,7 @@ def main() -> None:
     for name, config in shapes().items():
         counts = count(config, args.r)
         rows[name] = {"counts": counts, "mib": memory(counts)}
-    print(table(rows))
+    print(table(rows, args.r))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"r": args.r, "targets": TARGETS, "rows": rows}, indent=2) + "\n")

@@ -1,7 +1,9 @@
 """Atomic, pickle-free checkpoints.
 
 A checkpoint is a directory `run_dir/checkpoints/step-{k:08d}/` holding
-  policy/            the policy as an HF safetensors folder (loads in transformers and vLLM as is)
+  policy/            the policy as an HF safetensors folder (loads in transformers and vLLM as is); with
+                     LoRA a PEFT adapter folder (`PeftModel.from_pretrained(base, policy/)`; `rlhf-engine
+                     export --merge` writes the merged HF folder)
   <other>/           further HF folders (value head, critic) written by their owners' save_pretrained
   state.safetensors  every tensor of the training state (optimizer moments, RNG states, ...)
   state.json         the rest of the training state, with {"__tensor__": key} where a tensor was

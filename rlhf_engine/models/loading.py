@@ -105,10 +105,11 @@ def is_adapter_folder(path: str | Path) -> bool:
 
 
 def load_lora_model(base_path: str | Path, config: LoraConfig, adapters: str | Path | None = None,
-                    *, value_head: bool = True) -> nn.Module:
+                    *, value_head: bool = True, seed: int = 0) -> nn.Module:
     """The causal LM of the HF folder `base_path` (loaded from its absolute path, which the saved adapters
-    name as their base) with trainable LoRA adapters on a frozen base: fresh ones from `config`, or those of
-    the PEFT folder `adapters` (e.g. a checkpoint's `policy/`, whose rank and alpha must match `config`).
+    name as their base) with trainable LoRA adapters on a frozen base: fresh ones from `config` (A drawn from
+    `seed`, torch's global RNG untouched), or those of the PEFT folder `adapters` (e.g. a checkpoint's
+    `policy/`, whose rank and alpha must match `config`).
     `value_head`: wrapped in an `AutoModelForCausalLMWithValueHead` whose head comes from
     `adapters/value_head.safetensors`, else `base_path`'s, else starts at zero; it trains fully."""
     from peft import PeftModel
@@ -117,7 +118,9 @@ def load_lora_model(base_path: str | Path, config: LoraConfig, adapters: str | P
     base_path = Path(base_path).expanduser().resolve()
     lm = load_causal_lm(base_path)
     if adapters is None:
-        lm = apply_lora(lm, config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            lm = apply_lora(lm, config)
     else:
         _check_saved_adapters(Path(adapters), config)
         lm = PeftModel.from_pretrained(lm, str(adapters), is_trainable=True)
@@ -148,6 +151,9 @@ def export_merged(policy_dir: str | Path, out: str | Path, base: str | Path | No
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     policy_dir, out = Path(policy_dir), Path(out)
+    if not is_adapter_folder(policy_dir) and not (policy_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{policy_dir} is neither a checkpoint nor a model folder (no {ADAPTER_CONFIG}, "
+                                "no config.json)")
     if is_adapter_folder(policy_dir):
         from peft import PeftModel
 

@@ -63,11 +63,6 @@ class LoraConfig:
         if self.sync not in ("adapters", "merged"):
             raise ValueError(f"model.lora.sync ({self.sync!r}) must be 'adapters' or 'merged'")
 
-    @property
-    def scale(self) -> float:
-        """alpha / r, the factor of B @ A."""
-        return self.alpha / self.r
-
 
 def _peft():
     """The `peft` module, or a one-line ImportError naming the extra to install."""
@@ -150,62 +145,34 @@ def merged_state_dict(model: "peft.PeftModel") -> dict[str, torch.Tensor]:
     computed beside the live model (which is not changed). Tensors of layers without adapters alias the
     live parameters (detached). Equals `merge_and_unload()` of a copy."""
     from peft.tuners.lora import LoraLayer
-    from peft.utils import ModulesToSaveWrapper
 
-    base = model.get_base_model()
     adapter = model.active_adapter
+    base = model.get_base_model()
     out: dict[str, torch.Tensor] = {}
-    for prefix, module in _leaf_owners(base):
-        if isinstance(module, LoraLayer):
-            params = module.get_base_layer().state_dict()
-            delta = module.get_delta_weight(adapter).detach() if adapter in module.scaling else None
-            for key, t in params.items():
-                out[f"{prefix}{key}"] = t.detach() + delta if key == "weight" and delta is not None else t.detach()
-        elif isinstance(module, ModulesToSaveWrapper):
-            live = module.modules_to_save[adapter] if adapter in module.modules_to_save else module.original_module
-            for key, t in live.state_dict().items():
-                out[f"{prefix}{key}"] = t.detach()
-        else:
-            for key, t in module.state_dict().items():
-                out[f"{prefix}{key}"] = t.detach()
+    for name, tensor in base.state_dict().items():  # peft's wrapper names -> the base model's own
+        if ".lora_" in name or ".original_module." in name:  # adapters; the frozen twin of a trained module
+            continue
+        out[name.replace(".base_layer.", ".").replace(f".modules_to_save.{adapter}.", ".")] = tensor.detach()
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.scaling:
+            out[f"{name}.weight"] = module.get_base_layer().weight.detach() + module.get_delta_weight(adapter).detach()
     return out
-
-
-def _leaf_owners(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(prefix 'a.b.', module) for every module that directly owns tensors, with peft's wrappers (a LoRA
-    layer, a modules-to-save wrapper) taken whole instead of descending into them."""
-    from peft.tuners.lora import LoraLayer
-    from peft.utils import ModulesToSaveWrapper
-
-    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
-        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
-            yield prefix, module
-            return
-        if module._parameters or module._buffers:
-            yield prefix, _OwnTensors(module)
-        for name, child in module.named_children():
-            yield from walk(child, f"{prefix}{name}.")
-
-    yield from walk(root, "")
-
-
-class _OwnTensors:
-    """A module's own (non-recursive) parameters and persistent buffers, as `state_dict` would list them."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        m = self.module
-        own = {k: p for k, p in m._parameters.items() if p is not None}
-        own.update({k: b for k, b in m._buffers.items() if b is not None and k not in m._non_persistent_buffers_set})
-        return own
 
 
 def adapter_config_dict(config: LoraConfig, base_model_path: str) -> dict:
     """The `adapter_config.json` of a PEFT folder for adapters of `config` on the causal LM at
-    `base_model_path` (as `PeftModel.save_pretrained` writes it: inference mode, sets as lists)."""
-    pconfig = peft_config(config, "CAUSAL_LM", str(base_model_path))
+    `base_model_path` (as `PeftModel.save_pretrained` writes it: inference mode, sets as sorted lists;
+    `all-linear` stays as is, see `model_adapter_config` for the layer names a model resolved it to)."""
+    return _config_json(peft_config(config, "CAUSAL_LM", str(base_model_path)))
+
+
+def model_adapter_config(model: "peft.PeftModel") -> dict:
+    """The `adapter_config.json` that `model.save_pretrained` writes now (its live peft config, with
+    `target_modules` as the layer names peft matched, sorted)."""
+    return _config_json(copy.copy(model.peft_config[model.active_adapter]))
+
+
+def _config_json(pconfig) -> dict:
     pconfig.inference_mode = True
     out = pconfig.to_dict()
     for key, value in out.items():

@@ -60,8 +60,8 @@ class DPOTrainer(StageTrainer):
     """Train a causal LM on preference pairs with DPO; `train()` then `save()`.
 
     The reference (`ref_model`, or `config.ref_model_name_or_path`, or a frozen copy of the initial
-    policy; with `config.lora` the policy's base with adapters disabled) scores every train and eval pair once at construction; its log-probs are cached and the
-    reference model is released. Metrics: loss, rewards/chosen, rewards/rejected,
+    policy; with `config.lora` the policy's base with adapters disabled) scores every train and eval pair
+    once at construction; its log-probs are cached and the reference model is released. Metrics: loss, rewards/chosen, rewards/rejected,
     rewards/accuracies, rewards/margins, logps/chosen, logps/rejected.
     """
 

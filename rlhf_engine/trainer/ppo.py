@@ -20,22 +20,22 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from rlhf_engine.data.collate import left_pad
 from rlhf_engine.distributed import Comm, DistributedConfig, check_divisible, is_sharded, iter_full_state, shard_model
 from rlhf_engine.distributed.dcp import save_hf_folder
 from rlhf_engine.models.loading import AdaptersDisabled, causal_lm, freeze, policy_state_dict, reference_model
 from rlhf_engine.models.lora import adapter_state_dict as lora_adapters
-from rlhf_engine.models.lora import is_lora
+from rlhf_engine.models.lora import is_lora, model_adapter_config
 from rlhf_engine.models.reward_scoring import RewardFn, check_reward_model, function_scores, model_scores
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.ops import masked_whiten
 from rlhf_engine.trainer import advantages as adv
 from rlhf_engine.trainer import losses
-from rlhf_engine.trainer.experience import Experience, forward_experience, make_token_batch, truncate_after_eos
+from rlhf_engine.trainer.experience import Experience, forward_experience, make_token_batch
 from rlhf_engine.trainer.kl_control import make_kl_controller
 from rlhf_engine.trainer.microbatch import rank_microbatches
 from rlhf_engine.trainer.packing import packed_scores, pass_layout
 from rlhf_engine.trainer.ppo_config import PPOConfig
+from rlhf_engine.trainer.ppo_generate import sample_responses
 from rlhf_engine.trainer.ppo_inputs import TokenSeqs, as_scores, as_token_list, check_step_inputs, collate_queries
 from rlhf_engine.trainer.ppo_stats import PhaseTimer, step_stats
 from rlhf_engine.trainer.ppo_update import adopt_update_logp, old_logp_from_update, ppo_update
@@ -100,8 +100,8 @@ class PPOTrainer:
 
         self.lora = is_lora(causal_lm(model))
         """The policy trains LoRA adapters on a frozen base (a peft model inside `model`)."""
-        if self.lora and comm.distributed:
-            raise ValueError(f"LoRA policies train on one rank; this trainer has {comm.world_size}")
+        if comm.distributed and (self.lora or (value_model is not None and is_lora(value_model.pretrained_model))):
+            raise ValueError(f"LoRA models train on one rank; this trainer has {comm.world_size}")
         self.model = model.eval()
         self.value_model = value_model.eval() if value_model is not None else None
         self.ref_model = reference_model(model, ref_model, config.frozen_dtype)
@@ -155,37 +155,13 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------------------------
     # generation and scoring
     # ------------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def generate(self, query_tensors: TokenSeqs, **generation_kwargs) -> list[torch.Tensor] | torch.Tensor:
-        """Sample one response per query with transformers' `generate` (in-process).
-
-        query_tensors: a list of 1-D token tensors (or one 1-D tensor, which returns one tensor).
-        Defaults: do_sample, max_new_tokens=response_length, temperature, no top-k/top-p; kwargs override.
-        Returns the response tokens only, each cut after its first EOS (EOS kept).
-        """
-        single = isinstance(query_tensors, torch.Tensor) and query_tensors.ndim == 1
-        queries = as_token_list([query_tensors] if single else query_tensors, "query_tensors")
-        input_ids, attention_mask = left_pad(queries, self.pad_token_id)  # [B, P]
-        width = input_ids.shape[1]
-        kwargs = dict(
-            do_sample=True,
-            max_new_tokens=self.config.response_length,
-            temperature=self.config.temperature,
-            top_k=0,
-            top_p=1.0,
-            pad_token_id=self.pad_token_id,
-            eos_token_id=self.eos_token_id,
-        )
-        kwargs.update(generation_kwargs)
+        """Sample one response per query with transformers' `generate` (in-process; see `sample_responses`:
+        defaults from the config, kwargs override, each response cut after its first EOS). A 1-D tensor
+        returns one tensor."""
         seed = int(torch.randint(0, 2**62, (), generator=self._sampling))
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
-            torch.manual_seed(seed)
-            out = causal_lm(self.model).generate(
-                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), **kwargs
-            )
-        responses = [_cut_response(row, self.eos_token_id, self.pad_token_id) for row in out[:, width:]]
-        return responses[0] if single else responses
+        return sample_responses(causal_lm(self.model), query_tensors, self.config, self.pad_token_id,
+                                self.eos_token_id, seed, **generation_kwargs)
 
     @torch.no_grad()
     def score(self, queries: TokenSeqs, responses: TokenSeqs) -> torch.Tensor:
@@ -376,6 +352,13 @@ class PPOTrainer:
             raise RuntimeError("adapter_state_dict: the policy has no LoRA adapters (model.lora is not set)")
         return lora_adapters(causal_lm(self.model))
 
+    def adapter_config(self) -> dict:
+        """The policy's `adapter_config.json` as its PEFT folder holds it (LoRA only; else RuntimeError): with
+        `adapter_state_dict()`, what a generator needs to write a loadable adapter folder."""
+        if not self.lora:
+            raise RuntimeError("adapter_config: the policy has no LoRA adapters (model.lora is not set)")
+        return model_adapter_config(causal_lm(self.model))
+
     def policy_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor) of the policy (transformers names, no value head), one tensor at a time. With
         sharded models each is gathered from the shards: every rank must drain the iterator (rank 0 sends)."""
@@ -432,15 +415,6 @@ class PPOTrainer:
 # ------------------------------------------------------------------------------------------------------
 # small helpers
 # ------------------------------------------------------------------------------------------------------
-def _cut_response(row: torch.Tensor, eos_token_id: int | None, pad_token_id: int) -> torch.Tensor:
-    """A generated row [n] up to and including its first EOS; without EOS, trailing padding removed."""
-    cut = truncate_after_eos(row, eos_token_id)
-    if eos_token_id is not None and cut.numel() < row.numel():
-        return cut
-    keep = (row != pad_token_id).nonzero()
-    return row[: int(keep[-1, 0]) + 1] if keep.numel() else row[:1]
-
-
 def _first_not_none(*values):
     return next((v for v in values if v is not None), None)
 

@@ -27,14 +27,15 @@ def build_ppo_trainer(config: RunConfig, ckpt: Path | None, comm: Comm) -> tuple
     m = config.model
     tokenizer = AutoTokenizer.from_pretrained(m.policy)
     saved = ckpt / "policy" if ckpt is not None else None
-    policy = _load_trainable(m.policy, saved, m.lora)
+    policy = _load_trainable(m.policy, saved, m.lora, config.ppo.seed)
     ref = load_causal_lm(m.ref_model, frozen=True) if m.ref_model is not None else None
     if ref is None and m.lora is None:
         ref = load_causal_lm(m.policy, frozen=True)
     value_model = None
     if m.value_model is not None:
         critic_lora = m.lora if m.lora is not None and m.lora.critic else None
-        value_model = _load_trainable(m.value_model, saved / "critic" if saved is not None else None, critic_lora)
+        value_model = _load_trainable(m.value_model, saved / "critic" if saved is not None else None, critic_lora,
+                                      config.ppo.seed + 1)
     reward_model = load_reward_model(m.reward_model) if m.reward_model is not None else None
     reward_fn = import_function(m.reward_fn) if m.reward_fn is not None else None
     trainer = PPOTrainer(config=config.ppo, model=policy, ref_model=ref, tokenizer=tokenizer,
@@ -43,11 +44,13 @@ def build_ppo_trainer(config: RunConfig, ckpt: Path | None, comm: Comm) -> tuple
     return trainer, tokenizer
 
 
-def _load_trainable(path: str, saved: Path | None, lora: LoraConfig | None) -> AutoModelForCausalLMWithValueHead:
+def _load_trainable(path: str, saved: Path | None, lora: LoraConfig | None,
+                    seed: int) -> AutoModelForCausalLMWithValueHead:
     """A trainable model with a value head: from the HF folder `path`, or from a checkpoint's folder `saved`
-    (full weights, or with `lora` the adapters on `path` as the frozen base)."""
+    (full weights, or with `lora` the adapters on `path` as the frozen base; fresh adapters drawn from
+    `seed`, so that every run of a config starts from the same ones)."""
     if lora is not None:
-        return load_lora_model(path, lora, saved)
+        return load_lora_model(path, lora, saved, seed=seed)
     if saved is not None and is_adapter_folder(saved):
         raise ValueError(f"{saved} holds LoRA adapters but model.lora is not set: set the run's model.lora to "
                          "resume it")

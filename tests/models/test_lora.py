@@ -16,6 +16,7 @@ from rlhf_engine.models.lora import (
     adapters_disabled,
     apply_lora,
     merged_state_dict,
+    model_adapter_config,
 )
 
 peft = pytest.importorskip("peft")
@@ -137,11 +138,22 @@ def test_adapter_names_and_config_are_what_peft_saves(load_base, base_dir, tmp_p
         assert ours[name].dtype == torch.float32 and torch.equal(ours[name], tensor), name
     written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     written["target_modules"] = sorted(written["target_modules"])  # peft writes a set in hash order
-    assert adapter_config_dict(config, str(base_dir)) == written
+    assert adapter_config_dict(config, str(base_dir)) == written == model_adapter_config(model)
     # the folder is a PEFT folder: peft loads it onto the base and reproduces the model
     loaded = peft.PeftModel.from_pretrained(load_base(), str(tmp_path / "adapter"))
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=1e-6)
+
+
+def test_model_adapter_config_lists_the_layers_all_linear_matched(load_base, tmp_path):
+    model = apply_lora(load_base(), LoraConfig(r=4, target_modules="all-linear"))
+    model.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    targets = model_adapter_config(model)["target_modules"]
+    assert targets == sorted(written["target_modules"])
+    # 2 layers x 7 linear layers, by full name; not lm_head
+    assert len(targets) == 14 and "model.layers.1.mlp.down_proj" in targets and "lm_head" not in targets
+    assert model.peft_config["default"].inference_mode is False  # the live config is left as it was
 
 
 def test_adapters_disabled_is_the_base_model(load_base):
@@ -171,7 +183,7 @@ def test_export_merge_writes_an_hf_folder_with_the_lora_logits(load_base, base_d
         torch.testing.assert_close(merged(IDS).logits, model(IDS).logits, rtol=0, atol=1e-5)
 
 
-def test_export_names_a_missing_base(load_base, tmp_path, capsys):
+def test_export_errors_name_the_missing_folder(load_base, tmp_path, capsys):
     from rlhf_engine.cli import main
 
     model = apply_lora(load_base(), LoraConfig())
@@ -180,3 +192,6 @@ def test_export_names_a_missing_base(load_base, tmp_path, capsys):
     assert main(["export", "--merge", str(tmp_path / "policy"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "names base model" in err and "gone" in err and "--base" in err
+    (tmp_path / "empty").mkdir()
+    assert main(["export", "--merge", str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
+    assert "is neither a checkpoint nor a model folder" in capsys.readouterr().err

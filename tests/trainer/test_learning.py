@@ -20,8 +20,8 @@ from rlhf_engine.trainer.ppo_config import PPOConfig
 
 TARGET = range(10, 40)
 STEPS = 30
-LORA_LR = 1e-2
-"""LoRA's usual larger step: the adapters start at B = 0 and hold a small part of the weights."""
+LORA_LR = 3e-3
+"""LoRA's usual larger step (the adapters start at B = 0); 1e-2 moved the policy as far but more noisily."""
 
 
 def rule_reward(responses: list[torch.Tensor]) -> list[float]:
@@ -64,9 +64,12 @@ def test_ppo_learns_rule_based_reward(make_lm, tokenizer):
 
 
 def test_lora_ppo_learns_rule_based_reward(make_lm, tokenizer):
-    """The same task with LoRA adapters (r 16 on q, k, v, o; ~11% of the 1-layer model's weights train)."""
+    """The same task with LoRA adapters (r 16 on q, k, v, o and lm_head; about 20% of this 1-layer model's
+    parameter count trains). The reward lives in the output distribution, so the output head gets an adapter
+    too: with q, k, v, o alone the reward rose only 0.09 -> 0.13 in 30 steps here (lr 1e-2 or 3e-2)."""
     pytest.importorskip("peft")
-    rewards, kls = _train(make_lm, tokenizer, lora=LoraConfig(r=16), learning_rate=LORA_LR)
+    lora = LoraConfig(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"])
+    rewards, kls = _train(make_lm, tokenizer, lora=lora, learning_rate=LORA_LR)
     before, after = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print(f"LoRA: reward first 5 steps {before:.3f}, last 5 steps {after:.3f}; KL max {max(kls):.2f}")
     assert before < 0.2

@@ -89,6 +89,16 @@ def test_resume_restores_the_adapters_and_continues_exactly(model_dirs, tmp_path
         assert torch.equal(back[name], live[name]), name
 
 
+def test_fresh_adapters_are_drawn_from_the_run_seed(model_dirs, tmp_path):
+    config = run_config(model_dirs, tmp_path)
+    torch.manual_seed(1)
+    first = trained_state(build_ppo_trainer(config, None, Comm())[0].model)
+    torch.manual_seed(2)  # another global RNG state: the same adapters
+    second = trained_state(build_ppo_trainer(config, None, Comm())[0].model)
+    a = "pretrained_model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    assert first[a].abs().sum() > 0 and all(torch.equal(first[n], second[n]) for n in first)
+
+
 def test_resume_errors_name_the_mismatch(model_dirs, tmp_path):
     config = run_config(model_dirs, tmp_path)
     trainer, _ = build_ppo_trainer(config, None, Comm())
@@ -103,6 +113,7 @@ def test_lora_critic_trains_adapters_and_saves_a_peft_folder(model_dirs, tmp_pat
     config = run_config(model_dirs, tmp_path, value_model=str(model_dirs[1]), lora={"r": 8, "critic": True})
     trainer, tokenizer = build_ppo_trainer(config, None, Comm())
     critic = trainer.value_model
+    assert trainer.layout.critic  # the LoRA critic runs packed too
     trainable = {n for n, p in critic.named_parameters() if p.requires_grad}
     assert trainable == {n for n in trainable if ".lora_" in n or n.startswith("v_head.")}
     assert {"v_head.summary.weight", "v_head.summary.bias"} <= trainable and len(trainable) == 2 + 8

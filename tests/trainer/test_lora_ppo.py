@@ -6,11 +6,11 @@ import copy
 import pytest
 import torch
 
-from rlhf_engine.distributed import Comm
 from rlhf_engine.models.loading import AdaptersDisabled
 from rlhf_engine.models.lora import LoraConfig, apply_lora
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.trainer.experience import forward_policy, make_token_batch
+from rlhf_engine.trainer.packing import PassLayout
 from rlhf_engine.trainer.ppo import PPOTrainer
 from rlhf_engine.trainer.ppo_config import PPOConfig
 
@@ -62,6 +62,7 @@ def test_reference_is_the_base_with_adapters_disabled_and_no_copy(make_lm, token
 
 def test_only_adapters_and_value_head_train(make_lm, tokenizer, data):
     trainer = lora_trainer(make_lm(seed=0), tokenizer)
+    assert trainer.layout == PassLayout(policy=True, ref=True)  # peft models and the reference view run packed
     in_optimizer = [p for g in trainer.optimizer.param_groups for p in g["params"]]
     assert sum(p.numel() for p in in_optimizer) == 1 * 4 * 2 * 16 * 128 + 128 + 1
     frozen = {n: p.clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
@@ -83,18 +84,23 @@ def test_policy_weights_are_merged_and_adapters_separate(make_lm, tokenizer, dat
     assert dict(trainer.policy_weights()).keys() == weights.keys()
     adapters = trainer.adapter_state_dict()
     assert len(adapters) == 8 and all(".lora_A.weight" in n or ".lora_B.weight" in n for n in adapters)
+    assert trainer.adapter_config()["r"] == 16 and trainer.adapter_config()["target_modules"] == [
+        "k_proj", "o_proj", "q_proj", "v_proj"]
     full = PPOTrainer(config=PPOConfig(batch_size=B, mini_batch_size=B), tokenizer=tokenizer,
                       model=AutoModelForCausalLMWithValueHead(make_lm(seed=0)))
-    with pytest.raises(RuntimeError, match="the policy has no LoRA adapters"):
+    with pytest.raises(RuntimeError, match="adapter_state_dict: the policy has no LoRA adapters"):
         full.adapter_state_dict()
+    with pytest.raises(RuntimeError, match="adapter_config: the policy has no LoRA adapters"):
+        full.adapter_config()
 
 
 def test_lora_rejects_several_ranks(tmp_path):
     from rlhf_engine.config import load_run_config
     from rlhf_engine.distributed.run import preflight
 
-    config = load_run_config(None, base={"model": {"policy": str(tmp_path), "reward_fn": "m:f", "lora": {"r": 8}},
-                                         "data": {"prompts": "p.jsonl"}, "ppo": {"batch_size": 8, "mini_batch_size": 4}})
+    config = load_run_config(None, base={
+        "model": {"policy": str(tmp_path), "reward_fn": "m:f", "lora": {"r": 8}},
+        "data": {"prompts": "p.jsonl"}, "ppo": {"batch_size": 8, "mini_batch_size": 4}})
     preflight(config, 1)
     with pytest.raises(ValueError, match=r"model.lora: LoRA policies train on one trainer rank, not 2"):
         preflight(config, 2)
