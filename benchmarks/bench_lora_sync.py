@@ -20,6 +20,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -87,7 +88,8 @@ def transport_times(specs, reps: int) -> list[float]:
     from bench_weight_sync import Memcpy, bench_transport
 
     sd = update_tensors(specs, seed=0)
-    times, _, _ = bench_transport(sd, Memcpy(sd), f"ipc://{tempfile.mkdtemp(prefix='bls-')}/ep", True, False, reps)
+    with tempfile.TemporaryDirectory(prefix="bls-") as tmp:
+        times, _, _ = bench_transport(sd, Memcpy(sd), f"ipc://{tmp}/ep", True, False, reps)
     return times
 
 
@@ -98,22 +100,24 @@ def apply_times(model_dir: str, backend: str, lora, reps: int) -> dict:
     from rlhf_engine.rollout.generator import make_generator
 
     staging = tempfile.mkdtemp(prefix="bls-staging-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    config = GeneratorConfig(model=model_dir, backend=backend, max_model_len=256, kv_cache_bytes=1 << 28,
-                             device="cpu", staging_dir=staging, lora=lora)
-    t0 = time.perf_counter()
-    gen = make_generator(config)
-    start_s = time.perf_counter() - t0
     try:
-        times, parts = [], []
-        for version in range(1, reps + 2):
-            update = update_tensors(gen.weight_specs, seed=version)
-            t0 = time.perf_counter()
-            gen.update_weights(version, update)
-            times.append(time.perf_counter() - t0)
-            parts.append(list(getattr(gen, "last_update_s", ())))
+        config = GeneratorConfig(model=model_dir, backend=backend, max_model_len=256, kv_cache_bytes=1 << 28,
+                                 device="cpu", staging_dir=staging, lora=lora)
+        t0 = time.perf_counter()
+        gen = make_generator(config)
+        start_s = time.perf_counter() - t0
+        try:
+            times, parts = [], []
+            for version in range(1, reps + 2):
+                update = update_tensors(gen.weight_specs, seed=version)
+                t0 = time.perf_counter()
+                gen.update_weights(version, update)
+                times.append(time.perf_counter() - t0)
+                parts.append(list(getattr(gen, "last_update_s", ())))
+        finally:
+            gen.close()
     finally:
-        gen.close()
-        os.rmdir(staging)
+        shutil.rmtree(staging, ignore_errors=True)
     return {"median_s": statistics.median(times[1:]), "times_s": times[1:], "parts_s": parts[1:], "start_s": start_s}
 
 

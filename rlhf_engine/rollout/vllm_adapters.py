@@ -10,7 +10,6 @@ and the previous version's adapter is retired (`remove_lora`, folder deleted). W
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -21,8 +20,6 @@ from pathlib import Path
 import torch
 
 from rlhf_engine.models.lora import LoraConfig, adapter_config_dict
-
-log = logging.getLogger(__name__)
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The `max_lora_rank` values vLLM 0.32 accepts (`vllm.config.lora.MaxLoRARanks`)."""
