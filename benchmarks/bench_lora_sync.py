@@ -151,6 +151,7 @@ def e2e_section(model_dir: str, work: Path, steps: int, timeout: float) -> dict:
     out = {"variant": variant.name, "steps": steps, "warmup_steps": workload.warmup_steps}
     for label, lora in (("full", None), ("lora_r16_qkvo", {**LORA, "sync": "adapters"})):
         run_dir = work / "runs" / label
+        shutil.rmtree(run_dir, ignore_errors=True)  # a run appends to the metrics of an earlier one
         config = run_config(workload, variant, run_dir, cpus)
         if lora is not None:
             config["model"]["lora"] = lora
