@@ -185,13 +185,16 @@ def _run_generator(args: argparse.Namespace) -> int:
     import dataclasses
 
     from rlhf_engine.config import load_run_config
+    from rlhf_engine.rollout.adapters import run_generator_config
     from rlhf_engine.rollout.process import run_generator
 
     config = load_run_config(args.config, args.overrides)
     transport = config.transport
     if args.connect:
         transport = dataclasses.replace(transport, endpoint=args.connect)
-    run_generator(config.generator, transport, name=args.name, max_staleness=config.engine.max_staleness,
+    # with model.lora.sync: adapters the generator takes the adapters on the base in model.policy
+    generator = run_generator_config(config.generator, config.model.lora)
+    run_generator(generator, transport, name=args.name, max_staleness=config.engine.max_staleness,
                   weights=args.weights, weights_version=args.weights_version)
     return 0
 

@@ -28,7 +28,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -46,7 +46,7 @@ from rlhf_engine.distributed.driver import Leader
 from rlhf_engine.intake import Intake, IntakeLimits
 from rlhf_engine.local_generators import LocalGenerators
 from rlhf_engine.metrics import MetricsLogger, Timeline, drop_steps_after, idle_fractions, read_jsonl
-from rlhf_engine.rollout.params import dir_fingerprint
+from rlhf_engine.rollout.adapters import run_generator_config, sync_fingerprint, weight_specs
 from rlhf_engine.supervisor import Supervisor
 from rlhf_engine.transport import Rollout, TrainerPort
 
@@ -112,6 +112,9 @@ class RLHFEngine:
         self.cpu_plan: CpuPlan | None = None
         """Cores and threads of the trainer and each generator (`rlhf_engine.cpu_plan`), set by `start`."""
         self._trainer_cpus: TrainerCpus | None = None
+        self._sync_lora = run_generator_config(config.generator, config.model.lora).lora
+        """The adapters the generators take each version (`model.lora.sync: adapters`), or None: full weights.
+        (LoRA trains on one trainer rank: the trainer and `--nproc` refuse more.)"""
 
     # ----------------------------------------------------------------------------------------------
     # lifecycle
@@ -335,14 +338,16 @@ class RLHFEngine:
 
     def _start_generators(self) -> None:
         cfg, e = self.config, self.config.engine
-        # the generators fingerprint the policy folder they load (names, shapes, stored dtypes)
-        self._port = TrainerPort(cfg.transport, dir_fingerprint(cfg.model.policy))
+        # the generators fingerprint the policy folder they load (names, shapes, stored dtypes) and the adapters
+        # they take; every update is checked against exactly what is published (a dtype mismatch fails here)
+        policy, lora = cfg.model.policy, self._sync_lora
+        self._port = TrainerPort(cfg.transport, sync_fingerprint(policy, lora), weight_specs=weight_specs(policy, lora))
         self._local = LocalGenerators(self.run_dir / CONFIG_FILE, self.run_dir, self._port.endpoint,
                                       cfg.transport.shm_dir, cpu_plan=self.cpu_plan, max_restarts=e.max_generator_restarts,
                                       window_s=e.restart_window_s)
         self._supervisor = Supervisor(cfg, self._port, self._local, self._intake, self._timeline,
                                       version=lambda: self.trainer.policy_version,
-                                      weights=self._policy_weights, save_checkpoint=self.save_checkpoint)
+                                      weights=self._sync_weights, save_checkpoint=self.save_checkpoint)
         self._supervisor.start()
 
     def _fill_pipeline(self, last_step: int) -> None:
@@ -404,9 +409,13 @@ class RLHFEngine:
             stats["env/gold_mean"] = float(gold.mean())
         return stats
 
-    def _policy_weights(self) -> dict[str, torch.Tensor]:
-        """The full policy weights (gathered from every rank's shards when the trainer is distributed)."""
+    def _sync_weights(self) -> Mapping[str, torch.Tensor] | Iterator[tuple[str, torch.Tensor]]:
+        """What the generators take each version: the LoRA adapters (`model.lora.sync: adapters`), else the
+        full policy weights (merged with the adapters under LoRA; gathered from every rank's shards one tensor
+        at a time when the trainer is distributed, which the publish streams into shared memory)."""
+        if self._sync_lora is not None:
+            return self.trainer.adapter_state_dict()
         return self._leader.weights() if self.comm.distributed else self.trainer.policy_state_dict()
 
     def _publish_weights(self) -> None:
-        self._port.publish_weights(self.trainer.policy_version, self._policy_weights())
+        self._port.publish_weights(self.trainer.policy_version, self._sync_weights())

@@ -5,6 +5,8 @@
   picks `VLLMGenerator` (`vllm_backend.py`) or `HFGenerator` (`hf_backend.py`).
 - `GeneratorLoop` (`loop.py`): prompts in, rollouts out over the transport, weights between batches.
 - `run_generator` (`process.py`): the body of a generator process.
+- What an update carries (`adapters.py`): full weights, or with `GeneratorConfig.lora`
+  (`model.lora.sync: adapters`) only the LoRA adapters on the frozen base.
 
 Names are imported lazily: the config loader imports `rollout.config` without torch or vLLM.
 """

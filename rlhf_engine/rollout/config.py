@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rlhf_engine.models.lora import LoraConfig
+
 BACKENDS = ("vllm", "transformers", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
@@ -92,11 +94,21 @@ class GeneratorConfig:
     """Policy version of the weights in `model` (updates must carry a larger version)."""
     staging_dir: str = "/dev/shm"
     """vLLM backend: folder of the shared-memory file through which weight updates reach the engine
-    process (the engine gives each generator it starts a folder of its own and removes it)."""
+    process (the engine gives each generator it starts a folder of its own and removes it); with `lora`,
+    the vLLM backend's adapter folders too."""
+    lora: LoraConfig | None = None
+    """The policy's LoRA adapters when the run syncs adapters (`model.lora.sync: adapters`; the run sets
+    it from `model.lora`, see `rollout.adapters.run_generator_config`): every weight update then carries
+    the adapter tensors (peft names) on top of the frozen base in `model`, instead of full weights."""
 
     def __post_init__(self) -> None:
         if isinstance(self.sampling, dict):
             self.sampling = SamplingConfig(**self.sampling)
+        if isinstance(self.lora, dict):
+            self.lora = LoraConfig(**self.lora)
+        if self.lora is not None and self.lora.sync != "adapters":
+            raise ValueError(f"generator.lora.sync ({self.lora.sync!r}): a generator is given LoRA adapters only "
+                             "with sync 'adapters'; with 'merged' it takes full weights and has no lora")
         if not self.model:
             raise ValueError("model must name a local HF folder, got an empty string")
         if self.backend not in BACKENDS:

@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
-from rlhf_engine.rollout.params import check_update, expected_params
+from rlhf_engine.rollout.adapters import weight_specs
+from rlhf_engine.rollout.params import check_update
 from rlhf_engine.rollout.types import Completion
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,10 @@ class Generator(ABC):
     def __init__(self, config: GeneratorConfig) -> None:
         self.config = config
         self.version = config.initial_version
-        self.expected = expected_params(config.model)
+        self.weight_specs = weight_specs(config.model, config.lora)
+        """(name, shape, dtype) of every tensor a weight update carries as it comes from the trainer: the
+        stored weights, or with `config.lora` the adapters (`rollout.adapters`)."""
+        self.expected = {name: shape for name, shape, _ in self.weight_specs}
         self._batches = 0
         self._closed = False
 
@@ -55,7 +59,8 @@ class Generator(ABC):
         return self._generate(prompts, sampling if sampling is not None else self.config.sampling, seed)
 
     def update_weights(self, version: int, named_tensors: Mapping[str, torch.Tensor]) -> bool:
-        """Replace all weights with `named_tensors` (HF names) as policy `version`.
+        """Replace all weights with `named_tensors` (HF names) as policy `version`; with `config.lora`,
+        `named_tensors` are the adapters (peft names, `rollout.adapters`) on the frozen base.
 
         Returns False and changes nothing when `version` is not newer than the current one
         (stale or duplicate). Raises `ValueError` (changing nothing) when the tensors do not
@@ -67,7 +72,7 @@ class Generator(ABC):
             log.info("ignoring weight update v%d: generator already has v%d", version, self.version)
             return False
         check_update(self.expected, named_tensors)
-        self._apply_weights(named_tensors)
+        self._apply_weights(version, named_tensors)
         self.version = version
         return True
 
@@ -87,7 +92,7 @@ class Generator(ABC):
     def _generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int) -> list[Completion]: ...
 
     @abstractmethod
-    def _apply_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None: ...
+    def _apply_weights(self, version: int, named_tensors: Mapping[str, torch.Tensor]) -> None: ...
 
     @abstractmethod
     def _close(self) -> None: ...

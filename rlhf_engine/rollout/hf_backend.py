@@ -7,6 +7,9 @@ processor that keeps `log_softmax` of the processed scores of the current step; 
 criterion, called once the token is sampled, picks that token's log-prob. Memory stays
 O(batch x vocab), where `output_scores=True` would keep every step's [batch, vocab] scores.
 Sampling draws from a forked RNG seeded per call, so the process's global RNG is untouched.
+
+With `config.lora` the model is wrapped with the trainer's `apply_lora` (peft) and an update copies
+the adapter tensors into its LoRA parameters in place.
 """
 
 from __future__ import annotations
@@ -97,7 +100,10 @@ class HFGenerator(Generator):
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.model = AutoModelForCausalLM.from_pretrained(
             config.model, dtype=getattr(torch, config.dtype), attn_implementation=self.attn_implementation
-        ).to(self.device).eval()
+        ).to(self.device)
+        self._params = self._update_targets(config)
+        """The live tensor each name of an update is copied into."""
+        self.model.eval()
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
 
@@ -174,11 +180,28 @@ class HFGenerator(Generator):
             results.append((tokens[b, :length].clone(), logprobs[b, :length].clone(), reason))
         return results
 
+    def _update_targets(self, config: GeneratorConfig) -> dict[str, torch.Tensor]:
+        """{update name: live tensor}: the model's parameters (a tied lm_head.weight aliases the
+        embeddings), or with `config.lora` the adapters of the peft-wrapped model."""
+        if config.lora is None:
+            params = self.model.state_dict(keep_vars=True)
+            return {name: params[name] for name in self.expected}
+        from rlhf_engine.models.lora import apply_lora
+
+        self.model = apply_lora(self.model, config.lora)
+        params = self.model.state_dict(keep_vars=True)
+        # peft saves `...lora_A.weight`; the live parameter of adapter "default" is `...lora_A.default.weight`
+        live = {name: ".".join([*name.split(".")[:-1], "default", name.split(".")[-1]]) for name in self.expected}
+        missing = sorted(name for name, key in live.items() if key not in params)
+        if missing:
+            raise RuntimeError(f"the peft-wrapped {config.model} has no parameters for adapters {missing[:5]} "
+                               f"({len(missing)} of {len(live)})")
+        return {name: params[key] for name, key in live.items()}
+
     @torch.no_grad()
-    def _apply_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
-        params = self.model.state_dict(keep_vars=True)  # tied lm_head.weight aliases the embeddings
+    def _apply_weights(self, version: int, named_tensors: Mapping[str, torch.Tensor]) -> None:
         for name, tensor in named_tensors.items():
-            params[name].copy_(tensor)
+            self._params[name].copy_(tensor)
 
     def _close(self) -> None:
         self.model = None

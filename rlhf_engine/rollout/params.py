@@ -1,7 +1,7 @@
 """The parameters a weight update must carry, read from the model folder, and the check of an update.
 
-Both backends take updates in HF parameter names (what the trainer's `named_parameters()`
-gives). An update is checked in full before anything is applied, so a bad or partial one
+Both backends take full updates in HF parameter names (what the trainer's `named_parameters()`
+gives); adapter updates (`rollout/adapters.py`) in peft's names. An update is checked in full before anything is applied, so a bad or partial one
 changes nothing.
 """
 
@@ -44,11 +44,6 @@ def stored_params(model_dir: str | Path) -> list[tuple[str, tuple[int, ...], str
     if tied and TIED_HEAD not in names and "model.embed_tokens.weight" in names:
         out += [(TIED_HEAD, shape, dtype) for name, shape, dtype in out if name == "model.embed_tokens.weight"]
     return out
-
-
-def expected_params(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
-    """Names and shapes a weight update must carry (see `stored_params`)."""
-    return {name: shape for name, shape, _ in stored_params(model_dir)}
 
 
 def dir_fingerprint(model_dir: str | Path) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from rlhf_engine.rollout.config import GeneratorConfig
 from rlhf_engine.rollout.generator import make_generator
 from rlhf_engine.rollout.loop import GeneratorLoop, LoopStats
-from rlhf_engine.rollout.params import dir_fingerprint
+from rlhf_engine.rollout.adapters import sync_fingerprint
 from rlhf_engine.transport import GeneratorPort, ShutdownRequested, TransportConfig
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,12 @@ def run_generator(
     says stop; returns what the loop did. Raises `PeerDeadError` when the trainer goes silent and
     `HandshakeError` when it refuses us (model fingerprint or protocol mismatch).
 
-    weights: a safetensors file of policy `weights_version` (HF names) applied before connecting:
-    a replacement generator starts from the trainer's newest weights, not the policy folder's.
+    weights: a safetensors file of policy `weights_version` (HF names; with `config.lora` the adapters)
+    applied before connecting: a replacement generator starts from the trainer's newest weights, not the
+    policy folder's. Every update must carry exactly the generator's `expected` tensors (the port checks
+    names, shapes and dtypes before anything is applied).
     """
-    fingerprint = dir_fingerprint(config.model)
+    fingerprint = sync_fingerprint(config.model, config.lora)
     with sigterm_as_exit():
         generator = make_generator(config)
         try:
@@ -67,7 +69,7 @@ def run_generator(
                     raise ValueError(f"{weights}: version {weights_version} is not newer than the generator's "
                                      f"v{generator.version}")
                 log.info("%s: started from weights v%d of %s", name, weights_version, weights)
-            with GeneratorPort(transport, fingerprint, name=name) as port:
+            with GeneratorPort(transport, fingerprint, name=name, weight_specs=generator.weight_specs) as port:
                 log.info("%s connected to %s with %s (weights v%d)", port.sender_id, transport.endpoint,
                          type(generator).__name__, generator.version)
                 loop = GeneratorLoop(generator, port, max_staleness=max_staleness)

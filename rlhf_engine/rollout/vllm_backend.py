@@ -6,6 +6,20 @@
 - Weight updates: copied once into a shared-memory staging file, then loaded inside the
   engine by `WeightReloadExtension.rlhf_reload_weights` (`model_runner.reload_weights`);
   the prefix cache is reset afterwards, since cached KV blocks came from the old weights.
+- Adapter updates (`config.lora`, `model.lora.sync: adapters`): the engine runs with
+  `enable_lora` (`max_lora_rank` the smallest rank vLLM accepts >= r, `max_loras` 1) on the
+  frozen base, and every `generate` passes the current version's `LoRARequest`. Each version is
+  loaded as a NEW adapter (`vllm_adapters.AdapterSlot`: a PEFT folder in the staging folder,
+  `add_lora` with a fresh id and the name `policy-v<version>`, then `remove_lora` of the previous
+  one). vLLM 0.32 can also replace an adapter in place (`LoRARequest(load_inplace=True)` with the
+  same id: `LRUCacheWorkerLoRAManager.add_adapter` reloads it from its folder), but that reads a
+  folder just the same, and the prefix cache keys KV blocks by adapter name and path
+  (`kv_cache_utils._gen_lora_extra_hash_keys`), so blocks computed with the old adapter would be
+  reused unless the cache were reset; a fresh name per version can never hit them, and a rollout's
+  adapter is named by its version. At start the all-zero adapter of the initial version is loaded
+  (equal to the base), which also checks that vLLM serves every module of this layout with a
+  linear LoRA layer (an `lm_head` adapter loads without an error but does not match peft) before
+  any rollout; what it cannot serve is refused naming `model.lora.sync: merged`.
 - The engine runs inside this process by default (`GeneratorConfig.engine_process`); in its own
   processes (tensor parallelism, or asked for) vLLM starts them with spawn: build this from a spawn-safe
   entry point.
@@ -25,6 +39,7 @@ from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
 from rlhf_engine.rollout.generator import Generator
 from rlhf_engine.rollout.staging import StagingFile
 from rlhf_engine.rollout.types import Completion
+from rlhf_engine.rollout.vllm_adapters import AdapterSlot, max_lora_rank
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +68,8 @@ class VLLMGenerator(Generator):
         super().__init__(config)
         from vllm import LLM
 
+        lora = {} if config.lora is None else {"enable_lora": True, "max_lora_rank": max_lora_rank(config.lora.r),
+                                               "max_loras": 1}
         with _multiprocessing_env(config.vllm_in_processes):
             self.llm = LLM(
                 model=config.model,
@@ -64,10 +81,20 @@ class VLLMGenerator(Generator):
                 tensor_parallel_size=config.tensor_parallel_size,
                 logprobs_mode="processed_logprobs",
                 worker_extension_cls=_EXTENSION,
+                **lora,
             )
         self._staging: StagingFile | None = None
+        self._adapters: AdapterSlot | None = None
+        if config.lora is not None:
+            self._adapters = AdapterSlot(self.llm, config.lora, config.model, config.staging_dir)
+            try:
+                self._adapters.load(self.version, {name: torch.zeros(shape) for name, shape in self.expected.items()})
+            except BaseException:
+                self._close()
+                raise
         self.last_update_s: tuple[float, float] = (0.0, 0.0)
-        """(staging copy, reload in the engine incl. prefix-cache reset) seconds of the last update."""
+        """(staging copy, reload in the engine incl. prefix-cache reset) seconds of the last update; with
+        adapters (folder write, add_lora incl. retiring the previous adapter)."""
 
     @staticmethod
     def _sampling_params(c: SamplingConfig, seed: int):
@@ -93,7 +120,8 @@ class VLLMGenerator(Generator):
         # each request seeds its own sampler; vLLM adds the child index j for n > 1: seed + i * n + j
         params = [self._sampling_params(sampling, seed + i * n) for i in range(len(prompts))]
         t0 = time.perf_counter()
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
+                                    lora_request=self._adapters.request if self._adapters is not None else None)
         elapsed = time.perf_counter() - t0
         completions = []
         for i, (prompt, out) in enumerate(zip(prompts, outputs)):
@@ -116,7 +144,12 @@ class VLLMGenerator(Generator):
                 )
         return completions
 
-    def _apply_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
+    def _apply_weights(self, version: int, named_tensors: Mapping[str, torch.Tensor]) -> None:
+        if self._adapters is not None:
+            # a new adapter name: the prefix cache cannot serve blocks of the old one (no reset needed)
+            self.last_update_s = self._adapters.load(version, named_tensors)
+            log.info("adapters written in %.3f s, loaded in %.3f s", *self.last_update_s)
+            return
         if self._staging is None:
             self._staging = StagingFile(self.expected, getattr(torch, self.config.dtype), self.config.staging_dir)
         t0 = time.perf_counter()
@@ -129,6 +162,9 @@ class VLLMGenerator(Generator):
 
     def _close(self) -> None:
         llm, self.llm = self.llm, None
+        if self._adapters is not None:
+            self._adapters.close()
+            self._adapters = None
         try:
             if self._staging is not None:
                 llm.collective_rpc("rlhf_release_staging")

@@ -12,7 +12,7 @@ from rlhf_engine.rollout.staging import StagedSpec, map_file, views
 
 
 class WeightReloadExtension:
-    """Reload the model's weights in place from a staged shared-memory file."""
+    """Reload the model's weights in place from a staged shared-memory file; check a LoRA adapter."""
 
     def rlhf_reload_weights(self, path: str, size: int, specs: list[StagedSpec]) -> int:
         """Load every tensor staged in `path` (HF names) into the running model; returns the count.
@@ -32,3 +32,18 @@ class WeightReloadExtension:
     def rlhf_release_staging(self) -> None:
         """Drop the mapping of the staging file (before the generator deletes it)."""
         self._rlhf_staging = None
+
+    def rlhf_lora_modules_not_linear(self, lora_id: int) -> list[str]:
+        """Modules of the loaded adapter `lora_id` that are not served by one of vLLM's linear LoRA layers:
+        modules without a LoRA layer (vLLM 0.32 loads those without an error and ignores them) and those of
+        the output head and embeddings (`LogitsProcessorWithLoRA`, `VocabParallelEmbeddingWithLoRA`: an
+        `lm_head` adapter gave log-probs 1.8 nats away from peft's on the CPU backend).
+
+        Reads the LoRA manager's registry (`_adapter_manager.modules`: the layers it wrapped; an adapter's
+        `loras`: its modules, q/k/v and gate/up already merged into vLLM's packed names).
+        """
+        from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+        manager = self.model_runner.lora_manager._adapter_manager
+        return sorted(name for name in manager.get_adapter(lora_id).loras
+                      if not isinstance(manager.modules.get(name), BaseLinearLayerWithLoRA))

@@ -52,3 +52,25 @@ def prompts(tokenizer, k: int) -> list[list[int]]:
         words = sentence.split()[: 2 + i % 4]
         out.append([tokenizer.bos_token_id, *tokenizer(" ".join(words)).input_ids])
     return out
+
+
+def random_adapters(specs, scale: float, seed: int) -> dict[str, torch.Tensor]:
+    """`scale` * N(0, 1) values for every (name, shape, dtype) adapter spec: lora_B nonzero, so the
+    adapters change the model (peft's own init has B = 0)."""
+    g = torch.Generator().manual_seed(seed)
+    return {name: scale * torch.randn(shape, generator=g) for name, shape, _ in specs}
+
+
+def peft_reference(model_dir, lora, adapters: dict[str, torch.Tensor] | None = None):
+    """An fp32 transformers copy of `model_dir` wrapped with `apply_lora(lora)`, in eval mode, holding
+    `adapters` (peft's saved names) loaded by peft itself."""
+    from peft import set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_engine.models.lora import apply_lora
+
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), lora).eval()
+    if adapters is not None:
+        result = set_peft_model_state_dict(model, adapters)
+        assert not result.unexpected_keys, result.unexpected_keys
+    return model
