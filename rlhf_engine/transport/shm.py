@@ -18,6 +18,7 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -94,7 +95,8 @@ class Segment:
 
 
 def remove_stale_files(directory: str) -> list[str]:
-    """Delete our files in ``directory`` whose owner process is gone (never those of a live one)."""
+    """Delete our files and folders (a vLLM generator's adapter folders) in ``directory`` whose owner process is
+    gone (never those of a live one)."""
     removed = []
     try:
         names = os.listdir(directory)
@@ -111,8 +113,12 @@ def remove_stale_files(directory: str) -> list[str]:
             pass
         except PermissionError:
             continue  # someone else's live process
+        path = os.path.join(directory, name)
         try:
-            os.unlink(os.path.join(directory, name))
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
             removed.append(name)
         except OSError:
             pass  # not ours to delete

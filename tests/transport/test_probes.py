@@ -257,6 +257,9 @@ def test_starting_removes_stale_files_of_dead_runs_never_of_live_ones(tmp_path):
     kept = [tmp_path / f"rlhf-engine-{live}-staging-ef", tmp_path / "unrelated"]
     for path in stale + kept:
         path.write_bytes(b"x")
+    adapters = tmp_path / f"rlhf-engine-{dead}-adapters-gh"  # a killed vLLM generator's adapter folder
+    (adapters / "policy-v3").mkdir(parents=True)
+    (adapters / "policy-v3" / "adapter_model.safetensors").write_bytes(b"x")
     with TrainerPort(fast_config(ipc_endpoint(), shm_dir=str(tmp_path)), FINGERPRINT):
         assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in kept)
 
