@@ -83,7 +83,8 @@ class GeneratorConfig:
     `busy_loop_s`): measured 0.99 CPU-seconds of the 1.5 s after a generate call, a whole core taken from the
     trainer in sync mode. In this process: no spawn, no child processes, the same generation speed (16 x 32
     tokens on the 38 M model: 1.50-1.53 s against 1.69-1.71 s, in one run), and vLLM binds this process's
-    torch threads to its cores."""
+    torch threads to its cores and replaces `torch.set_num_threads` in it (later calls are skipped with a
+    warning): to embed a generator in a process whose torch threads must stay yours, set True."""
     device: str = "auto"
     """transformers backend: `cpu`, `cuda`, `cuda:N`, or `auto` (cuda when available)."""
     attn_implementation: str = "auto"

@@ -98,8 +98,12 @@ def test_sigint_stops_all_processes_and_keeps_checkpoint(tmp_path, policy_dir, p
                      save_steps=1)
     config_path = tmp_path / "run.yaml"
     save_run_config(cfg, config_path)
+    # SIGINT as from a terminal: a test run started in the background of a non-interactive shell (`make test &`,
+    # nohup) has SIGINT ignored, and an ignored signal stays ignored across exec, so Python in the child would
+    # install no KeyboardInterrupt handler and the engine would never see it
     proc = subprocess.Popen([sys.executable, "-m", "rlhf_engine.cli", "ppo", "--config", str(config_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 180
         while not list_checkpoints(tmp_path / "run") and time.monotonic() < deadline:

@@ -33,8 +33,10 @@ def vllm_lora_generator(tiny_model_dir, tmp_path_factory):
     from rlhf_engine.rollout.vllm_backend import VLLMGenerator
 
     staging = tmp_path_factory.mktemp("lora_staging")
+    # engine_process: vLLM out of the test process (in process it takes over torch.set_num_threads there)
     gen = VLLMGenerator(GeneratorConfig(model=tiny_model_dir, backend="vllm", max_model_len=MAX_MODEL_LEN,
-                                        kv_cache_bytes=1 << 27, staging_dir=str(staging), lora=LORA))
+                                        kv_cache_bytes=1 << 27, staging_dir=str(staging), lora=LORA,
+                                        engine_process=True))
     yield gen, staging
     gen.close()
     assert os.listdir(staging) == []  # the adapter folders are gone
@@ -94,7 +96,8 @@ def test_adapters_vllm_does_not_serve_like_peft_name_the_sync_switch(tiny_model_
     # vLLM 0.32 takes an lm_head adapter without an error, but its log-probs were 1.8 nats from peft's:
     # the generator refuses it at start and points at the merged sync
     config = GeneratorConfig(model=tiny_model_dir, backend="vllm", max_model_len=MAX_MODEL_LEN, kv_cache_bytes=1 << 27,
-                             staging_dir=str(tmp_path), lora=LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+                             staging_dir=str(tmp_path), lora=LoraConfig(r=4, target_modules=["q_proj", "lm_head"]),
+                             engine_process=True)
     with pytest.raises(ValueError, match=r"not on \['lm_head'\] \(model.lora.target_modules\).*model.lora.sync: merged"):
         VLLMGenerator(config)
     assert os.listdir(tmp_path) == []
