@@ -84,8 +84,11 @@ class LocalGenerators:
                 "--connect", self.endpoint]
         if weights is not None:
             args += ["--weights", str(weights), "--weights-version", str(version)]
-        # its own folder for the weight staging file: removed when it stops, also after a SIGKILL
-        staging = tempfile.mkdtemp(prefix=f"rlhf_engine-{name}-", dir=self.shm_dir if os.path.isdir(self.shm_dir) else None)
+        # its own folder for the weight staging file: removed when it stops, also after a SIGKILL of the child;
+        # named for this (the engine's) process, so a run that starts after the engine itself was killed sweeps
+        # it (`transport.shm.remove_stale_files`)
+        staging = tempfile.mkdtemp(prefix=f"rlhf-engine-{os.getpid()}-{name}-",
+                                   dir=self.shm_dir if os.path.isdir(self.shm_dir) else None)
         args += ["--set", f"generator.staging_dir={staging}"]
         env = self.cpu_plan.generator_env(i) if self.cpu_plan is not None else {}
         cpus = self.cpu_plan.generator_cpus[i] if self.cpu_plan is not None else None
