@@ -46,15 +46,11 @@ class HiddenLogprobHead(nn.Module):
         h = self.select(hidden)  # [..., H]
         if self.labels.numel() == 0:  # no scored token (a micro-batch of dropped samples): zeros on the graph
             return h[..., :2].float() * 0.0
-        weight, bias = self.lm_head.weight, self.lm_head.bias
-        if self.with_entropy:
-            logp, entropy = logprobs_from_hidden(h.to(weight.dtype), weight, self.labels, bias=bias,
-                                                 temperature=self.temperature, ignore_index=IGNORE_INDEX,
-                                                 return_entropy=True)
-        else:
-            logp = logprobs_from_hidden(h.to(weight.dtype), weight, self.labels, bias=bias,
-                                        temperature=self.temperature, ignore_index=IGNORE_INDEX)
-            entropy = torch.zeros_like(logp)
+        weight = self.lm_head.weight
+        out = logprobs_from_hidden(h.to(weight.dtype), weight, self.labels, bias=self.lm_head.bias,
+                                   temperature=self.temperature, ignore_index=IGNORE_INDEX,
+                                   return_entropy=self.with_entropy)
+        logp, entropy = out if self.with_entropy else (out, torch.zeros_like(out))
         return torch.stack([logp, entropy], dim=-1)  # [..., 2]
 
 
