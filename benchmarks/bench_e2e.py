@@ -81,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="padding waste of the trainer, padded vs packed, on variable-length responses "
                         "(default on; off with --quick)")
     p.add_argument("--padding-lengths", default="8,128", help="min,max response length of the padding run")
+    p.add_argument("--padding-prompt-length", type=int, default=0,
+                   help="prompt tokens of the padding run (0: the task's prompts; N: random prompts of N tokens)")
     p.add_argument("--padding-steps", type=int, default=3, help="trainer steps per layout (the first is warm-up)")
     p.add_argument("--tag", help="results file name: e2e_<tag>.json (default cpu; quick: quick)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -184,8 +186,9 @@ def run_padding(workload: Workload, args: argparse.Namespace, threads: int, work
     low, high = (int(x) for x in args.padding_lengths.split(","))
     spec = {"model": workload.model, "batch_size": workload.batch_size, "num_generations": workload.num_generations,
             "min_length": low, "max_length": high, "steps": args.padding_steps, "threads": threads,
-            "estimator": "grpo"}
-    print(f"-- padding: {workload.batch_size} responses of {low}..{high} tokens, padded vs packed", flush=True)
+            "estimator": "grpo", "prompt_length": args.padding_prompt_length}
+    print(f"-- padding: {workload.batch_size} responses of {low}..{high} tokens, padded vs packed vs shared prompts",
+          flush=True)
     result, info = _child("padding.py", spec, "padding", work, args.variant_timeout)
     entry = {"spec": spec, "run": info}
     if result is not None:

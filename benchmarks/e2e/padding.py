@@ -3,14 +3,16 @@
     python benchmarks/e2e/padding.py SPEC.json RESULT.json
 
 SPEC.json: `{"model", "batch_size", "num_generations", "min_length", "max_length", "steps", "threads",
-"estimator"}`. The responses are random tokens with lengths spread evenly over [min_length, max_length]
-(what stop tokens do to a batch), the prompts those of the benchmark's task. For each layout the same
+"estimator", "prompt_length"}`. The responses are random tokens with lengths spread evenly over [min_length,
+max_length] (what stop tokens do to a batch), the prompts those of the benchmark's task (`prompt_length` 0)
+or random ones of `prompt_length` tokens, each prompt `num_generations` times. The layouts: `padded`,
+`packed` (one query per sample), `shared` (packed, a group's samples share its query). For each layout the same
 batch goes through `PPOTrainer.step` `steps` times (the first is left out as warm-up); the result holds
 the seconds per step and its phases, and the tokens the trainer processed per useful token, counted from
 the micro-batches the passes ran on:
 
-  trunk   positions through the transformer: padded B_mb x width_mb per micro-batch, packed R x W (the
-          real tokens and the tails of the packed rows)
+  trunk   positions through the transformer: padded B_mb x width_mb per micro-batch, packed and shared R x W
+          (the real tokens and the tails of the packed rows)
   lm_head positions through the LM head: padded B_mb x (T_mb + 1), packed the N response tokens
   useful  real tokens (query + response up to EOS) / response tokens
 """
@@ -38,19 +40,22 @@ def run(spec: dict) -> dict:
 
     tok = AutoTokenizer.from_pretrained(spec["model"])
     b, k = spec["batch_size"], spec["num_generations"]
-    prompts = [tok(p, return_tensors="pt").input_ids[0] for p in synthetic.prompts(b // k, seed=0)]
-    queries = [p for p in prompts for _ in range(k)]
     g = torch.Generator().manual_seed(0)
+    vocab = len(tok)
+    if spec.get("prompt_length", 0):
+        prompts = [torch.randint(4, vocab, (spec["prompt_length"],), generator=g) for _ in range(b // k)]
+    else:
+        prompts = [tok(p, return_tensors="pt").input_ids[0] for p in synthetic.prompts(b // k, seed=0)]
+    queries = [p for p in prompts for _ in range(k)]
     lengths = torch.linspace(spec["min_length"], spec["max_length"], b).round().long()
     lengths = lengths[torch.randperm(b, generator=g)].tolist()
-    vocab = len(tok)
     responses = [torch.randint(4, vocab, (n,), generator=g) for n in lengths]  # no EOS: lengths as drawn
     scores = torch.randn(b, generator=g)
     out = {"lengths": lengths, "layouts": {}}
-    for layout in ("padded", "packed"):
+    for layout in ("padded", "packed", "shared"):
         cfg = PPOConfig(batch_size=b, mini_batch_size=b, ppo_epochs=1, learning_rate=1e-5,
                         advantage_estimator=spec["estimator"], num_generations=k, init_kl_coef=0.05,
-                        adap_kl_ctrl=False, packing=layout == "packed")
+                        adap_kl_ctrl=False, packing=layout != "padded", share_prompts=layout == "shared")
         model = AutoModelForCausalLMWithValueHead(AutoModelForCausalLM.from_pretrained(spec["model"]))
         trainer = PPOTrainer(cfg, model, tokenizer=tok)
         batch = make_token_batch(queries, responses, trainer.pad_token_id, None)
@@ -58,7 +63,8 @@ def run(spec: dict) -> dict:
         trunk = lm_head = 0
         for rows in plan:
             mb = batch.select(torch.tensor(rows))
-            packed_rows = mb.pack().input_ids.numel() if cfg.packing else 0  # R x W, with the rows' tails
+            # R x W, with the rows' tails; shared: where that is cheaper (what the passes run)
+            packed_rows = mb.pack(trainer.layout.attention_width).input_ids.numel() if cfg.packing else 0
             trunk += packed_rows if cfg.packing else mb.input_ids.numel()
             # packed, the LM head runs at the positions that predict a response token; padded, on the last T + 1
             # columns
@@ -70,6 +76,7 @@ def run(spec: dict) -> dict:
             times = {key: value for key, value in stats.items() if key.startswith("time/ppo/")}
             steps.append({"s": time.perf_counter() - t0, **times})
         steady = steps[1:] or steps
+        assert (trainer.layout.attention_width > 0) == cfg.share_prompts, trainer.layout
         out["layouts"][layout] = {
             "s_per_step": sum(s["s"] for s in steady) / len(steady),
             "experience_fwd_s": sum(s["time/ppo/forward_pass"] for s in steady) / len(steady),

@@ -187,7 +187,8 @@ def render(out: dict) -> str:
                 for name, r in pad["layouts"].items()]
         spec = pad["spec"]
         parts += [f"\npadding waste: trainer step on {spec['batch_size']} responses of {spec['min_length']}.."
-                  f"{spec['max_length']} tokens ({spec['threads']} threads)",
+                  f"{spec['max_length']} tokens, {spec.get('prompt_length') or 'task'} prompt tokens, "
+                  f"{spec['num_generations']} per prompt ({spec['threads']} threads)",
                   _table(["layout", "s/step", "exp_fwd", "update", "trunk pos/real token",
                           "lm_head pos/response token"], rows)]
     if out.get("scaling"):

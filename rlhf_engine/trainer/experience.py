@@ -24,7 +24,9 @@ from rlhf_engine.data.tokenize import IGNORE_INDEX
 from rlhf_engine.models.lm_head import HiddenLogprobHead, SelectedPositionsHead, replaced_lm_head
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.ops import logprobs_from_logits
-from rlhf_engine.trainer.packing import PackedBatch, PassLayout, pack_rows
+from rlhf_engine.trainer.packing import PackedBatch, pack_rows
+from rlhf_engine.trainer.pass_layout import PassLayout
+from rlhf_engine.trainer.prompt_sharing import pack_cheaper, query_groups
 from rlhf_engine.trainer.ppo_config import PPOConfig
 from rlhf_engine.trainer.shaping import kl_penalty
 
@@ -53,10 +55,23 @@ class TokenBatch:
         """Real tokens (query + response up to EOS) of each row (a device sync)."""
         return self.attention_mask.sum(dim=1).tolist()
 
-    def pack(self) -> PackedBatch:
-        """The rows as packed rows (`rlhf_engine.trainer.packing`)."""
-        return pack_rows(self.input_ids, self.attention_mask, self.position_ids, self.query_width,
-                         self.response_mask)
+    def pack(self, attention_width: int = 0) -> PackedBatch:
+        """The rows as packed rows (`rlhf_engine.trainer.packing`); with `attention_width` > 0 (the model's, see
+        `prompt_sharing.attention_width`), the samples of one query share it where that is cheaper
+        (`rlhf_engine.trainer.prompt_sharing.pack_cheaper`)."""
+        if attention_width:
+            return pack_cheaper(self.input_ids, self.attention_mask, self.position_ids, self.query_width,
+                                self.response_mask, attention_width)
+        return pack_rows(self.input_ids, self.attention_mask, self.position_ids, self.query_width, self.response_mask)
+
+    def by_query(self, rows: list[int]) -> list[int]:
+        """`rows` reordered so that rows with equal queries are adjacent (stable: groups in order of first
+        appearance, rows in their order within a group), for micro-batches that share queries."""
+        groups = query_groups(self.input_ids[rows, : self.query_width], self.attention_mask[rows, : self.query_width])
+        first: dict[int, int] = {}
+        for i, g in enumerate(groups):
+            first.setdefault(g, i)
+        return [rows[i] for i in sorted(range(len(rows)), key=lambda i: (first[groups[i]], i))]
 
     def select(self, rows: torch.Tensor) -> "TokenBatch":
         """The sub-batch of `rows`, with columns that are padding in every selected row trimmed off."""
@@ -135,6 +150,7 @@ def forward_policy(
     with_entropy: bool = False,
     keep_logits: bool = False,
     packed: bool = False,
+    attention_width: int = 0,
     from_hidden: bool = False,
 ) -> ForwardOut:
     """One pass of a causal LM (or `AutoModelForCausalLMWithValueHead`) over `batch`.
@@ -144,7 +160,8 @@ def forward_policy(
     pass (`with_values` needs an `AutoModelForCausalLMWithValueHead`). `keep_logits` also returns the
     response logits [B, T, V] as the model produced them (for the `full` KL). `packed`: the rows run as
     packed rows (`rlhf_engine.trainer.packing`; the LM head runs only at the positions that predict a response
-    token); the outputs are the same [B, T] tensors as the padded pass.
+    token); the outputs are the same [B, T] tensors as the padded pass. `attention_width` > 0 (with `packed`):
+    the samples of one query share its tokens in the packed rows where that is cheaper (`TokenBatch.pack`).
     `from_hidden`: the log-probs come from the final hidden states through `logprobs_from_hidden` inside the
     model's forward (`rlhf_engine.models.lm_head`): no [tokens, V] logits exist (not with `keep_logits`).
     """
@@ -153,8 +170,8 @@ def forward_policy(
     if not with_values and isinstance(model, AutoModelForCausalLMWithValueHead):
         model = model.pretrained_model
     if packed:
-        p = batch.pack()
-        kwargs = dict(input_ids=p.input_ids, position_ids=p.position_ids, logits_to_keep=0)
+        p = batch.pack(attention_width)
+        kwargs = dict(**p.model_inputs(), logits_to_keep=0)
         labels = p.labels  # [1, N]
     else:
         kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -199,11 +216,13 @@ def _logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
     return logprobs_from_logits(logits, labels, temperature=temperature), None
 
 
-def forward_values(critic: AutoModelForCausalLMWithValueHead, batch: TokenBatch, packed: bool = False) -> torch.Tensor:
-    """Values [B, T] of a separate critic at the positions that predict each response token."""
+def forward_values(critic: AutoModelForCausalLMWithValueHead, batch: TokenBatch, packed: bool = False,
+                   attention_width: int = 0) -> torch.Tensor:
+    """Values [B, T] of a separate critic at the positions that predict each response token (`packed`,
+    `attention_width` as for `forward_policy`)."""
     if packed:
-        p = batch.pack()
-        values = critic.values(input_ids=p.input_ids, position_ids=p.position_ids)  # [R, W]
+        p = batch.pack(attention_width)
+        values = critic.values(**p.model_inputs())  # [R, W]
         return p.unpack(p.gather(values)) * batch.response_mask  # [B, T]
     values = critic.values(
         input_ids=batch.input_ids,
@@ -261,16 +280,17 @@ def forward_experience(
         for rows in microbatches:
             chunk = batch.select(torch.tensor(rows))
             ref = forward_policy(ref_model, chunk, config.temperature, keep_logits=full_kl, packed=layout.ref,
-                                 from_hidden=layout.from_hidden)
+                                 attention_width=layout.attention_width, from_hidden=layout.from_hidden)
             named = {"ref_logp": ref.logp}
             if run_policy:
                 pol = forward_policy(model, chunk, config.temperature, with_values=shared_critic, with_entropy=True,
-                                     keep_logits=full_kl, packed=layout.policy, from_hidden=layout.from_hidden)
+                                     keep_logits=full_kl, packed=layout.policy,
+                                     attention_width=layout.attention_width, from_hidden=layout.from_hidden)
                 named.update(old_logp=pol.logp, entropy=pol.entropy, values=pol.values, kl=kl_penalty(
                     config.kl_penalty, pol.logp, ref.logp, chunk.response_mask, pol.logits, ref.logits,
                     config.temperature))
             if config.uses_critic and critic is not None:
-                named["values"] = forward_values(critic, chunk, packed=layout.critic)
+                named["values"] = forward_values(critic, chunk, layout.critic, layout.attention_width)
             for key, tensor in named.items():
                 if tensor is not None:  # chunks are trimmed to their own widths: pad back to the batch's
                     parts[key].append(torch.nn.functional.pad(tensor.float(), (0, width - tensor.shape[1])))

@@ -16,6 +16,9 @@ position restarts of each row (eager, sdpa, flex attention; flash-attention uses
 boundaries), so no token attends across sequences. That path is only taken without a KV cache: every
 packed call passes `use_cache=False` (with a cache, transformers ignores the restarts).
 
+Samples that share a query can share it in the rows too (`prompt_sharing`: one copy of the query, a 4D
+attention mask); such a `PackedBatch` carries that mask.
+
 Outputs at the N positions that predict a response token are gathered (`gather`, flat indices into
 [R * W], in the order of `response_mask.bool()`) and `unpack` scatters such [1, N, ...] tensors back to
 the padded [B, T, ...] layout of the experience. The LM head itself runs on those N positions only (the
@@ -25,14 +28,10 @@ position of the rows.
 
 from __future__ import annotations
 
-import inspect
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-from rlhf_engine.models.lm_head import check_plain_lm_head
 
 
 @dataclass
@@ -45,6 +44,16 @@ class PackedBatch:
     labels: torch.Tensor  # [1, N] int64: the response tokens, sample after sample
     last_index: torch.Tensor  # [B] int64: the flat position of each sequence's last token (reward-model pooling)
     response_mask: torch.Tensor  # [B, T] bool: where the N packed response tokens go back to
+    attention_mask: torch.Tensor | None = None
+    """[R, 1, W, W] bool, who sees whom, when the rows share queries (`prompt_sharing`); None: the sequences'
+    position restarts say it."""
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The keyword arguments of a packed forward pass (`input_ids`, `position_ids`, the mask when any)."""
+        inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        if self.attention_mask is not None:
+            inputs["attention_mask"] = self.attention_mask
+        return inputs
 
     def gather(self, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """Outputs [R, W, ...] at the flat positions `index` (default: `predict_index`) -> [1, N, ...]."""
@@ -69,7 +78,7 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_id
     keep = torch.cat([attention_mask[:, :query_width].bool(), response_mask], dim=1)  # [B, Lq + T]
     lengths = keep.sum(dim=1).tolist()  # device sync: the layout is planned on the host
     width = max(lengths)
-    starts, row_ends = _first_fit_decreasing(lengths, width)
+    starts, row_ends = first_fit_decreasing(lengths, width)
     start = torch.tensor(starts, device=keep.device)  # [B] flat offset of each sample in [R * W]
     flat_pos = start[:, None] + keep.cumsum(dim=1) - 1  # [B, Lq + T], valid where keep
     grid_ids = torch.zeros(len(row_ends) * width, dtype=input_ids.dtype, device=keep.device)
@@ -90,7 +99,7 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_id
     )
 
 
-def _first_fit_decreasing(lengths: list[int], width: int) -> tuple[list[int], list[tuple[int, int]]]:
+def first_fit_decreasing(lengths: list[int], width: int) -> tuple[list[int], list[tuple[int, int]]]:
     """Place samples of `lengths` tokens into rows of `width`, longest first, each into the first row with
     room. Returns each sample's flat start (row * width + column) and, per row, (tokens used, length of its
     last sample)."""
@@ -107,90 +116,10 @@ def _first_fit_decreasing(lengths: list[int], width: int) -> tuple[list[int], li
     return starts, [(used, last) for used, last in rows]
 
 
-@dataclass(frozen=True)
-class PassLayout:
-    """How the forward passes run, decided once per trainer: which run packed (True) or padded (False), and
-    whether the causal LMs' log-probs come from their hidden states (`PPOConfig.logprobs_from_hidden`)."""
-
-    policy: bool = False
-    ref: bool = False
-    critic: bool = False
-    reward: bool = False
-    from_hidden: bool = False
-
-
-class PackingSupport:
-    """Whether a model honours packed `position_ids` (checked once per model, by behaviour), with a one-time
-    warning per model class that falls back to padding. Owned by one trainer: no process-level state."""
-
-    def __init__(self) -> None:
-        self._checked: dict[int, bool] = {}
-        self._warned: set[str] = set()
-
-    def __call__(self, model: nn.Module) -> bool:
-        key = id(model)
-        if key not in self._checked:
-            ok = _accepts_position_ids(model) and _packing_isolates(model)
-            self._checked[key] = ok
-            name = type(model).__name__
-            if not ok and name not in self._warned:
-                self._warned.add(name)
-                warnings.warn(f"{name} does not support packed sequences (position_ids that restart per "
-                              "sequence without an attention mask); its forward passes fall back to padding",
-                              RuntimeWarning, stacklevel=3)
-        return self._checked[key]
-
-
-def _accepts_position_ids(model: nn.Module) -> bool:
-    if hasattr(model, "get_base_model"):  # a peft model passes position_ids on to its base model
-        model = model.get_base_model()
-    params = inspect.signature(model.forward).parameters
-    return "position_ids" in params
-
-
-@torch.no_grad()
-def _packing_isolates(model: nn.Module) -> bool:
-    """Probe: the output at token c of the packed row [a b | c] must equal that of [c] alone, far more closely
-    than the output of [a b c] as one sequence does (a scale that holds for bf16 models too)."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([[4, 5, 6]], device=device)  # no special (pad) token: classifiers pool at the last non-pad
-
-    def last(input_ids, positions):
-        positions = torch.tensor([positions], device=device)
-        return model(input_ids=input_ids, position_ids=positions, use_cache=False).logits[0, -1].float()
-
-    alone = last(ids[:, 2:], [0])
-    err_packed = (last(ids, [0, 1, 0]) - alone).abs().max()
-    err_joined = (last(ids, [0, 1, 2]) - alone).abs().max()
-    return bool(err_packed <= 0.01 * err_joined)
-
-
 @torch.no_grad()
 def packed_scores(reward_model: nn.Module, packed: PackedBatch) -> torch.Tensor:
     """Scores [B] fp32 of a one-label sequence classifier (transformers' `*ForSequenceClassification`: a
     `base_model` and a `score` head) over packed rows: the head reads each sequence's last token, where the
     padded classifier pools."""
-    hidden = reward_model.base_model(input_ids=packed.input_ids, position_ids=packed.position_ids,
-                                     use_cache=False).last_hidden_state  # [R, W, H]
+    hidden = reward_model.base_model(**packed.model_inputs(), use_cache=False).last_hidden_state  # [R, W, H]
     return reward_model.score(packed.gather(hidden, packed.last_index)[0])[:, 0].float()  # [B]
-
-
-def pass_layout(packing: bool, policy: nn.Module, ref_model: nn.Module, critic: nn.Module | None,
-                 reward_model: nn.Module | None, from_hidden: bool = False) -> PassLayout:
-    """Which passes run packed: all when `packing` and each model supports it (`PackingSupport`).
-    policy, ref_model: causal LMs; critic: an `AutoModelForCausalLMWithValueHead`; reward_model: a
-    sequence classifier (packed only with a `score` head, see `packed_scores`). `from_hidden`: log-probs from
-    hidden states; ValueError naming `ppo.logprobs_from_hidden` when a causal LM post-processes its logits."""
-    if from_hidden:
-        for model in (policy, ref_model):
-            check_plain_lm_head(model, "ppo.logprobs_from_hidden")
-    if not packing:
-        return PassLayout(from_hidden=from_hidden)
-    supports = PackingSupport()
-    return PassLayout(
-        policy=supports(policy),
-        ref=supports(ref_model),
-        critic=critic is not None and supports(critic.pretrained_model),
-        reward=reward_model is not None and hasattr(reward_model, "score") and supports(reward_model),
-        from_hidden=from_hidden,
-    )

@@ -32,7 +32,8 @@ from rlhf_engine.trainer import advantages as adv
 from rlhf_engine.trainer.experience import Experience, forward_experience, make_token_batch
 from rlhf_engine.trainer.kl_control import make_kl_controller
 from rlhf_engine.trainer.microbatch import rank_microbatches
-from rlhf_engine.trainer.packing import packed_scores, pass_layout
+from rlhf_engine.trainer.packing import packed_scores
+from rlhf_engine.trainer.pass_layout import pass_layout
 from rlhf_engine.trainer.ppo_config import PPOConfig
 from rlhf_engine.trainer.ppo_generate import sample_responses
 from rlhf_engine.trainer.ppo_inputs import TokenSeqs, as_scores, as_token_list, check_step_inputs, collate_queries
@@ -119,7 +120,7 @@ class PPOTrainer:
             raise ValueError("no pad_token_id: the tokenizer and the model config both lack one")
         self.device = next(model.parameters()).device
         self.layout = pass_layout(config.packing, causal_lm(model), self.ref_model, value_model, self.reward_model,
-                                  config.logprobs_from_hidden)
+                                  config.logprobs_from_hidden, config.share_prompts)
         """Which forward passes run packed (`PPOConfig.packing` and what each model supports)."""
         parallel = parallel if parallel is not None else DistributedConfig()
         own_ref = None if isinstance(self.ref_model, AdaptersDisabled) else self.ref_model  # else: the policy's
@@ -183,7 +184,7 @@ class PPOTrainer:
             scores = torch.empty(len(queries), dtype=torch.float32, device=self.device)
             for mb in plan:
                 b = batch.select(torch.tensor(mb))
-                scores[mb] = (packed_scores(self.reward_model, b.pack()) if self.layout.reward else
+                scores[mb] = (packed_scores(self.reward_model, b.pack(self.layout.attention_width)) if self.layout.reward else
                               model_scores(self.reward_model, b.input_ids, b.attention_mask, b.position_ids))
             return scores
         if self.reward_fn is not None:
@@ -244,8 +245,10 @@ class PPOTrainer:
             batch = make_token_batch(inputs.queries, inputs.responses, self.pad_token_id, self.eos_token_id, self.device)
             batch.response_mask = batch.response_mask * kept[:, None]  # [B, T]: dropped samples have no valid token
             lengths = batch.lengths()
-            mine = self.comm.shard(cfg.batch_size)
-            plan = rank_microbatches(list(range(mine.start, mine.stop)), lengths, cfg.max_tokens_per_microbatch,
+            mine = list(range(*self.comm.shard(cfg.batch_size).indices(cfg.batch_size)))
+            if self.layout.attention_width:  # a group's samples in one micro-batch share its query
+                mine = batch.by_query(mine)
+            plan = rank_microbatches(mine, lengths, cfg.max_tokens_per_microbatch,
                                      cfg.mini_batch_size // self.comm.world_size, self.comm)
             passes = forward_experience(self.model, self.ref_model, self.value_model, batch, cfg, plan, self.comm,
                                         self.layout, with_old_logp=not reuse)

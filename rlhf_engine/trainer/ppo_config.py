@@ -48,6 +48,12 @@ class PPOConfig:
     """Run the forward passes (policy, value, reference, reward model) on packed micro-batches: the samples
     concatenated without padding, position ids restarting per sample. A model that does not support it
     falls back to padding with a one-time warning."""
+    share_prompts: bool = True
+    """With `packing`: the samples of one query in a micro-batch share it in the packed rows (its tokens run
+    once, each response attends to them and to itself only; `rlhf_engine.trainer.prompt_sharing`), and each
+    optimizer step's samples are ordered by query before they are cut into micro-batches, so that a group
+    stays together. Same outputs, (k - 1) x query tokens fewer per group of k. Needs models whose attention
+    takes a custom 4D mask (transformers' sdpa); others keep one query per sample, with a one-time warning."""
     max_grad_norm: float | None = None
     """Clip the global gradient norm to this value before each optimizer step (None: no clipping)."""
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"

@@ -91,6 +91,8 @@ def ppo_update(
             # N, over all ranks' rows of this step; at least 1: a minibatch of dropped samples adds no gradient
             token_count = exp.batch.response_mask[step_rows].sum().clamp(min=1)
             sums: dict[str, torch.Tensor] = {}
+            if layout.attention_width:  # same step, micro-batches in which a group's samples share its query
+                step_rows = torch.tensor(exp.batch.by_query(step_rows.tolist()))
             for rows in _step_microbatches(step_rows, lengths, config, comm, mine):
                 loss, mb_stats, out = minibatch_loss(model, critic, exp, rows, config, token_count, layout)
                 (loss * comm.world_size).backward()  # gradients are averaged over ranks: scale back to a sum
@@ -192,7 +194,7 @@ def minibatch_loss(
     own_old_logp = exp.old_logp is None
     out = forward_policy(model, mb, config.temperature, with_values=shared_critic,
                          with_entropy=config.entropy_coef > 0 or own_old_logp, packed=layout.policy,
-                         from_hidden=layout.from_hidden)
+                         attention_width=layout.attention_width, from_hidden=layout.from_hidden)
     mb_old_logp = out.logp.detach() if own_old_logp else exp.old_logp[rows, :width]
     if own_old_logp:  # the weights against the sampler from this forward, as pi_old
         behaviour = exp.behaviour_logp[rows, :width] if exp.behaviour_logp is not None else None
@@ -211,7 +213,7 @@ def minibatch_loss(
         "ppo/policy/ratio": pg_stats["ratio"],
     }
     if config.uses_critic:
-        values = out.values if shared_critic else forward_values(critic, mb, packed=layout.critic)
+        values = out.values if shared_critic else forward_values(critic, mb, layout.critic, layout.attention_width)
         vf_loss, vf_stats = losses.value_loss(
             values, exp.values[rows, :width], exp.returns[rows, :width], mask, config.cliprange_value,
             token_count,

@@ -3,6 +3,8 @@ value head train, weights for the generators are merged, checkpoints are PEFT fo
 
 import copy
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from rlhf_engine.models.loading import AdaptersDisabled
 from rlhf_engine.models.lora import LoraConfig, apply_lora
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.trainer.experience import forward_policy, make_token_batch
-from rlhf_engine.trainer.packing import PassLayout
+from rlhf_engine.trainer.pass_layout import PassLayout
 from rlhf_engine.trainer.ppo import PPOTrainer
 from rlhf_engine.trainer.ppo_config import PPOConfig
 
@@ -62,7 +64,9 @@ def test_reference_is_the_base_with_adapters_disabled_and_no_copy(make_lm, token
 
 def test_only_adapters_and_value_head_train(make_lm, tokenizer, data):
     trainer = lora_trainer(make_lm(seed=0), tokenizer)
-    assert trainer.layout == PassLayout(policy=True, ref=True)  # peft models and the reference view run packed
+    # peft models and the reference view run packed, sharing queries
+    assert replace(trainer.layout, attention_width=0) == PassLayout(policy=True, ref=True)
+    assert trainer.layout.attention_width > 0  # and share queries
     in_optimizer = [p for g in trainer.optimizer.param_groups for p in g["params"]]
     assert sum(p.numel() for p in in_optimizer) == 1 * 4 * 2 * 16 * 128 + 128 + 1
     frozen = {n: p.clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}

@@ -9,7 +9,8 @@ import torch
 from rlhf_engine.models.reward_scoring import model_scores
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.trainer.experience import forward_policy, forward_values, make_token_batch
-from rlhf_engine.trainer.packing import PackingSupport, pack_rows, packed_scores
+from rlhf_engine.trainer.packing import pack_rows, packed_scores
+from rlhf_engine.trainer.pass_layout import PackingSupport
 from rlhf_engine.trainer.ppo import PPOTrainer
 from rlhf_engine.trainer.ppo_config import PPOConfig
 
