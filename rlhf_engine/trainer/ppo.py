@@ -32,6 +32,7 @@ from rlhf_engine.trainer import advantages as adv
 from rlhf_engine.trainer.experience import Experience, forward_experience, make_token_batch
 from rlhf_engine.trainer.kl_control import make_kl_controller
 from rlhf_engine.trainer.microbatch import rank_microbatches
+from rlhf_engine.trainer.optim import adamw
 from rlhf_engine.trainer.packing import packed_scores
 from rlhf_engine.trainer.pass_layout import pass_layout
 from rlhf_engine.trainer.ppo_config import PPOConfig
@@ -129,9 +130,8 @@ class PPOTrainer:
             if module is not None:  # FSDP2 / replicated on several ranks; activation checkpointing
                 shard_model(module, parallel, comm, trainable=trainable)
 
-        self.optimizer = optimizer if optimizer is not None else torch.optim.AdamW(
-            self.trainable_parameters(), lr=config.learning_rate
-        )
+        self.optimizer = optimizer if optimizer is not None else adamw(self.trainable_parameters(),
+                                                                      lr=config.learning_rate)
         if lr_scheduler is None:
             lr_scheduler = _default_lr_scheduler(self.optimizer, config)
         self.lr_scheduler = lr_scheduler

@@ -18,6 +18,7 @@ from rlhf_engine.checkpoint import atomic_directory
 from rlhf_engine.data.records import DataStats
 from rlhf_engine.metrics import MetricsLogger
 from rlhf_engine.models.lora import LoraConfig, apply_lora, is_lora, merged_state_dict
+from rlhf_engine.trainer.optim import adamw
 from rlhf_engine.trainer.schedule import lr_scheduler
 
 T = TypeVar("T")
@@ -187,8 +188,8 @@ def chunks(items: Sequence[T], size: int) -> list[list[T]]:
 def build_optimizer(model: torch.nn.Module, config: StageConfig, total_steps: int):
     """AdamW over the trainable parameters and its LambdaLR schedule for `total_steps` steps."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                  eps=config.adam_epsilon, weight_decay=config.weight_decay)
+    optimizer = adamw(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                      eps=config.adam_epsilon, weight_decay=config.weight_decay)
     warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
     scheduler = lr_scheduler(optimizer, config.lr_scheduler_type, warmup, total_steps)
     return optimizer, scheduler
