@@ -60,14 +60,11 @@ def pack_cheaper(input_ids: torch.Tensor, attention_mask: torch.Tensor, position
     says that is cheaper than one query per sample. Shared units are cut at the longest sample (rows no wider
     than without sharing) or at `attention_width` / 4 tokens, whichever costs less; the layouts are planned on
     the host from the lengths, only the chosen one is built."""
-    response_mask = response_mask.bool()
-    query_mask = attention_mask[:, :query_width].bool()
-    q_len = query_mask.sum(dim=1).tolist()  # device syncs: the layouts are planned on the host
-    r_len = response_mask.sum(dim=1).tolist()
+    response_mask, query_mask, q_len, r_len, groups = _plan_inputs(input_ids, attention_mask, query_width,
+                                                                   response_mask)
     lengths = [q + r for q, r in zip(q_len, r_len)]
     _, ends = first_fit_decreasing(lengths, max(lengths))
     best, best_cost = None, row_cost(len(ends), max(lengths), attention_width)
-    groups = query_groups(input_ids[:, :query_width], query_mask)
     if len(set(groups)) < len(groups):
         for cap in sorted({max(lengths), max(max(lengths), attention_width // 4)}):
             plan = _SharedPlan(groups, q_len, r_len, cap)
@@ -84,13 +81,20 @@ def pack_shared_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, p
     """`packing.pack_rows` with each group's query shared (see the module docstring); the same arguments,
     and a `PackedBatch` whose outputs at `predict_index` / `last_index` mean the same. A unit (query + its
     samples' responses) is cut past `max_width` tokens or the longest single sample, whichever is longer."""
+    response_mask, query_mask, q_len, r_len, groups = _plan_inputs(input_ids, attention_mask, query_width,
+                                                                   response_mask)
+    plan = _SharedPlan(groups, q_len, r_len, max(max_width, max(q + r for q, r in zip(q_len, r_len))))
+    return plan.build(input_ids, position_ids, query_width, query_mask, response_mask)
+
+
+def _plan_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, query_width: int,
+                 response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int], list[int]]:
+    """(response mask [B, T] bool, query mask [B, Lq] bool, query lengths, response lengths, query groups):
+    what a layout is planned from, on the host (device syncs)."""
     response_mask = response_mask.bool()
     query_mask = attention_mask[:, :query_width].bool()
-    q_len = query_mask.sum(dim=1).tolist()
-    r_len = response_mask.sum(dim=1).tolist()
-    cap = max(max_width, max(q + r for q, r in zip(q_len, r_len)))
-    plan = _SharedPlan(query_groups(input_ids[:, :query_width], query_mask), q_len, r_len, cap)
-    return plan.build(input_ids, position_ids, query_width, query_mask, response_mask)
+    groups = query_groups(input_ids[:, :query_width], query_mask)
+    return response_mask, query_mask, query_mask.sum(dim=1).tolist(), response_mask.sum(dim=1).tolist(), groups
 
 
 class _SharedPlan:
