@@ -134,14 +134,16 @@ class BuffersHeld(TimeoutError):
 
 
 class ShmPool:
-    """Trainer side: at most ``max_buffers`` segments; a busy one is reused once released.
+    """At most ``max_buffers`` segments (files of ``kind``); a busy one is reused once released. The trainer's
+    weight buffers, and a relay leader's copies (``relay.py``).
 
     The segment of the newest update is *pinned* (``pin``): it stays readable for a generator that
     joins later (``hold``), and is written again only when no other segment can be had.
     """
 
-    def __init__(self, directory: str, max_buffers: int) -> None:
+    def __init__(self, directory: str, max_buffers: int, kind: str = "weights") -> None:
         self._dir = directory
+        self._kind = kind
         self._max = max_buffers
         self._segments: list[Segment] = []
         self._pinned: Segment | None = None
@@ -193,7 +195,7 @@ class ShmPool:
             os.unlink(idle[0].path)
 
     def _create(self, size: int) -> Segment:
-        path = create_file(self._dir, "weights", size)
+        path = create_file(self._dir, self._kind, size)
         return Segment(path, size, map_file(path, size))
 
     def assign(self, segment: Segment, peers: set[str]) -> None:
