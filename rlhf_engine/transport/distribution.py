@@ -157,7 +157,9 @@ class WeightPublisher:
 
         With shared memory and the model's specs known, the tensors are taken one at a time and each is
         copied into the buffer as it comes: an iterator that makes each on demand (gathered from shards)
-        never has a second full copy of the model alive; socket frames are then sent from the buffer."""
+        never has a second full copy of the model alive; socket frames are then sent from the buffer.
+        Generators on frames that share a host get them once, through one of them (``relay.py``); their
+        names are returned too."""
         self._control.check()
         if version <= self._published:
             raise ValueError(f"weight version {version} must be greater than the last published ({self._published})")

@@ -3,8 +3,9 @@
 The one home of our shared-memory files: their layout (``layout``: 64-byte aligned offsets),
 their names (``rlhf-engine-<owner pid>-<kind>-<random>``, mode 0600, ``create_file``), their
 mapping (``map_file``) and the removal of those whose owner died (``remove_stale_files``).
-The trainer's weight buffers (kind ``weights``) live here; a vLLM generator's staging file
-(kind ``staging``, ``rollout/staging.py``) uses the same helpers.
+The trainer's weight buffers (kind ``weights``) live here; a relay leader's copies (kind ``relay``,
+``relay.py``) and a vLLM generator's staging file (kind ``staging``, ``rollout/staging.py``) use the
+same helpers.
 
 The trainer writes a whole update into a file under ``shm_dir`` (tmpfs) that it created
 and sends only a header over ZeroMQ.

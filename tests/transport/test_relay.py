@@ -178,6 +178,33 @@ def test_followers_get_the_version_from_catch_up_when_the_leader_is_killed_and_l
     assert os.listdir(tmp_path) == []
 
 
+def test_a_leader_that_closes_mid_run_removes_its_file_and_a_new_leader_relays_the_next_version(tmp_path):
+    tcfg, gcfg = configs(tmp_path)
+    with TrainerPort(tcfg, FINGERPRINT) as trainer:
+        leader = GeneratorPort(gcfg, FINGERPRINT, name="leader")
+        with GeneratorPort(gcfg, FINGERPRINT) as f1, GeneratorPort(gcfg, FINGERPRINT) as f2:
+            try:
+                trainer.wait_for_generators(3)
+                sd1 = state_dict(1)
+                trainer.publish_weights(1, sd1)
+                updates = [f.wait_weights(1, timeout_s=10) for f in (f1, f2)]  # views of the leader's file
+                assert len(relay_files(tmp_path)) == 1
+            finally:
+                leader.close()  # before its followers acked
+            assert relay_files(tmp_path) == []
+            for update in updates:  # their mappings outlive the file's name
+                assert all(bit_equal(update.tensors[k], v) for k, v in sd1.items())
+                update.ack()
+            deadline = time.monotonic() + 10
+            while len(trainer.generators()) > 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            sd2 = state_dict(2)
+            trainer.publish_weights(2, sd2)
+            take([f1, f2], 2, sd2)
+            assert bytes_sent(trainer) == 2 * SIZE and len(relay_files(tmp_path)) == 1
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_leader_with_every_buffer_held_does_not_relay_and_its_followers_get_frames(tmp_path):
     tcfg, gcfg = configs(tmp_path)
     with TrainerPort(tcfg, FINGERPRINT) as trainer, \
