@@ -18,6 +18,11 @@ leader's file (``ShmReader``: path outside its ``shm_dir``, size or offsets that
 says so in its ack (``refused``) and gets frames too. A leader that failed that way (or timed out) is
 never picked again. A relayed header from anyone but the leader of a round still waiting for it is
 dropped and counted (``bad_relay``, ``late_relay``); the file it names is released anyway.
+
+Trust: a follower checks where the leader's file is and that the tensors fit in it, not what it holds:
+it trusts its leader's bytes as it trusts the trainer's (a peer that passed CURVE, on its own host,
+under the same user). A follower that never acks keeps the leader's file held; once all its files are
+held the leader stops relaying and its peers get frames.
 """
 
 from __future__ import annotations
