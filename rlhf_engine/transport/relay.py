@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 
 from rlhf_engine.transport.config import TransportConfig
+from rlhf_engine.transport.control import ControlThread
 from rlhf_engine.transport.roster import GeneratorInfo
 from rlhf_engine.transport.shm import BuffersHeld, ShmPool, layout
 from rlhf_engine.transport.wire import (
@@ -76,7 +77,7 @@ class RelayRounds:
     """Trainer side: who relays which version to whom. Not thread-safe: ``WeightPublisher`` calls it under
     its lock (from the user's thread and the IO thread); it sends through ``control.enqueue``."""
 
-    def __init__(self, control, enabled: bool) -> None:
+    def __init__(self, control: ControlThread, enabled: bool) -> None:
         self._control = control
         self._enabled = enabled
         self._rounds: dict[tuple[str, int], _Round] = {}

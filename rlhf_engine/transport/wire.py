@@ -288,6 +288,8 @@ def _check_fields(header: Header) -> None:
     if isinstance(header, (WeightsHeader, WeightsAckHeader, WeightsRelayedHeader, WeightsReleaseHeader)) \
             and header.weight_version < 0:
         raise WireError("bad_header", f"negative weight_version {header.weight_version}")
+    if isinstance(header, WeightsAckHeader) and header.refused and header.applied:
+        raise WireError("bad_header", "an update both refused and applied")
     if isinstance(header, WeightsHeader) and header.relay and header.shm_path:
         raise WireError("bad_header", "a relay request carries frames, not a shared-memory path")
     if isinstance(header, (WeightsHeader, WeightsRelayedHeader, WeightsReleaseHeader)) \

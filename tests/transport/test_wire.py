@@ -112,6 +112,7 @@ def test_relay_headers_round_trip():
         ([_weights_header(10, reason="x" * 2000)], "bad_header"),
         ([_weights_header(10, shm_path="/dev/shm/x", shm_size=64, tensors=[["t", "uint8", [64], 64]])], "bad_header"),
         ([_weights_header(11, weight_version=-3, shm_path="/dev/shm/x")], "bad_header"),
+        ([_weights_header(8, applied=True, refused=True)], "bad_header"),
     ],
 )
 def test_malformed_messages_are_rejected_with_their_reason(frames, reason):
