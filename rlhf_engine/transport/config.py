@@ -52,7 +52,12 @@ class TransportConfig:
     """Shared-memory buffers the trainer may hold (one being read, one being written)."""
     ack_timeout_s: float = 120.0
     """Longest wait of a publish for a free shared-memory buffer; the generators that still hold the
-    oldest one then are dropped from the roster (they never acked that update)."""
+    oldest one then are dropped from the roster (they never acked that update). Also the longest wait
+    for a relay leader to relay an update (see ``relay``) before its host's peers get frames."""
+    relay: bool = True
+    """Trainer: generators on socket frames that share a host and can use shared memory (their own
+    ``weights_via_shm``) get one copy per host: one of them (the relay leader) receives the frames and
+    hands the update to the others through its shared memory. False: one copy per generator."""
     curve_keys_dir: str | None = None
     """Folder written by ``rlhf-engine keys``: enables CURVE encryption and authentication.
     The trainer accepts only the client public keys in it (``client.key``, ``clients/*.key``)."""
@@ -76,6 +81,8 @@ class TransportConfig:
                 f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must exceed "
                 f"heartbeat_interval_s ({self.heartbeat_interval_s})"
             )
+        if not isinstance(self.relay, bool):
+            raise ValueError(f"TransportConfig.relay must be true or false, got {self.relay!r}")
         if self.linger_ms < 0:
             raise ValueError(f"TransportConfig.linger_ms must be >= 0, got {self.linger_ms}")
         if self.endpoint is not None and not self.endpoint.startswith(("ipc://", "tcp://")):

@@ -3,7 +3,8 @@
 One loop per end reads bursts of messages, sends what the user threads queued in the
 outbox, and sends heartbeats on time. What the messages mean lives elsewhere: the session
 (handshake, heartbeats, roster) in ``session.py``, weight distribution (publish, acks,
-shared-memory buffers, staging) in ``distribution.py``.
+shared-memory buffers) in ``distribution.py``, its generator side in ``receiver.py``, the per-host
+relay in ``relay.py``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Weight distribution over the control channel: the trainer publishes, generators take and ack.
+"""Weight distribution over the control channel, trainer side: publish, catch up, collect acks.
 
 ``WeightPublisher`` sends one update to every live generator — through a shared-memory
 buffer for generators on this host (header only over the socket), as buckets of tensor
@@ -8,10 +8,8 @@ no other buffer is free (``on_join``), or over socket frames when the user hands
 tensors again (``catch_up``: no second copy of the model is kept). One that still holds the
 oldest buffer when a publish has waited ``timeout_s`` for a free one (it never acks) is dropped
 from the roster (state ``unacked``) and told to shut down: the run goes on with the others.
-``WeightReceiver``
-hands an update to its user only when it is complete (``WeightUpdate``), drops stale or
-repeated versions, checks every tensor against the model's specs when it knows them, and
-acknowledges each version (taken or skipped).
+Generators on frames that share a host get one copy per host, relayed by one of them through its
+shared memory (``relay.py``). The generator's side is ``receiver.py``.
 """
 
 from __future__ import annotations
@@ -29,15 +27,16 @@ from rlhf_engine.transport.config import TransportConfig
 from rlhf_engine.transport.control import ControlThread
 from rlhf_engine.transport.errors import BackpressureTimeout
 from rlhf_engine.transport.limits import WeightSpecs
-from rlhf_engine.transport.messages import WeightUpdate
+from rlhf_engine.transport.relay import RelayRounds
 from rlhf_engine.transport.roster import UNACKED, GeneratorInfo, Roster
-from rlhf_engine.transport.shm import BuffersHeld, Segment, ShmPool, ShmReader, layout
-from rlhf_engine.transport.weights import Staging, bucketize
+from rlhf_engine.transport.shm import BuffersHeld, Segment, ShmPool, layout
+from rlhf_engine.transport.weights import bucketize
 from rlhf_engine.transport.wire import (
     ShutdownHeader,
     TensorSpec,
     WeightsAckHeader,
     WeightsHeader,
+    WeightsRelayedHeader,
     WireError,
     WireLimits,
     check_specs,
@@ -95,6 +94,7 @@ class WeightPublisher:
         self._newest_shm: _NewestInShm | None = None
         self._recipients: set[str] = set()
         """Generators that were sent the newest version (each once)."""
+        self._relay = RelayRounds(control, config.relay)
 
     @property
     def shm(self) -> bool:
@@ -102,12 +102,27 @@ class WeightPublisher:
 
     # ---- IO thread -----------------------------------------------------------
     def on_ack(self, peer: GeneratorInfo, ack: WeightsAckHeader) -> None:
+        with self._lock:
+            leader = self._relay.refused(peer.name, ack.weight_version) if ack.refused else None
+            if leader is not None:
+                self._recipients.discard(peer.name)  # left to the catch-up (frames)
+            elif not ack.refused:
+                self._relay.acked(peer.name, ack.weight_version)  # releases the leader's file before the next publish
+        if ack.refused:
+            raise WireError("bad_relay" if leader else "refused_weights",
+                            f"generator {peer.name} refused the shared-memory file of weight version {ack.weight_version}"
+                            + (f" relayed by {leader}: it gets frames, and {leader} relays no more" if leader else ""))
         with self._roster.cond:
             self._acks.setdefault(ack.weight_version, {})[peer.name] = ack.applied
             path = self._shm_paths.get(ack.weight_version)
             self._roster.cond.notify_all()
         if self._pool is not None and path is not None:
             self._pool.release(peer.name, path)
+
+    def on_relayed(self, peer: GeneratorInfo, header: WeightsRelayedHeader) -> None:
+        """A relay leader's answer: its host's other generators are sent the update from its file."""
+        with self._lock:
+            self._recipients.update(self._relay.relayed(peer, header))
 
     def forget(self, peer: GeneratorInfo) -> None:
         """``peer`` was lost or left: it holds no buffer any more."""
@@ -116,6 +131,7 @@ class WeightPublisher:
     def _forget(self, name: str) -> None:
         with self._lock:
             self._recipients.discard(name)  # a new session of it is sent the newest again
+            self._relay.forget(name)
         if self._pool is not None:
             self._pool.release(name)
 
@@ -141,7 +157,9 @@ class WeightPublisher:
 
         With shared memory and the model's specs known, the tensors are taken one at a time and each is
         copied into the buffer as it comes: an iterator that makes each on demand (gathered from shards)
-        never has a second full copy of the model alive; socket frames are then sent from the buffer."""
+        never has a second full copy of the model alive; socket frames are then sent from the buffer.
+        Generators on frames that share a host get them once, through one of them (``relay.py``); their
+        names are returned too."""
         self._control.check()
         if version <= self._published:
             raise ValueError(f"weight version {version} must be greater than the last published ({self._published})")
@@ -178,12 +196,18 @@ class WeightPublisher:
                     self._shm_paths[version] = segment.path
                 for peer in shm_peers:
                     self._control.enqueue([peer.identity], frames)
+                direct, leaders = self._relay.plan(version, specs, tcp_peers, timeout_s)
         else:
             with self._lock:
                 self._recipients = set()
+                direct, leaders = self._relay.plan(version, specs, tcp_peers, timeout_s)
         if tcp_peers:
-            self._send_frames(version, named, tcp_peers, timeout_s)
-            sent_to += [p.name for p in tcp_peers]
+            try:
+                self._send_frames(version, named, direct, timeout_s, leaders)
+            finally:
+                with self._lock:
+                    self._relay.arm(version, timeout_s)
+            sent_to += [p.name for p in tcp_peers]  # the leaders' host peers get it through them
         self._published = version
         with self._roster.cond:
             for old in [v for v in self._acks if v <= version - _ACK_HISTORY]:
@@ -199,7 +223,9 @@ class WeightPublisher:
         with self._lock:
             if version != self._published:
                 return []
-            missing = [p for p in self._roster.live() if not p.shm and p.name not in self._recipients]
+            waiting = self._relay.waiting_followers(version)  # their leader may still relay it
+            missing = [p for p in self._roster.live()
+                       if not p.shm and p.name not in self._recipients and p.name not in waiting]
         if not missing:
             return []
         named, _ = self._checked(weights())
@@ -218,19 +244,25 @@ class WeightPublisher:
         return named, specs
 
     def _send_frames(self, version: int, named: list[tuple[str, torch.Tensor]], peers: list[GeneratorInfo],
-                     timeout_s: float) -> None:
-        """Send ``version`` to ``peers`` as buckets of tensor frames; returns once they were written to the socket."""
+                     timeout_s: float, leaders: list[GeneratorInfo] = ()) -> None:
+        """Send ``version`` to ``peers`` and ``leaders`` (marked ``relay``) as buckets of tensor frames; returns
+        once they were written to the socket."""
         buckets = bucketize(named, self._config.bucket_bytes)
-        sent = _Sent(len(buckets) * len(peers))
+        sent = _Sent(len(buckets) * (len(peers) + len(leaders)))
         for i, bucket in enumerate(buckets):
             tensors = [t.detach() for _, t in bucket]
-            frames = encode(self._control.header(WeightsHeader, tensors=tuple(tensor_spec(n, t) for n, t in bucket),
-                                                 weight_version=version, bucket=i, num_buckets=len(buckets)), tensors)
-            for peer in peers:
-                self._control.enqueue([peer.identity], frames, sent)
-        self._wait_sent(sent, timeout_s, [p.name for p in peers])
+            specs = tuple(tensor_spec(n, t) for n, t in bucket)
+            for relay, to in ((False, peers), (True, leaders)):
+                if not to:
+                    continue
+                frames = encode(self._control.header(WeightsHeader, tensors=specs, weight_version=version, bucket=i,
+                                                     num_buckets=len(buckets), relay=relay), tensors)
+                for peer in to:
+                    self._control.enqueue([peer.identity], frames, sent)
+                    self._control.stats["weight_bytes_sent"] += sum(s.nbytes for s in specs)
+        self._wait_sent(sent, timeout_s, [p.name for p in [*peers, *leaders]])
         with self._lock:
-            self._recipients.update(p.name for p in peers)
+            self._recipients.update(p.name for p in [*peers, *leaders])
 
     def _acquire(self, size: int, timeout_s: float, holders: set[str]) -> Segment:
         """A free buffer; the generators that still hold the oldest one after ``timeout_s`` are dropped."""
@@ -303,83 +335,3 @@ def _copy_in(segment: Segment, specs: tuple[TensorSpec, ...], offsets: list[int]
         segment.write([tensor], [off])
     if place:
         raise ValueError(f"weight update does not match the model's specs: missing {sorted(place)[:5]}")
-
-
-class WeightReceiver:
-    """Generator side: complete, checked updates handed over one at a time; acks sent through ``send_ack``."""
-
-    def __init__(self, config: TransportConfig, specs: WeightSpecs | None, limits: WireLimits,
-                 send_ack: Callable[[int, bool], None]) -> None:
-        self._specs = specs
-        self._limits = limits
-        self._send_ack = send_ack
-        self._cond = threading.Condition()
-        self._pending: WeightUpdate | None = None
-        self.newest = -1
-        self.current_version = -1
-        """Version of the last update handed to the user (-1: none yet)."""
-        self._staging = Staging(max_buckets=max(limits.max_tensors, 1))
-        self._reader = ShmReader(config.shm_dir, config.shm_buffers + 1)
-
-    # ---- IO thread -----------------------------------------------------------
-    def on_weights(self, header: WeightsHeader, tensors: list[torch.Tensor]) -> bool:
-        """Take one weights message; False when it was a stale or repeated version."""
-        if self._specs is not None:
-            self._specs.check_received(header.tensors)
-        if header.weight_version <= self.newest or header.weight_version < self._staging.version:
-            log.info("ignoring weight version %d (have %d)", header.weight_version, self.newest)
-            if header.shm_path:
-                self._send_ack(header.weight_version, False)
-            return False
-        if header.shm_path:
-            dtypes = check_specs(header.tensors, self._limits)
-            views = self._reader.view(header.shm_path, header.shm_size, header.tensors, dtypes, header.offsets)
-            complete = {s.name: t for s, t in zip(header.tensors, views)}
-            if len(complete) != len(header.tensors):
-                raise WireError("bad_bucket", f"version {header.weight_version}: repeated tensor names")
-        else:
-            complete = self._staging.add(header, tensors)
-            if complete is None:
-                return True
-        if self._specs is not None and len(complete) != len(self._specs.tensors):
-            raise WireError("bad_weights", f"version {header.weight_version} has {len(complete)} tensors, "
-                                           f"the model {len(self._specs.tensors)}")
-        version = header.weight_version
-        update = WeightUpdate(version, complete, _ack=lambda applied: self._send_ack(version, applied))
-        with self._cond:
-            skipped, self._pending, self.newest = self._pending, update, version
-            self._cond.notify_all()
-        if skipped is not None:  # never handed over: a newer one replaces it
-            skipped.ack(applied=False)
-        return True
-
-    # ---- user side -----------------------------------------------------------
-    def poll(self) -> WeightUpdate | None:
-        """The newest complete update not yet handed over, or None. Call ``update.ack()`` after use."""
-        with self._cond:
-            update, self._pending = self._pending, None
-        if update is not None:
-            self.current_version = update.version
-        return update
-
-    def wait(self, min_version: int, timeout_s: float | None, health: Callable[[], None]) -> WeightUpdate | None:
-        """Wait until an update of at least ``min_version`` can be handed over; None if the user
-        already has one (``current_version >= min_version``). ``TimeoutError`` after ``timeout_s``;
-        ``health()`` runs (outside the lock) every 0.1 s and may raise."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            health()
-            with self._cond:
-                if self._pending is not None and self._pending.version >= min_version:
-                    break
-                if self._pending is None and self.current_version >= min_version:
-                    return None
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(f"no weight version >= {min_version} within {timeout_s} s "
-                                       f"(newest received: {self.newest})")
-                self._cond.wait(0.1 if left is None else min(left, 0.1))
-        return self.poll()
-
-    def close(self) -> None:
-        self._reader.close()

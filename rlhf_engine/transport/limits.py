@@ -2,7 +2,7 @@
 
 Each receiving socket gets the ``WireLimits`` of what may legitimately travel on it:
 
-- trainer control (HELLO, HEARTBEAT, WEIGHTS_ACK, SHUTDOWN): a header, no tensors;
+- trainer control (HELLO, HEARTBEAT, WEIGHTS_ACK, WEIGHTS_RELAYED, SHUTDOWN): a header, no tensors;
 - trainer rollouts: a prompt of at most ``max_prompt_tokens`` and a response of at most
   ``max_response_tokens`` tokens (int64) with one float32 log-prob per response token;
 - generator prompts: at most ``max_batch_prompts`` prompts of ``max_prompt_tokens``;
@@ -23,7 +23,7 @@ from rlhf_engine.transport.config import TransportConfig
 from rlhf_engine.transport.wire import ALLOWED_DTYPES, DTYPE_NAMES, TensorSpec, WireError, WireLimits
 
 CONTROL_HEADER_BYTES = 64 << 10
-"""Largest control header (HELLO, heartbeat, ack, goodbye: names and a reason string)."""
+"""Largest control header (HELLO, heartbeat, ack, relayed, goodbye: names, a path and a reason string)."""
 RECORD_HEADER_BYTES = 8 << 10
 """Largest rollout header beyond its tensors' specs (ids and a finish reason of <= 256 characters)."""
 TOKEN_BYTES = 8  # int64

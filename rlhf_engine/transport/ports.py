@@ -212,7 +212,8 @@ class TrainerPort(_Port):
 class GeneratorPort(_Port):
     """A generator's end: connects, handshakes (``HandshakeError`` if refused; ``AuthenticationFailed``
     if the trainer refused its CURVE key), then pulls prompts, pushes rollouts and receives complete
-    weight updates (checked against ``weight_specs`` when given)."""
+    weight updates (checked against ``weight_specs`` when given). With shared memory on, starting removes
+    relay files of dead generators on this host (``relay.py``)."""
 
     def __init__(self, config: TransportConfig, fingerprint: str, name: str = "generator", *,
                  weight_specs: SpecRows | None = None) -> None:
@@ -222,6 +223,8 @@ class GeneratorPort(_Port):
 
     def _open(self, fingerprint: str) -> None:
         config = self.config
+        if config.use_shm:  # relay files of a dead generator on this host (``relay.py``)
+            remove_stale_files(config.shm_dir)
         self._security = self._own(Security(config, server=False, context=self._context))
         self._control = self._own(GeneratorControl(self._context, config, fingerprint, self.sender_id, self._security,
                                                    weight_specs=self._weight_specs))

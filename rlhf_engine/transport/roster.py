@@ -36,6 +36,9 @@ class GeneratorInfo:
     """ZAP User-Id of its connection (the z85 CURVE public key), None without CURVE."""
     state: str = LIVE
     """``live``, ``lost`` (heartbeat timeout), ``unacked`` (held a weight buffer too long) or ``left`` (said goodbye)."""
+    host_shm: bool = False
+    """Its HELLO said it can use shared memory on its own host (its ``weights_via_shm``): it can take part
+    in a relay among the generators of its host (``relay.py``)."""
 
 
 class Roster:
@@ -47,7 +50,8 @@ class Roster:
         self._lost: list[GeneratorInfo] = []
         self._sessions: dict[str, str | None] = {}
 
-    def join(self, identity: bytes, name: str, hostname: str, shm: bool, user_id: str | None) -> str:
+    def join(self, identity: bytes, name: str, hostname: str, shm: bool, user_id: str | None,
+             host_shm: bool = False) -> str:
         """Add a generator; returns a reason to refuse it, or "" when it joined."""
         with self.cond:
             for peer in self._live.values():
@@ -57,7 +61,8 @@ class Roster:
             if old is not None:  # a second HELLO on one connection: a new session replaces the old
                 old.state = LOST
                 self._lost.append(old)
-            self._live[identity] = GeneratorInfo(name, hostname, shm, identity, time.monotonic(), user_id)
+            self._live[identity] = GeneratorInfo(name, hostname, shm, identity, time.monotonic(), user_id,
+                                                 host_shm=host_shm)
             self._sessions[name] = user_id
             self.cond.notify_all()
             return ""
@@ -88,6 +93,7 @@ class Roster:
             return [self.remove(identity, LOST) for identity in silent]
 
     def live(self) -> list[GeneratorInfo]:
+        """The live generators, longest-lived (earliest joined) first."""
         with self.cond:
             return list(self._live.values())
 

@@ -10,7 +10,8 @@ Both ends send HEARTBEAT every ``heartbeat_interval_s``; any message counts as a
 life. A generator silent for ``heartbeat_timeout_s`` is dropped from the trainer's roster
 (told so with a SHUTDOWN, in case it still listens) — never an error on the trainer's side;
 a trainer silent that long is ``PeerDeadError`` on the generator's. SHUTDOWN says goodbye
-either way. Weight messages are handed to ``distribution.py``.
+either way. Weight messages are handed to ``distribution.py`` (trainer) and ``receiver.py``
+(generator).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from zmq.utils.monitor import recv_monitor_message
 from rlhf_engine.transport.channel import frame_user_id
 from rlhf_engine.transport.config import TransportConfig
 from rlhf_engine.transport.control import ControlThread
-from rlhf_engine.transport.distribution import WeightPublisher, WeightReceiver
+from rlhf_engine.transport.distribution import WeightPublisher
 from rlhf_engine.transport.endpoints import Security, channel_endpoint, open_socket
 from rlhf_engine.transport.errors import (
     AuthenticationFailed,
@@ -37,6 +38,7 @@ from rlhf_engine.transport.errors import (
     ShutdownRequested,
 )
 from rlhf_engine.transport.limits import CONTROL_LIMITS, WeightSpecs
+from rlhf_engine.transport.receiver import WeightReceiver
 from rlhf_engine.transport.roster import LEFT, GeneratorInfo, Roster
 from rlhf_engine.transport.wire import (
     PROTOCOL_VERSION,
@@ -46,6 +48,8 @@ from rlhf_engine.transport.wire import (
     ShutdownHeader,
     WeightsAckHeader,
     WeightsHeader,
+    WeightsRelayedHeader,
+    WeightsReleaseHeader,
     WelcomeHeader,
     WireError,
     WireLimits,
@@ -93,6 +97,8 @@ class TrainerControl(ControlThread):
             raise WireError("unknown_peer", f"{type(header).__name__} from {header.sender!r} outside a session")
         if isinstance(header, WeightsAckHeader):
             self.weights.on_ack(peer, header)
+        elif isinstance(header, WeightsRelayedHeader):
+            self.weights.on_relayed(peer, header)
         elif isinstance(header, ShutdownHeader):
             self.roster.remove(identity, LEFT)
             self.weights.forget(peer)
@@ -109,7 +115,7 @@ class TrainerControl(ControlThread):
                       f"trainer has {self.fingerprint[:16]}... (different parameter names, shapes or dtypes)")
         else:
             shm = self.weights.shm and hello.shm and hello.hostname == self.hostname
-            reason = self.roster.join(identity, hello.sender, hello.hostname, shm, user_id)
+            reason = self.roster.join(identity, hello.sender, hello.hostname, shm, user_id, host_shm=hello.shm)
         if reason:
             self._drop("handshake_refused", reason)  # counted; logged rate-limited
             with self.roster.cond:
@@ -200,7 +206,7 @@ class GeneratorControl(ControlThread):
         self._last_seen = time.monotonic()
         self._shutdown = threading.Event()
         self._shutdown_reason = ""
-        self.weights = WeightReceiver(config, weight_specs, limits, self._send_ack)
+        self.weights = WeightReceiver(config, weight_specs, limits, self._send)
         self.start()
         self._wait_for_answer()
 
@@ -269,14 +275,17 @@ class GeneratorControl(ControlThread):
         elif isinstance(header, WeightsHeader):
             if not self.weights.on_weights(header, tensors):
                 self.stats["stale_weights"] += 1
+        elif isinstance(header, WeightsReleaseHeader):
+            self.weights.on_release(header)
         elif isinstance(header, ShutdownHeader):
             self._shutdown_reason = header.reason
             self._shutdown.set()
         elif not isinstance(header, HeartbeatHeader):
             raise WireError("wrong_kind", f"{type(header).__name__} on the generator's control channel")
 
-    def _send_ack(self, version: int, applied: bool) -> None:
-        self.enqueue([], encode(self.header(WeightsAckHeader, weight_version=version, applied=applied)))
+    def _send(self, cls, **fields) -> None:
+        """Send the trainer a header of type ``cls`` (from any thread)."""
+        self.enqueue([], encode(self.header(cls, **fields)))
 
     # ---- user side -----------------------------------------------------------
     def health(self) -> None:

@@ -3,8 +3,9 @@
 The one home of our shared-memory files: their layout (``layout``: 64-byte aligned offsets),
 their names (``rlhf-engine-<owner pid>-<kind>-<random>``, mode 0600, ``create_file``), their
 mapping (``map_file``) and the removal of those whose owner died (``remove_stale_files``).
-The trainer's weight buffers (kind ``weights``) live here; a vLLM generator's staging file
-(kind ``staging``, ``rollout/staging.py``) uses the same helpers.
+The trainer's weight buffers (kind ``weights``) live here; a relay leader's copies (kind ``relay``,
+``relay.py``) and a vLLM generator's staging file (kind ``staging``, ``rollout/staging.py``) use the
+same helpers.
 
 The trainer writes a whole update into a file under ``shm_dir`` (tmpfs) that it created
 and sends only a header over ZeroMQ.
@@ -134,14 +135,16 @@ class BuffersHeld(TimeoutError):
 
 
 class ShmPool:
-    """Trainer side: at most ``max_buffers`` segments; a busy one is reused once released.
+    """At most ``max_buffers`` segments (files of ``kind``); a busy one is reused once released. The trainer's
+    weight buffers, and a relay leader's copies (``relay.py``).
 
     The segment of the newest update is *pinned* (``pin``): it stays readable for a generator that
     joins later (``hold``), and is written again only when no other segment can be had.
     """
 
-    def __init__(self, directory: str, max_buffers: int) -> None:
+    def __init__(self, directory: str, max_buffers: int, kind: str = "weights") -> None:
         self._dir = directory
+        self._kind = kind
         self._max = max_buffers
         self._segments: list[Segment] = []
         self._pinned: Segment | None = None
@@ -193,7 +196,7 @@ class ShmPool:
             os.unlink(idle[0].path)
 
     def _create(self, size: int) -> Segment:
-        path = create_file(self._dir, "weights", size)
+        path = create_file(self._dir, self._kind, size)
         return Segment(path, size, map_file(path, size))
 
     def assign(self, segment: Segment, peers: set[str]) -> None:

@@ -24,6 +24,15 @@ layout across protocol versions so that a peer speaking another version gets a c
 rejection instead of a decode error. Same-host weight updates travel through shared
 memory: ``WeightsHeader.shm_path`` names a file that holds the tensors at ``offsets``;
 then no tensor frames follow.
+
+Relay (generators on another host, ``relay.py``): the trainer sends the frames of an update
+to one generator per host with ``WeightsHeader.relay`` set. That leader copies the complete
+update into a shared-memory file of its own, the tensors in the order of the headers' specs at
+``shm.layout`` offsets, and answers ``WEIGHTS_RELAYED`` (its path and size, or why not). The
+trainer then sends each other generator of that host a shared-memory ``WeightsHeader`` for that
+file, with the trainer's own specs and offsets (never the leader's); each acks to the trainer as
+usual (``refused``: the file failed its checks, the update must come another way). Once all have
+acked, ``WEIGHTS_RELEASE`` lets the leader reuse the file.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ import torch
 
 from rlhf_engine.dtypes import DTYPE_NAMES, TORCH_DTYPES
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class MessageKind(enum.IntEnum):
@@ -51,10 +60,15 @@ class MessageKind(enum.IntEnum):
     WEIGHTS = 7  # trainer -> generator: one bucket of a versioned weight update
     WEIGHTS_ACK = 8  # generator -> trainer: a version was taken (or skipped)
     SHUTDOWN = 9  # both ways: orderly goodbye
+    WEIGHTS_RELAYED = 10  # generator (its host's relay leader) -> trainer: its shared-memory copy of a version
+    WEIGHTS_RELEASE = 11  # trainer -> relay leader: every peer took that copy; the file may be reused
 
 
 ALLOWED_DTYPES = TORCH_DTYPES  # the wire carries exactly the dtypes the project names
 MAX_NDIM = 8
+MAX_PATH_CHARS = 4096
+"""Longest shared-memory path in a header (Linux PATH_MAX)."""
+MAX_REASON_CHARS = 1024
 
 
 @dataclass(frozen=True)
@@ -152,12 +166,33 @@ class WeightsHeader(_Base, tag=int(MessageKind.WEIGHTS)):
     """Non-empty: tensors live in this shared-memory file at ``offsets``; no frames follow."""
     shm_size: int = 0
     offsets: tuple[int, ...] = ()
+    relay: bool = False
+    """The receiver is its host's relay leader: once the update is complete it copies it into shared
+    memory of its own and answers ``WeightsRelayedHeader`` (frames only, never with ``shm_path``)."""
 
 
 class WeightsAckHeader(_Base, tag=int(MessageKind.WEIGHTS_ACK)):
     weight_version: int
     applied: bool
     """False when the version was skipped (a newer one arrived first)."""
+    refused: bool = False
+    """The update's shared-memory file failed its checks: not taken, it must come another way."""
+
+
+class WeightsRelayedHeader(_Base, tag=int(MessageKind.WEIGHTS_RELAYED)):
+    weight_version: int
+    shm_path: str = ""
+    """The leader's file that holds the update (tensors in the order of its specs, at ``shm.layout``
+    offsets); "" when it did not relay it."""
+    shm_size: int = 0
+    reason: str = ""
+    """Why it did not relay (``shm_path`` empty), e.g. all its relay buffers are held."""
+
+
+class WeightsReleaseHeader(_Base, tag=int(MessageKind.WEIGHTS_RELEASE)):
+    weight_version: int
+    shm_path: str
+    """The leader's file of ``weight_version``: every peer acked it (or left)."""
 
 
 class ShutdownHeader(_Base, tag=int(MessageKind.SHUTDOWN)):
@@ -174,6 +209,8 @@ Header = Union[
     WeightsHeader,
     WeightsAckHeader,
     ShutdownHeader,
+    WeightsRelayedHeader,
+    WeightsReleaseHeader,
 ]
 
 
@@ -242,7 +279,28 @@ def decode_header(data, limits: WireLimits) -> Header:
         raise WireError("bad_header", str(e)) from None
     if header.seq < 0:
         raise WireError("bad_header", f"negative seq {header.seq}")
+    _check_fields(header)
     return header
+
+
+def _check_fields(header: Header) -> None:
+    """The rules of the weight headers' fields that their types do not say (raises ``WireError``)."""
+    if isinstance(header, (WeightsHeader, WeightsAckHeader, WeightsRelayedHeader, WeightsReleaseHeader)) \
+            and header.weight_version < 0:
+        raise WireError("bad_header", f"negative weight_version {header.weight_version}")
+    if isinstance(header, WeightsAckHeader) and header.refused and header.applied:
+        raise WireError("bad_header", "an update both refused and applied")
+    if isinstance(header, WeightsHeader) and header.relay and header.shm_path:
+        raise WireError("bad_header", "a relay request carries frames, not a shared-memory path")
+    if isinstance(header, (WeightsHeader, WeightsRelayedHeader, WeightsReleaseHeader)) \
+            and len(header.shm_path) > MAX_PATH_CHARS:
+        raise WireError("bad_header", f"shm_path of {len(header.shm_path)} characters > {MAX_PATH_CHARS}")
+    if isinstance(header, WeightsRelayedHeader):
+        if header.shm_size < 0 or bool(header.shm_path) != (header.shm_size > 0):
+            raise WireError("bad_header", f"relayed shm_path {header.shm_path[:80]!r} with shm_size {header.shm_size}")
+        if header.tensors or len(header.reason) > MAX_REASON_CHARS:
+            raise WireError("bad_header", "a relayed header has no tensors and a reason of at most "
+                                          f"{MAX_REASON_CHARS} characters")
 
 
 def check_spec(spec: TensorSpec, limits: WireLimits) -> torch.dtype:

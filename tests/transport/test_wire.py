@@ -16,6 +16,8 @@ from rlhf_engine.transport.wire import (
     PROTOCOL_VERSION,
     HeartbeatHeader,
     RolloutHeader,
+    WeightsRelayedHeader,
+    WeightsReleaseHeader,
     TensorSpec,
     WireError,
     WireLimits,
@@ -66,6 +68,22 @@ def _with_spec(spec: TensorSpec, frame: bytes):
     return [msgspec.msgpack.encode(header), frame]
 
 
+def _weights_header(kind: int, **fields) -> bytes:
+    return msgspec.msgpack.encode({"kind": kind, "version": PROTOCOL_VERSION, "sender": "s", "seq": 0,
+                                   "weight_version": 1} | fields)
+
+
+def test_relay_headers_round_trip():
+    relayed = WeightsRelayedHeader(sender="g", seq=3, weight_version=4, shm_path="/dev/shm/rlhf-engine-1-relay-a",
+                                   shm_size=4096)
+    release = WeightsReleaseHeader(sender="t", seq=5, weight_version=4, shm_path=relayed.shm_path)
+    refused = WeightsRelayedHeader(sender="g", seq=4, weight_version=5, reason="all 2 relay buffers are held")
+    for header in (relayed, release, refused):
+        assert _roundtrip(header, []) == (header, [])
+    with pytest.raises(WireError, match="shm_path of 4097 characters > 4096"):
+        decode([_weights_header(10, shm_path="/" * 4097, shm_size=64)], WireLimits())
+
+
 @pytest.mark.parametrize(
     "frames, reason",
     [
@@ -85,6 +103,16 @@ def _with_spec(spec: TensorSpec, frame: bytes):
         (_with_spec(TensorSpec("t", "uint8", (1 << 21,), 1 << 21), b""), "tensor_too_large"),
         (_with_spec(TensorSpec("t", "float32", (1 << 40,), 1 << 42), b""), "tensor_too_large"),
         (_with_spec(TensorSpec("t", "float32", (1 << 40,), 16), b"\0" * 16), "bad_nbytes"),
+        # relay: a relay request carries frames; a relayed header names a file with its size, or neither
+        ([_weights_header(7, bucket=0, num_buckets=1, relay=True, shm_path="/dev/shm/x", shm_size=64)], "bad_header"),
+        ([_weights_header(7, bucket=0, num_buckets=1, weight_version=-1)], "bad_header"),
+        ([_weights_header(10, shm_path="/dev/shm/x")], "bad_header"),
+        ([_weights_header(10, shm_size=64)], "bad_header"),
+        ([_weights_header(10, shm_size=-64)], "bad_header"),
+        ([_weights_header(10, reason="x" * 2000)], "bad_header"),
+        ([_weights_header(10, shm_path="/dev/shm/x", shm_size=64, tensors=[["t", "uint8", [64], 64]])], "bad_header"),
+        ([_weights_header(11, weight_version=-3, shm_path="/dev/shm/x")], "bad_header"),
+        ([_weights_header(8, applied=True, refused=True)], "bad_header"),
     ],
 )
 def test_malformed_messages_are_rejected_with_their_reason(frames, reason):
