@@ -46,7 +46,9 @@ class TransportConfig:
     bucket_bytes: int = 256 << 20
     """Weight updates over tcp are split into buckets of about this many bytes."""
     weights_via_shm: bool | None = None
-    """Same-host weight updates through shared memory; None = yes for ``ipc://`` endpoints."""
+    """Same-host weight updates through shared memory. None (auto): the trainer offers them on ``ipc://``
+    endpoints only; a generator can take them (from the trainer on its host, or from the relay leader of its
+    host, see ``relay``) on any endpoint. False: never (a generator then always gets socket frames)."""
     shm_dir: str = "/dev/shm"
     shm_buffers: int = 2
     """Shared-memory buffers the trainer may hold (one being read, one being written)."""
@@ -90,6 +92,13 @@ class TransportConfig:
 
     @property
     def use_shm(self) -> bool:
+        """Trainer: it publishes through shared memory to the generators on its host."""
         if self.weights_via_shm is None:
             return self.endpoint is None or self.endpoint.startswith("ipc://")
         return self.weights_via_shm
+
+    @property
+    def generator_shm(self) -> bool:
+        """Generator: it can map shared-memory files of its host (the trainer's, its relay leader's) and,
+        as a relay leader, write them."""
+        return self.weights_via_shm is not False

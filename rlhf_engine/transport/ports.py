@@ -223,7 +223,7 @@ class GeneratorPort(_Port):
 
     def _open(self, fingerprint: str) -> None:
         config = self.config
-        if config.use_shm:  # relay files of a dead generator on this host (``relay.py``)
+        if config.generator_shm:  # relay files of a dead generator on this host (``relay.py``)
             remove_stale_files(config.shm_dir)
         self._security = self._own(Security(config, server=False, context=self._context))
         self._control = self._own(GeneratorControl(self._context, config, fingerprint, self.sender_id, self._security,

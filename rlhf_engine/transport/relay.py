@@ -233,7 +233,7 @@ class RelayLeader:
         specs = [tensor_spec(name, t) for name, t in complete.items()]
         offsets, size = layout([s.nbytes for s in specs])
         try:
-            if not self._config.use_shm:
+            if not self._config.generator_shm:
                 raise OSError("shared memory is off on this generator (transport.weights_via_shm)")
             if self._pool is None:
                 self._pool = ShmPool(self._config.shm_dir, self._config.shm_buffers, kind="relay")

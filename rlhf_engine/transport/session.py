@@ -248,7 +248,7 @@ class GeneratorControl(ControlThread):
     # ---- IO thread -----------------------------------------------------------
     def _on_start(self) -> None:
         hello = HelloHeader(version=self._protocol_version, sender=self.sender_id, seq=next(self._seq),
-                            fingerprint=self.fingerprint, hostname=socket.gethostname(), shm=self.config.use_shm)
+                            fingerprint=self.fingerprint, hostname=socket.gethostname(), shm=self.config.generator_shm)
         self.send_now([], encode(hello))
 
     def _on_stop(self) -> None:

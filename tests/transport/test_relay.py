@@ -108,6 +108,21 @@ def test_relay_off_sends_every_generator_its_own_copy(tmp_path):
         assert bytes_sent(trainer) == 2 * SIZE and relay_files(tmp_path) == []
 
 
+def test_tcp_generators_relay_with_the_default_config(tmp_path):
+    # weights_via_shm unset everywhere: a tcp trainer offers no shared memory, its generators still relay
+    endpoint = tcp_endpoint()
+    trainer_cfg = fast_config(endpoint, heartbeat_timeout_s=5.0)
+    gen_cfg = fast_config(endpoint, shm_dir=str(tmp_path), heartbeat_timeout_s=5.0)
+    assert not trainer_cfg.use_shm and gen_cfg.generator_shm
+    with TrainerPort(trainer_cfg, FINGERPRINT) as trainer, GeneratorPort(gen_cfg, FINGERPRINT) as g1, \
+            GeneratorPort(gen_cfg, FINGERPRINT) as g2:
+        trainer.wait_for_generators(2)
+        sd = state_dict(4)
+        trainer.publish_weights(1, sd)
+        take([g1, g2], 1, sd)
+        assert bytes_sent(trainer) == SIZE and len(relay_files(tmp_path)) == 1
+
+
 def test_generators_that_cannot_use_shared_memory_or_are_alone_on_their_host_get_frames(tmp_path):
     tcfg, gcfg = configs(tmp_path)
     with TrainerPort(tcfg, FINGERPRINT) as trainer, GeneratorPort(gcfg, FINGERPRINT) as g_shm, \
