@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
@@ -155,18 +156,21 @@ def load_sharded(
             dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR))
         set_state_dict(container, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=_OPTIONS)
-    except Exception as e:  # DCP's own errors name neither the folder nor the likely cause
+    except (Exception, CheckpointException) as e:  # DCP's errors name neither the folder nor the likely cause
         raise CheckpointError(
-            f"{ckpt}: cannot load the model and optimizer state in {DCP_DIR}/ ({type(e).__name__}: {_first_line(e)}); "
+            f"{ckpt}: cannot load the model and optimizer state in {DCP_DIR}/ ({_cause(e)}); "
             "the checkpoint is damaged or was written for other models or optimizer settings (model.policy, "
             "model.value_model and model.lora must match the run that wrote it)"
         ) from e
     return load_state(ckpt)
 
 
-def _first_line(e: BaseException) -> str:
+def _cause(e: BaseException) -> str:
+    """One line on what failed (for DCP's CheckpointException, a BaseException: each failed rank's error)."""
+    if isinstance(e, CheckpointException):
+        return "; ".join(f"rank {rank}: {_cause(exc)}" for rank, (exc, _) in sorted(e.failures.items()))
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0] if lines else "no message"
+    return f"{type(e).__name__}: {lines[0] if lines else 'no message'}"
 
 
 def save_hf_folder(comm: Comm, model: nn.Module, path: Path, tokenizer: Any = None) -> None:
