@@ -131,22 +131,31 @@ def assert_same_checkpoint(want: Path, got: Path, tol: float = 1e-5) -> None:
     assert torch.equal(t_got["shuffle_rng"], t_want["shuffle_rng"])
 
 
-def test_plain_run_resumes_on_two_ranks_and_back(tmp_path, files):
-    """A plain single-process run (no torchrun) writes the same sharded checkpoints as a run on ranks: its
-    step-1 checkpoint continues on 2 ranks, whose step-2 checkpoint continues on one plain process again; each
-    ends where an uninterrupted plain run is (sync mode, transformers generator, fp32 tiny model)."""
-    one = dict(mode="sync", num_generators=1, save_steps=1, keep_last=3)
-    straight = write_config(tmp_path / "a", files, total_steps=3, **one)
-    proc = run_group(ppo_cmd(straight), timeout=180)
+PLAIN = dict(mode="sync", num_generators=1, save_steps=1, keep_last=3)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, files) -> Path:
+    """An uninterrupted plain single-process run (no torchrun) of 3 steps with a checkpoint after each; its
+    run folder."""
+    root = tmp_path_factory.mktemp("straight")
+    proc = run_group(ppo_cmd(write_config(root, files, total_steps=3, **PLAIN)), timeout=180)
     assert proc.returncode == 0, proc.stdout[-6000:]
-    a = tmp_path / "a" / "run" / "checkpoints"
+    return root / "run"
+
+
+def test_plain_run_resumes_on_two_ranks_and_back(tmp_path, files, straight):
+    """A plain single-process run writes the same sharded checkpoints as a run on ranks: its step-1 checkpoint
+    continues on 2 ranks, whose step-2 checkpoint continues on one plain process again; each ends where the
+    uninterrupted plain run is (sync mode, transformers generator, fp32 tiny model)."""
+    a = straight / "checkpoints"
     # 1 -> 2: the plain run's step-1 checkpoint on 2 ranks for step 2
-    on_two = write_config(tmp_path / "b", files, total_steps=2, **one)
+    on_two = write_config(tmp_path / "b", files, total_steps=2, **PLAIN)
     proc = run_group(ppo_cmd(on_two, "--nproc", "2", "--resume", str(a / "step-00000001")), timeout=240)
     assert proc.returncode == 0, proc.stdout[-6000:]
     b = tmp_path / "b" / "run" / "checkpoints"
     # 2 -> 1: that step-2 checkpoint on one plain process for step 3
-    back = write_config(tmp_path / "c", files, total_steps=3, **one)
+    back = write_config(tmp_path / "c", files, total_steps=3, **PLAIN)
     proc = run_group(ppo_cmd(back, "--resume", str(b / "step-00000002")), timeout=180)
     assert proc.returncode == 0, proc.stdout[-6000:]
     c = tmp_path / "c" / "run" / "checkpoints"
@@ -156,12 +165,48 @@ def test_plain_run_resumes_on_two_ranks_and_back(tmp_path, files):
     assert_same_checkpoint(a / "step-00000002", b / "step-00000002")
     assert_same_checkpoint(a / "step-00000003", c / "step-00000003")
     assert max_diff(policy_weights(a / "step-00000001"), policy_weights(a / "step-00000003")) > 1e-3  # not vacuous
-    straight_metrics = metrics(tmp_path / "a" / "run")
     for run, step in (("b", 2), ("c", 3)):
-        resumed = metrics(tmp_path / run / "run")
-        assert list(resumed) == [step]  # each resumed run logs from the checkpoint's step on
-        for key in ("objective/kl", "ppo/loss/policy", "env/reward_mean", "ppo/learning_rate"):
-            assert resumed[step][key] == pytest.approx(straight_metrics[step][key], abs=1e-5), (run, key)
+        assert_same_metrics(straight, tmp_path / run / "run", step)
+
+
+def assert_same_metrics(straight: Path, resumed: Path, step: int) -> None:
+    """The resumed run logged from the checkpoint's step on, `step` alone, as the straight run did."""
+    want, got = metrics(straight), metrics(resumed)
+    assert list(got) == [step]
+    for key in ("objective/kl", "ppo/loss/policy", "env/reward_mean", "ppo/learning_rate"):
+        assert got[step][key] == pytest.approx(want[step][key], abs=1e-5), key
+
+
+def test_older_single_process_checkpoint_resumes_on_one_process_only(tmp_path, files, straight):
+    """The layout plain runs wrote before (no dcp/, the optimizer in the state files) still resumes on one
+    process and continues the run; on 2 ranks it is refused before the ranks load anything, naming the path and
+    what to do, with nothing left running."""
+    from rlhf_engine.checkpoint import atomic_directory, write_state
+    from rlhf_engine.config import load_run_config
+    from rlhf_engine.distributed import Comm
+    from rlhf_engine.distributed.dcp import load_trainer
+    from rlhf_engine.trainer.ppo_from_config import build_ppo_trainer
+
+    config = write_config(tmp_path, files, total_steps=3, **PLAIN)
+    ckpt = straight / "checkpoints" / "step-00000002"
+    trainer, _ = build_ppo_trainer(load_run_config(config), ckpt, Comm())
+    rest = load_trainer(ckpt, trainer)
+    old = tmp_path / "old" / "step-00000002"
+    with atomic_directory(old) as tmp:
+        trainer.save_pretrained(tmp / "policy")
+        write_state(tmp, {**rest, "trainer": trainer.state_dict()})
+    mark = uuid.uuid4().hex
+    proc = run_group(ppo_cmd(config, "--nproc", "2", "--resume", str(old)), timeout=120, env={MARK: mark})
+    assert proc.returncode != 0
+    assert (f"rlhf-engine ppo: checkpoint error: {old} is a single-process checkpoint of an older rlhf-engine"
+            in proc.stdout), proc.stdout[-4000:]
+    assert "cannot resume on 2 trainer ranks: resume it on one process first" in proc.stdout
+    assert_none_left(mark)
+    proc = run_group(ppo_cmd(config, "--resume", str(old)), timeout=180)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert max_diff(policy_weights(straight / "checkpoints" / "step-00000003"),
+                    policy_weights(tmp_path / "run" / "checkpoints" / "step-00000003")) <= 1e-5
+    assert_same_metrics(straight, tmp_path / "run", 3)
 
 
 @pytest.mark.slow
