@@ -120,8 +120,9 @@ def assert_same_checkpoint(want: Path, got: Path, tol: float = 1e-5) -> None:
     assert max_diff(policy_weights(want), policy_weights(got)) <= tol
     dcp_want, dcp_got = read_dcp_tensors(want / "dcp"), read_dcp_tensors(got / "dcp")
     assert sorted(dcp_want) == sorted(dcp_got)
-    for key in dcp_want:  # exp_avg_sq is ~1e-8..1e-4: relative
-        torch.testing.assert_close(dcp_got[key], dcp_want[key], rtol=1e-3, atol=tol, msg=key)
+    for key in dcp_want:  # each within 1e-4 of its largest entry (exp_avg_sq is ~1e-9..1e-4; seen: <= 3e-6)
+        scale = float(dcp_want[key].abs().max())
+        assert float((dcp_got[key] - dcp_want[key]).abs().max()) <= 1e-4 * scale, key
     assert any(key.endswith(".exp_avg_sq") for key in dcp_want)
     s_want, s_got = load_state(want), load_state(got)
     assert (s_got["step"], s_got["prompts"]) == (s_want["step"], s_want["prompts"])
