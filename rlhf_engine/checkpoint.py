@@ -1,15 +1,17 @@
-"""Atomic, pickle-free checkpoints.
+"""The pieces of a checkpoint that do not depend on how models are stored: atomic directories, the
+pickle-free training-state files, the run's checkpoint folders, RNG states.
 
-A checkpoint is a directory `run_dir/checkpoints/step-{k:08d}/` holding
+A PPO checkpoint is a directory `run_dir/checkpoints/step-{k:08d}/` holding (see `distributed.dcp`)
+  dcp/               model and optimizer state (torch.distributed.checkpoint, reshardable across world sizes)
   policy/            the policy as an HF safetensors folder (loads in transformers and vLLM as is); with
                      LoRA a PEFT adapter folder (`PeftModel.from_pretrained(base, policy/)`; `rlhf-engine
                      export --merge` writes the merged HF folder)
-  <other>/           further HF folders (value head, critic) written by their owners' save_pretrained
-  state.safetensors  every tensor of the training state (optimizer moments, RNG states, ...)
+  state.safetensors  every tensor of the rest of the training state (RNG states, ...)
   state.json         the rest of the training state, with {"__tensor__": key} where a tensor was
 It is written to a temporary sibling directory, fsynced, then renamed into place, so a crash
-leaves either the previous checkpoint or the new one, never half of one. Loading never
-unpickles anything: tensors come from safetensors, the rest from JSON.
+leaves either the previous checkpoint or the new one, never half of one. The state files never
+unpickle anything (tensors come from safetensors, the rest from JSON); `dcp/` is torch's format,
+whose `.metadata` is a pickle: resume only checkpoints you trust.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_DIR = "checkpoints"
+STATE_JSON = "state.json"
+STATE_TENSORS = "state.safetensors"
 _STEP_RE = re.compile(r"^step-(\d{8})$")
 _TENSOR_TAG = "__tensor__"
 _TUPLE_TAG = "__tuple__"
@@ -116,40 +120,38 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"step-{step:08d}"
 
 
-def save_checkpoint(
-    run_dir: str | Path,
-    step: int,
-    state: dict[str, Any],
-    folders: dict[str, Callable[[Path], None]],
-    keep_last: int | None = None,
-) -> Path:
-    """Write checkpoint `step` atomically and return its path.
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed here (damaged, written for other models, or in a layout this run
+    cannot take); the message names its path and what to do."""
 
-    `state` is the training state tree (tensors and JSON-able values); `folders` maps a
-    sub-directory name to a function that writes it (e.g. `model.save_pretrained`).
-    With `keep_last`, older checkpoints beyond that many are deleted afterwards.
-    """
-    final = checkpoint_path(run_dir, step)
-    with atomic_directory(final) as tmp:
-        for name, write in folders.items():
-            write(tmp / name)
-        tree, tensors = flatten_state(state)
-        save_file(tensors, str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(tree))
-    if keep_last is not None:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old)
-    return final
+
+def write_state(directory: Path, state: dict[str, Any]) -> None:
+    """Write the training-state tree `state` (tensors and JSON-able values) as `directory`'s state files."""
+    tree, tensors = flatten_state(state)
+    save_file(tensors, str(directory / STATE_TENSORS))
+    (directory / STATE_JSON).write_text(json.dumps(tree))
 
 
 def load_state(ckpt: str | Path) -> dict[str, Any]:
     """The training state tree saved in checkpoint directory `ckpt`."""
     ckpt = Path(ckpt)
-    for name in ("state.json", "state.safetensors"):
+    for name in (STATE_JSON, STATE_TENSORS):
         if not (ckpt / name).is_file():
             raise FileNotFoundError(f"{ckpt} is not a complete checkpoint: {name} is missing")
-    tensors = load_file(str(ckpt / "state.safetensors"))
-    return unflatten_state(json.loads((ckpt / "state.json").read_text()), tensors)
+    try:
+        tensors = load_file(str(ckpt / STATE_TENSORS))
+        return unflatten_state(json.loads((ckpt / STATE_JSON).read_text()), tensors)
+    except Exception as e:  # a truncated or foreign file: say which checkpoint
+        raise CheckpointError(f"{ckpt}: its {STATE_JSON} / {STATE_TENSORS} cannot be read ({type(e).__name__}: "
+                              f"{e}); the checkpoint is damaged: resume from an earlier one") from e
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    """Delete the run's checkpoints but the newest `keep_last` (>= 1)."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last ({keep_last}) must be >= 1")
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -273,6 +273,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[s
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # SIGTERM stops a run the way Ctrl-C does: generators shut down, the last checkpoint stays intact
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    from rlhf_engine.checkpoint import CheckpointError
     from rlhf_engine.config_loader import ConfigError
     from rlhf_engine.data.records import DataError
 
@@ -301,10 +302,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[s
 
             return keys_main([args.dir, *(["--client", args.client] if args.client else []),
                               *(["--force"] if args.force else [])])
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, CheckpointError) as e:
         if args.debug:
             raise
-        kind = "config error" if isinstance(e, ConfigError) else "data error" if isinstance(e, DataError) else "missing file"
+        kind = ("config error" if isinstance(e, ConfigError) else "data error" if isinstance(e, DataError)
+                else "checkpoint error" if isinstance(e, CheckpointError) else "missing file")
         print(f"rlhf-engine {args.command}: {kind}: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -24,7 +24,6 @@ counted (`wire/dropped/<reason>`, `faults/*` in the metrics).
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from rlhf_engine.checkpoint import (
-    checkpoint_path, latest_checkpoint, list_checkpoints, load_state, rng_state, save_checkpoint, set_rng_state,
+    STATE_JSON, checkpoint_path, latest_checkpoint, load_state, prune_checkpoints, rng_state, set_rng_state,
 )
 from rlhf_engine.config import RunConfig, import_function, save_run_config
 from rlhf_engine.config_loader import to_dict
@@ -41,7 +40,7 @@ from rlhf_engine.cpu_plan import CpuPlan, TrainerCpus, make_cpu_plan
 from rlhf_engine.data.prompts import PromptStream, tokenize_prompts
 from rlhf_engine.data.records import DataStats
 from rlhf_engine.distributed import Comm, StepBatch
-from rlhf_engine.distributed.dcp import is_sharded_checkpoint, load_sharded, save_sharded
+from rlhf_engine.distributed.dcp import DCP_DIR, Layout, load_trainer, resumable_layout, save_trainer
 from rlhf_engine.distributed.driver import Leader
 from rlhf_engine.intake import Intake, IntakeLimits
 from rlhf_engine.local_generators import LocalGenerators
@@ -245,20 +244,12 @@ class RLHFEngine:
             yield stats
 
     def save_checkpoint(self) -> Path:
-        """Write a checkpoint of the current step atomically; returns its directory."""
+        """Write a sharded checkpoint of the current step atomically (every trainer rank joins; one format at
+        any world size, `distributed.dcp`); returns its directory."""
         t0 = time.time()
         stream_state = self._stream_states.get(self.step, self._stream.state_dict())
-        state = {
-            "step": self.step,
-            "trainer": self.trainer.state_dict(),
-            "prompts": stream_state,
-            "rng": rng_state(),
-        }
-        if self._sharded_checkpoints:
-            path = self._leader.save(checkpoint_path(self.run_dir, self.step), state)
-        else:
-            path = save_checkpoint(self.run_dir, self.step, state, {"policy": self.trainer.save_pretrained},
-                                   keep_last=self.config.engine.keep_last)
+        state = {"step": self.step, "prompts": stream_state, "rng": rng_state()}  # + the trainer's (save_trainer)
+        path = self._leader.save(checkpoint_path(self.run_dir, self.step), state)
         self._timeline.add("trainer", "checkpoint", t0, time.time())
         for cb in self.callbacks:
             cb.on_checkpoint(path)
@@ -283,11 +274,12 @@ class RLHFEngine:
     def _find_resume_checkpoint(self) -> Path | None:
         if self._resume is None:
             return None
-        if (self._resume / "state.json").is_file() or is_sharded_checkpoint(self._resume):
-            return self._resume
-        ckpt = latest_checkpoint(self._resume)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume {self._resume}: no complete checkpoint in {self._resume}/checkpoints")
+        ckpt = self._resume
+        if not ((ckpt / STATE_JSON).is_file() or (ckpt / DCP_DIR).is_dir()):  # a run folder: its newest
+            ckpt = latest_checkpoint(self._resume)
+            if ckpt is None:
+                raise FileNotFoundError(f"--resume {self._resume}: no complete checkpoint in {self._resume}/checkpoints")
+        resumable_layout(ckpt, self.comm.world_size)  # before the other ranks load it: a bad one fails here
         return ckpt
 
     def _build_trainer(self, ckpt: Path | None) -> None:
@@ -297,28 +289,19 @@ class RLHFEngine:
         self._vocab_size = self.trainer.model.pretrained_model.get_input_embeddings().num_embeddings
         self._leader = Leader(self.comm, self.trainer, self._save_sharded)
 
-    # ---- multi-rank pieces: sharded (DCP) checkpoints, used whenever the run was started by torchrun ----
-    @property
-    def _sharded_checkpoints(self) -> bool:
-        from rlhf_engine.distributed import launched_by_torchrun
-
-        return self.comm.distributed or launched_by_torchrun()
-
+    # ---- checkpoints: sharded (DCP) at every world size; the followers join through the leader ----
     def _save_sharded(self, final: Path, state: dict[str, Any]) -> Path:
-        state = {**state, "trainer": self.trainer.run_state()}  # model and optimizer go to DCP
-        path = save_sharded(self.comm, final, self.trainer.trainable_modules(), self.trainer.optimizer, state,
-                            folders={"policy": self.trainer.save_pretrained})
-        if self.config.engine.keep_last:
-            for old in list_checkpoints(self.run_dir)[: -self.config.engine.keep_last]:
-                shutil.rmtree(old)
+        path = save_trainer(self.comm, final, self.trainer, state)
+        prune_checkpoints(self.run_dir, self.config.engine.keep_last)
         return path
 
     def _load_state(self, ckpt: Path) -> dict[str, Any]:
-        if not is_sharded_checkpoint(ckpt):
-            return load_state(ckpt)
-        state = load_sharded(ckpt, self.trainer.trainable_modules(), self.trainer.optimizer)
-        self.trainer.load_run_state(state.pop("trainer"))
-        return state
+        """Put the checkpoint's models, optimizer and trainer state back; returns the rest of its state."""
+        if resumable_layout(ckpt, self.comm.world_size) is Layout.SINGLE_PROCESS:  # older runs', one rank
+            state = load_state(ckpt)
+            self.trainer.load_state_dict(state.pop("trainer"))
+            return state
+        return load_trainer(ckpt, self.trainer)
 
     def _build_prompts(self) -> None:
         stats = DataStats("prompts")
@@ -328,8 +311,6 @@ class RLHFEngine:
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
-        if "trainer" in state:  # single-process checkpoint (a sharded one was loaded by _load_state)
-            self.trainer.load_state_dict(state["trainer"])
         self._stream.load_state_dict(state["prompts"])
         set_rng_state(state["rng"])
         self._next_batch = self.step

@@ -1,31 +1,106 @@
-"""Sharded checkpoints with torch.distributed.checkpoint (DCP), atomic like `rlhf_engine.checkpoint`.
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP), atomic like `rlhf_engine.checkpoint`: the one
+checkpoint format of PPO runs, whatever their world size (a plain single-process run writes it too).
 
 A checkpoint directory holds
   dcp/               model and optimizer state, one file per rank plus metadata (reshardable: a run saved
-                     at N ranks resumes at M)
+                     at N ranks resumes at M, N and M >= 1); parameters that do not train (a LoRA base) are
+                     left out (they come from the run's model folders)
   state.json         everything else (scheduler, KL controller, RNG, data position, ...), written by rank 0
   state.safetensors  with `rlhf_engine.checkpoint`'s pickle-free encoding
   <folders>/         HF folders (the policy for transformers / vLLM), written by rank 0
 Rank 0 writes into a temporary sibling directory that is fsynced and renamed into place after every rank
-has finished, so a crash leaves the previous checkpoint or the new one.
+has finished, so a crash leaves the previous checkpoint or the new one. DCP runs without a process group in
+a single process.
+
+Older single-process runs wrote the same folder without `dcp/`, the optimizer in the state files
+(`Layout.SINGLE_PROCESS`): such a checkpoint resumes on one trainer rank only (`resumable_layout`).
 """
 
 from __future__ import annotations
 
-import json
+import enum
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from rlhf_engine.checkpoint import atomic_directory, flatten_state, load_state
+from rlhf_engine.checkpoint import STATE_JSON, STATE_TENSORS, CheckpointError, atomic_directory, load_state, write_state
 from rlhf_engine.distributed.comm import Comm
 
+if TYPE_CHECKING:
+    from rlhf_engine.trainer.ppo import PPOTrainer
+
 DCP_DIR = "dcp"
+DCP_METADATA = ".metadata"
+POLICY_DIR = "policy"
+# frozen parameters (a LoRA base, loaded from model.policy on resume) stay out of dcp/; the model state to
+# load then lacks them, hence strict=False (every key DCP is asked for must still be in the checkpoint)
+_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+class Layout(enum.Enum):
+    """How a checkpoint stores its models and optimizer."""
+
+    SHARDED = "sharded"  # dcp/: resumes at any world size
+    SINGLE_PROCESS = "single-process"  # no dcp/, the optimizer in the state files: resumes on one rank
+
+
+def checkpoint_layout(ckpt: Path) -> Layout:
+    """The layout of checkpoint directory `ckpt`; CheckpointError naming what is missing when it is none."""
+    ckpt = Path(ckpt)
+    missing = [name for name in (POLICY_DIR, STATE_JSON, STATE_TENSORS) if not (ckpt / name).exists()]
+    if (ckpt / DCP_DIR).exists() and not (ckpt / DCP_DIR / DCP_METADATA).is_file():
+        missing.append(f"{DCP_DIR}/{DCP_METADATA}")
+    if missing:
+        raise CheckpointError(f"{ckpt} is not a complete rlhf-engine checkpoint: {', '.join(missing)} missing (a "
+                              f"checkpoint holds {DCP_DIR}/, {POLICY_DIR}/, {STATE_JSON} and {STATE_TENSORS}); pass "
+                              "a run folder (its newest checkpoint) or one of its checkpoints/step-N folders")
+    return Layout.SHARDED if (ckpt / DCP_DIR).is_dir() else Layout.SINGLE_PROCESS
+
+
+def resumable_layout(ckpt: Path, world_size: int) -> Layout:
+    """`checkpoint_layout(ckpt)`, checked against the world size that resumes it: an old single-process
+    checkpoint resumes on one rank only (CheckpointError saying what to do)."""
+    layout = checkpoint_layout(ckpt)
+    if layout is Layout.SINGLE_PROCESS and world_size > 1:
+        raise CheckpointError(
+            f"{ckpt} is a single-process checkpoint of an older rlhf-engine (no {DCP_DIR}/: its optimizer state "
+            f"is not sharded) and cannot resume on {world_size} trainer ranks: resume it on one process first "
+            "(`rlhf-engine ppo --config ... --resume ...` without --nproc); every checkpoint that run writes "
+            "(engine.save_steps) is sharded and resumes at any --nproc"
+        )
+    return layout
+
+
+@contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns on every call without a process group; a single-process run is meant to have none."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def save_trainer(comm: Comm, final: Path | None, trainer: PPOTrainer, extra: dict[str, Any]) -> Path:
+    """`save_sharded` of a PPO trainer (every rank calls it; `final` and `extra` are rank 0's): its trainable
+    models and optimizer to dcp/, its `run_state()` (scheduler, KL controller, version, its RNGs) as
+    `extra["trainer"]`, the policy's HF folder as `policy/`."""
+    return save_sharded(comm, final, trainer.trainable_modules(), trainer.optimizer,
+                        {**extra, "trainer": trainer.run_state()}, folders={POLICY_DIR: trainer.save_pretrained})
+
+
+def load_trainer(ckpt: Path, trainer: PPOTrainer) -> dict[str, Any]:
+    """Put what `save_trainer` wrote back into `trainer` on this rank, at any world size (every rank calls
+    it); returns the rest of the saved `extra` (the engine's: step, data position, RNG)."""
+    extra = load_sharded(ckpt, trainer.trainable_modules(), trainer.optimizer)
+    trainer.load_run_state(extra.pop("trainer"))
+    return extra
 
 
 def save_sharded(
@@ -55,14 +130,13 @@ def save_sharded(
 
 def _write(comm, tmp, modules, optimizer, extra, folders) -> None:
     path = Path(comm.broadcast_str(str(tmp) if tmp is not None else None))
-    model_sd, optim_sd = get_state_dict(nn.ModuleDict(modules), optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / DCP_DIR))
+    model_sd, optim_sd = get_state_dict(nn.ModuleDict(modules), optimizer, options=_OPTIONS)
+    with _single_process_quiet():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / DCP_DIR))
     for name, write in folders.items():
         write(path / name)
     if comm.is_main:
-        tree, tensors = flatten_state(extra)
-        save_file(tensors, str(path / "state.safetensors"))
-        (path / "state.json").write_text(json.dumps(tree))
+        write_state(path, extra)
     comm.barrier()  # every rank's shard is on disk before rank 0 renames
 
 
@@ -72,18 +146,31 @@ def load_sharded(
     """Load model and optimizer state into this rank's (possibly sharded) models, whatever the world size of
     the run that saved it; returns the `extra` tree. Called by every rank."""
     ckpt = Path(ckpt)
-    if not (ckpt / DCP_DIR / ".metadata").is_file():
-        raise FileNotFoundError(f"{ckpt} is not a sharded checkpoint: {DCP_DIR}/.metadata is missing")
+    if checkpoint_layout(ckpt) is not Layout.SHARDED:
+        raise CheckpointError(f"{ckpt} is a single-process checkpoint without {DCP_DIR}/ (see resumable_layout)")
     container = nn.ModuleDict(modules)
-    model_sd, optim_sd = get_state_dict(container, optimizer)
+    model_sd, optim_sd = get_state_dict(container, optimizer, options=_OPTIONS)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR))
-    set_state_dict(container, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    try:
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR))
+        set_state_dict(container, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=_OPTIONS)
+    except (Exception, CheckpointException) as e:  # DCP's errors name neither the folder nor the likely cause
+        raise CheckpointError(
+            f"{ckpt}: cannot load the model and optimizer state in {DCP_DIR}/ ({_cause(e)}); "
+            "the checkpoint is damaged or was written for other models or optimizer settings (model.policy, "
+            "model.value_model and model.lora must match the run that wrote it)"
+        ) from e
     return load_state(ckpt)
 
 
-def is_sharded_checkpoint(ckpt: Path) -> bool:
-    return (Path(ckpt) / DCP_DIR / ".metadata").is_file()
+def _cause(e: BaseException) -> str:
+    """One line on what failed (for DCP's CheckpointException, a BaseException: each failed rank's error)."""
+    if isinstance(e, CheckpointException):
+        return "; ".join(f"rank {rank}: {_cause(exc)}" for rank, (exc, _) in sorted(e.failures.items()))
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else 'no message'}"
 
 
 def save_hf_folder(comm: Comm, model: nn.Module, path: Path, tokenizer: Any = None) -> None:

@@ -34,7 +34,7 @@ def preflight(config, world_size: int | None = None) -> None:
 
 def run_ppo_ranks(config, resume: str | Path | None) -> dict[str, Any] | None:
     """Join the job, run this rank's part; returns rank 0's run summary (None on the other ranks)."""
-    from rlhf_engine.distributed.dcp import load_sharded, save_sharded
+    from rlhf_engine.distributed.dcp import load_trainer, save_trainer
     from rlhf_engine.distributed.driver import follow
     from rlhf_engine.engine import RLHFEngine
     from rlhf_engine.trainer.ppo_from_config import build_ppo_trainer
@@ -50,10 +50,8 @@ def run_ppo_ranks(config, resume: str | Path | None) -> dict[str, Any] | None:
         ckpt = comm.broadcast_str(None)
         trainer, _ = build_ppo_trainer(config, Path(ckpt) if ckpt else None, comm)
         if ckpt:
-            load_sharded(Path(ckpt), trainer.trainable_modules(), trainer.optimizer)
-        modules = trainer.trainable_modules()
-        follow(comm, trainer, lambda: save_sharded(comm, None, modules, trainer.optimizer, {},
-                                                   folders={"policy": trainer.save_pretrained}))
+            load_trainer(Path(ckpt), trainer)  # models, optimizer, scheduler, KL controller, version, RNGs
+        follow(comm, trainer, lambda: save_trainer(comm, None, trainer, {}))
         return None
     finally:
         destroy_process_group()

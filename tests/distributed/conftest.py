@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers.threads import one_torch_thread  # noqa: F401 (autouse fixture; each torchrun rank has 1 thread too)
 
@@ -58,3 +59,17 @@ def torchrun(tmp_path):
         return proc.stdout
 
     return run
+
+
+def read_dcp_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the DCP checkpoint folder `path`, full size, by flat key (`model.policy.<param>`,
+    `optim.state.policy.<param>.exp_avg`, ...), read in this process (no process group)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    tensors = {key: torch.empty(m.size, dtype=m.properties.dtype) for key, m in metadata.items()
+               if isinstance(m, TensorStorageMetadata)}
+    dcp.load(tensors, checkpoint_id=str(path), no_dist=True)
+    return tensors

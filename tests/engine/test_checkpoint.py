@@ -1,4 +1,4 @@
-"""Pickle-free, atomic checkpoints."""
+"""The format-independent pieces of checkpoints: atomic folders, the pickle-free state files, pruning, RNG."""
 
 import random
 
@@ -7,16 +7,28 @@ import pytest
 import torch
 
 from rlhf_engine.checkpoint import (
+    CheckpointError,
     atomic_directory,
+    checkpoint_path,
     flatten_state,
     latest_checkpoint,
     list_checkpoints,
     load_state,
+    prune_checkpoints,
     rng_state,
-    save_checkpoint,
     set_rng_state,
     unflatten_state,
+    write_state,
 )
+
+
+def save(run_dir, step, state, folders=None):
+    path = checkpoint_path(run_dir, step)
+    with atomic_directory(path) as tmp:
+        for name, write in (folders or {}).items():
+            write(tmp / name)
+        write_state(tmp, state)
+    return path
 
 
 def test_optimizer_state_round_trips_exactly(tmp_path):
@@ -25,7 +37,7 @@ def test_optimizer_state_round_trips_exactly(tmp_path):
     model(torch.randn(5, 4)).sum().backward()
     opt.step()
     state = {"optimizer": opt.state_dict(), "version": 3, "pair": (1, "a")}
-    path = save_checkpoint(tmp_path, 3, state, folders={})
+    path = save(tmp_path, 3, state)
     back = load_state(path)
     assert back["version"] == 3 and back["pair"] == (1, "a")
     opt2 = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -47,7 +59,7 @@ def test_int_keys_stay_ints():
 
 
 def test_failed_write_leaves_previous_checkpoint(tmp_path):
-    first = save_checkpoint(tmp_path, 1, {"a": 1}, folders={})
+    first = save(tmp_path, 1, {"a": 1})
 
     def broken(path):
         path.mkdir()
@@ -55,7 +67,7 @@ def test_failed_write_leaves_previous_checkpoint(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        save_checkpoint(tmp_path, 2, {"a": 2}, folders={"policy": broken})
+        save(tmp_path, 2, {"a": 2}, folders={"policy": broken})
     assert list_checkpoints(tmp_path) == [first]
     assert latest_checkpoint(tmp_path) == first
     assert not [p for p in first.parent.iterdir() if p.name.startswith(".tmp")]
@@ -63,8 +75,19 @@ def test_failed_write_leaves_previous_checkpoint(tmp_path):
 
 def test_keep_last_prunes_old(tmp_path):
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, {"s": step}, folders={}, keep_last=2)
+        save(tmp_path, step, {"s": step})
+        prune_checkpoints(tmp_path, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
+    with pytest.raises(ValueError, match=r"keep_last \(0\) must be >= 1"):
+        prune_checkpoints(tmp_path, keep_last=0)
+
+
+def test_damaged_state_files_are_named(tmp_path):
+    path = save(tmp_path, 1, {"t": torch.ones(3)})
+    (path / "state.json").write_text('{"__items__": [["t", {"__tensor__"')
+    with pytest.raises(CheckpointError, match=rf"^{path}: its state.json / state.safetensors cannot be read "
+                                              r"\(JSONDecodeError: .*\); the checkpoint is damaged"):
+        load_state(path)
 
 
 def test_atomic_directory_replaces_existing(tmp_path):

@@ -1,17 +1,20 @@
 """LoRA checkpoints of a PPO run: the policy is a PEFT folder (loadable with `PeftModel.from_pretrained`),
-resuming restores the same adapters, value head and optimizer, and the run continues exactly."""
+dcp/ holds the trained parameters alone (not the frozen base), resuming restores the same adapters, value head
+and optimizer, and the run continues exactly."""
 
 import json
 
 import pytest
 import torch
 
-from rlhf_engine.checkpoint import load_state, save_checkpoint
+from rlhf_engine.checkpoint import checkpoint_path
 from rlhf_engine.config import load_run_config
 from rlhf_engine.distributed import Comm
+from rlhf_engine.distributed.dcp import load_trainer, save_trainer
 from rlhf_engine.models.loading import AdaptersDisabled
 from rlhf_engine.models.tiny import TinyLlamaSpec, make_tiny_model_dir
 from rlhf_engine.trainer.ppo_from_config import build_ppo_trainer
+from tests.distributed.conftest import read_dcp_tensors
 from tests.trainer.conftest import make_random_pairs
 
 peft = pytest.importorskip("peft")
@@ -55,8 +58,9 @@ def test_resume_restores_the_adapters_and_continues_exactly(model_dirs, tmp_path
     steps = batches(tokenizer, 3)
     for queries, responses, scores in steps[:2]:
         trainer.step(queries, responses, scores)
-    ckpt = save_checkpoint(config.engine.run_dir, 2, {"trainer": trainer.state_dict()},
-                           {"policy": trainer.save_pretrained})
+    ckpt = save_trainer(Comm(), checkpoint_path(config.engine.run_dir, 2), trainer, {})
+    saved_params = [key for key in read_dcp_tensors(ckpt / "dcp") if key.startswith("model.")]
+    assert saved_params and all(".lora_" in key or ".v_head." in key for key in saved_params)  # not the base
     policy_dir = ckpt / "policy"
     assert {"adapter_config.json", "adapter_model.safetensors", "value_head.safetensors"} <= {
         p.name for p in policy_dir.iterdir()}
@@ -74,7 +78,7 @@ def test_resume_restores_the_adapters_and_continues_exactly(model_dirs, tmp_path
         torch.testing.assert_close(loaded(ids).logits, trainer.model.pretrained_model(ids).logits, rtol=0, atol=1e-6)
 
     resumed, _ = build_ppo_trainer(config, ckpt, Comm())
-    resumed.load_state_dict(load_state(ckpt)["trainer"])
+    load_trainer(ckpt, resumed)
     assert resumed.policy_version == trainer.policy_version == 2
     live, back = trained_state(trainer.model), trained_state(resumed.model)
     assert list(back) == list(live)
@@ -102,7 +106,7 @@ def test_fresh_adapters_are_drawn_from_the_run_seed(model_dirs, tmp_path):
 def test_resume_errors_name_the_mismatch(model_dirs, tmp_path):
     config = run_config(model_dirs, tmp_path)
     trainer, _ = build_ppo_trainer(config, None, Comm())
-    ckpt = save_checkpoint(config.engine.run_dir, 1, {}, {"policy": trainer.save_pretrained})
+    ckpt = save_trainer(Comm(), checkpoint_path(config.engine.run_dir, 1), trainer, {})
     with pytest.raises(ValueError, match=r"the saved adapters have r=8, alpha=32.0; model.lora has r=4, alpha=32.0"):
         build_ppo_trainer(run_config(model_dirs, tmp_path, lora={"r": 4}), ckpt, Comm())
     with pytest.raises(ValueError, match="holds LoRA adapters but model.lora is not set"):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhf_engine.checkpoint import rng_state, set_rng_state
 from rlhf_engine.distributed import Comm, DistributedConfig, StepBatch, broadcast_step_batch
-from rlhf_engine.distributed.dcp import load_sharded, save_sharded
+from rlhf_engine.distributed import dcp
 from rlhf_engine.models.tiny import TinyLlamaSpec, build_llama, build_tokenizer
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.trainer.ppo import PPOTrainer
@@ -82,14 +82,11 @@ def run_steps(comm: Comm, trainer: PPOTrainer, scenario: str, steps: range,
 
 
 def save_trainer(comm: Comm, trainer: PPOTrainer, path: Path) -> None:
-    save_sharded(comm, path, trainer.trainable_modules(), trainer.optimizer,
-                 {"trainer": trainer.run_state(), "rng": rng_state()}, folders={"policy": trainer.save_pretrained})
+    dcp.save_trainer(comm, path, trainer, {"rng": rng_state()})
 
 
 def load_trainer(trainer: PPOTrainer, path: Path) -> None:
-    extra = load_sharded(path, trainer.trainable_modules(), trainer.optimizer)
-    trainer.load_run_state(extra["trainer"])
-    set_rng_state(extra["rng"])
+    set_rng_state(dcp.load_trainer(path, trainer)["rng"])
 
 
 def full_weights(trainer: PPOTrainer) -> dict[str, torch.Tensor]:

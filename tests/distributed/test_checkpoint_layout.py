@@ -1,0 +1,86 @@
+"""Sharded checkpoints in a single process (no process group): what they hold, and the errors for a folder
+that is not one, a damaged one, one written for other models, and an older single-process one."""
+
+import shutil
+
+import pytest
+import torch
+
+from rlhf_engine.checkpoint import CheckpointError, atomic_directory, write_state
+from rlhf_engine.distributed import Comm
+from rlhf_engine.distributed.dcp import Layout, checkpoint_layout, load_trainer, resumable_layout, save_trainer
+from tests.distributed.workers.ppo_scenarios import make_trainer, run_steps
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A gae trainer after one step, saved in a single process (no process group)."""
+    trainer = make_trainer(Comm(), "gae")
+    run_steps(Comm(), trainer, "gae", range(1))
+    path = tmp_path_factory.mktemp("layout") / "step-00000001"
+    save_trainer(Comm(), path, trainer, {"step": 1})
+    return trainer, path
+
+
+def copy_of(path, tmp_path):
+    return shutil.copytree(path, tmp_path / path.name)
+
+
+def test_single_process_checkpoint_round_trips(saved):
+    trainer, path = saved
+    assert checkpoint_layout(path) is Layout.SHARDED
+    assert [p.name for p in (path / "dcp").glob("*.distcp")] == ["__0_0.distcp"]
+    fresh = make_trainer(Comm(), "gae")
+    assert load_trainer(path, fresh) == {"step": 1}
+    assert fresh.policy_version == trainer.policy_version == 1
+    for (name, want), got in zip(trainer.model.state_dict().items(), fresh.model.state_dict().values()):
+        assert torch.equal(want, got), name
+    want, got = trainer.optimizer.state_dict()["state"], fresh.optimizer.state_dict()["state"]
+    assert sorted(want) == sorted(got) and len(want) > 0
+    for k in want:
+        for moment in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(want[k][moment], got[k][moment]), (k, moment)
+    assert fresh.lr_scheduler.state_dict() == trainer.lr_scheduler.state_dict()
+    assert fresh.kl_ctl.state_dict() == trainer.kl_ctl.state_dict()
+
+
+def test_a_folder_that_is_no_checkpoint_is_named_with_what_it_lacks(saved, tmp_path):
+    ckpt = copy_of(saved[1], tmp_path)
+    (ckpt / "state.json").unlink()
+    (ckpt / "dcp" / ".metadata").unlink()
+    with pytest.raises(CheckpointError, match=rf"^{ckpt} is not a complete rlhf-engine checkpoint: state.json, "
+                                              r"dcp/.metadata missing"):
+        load_trainer(ckpt, make_trainer(Comm(), "gae"))
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "garbage metadata"])
+def test_a_damaged_checkpoint_is_named(saved, tmp_path, damage):
+    ckpt = copy_of(saved[1], tmp_path)
+    target = ckpt / "dcp" / ("__0_0.distcp" if damage == "truncated shard" else ".metadata")
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2] if damage == "truncated shard" else b"not a pickle")
+    with pytest.raises(CheckpointError, match=rf"^{ckpt}: cannot load the model and optimizer state in dcp/ .*"
+                                              "the checkpoint is damaged or was written for other models"):
+        load_trainer(ckpt, make_trainer(Comm(), "gae"))
+
+
+def test_a_checkpoint_of_other_models_is_named(saved):
+    # gae trains a policy with a value head; grpo's policy has none: other parameter names
+    with pytest.raises(CheckpointError, match=rf"^{saved[1]}: cannot load the model and optimizer state in dcp/ "
+                                              r"\(rank 0: RuntimeError: Missing key in checkpoint state_dict: "
+                                              r"model.policy.model.embed_tokens.weight.\); .*written for other models"):
+        load_trainer(saved[1], make_trainer(Comm(), "grpo"))
+
+
+def test_an_older_single_process_checkpoint_resumes_on_one_rank_only(saved, tmp_path):
+    trainer, _ = saved
+    old = tmp_path / "step-00000001"
+    with atomic_directory(old) as tmp:  # the layout single-process runs wrote before: no dcp/
+        trainer.save_pretrained(tmp / "policy")
+        write_state(tmp, {"step": 1, "trainer": trainer.state_dict()})
+    assert resumable_layout(old, 1) is Layout.SINGLE_PROCESS
+    with pytest.raises(CheckpointError, match=rf"^{old} is a single-process checkpoint .* cannot resume on 2 "
+                                              r"trainer ranks: resume it on one process first .*without --nproc"):
+        resumable_layout(old, 2)
+    with pytest.raises(CheckpointError, match="single-process checkpoint without dcp/"):
+        load_trainer(old, make_trainer(Comm(), "gae"))
