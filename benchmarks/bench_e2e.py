@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="TRL GRPOTrainer beside our grpo estimator (default on; off with --quick)")
     p.add_argument("--trl-steps", type=int, help="steps of the TRL comparison (default: --steps)")
     p.add_argument("--grpo-variants", default="best",
-                   help="our runs beside TRL: variants with the -grpo estimator, or best (the setting and mode "
+                   help="our runs beside TRL: variants with the -grpo estimator, none, or best (the setting and mode "
                         "of the fastest variant measured above, with -grpo)")
     p.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=None,
                    help="time per step vs generation length and batch size (default on; off with --quick)")
@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.tag = args.tag or ("quick" if quick else "cpu")
     names = args.variants.split(",") if args.variants else (QUICK_VARIANTS if quick else DEFAULT_VARIANTS)
     args.variant_list = [parse_variant(n.strip()) for n in names if n.strip() and n.strip() != "none"]
-    grpo = [n.strip() for n in args.grpo_variants.split(",") if n.strip() and n.strip() != "best"]
+    grpo = [n.strip() for n in args.grpo_variants.split(",") if n.strip() and n.strip() not in ("best", "none")]
     args.grpo_list = [parse_variant(n) for n in grpo]
     args.grpo_best = "best" in args.grpo_variants.split(",")
     if any(v.estimator != "grpo" for v in args.grpo_list):
