@@ -21,6 +21,7 @@ from pathlib import Path
 
 from rlhf_engine.cpu_plan import CpuPlan
 from rlhf_engine.procs import start_child, stop_child
+from rlhf_engine.transport.shm import owned_prefix
 
 LOG_TAIL_LINES = 15
 
@@ -87,7 +88,7 @@ class LocalGenerators:
         # its own folder for the weight staging file: removed when it stops, also after a SIGKILL of the child;
         # named for this (the engine's) process, so a run that starts after the engine itself was killed sweeps
         # it (`transport.shm.remove_stale_files`)
-        staging = tempfile.mkdtemp(prefix=f"rlhf-engine-{os.getpid()}-{name}-",
+        staging = tempfile.mkdtemp(prefix=owned_prefix(name),
                                    dir=self.shm_dir if os.path.isdir(self.shm_dir) else None)
         args += ["--set", f"generator.staging_dir={staging}"]
         env = self.cpu_plan.generator_env(i) if self.cpu_plan is not None else {}

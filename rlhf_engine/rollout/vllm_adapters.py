@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from rlhf_engine.models.lora import LoraConfig, adapter_config_dict
+from rlhf_engine.transport.shm import owned_prefix
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The `max_lora_rank` values vLLM 0.32 accepts (`vllm.config.lora.MaxLoRARanks`)."""
@@ -47,7 +48,7 @@ class AdapterSlot:
         self.llm = llm
         self._config_json = json.dumps(adapter_config_dict(lora, model_dir), indent=2)
         parent = staging_dir if os.path.isdir(staging_dir) else None
-        self._root = Path(tempfile.mkdtemp(prefix=f"rlhf-engine-{os.getpid()}-adapters-", dir=parent))
+        self._root = Path(tempfile.mkdtemp(prefix=owned_prefix("adapters"), dir=parent))
         self._next_id = 1
         self.request = None
         """The `LoRARequest` of the current version (None before the first `load`)."""

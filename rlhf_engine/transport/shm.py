@@ -1,8 +1,10 @@
 """Shared-memory buffers for same-host weight updates: one memcpy instead of two socket copies.
 
 The one home of our shared-memory files: their layout (``layout``: 64-byte aligned offsets),
-their names (``rlhf-engine-<owner pid>-<kind>-<random>``, mode 0600, ``create_file``), their
-mapping (``map_file``) and the removal of those whose owner died (``remove_stale_files``).
+their names (``rlhf-engine-<owner pid>.<its pid namespace>-<kind>-<random>``, mode 0600,
+``create_file``, ``owned_prefix``), their mapping (``map_file``) and the removal of those whose owner died
+(``remove_stale_files``: only files of its own pid namespace, whose pids it can check; containers that share
+``/dev/shm`` but not their pids never sweep each other's).
 The trainer's weight buffers (kind ``weights``) live here; a relay leader's copies (kind ``relay``,
 ``relay.py``) and a vLLM generator's staging file (kind ``staging``, ``rollout/staging.py``) use the
 same helpers.
@@ -43,12 +45,28 @@ def layout(nbytes: Sequence[int]) -> tuple[list[int], int]:
     return offsets, max(pos, ALIGN)
 
 
+def _pid_namespace() -> str:
+    """This process's pid namespace (the inode of /proc/self/ns/pid; "0" where there is none)."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"
+
+
+def owned_prefix(kind: str) -> str:
+    """``rlhf-engine-<pid>.<pid namespace>-<kind>-``: the start of the name of a file or folder this process
+    owns in a shared-memory folder, which ``remove_stale_files`` removes once the process is gone."""
+    return f"{PREFIX}{os.getpid()}.{_pid_namespace()}-{kind}-"
+
+
 def create_file(directory: str, kind: str, size: int) -> str:
-    """A new file of ``size`` bytes, mode 0600, named for this process (see ``remove_stale_files``)."""
-    path = os.path.join(directory, f"{PREFIX}{os.getpid()}-{kind}-{secrets.token_hex(8)}")
+    """A new file of ``size`` bytes, mode 0600, named for this process (see ``remove_stale_files``). Its
+    blocks are allocated now (``posix_fallocate``): a full tmpfs raises OSError here, where a sparse file
+    would kill the writer with SIGBUS later."""
+    path = os.path.join(directory, owned_prefix(kind) + secrets.token_hex(8))
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.ftruncate(fd, size)
+        os.posix_fallocate(fd, 0, size)
     except BaseException:
         os.unlink(path)
         raise
@@ -97,15 +115,16 @@ class Segment:
 
 def remove_stale_files(directory: str) -> list[str]:
     """Delete our files and folders (a vLLM generator's adapter folders) in ``directory`` whose owner process is
-    gone (never those of a live one)."""
+    gone (never those of a live one, nor those of another pid namespace: their pids mean nothing here)."""
     removed = []
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
         return removed
+    namespace = _pid_namespace()
     for name in names:
-        pid = name[len(PREFIX):].split("-", 1)[0]
-        if not name.startswith(PREFIX) or not pid.isdigit():
+        pid, _, owner_namespace = name[len(PREFIX):].split("-", 1)[0].partition(".")
+        if not name.startswith(PREFIX) or not pid.isdigit() or owner_namespace != namespace:
             continue
         try:
             os.kill(int(pid), 0)

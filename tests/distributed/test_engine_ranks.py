@@ -246,7 +246,7 @@ def test_killed_rank_stops_the_whole_job(tmp_path, files):
     assert "exitcode  : -9" in out and "rank      : 1" in out  # torchrun names the dead rank
     assert_none_left(mark)
     assert len(metric_steps(tmp_path / "run")) < 200
-    assert not [p for p in Path("/dev/shm").iterdir() if any(f"-{pid}-" in p.name for pid in ranks)]
+    assert not [p for p in Path("/dev/shm").iterdir() if any(f"-{pid}." in p.name for pid in ranks)]
 
 
 def test_bad_input_is_refused_before_anything_starts(tmp_path, files):

@@ -11,7 +11,7 @@ import zmq
 
 from rlhf_engine.transport import GeneratorPort, ShutdownRequested, TransportConfig
 from rlhf_engine.transport.endpoints import channel_endpoint
-from rlhf_engine.transport.shm import PREFIX
+from rlhf_engine.transport.shm import owned_prefix
 from rlhf_engine.transport.wire import (
     HeartbeatHeader,
     HelloHeader,
@@ -86,7 +86,7 @@ class LyingPeer:
 
 def fake_file(directory: str, size: int) -> str:
     """A file named like ours (so that only the checks under test can refuse it), of ``size`` bytes."""
-    path = os.path.join(directory, f"{PREFIX}{os.getpid()}-relay-liar{size}")
+    path = os.path.join(directory, f"{owned_prefix('relay')}liar{size}")
     with open(path, "wb") as f:
         f.truncate(size)
     return path

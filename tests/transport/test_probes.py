@@ -253,11 +253,14 @@ def test_a_second_run_on_the_endpoint_of_a_live_run_is_refused_and_a_dead_runs_i
 
 def test_starting_removes_stale_files_of_dead_runs_never_of_live_ones(tmp_path):
     dead, live = _dead_pid(), os.getppid()
-    stale = [tmp_path / f"rlhf-engine-{dead}-weights-ab", tmp_path / f"rlhf-engine-{dead}-staging-cd"]
-    kept = [tmp_path / f"rlhf-engine-{live}-staging-ef", tmp_path / "unrelated"]
+    ns = os.stat("/proc/self/ns/pid").st_ino  # names carry the owner's pid namespace
+    stale = [tmp_path / f"rlhf-engine-{dead}.{ns}-weights-ab", tmp_path / f"rlhf-engine-{dead}.{ns}-staging-cd"]
+    kept = [tmp_path / f"rlhf-engine-{live}.{ns}-staging-ef", tmp_path / "unrelated",
+            tmp_path / f"rlhf-engine-{dead}.{ns + 1}-relay-ij",  # another pid namespace: its pids mean nothing here
+            tmp_path / f"rlhf-engine-{dead}-weights-kl"]  # no namespace in the name: not swept either
     for path in stale + kept:
         path.write_bytes(b"x")
-    adapters = tmp_path / f"rlhf-engine-{dead}-adapters-gh"  # a killed vLLM generator's adapter folder
+    adapters = tmp_path / f"rlhf-engine-{dead}.{ns}-adapters-gh"  # a killed vLLM generator's adapter folder
     (adapters / "policy-v3").mkdir(parents=True)
     (adapters / "policy-v3" / "adapter_model.safetensors").write_bytes(b"x")
     with TrainerPort(fast_config(ipc_endpoint(), shm_dir=str(tmp_path)), FINGERPRINT):
@@ -267,7 +270,7 @@ def test_starting_removes_stale_files_of_dead_runs_never_of_live_ones(tmp_path):
 def test_a_staging_file_is_named_for_its_owner_and_removed_when_it_closes(tmp_path):
     staging = StagingFile({"w": (4, 4)}, torch.float32, directory=str(tmp_path))
     (name,) = os.listdir(tmp_path)
-    assert name.startswith(f"rlhf-engine-{os.getpid()}-staging-")
+    assert name.startswith(f"rlhf-engine-{os.getpid()}.{os.stat('/proc/self/ns/pid').st_ino}-staging-")
     assert stat.S_IMODE(os.stat(staging.path).st_mode) == 0o600
     staging.close()
     assert os.listdir(tmp_path) == []

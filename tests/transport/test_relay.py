@@ -16,7 +16,7 @@ import torch
 from tests.helpers.peers import FINGERPRINT, fast_config, tcp_endpoint
 from tests.transport._relay_peers import LyingPeer, fake_file, taking_generator_main
 from rlhf_engine.transport import GeneratorPort, TrainerPort, TransportConfig
-from rlhf_engine.transport.shm import layout
+from rlhf_engine.transport.shm import layout, owned_prefix
 
 
 def state_dict(scale: float) -> dict[str, torch.Tensor]:
@@ -89,7 +89,7 @@ def test_one_copy_per_host_reaches_every_generator_bit_exact_and_the_leaders_buf
             # the leader (the longest-lived) copied each version into the same file: released by the trainer
             # once both followers acked, before the next version's frames reached it
             assert len(files[0]) == 1 and files == [files[0]] * 3
-            assert files[0][0].startswith(f"rlhf-engine-{os.getpid()}-relay-")
+            assert files[0][0].startswith(owned_prefix("relay"))
             assert trainer.drop_counts() == {}
         finally:
             for gen in gens:
@@ -168,7 +168,7 @@ def test_followers_get_the_version_from_catch_up_when_the_leader_is_killed_and_l
                 trainer.publish_weights(1, sd1)
                 take([f1, f2], 1, sd1)
                 assert bytes_sent(trainer) == SIZE
-                assert [n.split("-")[2] for n in relay_files(tmp_path)] == [str(leader.pid)]
+                assert [n.split("-")[2].split(".")[0] for n in relay_files(tmp_path)] == [str(leader.pid)]
 
                 os.kill(leader.pid, signal.SIGKILL)
                 leader.join(10)
@@ -185,7 +185,7 @@ def test_followers_get_the_version_from_catch_up_when_the_leader_is_killed_and_l
                 assert bytes_sent(trainer) == 5 * SIZE
                 assert trainer.wait_for_acks(3, timeout_s=10) == {f1.sender_id: True, f2.sender_id: True}
                 with GeneratorPort(gcfg, FINGERPRINT, name="f3"):  # a starting generator sweeps the dead one's file
-                    assert [n.split("-")[2] for n in relay_files(tmp_path)] == [str(os.getpid())]
+                    assert [n.split("-")[2].split(".")[0] for n in relay_files(tmp_path)] == [str(os.getpid())]
         finally:
             if leader.is_alive():
                 leader.kill()
@@ -236,6 +236,22 @@ def test_a_leader_with_every_buffer_held_does_not_relay_and_its_followers_get_fr
         assert all(bit_equal(held.tensors[k], v) for k, v in sd1.items())  # its buffer was never rewritten
         held.ack()
         assert bytes_sent(trainer) == 4 * SIZE and trainer.drop_counts() == {}
+
+
+def test_a_leader_whose_shared_memory_is_full_does_not_relay_and_its_followers_get_frames(tmp_path, monkeypatch):
+    def full(fd, offset, size):  # what a full tmpfs answers (a sparse file would SIGBUS the writer instead)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("rlhf_engine.transport.shm.os.posix_fallocate", full)
+    tcfg, gcfg = configs(tmp_path)
+    with TrainerPort(tcfg, FINGERPRINT) as trainer, GeneratorPort(gcfg, FINGERPRINT, name="leader") as leader, \
+            GeneratorPort(gcfg, FINGERPRINT) as f1, GeneratorPort(gcfg, FINGERPRINT) as f2:
+        trainer.wait_for_generators(3)
+        sd = state_dict(1)
+        trainer.publish_weights(1, sd)
+        catch_up_until(trainer, 1, sd, [f1.sender_id, f2.sender_id], timeout_s=5)  # told at once: no wait
+        take([leader, f1, f2], 1, sd)
+        assert bytes_sent(trainer) == 3 * SIZE and os.listdir(tmp_path) == []
 
 
 def _outside(tmp_path):

@@ -266,8 +266,9 @@ def test_partial_stale_and_duplicate_updates_are_never_handed_over():
 
 def test_buffers_of_a_dead_trainer_are_removed_by_the_next_one(tmp_path):
     dead_pid = 2**22 + 12345  # above pid_max's usual range: no such process
-    orphan = tmp_path / f"rlhf-engine-{dead_pid}-abcdef"
-    mine = tmp_path / f"rlhf-engine-{os.getpid()}-abcdef"
+    ns = os.stat("/proc/self/ns/pid").st_ino
+    orphan = tmp_path / f"rlhf-engine-{dead_pid}.{ns}-abcdef"
+    mine = tmp_path / f"rlhf-engine-{os.getpid()}.{ns}-abcdef"
     other = tmp_path / "unrelated"
     for path in (orphan, mine, other):
         path.write_bytes(b"x")
