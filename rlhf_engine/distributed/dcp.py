@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from rlhf_engine.checkpoint import STATE_JSON, STATE_TENSORS, CheckpointError, atomic_directory, load_state, write_state
 from rlhf_engine.distributed.comm import Comm
+from rlhf_engine.trainer.optim import implementation_kept
 
 if TYPE_CHECKING:
     from rlhf_engine.trainer.ppo import PPOTrainer
@@ -154,8 +155,9 @@ def load_sharded(
     try:
         with _single_process_quiet():
             dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR))
-        set_state_dict(container, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=_OPTIONS)
+        with implementation_kept(optimizer):
+            set_state_dict(container, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                           options=_OPTIONS)
     except (Exception, CheckpointException) as e:  # DCP's errors name neither the folder nor the likely cause
         raise CheckpointError(
             f"{ckpt}: cannot load the model and optimizer state in {DCP_DIR}/ ({_cause(e)}); "

@@ -32,7 +32,7 @@ from rlhf_engine.trainer import advantages as adv
 from rlhf_engine.trainer.experience import Experience, forward_experience, make_token_batch
 from rlhf_engine.trainer.kl_control import make_kl_controller
 from rlhf_engine.trainer.microbatch import rank_microbatches
-from rlhf_engine.trainer.optim import adamw
+from rlhf_engine.trainer.optim import adamw, implementation_kept
 from rlhf_engine.trainer.packing import packed_scores
 from rlhf_engine.trainer.pass_layout import pass_layout
 from rlhf_engine.trainer.ppo_config import PPOConfig
@@ -395,7 +395,8 @@ class PPOTrainer:
         return {"optimizer": self.optimizer.state_dict(), **self.run_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        with implementation_kept(self.optimizer):
+            self.optimizer.load_state_dict(state["optimizer"])
         self.load_run_state(state)
 
     def save_pretrained(self, path: str | Path) -> None:

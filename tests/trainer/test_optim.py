@@ -2,7 +2,7 @@
 
 import torch
 
-from rlhf_engine.trainer.optim import adamw
+from rlhf_engine.trainer.optim import adamw, implementation_kept
 
 
 def test_fused_on_cpu_and_equal_to_the_default_implementation():
@@ -27,3 +27,17 @@ def test_param_groups_are_kept():
     w, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(1))
     opt = adamw([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}], lr=1e-3)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0] and opt.defaults["fused"] is True
+
+
+def test_a_loaded_state_keeps_this_runs_implementation():
+    w = torch.nn.Parameter(torch.ones(3))
+    fused = adamw([w], lr=1e-3)
+    w.grad = torch.ones(3)
+    fused.step()
+    default = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=5e-4)
+    with implementation_kept(default):
+        default.load_state_dict(fused.state_dict())
+    assert not default.param_groups[0]["fused"]  # not the saving run's fused kernel
+    assert default.param_groups[0]["lr"] == 1e-3  # the checkpoint's hyperparameters
+    default.load_state_dict(fused.state_dict())  # what happens without it
+    assert default.param_groups[0]["fused"] is True
