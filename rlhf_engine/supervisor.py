@@ -25,12 +25,13 @@ from rlhf_engine.local_generators import GeneratorExited, LocalGenerators, Resta
 from rlhf_engine.metrics import Timeline
 from rlhf_engine.transport import PromptBatch, Rollout, TrainerPort
 from rlhf_engine.transport.errors import BackpressureTimeout
-from rlhf_engine.transport.roster import LEFT, LOST, UNACKED
+from rlhf_engine.transport.roster import LEFT, LOST, REFUSED, UNACKED
 
 log = logging.getLogger(__name__)
 
 _WHY_LOST = {LOST: "it stopped sending heartbeats", LEFT: "it said goodbye",
-             UNACKED: "it held a weight buffer without an ack for transport.ack_timeout_s"}
+             UNACKED: "it held a weight buffer without an ack for transport.ack_timeout_s",
+             REFUSED: "it refused the trainer's shared-memory file (is its transport.shm_dir the trainer's?)"}
 
 
 class NoGeneratorLeft(RuntimeError):

@@ -28,7 +28,7 @@ from rlhf_engine.transport.control import ControlThread
 from rlhf_engine.transport.errors import BackpressureTimeout
 from rlhf_engine.transport.limits import WeightSpecs
 from rlhf_engine.transport.relay import RelayRounds
-from rlhf_engine.transport.roster import UNACKED, GeneratorInfo, Roster
+from rlhf_engine.transport.roster import REFUSED, UNACKED, GeneratorInfo, Roster
 from rlhf_engine.transport.shm import BuffersHeld, Segment, ShmPool, layout
 from rlhf_engine.transport.weights import bucketize
 from rlhf_engine.transport.wire import (
@@ -109,6 +109,9 @@ class WeightPublisher:
             elif not ack.refused:
                 self._relay.acked(peer.name, ack.weight_version)  # releases the leader's file before the next publish
         if ack.refused:
+            if leader is None:  # the trainer's own file: shared memory does not work for it, nothing else would
+                self._drop({peer.name}, REFUSED, "dropped from the roster: it refused the trainer's shared-memory "
+                                                 f"file of weight version {ack.weight_version}")
             raise WireError("bad_relay" if leader else "refused_weights",
                             f"generator {peer.name} refused the shared-memory file of weight version {ack.weight_version}"
                             + (f" relayed by {leader}: it gets frames, and {leader} relays no more" if leader else ""))
@@ -274,11 +277,15 @@ class WeightPublisher:
                 holders = holders - e.oldest_holders
 
     def _drop_unacked(self, names: set[str], waited_s: float) -> None:
-        """Drop ``names`` from the roster (state ``unacked``), ask them to shut down and free their buffers."""
-        reason = f"dropped from the roster: no ack of a weight update for more than {waited_s:g} s"
+        """Drop ``names``, which hold the oldest buffer, from the roster (state ``unacked``)."""
+        self._drop(names, UNACKED, f"dropped from the roster: no ack of a weight update for more than {waited_s:g} s "
+                                   "(it holds the oldest shared-memory buffer)")
+
+    def _drop(self, names: set[str], state: str, reason: str) -> None:
+        """Drop ``names`` from the roster (as ``state``), ask them to shut down and free their buffers."""
         for peer in self._roster.live():
-            if peer.name in names and self._roster.remove(peer.identity, UNACKED) is not None:
-                log.warning("generator %s %s (it holds the oldest shared-memory buffer)", peer.name, reason)
+            if peer.name in names and self._roster.remove(peer.identity, state) is not None:
+                log.warning("generator %s %s", peer.name, reason)
                 self._control.enqueue([peer.identity], encode(self._control.header(ShutdownHeader, reason=reason)))
         for name in names:
             self._forget(name)

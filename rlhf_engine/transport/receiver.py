@@ -3,7 +3,9 @@
 ``WeightReceiver`` hands an update to its user only when it is complete (``WeightUpdate``), drops
 stale or repeated versions, checks every tensor against the model's specs when it knows them, and
 acknowledges each version (taken or skipped). An update from shared memory whose file fails its
-checks is acked as ``refused`` (the trainer then sends it another way). When the trainer marks an
+checks is acked as ``refused``: a relay leader's file, and the trainer sends it frames instead; the
+trainer's own file, and the trainer drops this generator (state ``refused``: shared memory does not work
+for it, likely a ``shm_dir`` that is not the trainer's). When the trainer marks an
 update ``relay``, this generator leads its host's relay (``relay.py``): it copies the update into a
 shared-memory file of its own for its peers and hands its user views of that file.
 """

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-LIVE, LOST, UNACKED, LEFT = "live", "lost", "unacked", "left"
+LIVE, LOST, UNACKED, REFUSED, LEFT = "live", "lost", "unacked", "refused", "left"
 
 
 @dataclass
@@ -35,7 +35,8 @@ class GeneratorInfo:
     user_id: str | None = None
     """ZAP User-Id of its connection (the z85 CURVE public key), None without CURVE."""
     state: str = LIVE
-    """``live``, ``lost`` (heartbeat timeout), ``unacked`` (held a weight buffer too long) or ``left`` (said goodbye)."""
+    """``live``, ``lost`` (heartbeat timeout), ``unacked`` (held a weight buffer too long), ``refused`` (refused the
+    trainer's own shared-memory file) or ``left`` (said goodbye)."""
     host_shm: bool = False
     """Its HELLO said it can use shared memory on its own host (its ``weights_via_shm``): it can take part
     in a relay among the generators of its host (``relay.py``)."""

@@ -31,7 +31,7 @@ update into a shared-memory file of its own, the tensors in the order of the hea
 ``shm.layout`` offsets, and answers ``WEIGHTS_RELAYED`` (its path and size, or why not). The
 trainer then sends each other generator of that host a shared-memory ``WeightsHeader`` for that
 file, with the trainer's own specs and offsets (never the leader's); each acks to the trainer as
-usual (``refused``: the file failed its checks, the update must come another way). Once all have
+usual (``refused``: the file failed its checks; the update then comes as frames). Once all have
 acked, ``WEIGHTS_RELEASE`` lets the leader reuse the file.
 """
 

@@ -83,6 +83,22 @@ def test_shm_buffers_are_reused_and_bounded_and_a_generator_holding_both_is_drop
     assert os.listdir(tmp_path) == []  # removed on close
 
 
+def test_a_generator_that_refuses_the_trainers_file_is_dropped_with_the_reason(tmp_path):
+    (tmp_path / "trainer").mkdir()
+    (tmp_path / "generator").mkdir()
+    endpoint = ipc_endpoint()
+    trainer_cfg = fast_config(endpoint, shm_dir=str(tmp_path / "trainer"))
+    gen_cfg = fast_config(endpoint, shm_dir=str(tmp_path / "generator"))  # misconfigured: not the trainer's folder
+    with TrainerPort(trainer_cfg, FINGERPRINT) as trainer, GeneratorPort(gen_cfg, FINGERPRINT) as gen:
+        trainer.wait_for_generators(1)
+        trainer.publish_weights(1, {"w": torch.ones(8)})
+        with pytest.raises(ShutdownRequested, match="refused the trainer's shared-memory file of weight version 1"):
+            _wait_until_raises(gen.check, 10)
+        assert [(g.name, g.state) for g in trainer.pop_lost_generators()] == [(gen.sender_id, "refused")]
+        assert trainer.drop_counts() == {"refused_weights": 1}
+        assert trainer.publish_weights(2, {"w": torch.ones(8)}, timeout_s=2) == []  # its hold was released
+
+
 def _wait_until_raises(call, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
