@@ -162,8 +162,8 @@ class VLLMGenerator(Generator):
                                     args=(self._staging.path, self._staging.size, self._staging.specs))
         else:  # the engine is in this process: it reads the tensors themselves
             t1 = t0
-            self.llm.collective_rpc("rlhf_load_weights",
-                                    args=([(name, t.to(dtype)) for name, t in named_tensors.items()],))
+            self.llm.collective_rpc("rlhf_load_weights",  # converted one tensor at a time, as they are loaded
+                                    args=(((name, t.to(dtype)) for name, t in named_tensors.items()),))
         self.llm.reset_prefix_cache()
         self.last_update_s = (t1 - t0, time.perf_counter() - t1)
         log.info("weights staged in %.3f s, reloaded in %.3f s", *self.last_update_s)

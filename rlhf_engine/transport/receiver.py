@@ -54,6 +54,8 @@ class WeightReceiver:
         self._staging = Staging(max_buckets=max(limits.max_tensors, 1))
         self._reader = ShmReader(config.shm_dir, config.shm_buffers + 1)
         self._relay = RelayLeader(config, send)
+        self._relaying: list[threading.Thread] = []
+        """Threads copying an update for this host's peers (``relay``)."""
 
     # ---- IO thread -----------------------------------------------------------
     def on_weights(self, header: WeightsHeader, tensors: list[torch.Tensor]) -> bool:
@@ -82,23 +84,37 @@ class WeightReceiver:
         if self._specs is not None and len(complete) != len(self._specs.tensors):
             raise WireError("bad_weights", f"version {header.weight_version} has {len(complete)} tensors, "
                                            f"the model {len(self._specs.tensors)}")
-        version = header.weight_version
-        release = None
-        if header.relay:
-            complete, release = self._relay.relay(version, complete)
+        if header.relay:  # the whole-model copy runs off this thread, which keeps the heartbeats going
+            self._relaying = [t for t in self._relaying if t.is_alive()]
+            thread = threading.Thread(target=self._relay_and_hand_over, args=(header.weight_version, complete),
+                                      name=f"relay-v{header.weight_version}", daemon=True)
+            self._relaying.append(thread)
+            thread.start()
+        else:
+            self._hand_over(header.weight_version, complete, None)
+        return True
 
+    def _relay_and_hand_over(self, version: int, complete: dict[str, torch.Tensor]) -> None:
+        """Relay thread: copy the update for this host's peers, then hand it (views of the copy) to the user."""
+        complete, release = self._relay.relay(version, complete)
+        self._hand_over(version, complete, release)
+
+    def _hand_over(self, version: int, complete: dict[str, torch.Tensor], release: Callable[[], None] | None) -> None:
+        """Make ``complete`` the update the user gets next, unless a newer one got there first (then it is
+        acked as skipped); ``release`` frees its relay copy when the user is done with it."""
         def ack(applied: bool) -> None:
             if release is not None:
                 release()
             self._send_ack(version, applied)
 
-        update = WeightUpdate(version, complete, _ack=ack)
+        update, skipped = WeightUpdate(version, complete, _ack=ack), None
         with self._cond:
-            skipped, self._pending, self.newest = self._pending, update, version
-            self._cond.notify_all()
-        if skipped is not None:  # never handed over: a newer one replaces it
-            skipped.ack(applied=False)
-        return True
+            if version > self.newest:
+                skipped, self._pending, self.newest, update = self._pending, update, version, None
+                self._cond.notify_all()
+        for never_handed_over in (skipped, update):  # replaced by a newer one, or older than the newest
+            if never_handed_over is not None:
+                never_handed_over.ack(applied=False)
 
     def on_release(self, header: WeightsReleaseHeader) -> None:
         """The trainer's peers took this generator's relayed copy of a version."""
@@ -135,6 +151,8 @@ class WeightReceiver:
                 self._cond.wait(0.1 if left is None else min(left, 0.1))
         return self.poll()
 
-    def close(self) -> None:
+    def close(self, join_timeout_s: float = 10.0) -> None:
+        for thread in self._relaying:  # a copy in flight ends before its file is removed
+            thread.join(join_timeout_s)
         self._reader.close()
         self._relay.close()

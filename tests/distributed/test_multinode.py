@@ -5,6 +5,7 @@ rendezvous over loopback), as a user starts them on two trainer nodes. The run c
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -33,10 +34,12 @@ def test_two_torchrun_nodes_complete_a_run(tmp_path, files):
              for node in (0, 1)]
     try:
         outs = [node.communicate(timeout=240)[0] for node in nodes]
-    finally:
+    finally:  # each agent leads its own process group: its ranks and generators go with it
         for node in nodes:
-            if node.poll() is None:
-                node.kill()
+            try:
+                os.killpg(node.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     assert [node.returncode for node in nodes] == [0, 0], outs[0][-4000:] + outs[1][-4000:]
     assert "ppo: 2 steps" in outs[0] + outs[1]
     assert "connected from" in outs[0] and "connected from" not in outs[1]  # the generators talk to rank 0 only

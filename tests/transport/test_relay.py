@@ -254,6 +254,28 @@ def test_a_leader_whose_shared_memory_is_full_does_not_relay_and_its_followers_g
         assert bytes_sent(trainer) == 3 * SIZE and os.listdir(tmp_path) == []
 
 
+def test_a_slow_relay_copy_does_not_stop_the_leaders_heartbeats(tmp_path, monkeypatch):
+    from rlhf_engine.transport.relay import RelayLeader
+
+    copy = RelayLeader.relay
+
+    def slow(self, version, complete):  # a copy that takes longer than the heartbeat timeout (a large model)
+        time.sleep(2.5)
+        return copy(self, version, complete)
+
+    monkeypatch.setattr(RelayLeader, "relay", slow)
+    tcfg, gcfg = configs(tmp_path)
+    tcfg = dataclasses.replace(tcfg, heartbeat_timeout_s=1.5)
+    gcfg = dataclasses.replace(gcfg, heartbeat_timeout_s=1.5)
+    with TrainerPort(tcfg, FINGERPRINT) as trainer, GeneratorPort(gcfg, FINGERPRINT, name="leader") as leader, \
+            GeneratorPort(gcfg, FINGERPRINT) as f1:
+        trainer.wait_for_generators(2)
+        sd = state_dict(1)
+        trainer.publish_weights(1, sd)
+        take([leader, f1], 1, sd)
+        assert trainer.pop_lost_generators() == [] and bytes_sent(trainer) == SIZE
+
+
 def _outside(tmp_path):
     other = tmp_path.parent / f"{tmp_path.name}-elsewhere"
     other.mkdir(exist_ok=True)
