@@ -31,14 +31,14 @@ def reference_logprobs(model, completion, temperature: float = 1.0, top_k: int =
 def stop_string_case(tokenizer, tokens: list[int]) -> tuple[str, int]:
     """A stop string taken from inside a greedy response and the length (in tokens) of
     the shortest prefix of `tokens` whose text contains it."""
-    text = tokenizer.decode(tokens)
+    text = tokenizer.decode(tokens, skip_special_tokens=True)  # vLLM matches stop strings in text without them
     # three plain ASCII letters after the first character: no partial UTF-8 bytes at the edges
     starts = [i for i in range(1, len(text) - 2) if text[i : i + 3].isascii() and text[i : i + 3].isalpha()]
     if not starts:
         raise AssertionError(f"no 3-letter ASCII window in {text!r}; pick another prompt")
     stop = text[starts[0] : starts[0] + 3]
     for length in range(1, len(tokens) + 1):
-        if stop in tokenizer.decode(tokens[:length]):
+        if stop in tokenizer.decode(tokens[:length], skip_special_tokens=True):
             return stop, length
     raise AssertionError("unreachable: the stop string is a substring of the whole text")
 

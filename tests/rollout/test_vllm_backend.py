@@ -94,7 +94,7 @@ def test_stop_string_and_stop_token_end_the_response(vllm_generator, tokenizer):
     out = vllm_generator.generate(batch, sampling=SamplingConfig(max_new_tokens=40, temperature=0, stop=(stop,)))[0]
     assert out.finish_reason == "stop"
     assert out.response_ids.tolist() == tokens[:length]
-    assert stop in tokenizer.decode(out.response_ids)
+    assert stop in tokenizer.decode(out.response_ids, skip_special_tokens=True)
 
     stop_token = tokens[5]
     first = tokens.index(stop_token)
