@@ -123,3 +123,24 @@ def packed_scores(reward_model: nn.Module, packed: PackedBatch) -> torch.Tensor:
     padded classifier pools."""
     hidden = reward_model.base_model(**packed.model_inputs(), use_cache=False).last_hidden_state  # [R, W, H]
     return reward_model.score(packed.gather(hidden, packed.last_index)[0])[:, 0].float()  # [B]
+
+
+@torch.no_grad()
+def isolates(model: nn.Module, ids: list[int], positions: list[int], alone: list[int],
+             attention_mask: torch.Tensor | None = None) -> bool:
+    """Probe of a layout: the model's output at the last of `ids` (at `positions`, under `attention_mask`)
+    must equal that of the tokens at indices `alone` as a sequence of their own, far more closely than the
+    output of `ids` as one plain sequence does (a scale that holds for bf16 models too)."""
+    device = next(model.parameters()).device
+    tokens = torch.tensor([ids], device=device)
+
+    def last(input_ids: torch.Tensor, at: list[int], mask: torch.Tensor | None = None) -> torch.Tensor:
+        kwargs = {} if mask is None else {"attention_mask": mask}
+        return model(input_ids=input_ids, position_ids=torch.tensor([at], device=device), use_cache=False,
+                     **kwargs).logits[0, -1].float()
+
+    expected = last(tokens[:, alone], list(range(len(alone))))
+    err_layout = (last(tokens, positions, attention_mask) - expected).abs().max()
+    err_joined = (last(tokens, list(range(len(ids)))) - expected).abs().max()
+    return bool(err_layout <= 0.01 * err_joined)
+

@@ -8,10 +8,10 @@ import inspect
 import warnings
 from dataclasses import dataclass, replace
 
-import torch
 from torch import nn
 
 from rlhf_engine.models.lm_head import check_plain_lm_head
+from rlhf_engine.trainer.packing import isolates
 from rlhf_engine.trainer.prompt_sharing import attention_width, shares_prompts
 
 
@@ -59,21 +59,10 @@ def _accepts_position_ids(model: nn.Module) -> bool:
     return "position_ids" in params
 
 
-@torch.no_grad()
 def _packing_isolates(model: nn.Module) -> bool:
-    """Probe: the output at token c of the packed row [a b | c] must equal that of [c] alone, far more closely
-    than the output of [a b c] as one sequence does (a scale that holds for bf16 models too)."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([[4, 5, 6]], device=device)  # no special (pad) token: classifiers pool at the last non-pad
-
-    def last(input_ids, positions):
-        positions = torch.tensor([positions], device=device)
-        return model(input_ids=input_ids, position_ids=positions, use_cache=False).logits[0, -1].float()
-
-    alone = last(ids[:, 2:], [0])
-    err_packed = (last(ids, [0, 1, 0]) - alone).abs().max()
-    err_joined = (last(ids, [0, 1, 2]) - alone).abs().max()
-    return bool(err_packed <= 0.01 * err_joined)
+    """Probe: the output at token c of the packed row [a b | c] (positions restarting) equals that of [c] alone
+    (no special (pad) token: classifiers pool at the last non-pad)."""
+    return isolates(model, [4, 5, 6], [0, 1, 0], alone=[2])
 
 
 def pass_layout(packing: bool, policy: nn.Module, ref_model: nn.Module, critic: nn.Module | None,

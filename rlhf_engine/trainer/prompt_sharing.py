@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rlhf_engine.trainer.packing import PackedBatch, first_fit_decreasing, pack_rows
+from rlhf_engine.trainer.packing import PackedBatch, first_fit_decreasing, isolates, pack_rows
 
 
 def attention_width(model: nn.Module) -> int:
@@ -74,17 +74,6 @@ def pack_cheaper(input_ids: torch.Tensor, attention_mask: torch.Tensor, position
     if best is None:
         return pack_rows(input_ids, attention_mask, position_ids, query_width, response_mask)
     return best.build(input_ids, position_ids, query_width, query_mask, response_mask)
-
-
-def pack_shared_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                        query_width: int, response_mask: torch.Tensor, max_width: int) -> PackedBatch:
-    """`packing.pack_rows` with each group's query shared (see the module docstring); the same arguments,
-    and a `PackedBatch` whose outputs at `predict_index` / `last_index` mean the same. A unit (query + its
-    samples' responses) is cut past `max_width` tokens or the longest single sample, whichever is longer."""
-    response_mask, query_mask, q_len, r_len, groups = _plan_inputs(input_ids, attention_mask, query_width,
-                                                                   response_mask)
-    plan = _SharedPlan(groups, q_len, r_len, max(max_width, max(q + r for q, r in zip(q_len, r_len))))
-    return plan.build(input_ids, position_ids, query_width, query_mask, response_mask)
 
 
 def _plan_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, query_width: int,
@@ -200,22 +189,9 @@ def _visibility(unit_of: torch.Tensor, branch_of: torch.Tensor) -> torch.Tensor:
     return visible[:, None]
 
 
-@torch.no_grad()
 def shares_prompts(model: nn.Module) -> bool:
-    """Probe: in the shared row [q0 q1 | a b | c] (one query, responses `a b` and `c`), the output at `c` must
-    equal that of the sequence [q0 q1 c] alone, far more closely than the output of [q0 q1 a b c] as one
-    sequence does: the model honours a custom 4D boolean attention mask with the positions given."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([[4, 5, 6, 7, 8]], device=device)
-    branch = torch.tensor([[-1, -1, 0, 0, 1]], device=device)
-    mask = _visibility(torch.zeros_like(ids), branch)
-
-    def last(input_ids, positions, attention_mask=None):
-        positions = torch.tensor([positions], device=device)
-        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-        return model(input_ids=input_ids, position_ids=positions, use_cache=False, **kwargs).logits[0, -1].float()
-
-    alone = last(ids[:, [0, 1, 4]], [0, 1, 2])
-    err_shared = (last(ids, [0, 1, 2, 3, 2], mask) - alone).abs().max()
-    err_joined = (last(ids, [0, 1, 2, 3, 4]) - alone).abs().max()
-    return bool(err_shared <= 0.01 * err_joined)
+    """Probe: in the shared row [q0 q1 | a b | c] (one query, responses `a b` and `c`), the output at `c` equals
+    that of the sequence [q0 q1 c] alone: the model honours a custom 4D boolean attention mask."""
+    branch = torch.tensor([[-1, -1, 0, 0, 1]], device=next(model.parameters()).device)
+    return isolates(model, [4, 5, 6, 7, 8], [0, 1, 2, 3, 2], alone=[0, 1, 4],
+                    attention_mask=_visibility(torch.zeros_like(branch), branch))

@@ -12,10 +12,11 @@ from rlhf_engine.trainer.packing import packed_scores
 from rlhf_engine.trainer.pass_layout import pass_layout
 from rlhf_engine.trainer.ppo import PPOTrainer
 from rlhf_engine.trainer.ppo_config import PPOConfig
-from rlhf_engine.trainer.prompt_sharing import attention_width, pack_cheaper, pack_shared_prompts, shares_prompts
+from rlhf_engine.trainer.prompt_sharing import attention_width, pack_cheaper, shares_prompts
 
 ATOL, RTOL = 2e-5, 1e-4  # fp32: the same math on differently shaped matmuls and attention masks
 B = 8
+WIDE = 10**6  # an attention width at which any layout with fewer positions is the cheaper one
 
 
 @pytest.fixture
@@ -33,8 +34,7 @@ def test_layout_shares_each_query_and_masks_other_responses():
     # query [5, 6] with responses [7, 8] and [9]; query [11] with response [12]
     batch = make_token_batch([torch.tensor([5, 6]), torch.tensor([5, 6]), torch.tensor([11])],
                              [torch.tensor([7, 8]), torch.tensor([9]), torch.tensor([12])], 0, None)
-    p = pack_shared_prompts(batch.input_ids, batch.attention_mask, batch.position_ids, batch.query_width,
-                            batch.response_mask, max_width=16)
+    p = batch.pack(WIDE)
     # units: [5 6 7 8 9] (5 tokens) and [11 12]: W = 5, first-fit-decreasing puts them in two rows
     assert p.input_ids.tolist() == [[5, 6, 7, 8, 9], [11, 12, 0, 0, 0]]
     assert p.position_ids.tolist()[0] == [0, 1, 2, 3, 2]  # response [9] starts at the query's end too
@@ -56,13 +56,9 @@ def test_layout_shares_each_query_and_masks_other_responses():
 def test_long_groups_are_cut_into_units_that_repeat_the_query():
     queries = [torch.tensor([5, 6])] * 3
     batch = make_token_batch(queries, [torch.tensor([7, 8, 9]), torch.tensor([10, 11]), torch.tensor([12])], 0, None)
-    p = pack_shared_prompts(batch.input_ids, batch.attention_mask, batch.position_ids, batch.query_width,
-                            batch.response_mask.bool(), max_width=6)
-    # a unit holds at most max(6, longest sample 5) tokens: [5 6 7 8 9] and [5 6 10 11 12]
+    p = batch.pack(24)  # attention width 24: units cut at max(24 / 4, longest sample 5) = 6 tokens
+    # [5 6 7 8 9] and [5 6 10 11 12] (2 rows of 5) rather than 3 rows of one sample each
     assert sorted(p.input_ids.tolist()) == [[5, 6, 7, 8, 9], [5, 6, 10, 11, 12]]
-
-
-WIDE = 10**6  # an attention width at which any layout with fewer positions is the cheaper one
 
 
 def test_grouped_batch_is_cheaper_shared(grouped):
