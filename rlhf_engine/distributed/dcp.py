@@ -132,7 +132,7 @@ def save_sharded(
 def _write(comm, tmp, modules, optimizer, extra, folders) -> None:
     path = Path(comm.broadcast_str(str(tmp) if tmp is not None else None))
     model_sd, optim_sd = get_state_dict(nn.ModuleDict(modules), optimizer, options=_OPTIONS)
-    with _single_process_quiet():
+    with _single_process_quiet(), _interrupts_pass_through():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / DCP_DIR))
     for name, write in folders.items():
         write(path / name)
@@ -153,7 +153,7 @@ def load_sharded(
     model_sd, optim_sd = get_state_dict(container, optimizer, options=_OPTIONS)
     state = {"model": model_sd, "optim": optim_sd}
     try:
-        with _single_process_quiet():
+        with _single_process_quiet(), _interrupts_pass_through():
             dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR))
         with implementation_kept(optimizer):
             set_state_dict(container, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
@@ -165,6 +165,20 @@ def load_sharded(
             "model.value_model and model.lora must match the run that wrote it)"
         ) from e
     return load_state(ckpt)
+
+
+@contextmanager
+def _interrupts_pass_through() -> Iterator[None]:
+    """DCP wraps whatever a rank raised in a CheckpointException, Ctrl-C and SystemExit too: those come out as
+    themselves, so that an interrupted save or load stops the run as an interrupt (exit status 130), not as a
+    failed checkpoint (the atomic folder leaves no partial one behind)."""
+    try:
+        yield
+    except CheckpointException as e:
+        for exc, _ in e.failures.values():
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise exc from e
+        raise
 
 
 def _cause(e: BaseException) -> str:

@@ -5,10 +5,12 @@ import shutil
 
 import pytest
 import torch
+from torch.distributed.checkpoint import FileSystemWriter
 
 from rlhf_engine.checkpoint import CheckpointError, atomic_directory, write_state
 from rlhf_engine.distributed import Comm
-from rlhf_engine.distributed.dcp import Layout, checkpoint_layout, load_trainer, resumable_layout, save_trainer
+from rlhf_engine.distributed.dcp import (Layout, checkpoint_layout, load_trainer, resumable_layout, save_sharded,
+                                         save_trainer)
 from tests.distributed.workers.ppo_scenarios import make_trainer, run_steps
 
 
@@ -84,3 +86,15 @@ def test_an_older_single_process_checkpoint_resumes_on_one_rank_only(saved, tmp_
         resumable_layout(old, 2)
     with pytest.raises(CheckpointError, match="single-process checkpoint without dcp/"):
         load_trainer(old, make_trainer(Comm(), "gae"))
+
+
+def test_an_interrupt_during_a_save_comes_out_as_itself(tmp_path, monkeypatch):
+    # DCP wraps a rank's exception in a CheckpointException (a BaseException): Ctrl-C must stay a KeyboardInterrupt
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", interrupted)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(KeyboardInterrupt):
+        save_sharded(Comm(), tmp_path / "ckpt", {"policy": model}, torch.optim.SGD(model.parameters(), lr=0.1), {})
+    assert not (tmp_path / "ckpt").exists()  # and no partial checkpoint
