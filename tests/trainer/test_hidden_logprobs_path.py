@@ -10,6 +10,7 @@ from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.trainer.experience import forward_policy, make_token_batch
 from rlhf_engine.trainer.ppo import PPOTrainer
 from rlhf_engine.trainer.ppo_config import PPOConfig
+from tests.helpers.steps import assert_same_step, step_and_weights
 
 # fp32: the hidden path multiplies the LM head chunk by chunk, the logits path in one matmul
 ATOL, RTOL = 2e-5, 1e-4
@@ -55,13 +56,9 @@ def test_ppo_step_from_hidden_equals_step_from_logits(make_lm, tokenizer, pairs)
         model = AutoModelForCausalLMWithValueHead(make_lm(seed=0))
         trainer = PPOTrainer(cfg, model, tokenizer=tokenizer, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
         assert trainer.layout.from_hidden == from_hidden
-        stats = trainer.step(queries, responses, torch.linspace(-1, 1, B))
-        results.append((stats, {k: v.clone() for k, v in trainer.model.state_dict().items()}))
-    (stats0, w0), (stats1, w1) = results
-    for key in ("ppo/loss/total", "ppo/loss/policy", "ppo/loss/value", "objective/kl", "ppo/grad_norm"):
-        assert stats1[key] == pytest.approx(stats0[key], rel=1e-3, abs=1e-5), key
-    for name in w0:
-        torch.testing.assert_close(w1[name], w0[name], atol=1e-5, rtol=1e-4, msg=name)
+        results.append(step_and_weights(trainer, queries, responses, torch.linspace(-1, 1, B)))
+    assert_same_step(*results, keys=("ppo/loss/total", "ppo/loss/policy", "ppo/loss/value", "objective/kl",
+                                      "ppo/grad_norm"))
 
 
 def test_model_that_post_processes_logits_is_refused(make_lm):

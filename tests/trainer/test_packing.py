@@ -13,6 +13,7 @@ from rlhf_engine.trainer.packing import pack_rows, packed_scores
 from rlhf_engine.trainer.pass_layout import PackingSupport
 from rlhf_engine.trainer.ppo import PPOTrainer
 from rlhf_engine.trainer.ppo_config import PPOConfig
+from tests.helpers.steps import assert_same_step, step_and_weights
 
 # fp32: packed and padded passes run the same math on differently shaped matmuls and attention masks
 ATOL, RTOL = 2e-5, 1e-4
@@ -100,13 +101,8 @@ def test_packed_step_equals_padded_step(make_lm, tokenizer, pairs, estimator):
         # SGD: Adam's g / sqrt(v) would blow rounding noise in near-zero gradients up to +-lr
         trainer = PPOTrainer(cfg, model, tokenizer=tokenizer, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
         assert trainer.layout.policy == packing and trainer.layout.ref == packing
-        stats = trainer.step(queries, responses, torch.linspace(-1, 1, B))
-        results.append((stats, {k: v.clone() for k, v in trainer.model.state_dict().items()}))
-    (stats0, w0), (stats1, w1) = results
-    for key in ("ppo/loss/total", "ppo/loss/policy", "objective/kl", "ppo/policy/approxkl", "ppo/grad_norm"):
-        assert stats1[key] == pytest.approx(stats0[key], rel=1e-3, abs=1e-5), key
-    for name in w0:
-        torch.testing.assert_close(w1[name], w0[name], atol=1e-5, rtol=1e-4, msg=name)
+        results.append(step_and_weights(trainer, queries, responses, torch.linspace(-1, 1, B)))
+    assert_same_step(*results)
 
 
 class _NoPositionIds(torch.nn.Module):

@@ -4,6 +4,7 @@ leader's shared memory; every failure of the leader falls back to frames, nothin
 The trainer has shared memory off and the generators on, so that generators on this host look like
 generators on another host to it (tcp frames), and like one host to each other."""
 
+import contextlib
 import dataclasses
 import multiprocessing as mp
 import os
@@ -97,15 +98,21 @@ def test_one_copy_per_host_reaches_every_generator_bit_exact_and_the_leaders_buf
     assert os.listdir(tmp_path) == []  # the leader removed its file on close
 
 
-def test_relay_off_sends_every_generator_its_own_copy(tmp_path):
-    tcfg, gcfg = configs(tmp_path, relay=False)
-    with TrainerPort(tcfg, FINGERPRINT) as trainer, GeneratorPort(gcfg, FINGERPRINT) as g1, \
-            GeneratorPort(gcfg, FINGERPRINT) as g2:
-        trainer.wait_for_generators(2)
+def one_version(trainer_config: TransportConfig, generator_configs: list[TransportConfig], shm_dir) -> tuple[int, list]:
+    """Publish one version to generators of ``generator_configs``, each takes it bit-exact: (bytes the trainer
+    sent, relay files in ``shm_dir`` once they took it)."""
+    with TrainerPort(trainer_config, FINGERPRINT) as trainer, contextlib.ExitStack() as stack:
+        gens = [stack.enter_context(GeneratorPort(c, FINGERPRINT)) for c in generator_configs]
+        trainer.wait_for_generators(len(gens))
         sd = state_dict(2)
         trainer.publish_weights(1, sd)
-        take([g1, g2], 1, sd)
-        assert bytes_sent(trainer) == 2 * SIZE and relay_files(tmp_path) == []
+        take(gens, 1, sd)
+        return bytes_sent(trainer), relay_files(shm_dir)
+
+
+def test_relay_off_sends_every_generator_its_own_copy(tmp_path):
+    tcfg, gcfg = configs(tmp_path, relay=False)
+    assert one_version(tcfg, [gcfg, gcfg], tmp_path) == (2 * SIZE, [])
 
 
 def test_tcp_generators_relay_with_the_default_config(tmp_path):
@@ -114,24 +121,15 @@ def test_tcp_generators_relay_with_the_default_config(tmp_path):
     trainer_cfg = fast_config(endpoint, heartbeat_timeout_s=5.0)
     gen_cfg = fast_config(endpoint, shm_dir=str(tmp_path), heartbeat_timeout_s=5.0)
     assert not trainer_cfg.use_shm and gen_cfg.generator_shm
-    with TrainerPort(trainer_cfg, FINGERPRINT) as trainer, GeneratorPort(gen_cfg, FINGERPRINT) as g1, \
-            GeneratorPort(gen_cfg, FINGERPRINT) as g2:
-        trainer.wait_for_generators(2)
-        sd = state_dict(4)
-        trainer.publish_weights(1, sd)
-        take([g1, g2], 1, sd)
-        assert bytes_sent(trainer) == SIZE and len(relay_files(tmp_path)) == 1
+    sent, files = one_version(trainer_cfg, [gen_cfg, gen_cfg], tmp_path)
+    assert sent == SIZE and len(files) == 1
 
 
 def test_generators_that_cannot_use_shared_memory_or_are_alone_on_their_host_get_frames(tmp_path):
     tcfg, gcfg = configs(tmp_path)
-    with TrainerPort(tcfg, FINGERPRINT) as trainer, GeneratorPort(gcfg, FINGERPRINT) as g_shm, \
-            GeneratorPort(dataclasses.replace(gcfg, weights_via_shm=False), FINGERPRINT) as g_frames:
-        trainer.wait_for_generators(2)
-        sd = state_dict(3)
-        trainer.publish_weights(1, sd)  # one relay-capable generator on this host: nobody to relay to
-        take([g_shm, g_frames], 1, sd)
-        assert bytes_sent(trainer) == 2 * SIZE and relay_files(tmp_path) == []
+    frames_only = dataclasses.replace(gcfg, weights_via_shm=False)
+    # one relay-capable generator on this host: nobody to relay to
+    assert one_version(tcfg, [gcfg, frames_only], tmp_path) == (2 * SIZE, [])
 
 
 def test_a_generator_joining_after_a_relayed_version_gets_it_from_catch_up(tmp_path):
