@@ -184,7 +184,8 @@ class PPOTrainer:
             scores = torch.empty(len(queries), dtype=torch.float32, device=self.device)
             for mb in plan:
                 b = batch.select(torch.tensor(mb))
-                scores[mb] = (packed_scores(self.reward_model, b.pack(self.layout.attention_width)) if self.layout.reward else
+                scores[mb] = (packed_scores(self.reward_model, b.pack(self.layout.attention_width))
+                              if self.layout.reward else
                               model_scores(self.reward_model, b.input_ids, b.attention_mask, b.position_ids))
             return scores
         if self.reward_fn is not None:
@@ -245,10 +246,11 @@ class PPOTrainer:
             batch = make_token_batch(inputs.queries, inputs.responses, self.pad_token_id, self.eos_token_id, self.device)
             batch.response_mask = batch.response_mask * kept[:, None]  # [B, T]: dropped samples have no valid token
             lengths = batch.lengths()
-            mine = list(range(*self.comm.shard(cfg.batch_size).indices(cfg.batch_size)))
+            mine = self.comm.shard(cfg.batch_size)
+            rows = list(range(mine.start, mine.stop))
             if self.layout.attention_width:  # a group's samples in one micro-batch share its query
-                mine = batch.by_query(mine)
-            plan = rank_microbatches(mine, lengths, cfg.max_tokens_per_microbatch,
+                rows = batch.by_query(rows)
+            plan = rank_microbatches(rows, lengths, cfg.max_tokens_per_microbatch,
                                      cfg.mini_batch_size // self.comm.world_size, self.comm)
             passes = forward_experience(self.model, self.ref_model, self.value_model, batch, cfg, plan, self.comm,
                                         self.layout, with_old_logp=not reuse)
