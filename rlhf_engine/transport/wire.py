@@ -18,6 +18,8 @@ protocol version, frame count, dtype allow-list, ``nbytes == itemsize * prod(sha
 each frame's length == its spec's ``nbytes``, and per-tensor / per-message size limits.
 A failure raises ``WireError`` carrying a short ``reason`` (the counter key) and a
 detail; receive loops catch it, log it, count it and drop the message.
+The tensors ``decode`` returns own their memory: each is copied out of its frame, which
+is read-only memory of libzmq's (writing to a received tensor changes no other message).
 
 The handshake structs (``HelloHeader``, ``WelcomeHeader``, ``RejectHeader``) keep their
 layout across protocol versions so that a peer speaking another version gets a clear
@@ -43,6 +45,7 @@ from dataclasses import dataclass
 from typing import Sequence, Union
 
 import msgspec
+import numpy as np
 import torch
 
 from rlhf_engine.dtypes import DTYPE_NAMES, TORCH_DTYPES
@@ -329,15 +332,18 @@ def check_specs(specs: Sequence[TensorSpec], limits: WireLimits) -> list[torch.d
     return dtypes
 
 
-def view_tensor(buffer, spec: TensorSpec, dtype: torch.dtype) -> torch.Tensor:
-    """A zero-copy tensor over ``buffer`` (already checked to be ``spec.nbytes`` long)."""
-    if spec.nbytes == 0:
-        return torch.empty(spec.shape, dtype=dtype)
-    return torch.frombuffer(buffer, dtype=dtype).view(spec.shape)
+def owned_tensor(frame: memoryview, spec: TensorSpec, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of its own holding ``frame``'s bytes (one copy). A received ZeroMQ frame is read-only memory that
+    libzmq owns (and may share): a tensor over it could be written through by whoever gets it, so none escapes."""
+    out = torch.empty(spec.nbytes, dtype=torch.uint8)
+    if spec.nbytes:
+        out.numpy()[:] = np.frombuffer(frame, dtype=np.uint8)
+    return out.view(dtype).view(spec.shape)
 
 
 def decode(frames: Sequence, limits: WireLimits) -> tuple[Header, list[torch.Tensor]]:
-    """Validate a received message and view its tensors zero-copy (raises ``WireError``).
+    """Validate a received message and copy its tensors out of the frames (raises ``WireError``): each
+    returned tensor owns writable memory of its own (``owned_tensor``).
 
     Shared-memory weight headers carry no tensor frames; their tensors are viewed by
     the weights channel after it has checked the file (see ``shm.py``).
@@ -357,5 +363,5 @@ def decode(frames: Sequence, limits: WireLimits) -> tuple[Header, list[torch.Ten
         view = _frame_view(frame)
         if view.nbytes != spec.nbytes:
             raise WireError("frame_length", f"tensor {spec.name!r}: frame {view.nbytes} bytes, spec {spec.nbytes}")
-        tensors.append(view_tensor(view, spec, dtype))
+        tensors.append(owned_tensor(view, spec, dtype))
     return header, tensors

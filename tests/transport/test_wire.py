@@ -1,6 +1,7 @@
 """The wire format: round trips, every validation rule, and fuzzed garbage against a live receiver."""
 
 import time
+import warnings
 
 import msgspec
 import pytest
@@ -57,6 +58,32 @@ def test_any_allowed_dtype_and_0d_or_empty_shape_round_trips(dtype):
     header = HeartbeatHeader(sender="s", seq=0, tensors=tuple(tensor_spec(f"t{i}", t) for i, t in enumerate(tensors)))
     _, back = _roundtrip(header, tensors)
     assert all(b.dtype == dtype and torch.equal(b, t) for b, t in zip(back, tensors))
+
+
+def test_received_tensors_own_their_memory(tmp_path):
+    """A tensor decoded from received frames (here `bytes`, read-only) is writable without a warning, and writing
+    to it changes neither the frame nor a second decode of the same frames."""
+    r = make_rollout(3, 7, 5, 9)
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.bind(f"ipc://{tmp_path}/owned")
+        b.connect(f"ipc://{tmp_path}/owned")
+        a.send_multipart(encode(*r.to_wire("gen-a", 1)), copy=False)
+        frames = b.recv_multipart()
+        assert memoryview(frames[1]).readonly  # what a tensor over the frame would alias
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch warns for a tensor over a read-only buffer
+            _, first = decode(frames, LIMITS)
+            _, second = decode(frames, LIMITS)
+            first[0].fill_(-1)
+        assert torch.equal(second[0], r.prompt_token_ids)
+        assert torch.equal(Rollout.from_wire(*decode(frames, LIMITS)).prompt_token_ids, r.prompt_token_ids)
+        assert int(first[0].sum()) == -first[0].numel()
+    finally:
+        a.close(linger=0)
+        b.close(linger=0)
+        ctx.term()
 
 
 def _rollout_frames():
