@@ -27,7 +27,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -162,8 +162,10 @@ class RLHFEngine:
             return
         self._stopped = True
         if self._leader is not None:
-            try:
-                self._leader.stop()  # the other trainer ranks leave their loop
+            try:  # the other trainer ranks leave their loop; inside an op they end through the failure channel
+                if not self._leader.stop():
+                    log.warning("the other trainer ranks are inside a %s that did not complete; they end through "
+                                "the failure channel", self._leader.busy.name)
             except Exception as e:  # a rank died: torchrun stops the others; the generators are stopped below
                 log.warning("could not release the other trainer ranks: %s", e)
         if self._port is not None:
@@ -184,6 +186,13 @@ class RLHFEngine:
             if self._trainer_cpus is not None:
                 self._trainer_cpus.restore()
                 self._trainer_cpus = None
+
+    def abandon(self) -> None:
+        """Release what would outlive this process (the transport's shared memory) when it must end at once:
+        stuck in a collective after another trainer rank failed (`distributed.failure`). The local
+        generators end with it (they get SIGTERM when their parent dies)."""
+        if self._port is not None:
+            self._port.close()
 
     @property
     def endpoint(self) -> str:
@@ -390,13 +399,12 @@ class RLHFEngine:
             stats["env/gold_mean"] = float(gold.mean())
         return stats
 
-    def _sync_weights(self) -> Mapping[str, torch.Tensor] | Iterator[tuple[str, torch.Tensor]]:
-        """What the generators take each version: the LoRA adapters (`model.lora.sync: adapters`), else the
-        full policy weights (merged with the adapters under LoRA; gathered from every rank's shards one tensor
-        at a time when the trainer is distributed, which the publish streams into shared memory)."""
-        if self._sync_lora is not None:
-            return self.trainer.adapter_state_dict()
-        return self._leader.weights() if self.comm.distributed else self.trainer.policy_state_dict()
+    def _sync_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """What the generators take each version, `(HF name, tensor)` one at a time at every world size: the
+        LoRA adapters (`model.lora.sync: adapters`), else the full policy weights (merged with the adapters
+        under LoRA; gathered from every rank's shards when the trainer is distributed, which the publish
+        streams into shared memory)."""
+        return self._leader.weights(adapters=self._sync_lora is not None)
 
     def _publish_weights(self) -> None:
         self._port.publish_weights(self.trainer.policy_version, self._sync_weights())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterable
 
 import torch
 
@@ -41,13 +41,15 @@ class NoGeneratorLeft(RuntimeError):
 class Supervisor:
     """The engine's generators, local and external, as seen from the trainer.
 
-    version / weights: the trainer's current policy version and weights (HF names);
+    version / weights: the trainer's current policy version and weights (`(HF name, tensor)`, one at a
+    time; on trainer ranks every rank gathers alongside, so the iterator is always drained);
     save_checkpoint: called before the run stops for want of generators (`RestartBudgetExceeded`,
     `NoGeneratorLeft`), so that it can be resumed from the current step.
     """
 
     def __init__(self, config: RunConfig, port: TrainerPort, local: LocalGenerators, intake: Intake,
-                 timeline: Timeline, *, version: Callable[[], int], weights: Callable[[], Mapping[str, torch.Tensor]],
+                 timeline: Timeline, *, version: Callable[[], int],
+                 weights: Callable[[], Iterable[tuple[str, torch.Tensor]]],
                  save_checkpoint: Callable[[], object]) -> None:
         self.config = config
         self.port = port
@@ -211,5 +213,5 @@ class Supervisor:
 
         path = self.local.run_dir / f"generator-weights-v{self._version()}.safetensors"
         # written before anything changes the weights: no copy of CPU tensors; a CUDA trainer's come to the host
-        save_file({k: v.detach().contiguous().cpu() for k, v in self._weights().items()}, str(path))
+        save_file({name: t.detach().contiguous().cpu() for name, t in self._weights()}, str(path))
         return path

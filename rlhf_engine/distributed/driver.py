@@ -2,15 +2,17 @@
 
 Rank 0 runs the engine (sockets, data, logs) and calls `Leader` methods at each point where all ranks must
 join in; `follow` is the whole life of every other rank: wait for the next op code (a broadcast int64),
-then take part in that collective. The run ends when rank 0 sends STOP (on success, error or interrupt);
-a rank that dies makes torchrun stop the others.
+then take part in that collective. The run ends when rank 0 sends STOP, which it does only while no op is
+under way (the followers wait for the next op code). A failure in the middle of an op leaves the other ranks
+inside a collective that never completes: rank 0 then sends nothing more, and the ranks end through the
+failure channel instead (`distributed.failure`).
 """
 
 from __future__ import annotations
 
 import enum
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -41,29 +43,56 @@ class Leader:
         self.trainer = trainer
         self._save = save
         self._stopped = False
+        self.busy: Op | None = None
+        """The op under way on the ranks (announced, not yet completed here), or None: the followers wait for an
+        op code (always None on one rank)."""
 
-    def _announce(self, op: Op) -> None:
+    def _begin(self, op: Op) -> None:
+        if not self.comm.distributed:  # one rank: nobody follows
+            return
+        if self.busy is not None:
+            raise RuntimeError(f"trainer ranks: {op.name} announced while {self.busy.name} is under way")
+        self.busy = op
         self.comm.broadcast_(torch.tensor([int(op)], dtype=torch.int64))
 
     def step(self, batch: StepBatch) -> dict[str, float]:
-        self._announce(Op.STEP)
-        return _run_step(self.trainer, self.comm, batch)
+        self._begin(Op.STEP)
+        stats = _run_step(self.trainer, self.comm, batch)
+        self.busy = None
+        return stats
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The full policy weights, one tensor at a time (the other ranks gather alongside)."""
-        self._announce(Op.WEIGHTS)
-        return self.trainer.policy_weights()
+    def weights(self, *, adapters: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """What the generators take each version, as `(HF name, tensor)` one at a time at every world size:
+        the LoRA adapters (`adapters`, one rank) or the full policy weights (gathered from the shards on
+        ranks, the other ranks alongside: drain the iterator before the next op)."""
+        if adapters:
+            return iter(self.trainer.adapter_state_dict().items())
+        self._begin(Op.WEIGHTS)
+        return self._until_drained(self.trainer.policy_weights())
+
+    def _until_drained(self, items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from items
+        self.busy = None
 
     def save(self, *args) -> Path:
         """Write a sharded checkpoint: `save(*args)` here, the followers' own `save()` alongside."""
-        self._announce(Op.SAVE)
-        return self._save(*args)
+        self._begin(Op.SAVE)
+        path = self._save(*args)
+        self.busy = None
+        return path
 
-    def stop(self) -> None:
-        """Release the other ranks (idempotent)."""
-        if not self._stopped and self.comm.distributed:
-            self._announce(Op.STOP)
+    def stop(self) -> bool:
+        """Release the other ranks (idempotent); returns whether they were released. Not while an op is under
+        way: the followers are inside its collectives, where an op code would be taken for the op's data (they
+        end through the failure channel)."""
+        if self._stopped or not self.comm.distributed:
+            self._stopped = True
+            return True
+        if self.busy is not None:
+            return False
+        self.comm.broadcast_(torch.tensor([int(Op.STOP)], dtype=torch.int64))
         self._stopped = True
+        return True
 
 
 def follow(comm: Comm, trainer, save: Callable[[], object]) -> int:

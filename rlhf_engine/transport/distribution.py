@@ -219,7 +219,9 @@ class WeightPublisher:
                 del self._shm_paths[old]
         return sent_to
 
-    def catch_up(self, version: int, weights: Callable[[], Mapping[str, torch.Tensor]], timeout_s: float) -> list[str]:
+    def catch_up(self, version: int,
+                 weights: Callable[[], Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]],
+                 timeout_s: float) -> list[str]:
         """Send ``version``, the newest published, as socket frames to the live generators that joined
         since it was published and got it from no shared-memory buffer; ``weights()`` (called only when
         one needs it) must return the tensors published as ``version``. Returns their names."""

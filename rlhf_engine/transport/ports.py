@@ -185,7 +185,8 @@ class TrainerPort(_Port):
         return self._control.weights.publish(version, named_tensors,
                                              self.config.ack_timeout_s if timeout_s is None else timeout_s)
 
-    def catch_up_weights(self, version: int, weights: Callable[[], Mapping[str, torch.Tensor]],
+    def catch_up_weights(self, version: int,
+                         weights: Callable[[], Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]],
                          timeout_s: float | None = None) -> list[str]:
         """Send the newest published ``version`` to generators on socket frames that joined after it was
         published (those on shared memory got it at their handshake); ``weights()`` returns the tensors
