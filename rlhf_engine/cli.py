@@ -148,7 +148,13 @@ def _run_ppo(args: argparse.Namespace, argv: list[str]) -> int:
         except (ValueError, RuntimeError) as e:  # RendezvousError is a RuntimeError
             print(f"rlhf-engine ppo: trainer ranks: {e}", file=sys.stderr)
             return 2
-        summary = run_ppo_ranks(config, args.resume)
+        from rlhf_engine.distributed.failure import RankFailed
+
+        try:
+            summary = run_ppo_ranks(config, args.resume)
+        except RankFailed as e:
+            print(f"rlhf-engine ppo: {_one_line(e)}; {_resume_hint(config.engine.run_dir)}", file=sys.stderr)
+            return 1
         if summary is None:  # not rank 0
             return 0
     else:
@@ -168,6 +174,16 @@ def _run_ppo(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _resume_hint(run_dir: str) -> str:
+    """Where a stopped run continues from: `--resume RUN_DIR` and its newest checkpoint's step."""
+    from rlhf_engine.checkpoint import latest_checkpoint, load_state
+
+    newest = latest_checkpoint(Path(run_dir))
+    if newest is None:
+        return f"no checkpoint was written yet (engine.save_steps) in {run_dir}"
+    return f"continue with --resume {run_dir} (newest checkpoint: step {load_state(newest)['step']})"
+
+
 def _launch_ranks(config, nproc: int, argv: list[str]) -> int:
     """`--nproc N`: check that the batch splits over N ranks, then re-run this command under torchrun."""
     from rlhf_engine.distributed.launch import relaunch
@@ -178,7 +194,7 @@ def _launch_ranks(config, nproc: int, argv: list[str]) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"rlhf-engine ppo: --nproc {nproc}: {e}", file=sys.stderr)
         return 2
-    return relaunch(nproc, argv)
+    return relaunch(nproc, argv, restarts=config.engine.trainer_restarts, run_dir=config.engine.run_dir)
 
 
 def _run_generator(args: argparse.Namespace) -> int:

@@ -138,6 +138,9 @@ class EngineConfig:
     a batch may wait and take to generate, or work is done twice."""
     no_generator_timeout_s: float = 300.0
     """The run stops when no generator was connected (and no local one starting) for this long."""
+    trainer_restarts: int = 0
+    """Trainer ranks started by `--nproc N`: after a rank fails, the whole job starts again from the run's
+    newest checkpoint, at most this many times (`save_steps` sets how much is run again)."""
     progress: bool = True
     """Show a progress bar."""
     loggers: list[LoggerName] = field(default_factory=lambda: ["jsonl", "tensorboard"])
@@ -169,6 +172,8 @@ class EngineConfig:
         for name in ("rollout_timeout_s", "restart_window_s", "reissue_timeout_s", "no_generator_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"engine.{name} ({getattr(self, name)}) must be > 0")
+        if self.trainer_restarts < 0:
+            raise ValueError(f"engine.trainer_restarts ({self.trainer_restarts}) must be >= 0")
         if self.max_generator_restarts < 0:
             raise ValueError(f"engine.max_generator_restarts ({self.max_generator_restarts}) must be >= 0")
         unknown = [n for n in self.loggers if n not in LOGGERS]

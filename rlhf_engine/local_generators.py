@@ -145,15 +145,22 @@ class LocalGenerators:
     def stop(self, i: int, grace_s: float = 10.0) -> None:
         """Stop generator `i` and every process it started (also when it is already dead), and remove
         its staging folder."""
-        stop_child(self._children[i].proc, grace_s=grace_s)
-        shutil.rmtree(self._children[i].staging_dir, ignore_errors=True)
+        try:
+            stop_child(self._children[i].proc, grace_s=grace_s)
+        finally:  # also when a second signal cuts the wait short (the child then ends with us: PDEATHSIG)
+            shutil.rmtree(self._children[i].staging_dir, ignore_errors=True)
 
     def stop_all(self, grace_s: float = 10.0) -> None:
-        """Stop every generator; the first waits up to `grace_s`, the others only what is left of it."""
+        """Stop every generator; the first waits up to `grace_s`, the others only what is left of it. Every
+        staging folder is removed, also when a signal (torchrun stopping the ranks) interrupts the stops."""
         deadline = time.monotonic() + grace_s
-        for i in list(self._children):
-            self.stop(i, grace_s=max(0.0, deadline - time.monotonic()))
-        self._children.clear()
+        try:
+            for i in list(self._children):
+                self.stop(i, grace_s=max(0.0, deadline - time.monotonic()))
+        finally:
+            for child in self._children.values():
+                shutil.rmtree(child.staging_dir, ignore_errors=True)
+            self._children.clear()
 
     def __len__(self) -> int:
         return len(self._children)

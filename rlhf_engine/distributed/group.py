@@ -30,6 +30,12 @@ class RankInfo:
     rank: int
     world_size: int
     local_rank: int
+    master_addr: str = "127.0.0.1"
+    """Host of the job's key-value store (torchrun's agent store or rank 0's)."""
+    master_port: int = 29500
+    attempt: str = "0"
+    """This start of the job: torchrun's run id and restart count (`TORCHELASTIC_RUN_ID/RESTART_COUNT`), so
+    that what one attempt wrote to the store is not read by the next."""
 
 
 def launched_by_torchrun(env: Mapping[str, str] | None = None) -> bool:
@@ -49,12 +55,14 @@ def rank_info_from_env(env: Mapping[str, str] | None = None) -> RankInfo:
         )
     try:
         rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
-        int(env["MASTER_PORT"])
+        port = int(env["MASTER_PORT"])
+        restart = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
     except ValueError as e:
         raise RendezvousError(f"bad rendezvous variable: {e}") from None
     if not 0 <= rank < world:
         raise RendezvousError(f"RANK ({rank}) must lie in [0, WORLD_SIZE ({world}))")
-    return RankInfo(rank=rank, world_size=world, local_rank=local)
+    return RankInfo(rank=rank, world_size=world, local_rank=local, master_addr=env["MASTER_ADDR"], master_port=port,
+                    attempt=f"{env.get('TORCHELASTIC_RUN_ID', 'none')}/{restart}")
 
 
 def resolve_device(config: DistributedConfig, local_rank: int = 0) -> torch.device:

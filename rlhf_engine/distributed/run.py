@@ -6,14 +6,18 @@ trainer would; every other rank builds the same trainer and follows rank 0's ops
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from rlhf_engine.distributed.comm import Comm
 from rlhf_engine.distributed.config import check_divisible, check_mixed_precision
+from rlhf_engine.distributed.failure import FailureChannel
 from rlhf_engine.distributed.group import (
     destroy_process_group, init_process_group, rank_info_from_env, resolve_backend, resolve_device,
 )
+
+log = logging.getLogger(__name__)
 
 
 def preflight(config, world_size: int | None = None) -> None:
@@ -33,25 +37,53 @@ def preflight(config, world_size: int | None = None) -> None:
 
 
 def run_ppo_ranks(config, resume: str | Path | None) -> dict[str, Any] | None:
-    """Join the job, run this rank's part; returns rank 0's run summary (None on the other ranks)."""
+    """Join the job, run this rank's part; returns rank 0's run summary (None on the other ranks).
+
+    A failure on any rank ends every rank (`distributed.failure`): the failing rank raises its error, rank 0
+    raises `RankFailed` naming the failing rank when it is another, and the other ranks return None.
+    """
     from rlhf_engine.distributed.dcp import load_trainer, save_trainer
     from rlhf_engine.distributed.driver import follow
     from rlhf_engine.engine import RLHFEngine
     from rlhf_engine.trainer.ppo_from_config import build_ppo_trainer
 
-    _, device = init_process_group(config.trainer)
+    info, device = init_process_group(config.trainer)
     comm = Comm.from_process_group(device)
+    channel = FailureChannel.connect(info, config.trainer.timeout_s)
     try:
         if comm.is_main:
-            with RLHFEngine(config, resume=resume, comm=comm) as engine:
-                for _ in engine.steps():
-                    pass
-                return engine.summary()
+            engine = RLHFEngine(config, resume=resume, comm=comm)
+            channel.watch(on_stuck=engine.abandon, exit_code=1)
+            return _lead(engine, channel)
+        channel.watch(exit_code=0)  # a rank stopped by another's failure did not fail
         ckpt = comm.broadcast_str(None)
         trainer, _ = build_ppo_trainer(config, Path(ckpt) if ckpt else None, comm)
         if ckpt:
             load_trainer(Path(ckpt), trainer)  # models, optimizer, scheduler, KL controller, version, RNGs
         follow(comm, trainer, lambda: save_trainer(comm, None, trainer, {}))
         return None
+    except BaseException as e:
+        cause = channel.report(e)  # None: this rank's own failure, now reported to the others
+        if cause is None:
+            raise
+        if comm.is_main:
+            raise cause from e
+        log.error("trainer rank %d stopped: %s", comm.rank, cause)
+        return None
     finally:
+        channel.close()
         destroy_process_group()
+
+
+def _lead(engine, channel: FailureChannel) -> dict[str, Any]:
+    """Rank 0's run; a failure is reported before the generators are stopped, so the other ranks end meanwhile."""
+    engine.start()
+    try:
+        for _ in engine.steps():
+            pass
+        return engine.summary()
+    except BaseException as e:
+        channel.report(e)
+        raise
+    finally:
+        engine.stop()

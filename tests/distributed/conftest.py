@@ -8,8 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import json
+
 import pytest
 import torch
+
+from rlhf_engine.data import synthetic
+from rlhf_engine.models.tiny import make_tiny_model_dir
 
 from tests.helpers.threads import one_torch_thread  # noqa: F401 (autouse fixture; each torchrun rank has 1 thread too)
 
@@ -73,3 +78,13 @@ def read_dcp_tensors(path: Path) -> dict[str, torch.Tensor]:
                if isinstance(m, TensorStorageMetadata)}
     dcp.load(tensors, checkpoint_id=str(path), no_dist=True)
     return tensors
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """(tiny policy folder, 64 synthetic prompts as JSONL) for engine runs on ranks."""
+    root = tmp_path_factory.mktemp("engine_ranks")
+    policy = make_tiny_model_dir(root / "policy")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in synthetic.prompts(64, seed=0)))
+    return policy, prompts

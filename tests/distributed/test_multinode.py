@@ -11,8 +11,7 @@ import subprocess
 import sys
 import uuid
 
-from tests.distributed.test_engine_ranks import files  # noqa: F401 (the run's model and prompts)
-from tests.distributed.test_engine_ranks import MARK, assert_none_left, metric_steps, write_config
+from tests.distributed.engine_runs import MARK, assert_none_left, metric_steps, write_config
 
 
 def free_port() -> int:
