@@ -91,7 +91,7 @@ def wait_for_step(proc: subprocess.Popen, run: Path, step: int, timeout: float =
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("mode", ["sync", pytest.param("async", marks=pytest.mark.slow)])
 def test_generator_killed_under_two_ranks_is_replaced_from_the_newest_weights(tmp_path, files, straight, mode):
     """SIGKILL of the only generator after the first weight update: the replacement starts from the weights every
     rank gathered, and the run completes with each step's prompts as the uninterrupted run's."""
@@ -155,6 +155,7 @@ def test_an_exception_on_one_rank_ends_every_rank_and_the_run_resumes_exactly(tm
     assert_none_left(mark)
 
 
+@pytest.mark.slow  # torchrun's own handling of a dead rank; the failure channel's cases run by default
 def test_a_killed_rank_stops_the_whole_job_and_the_run_resumes_exactly(tmp_path, files, straight):
     """SIGKILL of rank 1 during step 2: torchrun names it, every rank and generator ends, no shared memory is
     left; `--resume` on 2 ranks continues from the newest checkpoint to the uninterrupted run's end."""
