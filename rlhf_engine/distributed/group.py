@@ -30,10 +30,10 @@ class RankInfo:
     rank: int
     world_size: int
     local_rank: int
-    master_addr: str = "127.0.0.1"
+    master_addr: str
     """Host of the job's key-value store (torchrun's agent store or rank 0's)."""
-    master_port: int = 29500
-    attempt: str = "0"
+    master_port: int
+    attempt: str
     """This start of the job: torchrun's run id and restart count (`TORCHELASTIC_RUN_ID/RESTART_COUNT`), so
     that what one attempt wrote to the store is not read by the next."""
 

@@ -55,9 +55,9 @@ def relaunch(nproc: int, cli_args: list[str], *, restarts: int = 0, run_dir: str
 
     interrupted = []
     args = list(cli_args)
-    for attempt in range(restarts + 1):
+    for attempt in range(restarts):
         code = _run(torchrun_command(nproc, args), interrupted)
-        if code == 0 or interrupted or attempt == restarts:
+        if code == 0 or interrupted:
             return code
         newest = latest_checkpoint(Path(run_dir)) if run_dir is not None else None
         if newest is None:
@@ -67,7 +67,7 @@ def relaunch(nproc: int, cli_args: list[str], *, restarts: int = 0, run_dir: str
         print(f"rlhf-engine ppo: the trainer ranks failed (exit {code}); restart {attempt + 1} of {restarts} "
               f"from {newest}", file=sys.stderr, flush=True)
         args = with_resume(cli_args, run_dir)
-    return code
+    return _run(torchrun_command(nproc, args), interrupted)
 
 
 def _run(command: list[str], interrupted: list[int]) -> int:
