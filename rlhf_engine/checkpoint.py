@@ -20,9 +20,12 @@ import json
 import os
 import re
 import shutil
+import signal
+import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from types import FrameType
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -114,6 +117,54 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) and SIGTERM while a checkpoint is written, and deliver them to the handlers in
+    place before once it is: an interrupt in the middle of a write does not come out as an interrupt (torch's
+    zip writer, under DCP, turns it into `RuntimeError: unexpected pos`), and the checkpoint in progress is
+    the one a user who stops a run wants kept. A second signal is delivered at once, so a save stuck on a
+    dead peer stays interruptible. Signal handlers belong to the main thread: in another thread this holds
+    nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in _HELD_SIGNALS}
+    held: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        if held:  # the second: now
+            held.clear()
+            _restore(previous)
+            _deliver(signum, previous[signum], frame)
+        else:
+            held.append(signum)
+
+    for signum in _HELD_SIGNALS:
+        signal.signal(signum, hold)
+    try:
+        yield
+    finally:
+        _restore(previous)
+        if held:
+            _deliver(held[0], previous[held[0]], None)
+
+
+def _restore(handlers: dict[int, Callable | int | None]) -> None:
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def _deliver(signum: int, handler: Callable | int | None, frame: FrameType | None) -> None:
+    """What `signum` would have done under `handler` (installed again by the caller)."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler in (signal.SIG_DFL, None):
+        os.kill(os.getpid(), signum)
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:

@@ -31,7 +31,8 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from rlhf_engine.checkpoint import STATE_JSON, STATE_TENSORS, CheckpointError, atomic_directory, load_state, write_state
+from rlhf_engine.checkpoint import (STATE_JSON, STATE_TENSORS, CheckpointError, atomic_directory, interrupts_held,
+                                   load_state, write_state)
 from rlhf_engine.distributed.comm import Comm
 from rlhf_engine.trainer.optim import implementation_kept
 
@@ -119,13 +120,14 @@ def save_sharded(
     extra: the rest of the state as a tree of tensors and JSON values (rank 0's is saved);
     folders: sub-directory -> writer, called on every rank (writers gather, rank 0 writes; see `save_hf_folder`).
     """
-    if comm.is_main:
-        final = Path(final)
-        with atomic_directory(final) as tmp:
-            _write(comm, tmp, modules, optimizer, extra, folders or {})
-    else:
-        _write(comm, None, modules, optimizer, extra, folders or {})
-    comm.barrier()  # the rename is done: every rank may read the checkpoint
+    with interrupts_held():  # Ctrl-C during a save: the checkpoint is finished, then the run stops
+        if comm.is_main:
+            final = Path(final)
+            with atomic_directory(final) as tmp:
+                _write(comm, tmp, modules, optimizer, extra, folders or {})
+        else:
+            _write(comm, None, modules, optimizer, extra, folders or {})
+        comm.barrier()  # the rename is done: every rank may read the checkpoint
     return final
 
 
@@ -170,8 +172,9 @@ def load_sharded(
 @contextmanager
 def _interrupts_pass_through() -> Iterator[None]:
     """DCP wraps whatever a rank raised in a CheckpointException, Ctrl-C and SystemExit too: those come out as
-    themselves, so that an interrupted save or load stops the run as an interrupt (exit status 130), not as a
-    failed checkpoint (the atomic folder leaves no partial one behind)."""
+    themselves, so that an interrupted load (or a save cut by a second Ctrl-C, see `interrupts_held`) stops the
+    run as an interrupt (exit status 130), not as a failed checkpoint (the atomic folder leaves no partial one
+    behind)."""
     try:
         yield
     except CheckpointException as e:

@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
-from rlhf_engine.checkpoint import atomic_directory
+from rlhf_engine.checkpoint import atomic_directory, interrupts_held
 from rlhf_engine.data.records import DataStats
 from rlhf_engine.metrics import MetricsLogger
 from rlhf_engine.models.lora import LoraConfig, apply_lora, is_lora, merged_state_dict
@@ -206,7 +206,7 @@ def save_hf_folder(model, tokenizer, path: str | Path, *, atomic: bool) -> Path:
     is written in place)."""
     path = Path(path)
     if atomic:
-        with atomic_directory(path) as tmp:
+        with interrupts_held(), atomic_directory(path) as tmp:
             _write_model(model, tokenizer, tmp)
     else:
         path.mkdir(parents=True, exist_ok=True)

@@ -1,15 +1,17 @@
 """Sharded checkpoints in a single process (no process group): what they hold, and the errors for a folder
 that is not one, a damaged one, one written for other models, and an older single-process one."""
 
+import os
 import shutil
+import signal
 
 import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemWriter
 
-from rlhf_engine.checkpoint import CheckpointError, atomic_directory, write_state
+from rlhf_engine.checkpoint import CheckpointError, atomic_directory, load_state, write_state
 from rlhf_engine.distributed import Comm
-from rlhf_engine.distributed.dcp import (Layout, checkpoint_layout, load_trainer, resumable_layout, save_sharded,
+from rlhf_engine.distributed.dcp import (DCP_DIR, Layout, checkpoint_layout, load_trainer, resumable_layout, save_sharded,
                                          save_trainer)
 from tests.distributed.workers.ppo_scenarios import make_trainer, run_steps
 
@@ -88,8 +90,28 @@ def test_an_older_single_process_checkpoint_resumes_on_one_rank_only(saved, tmp_
         load_trainer(old, make_trainer(Comm(), "gae"))
 
 
-def test_an_interrupt_during_a_save_comes_out_as_itself(tmp_path, monkeypatch):
-    # DCP wraps a rank's exception in a CheckpointException (a BaseException): Ctrl-C must stay a KeyboardInterrupt
+def test_ctrl_c_during_a_save_finishes_the_checkpoint_then_interrupts(tmp_path, monkeypatch):
+    # a SIGINT in the middle of DCP's write: it is held until the checkpoint is complete, then raised (unheld,
+    # torch's zip writer turned it into "RuntimeError: unexpected pos")
+    write_data = FileSystemWriter.write_data
+
+    def interrupted(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return write_data(self, *args, **kwargs)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", interrupted)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(KeyboardInterrupt):
+        save_sharded(Comm(), tmp_path / "ckpt", {"policy": model}, torch.optim.SGD(model.parameters(), lr=0.1),
+                     {"step": 3})
+    assert (tmp_path / "ckpt" / DCP_DIR / ".metadata").is_file()
+    assert load_state(tmp_path / "ckpt") == {"step": 3}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_interrupt_raised_inside_a_save_comes_out_as_itself(tmp_path, monkeypatch):
+    # DCP wraps a rank's exception in a CheckpointException (a BaseException): a KeyboardInterrupt raised in
+    # the write (a second Ctrl-C) must stay one
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 

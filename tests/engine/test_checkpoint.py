@@ -1,6 +1,9 @@
 """The format-independent pieces of checkpoints: atomic folders, the pickle-free state files, pruning, RNG."""
 
+import os
 import random
+import signal
+import threading
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from rlhf_engine.checkpoint import (
     atomic_directory,
     checkpoint_path,
     flatten_state,
+    interrupts_held,
     latest_checkpoint,
     list_checkpoints,
     load_state,
@@ -106,3 +110,55 @@ def test_rng_state_restores_all_generators():
     set_rng_state(unflatten_state(tree, tensors))
     b = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_ctrl_c_is_held_until_the_block_ends_then_delivered():
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("rest of the write")
+    assert done == ["rest of the write"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigterm_is_held_and_goes_to_the_handler_in_place():
+    got = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        with interrupts_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert got == []
+        assert got == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_second_ctrl_c_interrupts_at_once():
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("not reached")
+    assert done == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_block_without_a_signal_changes_nothing():
+    with interrupts_held():
+        pass
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_outside_the_main_thread_nothing_is_held():
+    seen = []
+
+    def body():
+        with interrupts_held():
+            seen.append(signal.getsignal(signal.SIGINT))
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert seen == [signal.default_int_handler]
