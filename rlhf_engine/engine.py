@@ -37,7 +37,8 @@ from rlhf_engine.checkpoint import (
 from rlhf_engine.config import RunConfig, import_function, save_run_config
 from rlhf_engine.config_loader import to_dict
 from rlhf_engine.cpu_plan import CpuPlan, TrainerCpus, make_cpu_plan
-from rlhf_engine.data.prompts import PromptStream, tokenize_prompts
+from rlhf_engine.data.columns import check_columns, completion_columns
+from rlhf_engine.data.prompts import PromptSet, PromptStream, read_prompts
 from rlhf_engine.data.records import DataStats
 from rlhf_engine.distributed import Comm, StepBatch
 from rlhf_engine.distributed.dcp import DCP_DIR, Layout, load_trainer, resumable_layout, save_trainer
@@ -45,6 +46,7 @@ from rlhf_engine.distributed.driver import Leader
 from rlhf_engine.intake import Intake, IntakeLimits
 from rlhf_engine.local_generators import LocalGenerators
 from rlhf_engine.metrics import MetricsLogger, Timeline, drop_steps_after, idle_fractions, read_jsonl
+from rlhf_engine.models.reward_scoring import function_scores
 from rlhf_engine.rollout.adapters import run_generator_config, sync_fingerprint, weight_specs
 from rlhf_engine.supervisor import Supervisor
 from rlhf_engine.transport import Rollout, TrainerPort
@@ -100,7 +102,10 @@ class RLHFEngine:
         self._stream_states: dict[int, dict[str, int]] = {}
         self._metrics: MetricsLogger | None = None
         self._timeline: Timeline | None = None
+        self._prompts: PromptSet | None = None
         self._stream: PromptStream | None = None
+        self._dataset_index: dict[int, int] = {}
+        """The dataset index (`PromptSet` row) of each prompt in flight, by its wire prompt id."""
         self._next_batch = 0
         self._gold_fn: Callable | None = None
         self._vocab_size = 0
@@ -135,11 +140,11 @@ class RLHFEngine:
             ckpt = self._find_resume_checkpoint()
             self.comm.broadcast_str(str(ckpt) if ckpt is not None else "")  # the other ranks load it too
             self._build_trainer(ckpt)
-            self._build_prompts()
-            self._intake = Intake(IntakeLimits(vocab_size=self._vocab_size, response_length=cfg.ppo.response_length,
-                                               num_generations=cfg.ppo.num_generations))
             if cfg.model.gold_fn is not None:
                 self._gold_fn = import_function(cfg.model.gold_fn)
+            self._build_prompts()  # checks the fields the reward and gold functions take
+            self._intake = Intake(IntakeLimits(vocab_size=self._vocab_size, response_length=cfg.ppo.response_length,
+                                               num_generations=cfg.ppo.num_generations))
             state = self._load_state(ckpt) if ckpt is not None else None
             if state is not None:
                 self._restore(state)
@@ -313,10 +318,21 @@ class RLHFEngine:
         return load_trainer(ckpt, self.trainer)
 
     def _build_prompts(self) -> None:
-        stats = DataStats("prompts")
-        prompts = tokenize_prompts(self.config.data.prompts, self.tokenizer, self.config.data.max_prompt_length, stats)
+        self._prompts = self._read_prompts(self.config.data.prompts, "prompts")
+        self._stream = PromptStream(self._prompts.token_ids, seed=self.config.ppo.seed, shuffle=self.config.data.shuffle)
+
+    def _read_prompts(self, source: str, name: str) -> PromptSet:
+        """The prompts of `source`, with a `DataError` (file:line, field, function) when the reward or gold
+        function takes a field some record lacks: before any generator starts."""
+        stats = DataStats(name)
+        prompts = read_prompts(source, self.tokenizer, self.config.data.max_prompt_length, stats)
         log.info(stats.summary())
-        self._stream = PromptStream(prompts, seed=self.config.ppo.seed, shuffle=self.config.data.shuffle)
+        m = self.config.model
+        for fn, setting in ((self.trainer.reward_fn, f"model.reward_fn ({m.reward_fn})"),
+                            (self._gold_fn, f"model.gold_fn ({m.gold_fn})")):
+            if fn is not None:
+                check_columns(fn, setting, prompts.columns, prompts.wheres)
+        return prompts
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
@@ -347,6 +363,7 @@ class RLHFEngine:
             self._stream_states[b] = self._stream.state_dict()
             drawn = self._stream.next_batch(self.config.prompts_per_step)
             prompts = {b * self.config.prompts_per_step + j: p.token_ids for j, p in enumerate(drawn)}
+            self._dataset_index.update({b * self.config.prompts_per_step + j: p.prompt_id for j, p in enumerate(drawn)})
             self._intake.issue(b, prompts, self.trainer.policy_version, time.monotonic())
             self._supervisor.send(b, prompts)
             self._next_batch += 1
@@ -386,16 +403,23 @@ class RLHFEngine:
         rollouts = sorted(batch.rollouts, key=lambda r: r.prompt_id)  # stable: group members stay together
         queries = [r.prompt_token_ids for r in rollouts]
         responses = [r.response_token_ids for r in rollouts]
+        # the records' fields by prompt id, one row per completion (a prompt's row repeated for its group)
+        rows = [self._prompts.columns[self._dataset_index[r.prompt_id]] for r in rollouts]
+        for pid in {r.prompt_id for r in rollouts}:
+            del self._dataset_index[pid]
         stats = self._leader.step(StepBatch(  # every trainer rank joins (one rank: the plain step)
             queries, responses, None,
             behaviour_logprobs=[r.logprobs for r in rollouts],
             policy_versions=torch.tensor([r.policy_version for r in rollouts], dtype=torch.long),
+            columns=completion_columns(rows, self.trainer.reward_fn, self._prompts.column_names),
         ))
         stats["env/generated_tokens"] = float(sum(int(r.numel()) for r in responses))
         if self._gold_fn is not None:
             prompts = self.tokenizer.batch_decode(queries, skip_special_tokens=True)
             completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-            gold = torch.as_tensor(self._gold_fn(prompts, completions), dtype=torch.float32)
+            gold = function_scores(self._gold_fn, prompts, completions,
+                                   completion_columns(rows, self._gold_fn, self._prompts.column_names),
+                                   setting="model.gold_fn")
             stats["env/gold_mean"] = float(gold.mean())
         return stats
 

@@ -1,16 +1,18 @@
 """PPO prompts: read, tokenize, and hand out in deterministic shuffled epochs.
 
 The trainer owns the data position: `PromptStream.state_dict()` is saved in checkpoints, so a
-resumed run sees exactly the prompts an uninterrupted run would have seen.
+resumed run sees exactly the prompts an uninterrupted run would have seen. A record's other fields
+(its columns, `rlhf_engine.data.columns`) stay on the trainer, by prompt index, for the reward functions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from rlhf_engine.data.columns import record_columns
 from rlhf_engine.data.formats import _messages, render_chat
 from rlhf_engine.data.records import DataError, DataStats, read_records
 
@@ -23,13 +25,34 @@ class Prompt:
     token_ids: list[int]
 
 
-def tokenize_prompts(source: Any, tokenizer, max_prompt_length: int, stats: DataStats | None = None) -> list[list[int]]:
-    """Token ids of every record's `prompt` (a string, or chat messages rendered with a generation prompt).
+@dataclass(frozen=True)
+class PromptSet:
+    """The prompts of a dataset, tokenized, with each record's columns; index i is prompt id i."""
+
+    source: str
+    token_ids: list[list[int]]
+    columns: list[dict[str, Any]]
+    """Each record's fields but `prompt` (JSON values), for the reward functions."""
+    wheres: list[str]
+    """Where each record came from (`file:line`)."""
+    column_names: frozenset[str] = field(init=False)
+    """Every column some record has."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "column_names", frozenset(k for c in self.columns for k in c))
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+def read_prompts(source: Any, tokenizer, max_prompt_length: int, stats: DataStats | None = None) -> PromptSet:
+    """Token ids of every record's `prompt` (a string, or chat messages rendered with a generation prompt),
+    and the record's other fields.
 
     Prompts longer than `max_prompt_length` keep their last tokens (counted in `stats.truncated`).
     """
     stats = stats if stats is not None else DataStats("prompts")
-    out = []
+    token_ids, columns, wheres = [], [], []
     for record in read_records(source, stats):
         if "prompt" not in record.fields:
             raise DataError(f"{record.where}: missing field 'prompt' (fields: {sorted(record.fields)})")
@@ -44,11 +67,18 @@ def tokenize_prompts(source: Any, tokenizer, max_prompt_length: int, stats: Data
         if len(ids) > max_prompt_length:
             ids = ids[-max_prompt_length:]
             stats.truncated += 1
-        out.append(list(ids))
-    if not out:
+        token_ids.append(list(ids))
+        columns.append(record_columns(record.fields))
+        wheres.append(record.where)
+    if not token_ids:
         raise DataError(f"no prompts in {source}")
-    stats.kept = len(out)
-    return out
+    stats.kept = len(token_ids)
+    return PromptSet(str(source), token_ids, columns, wheres)
+
+
+def tokenize_prompts(source: Any, tokenizer, max_prompt_length: int, stats: DataStats | None = None) -> list[list[int]]:
+    """The token ids of `read_prompts`."""
+    return read_prompts(source, tokenizer, max_prompt_length, stats).token_ids
 
 
 class PromptStream:

@@ -30,7 +30,8 @@ class Op(enum.IntEnum):
 def _run_step(trainer, comm: Comm, batch: StepBatch | None) -> dict[str, float]:
     batch = broadcast_step_batch(comm, batch)
     return trainer.step(batch.queries, batch.responses, batch.scores,
-                        behaviour_logprobs=batch.behaviour_logprobs, policy_versions=batch.policy_versions)
+                        behaviour_logprobs=batch.behaviour_logprobs, policy_versions=batch.policy_versions,
+                        columns=batch.columns)
 
 
 class Leader:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from rlhf_engine.data.columns import column_kwargs
 from rlhf_engine.models.loading import freeze
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float] | torch.Tensor]
-"""reward_fn(prompts, completions) -> one score per completion."""
+"""reward_fn(prompts, completions, **columns it names) -> one score per completion (`rlhf_engine.data.columns`)."""
 
 
 def load_reward_model(path: str | Path, dtype: str | torch.dtype | None = None) -> nn.Module:
@@ -45,10 +46,13 @@ def model_scores(
     return logits[:, 0].float()
 
 
-def function_scores(reward_fn: RewardFn, prompts: list[str], completions: list[str]) -> torch.Tensor:
-    """Call `reward_fn(prompts, completions)` and check it returns one float per completion."""
-    scores = torch.as_tensor(reward_fn(prompts, completions), dtype=torch.float32).reshape(-1)
+def function_scores(reward_fn: RewardFn, prompts: list[str], completions: list[str],
+                    columns: Mapping[str, Sequence[Any]] | None = None, setting: str = "model.reward_fn") -> torch.Tensor:
+    """Call `reward_fn(prompts, completions, **the columns it takes)` (`rlhf_engine.data.columns`: one value
+    per completion) and check it returns one float per completion."""
+    scores = torch.as_tensor(reward_fn(prompts, completions, **column_kwargs(reward_fn, columns)),
+                             dtype=torch.float32).reshape(-1)
     if scores.shape[0] != len(completions):
         name = getattr(reward_fn, "__qualname__", repr(reward_fn))
-        raise ValueError(f"model.reward_fn ({name}) returned {scores.shape[0]} scores for {len(completions)} completions")
+        raise ValueError(f"{setting} ({name}) returned {scores.shape[0]} scores for {len(completions)} completions")
     return scores

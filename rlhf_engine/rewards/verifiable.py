@@ -1,18 +1,21 @@
 """Rewards a program can check: the final answer against a reference, and the answer's format.
 
-Both have, or build, the `model.reward_fn` signature `fn(prompts, completions) -> one float each`
-(prompts and completions decoded without special tokens):
+Each is, or builds, a `model.reward_fn` (prompts and completions decoded without special tokens; one float
+per completion). The reference answer comes from the prompt's own record (its `answer` field, a keyword
+argument: `rlhf_engine.data.columns`), for string and chat prompts alike:
 
-    key = AnswerKey.from_jsonl("problems.jsonl")        # {"prompt": ..., "answer": "42"} per line
-    correct = exact_match(key)                           # 1.0 when the final answer equals the key's
+    reward_fn: rlhf_engine.rewards:correct               # {"prompt": ..., "answer": "42"} per line
     reward = weighted((correct, 1.0), (format_reward, 0.1))
+
+The fallback, for records without the answer or code that sees only the text: an `AnswerKey` looks the
+answer up by the prompt's text (string prompts only): `exact_match(AnswerKey.from_jsonl("problems.jsonl"))`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from rlhf_engine.rewards.answers import answers_match, extract_answer
 
@@ -34,13 +37,18 @@ class AnswerKey:
 
     @classmethod
     def from_jsonl(cls, path: str | Path, prompt_field: str = "prompt", answer_field: str = "answer") -> "AnswerKey":
-        """The key of a JSONL file with a string `prompt_field` and an `answer_field` on every line."""
+        """The key of a JSONL file with a string `prompt_field` and an `answer_field` on every line. (Chat
+        prompts have no text to look up: take the answer from the record instead, `correct`.)"""
         answers = {}
         with open(path, encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 record = json.loads(line)
+                if isinstance(record.get(prompt_field), list):
+                    raise ValueError(f"{path}:{line_no}: {prompt_field!r} is chat messages, which an AnswerKey cannot "
+                                     f"look up by text: let the reward take the record's {answer_field!r} field "
+                                     f"instead (reward_fn: rlhf_engine.rewards:correct, or exact_match())")
                 if not isinstance(record.get(prompt_field), str) or answer_field not in record:
                     raise ValueError(f"{path}:{line_no}: needs a string {prompt_field!r} and an {answer_field!r} field "
                                      f"(has {sorted(record)})")
@@ -70,20 +78,37 @@ class AnswerKey:
                        "is data.prompts the file the key was built from, and no prompt cut by data.max_prompt_length?")
 
 
-def exact_match(references: Callable[[list[str]], list[str]]) -> Callable[[list[str], list[str]], list[float]]:
+def exact_match(references: Callable[[list[str]], list[str]] | None = None) -> Callable[..., list[float]]:
     """A reward function: 1.0 when a completion's final answer (`#### 42` or `\\boxed{42}`) equals the
     reference answer of its prompt (as numbers when both are numbers: `42.0` == `42` == `$42.`), else 0.0.
 
-    references: prompts -> their answers (an `AnswerKey`, or any function of that form).
+    references None: the reference is the prompt record's `answer` field (`fn(prompts, completions, answer)`,
+    `rlhf_engine.data.columns`; a run whose records lack it fails when the prompts are read); or a function
+    prompts -> their answers (an `AnswerKey`: looked up by the prompt's text, `fn(prompts, completions)`).
     """
+    if references is None:
+        def exact_match_reward(prompts: list[str], completions: list[str], answer: list[Any]) -> list[float]:
+            if len(answer) != len(completions):
+                raise ValueError(f"{len(answer)} answers for {len(completions)} completions")
+            return _matches(completions, [str(a) for a in answer])
 
-    def exact_match_reward(prompts: list[str], completions: list[str]) -> list[float]:
+        return exact_match_reward
+
+    def exact_match_key_reward(prompts: list[str], completions: list[str]) -> list[float]:
         refs = references(prompts)
         if len(refs) != len(prompts):
             raise ValueError(f"the reference function returned {len(refs)} answers for {len(prompts)} prompts")
-        return [float(answers_match(extract_answer(c), r)) for c, r in zip(completions, refs)]
+        return _matches(completions, refs)
 
-    return exact_match_reward
+    return exact_match_key_reward
+
+
+def _matches(completions: list[str], references: list[str]) -> list[float]:
+    return [float(answers_match(extract_answer(c), r)) for c, r in zip(completions, references)]
+
+
+correct = exact_match()
+"""`model.reward_fn: rlhf_engine.rewards:correct`: 1.0 when the final answer equals the record's `answer`."""
 
 
 def format_reward(prompts: list[str], completions: list[str]) -> list[float]:

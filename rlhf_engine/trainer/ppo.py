@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -165,15 +165,22 @@ class PPOTrainer:
                                 self.eos_token_id, seed, **generation_kwargs)
 
     @torch.no_grad()
-    def score(self, queries: TokenSeqs, responses: TokenSeqs) -> torch.Tensor:
+    def score(self, queries: TokenSeqs, responses: TokenSeqs,
+              columns: Mapping[str, Sequence[Any]] | None = None) -> torch.Tensor:
         """Scores [B] of (query, response) pairs from the reward model or the reward function (with several
-        ranks, each scores its share and the scores are gathered)."""
+        ranks, each scores its share and the scores are gathered). columns: the prompt records' fields, one
+        value per sample, for a reward function that takes them (`rlhf_engine.data.columns`)."""
         queries = as_token_list(queries, "queries")
         responses = as_token_list(responses, "responses")
         mine = self.comm.shard(len(queries))
-        return self.comm.all_gather_rows(self._score(queries[mine], responses[mine]))
+        for name, values in (columns or {}).items():
+            if len(values) != len(queries):
+                raise ValueError(f"column {name!r} has {len(values)} values for {len(queries)} samples")
+        columns = {name: list(values)[mine] for name, values in (columns or {}).items()}
+        return self.comm.all_gather_rows(self._score(queries[mine], responses[mine], columns))
 
-    def _score(self, queries: list[torch.Tensor], responses: list[torch.Tensor]) -> torch.Tensor:
+    def _score(self, queries: list[torch.Tensor], responses: list[torch.Tensor],
+               columns: Mapping[str, Sequence[Any]] | None = None) -> torch.Tensor:
         if self.reward_model is not None:
             # the classifier pools at the last token that is not *its* pad token: pad with that one
             pad = _first_not_none(self.reward_model.config.pad_token_id, self.pad_token_id)
@@ -193,7 +200,7 @@ class PPOTrainer:
                 raise ValueError("reward_fn needs a tokenizer to decode prompts and completions")
             prompts = self.tokenizer.batch_decode(queries, skip_special_tokens=True)
             completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-            return function_scores(self.reward_fn, prompts, completions).to(self.device)
+            return function_scores(self.reward_fn, prompts, completions, columns).to(self.device)
         raise ValueError("scores were not given and the trainer has neither reward_model nor reward_fn")
 
     # ------------------------------------------------------------------------------------------------
@@ -207,6 +214,7 @@ class PPOTrainer:
         *,
         behaviour_logprobs: Sequence[torch.Tensor] | Sequence[Sequence[float]] | torch.Tensor | None = None,
         policy_versions: Sequence[int] | torch.Tensor | None = None,
+        columns: Mapping[str, Sequence[Any]] | None = None,
     ) -> dict[str, float]:
         """One PPO step on `batch_size` samples; returns the metrics.
 
@@ -214,6 +222,7 @@ class PPOTrainer:
         are ignored). scores: B floats (None: from the reward model / function). behaviour_logprobs: the
         sampler's log-prob of each response token (B sequences as long as the responses, or [B, >= T]).
         policy_versions: the policy version that sampled each response (for staleness metrics).
+        columns: `{field: B values}` of the prompts' records for a `reward_fn` that takes them (scores None).
         A sample with a non-finite score is dropped from the step (with a warning; none of its tokens is
         trained, it leaves its GRPO/RLOO group; counted in `env/nonfinite_rewards`); a batch of only such
         samples, or a non-finite loss or gradient, skips the update (with a warning) and reports
@@ -225,7 +234,8 @@ class PPOTrainer:
         group = cfg.num_generations if cfg.advantage_estimator in ("grpo", "rloo") else None
         inputs = check_step_inputs(queries, responses, cfg.batch_size, group, behaviour_logprobs, policy_versions,
                                    self.policy_version)
-        raw_scores = self.score(inputs.queries, inputs.responses) if scores is None else as_scores(scores, cfg.batch_size)
+        raw_scores = (self.score(inputs.queries, inputs.responses, columns) if scores is None
+                      else as_scores(scores, cfg.batch_size))
         raw_scores = raw_scores.to(self.device, torch.float32)
         # a non-finite score drops its sample: none of its tokens is trained or counted, it leaves its group
         kept = torch.isfinite(raw_scores)  # [B]

@@ -70,3 +70,42 @@ def test_weighted_rejects_bad_terms_and_wrong_lengths():
 def test_reward_fn_of_the_wrong_length_names_the_setting():
     with pytest.raises(ValueError, match=r"model.reward_fn .*returned 2 scores for 3 completions"):
         function_scores(lambda p, c: [1.0, 2.0], PROMPTS, ["a", "b", "c"])
+
+
+def test_correct_reads_the_records_answer_per_completion():
+    from rlhf_engine.rewards import correct
+
+    # two completions of prompt 0 (answer 5), then two of prompt 1 (answer -4): the answers come per completion
+    completions = [" #### 5", " #### 6", " \\boxed{-4.0}", " #### 5"]
+    assert correct(PROMPTS[:1] * 2 + PROMPTS[1:2] * 2, completions, answer=["5", "5", "-4", "-4"]) == [1.0, 0.0, 1.0, 0.0]
+    assert correct(["chat text"], [" #### 42"], answer=[42]) == [1.0]  # a JSON number compares as a number
+    assert function_scores(correct, ["p"], [" #### 3/2"], {"answer": ["1.5"], "level": [2]}).tolist() == [1.0]
+    with pytest.raises(ValueError, match="1 answers for 2 completions"):
+        correct(PROMPTS[:2], [" #### 5", " #### 4"], answer=["5"])
+
+
+def test_weighted_passes_each_term_the_fields_it_names():
+    from rlhf_engine.data.columns import ColumnParams, column_params
+    from rlhf_engine.rewards import correct
+
+    seen = {}
+
+    def by_level(prompts, completions, level, source=None):
+        seen["level"], seen["source"] = level, source
+        return [float(x) for x in level]
+
+    reward = weighted((correct, 1.0), (format_reward, 0.25), (by_level, 0.5))
+    # correct + format + level / 2: 1 + 0.25 + 1; 0 + 0.25 + 0.5; 0 + 0 + 1.5
+    assert reward(PROMPTS, [" #### 5", " #### 4", " -4"], answer=["5", "-4", "3/2"], level=[2, 1, 3]) == [
+        2.25, 0.75, 1.5]
+    assert seen == {"level": [2, 1, 3], "source": None}
+    # the sum declares what its terms take: answer and level required, source optional
+    assert column_params(reward) == ColumnParams(named=("answer", "level", "source"), required=("answer", "level"))
+    assert column_params(weighted((format_reward, 1.0))) == ColumnParams()  # two-argument terms: two arguments
+
+
+def test_answer_key_refuses_chat_prompts_and_names_the_field_way(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"prompt": [{"role": "user", "content": "1 + 1?"}], "answer": "2"}) + "\n")
+    with pytest.raises(ValueError, match=r"chat.jsonl:1: 'prompt' is chat messages, .*rlhf_engine.rewards:correct"):
+        AnswerKey.from_jsonl(path)
