@@ -90,6 +90,9 @@ class DataConfig:
     """Prompts longer than this many tokens are cut from the left (counted and reported)."""
     shuffle: bool = True
     """Reshuffle the prompts every epoch (deterministic in `ppo.seed`)."""
+    eval_prompts: str | None = None
+    """Held-out prompts in the same format (their other fields reach the reward functions too), evaluated
+    through the generators at step 0, every `engine.eval_steps` steps and at the end (`eval/*` metrics)."""
 
     def __post_init__(self) -> None:
         if self.max_prompt_length < 1:
@@ -150,6 +153,13 @@ class EngineConfig:
     `WANDB_MODE=offline` to write it locally for a later `wandb sync`)."""
     tensorboard: bool | None = None
     """Deprecated, use `loggers`: False drops `tensorboard` from `loggers`, True adds it."""
+    eval_steps: int = 0
+    """Evaluate `data.eval_prompts` at step 0, every this many steps and at the end (0: no evaluation). The
+    trainer waits for it: each evaluation samples the current policy version, and is never trained on."""
+    eval_samples: int = 1
+    """Completions per evaluation prompt: the k of `eval/pass@k`."""
+    eval_temperature: float = 0.0
+    """Sampling temperature of the evaluation (0: greedy, then `eval_samples` must be 1)."""
 
     def __post_init__(self) -> None:
         if self.total_steps < 1:
@@ -176,6 +186,14 @@ class EngineConfig:
             raise ValueError(f"engine.trainer_restarts ({self.trainer_restarts}) must be >= 0")
         if self.max_generator_restarts < 0:
             raise ValueError(f"engine.max_generator_restarts ({self.max_generator_restarts}) must be >= 0")
+        if self.eval_steps < 0 or self.eval_samples < 1:
+            raise ValueError(f"engine.eval_steps ({self.eval_steps}) must be >= 0 and engine.eval_samples "
+                             f"({self.eval_samples}) >= 1")
+        if not 0 <= self.eval_temperature < float("inf"):
+            raise ValueError(f"engine.eval_temperature ({self.eval_temperature}) must be finite and >= 0")
+        if self.eval_temperature == 0 and self.eval_samples > 1:
+            raise ValueError(f"engine.eval_samples ({self.eval_samples}) > 1 at engine.eval_temperature 0 gives "
+                             f"{self.eval_samples} identical greedy completions: sample with a temperature > 0")
         unknown = [n for n in self.loggers if n not in LOGGERS]
         if unknown or len(set(self.loggers)) != len(self.loggers):
             raise ValueError(f"engine.loggers ({self.loggers}) must name each of {list(LOGGERS)} at most once")
@@ -241,6 +259,9 @@ class RunConfig:
             if limit is not None and longest > limit:
                 raise ValueError(f"data.max_prompt_length ({self.data.max_prompt_length}) + ppo.response_length "
                                  f"({ppo.response_length}) = {longest} exceeds {name} ({limit})")
+        if (self.data.eval_prompts is None) != (self.engine.eval_steps == 0):
+            raise ValueError(f"data.eval_prompts ({self.data.eval_prompts!r}) and engine.eval_steps "
+                             f"({self.engine.eval_steps}) go together: give both to evaluate, or neither")
         # the wire carries nothing longer than the run can produce (the generators read the same config)
         self.transport.max_prompt_tokens = self.data.max_prompt_length
         self.transport.max_response_tokens = ppo.response_length

@@ -14,6 +14,11 @@ sample it, so a sample is never more than `max_staleness` versions behind the po
 on it. While the generators sample batch k+1, the trainer scores and trains on batch k, then
 publishes its new weights; the generators apply them between batches.
 
+Held-out evaluation (`data.eval_prompts`, `engine.eval_steps`): at step 0, every `eval_steps` steps and at the
+end, the trainer hands the evaluation prompts out as tagged batches and waits for them (`rlhf_engine.evaluation`):
+they sample the current policy version, are scored like training samples (and by `model.gold_fn`), and are
+logged as `eval/*` in that step's metrics (step 0: a record of its own); never trained on.
+
 Faults: a local generator that exits is replaced (within `engine.max_generator_restarts` per
 `engine.restart_window_s`; the replacement starts from the newest weights); the prompts a lost
 generator held, and those nobody took within `engine.reissue_timeout_s`, are handed out again.
@@ -43,6 +48,7 @@ from rlhf_engine.data.records import DataStats
 from rlhf_engine.distributed import Comm, StepBatch
 from rlhf_engine.distributed.dcp import DCP_DIR, Layout, load_trainer, resumable_layout, save_trainer
 from rlhf_engine.distributed.driver import Leader
+from rlhf_engine.evaluation import EvalRound, eval_metrics
 from rlhf_engine.intake import Intake, IntakeLimits
 from rlhf_engine.local_generators import LocalGenerators
 from rlhf_engine.metrics import MetricsLogger, Timeline, drop_steps_after, idle_fractions, read_jsonl
@@ -105,6 +111,12 @@ class RLHFEngine:
         self._prompts: PromptSet | None = None
         self._stream: PromptStream | None = None
         self._dataset_index: dict[int, int] = {}
+        self._eval_prompts: PromptSet | None = None
+        self._eval_round: EvalRound | None = None
+        self._evaluated_initial = False
+        """The initial policy was evaluated (step 0)."""
+        self._eval_dropped = 0
+        """Evaluation rollouts dropped (late, duplicate, bad content)."""
         """The dataset index (`PromptSet` row) of each prompt in flight, by its wire prompt id."""
         self._next_batch = 0
         self._gold_fn: Callable | None = None
@@ -143,6 +155,8 @@ class RLHFEngine:
             if cfg.model.gold_fn is not None:
                 self._gold_fn = import_function(cfg.model.gold_fn)
             self._build_prompts()  # checks the fields the reward and gold functions take
+            if cfg.data.eval_prompts is not None:
+                self._eval_prompts = self._read_prompts(cfg.data.eval_prompts, "eval prompts")
             self._intake = Intake(IntakeLimits(vocab_size=self._vocab_size, response_length=cfg.ppo.response_length,
                                                num_generations=cfg.ppo.num_generations))
             state = self._load_state(ckpt) if ckpt is not None else None
@@ -225,6 +239,9 @@ class RLHFEngine:
             raise RuntimeError("the engine is not started: call start() or use `with RLHFEngine(...)`")
         cfg = self.config.engine
         last = cfg.total_steps if steps is None else min(cfg.total_steps, self.step + steps)
+        if cfg.eval_steps and self.step == 0 and not self._evaluated_initial and last > 0:
+            self._metrics.log(0, {**self._evaluate(), "step": 0})  # the initial policy
+            self._evaluated_initial = True
         while self.step < last:
             t_step = time.time()
             # 1. keep the pipeline full: batches up to step + in_flight - 1 are handed out
@@ -244,6 +261,9 @@ class RLHFEngine:
                 self._publish_weights()
             self._timeline.add("trainer", "weight_sync", t0, time.time())
             stats["time/engine/weight_sync"] = time.time() - t0
+            # 5. held-out evaluation of the new weights, every eval_steps and at the end
+            if cfg.eval_steps and ((self.step + 1) % cfg.eval_steps == 0 or self.step + 1 == cfg.total_steps):
+                stats.update(self._evaluate())
             stats["time/engine/wait_rollouts"] = t_wait
             stats["time/engine/step"] = time.time() - t_step
             self.step += 1
@@ -383,7 +403,7 @@ class RLHFEngine:
                     f"{[g.name for g in self._port.generators()]}"
                 )
             for r in self._port.recv_rollouts(self.config.ppo.batch_size, timeout_s=0.5):
-                self._supervisor.offer(r)
+                self._offer(r)
         batch = _Batch(batch_id, self._intake.take(batch_id))
         self._record_generation(batch)
         for r in batch.rollouts:
@@ -391,6 +411,64 @@ class RLHFEngine:
             for cb in self.callbacks:
                 cb.on_rollout(r)
         return batch
+
+    def _offer(self, rollout: Rollout) -> None:
+        """A rollout from the wire to the training intake, or to the evaluation round when tagged `eval`."""
+        if not rollout.eval:
+            self._supervisor.offer(rollout)
+        elif self._eval_round is None or not self._eval_round.offer(rollout, {g.name for g in self._port.generators()},
+                                                                    time.monotonic()):
+            self._eval_dropped += 1
+
+    def _evaluate(self) -> dict[str, float]:
+        """One evaluation round of `data.eval_prompts` with the current weights: hand it out, wait for it
+        (tending the generators, taking training rollouts meanwhile), score it; its `eval/*` metrics."""
+        cfg, e = self.config, self.config.engine
+        t0 = time.time()
+        version = self.trainer.policy_version
+        rnd = EvalRound(self._eval_prompts.token_ids, samples=e.eval_samples, temperature=e.eval_temperature,
+                        version=version, limits=IntakeLimits(self._vocab_size, cfg.ppo.response_length, e.eval_samples),
+                        max_batch_prompts=cfg.transport.max_batch_prompts, now=time.monotonic())
+        self._eval_round = rnd
+        try:
+            for b in rnd.batches:
+                self._port.send_prompts(b)
+            deadline = time.monotonic() + e.rollout_timeout_s
+            while not rnd.complete():
+                self._port.raise_if_dead()
+                self._supervisor.tend()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"evaluation at step {self.step}: incomplete after {e.rollout_timeout_s} s "
+                                       f"(engine.rollout_timeout_s); live generators: "
+                                       f"{[g.name for g in self._port.generators()]}")
+                for b in rnd.stalled(time.monotonic(), e.reissue_timeout_s):
+                    log.warning("evaluation: handing %d prompts out again (nothing came within %g s)",
+                                len(b.prompt_ids), e.reissue_timeout_s)
+                    self._port.send_prompts(b)
+                for r in self._port.recv_rollouts(cfg.ppo.batch_size, timeout_s=0.5):
+                    self._offer(r)
+        finally:
+            self._eval_round = None
+        self._eval_dropped += sum(rnd.dropped.values())
+        samples = rnd.samples()
+        queries = [r.prompt_token_ids for r in samples]
+        responses = [r.response_token_ids for r in samples]
+        rows = [self._eval_prompts.columns[r.prompt_id] for r in samples]
+        names = self._eval_prompts.column_names
+        rewards = self._leader.score(StepBatch(queries, responses,
+                                               columns=completion_columns(rows, self.trainer.reward_fn, names)))
+        gold = None
+        if self._gold_fn is not None:
+            gold = function_scores(self._gold_fn, self.tokenizer.batch_decode(queries, skip_special_tokens=True),
+                                   self.tokenizer.batch_decode(responses, skip_special_tokens=True),
+                                   completion_columns(rows, self._gold_fn, names), setting="model.gold_fn")
+        stats = eval_metrics(rewards.float().cpu(), gold, torch.tensor([len(r) for r in responses]),
+                             torch.tensor([r.prompt_id for r in samples]),
+                             torch.tensor([r.policy_version for r in samples]))
+        stats["eval/dropped_rollouts"] = float(self._eval_dropped)
+        stats["time/engine/eval"] = time.time() - t0
+        self._timeline.add("trainer", "eval", t0, time.time())
+        return stats
 
     def _record_generation(self, batch: _Batch) -> None:
         """Add the generators' busy intervals of `batch` to the timeline (from the rollouts' timestamps)."""

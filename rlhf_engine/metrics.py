@@ -63,7 +63,7 @@ class MetricsLogger:
         if self._bar is not None:
             shown = {name: f"{record[k]:.3g}" for k, name in self.PROGRESS_KEYS if isinstance(record.get(k), (int, float))}
             self._bar.set_postfix(shown, refresh=False)
-            self._bar.update(1)
+            self._bar.update(max(0, step - self._bar.n))  # step 0 (the initial evaluation) advances nothing
 
     def close(self) -> None:
         """Flush and close every sink; safe to call twice."""

@@ -6,9 +6,11 @@ from pathlib import Path
 
 from .metrics import METRICS_FILE, TIMELINE_FILE, read_jsonl
 
-# One PNG per entry: file name -> (title, metric keys drawn on it)
+# One PNG per entry: file name -> (title, metric keys drawn on it; `prefix*` draws every key that starts so)
 CURVES: dict[str, tuple[str, tuple[str, ...]]] = {
     "reward.png": ("reward", ("env/reward_mean", "env/gold_mean")),
+    "eval.png": ("held-out evaluation (data.eval_prompts)", ("eval/reward_mean", "eval/gold_mean", "eval/pass@*")),
+    "eval_length.png": ("held-out response length (tokens)", ("eval/response_length_mean",)),
     "kl.png": ("KL to reference", ("objective/kl",)),
     "kl_coef.png": ("KL coefficient", ("objective/kl_coef",)),
     "entropy.png": ("policy entropy", ("objective/entropy",)),
@@ -32,7 +34,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     out_dir.mkdir(exist_ok=True)
     written = []
     for name, (title, keys) in CURVES.items():
-        present = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in rows)]
+        present = [k for k in _expand(keys, rows) if any(isinstance(r.get(k), (int, float)) for r in rows)]
         if not present:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -50,6 +52,14 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     if timeline:
         written.append(plot_timeline(timeline, out_dir / "timeline.png"))
     return written
+
+
+def _expand(keys: tuple[str, ...], rows: list[dict]) -> list[str]:
+    """`keys` with each `prefix*` replaced by the metric keys of `rows` that start with the prefix (sorted)."""
+    out = []
+    for k in keys:
+        out += sorted({m for r in rows for m in r if m.startswith(k[:-1])}) if k.endswith("*") else [k]
+    return out
 
 
 def plot_timeline(intervals: list[dict], path: Path) -> Path:

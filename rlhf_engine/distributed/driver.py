@@ -25,6 +25,7 @@ class Op(enum.IntEnum):
     WEIGHTS = 2  # gather the full policy weights (rank 0 publishes them)
     SAVE = 3  # write a sharded checkpoint
     STOP = 4  # leave
+    SCORE = 5  # score the broadcast samples (held-out evaluation), each rank its share
 
 
 def _run_step(trainer, comm: Comm, batch: StepBatch | None) -> dict[str, float]:
@@ -32,6 +33,11 @@ def _run_step(trainer, comm: Comm, batch: StepBatch | None) -> dict[str, float]:
     return trainer.step(batch.queries, batch.responses, batch.scores,
                         behaviour_logprobs=batch.behaviour_logprobs, policy_versions=batch.policy_versions,
                         columns=batch.columns)
+
+
+def _run_score(trainer, comm: Comm, batch: StepBatch | None) -> torch.Tensor:
+    batch = broadcast_step_batch(comm, batch)
+    return trainer.score(batch.queries, batch.responses, batch.columns)
 
 
 class Leader:
@@ -61,6 +67,19 @@ class Leader:
         stats = _run_step(self.trainer, self.comm, batch)
         self.busy = None
         return stats
+
+    def score(self, batch: StepBatch) -> torch.Tensor:
+        """Scores [n] of the batch's samples from the reward model or function, every rank scoring its share (the
+        batch padded to a multiple of the world size with copies of its last sample, whose scores are dropped)."""
+        n, pad = len(batch.queries), -len(batch.queries) % self.comm.world_size
+        if pad:
+            columns = {k: list(v) + [v[-1]] * pad for k, v in batch.columns.items()} if batch.columns else None
+            batch = StepBatch(batch.queries + batch.queries[-1:] * pad, batch.responses + batch.responses[-1:] * pad,
+                              columns=columns)
+        self._begin(Op.SCORE)
+        scores = _run_score(self.trainer, self.comm, batch)
+        self.busy = None
+        return scores[:n]
 
     def weights(self, *, adapters: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """What the generators take each version, as `(HF name, tensor)` one at a time at every world size:
@@ -109,5 +128,7 @@ def follow(comm: Comm, trainer, save: Callable[[], object]) -> int:
                 pass
         elif op is Op.SAVE:
             save()
+        elif op is Op.SCORE:
+            _run_score(trainer, comm, None)
         else:
             return steps

@@ -12,6 +12,7 @@ otherwise and counts the time as `wait_weights_s`. Transport errors end the loop
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -106,8 +107,12 @@ class GeneratorLoop:
         self.stats.wait_weights_s += waited
 
         t0 = time.perf_counter()
+        # an evaluation batch: its own count and temperature, the rest of the generator's sampling
+        sampling = (dataclasses.replace(self.generator.config.sampling, n=batch.eval_samples,
+                                        temperature=batch.eval_temperature) if batch.is_eval else None)
         # the seed follows the batch, not the generator: a run reproduces whichever generator serves it
-        completions = self.generator.generate(batch.prompts, seed=self.generator.config.batch_seed(batch.batch_id))
+        completions = self.generator.generate(batch.prompts, sampling=sampling,
+                                              seed=self.generator.config.batch_seed(batch.batch_id))
         self.stats.generate_s += time.perf_counter() - t0
         finished_at = time.time()  # with generation_time: this batch's busy interval on the trainer's timeline
         for c in completions:
@@ -123,6 +128,7 @@ class GeneratorLoop:
                     finish_reason=c.finish_reason,
                     generation_time=c.generation_time,
                     finished_at=finished_at,
+                    eval=batch.is_eval,
                 )
             )
             self.stats.generated_tokens += len(c.response_ids)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -50,6 +51,8 @@ class Rollout:
     finished_at: float = 0.0
     """Wall-clock time (Unix seconds, generator's clock) when that batch finished; 0 if unknown.
     With `generation_time` it gives the generator's busy interval for the run's timeline."""
+    eval: bool = False
+    """It answers an evaluation batch (`PromptBatch.eval_samples`): the trainer scores it and never trains on it."""
     sender: str = ""
     """The generator that sent it (``GeneratorInfo.name``), set by the trainer's transport from the
     authenticated session on receive; never read from the payload, and not sent."""
@@ -81,6 +84,7 @@ class Rollout:
             finish_reason=self.finish_reason,
             generation_time=self.generation_time,
             finished_at=self.finished_at,
+            eval=self.eval,
         )
         return header, tensors
 
@@ -108,6 +112,7 @@ class Rollout:
                 finish_reason=header.finish_reason,
                 generation_time=header.generation_time,
                 finished_at=header.finished_at,
+                eval=header.eval,
                 sender=header.sender,
             )
         except ValueError as e:
@@ -120,19 +125,30 @@ class PromptBatch:
 
     ``prompts[i]`` holds the token ids of prompt ``prompt_ids[i]``. A generator must not
     sample from this batch with weights older than ``min_policy_version`` (that is how the
-    trainer bounds staleness).
+    trainer bounds staleness). An evaluation batch (``eval_samples`` > 0) is sampled
+    ``eval_samples`` times per prompt at ``eval_temperature`` instead of the generator's own
+    sampling, and its rollouts come back tagged ``eval``.
     """
 
     batch_id: int
     prompt_ids: list[int]
     prompts: list[list[int]]
     min_policy_version: int = 0
+    eval_samples: int = 0
+    eval_temperature: float = 0.0
 
     def __post_init__(self) -> None:
         self.prompt_ids = [int(i) for i in self.prompt_ids]
         self.prompts = [[int(t) for t in p] for p in self.prompts]
         if len(self.prompt_ids) != len(self.prompts):
             raise ValueError(f"batch {self.batch_id}: {len(self.prompt_ids)} prompt_ids for {len(self.prompts)} prompts")
+        if self.eval_samples < 0 or not math.isfinite(self.eval_temperature) or self.eval_temperature < 0:
+            raise ValueError(f"batch {self.batch_id}: eval_samples ({self.eval_samples}) must be >= 0 and "
+                             f"eval_temperature ({self.eval_temperature}) finite and >= 0")
+
+    @property
+    def is_eval(self) -> bool:
+        return self.eval_samples > 0
 
     def to_wire(self, sender: str, seq: int) -> tuple[PromptsHeader, list[torch.Tensor]]:
         lengths = [len(p) for p in self.prompts]
@@ -146,6 +162,8 @@ class PromptBatch:
             batch_id=self.batch_id,
             prompt_ids=tuple(self.prompt_ids),
             min_policy_version=self.min_policy_version,
+            eval_samples=self.eval_samples,
+            eval_temperature=self.eval_temperature,
         )
         return header, [flat, offsets]
 
@@ -165,7 +183,11 @@ class PromptBatch:
             raise WireError("bad_prompts", f"offsets {bounds[:8]}... do not split {flat.numel()} tokens into {n} prompts")
         tokens = flat.tolist()
         prompts = [tokens[a:b] for a, b in zip(bounds, bounds[1:])]
-        return cls(header.batch_id, list(header.prompt_ids), prompts, header.min_policy_version)
+        try:
+            return cls(header.batch_id, list(header.prompt_ids), prompts, header.min_policy_version,
+                       header.eval_samples, header.eval_temperature)
+        except ValueError as e:
+            raise WireError("bad_prompts", str(e)) from None
 
 
 @dataclass

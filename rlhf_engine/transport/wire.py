@@ -50,7 +50,8 @@ import torch
 
 from rlhf_engine.dtypes import DTYPE_NAMES, TORCH_DTYPES
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
+"""3: evaluation batches (`PromptsHeader.eval_samples`, `RolloutHeader.eval`)."""
 
 
 class MessageKind(enum.IntEnum):
@@ -153,12 +154,18 @@ class RolloutHeader(_Base, tag=int(MessageKind.ROLLOUT)):
     finish_reason: str
     generation_time: float
     finished_at: float = 0.0
+    eval: bool = False
+    """A completion of an evaluation batch: scored and logged, never trained on."""
 
 
 class PromptsHeader(_Base, tag=int(MessageKind.PROMPTS)):
     batch_id: int
     prompt_ids: tuple[int, ...]
     min_policy_version: int
+    eval_samples: int = 0
+    """0: a training batch (the generator's own sampling); n > 0: an evaluation batch, n completions per prompt
+    at ``eval_temperature`` (0: greedy), its rollouts tagged ``eval``."""
+    eval_temperature: float = 0.0
 
 
 class WeightsHeader(_Base, tag=int(MessageKind.WEIGHTS)):
