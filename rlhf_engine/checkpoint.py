@@ -5,7 +5,9 @@ A PPO checkpoint is a directory `run_dir/checkpoints/step-{k:08d}/` holding (see
   dcp/               model and optimizer state (torch.distributed.checkpoint, reshardable across world sizes)
   policy/            the policy as an HF safetensors folder (loads in transformers and vLLM as is); with
                      LoRA a PEFT adapter folder (`PeftModel.from_pretrained(base, policy/)`; `rlhf-engine
-                     export --merge` writes the merged HF folder)
+                     export --merge` writes the merged HF folder); the causal LM alone, nothing else
+  value_head.safetensors  the policy's value head (when it has one): beside policy/, so that policy/ serves
+  critic/            a separate critic (`model.value_model`): its HF folder and its value head
   state.safetensors  every tensor of the rest of the training state (RNG states, ...)
   state.json         the rest of the training state, with {"__tensor__": key} where a tensor was
 It is written to a temporary sibling directory, fsynced, then renamed into place, so a crash

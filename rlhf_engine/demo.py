@@ -130,7 +130,7 @@ def run_demo(out: Path, *, ppo_steps: int | None = None, small: bool = False, ba
     with RLHFEngine(config) as engine:
         history = engine.train()
         summary = engine.summary()
-        engine.trainer.save_pretrained(out / "ppo_policy")
+        engine.trainer.save_pretrained(out / "ppo_trained")
     times["ppo"] = time.time() - t0
 
     # 5. evaluation on held-out prompts and the summary
@@ -141,7 +141,7 @@ def run_demo(out: Path, *, ppo_steps: int | None = None, small: bool = False, ba
     held_out = synthetic.prompts(budget.eval_prompts, seed=4)
     result = {
         "gold_sft": mean_gold(out / "sft", held_out),
-        "gold_ppo": mean_gold(out / "ppo_policy", held_out),
+        "gold_ppo": mean_gold(out / "ppo_trained" / "policy", held_out),
         "rm_accuracy": rm_metrics.get("eval/accuracy", float("nan")),
         "sft_loss_first": sft_metrics.get("train/first_loss", float("nan")),
         "sft_loss_last": sft_metrics.get("train/loss", float("nan")),

@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 DCP_DIR = "dcp"
 DCP_METADATA = ".metadata"
 POLICY_DIR = "policy"
+"""A checkpoint's policy: the causal LM alone (HF folder or PEFT adapters), servable as is."""
+CRITIC_DIR = "critic"
+"""A checkpoint's separate critic (HF folder with its value head), when the run has one."""
 # frozen parameters (a LoRA base, loaded from model.policy on resume) stay out of dcp/; the model state to
 # load then lacks them, hence strict=False (every key DCP is asked for must still be in the checkpoint)
 _OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
@@ -94,7 +97,7 @@ def save_trainer(comm: Comm, final: Path | None, trainer: PPOTrainer, extra: dic
     models and optimizer to dcp/, its `run_state()` (scheduler, KL controller, version, its RNGs) as
     `extra["trainer"]`, the policy's HF folder as `policy/`."""
     return save_sharded(comm, final, trainer.trainable_modules(), trainer.optimizer,
-                        {**extra, "trainer": trainer.run_state()}, folders={POLICY_DIR: trainer.save_pretrained})
+                        {**extra, "trainer": trainer.run_state()}, write_models=trainer.save_pretrained)
 
 
 def load_trainer(ckpt: Path, trainer: PPOTrainer) -> dict[str, Any]:
@@ -111,33 +114,34 @@ def save_sharded(
     modules: dict[str, nn.Module],
     optimizer: torch.optim.Optimizer,
     extra: dict[str, Any],
-    folders: dict[str, Callable[[Path], None]] | None = None,
+    write_models: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a checkpoint at `final` (rank 0's; the others pass None) from every rank (a collective);
     returns `final`.
 
     modules: the trainable models by name (every optimizer parameter must belong to one of them);
     extra: the rest of the state as a tree of tensors and JSON values (rank 0's is saved);
-    folders: sub-directory -> writer, called on every rank (writers gather, rank 0 writes; see `save_hf_folder`).
+    write_models: writes the models' HF folders into the checkpoint folder it is given; called on every rank
+    (it gathers, rank 0 writes; see `save_hf_folder`).
     """
     with interrupts_held():  # Ctrl-C during a save: the checkpoint is finished, then the run stops
         if comm.is_main:
             final = Path(final)
             with atomic_directory(final) as tmp:
-                _write(comm, tmp, modules, optimizer, extra, folders or {})
+                _write(comm, tmp, modules, optimizer, extra, write_models)
         else:
-            _write(comm, None, modules, optimizer, extra, folders or {})
+            _write(comm, None, modules, optimizer, extra, write_models)
         comm.barrier()  # the rename is done: every rank may read the checkpoint
     return final
 
 
-def _write(comm, tmp, modules, optimizer, extra, folders) -> None:
+def _write(comm, tmp, modules, optimizer, extra, write_models) -> None:
     path = Path(comm.broadcast_str(str(tmp) if tmp is not None else None))
     model_sd, optim_sd = get_state_dict(nn.ModuleDict(modules), optimizer, options=_OPTIONS)
     with _single_process_quiet(), _interrupts_pass_through():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / DCP_DIR))
-    for name, write in folders.items():
-        write(path / name)
+    if write_models is not None:
+        write_models(path)
     if comm.is_main:
         write_state(path, extra)
     comm.barrier()  # every rank's shard is on disk before rank 0 renames
@@ -192,9 +196,10 @@ def _cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else 'no message'}"
 
 
-def save_hf_folder(comm: Comm, model: nn.Module, path: Path, tokenizer: Any = None) -> None:
-    """The policy as an HF folder (plus `value_head.safetensors` for a value-head model), gathered from the
-    shards on every rank and written by rank 0."""
+def save_hf_folder(comm: Comm, model: nn.Module, path: Path, tokenizer: Any = None,
+                   value_head_file: Path | None = None) -> None:
+    """A model as an HF folder at `path`, gathered from the shards on every rank and written by rank 0; a
+    value-head model's head goes to `value_head_file` (default `path/value_head.safetensors`)."""
     from rlhf_engine.distributed.weights import iter_full_state
     from rlhf_engine.models.loading import causal_lm
     from rlhf_engine.models.value_head import VALUE_HEAD_FILE, AutoModelForCausalLMWithValueHead
@@ -208,6 +213,6 @@ def save_hf_folder(comm: Comm, model: nn.Module, path: Path, tokenizer: Any = No
         return
     lm.save_pretrained(path, state_dict=lm_state)
     if head_state is not None:
-        save_file(head_state, str(Path(path) / VALUE_HEAD_FILE))
+        save_file(head_state, str(value_head_file if value_head_file is not None else Path(path) / VALUE_HEAD_FILE))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)

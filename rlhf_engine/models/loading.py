@@ -109,15 +109,15 @@ def is_adapter_folder(path: str | Path) -> bool:
 
 
 def load_lora_model(base_path: str | Path, config: LoraConfig, adapters: str | Path | None = None,
-                    *, value_head: bool = True, seed: int = 0) -> nn.Module:
+                    *, value_head: bool = True, value_head_file: Path | None = None, seed: int = 0) -> nn.Module:
     """The causal LM of the HF folder `base_path` (loaded from its absolute path, which the saved adapters
     name as their base) with trainable LoRA adapters on a frozen base: fresh ones from `config` (A drawn from
     `seed`, torch's global RNG untouched), or those of the PEFT folder `adapters` (e.g. a checkpoint's
     `policy/`, whose rank and alpha must match `config`).
-    `value_head`: wrapped in an `AutoModelForCausalLMWithValueHead` whose head comes from
-    `adapters/value_head.safetensors`, else `base_path`'s, else starts at zero; it trains fully."""
+    `value_head`: wrapped in an `AutoModelForCausalLMWithValueHead` whose head comes from `value_head_file`
+    (a checkpoint's policy head, beside its `policy/`), else `adapters/value_head.safetensors` (a critic's),
+    else `base_path`'s, else starts at zero; it trains fully."""
     from peft import PeftModel
-    from safetensors.torch import load_file
 
     base_path = Path(base_path).expanduser().resolve()
     lm = load_causal_lm(base_path)
@@ -131,9 +131,10 @@ def load_lora_model(base_path: str | Path, config: LoraConfig, adapters: str | P
     if not value_head:
         return lm
     model = AutoModelForCausalLMWithValueHead(lm)
-    for folder in ([Path(adapters)] if adapters is not None else []) + [base_path]:
-        if (folder / VALUE_HEAD_FILE).is_file():
-            model.v_head.load_state_dict(load_file(str(folder / VALUE_HEAD_FILE)))
+    candidates = [value_head_file] if value_head_file is not None else []
+    candidates += [Path(adapters) / VALUE_HEAD_FILE] if adapters is not None else []
+    for head_file in [*candidates, base_path / VALUE_HEAD_FILE]:
+        if model.load_value_head(head_file):
             break
     return model
 

@@ -1,8 +1,10 @@
-"""A causal LM with a scalar value head on its last hidden state, saved beside the HF folder.
+"""A causal LM with a scalar value head on its last hidden state; the head is saved in a file of its own.
 
-`save_pretrained(dir)` writes the causal LM exactly as transformers does (so `AutoModelForCausalLM` and vLLM
-load `dir` as is) plus the head in its own file `dir/value_head.safetensors`; `from_pretrained(dir)` loads
-both, or starts a fresh (zero) head when the file is absent (e.g. from an SFT folder).
+`save_pretrained(dir, value_head_file=f)` writes the causal LM exactly as transformers does and the head to
+`f`: a policy's head goes beside its folder (a trained policy's folder then loads in transformers and vLLM as
+is — vLLM reads every `*.safetensors` of a folder and refuses a `summary` parameter), a separate critic keeps
+its own in its folder (`dir/value_head.safetensors`, the default). `from_pretrained` reads the same file, or
+starts a fresh (zero) head when there is none (e.g. from an SFT folder).
 """
 
 from __future__ import annotations
@@ -44,26 +46,39 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         return self.pretrained_model.config
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> "AutoModelForCausalLMWithValueHead":
+    def from_pretrained(cls, path: str | Path, *, value_head_file: str | Path | None = None,
+                        **kwargs) -> "AutoModelForCausalLMWithValueHead":
         """Load the causal LM from `path` (kwargs go to `AutoModelForCausalLM.from_pretrained`) and the value
-        head from `path/value_head.safetensors` when present."""
-        from safetensors.torch import load_file
+        head from `value_head_file` (default `path/value_head.safetensors`) when that file exists."""
         from transformers import AutoModelForCausalLM
 
         model = cls(AutoModelForCausalLM.from_pretrained(path, **kwargs))
-        head_file = Path(path) / VALUE_HEAD_FILE
-        if head_file.exists():
-            model.v_head.load_state_dict(load_file(str(head_file)))
+        model.load_value_head(Path(value_head_file) if value_head_file is not None else Path(path) / VALUE_HEAD_FILE)
         return model
 
-    def save_pretrained(self, path: str | Path, **kwargs) -> None:
-        """Save the causal LM as transformers does and the value head to `path/value_head.safetensors`."""
-        from safetensors.torch import save_file
+    def load_value_head(self, head_file: Path) -> bool:
+        """Load the head's weights from `head_file` if it exists; whether it did."""
+        from safetensors.torch import load_file
 
+        if not head_file.is_file():
+            return False
+        self.v_head.load_state_dict(load_file(str(head_file)))
+        return True
+
+    def save_pretrained(self, path: str | Path, *, value_head_file: str | Path | None = None, **kwargs) -> None:
+        """Save the causal LM to `path` as transformers does and the value head to `value_head_file` (default
+        `path/value_head.safetensors`: pass a file outside `path` when `path` is to be served)."""
         path = Path(path)
         self.pretrained_model.save_pretrained(path, **kwargs)
+        self.save_value_head(Path(value_head_file) if value_head_file is not None else path / VALUE_HEAD_FILE)
+
+    def save_value_head(self, head_file: Path) -> None:
+        """The head's weights alone, as a safetensors file."""
+        from safetensors.torch import save_file
+
+        head_file.parent.mkdir(parents=True, exist_ok=True)
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.v_head.state_dict().items()}
-        save_file(state, str(path / VALUE_HEAD_FILE))
+        save_file(state, str(head_file))
 
     def forward(
         self,

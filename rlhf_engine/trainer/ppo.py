@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from rlhf_engine.distributed import Comm, DistributedConfig, check_divisible, is_sharded, iter_full_state, shard_model
-from rlhf_engine.distributed.dcp import save_hf_folder
+from rlhf_engine.distributed.dcp import CRITIC_DIR, POLICY_DIR, save_hf_folder
 from rlhf_engine.models.loading import AdaptersDisabled, causal_lm, freeze, policy_state_dict, reference_model
 from rlhf_engine.models.lora import adapter_state_dict as lora_adapters
 from rlhf_engine.models.lora import is_lora, model_adapter_config
 from rlhf_engine.models.reward_scoring import RewardFn, check_reward_model, function_scores, model_scores
-from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
+from rlhf_engine.models.value_head import VALUE_HEAD_FILE, AutoModelForCausalLMWithValueHead
 from rlhf_engine.ops import masked_whiten
 from rlhf_engine.trainer import advantages as adv
 from rlhf_engine.trainer.experience import Experience, forward_experience, make_token_batch
@@ -412,20 +412,26 @@ class PPOTrainer:
         self.load_run_state(state)
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Save the policy (HF folder + value head) to `path`, the separate critic to `path/critic`; a LoRA
-        model as a PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`) instead.
+        """The trainer's models under `path` (see `rlhf_engine.checkpoint` for the layout): `policy/`, the
+        policy's causal LM and tokenizer (loads in transformers and vLLM as is; a LoRA policy as a PEFT adapter
+        folder: `adapter_config.json`, `adapter_model.safetensors`); `value_head.safetensors`, the policy's value
+        head (beside `policy/`, never in it); `critic/`, a separate critic (its LM and its head).
         With sharded models every rank must call it (the weights are gathered); rank 0 writes."""
         path = Path(path)
+        head_file = path / VALUE_HEAD_FILE if isinstance(self.model, AutoModelForCausalLMWithValueHead) else None
         if is_sharded(self.model):
-            save_hf_folder(self.comm, self.model, path, self.tokenizer)
+            save_hf_folder(self.comm, self.model, path / POLICY_DIR, self.tokenizer, value_head_file=head_file)
             if self.value_model is not None:
-                save_hf_folder(self.comm, self.value_model, path / "critic")
+                save_hf_folder(self.comm, self.value_model, path / CRITIC_DIR)
             return
-        self.model.save_pretrained(path)
+        if head_file is not None:
+            self.model.save_pretrained(path / POLICY_DIR, value_head_file=head_file)
+        else:
+            self.model.save_pretrained(path / POLICY_DIR)
         if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(path)
+            self.tokenizer.save_pretrained(path / POLICY_DIR)
         if self.value_model is not None:
-            self.value_model.save_pretrained(path / "critic")
+            self.value_model.save_pretrained(path / CRITIC_DIR)
 
 
 # ------------------------------------------------------------------------------------------------------

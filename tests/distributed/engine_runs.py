@@ -78,8 +78,8 @@ def metrics(run_dir: Path) -> dict[int, dict]:
 
 
 def policy_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    return {f"{name}:{key}": t for name in ("model.safetensors", "value_head.safetensors")
-            for key, t in load_file(str(ckpt / "policy" / name)).items()}
+    return {f"{name}:{key}": t for name in ("policy/model.safetensors", "value_head.safetensors")
+            for key, t in load_file(str(ckpt / name)).items()}
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

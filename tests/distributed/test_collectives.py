@@ -69,7 +69,7 @@ def test_dcp_saved_at_two_ranks_loads_at_one(two_rank_run):
     hf = AutoModelForCausalLM.from_pretrained(ckpt / "policy")
     for k, v in hf.state_dict().items():
         assert torch.equal(v, want[f"policy.pretrained_model.{k}"]), k
-    assert (ckpt / "policy" / "value_head.safetensors").is_file()
+    assert (ckpt / "value_head.safetensors").is_file() and not (ckpt / "policy" / "value_head.safetensors").exists()
 
 
 def test_single_rank_comm_is_identity():

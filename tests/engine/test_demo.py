@@ -20,7 +20,7 @@ def test_demo_pipeline_small_budget(tmp_path, capsys, assert_no_new_children):
     # the reward model ranks held-out gold-labelled pairs well above chance (measured 0.80 on 20 pairs)
     assert saved["rm_accuracy"] >= 0.6
     # PPO changed every policy weight, and its metrics are real numbers
-    ppo = load_file(tmp_path / "demo" / "ppo_policy" / "model.safetensors")
+    ppo = load_file(tmp_path / "demo" / "ppo_trained" / "policy" / "model.safetensors")
     sft = load_file(tmp_path / "demo" / "sft" / "model.safetensors")
     assert ppo.keys() == sft.keys() and all(not torch.equal(ppo[k], sft[k]) for k in ppo)
     for key in ("gold_sft", "gold_ppo", "final_kl", "reward_first", "reward_last"):
@@ -29,7 +29,7 @@ def test_demo_pipeline_small_budget(tmp_path, capsys, assert_no_new_children):
     assert set(saved["idle_fraction"]) == {"trainer", "generator-0"}
     assert all(0.0 <= f <= 1.0 for f in saved["idle_fraction"].values())
     # every stage left its artefact: HF folders, the PPO run with checkpoint and plots
-    for folder in ("base", "sft", "reward", "ppo_policy"):
+    for folder in ("base", "sft", "reward", "ppo_trained/policy"):
         assert (tmp_path / "demo" / folder / "config.json").is_file(), folder
     assert (tmp_path / "demo" / "ppo" / "checkpoints" / "step-00000002" / "policy" / "model.safetensors").is_file()
     assert (tmp_path / "demo" / "ppo" / "plots" / "reward.png").is_file()

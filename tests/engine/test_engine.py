@@ -84,8 +84,8 @@ def test_sync_resume_is_bit_exact(tmp_path, policy_dir, prompts_file, assert_no_
     a = latest_checkpoint(tmp_path / "a" / "run")
     b = latest_checkpoint(tmp_path / "b" / "run")
     assert a.name == b.name == "step-00000003"
-    for name in ("model.safetensors", "value_head.safetensors"):
-        wa, wb = load_file(str(a / "policy" / name)), load_file(str(b / "policy" / name))
+    for name in ("policy/model.safetensors", "value_head.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
         assert wa.keys() == wb.keys()
         for k in wa:
             assert torch.equal(wa[k], wb[k]), f"{name}:{k} differs after resume"

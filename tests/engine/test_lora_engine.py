@@ -37,8 +37,8 @@ def test_lora_engine_resume_gives_the_same_adapters(tmp_path, policy_dir, prompt
     a, b = latest_checkpoint(tmp_path / "a" / "run"), latest_checkpoint(tmp_path / "b" / "run")
     assert a.name == b.name == "step-00000002"
     assert not (a / "policy" / "model.safetensors").exists()
-    for name in ("adapter_model.safetensors", "value_head.safetensors"):
-        wa, wb = load_file(str(a / "policy" / name)), load_file(str(b / "policy" / name))
+    for name in ("policy/adapter_model.safetensors", "value_head.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
         assert wa.keys() == wb.keys() and len(wa) > 0
         for k in wa:
             assert torch.equal(wa[k], wb[k]), f"{name}:{k} differs after resume"

@@ -62,8 +62,9 @@ def test_resume_restores_the_adapters_and_continues_exactly(model_dirs, tmp_path
     saved_params = [key for key in read_dcp_tensors(ckpt / "dcp") if key.startswith("model.")]
     assert saved_params and all(".lora_" in key or ".v_head." in key for key in saved_params)  # not the base
     policy_dir = ckpt / "policy"
-    assert {"adapter_config.json", "adapter_model.safetensors", "value_head.safetensors"} <= {
-        p.name for p in policy_dir.iterdir()}
+    names = {p.name for p in policy_dir.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= names and "value_head.safetensors" not in names
+    assert (ckpt / "value_head.safetensors").is_file()  # beside the adapters: policy/ holds the LM's alone
     assert not (policy_dir / "model.safetensors").exists()  # adapters only, not the base
     saved = json.loads((policy_dir / "adapter_config.json").read_text())
     assert (saved["r"], saved["lora_alpha"], saved["base_model_name_or_path"]) == (

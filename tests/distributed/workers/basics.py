@@ -72,7 +72,8 @@ def main(out: Path) -> None:
     (logits.float().pow(2).mean() + values.mean()).backward()
     optimizer.step()
     save_sharded(comm, out / "ckpt", {"policy": model}, optimizer, {"marker": 7, "t": torch.arange(3)},
-                 folders={"policy": lambda p: save_hf_folder(comm, model, p, tokenizer)})
+                 write_models=lambda p: save_hf_folder(comm, model, p / "policy", tokenizer,
+                                                       value_head_file=p / "value_head.safetensors"))
     full = {f"policy.{k}": v for k, v in iter_full_state(model)}
     if comm.is_main:
         torch.save({k: v.clone() for k, v in full.items()}, out / "full_after_step.pt")
