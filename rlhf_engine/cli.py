@@ -30,6 +30,7 @@ EXAMPLES = """examples:
   rlhf-engine ppo --config run.yaml --resume runs/ppo
   rlhf-engine generator --config run.yaml --connect tcp://10.0.0.5:5555
   rlhf-engine plot runs/ppo
+  rlhf-engine convert-gguf SmolLM2-135M-Instruct.Q4_1.gguf models/smollm2
 """
 
 
@@ -87,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "policy folder")
     p.add_argument("out", metavar="OUT", help="the HF folder to write")
     p.add_argument("--base", metavar="DIR", help="the base model folder (default: the one the adapters name)")
+
+    p = sub.add_parser("convert-gguf", help="write a GGUF model file as an HF folder",
+                       description="Dequantize a GGUF model file (pip install gguf) into an HF folder that "
+                                   "transformers, vLLM and every stage load: safetensors weights (fp32), tokenizer "
+                                   "with its chat template, generation config with the end-of-turn ids.")
+    p.add_argument("gguf_file", metavar="FILE", help="the .gguf file")
+    p.add_argument("out", metavar="OUT", help="the HF folder to write (must not exist)")
 
     p = sub.add_parser("demo", help="SFT -> reward model -> async PPO on a tiny built-in task",
                        description="Build a tiny tokenizer and Llama, run SFT, train a reward model on "
@@ -292,6 +300,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[s
     from rlhf_engine.checkpoint import CheckpointError
     from rlhf_engine.config_loader import ConfigError
     from rlhf_engine.data.records import DataError
+    from rlhf_engine.models.gguf import ConversionError
 
     try:
         if args.command in _STAGE_CONFIGS:
@@ -308,6 +317,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[s
             return 0
         if args.command == "export":
             return _run_export(args)
+        if args.command == "convert-gguf":
+            from rlhf_engine.models.gguf import convert_gguf
+
+            print(f"convert-gguf: {args.gguf_file} -> {convert_gguf(args.gguf_file, args.out)}")
+            return 0
         if args.command == "demo":
             from rlhf_engine.demo import run_demo
 
@@ -318,11 +332,12 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[s
 
             return keys_main([args.dir, *(["--client", args.client] if args.client else []),
                               *(["--force"] if args.force else [])])
-    except (ConfigError, DataError, FileNotFoundError, CheckpointError) as e:
+    except (ConfigError, DataError, FileNotFoundError, CheckpointError, ConversionError) as e:
         if args.debug:
             raise
         kind = ("config error" if isinstance(e, ConfigError) else "data error" if isinstance(e, DataError)
-                else "checkpoint error" if isinstance(e, CheckpointError) else "missing file")
+                else "checkpoint error" if isinstance(e, CheckpointError)
+                else "conversion error" if isinstance(e, ConversionError) else "missing file")
         print(f"rlhf-engine {args.command}: {kind}: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

