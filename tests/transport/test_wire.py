@@ -253,3 +253,17 @@ def test_structurally_valid_but_hostile_messages_only_ever_raise_wire_error(kind
             Staging(max_buckets=4).add(header, tensors)
     except WireError:
         pass
+
+
+def test_evaluation_batches_and_rollouts_keep_their_tag():
+    batch = PromptBatch(-2, [0, 1], [[1, 2], [3]], min_policy_version=4, eval_samples=3, eval_temperature=0.7)
+    back = PromptBatch.from_wire(*_roundtrip(*batch.to_wire("trainer", 0)))
+    assert back == batch and back.is_eval and not PromptBatch(0, [0], [[1]]).is_eval
+    r = make_rollout(3, 7, 5, 9)
+    r.eval = True
+    assert Rollout.from_wire(*_roundtrip(*r.to_wire("gen-a", 1))).eval is True
+    assert Rollout.from_wire(*_roundtrip(*make_rollout(3, 7, 5, 9).to_wire("gen-a", 2))).eval is False
+    # a hostile evaluation request is refused as data
+    header, tensors = batch.to_wire("trainer", 1)
+    with pytest.raises(WireError, match="bad_prompts: batch -2: eval_samples \\(-1\\) must be >= 0"):
+        PromptBatch.from_wire(*_roundtrip(msgspec.structs.replace(header, eval_samples=-1), tensors))
