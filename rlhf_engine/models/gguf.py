@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from rlhf_engine.checkpoint import atomic_directory
+from rlhf_engine.models.end_of_turn import end_of_turn_ids
 
 GGUF_SUFFIX = ".gguf"
 
@@ -45,7 +46,7 @@ def convert_gguf(gguf_file: str | Path, out: str | Path, *, dtype: torch.dtype =
     except (ValueError, KeyError, RuntimeError) as e:  # transformers: "GGUF model with architecture X is not supported"
         raise ConversionError(f"{gguf_file}: transformers cannot load it ({_first_line(e)})") from e
     model = _without_quantization_config(loaded, dtype)
-    model.generation_config.eos_token_id = end_of_turn_ids(tokenizer, loaded.generation_config.eos_token_id)
+    model.generation_config.eos_token_id = list(end_of_turn_ids(tokenizer, loaded.generation_config.eos_token_id))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -69,15 +70,6 @@ def _without_quantization_config(loaded: torch.nn.Module, dtype: torch.dtype) ->
     model.tie_weights()
     model.generation_config = loaded.generation_config
     return model
-
-
-def end_of_turn_ids(tokenizer, declared: int | list[int] | None) -> list[int]:
-    """The ids that end a turn: those the model declares (`generation_config.eos_token_id`, an int or a list)
-    and the tokenizer's EOS, in that order, without repeats."""
-    ids = [declared] if isinstance(declared, int) else list(declared or [])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return list(dict.fromkeys(ids))
 
 
 def _first_line(e: BaseException) -> str:

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 import torch
 
 from rlhf_engine.data.collate import left_pad
+from rlhf_engine.models.end_of_turn import model_end_of_turn_ids
 from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
 from rlhf_engine.rollout.generator import Generator
 from rlhf_engine.rollout.types import Completion
@@ -106,9 +107,11 @@ class HFGenerator(Generator):
         self.model.eval()
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        self.end_of_turn_ids = model_end_of_turn_ids(self.tokenizer, self.model)
+        """Every id that ends a turn (as vLLM reads them from the model's generation config)."""
 
     def _stop_ids(self, c: SamplingConfig) -> list[int]:
-        eos = [] if c.ignore_eos or self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
+        eos = [] if c.ignore_eos else self.end_of_turn_ids
         return sorted(set(eos) | set(c.stop_token_ids))
 
     def _generation_config(self, c: SamplingConfig, max_new_tokens: int):

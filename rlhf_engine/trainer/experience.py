@@ -13,6 +13,7 @@ Lq - 1 ... Lq + T - 2 predict the T response tokens; the model only computes the
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -93,11 +94,12 @@ class TokenBatch:
         )
 
 
-def truncate_after_eos(response: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
-    """A response [n] cut just after its first EOS token (kept as is when it has none)."""
-    if eos_token_id is None:
+def truncate_after_eos(response: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:
+    """A response [n] cut just after its first end-of-turn token (any of `eos_token_ids`; kept as is when it
+    has none)."""
+    if not eos_token_ids:
         return response
-    hits = (response == eos_token_id).nonzero()
+    hits = torch.isin(response, torch.tensor(eos_token_ids, dtype=response.dtype)).nonzero()
     return response if hits.numel() == 0 else response[: int(hits[0, 0]) + 1]
 
 
@@ -105,19 +107,20 @@ def make_token_batch(
     queries: list[torch.Tensor],
     responses: list[torch.Tensor],
     pad_token_id: int,
-    eos_token_id: int | None,
+    eos_token_ids: Sequence[int],
     device: torch.device | str = "cpu",
 ) -> TokenBatch:
-    """Pad B queries (left) and B responses (right, each cut after its first EOS) into a `TokenBatch`.
+    """Pad B queries (left) and B responses (right, each cut after its first end-of-turn token, any of
+    `eos_token_ids`) into a `TokenBatch`; `has_eos` marks the responses that end with one.
 
     queries, responses: lists of non-empty 1-D int64 tensors (checked by the caller).
     """
-    responses = [truncate_after_eos(r, eos_token_id) for r in responses]
+    responses = [truncate_after_eos(r, eos_token_ids) for r in responses]
     query_ids, query_mask = left_pad(queries, pad_token_id)  # [B, Lq]
     response_ids, response_mask = right_pad(responses, pad_token_id)  # [B, T]
     input_ids = torch.cat([query_ids, response_ids], dim=1)  # [B, Lq + T]
     attention_mask = torch.cat([query_mask, response_mask], dim=1)  # [B, Lq + T]
-    has_eos = torch.tensor([eos_token_id is not None and int(r[-1]) == eos_token_id for r in responses])
+    has_eos = torch.tensor([int(r[-1]) in eos_token_ids for r in responses], dtype=torch.bool)
     # positions count from each query's first real token; padding gets 0 (it is never attended)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     return TokenBatch(

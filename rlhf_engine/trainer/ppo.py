@@ -22,6 +22,7 @@ from torch import nn
 
 from rlhf_engine.distributed import Comm, DistributedConfig, check_divisible, is_sharded, iter_full_state, shard_model
 from rlhf_engine.distributed.dcp import CRITIC_DIR, POLICY_DIR, save_hf_folder
+from rlhf_engine.models.end_of_turn import model_end_of_turn_ids
 from rlhf_engine.models.loading import AdaptersDisabled, causal_lm, freeze, policy_state_dict, reference_model
 from rlhf_engine.models.lora import adapter_state_dict as lora_adapters
 from rlhf_engine.models.lora import is_lora, model_adapter_config
@@ -116,7 +117,9 @@ class PPOTrainer:
         self.tokenizer = tokenizer
         lm_config = causal_lm(model).config
         self.pad_token_id = _first_not_none(getattr(tokenizer, "pad_token_id", None), lm_config.pad_token_id)
-        self.eos_token_id = _first_not_none(getattr(tokenizer, "eos_token_id", None), lm_config.eos_token_id)
+        self.eos_token_ids = model_end_of_turn_ids(tokenizer, causal_lm(model))
+        """Every id that ends a turn (the model's generation config and the tokenizer's EOS: the set vLLM stops
+        at): responses are cut after the first, and `has_eos` / `missing_eos_penalty` go by it."""
         if self.pad_token_id is None:
             raise ValueError("no pad_token_id: the tokenizer and the model config both lack one")
         self.device = next(model.parameters()).device
@@ -162,7 +165,7 @@ class PPOTrainer:
         returns one tensor."""
         seed = int(torch.randint(0, 2**62, (), generator=self._sampling))
         return sample_responses(causal_lm(self.model), query_tensors, self.config, self.pad_token_id,
-                                self.eos_token_id, seed, **generation_kwargs)
+                                self.eos_token_ids, seed, **generation_kwargs)
 
     @torch.no_grad()
     def score(self, queries: TokenSeqs, responses: TokenSeqs,
@@ -184,7 +187,7 @@ class PPOTrainer:
         if self.reward_model is not None:
             # the classifier pools at the last token that is not *its* pad token: pad with that one
             pad = _first_not_none(self.reward_model.config.pad_token_id, self.pad_token_id)
-            batch = make_token_batch(queries, responses, pad, self.eos_token_id, self.device)
+            batch = make_token_batch(queries, responses, pad, self.eos_token_ids, self.device)
             rows = list(range(len(queries)))
             plan = rank_microbatches(rows, batch.lengths(), self.config.max_tokens_per_microbatch,
                                      self.config.mini_batch_size // self.comm.world_size, self.comm)
@@ -253,7 +256,8 @@ class PPOTrainer:
         reward_kl_coef = kl_coef if cfg.kl_in_reward else 0.0  # else the KL is a loss term of the update
         reuse = old_logp_from_update(cfg, reward_kl_coef, self.comm)
         with timer("forward_pass"):
-            batch = make_token_batch(inputs.queries, inputs.responses, self.pad_token_id, self.eos_token_id, self.device)
+            batch = make_token_batch(inputs.queries, inputs.responses, self.pad_token_id, self.eos_token_ids,
+                                     self.device)
             batch.response_mask = batch.response_mask * kept[:, None]  # [B, T]: dropped samples have no valid token
             lengths = batch.lengths()
             mine = self.comm.shard(cfg.batch_size)

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from rlhf_engine.models.gguf import ConversionError, convert_gguf, end_of_turn_ids
+from rlhf_engine.models.end_of_turn import end_of_turn_ids
+from rlhf_engine.models.gguf import ConversionError, convert_gguf
 
 
 @pytest.mark.real_model
@@ -39,9 +40,9 @@ def test_end_of_turn_ids_take_the_declared_list_and_the_tokenizers_eos():
     class Tok:
         eos_token_id = 151643
 
-    assert end_of_turn_ids(Tok(), [151645, 151643]) == [151645, 151643]
-    assert end_of_turn_ids(Tok(), 151645) == [151645, 151643]
-    assert end_of_turn_ids(Tok(), None) == [151643]
+    assert end_of_turn_ids(Tok(), [151645, 151643]) == (151645, 151643)
+    assert end_of_turn_ids(Tok(), 151645) == (151645, 151643)
+    assert end_of_turn_ids(Tok(), None) == (151643,)
 
 
 def test_a_gguf_of_an_architecture_transformers_cannot_load_is_named(tmp_path):

@@ -117,7 +117,7 @@ def test_reused_pass_still_weights_off_sampler_tokens(make_lm, tokenizer, random
     trainer = PPOTrainer(cfg, model, tokenizer=tokenizer)
     queries, responses = random_pairs(B, seed=2, eos=tokenizer.eos_token_id)
     queries = [queries[i - i % 2] for i in range(B)]
-    batch = make_token_batch(queries, responses, trainer.pad_token_id, trainer.eos_token_id)
+    batch = make_token_batch(queries, responses, trainer.pad_token_id, trainer.eos_token_ids)
     with torch.no_grad():
         logp = forward_policy(model, batch, 1.0).logp
     # the sampler's log-probs 0.1 below the policy's: every weight is min(exp(0.1), 2) = 1.10517

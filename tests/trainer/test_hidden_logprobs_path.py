@@ -26,7 +26,7 @@ def pairs(tokenizer, random_pairs):
 def test_hidden_path_equals_logits_path_in_value_and_gradient(make_lm, tokenizer, pairs, packed):
     model = AutoModelForCausalLMWithValueHead(make_lm(seed=1, layers=2))
     head = model.pretrained_model.lm_head
-    batch = make_token_batch(*pairs, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    batch = make_token_batch(*pairs, tokenizer.pad_token_id, (tokenizer.eos_token_id,))
     outs, grads = [], []
     for from_hidden in (False, True):
         model.zero_grad()

@@ -31,7 +31,7 @@ def test_kl_loss_term_value_and_no_policy_pass(make_lm, tokenizer, random_pairs)
     assert policy_calls[0] == 1 and ref_calls[0] == 1  # the update's forward only; one reference pass
 
     # expected: the k3 estimate of KL(pi || ref) per token, averaged over the batch's response tokens
-    batch = make_token_batch(queries, responses, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    batch = make_token_batch(queries, responses, tokenizer.pad_token_id, (tokenizer.eos_token_id,))
     with torch.no_grad():
         logp = forward_policy(policy, batch, 1.0).logp
         ref_logp = forward_policy(ref, batch, 1.0).logp

@@ -53,7 +53,7 @@ def test_reference_is_the_base_with_adapters_disabled_and_no_copy(make_lm, token
     for _ in range(2):
         stats = trainer.step(*data)
     assert abs(stats["objective/kl"]) > 1e-4  # the adapters moved the policy from its base (k1: any sign)
-    batch = make_token_batch(*data[:2], tokenizer.pad_token_id, tokenizer.eos_token_id)
+    batch = make_token_batch(*data[:2], tokenizer.pad_token_id, (tokenizer.eos_token_id,))
     with torch.no_grad():
         ref = forward_policy(trainer.ref_model, batch, 1.0).logp
         separate = forward_policy(base, batch, 1.0).logp

@@ -30,7 +30,7 @@ def test_pack_rows_layout():
     # rows of W = 4 (the longest sample), first-fit-decreasing: sample 0 fills row 0, samples 1 and 2 share row 1
     pad = 0
     batch = make_token_batch([torch.tensor([5, 6]), torch.tensor([9]), torch.tensor([11])],
-                             [torch.tensor([7, 8]), torch.tensor([10]), torch.tensor([12])], pad, None)
+                             [torch.tensor([7, 8]), torch.tensor([10]), torch.tensor([12])], pad, ())
     p = pack_rows(batch.input_ids, batch.attention_mask, batch.position_ids, batch.query_width,
                   batch.response_mask)
     assert p.input_ids.tolist() == [[5, 6, 7, 8], [9, 10, 11, 12]]
@@ -45,7 +45,7 @@ def test_pack_rows_layout():
 def test_pack_rows_tail_continues_the_last_sequence():
     # lengths 5 and 2: W = 5, two rows; row 1 holds 2 tokens and 3 of padding at positions 2, 3, 4
     batch = make_token_batch([torch.tensor([5, 6, 7]), torch.tensor([9])],
-                             [torch.tensor([8, 4]), torch.tensor([10])], 0, None)
+                             [torch.tensor([8, 4]), torch.tensor([10])], 0, ())
     p = batch.pack()
     assert p.input_ids.tolist() == [[5, 6, 7, 8, 4], [9, 10, 0, 0, 0]]
     assert p.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
@@ -54,7 +54,7 @@ def test_pack_rows_tail_continues_the_last_sequence():
 @pytest.mark.parametrize("layers", [1, 2])
 def test_packed_policy_pass_equals_padded(make_lm, tokenizer, pairs, layers):
     model = AutoModelForCausalLMWithValueHead(make_lm(seed=1, layers=layers))
-    batch = make_token_batch(*pairs, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    batch = make_token_batch(*pairs, tokenizer.pad_token_id, (tokenizer.eos_token_id,))
     outs, grads = [], []
     for packed in (False, True):
         model.zero_grad()
@@ -79,7 +79,7 @@ def _mask(batch, t):
 
 def test_packed_critic_values_and_reward_scores_equal_padded(make_lm, make_reward_model, tokenizer, pairs):
     critic = AutoModelForCausalLMWithValueHead(make_lm(seed=2))
-    batch = make_token_batch(*pairs, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    batch = make_token_batch(*pairs, tokenizer.pad_token_id, (tokenizer.eos_token_id,))
     with torch.no_grad():
         torch.testing.assert_close(forward_values(critic, batch, packed=True), forward_values(critic, batch),
                                    atol=ATOL, rtol=RTOL)
@@ -137,7 +137,7 @@ def test_packed_pass_runs_the_lm_head_only_where_a_response_token_is_predicted(m
     lm = make_lm(seed=0)
     rows = []
     lm.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
-    batch = make_token_batch(*pairs, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    batch = make_token_batch(*pairs, tokenizer.pad_token_id, (tokenizer.eos_token_id,))
     with torch.no_grad():
         forward_policy(lm, batch, 1.0, packed=True)
     assert rows == [int(batch.response_mask.sum())]  # N positions, not the R x W of the packed rows

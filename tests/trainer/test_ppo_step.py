@@ -97,7 +97,7 @@ def test_adaptive_kl_coef_moves_towards_target(make_trainer, data):
 def test_off_policy_importance_weights(make_trainer, data, tokenizer):
     queries, responses, scores = data
     trainer = make_trainer(tis_cap=2.0)
-    batch = make_token_batch(queries, responses, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    batch = make_token_batch(queries, responses, tokenizer.pad_token_id, (tokenizer.eos_token_id,))
     with torch.no_grad():
         logp = forward_policy(trainer.model, batch, 1.0).logp
     own = [logp[i, : len(r)] for i, r in enumerate(responses)]
@@ -301,7 +301,7 @@ def test_reward_model_scores_when_none_given(make_lm, make_reward_model, tokeniz
                          reward_model=make_reward_model())
     assert next(trainer.reward_model.parameters()).dtype == torch.bfloat16  # frozen models cast
     assert next(trainer.ref_model.parameters()).dtype == torch.bfloat16
-    batch = make_token_batch(queries, responses, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    batch = make_token_batch(queries, responses, tokenizer.pad_token_id, (tokenizer.eos_token_id,))
     expected = model_scores(trainer.reward_model, batch.input_ids, batch.attention_mask, batch.position_ids)
     # chunked by 4 and packed = all at once padded, up to bf16 rounding (packed rows sum in another order;
     # one bf16 ulp is 2^-8 relative)

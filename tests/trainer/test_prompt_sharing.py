@@ -26,7 +26,7 @@ def grouped(tokenizer, random_pairs):
     valid response token), as a step drops a non-finite score."""
     queries, responses = random_pairs(B, seed=5, eos=tokenizer.eos_token_id, q_len=(2, 7), r_len=(1, 9))
     queries = [queries[i - i % 2] for i in range(B)]
-    batch = make_token_batch(queries, responses, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    batch = make_token_batch(queries, responses, tokenizer.pad_token_id, (tokenizer.eos_token_id,))
     batch.response_mask[5] = 0
     return batch
 
@@ -34,7 +34,7 @@ def grouped(tokenizer, random_pairs):
 def test_layout_shares_each_query_and_masks_other_responses():
     # query [5, 6] with responses [7, 8] and [9]; query [11] with response [12]
     batch = make_token_batch([torch.tensor([5, 6]), torch.tensor([5, 6]), torch.tensor([11])],
-                             [torch.tensor([7, 8]), torch.tensor([9]), torch.tensor([12])], 0, None)
+                             [torch.tensor([7, 8]), torch.tensor([9]), torch.tensor([12])], 0, ())
     p = batch.pack(WIDE)
     # units: [5 6 7 8 9] (5 tokens) and [11 12]: W = 5, first-fit-decreasing puts them in two rows
     assert p.input_ids.tolist() == [[5, 6, 7, 8, 9], [11, 12, 0, 0, 0]]
@@ -56,7 +56,7 @@ def test_layout_shares_each_query_and_masks_other_responses():
 
 def test_long_groups_are_cut_into_units_that_repeat_the_query():
     queries = [torch.tensor([5, 6])] * 3
-    batch = make_token_batch(queries, [torch.tensor([7, 8, 9]), torch.tensor([10, 11]), torch.tensor([12])], 0, None)
+    batch = make_token_batch(queries, [torch.tensor([7, 8, 9]), torch.tensor([10, 11]), torch.tensor([12])], 0, ())
     p = batch.pack(24)  # attention width 24: units cut at max(24 / 4, longest sample 5) = 6 tokens
     # [5 6 7 8 9] and [5 6 10 11 12] (2 rows of 5) rather than 3 rows of one sample each
     assert sorted(p.input_ids.tolist()) == [[5, 6, 7, 8, 9], [5, 6, 10, 11, 12]]
@@ -69,7 +69,7 @@ def test_grouped_batch_is_cheaper_shared(grouped):
 
 def test_sharing_is_chosen_only_where_it_is_cheaper():
     def pack(queries, attention_width):
-        batch = make_token_batch(queries, [torch.arange(10, 18)] * len(queries), 0, None)  # 8 response tokens
+        batch = make_token_batch(queries, [torch.arange(10, 18)] * len(queries), 0, ())  # 8 response tokens
         return pack_cheaper(batch.input_ids, batch.attention_mask, batch.position_ids, batch.query_width,
                             batch.response_mask, attention_width)
 
@@ -153,7 +153,7 @@ def test_shared_step_equals_padded_step(make_lm, tokenizer, random_pairs, estima
 
 def test_by_query_keeps_groups_together(tokenizer):
     q = [torch.tensor([5, 6]), torch.tensor([7]), torch.tensor([5, 6]), torch.tensor([8]), torch.tensor([7])]
-    batch = make_token_batch(q, [torch.tensor([9])] * 5, tokenizer.pad_token_id, None)
+    batch = make_token_batch(q, [torch.tensor([9])] * 5, tokenizer.pad_token_id, ())
     assert batch.by_query([0, 1, 2, 3, 4]) == [0, 2, 1, 4, 3]
     assert batch.by_query([4, 3, 2, 1]) == [4, 1, 3, 2]
 

@@ -73,7 +73,7 @@ def run_steps(comm: Comm, trainer: PPOTrainer, scenario: str, steps: range,
     `save_after` (1-based count of steps done)."""
     history = []
     for step in steps:
-        mine = step_batch(step, scenario, trainer.eos_token_id) if comm.is_main else None
+        mine = step_batch(step, scenario, trainer.eos_token_ids[0]) if comm.is_main else None
         batch = broadcast_step_batch(comm, mine)
         history.append(trainer.step(batch.queries, batch.responses, batch.scores))
         if save_after is not None and step + 1 == save_after:

@@ -1,0 +1,96 @@
+"""The real pretrained model end to end (SmolLM2-135M-Instruct, `make real-model`): chat prompts rendered with
+its template, rollouts from vLLM, one PPO step on exactly the sampled ids, and a checkpoint vLLM serves."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rlhf_engine.checkpoint import latest_checkpoint
+from rlhf_engine.config import load_run_config
+from rlhf_engine.engine import Callback, RLHFEngine
+from rlhf_engine.trainer import ppo as ppo_module
+
+pytestmark = [pytest.mark.real_model, pytest.mark.vllm]
+
+QUESTIONS = [(3, 4), (12, 9), (25, 17), (8, 6)]
+
+
+class Rollouts(Callback):
+    def __init__(self):
+        self.received = []
+
+    def on_rollout(self, rollout):
+        self.received.append((rollout.prompt_token_ids.tolist(), rollout.response_token_ids.tolist()))
+
+
+@pytest.fixture
+def chat_prompts(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Compute {a} + {b}. End with "
+                                                                              "'#### N'."}],
+                                        "answer": str(a + b)}) + "\n" for a, b in QUESTIONS))
+    return path
+
+
+def test_one_ppo_step_on_the_real_model_trains_the_sampled_ids_and_serves(tmp_path, real_model_dir, chat_prompts,
+                                                                          monkeypatch, assert_no_new_children):
+    pytest.importorskip("vllm")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
+    from rlhf_engine.rollout.vllm_backend import VLLMGenerator
+    from tests.helpers.rollout import reference_logprobs
+
+    trained_batches = []
+    make_token_batch = ppo_module.make_token_batch
+
+    def recorded(queries, responses, *args, **kwargs):
+        batch = make_token_batch(queries, responses, *args, **kwargs)
+        trained_batches.append(batch)
+        return batch
+
+    monkeypatch.setattr(ppo_module, "make_token_batch", recorded)
+    cfg = load_run_config(None, base={
+        "model": {"policy": str(real_model_dir), "reward_fn": "rlhf_engine.rewards:correct"},
+        "data": {"prompts": str(chat_prompts), "max_prompt_length": 64},
+        "ppo": {"batch_size": 4, "mini_batch_size": 4, "num_generations": 2, "ppo_epochs": 1, "learning_rate": 1e-5,
+                "response_length": 24, "seed": 0, "advantage_estimator": "grpo"},
+        "generator": {"backend": "vllm", "max_model_len": 256, "kv_cache_bytes": 1 << 28},
+        "transport": {"endpoint": f"ipc://{tmp_path}/ep", "heartbeat_timeout_s": 60.0},
+        "engine": {"run_dir": str(tmp_path / "run"), "loggers": ["jsonl"], "progress": False, "mode": "sync",
+                   "total_steps": 1, "save_steps": 1},
+    })
+    rollouts = Rollouts()
+    with RLHFEngine(cfg, callbacks=[rollouts]) as engine:
+        engine.train()
+    tokenizer = AutoTokenizer.from_pretrained(real_model_dir)
+
+    # chat prompts went out rendered with the model's template and its generation prompt
+    rendered = {tuple(tokenizer.apply_chat_template([{"role": "user", "content": f"Compute {a} + {b}. End with "
+                                                     "'#### N'."}], add_generation_prompt=True, tokenize=True,
+                                                    return_dict=False)) for a, b in QUESTIONS}
+    assert len(rollouts.received) == 4 and {tuple(p) for p, _ in rollouts.received} <= rendered
+    # token in, token out: the trained batch holds exactly the ids vLLM returned (cut after <|im_end|> = 2)
+    (batch,) = trained_batches
+    rows = [batch.response_ids[i, : int(batch.response_mask[i].sum())].tolist() for i in range(4)]
+    assert sorted(rows) == sorted(r for _, r in rollouts.received)
+    for _, response in rollouts.received:
+        assert 2 not in response[:-1]  # vLLM stopped at the first end of turn
+    assert batch.has_eos.tolist() == [row[-1] == 2 for row in rows]
+
+    # the checkpoint's policy serves: vLLM loads it and samples with the trained weights
+    served = latest_checkpoint(tmp_path / "run") / "policy"
+    gen = VLLMGenerator(GeneratorConfig(model=str(served), backend="vllm", max_model_len=256,
+                                        kv_cache_bytes=1 << 28, engine_process=True))
+    try:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Compute 2 + 2."}],
+                                               add_generation_prompt=True, tokenize=True, return_dict=False)
+        (out,) = gen.generate([prompt], sampling=SamplingConfig(max_new_tokens=8, ignore_eos=True))
+    finally:
+        gen.close()
+    hf = AutoModelForCausalLM.from_pretrained(served, dtype=torch.float32).eval()
+    assert float((reference_logprobs(hf, out) - out.logprobs).abs().max()) <= 1e-3
+    assert_no_new_children()
