@@ -19,3 +19,8 @@ def gold(prompts: list[str], completions: list[str], **columns) -> list[float]:
 
 def needs_level(prompts: list[str], completions: list[str], level: list) -> list[float]:
     return [0.0] * len(completions)
+
+
+def length_plus_n(prompts: list[str], completions: list[str], n: list) -> list[float]:
+    """len(completion) + the record's `n`: a score that needs the right field for the right completion."""
+    return [float(len(c) + k) for c, k in zip(completions, n)]
