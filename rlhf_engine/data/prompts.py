@@ -46,8 +46,9 @@ class PromptSet:
 
 
 def read_prompts(source: Any, tokenizer, max_prompt_length: int, stats: DataStats | None = None) -> PromptSet:
-    """Token ids of every record's `prompt` (a string, or chat messages rendered with a generation prompt),
-    and the record's other fields.
+    """Token ids of every record's `prompt` (a string, or chat messages rendered with the tokenizer's chat
+    template and its generation prompt: a tokenizer without one is a `DataError`), and the record's other
+    fields.
 
     Prompts longer than `max_prompt_length` keep their last tokens (counted in `stats.truncated`).
     """
@@ -62,6 +63,9 @@ def read_prompts(source: Any, tokenizer, max_prompt_length: int, stats: DataStat
                 raise DataError(f"{record.where}: field 'prompt' is an empty string")
             ids = tokenizer(value, add_special_tokens=True)["input_ids"]
         else:
+            if not getattr(tokenizer, "chat_template", None):  # the SFT fallback format would be sampled from
+                raise DataError(f"{record.where}: field 'prompt' holds chat messages but the policy's tokenizer has "
+                                "no chat template: give the prompt as a string, or a model whose tokenizer has one")
             text = render_chat(tokenizer, _messages(value, record.where, "prompt"), add_generation_prompt=True)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > max_prompt_length:

@@ -1,5 +1,6 @@
 """Record fields as reward-function keyword arguments: which a function takes, what it gets, the start check."""
 
+import copy
 import functools
 import json
 
@@ -9,6 +10,7 @@ from rlhf_engine.data.columns import (ColumnParams, check_columns, column_kwargs
                                       completion_columns)
 from rlhf_engine.data.prompts import read_prompts
 from rlhf_engine.data.records import DataError
+from tests.helpers.chat import CHAT_TEMPLATE
 
 
 def two_args(prompts, completions):
@@ -62,6 +64,8 @@ def test_check_columns_names_record_field_and_function():
 
 
 def test_read_prompts_keeps_each_records_columns(tmp_path, tokenizer):
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE
     path = tmp_path / "p.jsonl"
     records = [{"prompt": "two plus two", "answer": "4"},
                {"prompt": [{"role": "user", "content": "three squared"}], "answer": "9", "meta": {"k": [1]}}]
@@ -70,3 +74,14 @@ def test_read_prompts_keeps_each_records_columns(tmp_path, tokenizer):
     assert prompts.columns == [{"answer": "4"}, {"answer": "9", "meta": {"k": [1]}}]
     assert prompts.wheres == [f"{path}:1", f"{path}:2"] and prompts.column_names == {"answer", "meta"}
     assert len(prompts) == 2 and prompts.token_ids[0] == tokenizer("two plus two")["input_ids"]
+
+
+def test_chat_prompts_need_a_chat_template(tmp_path, tokenizer):
+    # the SFT fallback format ("user: ...") would be what the policy samples from: an error, not a guess
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps({"prompt": [{"role": "user", "content": "hi"}]}) + "\n")
+    assert not tokenizer.chat_template
+    with pytest.raises(DataError) as e:
+        read_prompts(path, tokenizer, max_prompt_length=64)
+    assert str(e.value) == (f"{path}:2: field 'prompt' holds chat messages but the policy's tokenizer has no chat "
+                            "template: give the prompt as a string, or a model whose tokenizer has one")

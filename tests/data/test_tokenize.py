@@ -3,9 +3,7 @@
 import pytest
 
 from rlhf_engine.data import IGNORE_INDEX, build_preference_dataset, build_sft_dataset, render_chat
-
-TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-            "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+from tests.helpers.chat import CHAT_TEMPLATE as TEMPLATE
 
 
 def ids(tokenizer, text):

@@ -15,6 +15,7 @@ from rlhf_engine.data.prompts import read_prompts
 from rlhf_engine.data.records import DataError
 from rlhf_engine.engine import RLHFEngine
 from tests.helpers import columns as recorded
+from tests.helpers.chat import with_chat_template
 
 
 def config(tmp_path, policy_dir, prompts, *, model: dict, ppo: dict | None = None, **engine):
@@ -25,6 +26,12 @@ def config(tmp_path, policy_dir, prompts, *, model: dict, ppo: dict | None = Non
     base["data"]["max_prompt_length"] = 32
     del base["generator"]["sampling"]  # from the ppo section
     return load_run_config(None, base=base)
+
+
+@pytest.fixture(scope="module")
+def policy_dir(policy_dir, tmp_path_factory):
+    """The engine tests' tiny policy with a chat template (chat prompts need one)."""
+    return with_chat_template(policy_dir, tmp_path_factory.mktemp("chat") / "policy")
 
 
 @pytest.fixture
