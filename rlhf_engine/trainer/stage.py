@@ -70,7 +70,8 @@ class StageConfig:
     logging_steps: int = 10
     """Write training metrics every this many optimizer steps."""
     eval_steps: int = 0
-    """Evaluate every this many optimizer steps (0: only at the end)."""
+    """Evaluate before the first step (step 0), every this many optimizer steps and at the end (0: only at the
+    end)."""
     save_steps: int = 0
     """Save `checkpoint-<step>` every this many optimizer steps (0: only the final model)."""
     max_length: int | None = 1024
@@ -250,6 +251,8 @@ def run_training(config: StageConfig, model: torch.nn.Module, epoch_batches: Cal
     window: list[dict[str, float]] = []
     step, epoch = 0, 0
     try:
+        if evaluate is not None and config.eval_steps:  # the starting point, as the PPO engine's step 0
+            log(0, evaluate())
         while step < total:
             for group in chunks(epoch_batches(epoch), accum):
                 if step >= total:

@@ -15,7 +15,7 @@ def sft_run(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft") / "out"
     config = SFTConfig(model_name_or_path=str(tiny_dir), output_dir=str(out), learning_rate=3e-3,
                        per_device_train_batch_size=16, max_steps=30, warmup_steps=3, logging_steps=5,
-                       eval_split=0.1, save_steps=20, max_length=64)
+                       eval_split=0.1, eval_steps=10, save_steps=20, max_length=64)
     trainer = SFTTrainer(config, train_dataset=synthetic.sft_records(400))
     before = trainer.evaluate()["eval/loss"]
     return trainer, before, trainer.train()
@@ -32,7 +32,7 @@ def test_sft_loss_falls(sft_run):
 def test_sft_output_is_a_loadable_hf_folder_with_metrics(sft_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    trainer, _, metrics = sft_run
+    trainer, before, metrics = sft_run
     out = trainer.config.output_dir
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
@@ -53,6 +53,10 @@ def test_sft_output_is_a_loadable_hf_folder_with_metrics(sft_run):
     lines = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
     assert [r["step"] for r in lines if "train/loss" in r] == [5, 10, 15, 20, 25, 30]
     assert lines[-1]["eval/loss"] == metrics["eval/loss"]
+    # evaluated at the start (step 0: the untrained model's loss), every eval_steps and at the end
+    evals = [r for r in lines if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [0, 10, 20, 30]
+    assert evals[0]["eval/loss"] == pytest.approx(before, abs=1e-5) and evals[-1]["eval/loss"] < before - 2.5
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_dir, tmp_path):
