@@ -10,7 +10,7 @@ betas (0.9, 0.999), eps 1e-8, no weight decay), linear decay without warmup, gra
 beta 0.1, fp32 on the CPU. Compared within 1e-4: loss, rewards/chosen, rewards/rejected, rewards/margins and the
 policy's summed log-probs (logps/chosen, logps/rejected) on the pairs before training (`evaluate`), at each of the
 three steps (the training logs: forward at the weights before that step, plus the gradient norm), and after the
-third step (`evaluate`). TRL options matched: loss_type ["sigmoid"] (and ["ipo"], before training), beta,
+third step (`evaluate`). TRL options matched: loss_type ["sigmoid"], beta,
 precompute_ref_log_probs False (our cached reference log-probs are the same numbers), max_length None,
 optim adamw_torch_fused, lr_scheduler_type linear, warmup_steps 0, max_grad_norm 1.0, bf16 False,
 gradient_checkpointing False.
