@@ -44,7 +44,10 @@ real-model: $(EXT)
 test: $(EXT) cuda-check real-model
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-slow: $(EXT)
+# The slow cases, TRL's trainers (pyproject's `bench` extra) included: tests/oracle compares ours against them.
+test-slow: $(EXT) real-model
+	$(BIN)/python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["bench"]))' \
+	  | xargs $(BIN)/pip install -q
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 demo: $(EXT)

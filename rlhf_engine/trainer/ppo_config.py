@@ -77,7 +77,9 @@ class PPOConfig:
     """Where the KL penalty acts. True (TRL's PPO): in the reward, r_t = -beta * KL_t, before the advantages.
     False (TRL's GRPOTrainer `beta`, verl's `use_kl_loss`): as a loss term beta * mean_t KL_t of the current
     policy against the reference, added to the policy loss, with `kl_penalty` `k3` (its expected gradient on
-    the sampled tokens is that of KL(ref || pi); TRL's choice) or `mse` (that of KL(pi || ref)); `kl` and `abs`
+    the sampled tokens is that of KL(ref || pi); TRL's GRPOTrainer with `use_bias_correction_kl=False`, whose
+    default True also multiplies it by the importance ratio: same value, another gradient — tests/oracle) or
+    `mse` (that of KL(pi || ref)); `kl` and `abs`
     are refused there (the expected gradient of the log-ratio is 0, that of `abs` is biased). Then nothing
     before the update needs pi_old, so one optimizer step per PPO step needs no separate policy forward pass
     (see `old_logp_from_update`)."""
