@@ -146,6 +146,10 @@ def _run_ppo(args: argparse.Namespace, argv: list[str]) -> int:
     from rlhf_engine.engine import RLHFEngine
 
     config = load_run_config(args.config, args.overrides)
+    if not launched_by_torchrun():  # the launching command checked it (the ranks start from the same files)
+        from rlhf_engine.run_checks import check_run
+
+        check_run(config, args.resume)  # model folders, data, functions, keys, checkpoint: before any work
     if args.nproc is not None and not launched_by_torchrun():
         return _launch_ranks(config, args.nproc, argv)
     if launched_by_torchrun():
@@ -211,11 +215,13 @@ def _run_generator(args: argparse.Namespace) -> int:
     from rlhf_engine.config import load_run_config
     from rlhf_engine.rollout.adapters import run_generator_config
     from rlhf_engine.rollout.process import run_generator
+    from rlhf_engine.transport.endpoints import check_security
 
     config = load_run_config(args.config, args.overrides)
     transport = config.transport
     if args.connect:
         transport = dataclasses.replace(transport, endpoint=args.connect)
+    check_security(transport, server=False)  # before the model loads
     # with model.lora.sync: adapters the generator takes the adapters on the base in model.policy
     generator = run_generator_config(config.generator, config.model.lora)
     run_generator(generator, transport, name=args.name, max_staleness=config.engine.max_staleness,
@@ -300,7 +306,17 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[s
     from rlhf_engine.checkpoint import CheckpointError
     from rlhf_engine.config_loader import ConfigError
     from rlhf_engine.data.records import DataError
+    from rlhf_engine.distributed.group import RendezvousError
+    from rlhf_engine.local_generators import GeneratorExited, RestartBudgetExceeded
     from rlhf_engine.models.gguf import ConversionError
+    from rlhf_engine.supervisor import NoGeneratorLeft
+    from rlhf_engine.transport.errors import TransportError
+
+    kinds = ((ConfigError, "config error"), (DataError, "data error"), (CheckpointError, "checkpoint error"),
+             (ConversionError, "conversion error"), (TransportError, "transport error"),
+             (RendezvousError, "trainer ranks"), (FileNotFoundError, "missing file"),
+             ((GeneratorExited, RestartBudgetExceeded, NoGeneratorLeft), "generator error"))
+    """The errors a command meets, each printed as one line (`--debug`: the traceback) with status 2."""
 
     try:
         if args.command in _STAGE_CONFIGS:
@@ -332,13 +348,12 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[s
 
             return keys_main([args.dir, *(["--client", args.client] if args.client else []),
                               *(["--force"] if args.force else [])])
-    except (ConfigError, DataError, FileNotFoundError, CheckpointError, ConversionError) as e:
+    except tuple(t for types, _ in kinds for t in (types if isinstance(types, tuple) else (types,))) as e:
         if args.debug:
             raise
-        kind = ("config error" if isinstance(e, ConfigError) else "data error" if isinstance(e, DataError)
-                else "checkpoint error" if isinstance(e, CheckpointError)
-                else "conversion error" if isinstance(e, ConversionError) else "missing file")
-        print(f"rlhf-engine {args.command}: {kind}: {_one_line(e)}", file=sys.stderr)
+        kind = next(name for types, name in kinds if isinstance(e, types))
+        text = str(e).split("\n")[0] if isinstance(e, GeneratorExited) else _one_line(e)  # its log tail stays in the log
+        print(f"rlhf-engine {args.command}: {kind}: {' '.join(text.split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"rlhf-engine {args.command}: interrupted; everything was stopped", file=sys.stderr)

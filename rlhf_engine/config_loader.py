@@ -10,6 +10,7 @@ that name the key path and the file they came from; each dataclass then runs its
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -120,9 +121,12 @@ def _from_dict(cls: type[T], data: dict[str, Any], *, where: _Where, prefix: str
     if unknown:
         section = f"section {prefix!r}" if prefix else "the top level"
         first = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        close = [f"{match[0]!r}" + (f" for {k!r}" if len(unknown) > 1 else "") for k in unknown
+                 if (match := difflib.get_close_matches(k, fields, n=1, cutoff=0.6))]
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(
             f"{where(first)}: unknown key(s) {', '.join(repr(f'{prefix}.{k}' if prefix else k) for k in unknown)}"
-            f" in {section}; known keys: {', '.join(sorted(fields))}"
+            f" in {section}{hint}; known keys: {', '.join(sorted(fields))}"
         )
     kwargs = {}
     for name, value in data.items():

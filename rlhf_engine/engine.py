@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from rlhf_engine.checkpoint import (
-    STATE_JSON, checkpoint_path, latest_checkpoint, load_state, prune_checkpoints, rng_state, set_rng_state,
+    checkpoint_path, load_state, prune_checkpoints, rng_state, set_rng_state,
 )
 from rlhf_engine.config import RunConfig, import_function, save_run_config
 from rlhf_engine.config_loader import to_dict
@@ -46,7 +46,7 @@ from rlhf_engine.data.columns import check_columns, completion_columns
 from rlhf_engine.data.prompts import PromptSet, PromptStream, read_prompts
 from rlhf_engine.data.records import DataStats
 from rlhf_engine.distributed import Comm, StepBatch
-from rlhf_engine.distributed.dcp import DCP_DIR, Layout, load_trainer, resumable_layout, save_trainer
+from rlhf_engine.distributed.dcp import Layout, load_trainer, resumable_layout, save_trainer
 from rlhf_engine.distributed.driver import Leader
 from rlhf_engine.evaluation import EvalRound, eval_metrics
 from rlhf_engine.intake import Intake, IntakeLimits
@@ -54,6 +54,7 @@ from rlhf_engine.local_generators import LocalGenerators
 from rlhf_engine.metrics import MetricsLogger, Timeline, drop_steps_after, idle_fractions, read_jsonl
 from rlhf_engine.models.reward_scoring import function_scores
 from rlhf_engine.rollout.adapters import run_generator_config, sync_fingerprint, weight_specs
+from rlhf_engine.run_checks import check_run
 from rlhf_engine.supervisor import Supervisor
 from rlhf_engine.transport import Rollout, TrainerPort
 
@@ -140,6 +141,7 @@ class RLHFEngine:
         cfg = self.config
         self._stopped = False
         try:
+            ckpt = check_run(cfg, self._resume)  # everything the config and files tell, before any work
             self.run_dir.mkdir(parents=True, exist_ok=True)
             e = cfg.engine
             self.cpu_plan = make_cpu_plan(e.mode, e.num_generators, trainer_threads=e.trainer_threads,
@@ -147,9 +149,9 @@ class RLHFEngine:
                                           generator_cpus=e.generator_cpus)
             log.info("cpu plan: %s", self.cpu_plan.describe()["phases"])
             self._trainer_cpus = TrainerCpus(self.cpu_plan)  # restored by stop()
-            cfg.model.check_folders()
             save_run_config(cfg, self.run_dir / CONFIG_FILE)
-            ckpt = self._find_resume_checkpoint()
+            if ckpt is not None:  # before the other ranks load it: a bad one fails here
+                resumable_layout(ckpt, self.comm.world_size)
             self.comm.broadcast_str(str(ckpt) if ckpt is not None else "")  # the other ranks load it too
             self._build_trainer(ckpt)
             if cfg.model.gold_fn is not None:
@@ -305,17 +307,6 @@ class RLHFEngine:
     # ----------------------------------------------------------------------------------------------
     # pieces
     # ----------------------------------------------------------------------------------------------
-    def _find_resume_checkpoint(self) -> Path | None:
-        if self._resume is None:
-            return None
-        ckpt = self._resume
-        if not ((ckpt / STATE_JSON).is_file() or (ckpt / DCP_DIR).is_dir()):  # a run folder: its newest
-            ckpt = latest_checkpoint(self._resume)
-            if ckpt is None:
-                raise FileNotFoundError(f"--resume {self._resume}: no complete checkpoint in {self._resume}/checkpoints")
-        resumable_layout(ckpt, self.comm.world_size)  # before the other ranks load it: a bad one fails here
-        return ckpt
-
     def _build_trainer(self, ckpt: Path | None) -> None:
         from rlhf_engine.trainer.ppo_from_config import build_ppo_trainer
 

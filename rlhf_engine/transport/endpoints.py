@@ -51,6 +51,21 @@ class _AllowList:
         return key in self._keys
 
 
+def check_security(config: TransportConfig, *, server: bool) -> None:
+    """The endpoint's security settings as they would be applied, checked without a socket: the CURVE keys
+    load (`FileNotFoundError`/`ValueError` naming the folder), and a tcp endpoint without them is allowed
+    only with ``allow_insecure`` (`InsecureEndpointError`)."""
+    if config.curve_keys_dir is not None:
+        load_keys(config.curve_keys_dir, server=server, client_key=config.curve_client_key)
+        if server:
+            allowed_client_keys(config.curve_keys_dir)
+    elif config.endpoint is not None and config.endpoint.startswith("tcp://") and not config.allow_insecure:
+        raise InsecureEndpointError(
+            f"transport.endpoint {config.endpoint!r} is tcp without CURVE keys: set transport.curve_keys_dir "
+            "(create keys with `rlhf-engine keys DIR`) or transport.allow_insecure: true"
+        )
+
+
 class Security:
     """CURVE setup for one end, checked against the endpoint; ``close()`` stops the authenticator."""
 
@@ -58,6 +73,7 @@ class Security:
         self.keys: CurveKeys | None = None
         self._server = server
         self._auth: ThreadAuthenticator | None = None
+        check_security(config, server=server)
         if config.curve_keys_dir is not None:
             self.keys = load_keys(config.curve_keys_dir, server=server, client_key=config.curve_client_key)
             if server:
@@ -67,11 +83,6 @@ class Security:
                 self._auth.configure_curve_callback(domain="*", credentials_provider=_AllowList(allowed))
                 log.info("CURVE on %s: %d client keys allowed", config.endpoint, len(allowed))
         elif config.endpoint is not None and config.endpoint.startswith("tcp://"):
-            if not config.allow_insecure:
-                raise InsecureEndpointError(
-                    f"endpoint {config.endpoint!r} is tcp without CURVE keys: set transport.curve_keys_dir "
-                    "(create keys with `rlhf-engine keys DIR`) or allow_insecure=True"
-                )
             log.warning("transport endpoint %s runs WITHOUT encryption or authentication (allow_insecure=True): "
                         "anyone who reaches it can join as a generator", config.endpoint)
 
