@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run PPO with the async engine. The YAML has sections model, data, ppo, "
                                    "generator, transport, engine (see rlhf_engine/config.py).")
     _add_config_args(p)
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue from the newest checkpoint of RUN_DIR")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue from the newest checkpoint of RUN_DIR (or a "
+                   "checkpoint folder of it), in RUN_DIR whatever engine.run_dir says")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="run the trainer as N ranks on this host (torchrun; settings in the trainer: section)")
 
@@ -141,11 +142,10 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
 
 
 def _run_ppo(args: argparse.Namespace, argv: list[str]) -> int:
-    from rlhf_engine.config import load_run_config
     from rlhf_engine.distributed import launched_by_torchrun
     from rlhf_engine.engine import RLHFEngine
 
-    config = load_run_config(args.config, args.overrides)
+    config = _ppo_config(args)
     if not launched_by_torchrun():  # the launching command checked it (the ranks start from the same files)
         from rlhf_engine.run_checks import check_run
 
@@ -184,6 +184,23 @@ def _run_ppo(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"ppo: {summary['steps']} steps in {summary['wall_s']:.1f} s, "
           f"{summary['generated_tokens_per_s']:.0f} generated tokens/s; run dir {config.engine.run_dir}")
     return 0
+
+
+def _ppo_config(args: argparse.Namespace):
+    """The run's config; with `--resume RUN_DIR` the run continues in RUN_DIR (its metrics, checkpoints and
+    W&B id are there) whatever the config's `engine.run_dir` says."""
+    from rlhf_engine.config import load_run_config
+    from rlhf_engine.run_checks import resume_run_dir
+
+    config = load_run_config(args.config, args.overrides)
+    if args.resume is None:
+        return config
+    run_dir = resume_run_dir(args.resume)
+    if Path(config.engine.run_dir).resolve() != run_dir.resolve():
+        logging.getLogger("rlhf_engine.cli").info("--resume %s: the run continues in %s (the config's "
+                                                  "engine.run_dir is %s)", args.resume, run_dir, config.engine.run_dir)
+        config = load_run_config(args.config, [*args.overrides, f"engine.run_dir={run_dir}"])
+    return config
 
 
 def _resume_hint(run_dir: str) -> str:

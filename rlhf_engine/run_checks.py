@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from rlhf_engine.checkpoint import STATE_JSON, latest_checkpoint
+from rlhf_engine.checkpoint import CHECKPOINT_DIR, STATE_JSON, latest_checkpoint
 from rlhf_engine.config import RunConfig, import_function
 from rlhf_engine.config_loader import ConfigError
 from rlhf_engine.transport.endpoints import check_security
@@ -51,3 +51,10 @@ def resume_checkpoint(resume: str | Path | None) -> Path | None:
     if newest is None:
         raise FileNotFoundError(f"--resume {resume}: no complete checkpoint in {resume}/checkpoints")
     return newest
+
+
+def resume_run_dir(resume: str | Path) -> Path:
+    """The run folder `--resume` continues in: `resume` itself, or for a checkpoint folder
+    (`RUN_DIR/checkpoints/step-N`) its run folder."""
+    path = Path(resume)
+    return path.parent.parent if path.parent.name == CHECKPOINT_DIR else path

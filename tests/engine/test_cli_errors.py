@@ -62,3 +62,14 @@ def test_generator_command_insecure_endpoint_is_one_line(tmp_path, config):
     assert res.returncode == 2 and res.stderr.splitlines() == [
         "rlhf-engine generator: transport error: transport.endpoint 'tcp://127.0.0.1:5599' is tcp without CURVE "
         "keys: set transport.curve_keys_dir (create keys with `rlhf-engine keys DIR`) or transport.allow_insecure: true"]
+
+
+@pytest.mark.parametrize("resume", ["run", "run/checkpoints/step-2"])
+def test_resume_continues_in_the_resumed_run_folder(tmp_path, config, resume):
+    from rlhf_engine.cli import _ppo_config, build_parser
+
+    # the config names another run folder (the original run set engine.run_dir with --set)
+    args = build_parser().parse_args(["ppo", "--config", str(config), "--set", f"engine.run_dir={tmp_path / 'other'}",
+                                      "--set", "engine.total_steps=7", "--resume", str(tmp_path / resume)])
+    cfg = _ppo_config(args)
+    assert cfg.engine.run_dir == str(tmp_path / "run") and cfg.engine.total_steps == 7
