@@ -280,6 +280,20 @@ def _one_line(error: BaseException) -> str:
     return " ".join(text.split())
 
 
+_MODEL_COMMANDS = ("sft", "reward", "dpo", "ppo", "generator", "export", "convert-gguf", "demo")
+"""Commands that load models with transformers."""
+
+
+def _quiet_third_party() -> None:
+    """Our progress and metrics only on the terminal: transformers' progress bars ("Loading weights", "Writing
+    model shards") and its INFO/WARNING logs (a load report) are hidden; `-v` leaves them on. Set here, in the
+    command line, never at import of the library (no global state changes for its users)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -318,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose and args.command in _MODEL_COMMANDS:
+        _quiet_third_party()
     # SIGTERM stops a run the way Ctrl-C does: generators shut down, the last checkpoint stays intact
     signal.signal(signal.SIGTERM, _raise_interrupt)
     from rlhf_engine.checkpoint import CheckpointError

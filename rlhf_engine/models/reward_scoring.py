@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -11,15 +12,27 @@ from torch import nn
 from rlhf_engine.data.columns import column_kwargs
 from rlhf_engine.models.loading import freeze
 
+log = logging.getLogger(__name__)
+
 RewardFn = Callable[[list[str], list[str]], Sequence[float] | torch.Tensor]
 """reward_fn(prompts, completions, **columns it names) -> one score per completion (`rlhf_engine.data.columns`)."""
 
 
-def load_reward_model(path: str | Path, dtype: str | torch.dtype | None = None) -> nn.Module:
-    """Load a reward model (sequence classifier with one label) from `path`, frozen."""
+def load_sequence_classifier(path: str | Path, **kwargs) -> nn.Module:
+    """`AutoModelForSequenceClassification.from_pretrained(path, **kwargs)`; a causal-LM folder gets a fresh
+    score head, said in one line of ours (transformers' load report of it is a warning, hidden by the CLI)."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(path)
+    model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, **kwargs)
+    fresh = sorted(k for k in info["missing_keys"] if k.split(".")[0] in ("score", "classifier"))
+    if fresh:
+        log.info("reward head initialised fresh on top of %s (%s)", path, ", ".join(fresh))
+    return model
+
+
+def load_reward_model(path: str | Path, dtype: str | torch.dtype | None = None) -> nn.Module:
+    """Load a reward model (sequence classifier with one label) from `path`, frozen."""
+    model = load_sequence_classifier(path)
     check_reward_model(model)
     return freeze(model, dtype)
 

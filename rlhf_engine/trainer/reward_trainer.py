@@ -34,9 +34,9 @@ def load_reward_model_for_training(path: str | Path, tokenizer):
     """`AutoModelForSequenceClassification(num_labels=1)` from `path` (a causal-LM folder, e.g. the SFT
     output, gets a fresh score head), with `pad_token_id` set: transformers pools the logit at the last
     token that is not the pad token, so it must be known."""
-    from transformers import AutoModelForSequenceClassification
+    from rlhf_engine.models.reward_scoring import load_sequence_classifier
 
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    model = load_sequence_classifier(path, num_labels=1)
     return with_pad_token(model, tokenizer)
 
 

@@ -73,3 +73,23 @@ def test_resume_continues_in_the_resumed_run_folder(tmp_path, config, resume):
                                       "--set", "engine.total_steps=7", "--resume", str(tmp_path / resume)])
     cfg = _ppo_config(args)
     assert cfg.engine.run_dir == str(tmp_path / "run") and cfg.engine.total_steps == 7
+
+
+def test_reward_stage_shows_our_lines_only_unless_verbose(tmp_path, policy_dir):
+    import json
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"1+{i}=", "chosen": str(i + 1), "rejected": "x"}) + "\n"
+                             for i in range(8)))
+    config = tmp_path / "rm.yaml"
+    config.write_text(f"model_name_or_path: {policy_dir}\ntrain_file: {pairs}\noutput_dir: {tmp_path / 'rm'}\n"
+                      "max_steps: 1\nper_device_train_batch_size: 4\ndevice: cpu\n")
+    res = _cli("reward", "--config", config)
+    assert res.returncode == 0, res.stderr[-2000:]
+    # a causal LM under a score head: one line of ours instead of transformers' load report
+    assert f"INFO rlhf_engine.models.reward_scoring: reward head initialised fresh on top of {policy_dir} " \
+           "(score.weight)" in res.stderr
+    for noise in ("LOAD REPORT", "UNEXPECTED", "Loading weights", "Writing model shards", "it/s]"):
+        assert noise not in res.stderr, res.stderr[-2000:]
+    res = _cli("-v", "reward", "--config", config, "--set", f"output_dir={tmp_path / 'rm2'}")
+    assert res.returncode == 0 and "Loading weights" in res.stderr and "LOAD REPORT" in res.stderr
