@@ -11,9 +11,10 @@
   rlhf-engine keys    DIR                    a CURVE keypair for non-loopback endpoints
   rlhf-engine bench   ...                    the end-to-end throughput benchmark
 
-Every `--config` command takes `--set section.key=value` overrides (repeatable). Config, data and
-missing-file errors print one line (file:line: field ...) and exit with status 2; `--debug` shows
-the traceback instead.
+Every `--config` command takes `--set section.key=value` overrides (repeatable). Config, data,
+checkpoint, transport, rendezvous, generator and missing-file errors print one line (file:line: field
+..., or the setting to change) and exit with status 2; `--debug` shows the traceback instead.
+transformers' progress bars and logs are hidden unless `-v`.
 """
 
 from __future__ import annotations

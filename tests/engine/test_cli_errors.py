@@ -24,21 +24,21 @@ def config(tmp_path, policy_dir, prompts_file):
 
 @pytest.mark.parametrize("override, message", [
     ("transport.endpoint=tcp://127.0.0.1:5599",
-     "transport error: transport.endpoint 'tcp://127.0.0.1:5599' is tcp without CURVE keys: set "
-     "transport.curve_keys_dir (create keys with `rlhf-engine keys DIR`) or transport.allow_insecure: true"),
+     ("transport error: transport.endpoint 'tcp://127.0.0.1:5599' is tcp without CURVE keys: set "
+     "transport.curve_keys_dir (create keys with `rlhf-engine keys DIR`) or transport.allow_insecure: true")),
     ("transport.curve_keys_dir={tmp}/nokeys",
      "config error: transport.curve_keys_dir: CURVE keys folder {tmp}/nokeys is incomplete"),
     ("model.reward_fn=no_such_module:score",
-     "config error: model.reward_fn: cannot import module 'no_such_module' of 'no_such_module:score': "
-     "No module named 'no_such_module'"),
+     ("config error: model.reward_fn: cannot import module 'no_such_module' of 'no_such_module:score': "
+     "No module named 'no_such_module'")),
     ("model.gold_fn=rlhf_engine.demo:no_such_function",
-     "config error: model.gold_fn: 'rlhf_engine.demo:no_such_function': module 'rlhf_engine.demo' has no "
-     "function 'no_such_function'"),
+     ("config error: model.gold_fn: 'rlhf_engine.demo:no_such_function': module 'rlhf_engine.demo' has no "
+     "function 'no_such_function'")),
     ("data.eval_prompts={tmp}/none.jsonl",
      "config error: data.eval_prompts: no such file or folder: {tmp}/none.jsonl"),
     ("ppo.batch_sise=8",
-     "config error: {config} (with --set): unknown key(s) 'ppo.batch_sise' in section 'ppo'; did you mean "
-     "'batch_size'?; known keys: adap_kl_ctrl, "),
+     ("config error: {config} (with --set): unknown key(s) 'ppo.batch_sise' in section 'ppo'; did you mean "
+     "'batch_size'?; known keys: adap_kl_ctrl, ")),
 ])
 def test_config_errors_are_one_line_before_any_work(tmp_path, config, override, message):
     fill = {"tmp": tmp_path, "config": config}
@@ -60,8 +60,8 @@ def test_debug_shows_the_traceback(tmp_path, config):
 def test_generator_command_insecure_endpoint_is_one_line(tmp_path, config):
     res = _cli("generator", "--config", config, "--connect", "tcp://127.0.0.1:5599")
     assert res.returncode == 2 and res.stderr.splitlines() == [
-        "rlhf-engine generator: transport error: transport.endpoint 'tcp://127.0.0.1:5599' is tcp without CURVE "
-        "keys: set transport.curve_keys_dir (create keys with `rlhf-engine keys DIR`) or transport.allow_insecure: true"]
+        ("rlhf-engine generator: transport error: transport.endpoint 'tcp://127.0.0.1:5599' is tcp without CURVE "
+        "keys: set transport.curve_keys_dir (create keys with `rlhf-engine keys DIR`) or transport.allow_insecure: true")]
 
 
 @pytest.mark.parametrize("resume", ["run", "run/checkpoints/step-2"])
