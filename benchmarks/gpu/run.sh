@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One-shot GPU check (`make gpu-check`), for an H100/H200 machine whose image has torch+CUDA,
 # nvcc, ninja and compute-sanitizer. Budget: 8 minutes on an H200. Steps, each timed and logged:
+#   0. wheels  pyzmq and msgspec from benchmarks/gpu/wheels (fetch_wheels.sh) into a temporary
+#              folder put on PYTHONPATH, where $PY cannot import them already
 #   1. build   the extension in place, RLHF_ENGINE_CUDA=1 (sm_80 + sm_90a; flags in setup.py)
 #   2. tests   tests/ops on the device (the `device` fixture runs cuda cases when a GPU is visible)
 #   3. memcheck, racecheck   compute-sanitizer over a small subset of the op tests (cuda cases),
@@ -25,12 +27,13 @@ while [ $# -gt 0 ]; do
     --device) DEVICE=$2; shift 2 ;;
     --python) PY=$2; shift 2 ;;
     --skip-build) BUILD=0; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 case "$DEVICE" in cuda|cpu) ;; *) echo "run.sh: --device must be cuda or cpu, got '$DEVICE'" >&2; exit 2 ;; esac
-# Time limits per step (seconds) on the GPU machine: 120 + 90 + 75 + 75 + 120 = 480 s = 8 min.
+# Time limits per step (seconds) on the GPU machine: 120 + 90 + 75 + 75 + 120 = 480 s = 8 min,
+# plus up to 60 s for the wheels (two small wheels: a few seconds).
 # The CPU dry run gets 8 times as long (2 cores, no GPU).
 SCALE=$([ "$DEVICE" = cuda ] && echo 1 || echo 8)
 limit() { echo $(($1 * SCALE)); }
@@ -78,6 +81,19 @@ else
 fi
 "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())" >> "$LOGS/env.log" 2>&1
 cat "$LOGS/env.log"
+
+# The packages the image lacks (pyzmq, msgspec), from the wheels benchmarks/gpu/fetch_wheels.sh
+# fetched here (carry benchmarks/gpu/wheels), installed into a folder put first on PYTHONPATH.
+WHEELS=benchmarks/gpu/wheels
+if "$PY" -c "import zmq, msgspec" 2>/dev/null; then
+  skip wheels "zmq and msgspec already importable by $PY"
+elif ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+  step wheels "$(limit 60)" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --target "$LOGS/site" "$WHEELS"/*.whl
+  export PYTHONPATH="$LOGS/site:$PYTHONPATH"
+else
+  step wheels 5 sh -c "echo 'zmq/msgspec missing and no wheels in $WHEELS: run benchmarks/gpu/fetch_wheels.sh here and carry $WHEELS'; exit 1"
+fi
 
 if [ "$BUILD" = 1 ]; then
   step build "$(limit 120)" "$PY" setup.py -q build_ext --inplace
