@@ -7,7 +7,7 @@ EXT    := $(VENV)/.stamp-ext
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: all setup build real-model test test-slow demo bench bench-e2e cuda-check cuda-build gpu-check clean
+.PHONY: all setup build real-model test test-slow demo bench bench-e2e cuda-check cuda-build image-venv image-check gpu-check clean
 
 all: test
 
@@ -81,6 +81,26 @@ $(CUDA_DEPS):
 
 cuda-build: $(CUDA_DEPS)
 	$(CUDA_VENV)/bin/python csrc/tools/cuda_build.py
+
+# The GPU image's versions on the CPU (not in CI): torch 2.11.0 and transformers 5.17 in their own
+# venv, .venv-image (Python 3.11 here, 3.12 in the image). torch comes from PyPI, the CUDA build
+# (~4 GB with its nvidia-* wheels; the PyTorch CPU index cannot be reached here); it runs on the CPU.
+# `image-check` builds the extension in a copy of the tree and runs tests/ops and a short engine run
+# there; see benchmarks/gpu/image_check.sh.
+IMAGE_VENV := .venv-image
+IMAGE_DEPS := $(IMAGE_VENV)/.stamp-deps
+$(IMAGE_DEPS):
+	test -x $(IMAGE_VENV)/bin/python || $(PYTHON) -m venv $(IMAGE_VENV)
+	$(IMAGE_VENV)/bin/pip install -q --upgrade pip wheel setuptools ninja
+	$(IMAGE_VENV)/bin/pip install -q torch==2.11.0
+	$(IMAGE_VENV)/bin/pip install -q "transformers==5.17.*" peft safetensors tokenizers numpy pyyaml tqdm \
+	  matplotlib pyzmq==27.3.0 msgspec==0.23.0 pytest hypothesis pytest-timeout
+	touch $@
+
+image-venv: $(IMAGE_DEPS)
+
+image-check: $(IMAGE_DEPS)
+	benchmarks/gpu/image_check.sh
 
 # One-shot check on a GPU machine (H100/H200): build, tests/ops on cuda, compute-sanitizer,
 # kernel benchmark beside the HBM floor; see benchmarks/gpu/run.sh --help.
