@@ -57,8 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from rlhf_engine.distributed import (Comm, DistributedConfig, destroy_process_group, init_process_group,
-                                         iter_full_state)
+    from rlhf_engine.distributed import (Comm, DistributedConfig, destroy_process_group, init_process_group)
     from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
     from rlhf_engine.trainer.ppo import PPOTrainer
     from rlhf_engine.trainer.ppo_config import PPOConfig

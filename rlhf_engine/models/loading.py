@@ -153,7 +153,7 @@ def export_merged(policy_dir: str | Path, out: str | Path, base: str | Path | No
     """Write the policy of `policy_dir` as a plain HF folder `out` (no value head): a PEFT adapter folder is
     merged into its base (`base`, default the base folder its `adapter_config.json` names), W + scale * B @ A;
     a full-weight folder is written as is. The tokenizer found in `policy_dir` (or the base) goes along."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     policy_dir, out = Path(policy_dir), Path(out)
     if not is_adapter_folder(policy_dir) and not (policy_dir / "config.json").is_file():

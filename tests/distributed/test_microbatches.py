@@ -2,7 +2,6 @@
 micro-batch adds sum(token losses) / (tokens of the whole minibatch) rather than its own token mean."""
 
 import pytest
-import torch
 
 from rlhf_engine.distributed import Comm
 from tests.distributed.workers import ppo_scenarios as scenarios

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from tests.oracle.real_models import SYSTEM, load_pair
 
