@@ -21,6 +21,9 @@ TREE="$VENV/tree"
 [ -x "$PY" ] || { echo "image-check: no $PY; run \`make image-venv\`" >&2; exit 2; }
 "$PY" -c "import sys, torch, transformers; print('image-check: python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__)"
 
+# Processes the tests start (torchrun ranks, generators) import rlhf_engine from the copy too: it is
+# not installed in the venv.
+export PYTHONPATH="$PWD/$TREE"
 failed=()
 run() {  # run NAME CMD...: in $TREE, timed
   local name=$1; shift
