@@ -189,14 +189,15 @@ def _run_ppo(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _ppo_config(args: argparse.Namespace):
     """The run's config; with `--resume RUN_DIR` the run continues in RUN_DIR (its metrics, checkpoints and
-    W&B id are there) whatever the config's `engine.run_dir` says."""
+    W&B id are there) whatever the config's `engine.run_dir` says. `--resume RUN_DIR/checkpoints/step-N` starts
+    from that checkpoint into the config's `engine.run_dir` (a branch beside the original run)."""
     from rlhf_engine.config import load_run_config
-    from rlhf_engine.run_checks import resume_run_dir
+    from rlhf_engine.run_checks import resumed_run_folder
 
     config = load_run_config(args.config, args.overrides)
-    if args.resume is None:
+    run_dir = resumed_run_folder(args.resume) if args.resume is not None else None
+    if run_dir is None:
         return config
-    run_dir = resume_run_dir(args.resume)
     if Path(config.engine.run_dir).resolve() != run_dir.resolve():
         logging.getLogger("rlhf_engine.cli").info("--resume %s: the run continues in %s (the config's "
                                                   "engine.run_dir is %s)", args.resume, run_dir, config.engine.run_dir)

@@ -53,8 +53,9 @@ def resume_checkpoint(resume: str | Path | None) -> Path | None:
     return newest
 
 
-def resume_run_dir(resume: str | Path) -> Path:
-    """The run folder `--resume` continues in: `resume` itself, or for a checkpoint folder
-    (`RUN_DIR/checkpoints/step-N`) its run folder."""
+def resumed_run_folder(resume: str | Path) -> Path | None:
+    """The run folder `--resume` continues in when it names one; None for a checkpoint folder
+    (`RUN_DIR/checkpoints/step-N`, or any folder holding a checkpoint's state.json): a run started from a chosen checkpoint writes into its config's
+    `engine.run_dir` (a branch of the run, e.g. onto another world size, beside the original)."""
     path = Path(resume)
-    return path.parent.parent if path.parent.name == CHECKPOINT_DIR else path
+    return None if path.parent.name == CHECKPOINT_DIR or (path / STATE_JSON).is_file() else path

@@ -64,15 +64,16 @@ def test_generator_command_insecure_endpoint_is_one_line(tmp_path, config):
         "keys: set transport.curve_keys_dir (create keys with `rlhf-engine keys DIR`) or transport.allow_insecure: true")]
 
 
-@pytest.mark.parametrize("resume", ["run", "run/checkpoints/step-2"])
-def test_resume_continues_in_the_resumed_run_folder(tmp_path, config, resume):
+@pytest.mark.parametrize(("resume", "continues_in"), [("run", "run"), ("run/checkpoints/step-00000002", "other")])
+def test_resume_continues_in_the_resumed_run_folder(tmp_path, config, resume, continues_in):
     from rlhf_engine.cli import _ppo_config, build_parser
 
-    # the config names another run folder (the original run set engine.run_dir with --set)
+    # the config names another run folder (the original run set engine.run_dir with --set): a run folder given to
+    # --resume is where the run continues; a chosen checkpoint starts a branch in the config's run folder
     args = build_parser().parse_args(["ppo", "--config", str(config), "--set", f"engine.run_dir={tmp_path / 'other'}",
                                       "--set", "engine.total_steps=7", "--resume", str(tmp_path / resume)])
     cfg = _ppo_config(args)
-    assert cfg.engine.run_dir == str(tmp_path / "run") and cfg.engine.total_steps == 7
+    assert cfg.engine.run_dir == str(tmp_path / continues_in) and cfg.engine.total_steps == 7
 
 
 def test_reward_stage_shows_our_lines_only_unless_verbose(tmp_path, policy_dir):
