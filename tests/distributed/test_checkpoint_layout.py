@@ -80,7 +80,7 @@ def test_an_older_single_process_checkpoint_resumes_on_one_rank_only(saved, tmp_
     trainer, _ = saved
     old = tmp_path / "step-00000001"
     with atomic_directory(old) as tmp:  # the layout single-process runs wrote before: no dcp/
-        trainer.save_pretrained(tmp / "policy")
+        trainer.save_pretrained(tmp)  # policy/ and value_head.safetensors
         write_state(tmp, {"step": 1, "trainer": trainer.state_dict()})
     assert resumable_layout(old, 1) is Layout.SINGLE_PROCESS
     with pytest.raises(CheckpointError, match=rf"^{old} is a single-process checkpoint .* cannot resume on 2 "

@@ -94,7 +94,7 @@ def test_older_single_process_checkpoint_resumes_on_one_process_only(tmp_path, f
     rest = load_trainer(ckpt, trainer)
     old = tmp_path / "old" / "step-00000002"
     with atomic_directory(old) as tmp:
-        trainer.save_pretrained(tmp / "policy")
+        trainer.save_pretrained(tmp)  # policy/ and value_head.safetensors
         write_state(tmp, {**rest, "trainer": trainer.state_dict()})
     mark = uuid.uuid4().hex
     proc = run_group(ppo_cmd(config, "--nproc", "2", "--resume", str(old)), timeout=120, env={MARK: mark})

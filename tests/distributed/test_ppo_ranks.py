@@ -107,4 +107,5 @@ def test_checkpoint_holds_hf_policy_folder(runs):
 
     lm = AutoModelForCausalLM.from_pretrained(runs / "ckpt_2ranks" / "policy")
     assert sum(p.numel() for p in lm.parameters()) > 0
-    assert (runs / "ckpt_2ranks" / "policy" / "value_head.safetensors").is_file()
+    assert (runs / "ckpt_2ranks" / "value_head.safetensors").is_file()  # beside policy/, which serves as is
+    assert not (runs / "ckpt_2ranks" / "policy" / "value_head.safetensors").exists()

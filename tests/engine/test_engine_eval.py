@@ -112,7 +112,7 @@ def test_cli_bad_eval_config_is_one_line(tmp_path, policy_dir, prompts_file, cap
                      "engine.eval_samples (4) > 1 at engine.eval_temperature 0 gives 4 identical greedy completions"),
         "negative": (["--set", "engine.eval_temperature=-1"], "engine.eval_temperature (-1.0) must be finite and >= 0"),
         "missing file": (["--set", f"data.eval_prompts={tmp_path / 'none.jsonl'}", "--set", "engine.eval_steps=1"],
-                         f"data error: dataset file {tmp_path / 'none.jsonl'} does not exist"),
+                         f"config error: data.eval_prompts: no such file or folder: {tmp_path / 'none.jsonl'}"),
     }
     sigterm = signal.getsignal(signal.SIGTERM)  # main() turns SIGTERM into KeyboardInterrupt
     try:

@@ -3,6 +3,7 @@ short GRPO run whose held-out strict accuracy rises."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -15,13 +16,18 @@ from rlhf_engine.metrics import read_jsonl
 RECIPE = Path(__file__).resolve().parents[2] / "examples" / "smollm2_arithmetic"
 
 
+def _module(name: str):
+    """The recipe's module `name`, under a name of its own (examples/verifiable_math has a `make_data` too)."""
+    spec = importlib.util.spec_from_file_location(f"smollm2_{name}", RECIPE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture
 def recipe(monkeypatch):
-    monkeypatch.syspath_prepend(str(RECIPE))
-    import arith_reward
-    import make_data
-
-    return make_data, arith_reward
+    monkeypatch.syspath_prepend(str(RECIPE))  # the engine imports `arith_reward:reward` as the config names it
+    return _module("make_data"), _module("arith_reward")
 
 
 @pytest.fixture

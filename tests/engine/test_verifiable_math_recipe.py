@@ -75,7 +75,7 @@ def test_grpo_raises_accuracy_of_the_warm_started_tiny_model(tmp_path, recipe, a
         history = engine.train()
         engine.trainer.save_pretrained(tmp_path / "grpo")
     assert_no_new_children()
-    after = accuracy(tmp_path / "grpo", prompts, samples=4)
+    after = accuracy(tmp_path / "grpo" / "policy", prompts, samples=4)
     # measured: 0.04 -> 0.20 (1024 samples each; the standard error of each is < 0.013)
     assert after > before + 0.08, (before, after, [round(h["env/gold_mean"], 3) for h in history])
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
