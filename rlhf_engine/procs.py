@@ -121,13 +121,15 @@ def _stat_fields(path: Path) -> list[str] | None:
 
 
 def descendants(pid: int) -> list[int]:
-    """PIDs of all living descendants of `pid` (Linux /proc), for checks that nothing is left."""
+    """PIDs of all living descendants of `pid` (Linux /proc), for checks that nothing is left. A zombie (exited,
+    not yet reaped by its parent: vLLM's engine core after its shutdown, until multiprocessing reaps it) is not
+    living and runs nothing: it is left out."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         fields = _stat_fields(entry / "stat")
-        if fields is not None:
+        if fields is not None and fields[0] != "Z":
             children.setdefault(int(fields[1]), []).append(int(entry.name))
     out, stack = [], [pid]
     while stack:

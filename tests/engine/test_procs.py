@@ -1,9 +1,11 @@
 """Children (and their children) never outlive their parent."""
 
+import os
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 from rlhf_engine.procs import descendants, start_child, stop_child
 
@@ -116,3 +118,20 @@ def test_stop_child_stops_a_process_that_is_not_a_group_leader():
     t0 = time.monotonic()
     assert stop_child(proc, grace_s=0.1) == -9  # SIGTERM ignored: killed
     assert time.monotonic() - t0 < 10
+
+
+def test_descendants_leave_out_zombies():
+    # a child that exited and is not reaped yet runs nothing: not "left behind"
+    living = subprocess.Popen(["sleep", "30"])
+    ended = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{ended.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.01)
+        found = descendants(os.getpid())
+        assert living.pid in found and ended.pid not in found
+    finally:
+        living.kill()
+        living.wait()
+        ended.wait()
