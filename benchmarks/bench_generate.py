@@ -55,7 +55,7 @@ def build_model(path: Path) -> int:
 def bench_prompts(model_dir: Path, n: int) -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    from rlhf_engine.models.tiny import synthetic_sentences
+    from rlhf_engine.data.synthetic import synthetic_sentences
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return [[tokenizer.bos_token_id, *tokenizer(" ".join(s.split()[:4])).input_ids] for s in synthetic_sentences(n, seed=3)]
@@ -65,8 +65,8 @@ def worker(backend: str, model_dir: str, n_prompts: int, new_tokens: int, reps: 
     """Runs in a fresh process: measure one backend."""
     import torch
 
+    from rlhf_engine.rollout.backends import make_generator
     from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
-    from rlhf_engine.rollout.generator import make_generator
 
     prompts = bench_prompts(Path(model_dir), n_prompts)
     config = GeneratorConfig(model=model_dir, backend=backend.removesuffix("-in-process"), max_model_len=512,

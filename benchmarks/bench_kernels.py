@@ -11,7 +11,7 @@ Times are the median and the best of `--repeat` runs after one warm-up. Peak ext
   cuda: torch.cuda.max_memory_allocated() during the call minus memory allocated before it.
 Log-probs from hidden states (section `hidden`): logprobs_from_hidden against the eager LM head
 (`hidden @ W.T` -> log_softmax -> gather) and against the eager LM head + our logits op
-(logprobs_from_logits with inplace_backward). On the CPU each row runs in a FRESH SUBPROCESS (on
+(logprobs_from_logits). On the CPU each row runs in a FRESH SUBPROCESS (on
 cuda in this process): one call on a tiny problem (first-call setup), inputs built, on cuda one
 full warm-up call, `--repeat` timed calls (on the CPU no full-size warm-up: a call takes seconds). Peak extra memory on the CPU is the VmHWM rise over those
 calls, with MALLOC_MMAP_THRESHOLD_=65536 so that every freed buffer above 64 KiB goes back to the
@@ -159,7 +159,7 @@ def bench_logprobs(args, bandwidth: float) -> list[dict]:
                         row["h100_model_ms"] = moved / H100_BYTES_PER_S * 1e3
                     rows.append(row)
                     print(_fmt(row), flush=True)
-            del logits
+            logits = None  # the [N, V] buffer goes before the next shape
     return rows
 
 
@@ -172,7 +172,7 @@ def _hidden_impls() -> dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Ten
         return _eager_logprobs(torch.mm(h, w.t()), y)  # [N, V] logits, log_softmax [N, V]
 
     def eager_head_our_logits(h, w, y):
-        return logprobs_from_logits(torch.mm(h, w.t()), y, inplace_backward=torch.is_grad_enabled())
+        return logprobs_from_logits(torch.mm(h, w.t()), y)
 
     return {
         "rlhf_engine logprobs_from_hidden": lambda h, w, y: logprobs_from_hidden(h, w, y),

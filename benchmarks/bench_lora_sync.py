@@ -96,8 +96,8 @@ def transport_times(specs, reps: int) -> list[float]:
 def apply_times(model_dir: str, backend: str, lora, reps: int) -> dict:
     """Seconds of `Generator.update_weights` in a running generator (first update left out: it creates
     the staging file / folder), with vLLM's split (write, load) of each."""
+    from rlhf_engine.rollout.backends import make_generator
     from rlhf_engine.rollout.config import GeneratorConfig
-    from rlhf_engine.rollout.generator import make_generator
 
     staging = tempfile.mkdtemp(prefix="bls-staging-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     try:

@@ -57,10 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from rlhf_engine.distributed import (Comm, DistributedConfig, destroy_process_group, init_process_group)
+    from rlhf_engine.distributed import Comm, DistributedConfig, destroy_process_group, init_process_group
     from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
-    from rlhf_engine.trainer.ppo import PPOTrainer
-    from rlhf_engine.trainer.ppo_config import PPOConfig
+    from rlhf_engine.trainer.ppo.config import PPOConfig
+    from rlhf_engine.trainer.ppo.trainer import PPOTrainer
 
     parallel = DistributedConfig(backend="gloo", fsdp=args.fsdp)
     _, device = init_process_group(parallel)

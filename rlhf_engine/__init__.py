@@ -12,35 +12,35 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "PPOConfig": "rlhf_engine.trainer.ppo_config",
-    "PPOTrainer": "rlhf_engine.trainer.ppo",
+    "PPOConfig": "rlhf_engine.trainer.ppo.config",
+    "PPOTrainer": "rlhf_engine.trainer.ppo.trainer",
     "AutoModelForCausalLMWithValueHead": "rlhf_engine.models.value_head",
-    "SFTConfig": "rlhf_engine.trainer.sft_config",
-    "SFTTrainer": "rlhf_engine.trainer.sft",
-    "RewardConfig": "rlhf_engine.trainer.reward_config",
-    "RewardTrainer": "rlhf_engine.trainer.reward_trainer",
-    "DPOConfig": "rlhf_engine.trainer.dpo_config",
-    "DPOTrainer": "rlhf_engine.trainer.dpo",
-    "RLHFEngine": "rlhf_engine.engine",
-    "Callback": "rlhf_engine.engine",
-    "RunConfig": "rlhf_engine.config",
-    "load_run_config": "rlhf_engine.config",
+    "SFTConfig": "rlhf_engine.trainer.stages.sft_config",
+    "SFTTrainer": "rlhf_engine.trainer.stages.sft",
+    "RewardConfig": "rlhf_engine.trainer.stages.reward_config",
+    "RewardTrainer": "rlhf_engine.trainer.stages.reward",
+    "DPOConfig": "rlhf_engine.trainer.stages.dpo_config",
+    "DPOTrainer": "rlhf_engine.trainer.stages.dpo",
+    "RLHFEngine": "rlhf_engine.engine.core",
+    "Callback": "rlhf_engine.engine.core",
+    "RunConfig": "rlhf_engine.engine.config",
+    "load_run_config": "rlhf_engine.engine.config",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from rlhf_engine.config import RunConfig, load_run_config
-    from rlhf_engine.engine import Callback, RLHFEngine
+    from rlhf_engine.engine.config import RunConfig, load_run_config
+    from rlhf_engine.engine.core import Callback, RLHFEngine
     from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
-    from rlhf_engine.trainer.dpo import DPOTrainer
-    from rlhf_engine.trainer.dpo_config import DPOConfig
-    from rlhf_engine.trainer.ppo import PPOTrainer
-    from rlhf_engine.trainer.ppo_config import PPOConfig
-    from rlhf_engine.trainer.reward_trainer import RewardTrainer
-    from rlhf_engine.trainer.reward_config import RewardConfig
-    from rlhf_engine.trainer.sft import SFTTrainer
-    from rlhf_engine.trainer.sft_config import SFTConfig
+    from rlhf_engine.trainer.ppo.config import PPOConfig
+    from rlhf_engine.trainer.ppo.trainer import PPOTrainer
+    from rlhf_engine.trainer.stages.dpo import DPOTrainer
+    from rlhf_engine.trainer.stages.dpo_config import DPOConfig
+    from rlhf_engine.trainer.stages.reward import RewardTrainer
+    from rlhf_engine.trainer.stages.reward_config import RewardConfig
+    from rlhf_engine.trainer.stages.sft import SFTTrainer
+    from rlhf_engine.trainer.stages.sft_config import SFTConfig
 
 
 def __getattr__(name: str) -> Any:

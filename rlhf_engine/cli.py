@@ -9,7 +9,6 @@
   rlhf-engine export  --merge CKPT OUT       the policy of a checkpoint as a plain HF folder (LoRA merged)
   rlhf-engine demo                           the whole pipeline on a tiny built-in task
   rlhf-engine keys    DIR                    a CURVE keypair for non-loopback endpoints
-  rlhf-engine bench   ...                    the end-to-end throughput benchmark
 
 Every `--config` command takes `--set section.key=value` overrides (repeatable). Config, data,
 checkpoint, transport, rendezvous, generator and missing-file errors print one line (file:line: field
@@ -59,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ppo", help="async PPO run (trainer here, generators as child processes)",
                        description="Run PPO with the async engine. The YAML has sections model, data, ppo, "
-                                   "generator, transport, engine (see rlhf_engine/config.py).")
+                                   "generator, transport, engine (see rlhf_engine/engine/config.py).")
     _add_config_args(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue from the newest checkpoint of RUN_DIR (or a "
                    "checkpoint folder of it), in RUN_DIR whatever engine.run_dir says")
@@ -112,22 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client", metavar="NAME", help="add a keypair for one generator: DIR/clients/NAME.key(_secret)")
     p.add_argument("--force", action="store_true", help="overwrite existing key files")
 
-    sub.add_parser("bench", help="end-to-end throughput benchmark (see benchmarks/bench_e2e.py --help)",
-                   add_help=False)
     return parser
 
 
 _STAGE_CONFIGS = {
-    "sft": ("rlhf_engine.trainer.sft_config", "SFTConfig", "rlhf_engine.trainer.sft", "SFTTrainer"),
-    "reward": ("rlhf_engine.trainer.reward_config", "RewardConfig", "rlhf_engine.trainer.reward_trainer", "RewardTrainer"),
-    "dpo": ("rlhf_engine.trainer.dpo_config", "DPOConfig", "rlhf_engine.trainer.dpo", "DPOTrainer"),
+    "sft": ("rlhf_engine.trainer.stages.sft_config", "SFTConfig", "rlhf_engine.trainer.stages.sft", "SFTTrainer"),
+    "reward": ("rlhf_engine.trainer.stages.reward_config", "RewardConfig", "rlhf_engine.trainer.stages.reward", "RewardTrainer"),
+    "dpo": ("rlhf_engine.trainer.stages.dpo_config", "DPOConfig", "rlhf_engine.trainer.stages.dpo", "DPOTrainer"),
 }
 
 
 def _run_stage(name: str, args: argparse.Namespace) -> int:
     import importlib
 
-    from rlhf_engine.config_loader import apply_overrides, from_dict, load_yaml, yaml_lines
+    from rlhf_engine.common.config_io import apply_overrides, from_dict, load_yaml, yaml_lines
 
     cfg_module, cfg_name, trainer_module, trainer_name = _STAGE_CONFIGS[name]
     config_cls = getattr(importlib.import_module(cfg_module), cfg_name)
@@ -144,24 +141,24 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
 
 def _run_ppo(args: argparse.Namespace, argv: list[str]) -> int:
     from rlhf_engine.distributed import launched_by_torchrun
-    from rlhf_engine.engine import RLHFEngine
+    from rlhf_engine.engine.core import RLHFEngine
 
     config = _ppo_config(args)
     if not launched_by_torchrun():  # the launching command checked it (the ranks start from the same files)
-        from rlhf_engine.run_checks import check_run
+        from rlhf_engine.engine.preflight import check_run
 
         check_run(config, args.resume)  # model folders, data, functions, keys, checkpoint: before any work
     if args.nproc is not None and not launched_by_torchrun():
         return _launch_ranks(config, args.nproc, argv)
     if launched_by_torchrun():
-        from rlhf_engine.distributed.run import preflight, run_ppo_ranks
+        from rlhf_engine.engine.ranks.run import preflight, run_ppo_ranks
 
         try:
             preflight(config)
         except (ValueError, RuntimeError) as e:  # RendezvousError is a RuntimeError
             print(f"rlhf-engine ppo: trainer ranks: {e}", file=sys.stderr)
             return 2
-        from rlhf_engine.distributed.failure import RankFailed
+        from rlhf_engine.engine.ranks.failure import RankFailed
 
         try:
             summary = run_ppo_ranks(config, args.resume)
@@ -191,8 +188,8 @@ def _ppo_config(args: argparse.Namespace):
     """The run's config; with `--resume RUN_DIR` the run continues in RUN_DIR (its metrics, checkpoints and
     W&B id are there) whatever the config's `engine.run_dir` says. `--resume RUN_DIR/checkpoints/step-N` starts
     from that checkpoint into the config's `engine.run_dir` (a branch beside the original run)."""
-    from rlhf_engine.config import load_run_config
-    from rlhf_engine.run_checks import resumed_run_folder
+    from rlhf_engine.engine.config import load_run_config
+    from rlhf_engine.engine.preflight import resumed_run_folder
 
     config = load_run_config(args.config, args.overrides)
     run_dir = resumed_run_folder(args.resume) if args.resume is not None else None
@@ -207,7 +204,7 @@ def _ppo_config(args: argparse.Namespace):
 
 def _resume_hint(run_dir: str) -> str:
     """Where a stopped run continues from: `--resume RUN_DIR` and its newest checkpoint's step."""
-    from rlhf_engine.checkpoint import latest_checkpoint, load_state
+    from rlhf_engine.common.checkpoint import latest_checkpoint, load_state
 
     newest = latest_checkpoint(Path(run_dir))
     if newest is None:
@@ -217,8 +214,8 @@ def _resume_hint(run_dir: str) -> str:
 
 def _launch_ranks(config, nproc: int, argv: list[str]) -> int:
     """`--nproc N`: check that the batch splits over N ranks, then re-run this command under torchrun."""
-    from rlhf_engine.distributed.launch import relaunch
-    from rlhf_engine.distributed.run import preflight
+    from rlhf_engine.engine.ranks.launch import relaunch
+    from rlhf_engine.engine.ranks.run import preflight
 
     try:
         preflight(config, nproc)
@@ -231,7 +228,7 @@ def _launch_ranks(config, nproc: int, argv: list[str]) -> int:
 def _run_generator(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from rlhf_engine.config import load_run_config
+    from rlhf_engine.engine.config import load_run_config
     from rlhf_engine.rollout.adapters import run_generator_config
     from rlhf_engine.rollout.process import run_generator
     from rlhf_engine.transport.endpoints import check_security
@@ -249,7 +246,7 @@ def _run_generator(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from rlhf_engine.checkpoint import latest_checkpoint
+    from rlhf_engine.common.checkpoint import latest_checkpoint
     from rlhf_engine.models.loading import export_merged
 
     src = Path(args.checkpoint)
@@ -260,19 +257,6 @@ def _run_export(args: argparse.Namespace) -> int:
     policy = ckpt / "policy" if (ckpt / "policy").is_dir() else ckpt
     out = export_merged(policy, args.out, base=args.base)
     print(f"export: {policy} -> {out}")
-    return 0
-
-
-def _run_bench(argv: list[str]) -> int:
-    import runpy
-
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_e2e.py"
-    if not script.is_file():
-        print(f"rlhf-engine bench: {script} not found; the benchmark ships with the source tree "
-              "(install with `pip install -e .` from a clone)", file=sys.stderr)
-        return 2
-    sys.argv = [str(script), *argv]
-    runpy.run_path(str(script), run_name="__main__")
     return 0
 
 
@@ -321,8 +305,6 @@ def main(argv: list[str] | None = None) -> int:
     rlhf_engine.cli``), and a run command ends the process itself (``_exit_now``) once it finished."""
     program = argv is None
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
-        return _run_bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     code = _run(parser, args, argv)
@@ -338,13 +320,13 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[s
         _quiet_third_party()
     # SIGTERM stops a run the way Ctrl-C does: generators shut down, the last checkpoint stays intact
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    from rlhf_engine.checkpoint import CheckpointError
-    from rlhf_engine.config_loader import ConfigError
+    from rlhf_engine.common.checkpoint import CheckpointError
+    from rlhf_engine.common.config_io import ConfigError
     from rlhf_engine.data.records import DataError
     from rlhf_engine.distributed.group import RendezvousError
-    from rlhf_engine.local_generators import GeneratorExited, RestartBudgetExceeded
+    from rlhf_engine.engine.generators import GeneratorExited, RestartBudgetExceeded
+    from rlhf_engine.engine.supervisor import NoGeneratorLeft
     from rlhf_engine.models.gguf import ConversionError
-    from rlhf_engine.supervisor import NoGeneratorLeft
     from rlhf_engine.transport.errors import TransportError
 
     kinds = ((ConfigError, "config error"), (DataError, "data error"), (CheckpointError, "checkpoint error"),
@@ -361,7 +343,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[s
         if args.command == "generator":
             return _run_generator(args)
         if args.command == "plot":
-            from rlhf_engine.plot import plot_run
+            from rlhf_engine.telemetry.plots import plot_run
 
             for path in plot_run(args.run_dir):
                 print(path)

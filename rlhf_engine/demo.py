@@ -69,13 +69,13 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
 
 def run_demo(out: Path, *, ppo_steps: int | None = None, small: bool = False, backend: str = "auto") -> dict:
     """Run the demo into `out`, print the summary table, and return its numbers."""
-    from rlhf_engine.config import load_run_config
-    from rlhf_engine.engine import RLHFEngine
+    from rlhf_engine.engine.config import load_run_config
+    from rlhf_engine.engine.core import RLHFEngine
     from rlhf_engine.models.tiny import make_tiny_model_dir
-    from rlhf_engine.trainer.reward_trainer import RewardTrainer
-    from rlhf_engine.trainer.reward_config import RewardConfig
-    from rlhf_engine.trainer.sft import SFTTrainer
-    from rlhf_engine.trainer.sft_config import SFTConfig
+    from rlhf_engine.trainer.stages.reward import RewardTrainer
+    from rlhf_engine.trainer.stages.reward_config import RewardConfig
+    from rlhf_engine.trainer.stages.sft import SFTTrainer
+    from rlhf_engine.trainer.stages.sft_config import SFTConfig
 
     budget = SMALL if small else FULL
     steps = ppo_steps if ppo_steps is not None else budget.ppo_steps
@@ -135,7 +135,7 @@ def run_demo(out: Path, *, ppo_steps: int | None = None, small: bool = False, ba
 
     # 5. evaluation on held-out prompts and the summary
     print("[demo] 5/5 evaluating SFT vs PPO policy on held-out prompts")
-    from rlhf_engine.plot import plot_run
+    from rlhf_engine.telemetry.plots import plot_run
 
     plots = plot_run(out / "ppo")
     held_out = synthetic.prompts(budget.eval_prompts, seed=4)

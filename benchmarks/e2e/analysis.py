@@ -25,7 +25,7 @@ import math
 import statistics
 from typing import Any
 
-from rlhf_engine.metrics import idle_fractions
+from rlhf_engine.telemetry.timeline import idle_fractions
 
 PHASES = {
     "experience_fwd": "time/ppo/forward_pass",

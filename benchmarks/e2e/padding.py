@@ -33,10 +33,10 @@ def run(spec: dict) -> dict:
 
     from rlhf_engine.data import synthetic
     from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
-    from rlhf_engine.trainer.experience import make_token_batch
-    from rlhf_engine.trainer.microbatch import plan_microbatches
-    from rlhf_engine.trainer.ppo import PPOTrainer
-    from rlhf_engine.trainer.ppo_config import PPOConfig
+    from rlhf_engine.trainer.passes.microbatch import plan_microbatches
+    from rlhf_engine.trainer.ppo.config import PPOConfig
+    from rlhf_engine.trainer.ppo.experience import make_token_batch
+    from rlhf_engine.trainer.ppo.trainer import PPOTrainer
 
     tok = AutoTokenizer.from_pretrained(spec["model"])
     b, k = spec["batch_size"], spec["num_generations"]

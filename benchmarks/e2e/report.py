@@ -94,7 +94,7 @@ def overlap_table(variants: dict[str, dict]) -> dict[str, dict]:
 
 def timeline_png(variants: dict[str, dict], path: Path) -> Path | None:
     """One Gantt chart of every variant's processes, each variant's time measured from its own start."""
-    from rlhf_engine.plot import plot_timeline
+    from rlhf_engine.telemetry.plots import plot_timeline
 
     intervals = [{**iv, "proc": f"{name}  {iv['proc']}"} for name, v in variants.items()
                  for iv in v.get("timeline", [])]

@@ -38,9 +38,9 @@ def loop_stats(run_dir: Path) -> dict[str, dict]:
 
 
 def run(spec: dict) -> dict:
-    from rlhf_engine.config import load_run_config
-    from rlhf_engine.engine import RLHFEngine
-    from rlhf_engine.metrics import METRICS_FILE, TIMELINE_FILE, read_jsonl
+    from rlhf_engine.engine.config import load_run_config
+    from rlhf_engine.engine.core import RLHFEngine
+    from rlhf_engine.telemetry.files import METRICS_FILE, TIMELINE_FILE, read_jsonl
 
     config = load_run_config(None, base=spec["config"])
     run_dir = Path(config.engine.run_dir)

@@ -152,7 +152,7 @@ def parse_variant(name: str) -> Variant:
 def cpu_plan(variant: Variant, cpus: list[int]) -> dict[str, Any]:
     """Engine fields for pinning and threads: pinned puts the trainer on the last core and generator
     i on core i with one thread each; unpinned gives every process all cores (the vLLM worker bound to
-    all of them, see `rlhf_engine.cpu_plan`: the plan of a sync run)."""
+    all of them, see `rlhf_engine.engine.cpu_plan`: the plan of a sync run)."""
     if variant.setting == "unpinned":
         return {"trainer_threads": len(cpus), "trainer_cpus": cpus, "generator_threads": len(cpus),
                 "generator_cpus": [cpus] * variant.num_generators}

@@ -9,7 +9,6 @@ import argparse
 from pathlib import Path
 
 import torch
-
 from math_reward import KEY, correct
 
 

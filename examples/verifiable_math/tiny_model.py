@@ -36,8 +36,8 @@ def warm_start(base: Path, out: Path, *, examples: int = 1000, epochs: int = 1, 
                seed: int = 0) -> Path:
     """SFT of `base` on `examples` problems with their right answers, a fraction `marked_fraction` of them in
     the checkable ` #### N` format and the rest as a bare ` N`; the result is saved in `out`."""
-    from rlhf_engine.trainer.sft import SFTTrainer
-    from rlhf_engine.trainer.sft_config import SFTConfig
+    from rlhf_engine.trainer.stages.sft import SFTTrainer
+    from rlhf_engine.trainer.stages.sft_config import SFTConfig
 
     rng = random.Random(seed + 2)
     records = [{"prompt": p["prompt"], "completion": completion(p["answer"]) if rng.random() < marked_fraction

@@ -1,7 +1,7 @@
 """A synthetic sentiment task with a known gold reward, for the demo and the stage tests.
 
-Prompts are sentence starts from the grammar of `rlhf_engine.models.tiny` ("the cat likes a red
-apple"); a completion goes on with an adverb and a few sentiment words (" today good sad love.").
+Prompts are sentence starts from the grammar below ("the cat likes a red apple"), whose sentences
+(`synthetic_sentences`) also train the tiny tokenizer of `rlhf_engine.models.tiny`; a completion goes on with an adverb and a few sentiment words (" today good sad love.").
 The gold reward of a completion is the number of positive words minus the number of negative
 words in it. SFT data draws sentiment words from both lists evenly (gold ≈ 0 on average: SFT
 teaches the format); preference pairs are two completions of one prompt, the one with the higher
@@ -14,7 +14,24 @@ from __future__ import annotations
 import random
 import re
 
-from rlhf_engine.models.tiny import _ADVERBS, _OBJECTS, _SUBJECTS, _VERBS
+_SUBJECTS = ["the cat", "a dog", "my friend", "the robot", "our teacher", "the bird", "a child", "the farmer"]
+_VERBS = ["likes", "sees", "finds", "makes", "wants", "gives", "eats", "paints"]
+_OBJECTS = ["a red apple", "the blue sky", "some warm bread", "a green tree", "the old house", "many stars"]
+_ADVERBS = ["today", "again", "slowly", "happily", "at night", "very well", "with joy", "in the rain"]
+_EXTRA = ["good", "great", "bad", "sad", "happy", "awful", "nice", "love", "hate", "one", "two", "three",
+          "four", "five", "plus", "minus", "equals", "yes", "no"]
+
+
+def synthetic_sentences(n: int, seed: int = 0) -> list[str]:
+    """Return `n` simple English-like sentences drawn from a fixed grammar (deterministic in `seed`)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = [rng.choice(_SUBJECTS), rng.choice(_VERBS), rng.choice(_OBJECTS), rng.choice(_ADVERBS)]
+        words += rng.sample(_EXTRA, k=rng.randint(0, 3))
+        out.append(" ".join(words) + ".")
+    return out
+
 
 POSITIVE_WORDS = ("good", "great", "happy", "nice", "love")
 NEGATIVE_WORDS = ("bad", "sad", "awful", "hate")

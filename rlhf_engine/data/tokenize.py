@@ -7,8 +7,8 @@ dropped and counted in `DataStats.dropped_empty`. Nothing is cut or dropped with
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from rlhf_engine.data.formats import PreferenceText, TextExample, preference_example, sft_example

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_engine.checkpoint import atomic_directory
+from rlhf_engine.common.checkpoint import atomic_directory
 from rlhf_engine.models.end_of_turn import end_of_turn_ids
 
 GGUF_SUFFIX = ".gguf"

@@ -7,30 +7,12 @@ transformers and vLLM load. Keep `head_dim` at 64: vLLM's CPU attention rejects 
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf_engine.data.synthetic import synthetic_sentences
+
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
-
-_SUBJECTS = ["the cat", "a dog", "my friend", "the robot", "our teacher", "the bird", "a child", "the farmer"]
-_VERBS = ["likes", "sees", "finds", "makes", "wants", "gives", "eats", "paints"]
-_OBJECTS = ["a red apple", "the blue sky", "some warm bread", "a green tree", "the old house", "many stars"]
-_ADVERBS = ["today", "again", "slowly", "happily", "at night", "very well", "with joy", "in the rain"]
-_EXTRA = ["good", "great", "bad", "sad", "happy", "awful", "nice", "love", "hate", "one", "two", "three",
-          "four", "five", "plus", "minus", "equals", "yes", "no"]
-
-
-def synthetic_sentences(n: int, seed: int = 0) -> list[str]:
-    """Return `n` simple English-like sentences drawn from a fixed grammar (deterministic in `seed`)."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        words = [rng.choice(_SUBJECTS), rng.choice(_VERBS), rng.choice(_OBJECTS), rng.choice(_ADVERBS)]
-        words += rng.sample(_EXTRA, k=rng.randint(0, 3))
-        out.append(" ".join(words) + ".")
-    return out
-
 
 def build_tokenizer(vocab_size: int = 512, corpus: list[str] | None = None, seed: int = 0):
     """Train a byte-level BPE tokenizer and wrap it as a `PreTrainedTokenizerFast`.
@@ -81,7 +63,8 @@ class TinyLlamaSpec:
 
 
 def build_llama(spec: TinyLlamaSpec, tokenizer, seed: int = 0):
-    """A randomly initialised `LlamaForCausalLM` of shape `spec`, token ids matching `tokenizer`."""
+    """A randomly initialised `LlamaForCausalLM` of shape `spec`, token ids matching `tokenizer`; its weights
+    depend on `seed` alone (the global torch RNG is left as it was)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -99,8 +82,9 @@ def build_llama(spec: TinyLlamaSpec, tokenizer, seed: int = 0):
         tie_word_embeddings=False,
         torch_dtype="float32",
     )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
 
 
 def make_tiny_model_dir(path: str | Path, spec: TinyLlamaSpec = TinyLlamaSpec(), seed: int = 0) -> Path:

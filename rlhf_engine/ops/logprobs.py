@@ -60,33 +60,6 @@ def _backward(ctx, grad_logprob, grad_entropy, _grad_lse):
 torch.library.register_autograd("rlhf_engine::logprobs_fwd", _backward, setup_context=_setup_context)
 
 
-class _LogprobsInplaceBackward(torch.autograd.Function):
-    """logprobs_fwd whose backward writes grad_logits over the logits buffer (no [N, V] allocation).
-
-    The caller gives up the logits: after backward they hold the gradient. If another graph node
-    saved the same logits, its backward fails autograd's version check instead of reading garbage.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, labels, inv_temperature, ignore_index, with_entropy):
-        logprob, entropy, lse = _ops.logprobs_fwd(logits, labels, inv_temperature, ignore_index, with_entropy)
-        _setup_context(ctx, (logits, labels, inv_temperature, ignore_index, with_entropy), (logprob, entropy, lse))
-        return logprob, entropy, lse
-
-    @staticmethod
-    def backward(ctx, grad_logprob, grad_entropy, _grad_lse):
-        logits, labels, lse, entropy = ctx.saved_tensors
-        grad_logprob = torch.zeros_like(lse) if grad_logprob is None else grad_logprob.contiguous()
-        if grad_entropy is None or not ctx.with_entropy:
-            grad_entropy = lse.new_empty(0)
-        else:
-            grad_entropy = grad_entropy.contiguous()
-        _ops.logprobs_bwd_inplace(
-            grad_logprob, grad_entropy, logits, labels, lse, entropy, ctx.inv_temperature, ctx.ignore_index
-        )
-        return logits, None, None, None, None
-
-
 def _validate(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> None:
     float_dtype_check("logits", logits)
     if not isinstance(labels, torch.Tensor):
@@ -117,7 +90,6 @@ def logprobs_from_logits(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
-    inplace_backward: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each label under softmax(logits / temperature), fused.
 
@@ -128,15 +100,8 @@ def logprobs_from_logits(
     A label outside [0, V) that is not ignore_index raises IndexError on every device, checked
     once here at op entry (one reduction; a device sync on CUDA). Under torch.compile this entry
     check is not traced: the CPU kernel still raises, the CUDA kernel gives a NaN log-prob.
-    inplace_backward=True: the backward overwrites the logits buffer with grad_logits instead of
-    allocating a new [N, V] tensor; only for contiguous non-leaf logits the caller no longer needs.
     """
     _validate(logits, labels, temperature)
-    if inplace_backward and (logits.is_leaf or not logits.is_contiguous()):
-        raise ValueError(
-            "inplace_backward=True needs contiguous non-leaf logits (e.g. the output of the LM head); "
-            f"got is_leaf={logits.is_leaf}, is_contiguous={logits.is_contiguous()}"
-        )
     lead = labels.shape  # [...]
     v = logits.shape[-1]
     flat_logits = logits.reshape(-1, v).contiguous()  # [N, V], a copy only when not already contiguous
@@ -144,10 +109,7 @@ def logprobs_from_logits(
     if not torch.compiler.is_compiling():
         check_labels_in_range(flat_labels, v, ignore_index)
     args = (flat_logits, flat_labels, 1.0 / float(temperature), int(ignore_index), bool(return_entropy))
-    if inplace_backward and torch.is_grad_enabled():
-        logprob, entropy, _ = _LogprobsInplaceBackward.apply(*args)
-    else:
-        logprob, entropy, _ = _ops.logprobs_fwd(*args)
+    logprob, entropy, _ = _ops.logprobs_fwd(*args)
     if return_entropy:
         return logprob.reshape(lead), entropy.reshape(lead)
     return logprob.reshape(lead)

@@ -6,15 +6,14 @@ of weights, and `update_weights` runs between batches, so no completion ever mix
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
 from rlhf_engine.rollout.adapters import weight_specs
+from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
 from rlhf_engine.rollout.params import check_update
 from rlhf_engine.rollout.types import Completion
 
@@ -96,22 +95,3 @@ class Generator(ABC):
 
     @abstractmethod
     def _close(self) -> None: ...
-
-
-def resolve_backend(backend: str) -> str:
-    """`auto` -> `vllm` when vLLM is importable, else `transformers`; others unchanged."""
-    if backend != "auto":
-        return backend
-    return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
-
-
-def make_generator(config: GeneratorConfig) -> Generator:
-    """Build the backend that `config.backend` names (see `resolve_backend`)."""
-    backend = resolve_backend(config.backend)
-    if backend == "vllm":
-        from rlhf_engine.rollout.vllm_backend import VLLMGenerator
-
-        return VLLMGenerator(config)
-    from rlhf_engine.rollout.hf_backend import HFGenerator
-
-    return HFGenerator(config)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_engine.dtypes import SAFETENSORS_DTYPES
+from rlhf_engine.common.dtypes import SAFETENSORS_DTYPES
 
 TIED_HEAD = "lm_head.weight"
 """Stored once with the embeddings when `tie_word_embeddings`; a trainer's state dict still lists it."""

@@ -15,10 +15,10 @@ import signal
 import threading
 from pathlib import Path
 
-from rlhf_engine.rollout.config import GeneratorConfig
-from rlhf_engine.rollout.generator import make_generator
-from rlhf_engine.rollout.loop import GeneratorLoop, LoopStats
 from rlhf_engine.rollout.adapters import sync_fingerprint
+from rlhf_engine.rollout.backends import make_generator
+from rlhf_engine.rollout.config import GeneratorConfig
+from rlhf_engine.rollout.loop import GeneratorLoop, LoopStats
 from rlhf_engine.transport import GeneratorPort, ShutdownRequested, TransportConfig
 
 log = logging.getLogger(__name__)

@@ -5,16 +5,13 @@ parameters, devices without the fused kernel)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
 
 _FUSED_DEVICES = ("cpu", "cuda")
-_IMPLEMENTATION = ("fused", "foreach")
-"""Param-group settings that choose how a step is computed, not what it computes."""
 
 
 def adamw(params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], **kwargs: Any) -> torch.optim.AdamW:
@@ -26,15 +23,3 @@ def adamw(params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], **kwargs: A
         not isinstance(p, DTensor) and p.device.type in _FUSED_DEVICES and p.dtype.is_floating_point for p in tensors
     )
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
-
-
-@contextlib.contextmanager
-def implementation_kept(optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """Loading an optimizer's state dict inside this block restores the checkpoint's hyperparameters but keeps
-    this run's implementation (`fused`, `foreach`): `Optimizer.load_state_dict` takes every param-group setting
-    from the checkpoint, so a run would otherwise inherit whether the run that saved it was fused (e.g. a
-    single-process checkpoint resumed on FSDP2 ranks)."""
-    kept = [{key: group[key] for key in _IMPLEMENTATION if key in group} for group in optimizer.param_groups]
-    yield
-    for group, settings in zip(optimizer.param_groups, kept):
-        group.update(settings)

@@ -37,10 +37,13 @@ class TransportConfig:
     drop_log_interval_s: float = 10.0
     """Dropped messages are logged at most once per reason per interval, with their count."""
     heartbeat_interval_s: float = 1.0
+    """Both ends send a heartbeat this often; any message counts as a sign of life."""
     heartbeat_timeout_s: float = 10.0
     """A peer silent this long is lost (the trainer drops it from the roster; a generator
     raises ``PeerDeadError``)."""
     handshake_timeout_s: float = 30.0
+    """A generator's longest wait for the trainer's answer to its handshake (then ``HandshakeTimeout``); also
+    the trainer's default wait for its generators to connect."""
     linger_ms: int = 200
     """ZeroMQ linger on close: messages still queued after this are dropped."""
     bucket_bytes: int = 256 << 20
@@ -50,6 +53,8 @@ class TransportConfig:
     endpoints only; a generator can take them (from the trainer on its host, or from the relay leader of its
     host, see ``relay``) on any endpoint. False: never (a generator then always gets socket frames)."""
     shm_dir: str = "/dev/shm"
+    """Where shared-memory files are made (weight buffers, a relay leader's copies, a vLLM generator's staging
+    files); the trainer and the generators of a host must use the same one."""
     shm_buffers: int = 2
     """Shared-memory buffers the trainer may hold (one being read, one being written); also those of a relay
     leader (``relay``)."""

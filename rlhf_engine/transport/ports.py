@@ -27,8 +27,8 @@ from rlhf_engine.transport.ipcdir import IpcEndpoint
 from rlhf_engine.transport.limits import WeightSpecs
 from rlhf_engine.transport.messages import PromptBatch, Rollout, WeightUpdate
 from rlhf_engine.transport.prompts import PromptReceiver, PromptSender
-from rlhf_engine.transport.roster import GeneratorInfo, Roster
 from rlhf_engine.transport.rollouts import RolloutReceiver, RolloutSender
+from rlhf_engine.transport.roster import GeneratorInfo, Roster
 from rlhf_engine.transport.session import GeneratorControl, TrainerControl
 from rlhf_engine.transport.shm import remove_stale_files
 

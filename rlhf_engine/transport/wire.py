@@ -48,7 +48,7 @@ import msgspec
 import numpy as np
 import torch
 
-from rlhf_engine.dtypes import DTYPE_NAMES, TORCH_DTYPES
+from rlhf_engine.common.dtypes import DTYPE_NAMES, TORCH_DTYPES
 
 PROTOCOL_VERSION = 3
 """3: evaluation batches (`PromptsHeader.eval_samples`, `RolloutHeader.eval`)."""

@@ -40,7 +40,7 @@ def test_cpu_plan_pins_generator_and_trainer_to_their_own_cores():
 
 
 def test_run_config_is_a_valid_engine_config(tmp_path):
-    from rlhf_engine.config import load_run_config
+    from rlhf_engine.engine.config import load_run_config
 
     wl = Workload(model=str(tmp_path), prompts=str(tmp_path / "p.jsonl"), batch_size=8, num_generations=4,
                   response_length=16, steps=3)

@@ -7,7 +7,7 @@ from rlhf_engine.data import IGNORE_INDEX, TokenizedSFT, pack_sequences, packed_
 from rlhf_engine.data.collate import left_pad, right_pad
 from rlhf_engine.data.tokenize import TokenizedPair
 from rlhf_engine.models.tiny import TinyLlamaSpec, build_llama
-from rlhf_engine.trainer.sft import causal_lm_loss_sum
+from rlhf_engine.trainer.stages.sft import causal_lm_loss_sum
 
 PAD = 3
 

@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from rlhf_engine.data.columns import (ColumnParams, check_columns, column_kwargs, column_params,
-                                      completion_columns)
+from rlhf_engine.data.columns import ColumnParams, check_columns, column_kwargs, column_params, completion_columns
 from rlhf_engine.data.prompts import read_prompts
 from rlhf_engine.data.records import DataError
 from tests.helpers.chat import CHAT_TEMPLATE

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import json
-
 import pytest
 import torch
 
 from rlhf_engine.data import synthetic
 from rlhf_engine.models.tiny import make_tiny_model_dir
-
 from tests.helpers.threads import one_torch_thread  # noqa: F401 (autouse fixture; each torchrun rank has 1 thread too)
 
 WORKERS = Path(__file__).parent / "workers"

@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from rlhf_engine.checkpoint import load_state
+from rlhf_engine.common.checkpoint import load_state
 from tests.distributed.conftest import read_dcp_tensors
 
 MARK = "RLHF_ENGINE_TEST_MARK"

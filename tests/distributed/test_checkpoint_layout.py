@@ -1,5 +1,5 @@
 """Sharded checkpoints in a single process (no process group): what they hold, and the errors for a folder
-that is not one, a damaged one, one written for other models, and an older single-process one."""
+that is not one, a damaged one and one written for other models."""
 
 import os
 import shutil
@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemWriter
 
-from rlhf_engine.checkpoint import CheckpointError, atomic_directory, load_state, write_state
+from rlhf_engine.common.checkpoint import CheckpointError, load_state
 from rlhf_engine.distributed import Comm
-from rlhf_engine.distributed.dcp import (DCP_DIR, Layout, checkpoint_layout, load_trainer, resumable_layout, save_sharded,
-                                         save_trainer)
+from rlhf_engine.distributed.dcp import DCP_DIR, save_sharded
+from rlhf_engine.trainer.ppo.checkpoint import check_checkpoint, load_trainer, save_trainer
 from tests.distributed.workers.ppo_scenarios import make_trainer, run_steps
 
 
@@ -32,7 +32,7 @@ def copy_of(path, tmp_path):
 
 def test_single_process_checkpoint_round_trips(saved):
     trainer, path = saved
-    assert checkpoint_layout(path) is Layout.SHARDED
+    check_checkpoint(path)  # complete: no error
     assert [p.name for p in (path / "dcp").glob("*.distcp")] == ["__0_0.distcp"]
     fresh = make_trainer(Comm(), "gae")
     assert load_trainer(path, fresh) == {"step": 1}
@@ -74,20 +74,6 @@ def test_a_checkpoint_of_other_models_is_named(saved):
                                               r"\(rank 0: RuntimeError: Missing key in checkpoint state_dict: "
                                               r"model.policy.model.embed_tokens.weight.\); .*written for other models"):
         load_trainer(saved[1], make_trainer(Comm(), "grpo"))
-
-
-def test_an_older_single_process_checkpoint_resumes_on_one_rank_only(saved, tmp_path):
-    trainer, _ = saved
-    old = tmp_path / "step-00000001"
-    with atomic_directory(old) as tmp:  # the layout single-process runs wrote before: no dcp/
-        trainer.save_pretrained(tmp)  # policy/ and value_head.safetensors
-        write_state(tmp, {"step": 1, "trainer": trainer.state_dict()})
-    assert resumable_layout(old, 1) is Layout.SINGLE_PROCESS
-    with pytest.raises(CheckpointError, match=rf"^{old} is a single-process checkpoint .* cannot resume on 2 "
-                                              r"trainer ranks: resume it on one process first .*without --nproc"):
-        resumable_layout(old, 2)
-    with pytest.raises(CheckpointError, match="single-process checkpoint without dcp/"):
-        load_trainer(old, make_trainer(Comm(), "gae"))
 
 
 def test_ctrl_c_during_a_save_finishes_the_checkpoint_then_interrupts(tmp_path, monkeypatch):

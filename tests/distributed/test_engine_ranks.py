@@ -12,8 +12,15 @@ import pytest
 
 from tests.distributed.conftest import run_group
 from tests.distributed.engine_runs import (
-    MARK, assert_none_left, assert_same_checkpoint, max_diff, metric_steps, metrics, policy_weights,
-    ppo_cmd, write_config,
+    MARK,
+    assert_none_left,
+    assert_same_checkpoint,
+    max_diff,
+    metric_steps,
+    metrics,
+    policy_weights,
+    ppo_cmd,
+    write_config,
 )
 
 
@@ -76,38 +83,6 @@ def assert_same_metrics(straight: Path, resumed: Path, step: int) -> None:
     assert list(got) == [step]
     for key in ("objective/kl", "ppo/loss/policy", "env/reward_mean", "ppo/learning_rate"):
         assert got[step][key] == pytest.approx(want[step][key], abs=1e-5), key
-
-
-def test_older_single_process_checkpoint_resumes_on_one_process_only(tmp_path, files, straight):
-    """The layout plain runs wrote before (no dcp/, the optimizer in the state files) still resumes on one
-    process and continues the run; on 2 ranks it is refused before the ranks load anything, naming the path and
-    what to do, with nothing left running."""
-    from rlhf_engine.checkpoint import atomic_directory, write_state
-    from rlhf_engine.config import load_run_config
-    from rlhf_engine.distributed import Comm
-    from rlhf_engine.distributed.dcp import load_trainer
-    from rlhf_engine.trainer.ppo_from_config import build_ppo_trainer
-
-    config = write_config(tmp_path, files, total_steps=3, **PLAIN)
-    ckpt = straight / "checkpoints" / "step-00000002"
-    trainer, _ = build_ppo_trainer(load_run_config(config), ckpt, Comm())
-    rest = load_trainer(ckpt, trainer)
-    old = tmp_path / "old" / "step-00000002"
-    with atomic_directory(old) as tmp:
-        trainer.save_pretrained(tmp)  # policy/ and value_head.safetensors
-        write_state(tmp, {**rest, "trainer": trainer.state_dict()})
-    mark = uuid.uuid4().hex
-    proc = run_group(ppo_cmd(config, "--nproc", "2", "--resume", str(old)), timeout=120, env={MARK: mark})
-    assert proc.returncode != 0
-    assert (f"rlhf-engine ppo: checkpoint error: {old} is a single-process checkpoint of an older rlhf-engine"
-            in proc.stdout), proc.stdout[-4000:]
-    assert "cannot resume on 2 trainer ranks: resume it on one process first" in proc.stdout
-    assert_none_left(mark)
-    proc = run_group(ppo_cmd(config, "--resume", str(old)), timeout=180)
-    assert proc.returncode == 0, proc.stdout[-6000:]
-    assert max_diff(policy_weights(straight / "checkpoints" / "step-00000003"),
-                    policy_weights(tmp_path / "run" / "checkpoints" / "step-00000003")) <= 1e-5
-    assert_same_metrics(straight, tmp_path / "run", 3)
 
 
 @pytest.mark.slow

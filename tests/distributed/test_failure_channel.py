@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from rlhf_engine.distributed.failure import FailureChannel, RankFailed
+from rlhf_engine.engine.ranks.failure import FailureChannel, RankFailed
 
 
 @pytest.fixture

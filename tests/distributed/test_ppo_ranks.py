@@ -9,7 +9,12 @@ from rlhf_engine.distributed import Comm
 from tests.distributed.conftest import run_group, torchrun_cmd
 from tests.distributed.workers import ppo_scenarios as scenarios
 from tests.distributed.workers.ppo_scenarios import (
-    STEPS, load_trainer, make_trainer, read_result, run_steps, write_result,
+    STEPS,
+    load_trainer,
+    make_trainer,
+    read_result,
+    run_steps,
+    write_result,
 )
 
 TOL = 1e-5

@@ -20,7 +20,14 @@ import pytest
 
 from tests.distributed.conftest import run_group
 from tests.distributed.engine_runs import (
-    MARK, assert_none_left, assert_same_checkpoint, marked_processes, metric_steps, metrics, ppo_cmd, write_config,
+    MARK,
+    assert_none_left,
+    assert_same_checkpoint,
+    marked_processes,
+    metric_steps,
+    metrics,
+    ppo_cmd,
+    write_config,
 )
 from tests.helpers import faults
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf_engine.config import load_run_config
+from rlhf_engine.engine.config import load_run_config
 
 
 def run_config(tmp_path: Path, policy_dir: Path, prompts_file: Path, *, backend: str, transport: dict | None = None,

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
+from rlhf_engine.common.procs import descendants
 from rlhf_engine.data import synthetic
 from rlhf_engine.models.tiny import make_tiny_model_dir
-from rlhf_engine.procs import descendants
 
 
 @pytest.fixture

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from _runs import run_config
-from rlhf_engine.engine import Callback, RLHFEngine
-from rlhf_engine.procs import descendants, start_child, stop_child
+
+from rlhf_engine.common.procs import descendants, start_child, stop_child
+from rlhf_engine.engine.core import Callback, RLHFEngine
 
 STEPS = 20
 ROGUE = str(Path(__file__).with_name("_rogue.py"))
@@ -162,8 +162,8 @@ def test_forged_rollout_flood(tmp_path, policy_dir, prompts_file, undisturbed, a
 
 
 def test_restart_budget_spent_stops_with_a_checkpoint(tmp_path, policy_dir, prompts_file, assert_no_new_children):
-    from rlhf_engine.checkpoint import latest_checkpoint, load_state
-    from rlhf_engine.local_generators import RestartBudgetExceeded
+    from rlhf_engine.common.checkpoint import latest_checkpoint, load_state
+    from rlhf_engine.engine.generators import RestartBudgetExceeded
 
     cfg = chaos_config(tmp_path, policy_dir, prompts_file, max_generator_restarts=0)
     cfg.engine.total_steps = 5
@@ -201,9 +201,9 @@ def test_a_joining_external_generator_samples_at_once_and_none_left_stops_the_ru
     killed. The newcomer gets version 2 at its handshake: without it, it would wait for a publish that needs its
     own rollouts, until rollout_timeout_s. Then it is killed too, and the run stops after
     no_generator_timeout_s with a checkpoint of the step it reached."""
-    from rlhf_engine.checkpoint import latest_checkpoint, load_state
-    from rlhf_engine.config import save_run_config
-    from rlhf_engine.supervisor import NoGeneratorLeft
+    from rlhf_engine.common.checkpoint import latest_checkpoint, load_state
+    from rlhf_engine.engine.config import save_run_config
+    from rlhf_engine.engine.supervisor import NoGeneratorLeft
 
     cfg = chaos_config(tmp_path, policy_dir, prompts_file, num_generators=0, external_generators=1,
                        no_generator_timeout_s=3.0, rollout_timeout_s=300.0)

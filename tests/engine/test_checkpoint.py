@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_engine.checkpoint import (
+from rlhf_engine.common.checkpoint import (
     CheckpointError,
     atomic_directory,
     checkpoint_path,

@@ -5,7 +5,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from rlhf_engine.config_loader import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from rlhf_engine.common.config_io import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
 
 @dataclass
@@ -81,7 +81,7 @@ def test_load_yaml_errors(tmp_path):
 def test_errors_name_file_line_and_the_real_field_of_an_optional_section(tmp_path):
     from dataclasses import dataclass
 
-    from rlhf_engine.config_loader import yaml_lines
+    from rlhf_engine.common.config_io import yaml_lines
 
     @dataclass
     class Inner:

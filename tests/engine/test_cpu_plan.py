@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from rlhf_engine.cpu_plan import TrainerCpus, make_cpu_plan
+from rlhf_engine.engine.cpu_plan import TrainerCpus, make_cpu_plan
 
 
 def test_sync_gives_each_phase_every_core():

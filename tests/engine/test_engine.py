@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from _runs import run_config
 from safetensors.torch import load_file
 
-from _runs import run_config
-from rlhf_engine.checkpoint import latest_checkpoint, list_checkpoints, load_state
-from rlhf_engine.config import save_run_config
-from rlhf_engine.engine import Callback, RLHFEngine
-from rlhf_engine.metrics import read_jsonl
-from rlhf_engine.procs import descendants
+from rlhf_engine.common.checkpoint import latest_checkpoint, list_checkpoints, load_state
+from rlhf_engine.common.procs import descendants
+from rlhf_engine.engine.config import save_run_config
+from rlhf_engine.engine.core import Callback, RLHFEngine
+from rlhf_engine.telemetry.files import read_jsonl
 
 
 class Recorder(Callback):
@@ -164,7 +164,7 @@ def test_generator_failing_to_start_is_reported(tmp_path, policy_dir, prompts_fi
 
 def test_cli_errors_are_one_line_with_status_2(tmp_path, policy_dir, prompts_file, capsys):
     from rlhf_engine.cli import main
-    from rlhf_engine.config_loader import ConfigError
+    from rlhf_engine.common.config_io import ConfigError
 
     good = f"model: {{policy: {policy_dir}, reward_fn: 'rlhf_engine.demo:gold_scores'}}\ndata: {{prompts: {prompts_file}}}\n"
     cases = {

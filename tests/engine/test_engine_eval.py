@@ -8,14 +8,14 @@ import signal
 
 import pytest
 import torch
-
 from _runs import run_config
-from rlhf_engine.config import load_run_config
-from rlhf_engine.config_loader import to_dict
+
+from rlhf_engine.common.config_io import to_dict
 from rlhf_engine.data import synthetic
-from rlhf_engine.engine import RLHFEngine
-from rlhf_engine.metrics import read_jsonl
-from rlhf_engine.plot import plot_run
+from rlhf_engine.engine.config import load_run_config
+from rlhf_engine.engine.core import RLHFEngine
+from rlhf_engine.telemetry.files import read_jsonl
+from rlhf_engine.telemetry.plots import plot_run
 
 EVAL_KEYS = {"eval/reward_mean", "eval/gold_mean", "eval/pass@2", "eval/response_length_mean", "eval/policy_version",
              "eval/samples", "eval/nonfinite_rewards", "eval/dropped_rollouts", "time/engine/eval"}

@@ -7,9 +7,9 @@ import dataclasses
 from types import SimpleNamespace
 
 import pytest
-
 from _runs import run_config
-from rlhf_engine.engine import Callback, RLHFEngine
+
+from rlhf_engine.engine.core import Callback, RLHFEngine
 from tests.helpers.rollout import peft_reference, reference_logprobs
 
 pytest.importorskip("peft")

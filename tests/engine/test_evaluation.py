@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from rlhf_engine.evaluation import EvalRound, eval_metrics
-from rlhf_engine.intake import IntakeLimits
+from rlhf_engine.engine.evaluation import EvalRound, eval_metrics
+from rlhf_engine.engine.intake import IntakeLimits
 from rlhf_engine.transport import Rollout
 
 LIMITS = IntakeLimits(vocab_size=10, response_length=4, num_generations=2)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rlhf_engine.intake import Intake, IntakeLimits, check_content
+from rlhf_engine.engine.intake import Intake, IntakeLimits, check_content
 from rlhf_engine.transport import Rollout
 
 LIMITS = IntakeLimits(vocab_size=10, response_length=4, num_generations=2)

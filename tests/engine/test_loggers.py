@@ -6,13 +6,14 @@ import json
 import subprocess
 import sys
 import time
-import warnings
 
 import pytest
 
-from rlhf_engine.config import EngineConfig, load_run_config, save_run_config
-from rlhf_engine.loggers import WANDB_MISSING, MissingLoggerPackage
-from rlhf_engine.metrics import MetricsLogger, Timeline, read_jsonl
+from rlhf_engine.engine.config import EngineConfig, load_run_config, save_run_config
+from rlhf_engine.telemetry.files import read_jsonl
+from rlhf_engine.telemetry.metrics import MetricsLogger
+from rlhf_engine.telemetry.sinks import WANDB_MISSING, MissingLoggerPackage
+from rlhf_engine.telemetry.timeline import Timeline
 
 
 def test_loggers_default_and_validation():
@@ -22,18 +23,6 @@ def test_loggers_default_and_validation():
         EngineConfig(loggers=["jsonl", "mlflow"])
     with pytest.raises(ValueError, match="at most once"):
         EngineConfig(loggers=["wandb", "wandb"])
-
-
-def test_deprecated_tensorboard_flag_maps_onto_loggers(tmp_path):
-    with pytest.warns(FutureWarning, match="engine.tensorboard is deprecated"):
-        off = EngineConfig(tensorboard=False)
-    assert off.loggers == ["jsonl"] and off.tensorboard is None
-    with pytest.warns(FutureWarning):
-        on = EngineConfig(loggers=["jsonl", "wandb"], tensorboard=True)
-    assert on.loggers == ["jsonl", "wandb", "tensorboard"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert EngineConfig(loggers=["jsonl"]).tensorboard is None
 
 
 def test_loggers_round_trip_through_yaml(tmp_path):
@@ -130,11 +119,10 @@ def test_wandb_offline_run_holds_config_metrics_timeline_and_plots(tmp_path, mon
 
 def test_engine_run_sends_every_jsonl_metric_to_wandb(tmp_path, monkeypatch, assert_no_new_children):
     wandb = pytest.importorskip("wandb")
-    from tests.helpers.wandb_records import read_run
-
     from rlhf_engine.data import synthetic
-    from rlhf_engine.engine import RLHFEngine
+    from rlhf_engine.engine.core import RLHFEngine
     from rlhf_engine.models.tiny import make_tiny_model_dir
+    from tests.helpers.wandb_records import read_run
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -169,9 +157,8 @@ def test_engine_run_sends_every_jsonl_metric_to_wandb(tmp_path, monkeypatch, ass
 
 def test_wandb_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch, assert_no_new_children):
     pytest.importorskip("wandb")
+    from rlhf_engine.telemetry.sinks import RUN_ID_FILE
     from tests.helpers.wandb_records import read_run
-
-    from rlhf_engine.loggers import RUN_ID_FILE
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -2,7 +2,9 @@
 
 import math
 
-from rlhf_engine.metrics import Interval, MetricsLogger, Timeline, idle_fractions, read_jsonl
+from rlhf_engine.telemetry.files import read_jsonl
+from rlhf_engine.telemetry.metrics import MetricsLogger
+from rlhf_engine.telemetry.timeline import Interval, Timeline, idle_fractions
 
 
 def test_metrics_jsonl_records_steps(tmp_path):

@@ -1,6 +1,7 @@
 """A resumed run logs the steps after its checkpoint again: their old records go first."""
 
-from rlhf_engine.metrics import MetricsLogger, drop_steps_after, read_jsonl
+from rlhf_engine.telemetry.files import drop_steps_after, read_jsonl
+from rlhf_engine.telemetry.metrics import MetricsLogger
 
 
 def test_drop_steps_after_keeps_each_step_once(tmp_path):

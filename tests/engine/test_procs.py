@@ -7,7 +7,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from rlhf_engine.procs import descendants, start_child, stop_child
+from rlhf_engine.common.procs import descendants, start_child, stop_child
 
 # A child that starts a grandchild in the same process group, ignores SIGTERM, and sleeps.
 STUBBORN = textwrap.dedent(
@@ -51,7 +51,7 @@ def test_child_dies_with_its_parent(tmp_path):
     parent = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(f"""
             import os
-            from rlhf_engine.procs import start_child
+            from rlhf_engine.common.procs import start_child
             p = start_child(["-c", "import time; time.sleep(60)"])
             open({str(pid_file)!r}, "w").write(str(p.pid))
             os._exit(0)

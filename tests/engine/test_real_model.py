@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from rlhf_engine.checkpoint import latest_checkpoint
-from rlhf_engine.config import load_run_config
-from rlhf_engine.engine import Callback, RLHFEngine
-from rlhf_engine.trainer import ppo as ppo_module
+from rlhf_engine.common.checkpoint import latest_checkpoint
+from rlhf_engine.engine.config import load_run_config
+from rlhf_engine.engine.core import Callback, RLHFEngine
+from rlhf_engine.trainer.ppo import trainer as ppo_module
 
 pytestmark = [pytest.mark.real_model, pytest.mark.vllm]
 

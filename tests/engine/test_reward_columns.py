@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from _runs import run_config
 from transformers import AutoTokenizer
 
-from _runs import run_config
-from rlhf_engine.config import load_run_config
-from rlhf_engine.config_loader import to_dict
+from rlhf_engine.common.config_io import to_dict
 from rlhf_engine.data.prompts import read_prompts
 from rlhf_engine.data.records import DataError
-from rlhf_engine.engine import RLHFEngine
+from rlhf_engine.engine.config import load_run_config
+from rlhf_engine.engine.core import RLHFEngine
 from tests.helpers import columns as recorded
 from tests.helpers.chat import with_chat_template
 

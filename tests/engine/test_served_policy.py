@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _runs import run_config
 from safetensors.torch import load_file
 
-from _runs import run_config
-from rlhf_engine.checkpoint import latest_checkpoint
-from rlhf_engine.engine import RLHFEngine
+from rlhf_engine.common.checkpoint import latest_checkpoint
+from rlhf_engine.engine.core import RLHFEngine
 from tests.helpers.rollout import prompts, reference_logprobs
 
 pytestmark = pytest.mark.vllm

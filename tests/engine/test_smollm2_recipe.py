@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_engine.config import load_run_config
-from rlhf_engine.engine import RLHFEngine
-from rlhf_engine.metrics import read_jsonl
+from rlhf_engine.engine.config import load_run_config
+from rlhf_engine.engine.core import RLHFEngine
+from rlhf_engine.telemetry.files import read_jsonl
 
 RECIPE = Path(__file__).resolve().parents[2] / "examples" / "smollm2_arithmetic"
 
@@ -52,8 +52,8 @@ def test_data_holds_out_pairs_and_rewards_read_the_answer(recipe, data):
 
 @pytest.mark.real_model
 def test_short_sft_on_the_real_model_lowers_the_held_out_loss(data, real_model_dir, tmp_path):
-    from rlhf_engine.trainer.sft import SFTTrainer
-    from rlhf_engine.trainer.sft_config import SFTConfig
+    from rlhf_engine.trainer.stages.sft import SFTTrainer
+    from rlhf_engine.trainer.stages.sft_config import SFTConfig
 
     config = SFTConfig(model_name_or_path=str(real_model_dir), train_file=str(data["sft"]), eval_split=0.2,
                        output_dir=str(tmp_path / "sft"), per_device_train_batch_size=4, max_steps=2,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_engine.config import load_run_config
-from rlhf_engine.engine import RLHFEngine
-from rlhf_engine.metrics import read_jsonl
+from rlhf_engine.engine.config import load_run_config
+from rlhf_engine.engine.core import RLHFEngine
+from rlhf_engine.telemetry.files import read_jsonl
 from tests.helpers.threads import one_torch_thread  # noqa: F401 (autouse: the recipe's tiny models, one thread)
 
 RECIPE = Path(__file__).resolve().parents[2] / "examples" / "verifiable_math"

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+
 def generator_main(spec: dict) -> int:
     from rlhf_engine.rollout.config import GeneratorConfig
     from rlhf_engine.rollout.process import run_generator
@@ -25,7 +26,7 @@ def generator_main(spec: dict) -> int:
 
 
 def parent_main(spec: dict) -> int:
-    from rlhf_engine.procs import start_child
+    from rlhf_engine.common.procs import start_child
     from rlhf_engine.rollout.params import dir_fingerprint
     from rlhf_engine.transport import TrainerPort, TransportConfig
 

@@ -45,7 +45,7 @@ def stop_string_case(tokenizer, tokens: list[int]) -> tuple[str, int]:
 
 def prompts(tokenizer, k: int) -> list[list[int]]:
     """`k` prompts of different lengths: bos + the first words of synthetic sentences."""
-    from rlhf_engine.models.tiny import synthetic_sentences
+    from rlhf_engine.data.synthetic import synthetic_sentences
 
     out = []
     for i, sentence in enumerate(synthetic_sentences(k, seed=7)):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from rlhf_engine.config_loader import ConfigError
+from rlhf_engine.common.config_io import ConfigError
 from rlhf_engine.models.lora import (
     LoraConfig,
     adapter_config_dict,
@@ -48,7 +48,7 @@ def test_config_rejects_bad_values(kwargs, message):
 
 
 def test_run_config_yaml_names_the_real_lora_field(tmp_path, base_dir):
-    from rlhf_engine.config import load_run_config
+    from rlhf_engine.engine.config import load_run_config
 
     path = tmp_path / "run.yaml"
     head = f"model:\n  policy: {base_dir}\n  reward_fn: m:f\n  lora:\n"

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from tests.helpers.tolerances import FWD, GRAD
 from rlhf_engine.ops import token_kl
 from rlhf_engine.ops.reference import full_kl_reference, token_kl_reference
+from tests.helpers.tolerances import FWD, GRAD
 
 KINDS = ["kl", "abs", "mse", "k3"]
 

@@ -45,8 +45,8 @@ PAIRS = [
 
 
 def _ours(tmp_path, sft_policy_dir, real_model_dir, loss_type):
-    from rlhf_engine.trainer.dpo import DPOTrainer
-    from rlhf_engine.trainer.dpo_config import DPOConfig
+    from rlhf_engine.trainer.stages.dpo import DPOTrainer
+    from rlhf_engine.trainer.stages.dpo_config import DPOConfig
 
     tokenizer, policy, ref = load_pair(sft_policy_dir, real_model_dir)
     config = DPOConfig(output_dir=str(tmp_path / "ours"), per_device_train_batch_size=len(PAIRS),

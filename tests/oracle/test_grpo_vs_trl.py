@@ -70,8 +70,9 @@ def fixed_batch(sft_policy_dir, real_model_dir):
 
 def _ours(sft_policy_dir, real_model_dir, batch, monkeypatch):
     """Our step's per-optimizer-step metrics and the [min, max] of its ratios in the second optimizer step."""
-    from rlhf_engine.trainer import losses, ppo
-    from rlhf_engine.trainer.ppo_config import PPOConfig
+    from rlhf_engine.trainer import losses
+    from rlhf_engine.trainer.ppo import trainer as ppo
+    from rlhf_engine.trainer.ppo.config import PPOConfig
 
     _, prompt_ids, completions, _ = batch
     tokenizer, policy, ref = load_pair(sft_policy_dir, real_model_dir)

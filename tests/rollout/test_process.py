@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_engine.procs import descendants
+from rlhf_engine.common.procs import descendants
 from rlhf_engine.rollout.params import dir_fingerprint
 from rlhf_engine.transport import PromptBatch, TrainerPort, TransportConfig
 

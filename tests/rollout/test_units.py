@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rlhf_engine.rollout.backends import resolve_backend
 from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
-from rlhf_engine.rollout.generator import resolve_backend
 from rlhf_engine.rollout.params import check_update, dir_fingerprint, stored_params
 from rlhf_engine.rollout.staging import ALIGN, StagingFile, layout, map_file, views
 

@@ -4,10 +4,10 @@ import dataclasses
 
 import pytest
 
-from rlhf_engine.config_loader import ConfigError, from_dict
-from rlhf_engine.trainer.dpo_config import DPOConfig
-from rlhf_engine.trainer.reward_config import RewardConfig
-from rlhf_engine.trainer.sft_config import SFTConfig
+from rlhf_engine.common.config_io import ConfigError, from_dict
+from rlhf_engine.trainer.stages.dpo_config import DPOConfig
+from rlhf_engine.trainer.stages.reward_config import RewardConfig
+from rlhf_engine.trainer.stages.sft_config import SFTConfig
 
 
 @pytest.mark.parametrize("cls", [SFTConfig, RewardConfig, DPOConfig])

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from rlhf_engine.data import synthetic
-from rlhf_engine.trainer.dpo import DPOTrainer
-from rlhf_engine.trainer.dpo_config import DPOConfig
+from rlhf_engine.trainer.stages.dpo import DPOTrainer
+from rlhf_engine.trainer.stages.dpo_config import DPOConfig
 
 
 @pytest.mark.parametrize("loss_type, lr", [("sigmoid", 1e-3), ("ipo", 1e-3)])

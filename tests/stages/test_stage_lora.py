@@ -4,15 +4,15 @@ the saved folder is the merged model (loads like a full-weight one) with the ada
 import pytest
 import torch
 
-from rlhf_engine.config_loader import from_dict
+from rlhf_engine.common.config_io import from_dict
 from rlhf_engine.data import preference_batch, synthetic
 from rlhf_engine.models.lora import LoraConfig
-from rlhf_engine.trainer.dpo import DPOTrainer
-from rlhf_engine.trainer.dpo_config import DPOConfig
-from rlhf_engine.trainer.reward_config import RewardConfig
-from rlhf_engine.trainer.reward_trainer import RewardTrainer
-from rlhf_engine.trainer.sft import SFTTrainer
-from rlhf_engine.trainer.sft_config import SFTConfig
+from rlhf_engine.trainer.stages.dpo import DPOTrainer
+from rlhf_engine.trainer.stages.dpo_config import DPOConfig
+from rlhf_engine.trainer.stages.reward import RewardTrainer
+from rlhf_engine.trainer.stages.reward_config import RewardConfig
+from rlhf_engine.trainer.stages.sft import SFTTrainer
+from rlhf_engine.trainer.stages.sft_config import SFTConfig
 
 peft = pytest.importorskip("peft")
 

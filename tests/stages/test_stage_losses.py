@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from rlhf_engine.trainer.dpo import dpo_loss, sequence_logps
-from rlhf_engine.trainer.reward_trainer import bradley_terry_loss
-from rlhf_engine.trainer.sft import causal_lm_loss_sum
+from rlhf_engine.trainer.stages.dpo import dpo_loss, sequence_logps
+from rlhf_engine.trainer.stages.reward import bradley_terry_loss
+from rlhf_engine.trainer.stages.sft import causal_lm_loss_sum
 
 NEG_LOGSIG_1 = math.log(1 + math.exp(-1))  # -log sigmoid(1) = 0.313262
 NEG_LOGSIG_0 = math.log(2.0)  # -log sigmoid(0) = 0.693147

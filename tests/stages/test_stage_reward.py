@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from rlhf_engine.data import preference_batch, synthetic
-from rlhf_engine.trainer.reward_trainer import RewardTrainer, with_pad_token
-from rlhf_engine.trainer.reward_config import RewardConfig
+from rlhf_engine.trainer.stages.reward import RewardTrainer, with_pad_token
+from rlhf_engine.trainer.stages.reward_config import RewardConfig
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rlhf_engine.data import synthetic
-from rlhf_engine.trainer.sft import SFTTrainer
-from rlhf_engine.trainer.sft_config import SFTConfig
+from rlhf_engine.trainer.stages.sft import SFTTrainer
+from rlhf_engine.trainer.stages.sft_config import SFTConfig
 
 
 @pytest.fixture(scope="module")

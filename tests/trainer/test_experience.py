@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
-from rlhf_engine.trainer.experience import IGNORE_INDEX, forward_policy, forward_values, make_token_batch
+from rlhf_engine.trainer.ppo.experience import IGNORE_INDEX, forward_policy, forward_values, make_token_batch
 
 PAD, EOS = 3, 2
 

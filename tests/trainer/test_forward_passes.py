@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
-from rlhf_engine.trainer.ppo import PPOTrainer
-from rlhf_engine.trainer.ppo_config import PPOConfig
+from rlhf_engine.trainer.ppo.config import PPOConfig
+from rlhf_engine.trainer.ppo.trainer import PPOTrainer
 
 B = 8
 
@@ -55,7 +55,7 @@ def test_one_optimizer_step_without_kl_reuses_the_update_forward(make_lm, tokeni
 def test_reused_forward_equals_a_separate_old_logprob_pass(make_lm, tokenizer, random_pairs, monkeypatch):
     # stale samples with the sampler's log-probs (importance weights): the step with pi_old taken from the
     # update's forward gives the weights and stats of the step with a separate experience pass
-    import rlhf_engine.trainer.ppo as ppo_module
+    import rlhf_engine.trainer.ppo.trainer as ppo_module
 
     queries, responses = random_pairs(B, seed=2, eos=tokenizer.eos_token_id)
     queries = [queries[i - i % 2] for i in range(B)]
@@ -109,7 +109,7 @@ def test_separate_critic_and_no_kl_skips_the_policy_pass(make_lm, tokenizer, ran
 
 
 def test_reused_pass_still_weights_off_sampler_tokens(make_lm, tokenizer, random_pairs):
-    from rlhf_engine.trainer.experience import forward_policy, make_token_batch
+    from rlhf_engine.trainer.ppo.experience import forward_policy, make_token_batch
 
     model = AutoModelForCausalLMWithValueHead(make_lm(seed=0))
     cfg = PPOConfig(batch_size=B, mini_batch_size=4, gradient_accumulation_steps=2, ppo_epochs=1, learning_rate=1e-3,

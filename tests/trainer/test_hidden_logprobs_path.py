@@ -7,9 +7,9 @@ import torch
 
 from rlhf_engine.models.lm_head import check_plain_lm_head, plain_lm_head
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
-from rlhf_engine.trainer.experience import forward_policy, make_token_batch
-from rlhf_engine.trainer.ppo import PPOTrainer
-from rlhf_engine.trainer.ppo_config import PPOConfig
+from rlhf_engine.trainer.ppo.config import PPOConfig
+from rlhf_engine.trainer.ppo.experience import forward_policy, make_token_batch
+from rlhf_engine.trainer.ppo.trainer import PPOTrainer
 from tests.helpers.steps import assert_same_step, step_and_weights
 
 # fp32: the hidden path multiplies the LM head chunk by chunk, the logits path in one matmul

@@ -2,7 +2,7 @@
 
 import pytest
 
-from rlhf_engine.trainer.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
+from rlhf_engine.trainer.ppo.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
 
 
 def test_adaptive_raises_coef_when_kl_above_target():

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from rlhf_engine.ops import token_kl
-from rlhf_engine.trainer.experience import forward_policy, make_token_batch
-from rlhf_engine.trainer.ppo import PPOTrainer
-from rlhf_engine.trainer.ppo_config import PPOConfig
+from rlhf_engine.trainer.ppo.config import PPOConfig
+from rlhf_engine.trainer.ppo.experience import forward_policy, make_token_batch
+from rlhf_engine.trainer.ppo.trainer import PPOTrainer
 
 B, BETA = 8, 0.3
 

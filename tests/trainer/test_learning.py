@@ -15,8 +15,8 @@ import torch
 
 from rlhf_engine.models.lora import LoraConfig, apply_lora
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
-from rlhf_engine.trainer.ppo import PPOTrainer
-from rlhf_engine.trainer.ppo_config import PPOConfig
+from rlhf_engine.trainer.ppo.config import PPOConfig
+from rlhf_engine.trainer.ppo.trainer import PPOTrainer
 
 TARGET = range(10, 40)
 STEPS = 30

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from rlhf_engine.checkpoint import checkpoint_path
-from rlhf_engine.config import load_run_config
+from rlhf_engine.common.checkpoint import checkpoint_path
 from rlhf_engine.distributed import Comm
-from rlhf_engine.distributed.dcp import load_trainer, save_trainer
+from rlhf_engine.engine.build_trainer import build_ppo_trainer
+from rlhf_engine.engine.config import load_run_config
 from rlhf_engine.models.loading import AdaptersDisabled
 from rlhf_engine.models.tiny import TinyLlamaSpec, make_tiny_model_dir
-from rlhf_engine.trainer.ppo_from_config import build_ppo_trainer
+from rlhf_engine.trainer.ppo.checkpoint import load_trainer, save_trainer
 from tests.distributed.conftest import read_dcp_tensors
 from tests.trainer.conftest import make_random_pairs
 

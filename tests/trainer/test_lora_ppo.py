@@ -2,7 +2,6 @@
 value head train, weights for the generators are merged, checkpoints are PEFT folders that resume exactly."""
 
 import copy
-
 from dataclasses import replace
 
 import pytest
@@ -11,10 +10,10 @@ import torch
 from rlhf_engine.models.loading import AdaptersDisabled
 from rlhf_engine.models.lora import LoraConfig, apply_lora
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
-from rlhf_engine.trainer.experience import forward_policy, make_token_batch
-from rlhf_engine.trainer.pass_layout import PassLayout
-from rlhf_engine.trainer.ppo import PPOTrainer
-from rlhf_engine.trainer.ppo_config import PPOConfig
+from rlhf_engine.trainer.passes.layout import PassLayout
+from rlhf_engine.trainer.ppo.config import PPOConfig
+from rlhf_engine.trainer.ppo.experience import forward_policy, make_token_batch
+from rlhf_engine.trainer.ppo.trainer import PPOTrainer
 
 peft = pytest.importorskip("peft")
 
@@ -99,8 +98,8 @@ def test_policy_weights_are_merged_and_adapters_separate(make_lm, tokenizer, dat
 
 
 def test_lora_rejects_several_ranks(tmp_path):
-    from rlhf_engine.config import load_run_config
-    from rlhf_engine.distributed.run import preflight
+    from rlhf_engine.engine.config import load_run_config
+    from rlhf_engine.engine.ranks.run import preflight
 
     config = load_run_config(None, base={
         "model": {"policy": str(tmp_path), "reward_fn": "m:f", "lora": {"r": 8}},

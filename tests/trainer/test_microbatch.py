@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
-from rlhf_engine.trainer.microbatch import plan_microbatches, split_to_count
-from rlhf_engine.trainer.ppo import PPOTrainer
-from rlhf_engine.trainer.ppo_config import PPOConfig
+from rlhf_engine.trainer.passes.microbatch import plan_microbatches, split_to_count
+from rlhf_engine.trainer.ppo.config import PPOConfig
+from rlhf_engine.trainer.ppo.trainer import PPOTrainer
 
 B = 8
 

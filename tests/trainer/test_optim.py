@@ -2,7 +2,8 @@
 
 import torch
 
-from rlhf_engine.trainer.optim import adamw, implementation_kept
+from rlhf_engine.distributed.dcp import implementation_kept
+from rlhf_engine.trainer.optim import adamw
 
 
 def test_fused_on_cpu_and_equal_to_the_default_implementation():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from rlhf_engine.trainer.ppo_config import PPOConfig
+from rlhf_engine.trainer.ppo.config import PPOConfig
 
 
 def test_issue_example_config_is_valid():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf_engine.trainer.ppo_stats import explained_variance
+from rlhf_engine.trainer.ppo.stats import explained_variance
 
 
 def test_explained_variance_hand_computed():

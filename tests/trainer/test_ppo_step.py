@@ -7,9 +7,9 @@ import torch
 
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.trainer import losses
-from rlhf_engine.trainer.experience import forward_policy, make_token_batch
-from rlhf_engine.trainer.ppo import PPOTrainer
-from rlhf_engine.trainer.ppo_config import PPOConfig
+from rlhf_engine.trainer.ppo.config import PPOConfig
+from rlhf_engine.trainer.ppo.experience import forward_policy, make_token_batch
+from rlhf_engine.trainer.ppo.trainer import PPOTrainer
 
 B = 8
 
@@ -364,7 +364,7 @@ def test_linear_schedule_steps_once_per_ppo_step(make_trainer, data):
 def test_resume_from_state_is_bit_exact(make_trainer, data):
     import json
 
-    from rlhf_engine.checkpoint import flatten_state, unflatten_state
+    from rlhf_engine.common.checkpoint import flatten_state, unflatten_state
 
     # A: two steps in a row; B: a fresh trainer given A's weights and state after step 1, then step 2
     a = make_trainer(mini_batch_size=4, ppo_epochs=2, init_kl_coef=0.1, horizon=50.0)

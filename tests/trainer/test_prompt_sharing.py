@@ -7,12 +7,12 @@ import torch
 
 from rlhf_engine.models.reward_scoring import model_scores
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
-from rlhf_engine.trainer.experience import forward_policy, forward_values, make_token_batch
-from rlhf_engine.trainer.packing import packed_scores
-from rlhf_engine.trainer.pass_layout import pass_layout
-from rlhf_engine.trainer.ppo import PPOTrainer
-from rlhf_engine.trainer.ppo_config import PPOConfig
-from rlhf_engine.trainer.prompt_sharing import attention_width, pack_cheaper, shares_prompts
+from rlhf_engine.trainer.passes.layout import pass_layout
+from rlhf_engine.trainer.passes.packing import packed_scores
+from rlhf_engine.trainer.passes.prompt_sharing import attention_width, pack_cheaper, shares_prompts
+from rlhf_engine.trainer.ppo.config import PPOConfig
+from rlhf_engine.trainer.ppo.experience import forward_policy, forward_values, make_token_batch
+from rlhf_engine.trainer.ppo.trainer import PPOTrainer
 from tests.helpers.steps import assert_same_step, step_and_weights
 
 ATOL, RTOL = 2e-5, 1e-4  # fp32: the same math on differently shaped matmuls and attention masks

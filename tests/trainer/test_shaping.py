@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rlhf_engine.trainer.shaping import clip_scores, kl_penalty, kl_shaped_rewards, missing_eos_penalty
+from rlhf_engine.trainer.ppo.shaping import clip_scores, kl_penalty, kl_shaped_rewards, missing_eos_penalty
 
 
 def test_kl_shaped_rewards_hand_computed():

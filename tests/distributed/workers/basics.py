@@ -10,12 +10,19 @@ from pathlib import Path
 import torch
 
 from rlhf_engine.distributed import (
-    Comm, DistributedConfig, StepBatch, broadcast_step_batch, destroy_process_group, init_process_group,
-    iter_full_state, shard_model,
+    Comm,
+    DistributedConfig,
+    StepBatch,
+    broadcast_step_batch,
+    destroy_process_group,
+    init_process_group,
+    iter_full_state,
+    shard_model,
 )
-from rlhf_engine.distributed.dcp import save_hf_folder, save_sharded
+from rlhf_engine.distributed.dcp import save_sharded
 from rlhf_engine.models.tiny import TinyLlamaSpec, build_llama, build_tokenizer
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
+from rlhf_engine.trainer.export import save_gathered
 
 
 def sample_batch() -> StepBatch:
@@ -72,7 +79,7 @@ def main(out: Path) -> None:
     (logits.float().pow(2).mean() + values.mean()).backward()
     optimizer.step()
     save_sharded(comm, out / "ckpt", {"policy": model}, optimizer, {"marker": 7, "t": torch.arange(3)},
-                 write_models=lambda p: save_hf_folder(comm, model, p / "policy", tokenizer,
+                 write_models=lambda p: save_gathered(comm, model, p / "policy", tokenizer,
                                                        value_head_file=p / "value_head.safetensors"))
     full = {f"policy.{k}": v for k, v in iter_full_state(model)}
     if comm.is_main:

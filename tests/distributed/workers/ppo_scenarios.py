@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhf_engine.checkpoint import rng_state, set_rng_state
+from rlhf_engine.common.checkpoint import rng_state, set_rng_state
 from rlhf_engine.distributed import Comm, DistributedConfig, StepBatch, broadcast_step_batch
-from rlhf_engine.distributed import dcp
 from rlhf_engine.models.tiny import TinyLlamaSpec, build_llama, build_tokenizer
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
-from rlhf_engine.trainer.ppo import PPOTrainer
-from rlhf_engine.trainer.ppo_config import PPOConfig
+from rlhf_engine.trainer.ppo import checkpoint as dcp
+from rlhf_engine.trainer.ppo.config import PPOConfig
+from rlhf_engine.trainer.ppo.trainer import PPOTrainer
 
 VOCAB = 300
 B = 8

@@ -14,8 +14,8 @@ import torch
 from rlhf_engine.distributed import Comm, StepBatch, broadcast_step_batch, destroy_process_group, init_process_group
 from rlhf_engine.distributed.config import DistributedConfig
 from rlhf_engine.models.tiny import TinyLlamaSpec, build_llama, build_tokenizer
-from rlhf_engine.trainer.ppo import PPOTrainer
-from rlhf_engine.trainer.ppo_config import PPOConfig
+from rlhf_engine.trainer.ppo.config import PPOConfig
+from rlhf_engine.trainer.ppo.trainer import PPOTrainer
 
 SEEN = []
 

@@ -1,0 +1,339 @@
+"""Experience of a PPO step: the padded token batch and the no-grad forward passes that score it.
+
+Layout of a batch of B (query, response) pairs, one row each:
+
+    input_ids [B, Lq + T] = [ left-padded query | right-padded response ]
+
+so every query ends at column Lq - 1 and every response starts at column Lq. The logits at columns
+Lq - 1 ... Lq + T - 2 predict the T response tokens; the model only computes the last T + 1 positions
+(`logits_to_keep`). Per-token tensors of the experience are [B, T] over response tokens, with
+`response_mask` 1 up to and including the first EOS and 0 after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from rlhf_engine.data.collate import left_pad, right_pad
+from rlhf_engine.data.tokenize import IGNORE_INDEX
+from rlhf_engine.distributed.comm import Comm
+from rlhf_engine.models.lm_head import HiddenLogprobHead, SelectedPositionsHead, replaced_lm_head
+from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
+from rlhf_engine.ops import logprobs_from_logits
+from rlhf_engine.trainer.passes.layout import PassLayout
+from rlhf_engine.trainer.passes.packing import PackedBatch, pack_rows
+from rlhf_engine.trainer.passes.prompt_sharing import pack_cheaper, query_groups
+from rlhf_engine.trainer.ppo.config import PPOConfig
+from rlhf_engine.trainer.ppo.shaping import kl_penalty
+
+
+@dataclass
+class TokenBatch:
+    """Queries and responses side by side (see the module docstring for the layout)."""
+
+    input_ids: torch.Tensor  # [B, Lq + T] int64, padding = pad_token_id
+    attention_mask: torch.Tensor  # [B, Lq + T] int64
+    position_ids: torch.Tensor  # [B, Lq + T] int64, 0 at each query's first token
+    response_ids: torch.Tensor  # [B, T] int64
+    response_mask: torch.Tensor  # [B, T] float32
+    has_eos: torch.Tensor  # [B] bool
+    query_width: int  # Lq
+
+    @property
+    def response_width(self) -> int:
+        return self.response_ids.shape[1]
+
+    def labels(self) -> torch.Tensor:
+        """Response ids [B, T] with IGNORE_INDEX on padding, for `logprobs_from_logits`."""
+        return self.response_ids.masked_fill(self.response_mask == 0, IGNORE_INDEX)
+
+    def lengths(self) -> list[int]:
+        """Real tokens (query + response up to EOS) of each row (a device sync)."""
+        return self.attention_mask.sum(dim=1).tolist()
+
+    def pack(self, attention_width: int = 0) -> PackedBatch:
+        """The rows as packed rows (`rlhf_engine.trainer.passes.packing`); with `attention_width` > 0 (the model's, see
+        `prompt_sharing.attention_width`), the samples of one query share it where that is cheaper
+        (`rlhf_engine.trainer.passes.prompt_sharing.pack_cheaper`)."""
+        if attention_width:
+            return pack_cheaper(self.input_ids, self.attention_mask, self.position_ids, self.query_width,
+                                self.response_mask, attention_width)
+        return pack_rows(self.input_ids, self.attention_mask, self.position_ids, self.query_width, self.response_mask)
+
+    def by_query(self, rows: list[int]) -> list[int]:
+        """`rows` reordered so that rows with equal queries are adjacent (stable: groups in order of first
+        appearance, rows in their order within a group), for micro-batches that share queries."""
+        groups = query_groups(self.input_ids[rows, : self.query_width], self.attention_mask[rows, : self.query_width])
+        first: dict[int, int] = {}
+        for i, g in enumerate(groups):
+            first.setdefault(g, i)
+        return [rows[i] for i in sorted(range(len(rows)), key=lambda i: (first[groups[i]], i))]
+
+    def select(self, rows: torch.Tensor) -> "TokenBatch":
+        """The sub-batch of `rows`, with columns that are padding in every selected row trimmed off."""
+        attention_mask = self.attention_mask[rows]
+        response_mask = self.response_mask[rows]
+        # device sync: the trimmed widths are read back as Python ints
+        lead = int((attention_mask[:, : self.query_width] == 0).sum(dim=1).min())
+        width = max(1, int(response_mask.sum(dim=1).max()))  # >= 1: rows of only dropped samples still run
+        end = self.query_width + width
+        return replace(
+            self,
+            input_ids=self.input_ids[rows, lead:end],
+            attention_mask=attention_mask[:, lead:end],
+            position_ids=self.position_ids[rows, lead:end],
+            response_ids=self.response_ids[rows, :width],
+            response_mask=response_mask[:, :width],
+            has_eos=self.has_eos[rows],
+            query_width=self.query_width - lead,
+        )
+
+
+def truncate_after_eos(response: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:
+    """A response [n] cut just after its first end-of-turn token (any of `eos_token_ids`; kept as is when it
+    has none)."""
+    if not eos_token_ids:
+        return response
+    hits = torch.isin(response, torch.tensor(eos_token_ids, dtype=response.dtype)).nonzero()
+    return response if hits.numel() == 0 else response[: int(hits[0, 0]) + 1]
+
+
+def make_token_batch(
+    queries: list[torch.Tensor],
+    responses: list[torch.Tensor],
+    pad_token_id: int,
+    eos_token_ids: Sequence[int],
+    device: torch.device | str = "cpu",
+) -> TokenBatch:
+    """Pad B queries (left) and B responses (right, each cut after its first end-of-turn token, any of
+    `eos_token_ids`) into a `TokenBatch`; `has_eos` marks the responses that end with one.
+
+    queries, responses: lists of non-empty 1-D int64 tensors (checked by the caller).
+    """
+    responses = [truncate_after_eos(r, eos_token_ids) for r in responses]
+    query_ids, query_mask = left_pad(queries, pad_token_id)  # [B, Lq]
+    response_ids, response_mask = right_pad(responses, pad_token_id)  # [B, T]
+    input_ids = torch.cat([query_ids, response_ids], dim=1)  # [B, Lq + T]
+    attention_mask = torch.cat([query_mask, response_mask], dim=1)  # [B, Lq + T]
+    has_eos = torch.tensor([int(r[-1]) in eos_token_ids for r in responses], dtype=torch.bool)
+    # positions count from each query's first real token; padding gets 0 (it is never attended)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    return TokenBatch(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        position_ids=position_ids.to(device),
+        response_ids=response_ids.to(device),
+        response_mask=response_mask.float().to(device),
+        has_eos=has_eos.to(device),
+        query_width=query_ids.shape[1],
+    )
+
+
+@dataclass
+class ForwardOut:
+    """Per-token outputs of one forward pass over a `TokenBatch` (all [B, T], logits [B, T, V])."""
+
+    logp: torch.Tensor
+    entropy: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+def forward_policy(
+    model: nn.Module,
+    batch: TokenBatch,
+    temperature: float,
+    *,
+    with_values: bool = False,
+    with_entropy: bool = False,
+    keep_logits: bool = False,
+    packed: bool = False,
+    attention_width: int = 0,
+    from_hidden: bool = False,
+) -> ForwardOut:
+    """One pass of a causal LM (or `AutoModelForCausalLMWithValueHead`) over `batch`.
+
+    Log-probs (and entropies) of the response tokens at `temperature` come from the fused
+    `logprobs_from_logits` op, never from a full log_softmax; values come from the value head of the same
+    pass (`with_values` needs an `AutoModelForCausalLMWithValueHead`). `keep_logits` also returns the
+    response logits [B, T, V] as the model produced them (for the `full` KL). `packed`: the rows run as
+    packed rows (`rlhf_engine.trainer.passes.packing`; the LM head runs only at the positions that predict a response
+    token); the outputs are the same [B, T] tensors as the padded pass. `attention_width` > 0 (with `packed`):
+    the samples of one query share its tokens in the packed rows where that is cheaper (`TokenBatch.pack`).
+    `from_hidden`: the log-probs come from the final hidden states through `logprobs_from_hidden` inside the
+    model's forward (`rlhf_engine.models.lm_head`): no [tokens, V] logits exist (not with `keep_logits`).
+    """
+    if with_values and not isinstance(model, AutoModelForCausalLMWithValueHead):
+        raise TypeError(f"values need an AutoModelForCausalLMWithValueHead, got {type(model).__name__}")
+    if not with_values and isinstance(model, AutoModelForCausalLMWithValueHead):
+        model = model.pretrained_model
+    if packed:
+        p = batch.pack(attention_width)
+        kwargs = dict(**p.model_inputs(), logits_to_keep=0)
+        labels = p.labels  # [1, N]
+    else:
+        kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      position_ids=batch.position_ids, logits_to_keep=batch.response_width + 1)
+        labels = batch.labels()  # [B, T]
+    # packed: outputs [R, W, ...] -> [1, N, ...] at the positions that predict response tokens; padded: the
+    # output at column Lq - 1 + t predicts response token t
+    select = p.gather if packed else (lambda x: x[:, :-1])
+    lm = model.pretrained_model if with_values else model
+    head = None  # padded: the model's own head on the last T + 1 columns (`logits_to_keep`)
+    if from_hidden:
+        head = HiddenLogprobHead(lm.get_output_embeddings(), labels, select, temperature, with_entropy)
+    elif packed:  # the head at the N predicting positions only, not at every position of the packed rows
+        head = SelectedPositionsHead(lm.get_output_embeddings(), select)
+    with replaced_lm_head(lm, head) if head is not None else contextlib.nullcontext():
+        if with_values:
+            out, values = model(**kwargs)
+            values = select(values)
+        else:
+            out, values = model(**kwargs, use_cache=False).logits, None
+    if from_hidden:  # the head's output: [..., 2] log-prob and entropy; no logits exist
+        logp, entropy, logits = out[..., 0], (out[..., 1] if with_entropy else None), None
+    else:
+        logits = out if packed else select(out)  # [..., V]
+        logp, entropy = _logprobs(logits, labels, temperature, with_entropy)
+    if packed:  # [1, N, ...] -> [B, T, ...]
+        logp, entropy, values, logits = (p.unpack(t) if t is not None else None
+                                         for t in (logp, entropy, values, logits))
+    if values is not None:
+        values = values * batch.response_mask
+    return ForwardOut(logp=logp, entropy=entropy, values=values, logits=logits if keep_logits else None)
+
+
+def _logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+              with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropies) of `labels` [...] under `logits` [..., V] with the fused logits op."""
+    if labels.numel() == 0:  # no response token (a micro-batch of dropped samples): zeros still on the graph
+        logp = logits.sum(dim=-1) * 0.0  # [..., 0]
+        return logp, logp if with_entropy else None
+    if with_entropy:
+        return logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True)
+    return logprobs_from_logits(logits, labels, temperature=temperature), None
+
+
+def forward_values(critic: AutoModelForCausalLMWithValueHead, batch: TokenBatch, packed: bool = False,
+                   attention_width: int = 0) -> torch.Tensor:
+    """Values [B, T] of a separate critic at the positions that predict each response token (`packed`,
+    `attention_width` as for `forward_policy`)."""
+    if packed:
+        p = batch.pack(attention_width)
+        values = critic.values(**p.model_inputs())  # [R, W]
+        return p.unpack(p.gather(values)) * batch.response_mask  # [B, T]
+    values = critic.values(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=batch.response_width + 1,
+    )
+    return values[:, :-1] * batch.response_mask  # [B, T]
+
+
+@dataclass
+class ExperiencePasses:
+    """The no-grad forward passes over a batch at experience time, all [B, T] fp32, 0 on padding."""
+
+    old_logp: torch.Tensor | None  # log pi_old(a_t | s_t); None: left to the update's own forward
+    ref_logp: torch.Tensor  # log pi_ref(a_t | s_t)
+    entropy: torch.Tensor | None  # entropy of pi_old at each position (None with old_logp)
+    kl: torch.Tensor | None  # per-token KL penalty estimate of pi_old against pi_ref (None with old_logp)
+    values: torch.Tensor | None  # V(s_t) of the critic; None for the critic-free estimators
+
+    def all_finite(self) -> bool:
+        """Whether the log-probs and values hold only finite numbers (one device sync per tensor)."""
+        checked = [t for t in (self.old_logp, self.ref_logp, self.values) if t is not None]
+        return all(bool(torch.isfinite(t).all()) for t in checked)
+
+
+def forward_experience(
+    model: nn.Module,
+    ref_model: nn.Module,
+    critic: AutoModelForCausalLMWithValueHead | None,
+    batch: TokenBatch,
+    config: PPOConfig,
+    microbatches: list[list[int]],
+    comm: Comm,
+    layout: PassLayout = PassLayout(),
+    *,
+    with_old_logp: bool = True,
+) -> ExperiencePasses:
+    """`ExperiencePasses` of the whole `batch` on every rank: each rank runs its share of the rows, one
+    forward of each model per micro-batch (`microbatches`: lists of row ids that cover the rank's share
+    `comm.shard(B)`) under `torch.inference_mode` (`no_grad` across ranks), then the shares are gathered, so
+    every whole-batch statistic computed from them (whitening, group baselines, the KL the controller sees)
+    is the global one.
+    Values come from `critic` when given, else from `model`'s value head (when the config uses a critic; that
+    pass also gives the old log-probs). `with_old_logp` False: no policy pass (unless the shared critic makes
+    one): old log-probs, entropy and KL are left to the update."""
+    full_kl = config.kl_penalty == "full"
+    shared_critic = config.uses_critic and critic is None
+    run_policy = with_old_logp or shared_critic
+    parts: dict[str, list[torch.Tensor]] = {"old_logp": [], "ref_logp": [], "entropy": [], "kl": [], "values": []}
+    width = batch.response_width
+    # inference mode keeps no autograd state at all; across ranks no_grad: FSDP2 unshards parameters into
+    # buffers it updates in place later, which inference tensors forbid outside inference mode
+    with torch.no_grad() if comm.distributed else torch.inference_mode():
+        for rows in microbatches:
+            chunk = batch.select(torch.tensor(rows))
+            ref = forward_policy(ref_model, chunk, config.temperature, keep_logits=full_kl, packed=layout.ref,
+                                 attention_width=layout.attention_width, from_hidden=layout.from_hidden)
+            named = {"ref_logp": ref.logp}
+            if run_policy:
+                pol = forward_policy(model, chunk, config.temperature, with_values=shared_critic, with_entropy=True,
+                                     keep_logits=full_kl, packed=layout.policy,
+                                     attention_width=layout.attention_width, from_hidden=layout.from_hidden)
+                named.update(old_logp=pol.logp, entropy=pol.entropy, values=pol.values, kl=kl_penalty(
+                    config.kl_penalty, pol.logp, ref.logp, chunk.response_mask, pol.logits, ref.logits,
+                    config.temperature))
+            if config.uses_critic and critic is not None:
+                named["values"] = forward_values(critic, chunk, layout.critic, layout.attention_width)
+            for key, tensor in named.items():
+                if tensor is not None:  # chunks are trimmed to their own widths: pad back to the batch's
+                    parts[key].append(torch.nn.functional.pad(tensor.float(), (0, width - tensor.shape[1])))
+    # out of inference mode: the joined tensors are ordinary ones, which autograd may save in the update
+    first = comm.shard(batch.input_ids.shape[0]).start
+    joined = {key: comm.all_gather_rows(_join(chunks, microbatches, first)) if chunks else None
+              for key, chunks in parts.items()}
+    return ExperiencePasses(**joined)
+
+
+def _join(chunks: list[torch.Tensor], microbatches: list[list[int]], first: int) -> torch.Tensor:
+    """Per-micro-batch rows [b_i, T] -> [n, T]: the rank's share (rows first .. first + n - 1) in row order."""
+    stacked = torch.cat([c.clone() for c in chunks])  # [n, T] in micro-batch order
+    order = torch.tensor([row for rows in microbatches for row in rows]) - first
+    out = torch.empty_like(stacked)
+    out[order] = stacked
+    return out
+
+
+@dataclass
+class Experience:
+    """Everything the PPO epochs and the step's metrics need about a batch, computed once without
+    gradients ([B, T] fp32 unless noted)."""
+
+    batch: TokenBatch
+    old_logp: torch.Tensor | None  # None: the update's own forward gives it (one optimizer step)
+    ref_logp: torch.Tensor
+    values: torch.Tensor | None  # None for the critic-free estimators
+    entropy: torch.Tensor
+    kl: torch.Tensor  # per-token KL penalty estimate (kind = kl_penalty)
+    kl_coef: float  # the KL coefficient beta of this step: in the rewards, or in the loss (`kl_in_reward`)
+    raw_scores: torch.Tensor  # [B], as given or from the reward model / function (non-finite: dropped)
+    scores: torch.Tensor  # [B], after clipping and the missing-EOS penalty
+    non_score_rewards: torch.Tensor  # -kl_coef * kl (0 with the KL in the loss), 0 on padding
+    rewards: torch.Tensor  # non-score rewards plus each score at its row's last token (maybe whitened)
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    behaviour_logp: torch.Tensor | None  # the sampler's log-probs (off-policy samples) or None
+    is_weights: torch.Tensor | None  # truncated importance weights (off-policy samples) or None
+
+    def mean_kl(self) -> float:
+        """Sum of the KL penalty estimate over each response, averaged over the batch (a device sync)."""
+        return float((self.kl * self.batch.response_mask).sum(dim=1).mean())
