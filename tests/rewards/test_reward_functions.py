@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from rlhf_engine.rewards import AnswerKey, exact_match, format_reward, weighted
 from rlhf_engine.models.reward_scoring import function_scores
+from rlhf_engine.rewards import AnswerKey, exact_match, format_reward, weighted
 
 PROMPTS = ["Tom has 2 apples and gets 3 more. How many?", "What is 10 - 14?", "Half of 3?"]
 KEY = AnswerKey({p: a for p, a in zip(PROMPTS, ["5", "-4", "3/2"])})
