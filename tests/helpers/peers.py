@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing as mp
 import socket
 import tempfile
 import time
 
 import torch
+import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from rlhf_engine.transport import GeneratorPort, Rollout, ShutdownRequested, TrainerPort, TransportConfig
+from rlhf_engine.transport.endpoints import channel_endpoint
 
 FINGERPRINT = "f" * 64
 
@@ -48,6 +53,43 @@ def fast_config(endpoint: str, **overrides) -> TransportConfig:
         fields["allow_insecure"] = True
     fields.update(overrides)
     return TransportConfig(**fields)
+
+
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+@contextlib.contextmanager
+def raw_peer(endpoint: str, kind: int, channel: str):
+    """A bare ZeroMQ socket of `kind` connected to `channel` of the trainer at `endpoint` (no session
+    handshake), its ZMTP handshakes monitored from before it connects (`handshake_event`)."""
+    ctx = zmq.Context()
+    sock = ctx.socket(kind)
+    sock.linger = 0
+    monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
+    try:
+        sock.connect(channel_endpoint(endpoint, channel))
+        yield sock
+    finally:
+        monitor.close(linger=0)
+        sock.close()
+        ctx.term()
+
+
+def handshake_event(sock: zmq.Socket, timeout_s: float = 10.0) -> zmq.Event:
+    """The next ZMTP handshake event of a `raw_peer` socket: `HANDSHAKE_SUCCEEDED` once the trainer's socket
+    has taken it as a peer (a PUSH then hands it batches too), a `HANDSHAKE_FAILED_*` when it refused it."""
+    monitor = sock.get_monitor_socket()  # the one `raw_peer` opened
+    if not monitor.poll(timeout_s * 1000):
+        raise AssertionError(f"no ZMTP handshake event within {timeout_s} s")
+    return zmq.Event(recv_monitor_message(monitor)["event"])
+
+
+def spawn(target, *args) -> mp.Process:
+    """`target(*args)` started in a fresh (spawned) process."""
+    proc = mp.get_context("spawn").Process(target=target, args=args)
+    proc.start()
+    return proc
 
 
 def make_rollout(sender: int, i: int, prompt_len: int = 64, response_len: int = 128) -> Rollout:

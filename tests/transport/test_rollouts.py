@@ -1,4 +1,5 @@
-"""Rollouts through real sockets: across processes, in order, de-duplicated, back-pressured."""
+"""Rollouts through real sockets: across processes, in order, de-duplicated, back-pressured, and bounded: in
+size (the configured lengths, the socket's message limit) and in the trainer's memory under a flood."""
 
 import multiprocessing as mp
 import time
@@ -6,8 +7,20 @@ import time
 import pytest
 import torch
 
-from tests.helpers.peers import FINGERPRINT, fast_config, generator_main, ipc_endpoint, make_rollout, tcp_endpoint
-from rlhf_engine.transport import BackpressureTimeout, GeneratorPort, TrainerPort
+from rlhf_engine.transport import BackpressureTimeout, GeneratorPort, TrainerPort, rollout_memory_bound
+from rlhf_engine.transport.limits import rollout_limits
+from tests.helpers.peers import (
+    FINGERPRINT,
+    fast_config,
+    flood_main,
+    generator_main,
+    ipc_endpoint,
+    make_rollout,
+    rss_bytes,
+    spawn,
+    tcp_endpoint,
+)
+from tests.helpers.waiting import wait_until
 
 
 @pytest.mark.parametrize("make_endpoint", [
@@ -25,8 +38,8 @@ def test_10k_rollouts_from_two_processes_none_lost_none_duplicated_in_order(make
         try:
             trainer.wait_for_generators(2, timeout_s=60)
             got: dict[int, list[int]] = {1: [], 2: []}
-            deadline = time.monotonic() + 120
-            while sum(map(len, got.values())) < 2 * n_per_sender and time.monotonic() < deadline:
+
+            def received_all() -> bool:
                 for r in trainer.recv_rollouts(512, timeout_s=1.0):
                     sender, i = (int(x) for x in r.rollout_id[1:].split("-"))
                     got[sender].append(i)
@@ -35,8 +48,12 @@ def test_10k_rollouts_from_two_processes_none_lost_none_duplicated_in_order(make
                         assert torch.equal(r.prompt_token_ids, ref.prompt_token_ids)
                         assert torch.equal(r.response_token_ids, ref.response_token_ids)
                         assert torch.equal(r.logprobs, ref.logprobs)
-            time.sleep(0.3)  # anything extra (a duplicate) would arrive now
-            assert trainer.recv_rollout(timeout_s=0.2) is None
+                return sum(map(len, got.values())) >= 2 * n_per_sender
+
+            wait_until(received_all, 120, interval_s=0, message=f"{2 * n_per_sender} rollouts")
+            # each sender's last message was its rollout n - 1, received: whatever it sent before (its duplicates)
+            # was handled before it, dropped and counted or queued ahead of it (and read: a duplicate in `got`)
+            assert trainer.recv_rollout(timeout_s=0) is None
             assert got[1] == list(range(n_per_sender))
             assert got[2] == list(range(n_per_sender))
             assert trainer.drop_counts() == {"duplicate": 2 * duplicates}
@@ -96,9 +113,78 @@ def test_a_rollout_id_repeated_for_another_prompt_is_not_a_duplicate():
     with TrainerPort(config, FINGERPRINT) as trainer, GeneratorPort(config, FINGERPRINT) as gen:
         first, reissued, again = make_rollout(0, 0, 4, 4), make_rollout(0, 1, 4, 4), make_rollout(0, 1, 4, 4)
         first.rollout_id = reissued.rollout_id = again.rollout_id = "gen/7/0/0"  # prompts 0, 1, 1
-        for r in (first, reissued, again):
+        last = make_rollout(0, 2, 4, 4)  # sent after the repeat: received, the repeat was handled before it
+        for r in (first, reissued, again, last):
             gen.send_rollout(r)
-        got = [trainer.recv_rollout(timeout_s=5) for _ in range(2)]
-        assert [(r.prompt_id, r.rollout_id) for r in got] == [(0, "gen/7/0/0"), (1, "gen/7/0/0")]
-        assert trainer.recv_rollout(timeout_s=0.5) is None
+        got = [trainer.recv_rollout(timeout_s=5) for _ in range(3)]
+        assert [(r.prompt_id, r.rollout_id) for r in got] == [(0, "gen/7/0/0"), (1, "gen/7/0/0"), (2, "g0-2")]
+        assert trainer.recv_rollout(timeout_s=0) is None
         assert trainer.drop_counts() == {"duplicate": 1}
+
+
+def test_a_rollout_over_the_configured_lengths_is_dropped_and_counted():
+    config = fast_config(ipc_endpoint(), max_prompt_tokens=16, max_response_tokens=32)
+    with TrainerPort(config, FINGERPRINT) as trainer, GeneratorPort(config, FINGERPRINT) as gen:
+        gen.send_rollout(make_rollout(0, 0, 16, 33))  # one response token too many
+        gen.send_rollout(make_rollout(0, 1, 17, 8))  # one prompt token too many
+        gen.send_rollout(make_rollout(0, 2, 16, 32))  # the largest allowed
+        assert trainer.recv_rollout(timeout_s=5).rollout_id == "g0-2"
+        assert trainer.drop_counts() == {"message_too_large": 1, "rollout_too_large": 1}
+
+
+def test_a_96_mib_rollout_never_reaches_the_trainers_memory():
+    """The issue's probe: 24 well-formed 96 MiB rollouts grew the trainer 0.49 -> 2.85 GB. With
+    config-derived limits such a frame is over the socket's MAXMSGSIZE: ZeroMQ cuts the sender's
+    connection before allocating it; the generator reconnects and its next rollout arrives."""
+    config = fast_config(ipc_endpoint(), max_prompt_tokens=1024, max_response_tokens=1024, rollout_queue_size=4)
+    with TrainerPort(config, FINGERPRINT) as trainer, GeneratorPort(config, FINGERPRINT) as gen:
+        trainer.wait_for_generators(1)
+        before = rss_bytes()
+        huge = make_rollout(0, 0, 16, 12 << 20)  # 96 MiB of response tokens
+        for i in range(4):
+            huge.rollout_id = f"huge-{i}"
+            gen.send_rollout(huge, timeout_s=30)
+        gen.send_rollout(make_rollout(0, 1, 16, 16), timeout_s=30)
+        del huge
+        got = trainer.recv_rollout(timeout_s=30)
+        assert got is not None and got.rollout_id == "g0-1"
+        assert trainer.recv_rollout(timeout_s=0) is None  # sent before g0-1: one that got in would have come first
+    assert rss_bytes() - before < 96 << 20
+
+
+def test_a_flood_of_the_largest_allowed_rollouts_stays_within_the_stated_bound():
+    config = fast_config(ipc_endpoint(), max_prompt_tokens=32768, max_response_tokens=32768, rollout_hwm=16,
+                         rollout_queue_bytes=16 << 20, heartbeat_timeout_s=30)
+    bound = rollout_memory_bound(config, generators=1)
+    message = rollout_limits(config).max_message_bytes
+    assert message == 8 * 65536 + 4 * 32768
+    n = 300  # ~190 MiB offered, several times the bound
+    assert n * message > 4 * bound
+    with TrainerPort(config, FINGERPRINT) as trainer:
+        before = rss_bytes()
+        proc = spawn(flood_main, config, n, 32768, 32768)
+        try:
+            trainer.wait_for_generators(1, timeout_s=60)
+            peak, last_change, depth = 0, time.monotonic(), -1
+
+            def stalled() -> bool:  # the queue's depth unchanged for 3 s: every buffer on the way is full
+                nonlocal peak, last_change, depth
+                peak = max(peak, rss_bytes() - before)
+                if trainer.rollout_queue_depth != depth:
+                    depth, last_change = trainer.rollout_queue_depth, time.monotonic()
+                return time.monotonic() - last_change >= 3
+
+            wait_until(stalled, 120, interval_s=0.05, message="the flood stalled by back-pressure")
+            assert trainer.rollout_queue_bytes <= config.rollout_queue_bytes
+            assert 0 < depth < n  # back-pressure stopped the flood
+            print(f"flood: peak RSS growth {peak / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB, queued {depth}")
+            assert peak <= bound
+            received = 0
+            while trainer.recv_rollout(timeout_s=10) is not None:  # and everything still arrives
+                received += 1
+                if received == n:
+                    break
+            assert received == n and trainer.drop_counts() == {}
+        finally:
+            proc.kill()
+            proc.join()

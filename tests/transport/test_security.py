@@ -4,18 +4,17 @@ an authenticated sender on every rollout, and a clear error for a refused key.""
 import logging
 import os
 import stat
-import time
 
 import pytest
 import torch
 import zmq
 
-from tests.helpers.peers import FINGERPRINT, fast_config, make_rollout, tcp_endpoint
 from rlhf_engine.transport import (
     AuthenticationFailed,
     GeneratorPort,
     HandshakeError,
     InsecureEndpointError,
+    PromptBatch,
     Rollout,
     TrainerPort,
     add_client_key,
@@ -23,12 +22,8 @@ from rlhf_engine.transport import (
     keys_main,
     state_dict_specs,
 )
-from rlhf_engine.transport.endpoints import channel_endpoint
-
-
-def test_channel_endpoints_are_derived_from_the_base():
-    assert channel_endpoint("tcp://10.0.0.1:7000", "rollouts") == "tcp://10.0.0.1:7001"
-    assert channel_endpoint("ipc:///run/x", "prompts") == "ipc:///run/x.prompts"
+from tests.helpers.peers import FINGERPRINT, fast_config, handshake_event, make_rollout, raw_peer, tcp_endpoint
+from tests.helpers.waiting import wait_until
 
 
 def test_curve_is_available():
@@ -111,10 +106,7 @@ def test_a_client_key_not_in_the_trainers_folder_fails_with_authentication_faile
         with pytest.raises(AuthenticationFailed, match="authentication failed.*keys folder"):
             GeneratorPort(rogue, FINGERPRINT)
         assert trainer.generators() == []
-        deadline = time.monotonic() + 5
-        while not trainer.drop_counts().get("auth_failed") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert trainer.drop_counts()["auth_failed"] >= 1  # counted on the trainer's side too
+        wait_until(lambda: trainer.drop_counts().get("auth_failed"), 5, message="auth_failed counted by the trainer")
         # the same key, once in the trainer's folder, is accepted (the allow-list is read at start)
     _, own = add_client_key(tmp_path / "keys", "gen-b")
     with TrainerPort(config, FINGERPRINT) as trainer:
@@ -133,11 +125,27 @@ def test_a_rollout_claiming_another_generators_name_is_dropped_and_counted(tmp_p
         trainer.wait_for_generators(2)
         gen_b._rollouts._sender_id = gen_a.sender_id  # b's connection (b's key) claims to be a
         gen_b.send_rollout(make_rollout(0, 0, 4, 4))
+        gen_b._rollouts._sender_id = gen_b.sender_id
+        gen_b.send_rollout(make_rollout(0, 2, 4, 4))  # after the forged one on b's connection: it was handled first
         gen_a.send_rollout(make_rollout(0, 1, 4, 4))
-        got = trainer.recv_rollout(timeout_s=5)
-        assert (got.rollout_id, got.sender) == ("g0-1", gen_a.sender_id)
-        assert trainer.recv_rollout(timeout_s=0.5) is None
+        got = sorted((r.rollout_id, r.sender) for r in [trainer.recv_rollout(timeout_s=5) for _ in range(2)])
+        assert got == [("g0-1", gen_a.sender_id), ("g0-2", gen_b.sender_id)]
+        assert trainer.recv_rollout(timeout_s=0) is None
         assert trainer.drop_counts() == {"forged_sender": 1}
+
+
+def test_with_curve_a_rogue_pull_without_keys_gets_no_batch(tmp_path):
+    generate_keys(tmp_path / "keys")
+    config = fast_config(tcp_endpoint(), curve_keys_dir=str(tmp_path / "keys"))
+    with TrainerPort(config, FINGERPRINT) as trainer:
+        with raw_peer(config.endpoint, zmq.PULL, "prompts") as thief:
+            assert handshake_event(thief) != zmq.EVENT_HANDSHAKE_SUCCEEDED  # it reached the trainer, which refused it
+            with GeneratorPort(config, FINGERPRINT) as gen:
+                trainer.wait_for_generators(1)
+                for b in range(3):  # round-robin over the peers the socket took: only the generator
+                    trainer.send_prompts(PromptBatch(b, [b], [[b]]), timeout_s=5)
+                    assert gen.recv_prompts(timeout_s=5).batch_id == b
+            assert not thief.poll(0)
 
 
 def test_cli_keys_forwards_client_and_force(tmp_path, capsys):

@@ -9,11 +9,21 @@ import pytest
 import torch
 import zmq
 
-from tests.helpers.peers import FINGERPRINT, fast_config, ipc_endpoint, tcp_endpoint
 from rlhf_engine.transport import GeneratorPort, ShutdownRequested, TrainerPort
 from rlhf_engine.transport.endpoints import channel_endpoint
 from rlhf_engine.transport.weights import model_fingerprint, state_dict_specs
-from rlhf_engine.transport.wire import WeightsHeader, WelcomeHeader, WireLimits, decode, encode, tensor_spec
+from rlhf_engine.transport.wire import (
+    HeartbeatHeader,
+    WeightsAckHeader,
+    WeightsHeader,
+    WelcomeHeader,
+    WireLimits,
+    decode,
+    encode,
+    tensor_spec,
+)
+from tests.helpers.peers import FINGERPRINT, fast_config, ipc_endpoint, tcp_endpoint
+from tests.helpers.waiting import wait_until
 
 
 def mixed_state_dict(n_params: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -78,7 +88,7 @@ def test_shm_buffers_are_reused_and_bounded_and_a_generator_holding_both_is_drop
         assert trainer.publish_weights(5, sd, timeout_s=0.5) == []
         assert [(g.name, g.state) for g in trainer.pop_lost_generators()] == [(gen.sender_id, "unacked")]
         with pytest.raises(ShutdownRequested, match="no ack of a weight update for more than 0.5 s"):
-            _wait_until_raises(gen.check, 5)
+            wait_until(gen.check, 5)
         assert len(os.listdir(tmp_path)) == 2
     assert os.listdir(tmp_path) == []  # removed on close
 
@@ -93,17 +103,10 @@ def test_a_generator_that_refuses_the_trainers_file_is_dropped_with_the_reason(t
         trainer.wait_for_generators(1)
         trainer.publish_weights(1, {"w": torch.ones(8)})
         with pytest.raises(ShutdownRequested, match="refused the trainer's shared-memory file of weight version 1"):
-            _wait_until_raises(gen.check, 10)
+            wait_until(gen.check, 10)
         assert [(g.name, g.state) for g in trainer.pop_lost_generators()] == [(gen.sender_id, "refused")]
         assert trainer.drop_counts() == {"refused_weights": 1}
         assert trainer.publish_weights(2, {"w": torch.ones(8)}, timeout_s=2) == []  # its hold was released
-
-
-def _wait_until_raises(call, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        call()
-        time.sleep(0.05)
 
 
 def test_a_generator_joining_after_a_publish_gets_the_newest_version_at_once(tmp_path):
@@ -222,29 +225,46 @@ class FakeTrainer:
         self.sock.linger = 0
         self.sock.bind(channel_endpoint(endpoint, "control"))
         self.identity = None
+        self.sent = 0
+        """Messages sent to the generator so far."""
+        self.acked: list[tuple[int, bool]] = []
 
     def accept(self):
         frames = self.sock.recv_multipart()
         self.identity = frames[0]
-        self.sock.send_multipart([self.identity, *encode(WelcomeHeader(sender="fake", seq=0, shm=False))])
+        self._send(WelcomeHeader(sender="fake", seq=0, shm=False))
+
+    def _send(self, header, tensors=()):
+        self.sock.send_multipart([self.identity, *encode(header, list(tensors))])
+        self.sent += 1
+
+    def heartbeat(self):
+        self._send(HeartbeatHeader(sender="fake", seq=0))
 
     def bucket(self, version, i, n, named):
         header = WeightsHeader(sender="fake", seq=0, tensors=tuple(tensor_spec(k, t) for k, t in named),
                                weight_version=version, bucket=i, num_buckets=n)
-        self.sock.send_multipart([self.identity, *encode(header, [t for _, t in named])])
+        self._send(header, [t for _, t in named])
 
-    def acks(self, timeout_s=2.0):
-        out, deadline = [], time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.sock.poll(50):
-                header, _ = decode(self.sock.recv_multipart()[1:], WireLimits())
-                if header.__class__.__name__ == "WeightsAckHeader":
-                    out.append((header.weight_version, header.applied))
-        return out
+    def acks(self) -> list[tuple[int, bool]]:
+        """`(weight_version, applied)` of every ack received so far."""
+        while self.sock.poll(0):
+            header, _ = decode(self.sock.recv_multipart()[1:], WireLimits())
+            if isinstance(header, WeightsAckHeader):
+                self.acked.append((header.weight_version, header.applied))
+        return self.acked
 
     def close(self):
         self.sock.close()
         self.ctx.term()
+
+
+def handled_all_sent(gen: GeneratorPort, fake: FakeTrainer) -> None:
+    """Until the generator has handled every message `fake` sent so far: one connection, read in order by one IO
+    thread, which counts a message as received before it handles it: a heartbeat sent last is counted once every
+    message before it was handled."""
+    fake.heartbeat()
+    wait_until(lambda: gen.stats()["control"].get("received", 0) >= fake.sent, 5, message="the heartbeat sent last")
 
 
 def test_partial_stale_and_duplicate_updates_are_never_handed_over():
@@ -257,7 +277,7 @@ def test_partial_stale_and_duplicate_updates_are_never_handed_over():
     try:
         a, b = torch.arange(4.0), torch.arange(3)
         fake.bucket(5, 0, 2, [("a", a)])  # half of version 5
-        time.sleep(0.3)
+        handled_all_sent(gen, fake)
         assert gen.poll_weights() is None  # never half an update
         fake.bucket(6, 0, 2, [("a", a * 6)])  # a newer version drops the unfinished 5
         fake.bucket(5, 1, 2, [("b", b)])  # the rest of 5 can no longer complete it
@@ -268,29 +288,16 @@ def test_partial_stale_and_duplicate_updates_are_never_handed_over():
         fake.bucket(6, 0, 1, [("a", a)])  # duplicate version
         fake.bucket(4, 0, 1, [("a", a)])  # stale version
         fake.bucket(7, 0, 1, [("a", a), ("a", a)])  # repeated tensor name: malformed
-        time.sleep(0.3)
+        handled_all_sent(gen, fake)
         assert gen.poll_weights() is None
         stats = gen.stats()["control"]
         assert stats["stale_weights"] == 3  # the rest of 5, the duplicate 6, the stale 4
         assert stats["dropped.bad_bucket"] == 1
         update.ack()
-        assert (6, True) in fake.acks()
+        wait_until(lambda: (6, True) in fake.acks(), 5, message="the ack of version 6")
     finally:
         gen.close()
         fake.close()
-
-
-def test_buffers_of_a_dead_trainer_are_removed_by_the_next_one(tmp_path):
-    dead_pid = 2**22 + 12345  # above pid_max's usual range: no such process
-    ns = os.stat("/proc/self/ns/pid").st_ino
-    orphan = tmp_path / f"rlhf-engine-{dead_pid}.{ns}-abcdef"
-    mine = tmp_path / f"rlhf-engine-{os.getpid()}.{ns}-abcdef"
-    other = tmp_path / "unrelated"
-    for path in (orphan, mine, other):
-        path.write_bytes(b"x")
-    config = fast_config(ipc_endpoint(), shm_dir=str(tmp_path))
-    with TrainerPort(config, FINGERPRINT):
-        assert sorted(os.listdir(tmp_path)) == sorted([mine.name, other.name])
 
 
 def test_close_returns_fast_while_a_weight_update_is_in_flight():
@@ -309,7 +316,9 @@ def test_close_returns_fast_while_a_weight_update_is_in_flight():
 
     thread = threading.Thread(target=publish)
     thread.start()
-    time.sleep(0.05)
+    wait_until(lambda: trainer.stats()["control"].get("weight_bytes_sent", 0), 10, interval_s=0.005,
+               message="a first bucket queued")
+    assert thread.is_alive(), "the publish ended before the close: nothing was in flight"
     start = time.monotonic()
     gen.close()
     trainer.close()
