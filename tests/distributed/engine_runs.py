@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from safetensors.torch import load_file
 
 from rlhf_engine.common.checkpoint import load_state
 from tests.distributed.conftest import read_dcp_tensors
+from tests.helpers.waiting import wait_until
 
 MARK = "RLHF_ENGINE_TEST_MARK"
 """Every process a test run starts carries MARK=<a fresh id> in its environment, so that the test can find any
@@ -62,10 +62,8 @@ def marked_processes(mark: str) -> list[int]:
 
 
 def assert_none_left(mark: str, wait_s: float = 15.0) -> None:
-    deadline = time.monotonic() + wait_s
-    while marked_processes(mark) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not marked_processes(mark), f"processes left behind: {marked_processes(mark)}"
+    wait_until(lambda: not marked_processes(mark), wait_s, interval_s=0.2,
+               message=lambda: f"no process left behind ({marked_processes(mark)})")
 
 
 def metric_steps(run_dir: Path) -> list[int]:

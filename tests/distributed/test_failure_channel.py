@@ -3,13 +3,28 @@ rank, a rank never reads its own report as another's, and a watched main thread 
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
 import pytest
 import torch.distributed as dist
 
 from rlhf_engine.engine.ranks.failure import FailureChannel, RankFailed
+from tests.helpers.waiting import wait_until
+
+
+class CountingStore:
+    """`store` that counts the watcher's reads (`check`): a read counted after an event began after it."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+        self.checks = 0
+
+    def check(self, keys):
+        self.checks += 1
+        return self._store.check(keys)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
 
 
 @pytest.fixture
@@ -38,21 +53,22 @@ def test_a_watched_main_thread_gets_the_other_ranks_failure_raised(store):
     try:
         rank1.report(KeyError("prompt 3"))
         with pytest.raises(RankFailed, match=r"trainer rank 1 failed: KeyError: 'prompt 3'"):
-            deadline = time.monotonic() + 10.0
-            while time.monotonic() < deadline:  # rank 0 waiting for rollouts, say
-                time.sleep(0.01)
+            wait_until(lambda: False, 10.0, message="RankFailed raised")  # rank 0 waiting for rollouts, say
     finally:
         rank0.close()
 
 
 def test_no_signal_lands_in_a_rank_that_handles_its_own_failure(store):
-    rank0, rank1 = FailureChannel(store, 0, poll_s=0.05), FailureChannel(store, 1)
+    counting = CountingStore(store)
+    rank0, rank1 = FailureChannel(counting, 0, poll_s=0.05), FailureChannel(store, 1)
     rank0.watch()
     try:
         assert rank0.report(RuntimeError("own")) is None  # rank 0 is failing by itself, cleaning up now
-        time.sleep(0.2)
         rank1.report(RuntimeError("later"))  # not stored (first report wins), nothing raised in rank 0
-        time.sleep(0.3)
+        # two reads of rank 0's watcher after the later report (the first may have begun before it): a signal it
+        # sent would have raised RankFailed here, in this (main) thread
+        reads = counting.checks
+        wait_until(lambda: counting.checks >= reads + 2, 5, message="two reads of rank 0's watcher")
     finally:
         rank0.close()
     assert FailureChannel(store, 2).failure().cause == "RuntimeError: own"

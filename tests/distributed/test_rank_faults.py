@@ -30,6 +30,7 @@ from tests.distributed.engine_runs import (
     write_config,
 )
 from tests.helpers import faults
+from tests.helpers.waiting import wait_until
 
 REPO = str(Path(__file__).resolve().parents[2])
 FAULTY = "tests.helpers.faults:scores"
@@ -90,12 +91,16 @@ def finish(proc: subprocess.Popen, timeout: float) -> str:
 
 def wait_for_step(proc: subprocess.Popen, run: Path, step: int, timeout: float = 180.0, checkpoint: bool = False) -> None:
     """Until the run logged `step` (and wrote its checkpoint, with `checkpoint`)."""
-    deadline = time.monotonic() + timeout
-    while step not in metric_steps(run) or (checkpoint and not ckpt(run, step).is_dir()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError(f"step {step} not reached (exit {proc.poll()}):\n{proc.communicate()[0][-6000:]}")
-        time.sleep(0.1)
+    def reached() -> bool:
+        done = step in metric_steps(run) and (not checkpoint or ckpt(run, step).is_dir())
+        assert done or proc.poll() is None, f"the run ended (exit {proc.poll()})"
+        return done
+
+    try:
+        wait_until(reached, timeout, interval_s=0.1, message=f"step {step}")
+    except AssertionError as e:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"{e}:\n{proc.communicate()[0][-6000:]}") from None
 
 
 @pytest.mark.parametrize("mode", ["sync", pytest.param("async", marks=pytest.mark.slow)])

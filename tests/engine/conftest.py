@@ -2,13 +2,13 @@
 
 import json
 import os
-import time
 
 import pytest
 
 from rlhf_engine.common.procs import descendants
 from rlhf_engine.data import synthetic
 from rlhf_engine.models.tiny import make_tiny_model_dir
+from tests.helpers.waiting import wait_until
 
 
 @pytest.fixture
@@ -23,11 +23,7 @@ def assert_no_new_children():
         return {pid for pid in set(descendants(os.getpid())) - before if not _is_resource_tracker(pid)}
 
     def check() -> None:
-        deadline = time.monotonic() + 10
-        while new() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        left = sorted(new())
-        assert not left, f"processes left behind: {left}"
+        wait_until(lambda: not new(), 10, interval_s=0.1, message=lambda: f"no process left behind ({sorted(new())})")
 
     return check
 

@@ -17,6 +17,7 @@ from _runs import run_config
 
 from rlhf_engine.common.procs import descendants, start_child, stop_child
 from rlhf_engine.engine.core import Callback, RLHFEngine
+from tests.helpers.waiting import wait_until
 
 STEPS = 20
 ROGUE = str(Path(__file__).with_name("_rogue.py"))
@@ -189,10 +190,8 @@ def start_external_generator(config_path: Path, endpoint: str, name: str, log_pa
 
 
 def wait_for_line(path: Path, text: str, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not (path.is_file() and text in path.read_text()):
-        assert time.monotonic() < deadline, f"no {text!r} in {path} within {timeout_s} s"
-        time.sleep(0.1)
+    wait_until(lambda: path.is_file() and text in path.read_text(), timeout_s, interval_s=0.1,
+               message=f"{text!r} in {path}")
 
 
 def test_a_joining_external_generator_samples_at_once_and_none_left_stops_the_run(

@@ -18,6 +18,7 @@ from rlhf_engine.common.procs import descendants
 from rlhf_engine.engine.config import save_run_config
 from rlhf_engine.engine.core import Callback, RLHFEngine
 from rlhf_engine.telemetry.files import read_jsonl
+from tests.helpers.waiting import wait_until
 
 
 class Recorder(Callback):
@@ -104,11 +105,11 @@ def test_sigint_stops_all_processes_and_keeps_checkpoint(tmp_path, policy_dir, p
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        deadline = time.monotonic() + 180
-        while not list_checkpoints(tmp_path / "run") and time.monotonic() < deadline:
+        def checkpointed() -> bool:
             assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.2)
-        assert list_checkpoints(tmp_path / "run"), "no checkpoint within 180 s"
+            return bool(list_checkpoints(tmp_path / "run"))
+
+        wait_until(checkpointed, 180, interval_s=0.2, message="a checkpoint")
         family = descendants(proc.pid)
         assert family, "the engine should have a generator child"
         t0 = time.monotonic()
@@ -127,8 +128,7 @@ def test_sigint_stops_all_processes_and_keeps_checkpoint(tmp_path, policy_dir, p
             proc.wait()
     assert proc.returncode == 130, out
     assert "interrupted" in out
-    time.sleep(0.5)
-    assert not [p for p in family if Path(f"/proc/{p}").exists()], "children outlived the engine"
+    wait_until(lambda: not [p for p in family if Path(f"/proc/{p}").exists()], 5, message="no child outliving the engine")
     ckpt = latest_checkpoint(tmp_path / "run")
     state = load_state(ckpt)
     assert state["step"] >= 1

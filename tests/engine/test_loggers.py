@@ -14,6 +14,7 @@ from rlhf_engine.telemetry.files import read_jsonl
 from rlhf_engine.telemetry.metrics import MetricsLogger
 from rlhf_engine.telemetry.sinks import WANDB_MISSING, MissingLoggerPackage
 from rlhf_engine.telemetry.timeline import Timeline
+from tests.helpers.waiting import wait_until
 
 
 def test_loggers_default_and_validation():
@@ -168,7 +169,8 @@ def test_wandb_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch, a
         logger.log(step, {"env/reward_mean": float(step)})
         logger.close()
         ids.append((tmp_path / RUN_ID_FILE).read_text().strip())
-        time.sleep(1.1)  # W&B names an offline segment by the second it started in: keep the two apart
+        closed = int(time.time())  # W&B names an offline segment by the second it started in: keep the two apart
+        wait_until(lambda: int(time.time()) > closed, 2, message="the next second")
     assert_no_new_children()
     run_id = ids[0]
     assert ids[1] == run_id

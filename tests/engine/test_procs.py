@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from rlhf_engine.common.procs import descendants, start_child, stop_child
+from tests.helpers.waiting import wait_until
 
 # A child that starts a grandchild in the same process group, ignores SIGTERM, and sleeps.
 STUBBORN = textwrap.dedent(
@@ -32,16 +33,13 @@ def _alive(pid: int) -> bool:
 def test_stop_child_kills_the_whole_group(tmp_path):
     log = tmp_path / "child.log"
     proc = start_child(["-c", STUBBORN], log_path=log)
-    deadline = time.monotonic() + 20
-    while "ready" not in log.read_text() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: "ready" in log.read_text(), 20, message="the child ready")
     family = descendants(proc.pid)
     assert len(family) == 1  # the grandchild
     t0 = time.monotonic()
     stop_child(proc, grace_s=0.2)  # SIGTERM is ignored: escalates to SIGKILL
     assert time.monotonic() - t0 < 10
-    time.sleep(0.2)
-    assert not any(_alive(p) for p in family)
+    wait_until(lambda: not any(_alive(p) for p in family), 5, message="the grandchild ended")
     assert stop_child(proc, grace_s=0) == proc.returncode  # idempotent
 
 
@@ -60,10 +58,7 @@ def test_child_dies_with_its_parent(tmp_path):
     )
     assert parent.returncode == 0
     child = int(pid_file.read_text())
-    deadline = time.monotonic() + 5
-    while _alive(child) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(child)
+    wait_until(lambda: not _alive(child), 5, message="the child ended with its parent")
 
 
 # A leader with three grandchildren: one in its group, one in its own group (same session), one in
@@ -82,9 +77,7 @@ SCATTERED = textwrap.dedent(
 def _start_scattered(tmp_path):
     log = tmp_path / "child.log"
     proc = start_child(["-c", SCATTERED], log_path=log)
-    deadline = time.monotonic() + 20
-    while "ready" not in log.read_text() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: "ready" in log.read_text(), 20, message="the leader ready")
     kids = [int(p) for p in log.read_text().split()[1:4]]
     assert len(kids) == 3 and all(_alive(p) for p in kids)
     return proc, kids
@@ -125,10 +118,8 @@ def test_descendants_leave_out_zombies():
     living = subprocess.Popen(["sleep", "30"])
     ended = subprocess.Popen(["true"])
     try:
-        deadline = time.monotonic() + 10
-        while Path(f"/proc/{ended.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-            assert time.monotonic() < deadline, "the child did not exit"
-            time.sleep(0.01)
+        wait_until(lambda: Path(f"/proc/{ended.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z", 10,
+                   message="the child exited (a zombie)")
         found = descendants(os.getpid())
         assert living.pid in found and ended.pid not in found
     finally:

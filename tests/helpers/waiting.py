@@ -13,11 +13,13 @@ from typing import Callable, TypeVar
 T = TypeVar("T")
 
 
-def wait_until(condition: Callable[[], T], timeout_s: float, interval_s: float = 0.02, message: str = "") -> T:
+def wait_until(condition: Callable[[], T], timeout_s: float, interval_s: float = 0.02,
+               message: str | Callable[[], str] = "condition") -> T:
     """Call `condition` every `interval_s` until it returns a truthy value, and return that value.
 
-    Still falsy once `timeout_s` has passed: `AssertionError` with `message` and the last value. An exception from `condition` propagates at once (a wait for a call to raise is a wait for
-    that exception).
+    Still falsy once `timeout_s` has passed: `AssertionError` with `message` (a callable: called then, to say
+    what was still there) and the last value. An exception from `condition` propagates at once (a wait for a
+    call to raise is a wait for that exception).
     """
     deadline = time.monotonic() + timeout_s
     while True:
@@ -25,5 +27,6 @@ def wait_until(condition: Callable[[], T], timeout_s: float, interval_s: float =
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"{message or 'condition'} not met within {timeout_s} s; last value: {value!r}")
+            what = message() if callable(message) else message
+            raise AssertionError(f"{what} not met within {timeout_s} s; last value: {value!r}")
         time.sleep(interval_s)

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import pytest
 from rlhf_engine.common.procs import descendants
 from rlhf_engine.rollout.params import dir_fingerprint
 from rlhf_engine.transport import PromptBatch, TrainerPort, TransportConfig
+from tests.helpers.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ["-m", "tests.helpers.processes"]  # run from ROOT
@@ -38,12 +38,10 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
-    """The pids still alive after `timeout_s` (empty when all exited)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(alive(p) for p in pids):
-        time.sleep(0.1)
-    return [p for p in pids if alive(p)]
+def wait_gone(pids: list[int], timeout_s: float, message: str) -> None:
+    """Until none of `pids` is alive (`AssertionError` with `message` and the living ones after `timeout_s`)."""
+    wait_until(lambda: not [p for p in pids if alive(p)], timeout_s, interval_s=0.1,
+               message=lambda: f"{message}: {[p for p in pids if alive(p)]}")
 
 
 def test_generator_process_serves_then_stops_on_shutdown(tmp_path, tiny_model_dir):
@@ -83,7 +81,7 @@ def kill_parent_and_check(s: dict, grace_s: float, start_timeout_s: float = 120.
         assert set(map(int, line.split()[1:])) <= set(tree)
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(timeout=10)
-        assert wait_gone(tree, grace_s) == [], f"orphans after the parent died: {wait_gone(tree, 0)}"
+        wait_gone(tree, grace_s, "no orphans after the parent died; alive")
     finally:
         parent.kill()
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 import zmq
 
-from tests.helpers.peers import FINGERPRINT, fast_config, idle_generator_main, ipc_endpoint, trainer_main
 from rlhf_engine.transport import (
     GeneratorPort,
     HandshakeError,
@@ -18,9 +17,11 @@ from rlhf_engine.transport import (
     model_fingerprint,
     state_dict_specs,
 )
-from rlhf_engine.transport.session import GeneratorControl
 from rlhf_engine.transport.endpoints import Security
+from rlhf_engine.transport.session import GeneratorControl
 from rlhf_engine.transport.wire import PROTOCOL_VERSION
+from tests.helpers.peers import FINGERPRINT, fast_config, idle_generator_main, ipc_endpoint, trainer_main
+from tests.helpers.waiting import wait_until
 
 
 def test_fingerprint_depends_on_names_shapes_dtypes_not_order():
@@ -72,9 +73,7 @@ def test_killed_trainer_becomes_peer_dead_error_in_the_generator(tmp_path):
     proc = mp.get_context("spawn").Process(target=trainer_main, args=(config, ready))
     proc.start()
     try:
-        deadline = time.monotonic() + 60
-        while not os.path.exists(ready) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: os.path.exists(ready), 60, message="the trainer process ready")
         with GeneratorPort(config, FINGERPRINT) as gen:
             assert gen.recv_prompts(timeout_s=0.3) is None  # alive: just nothing to do
             proc.kill()
@@ -96,11 +95,7 @@ def test_killed_generator_leaves_the_roster_without_an_error_and_is_reported_onc
         try:
             (info,) = trainer.wait_for_generators(1, timeout_s=60)
             proc.kill()
-            deadline = time.monotonic() + 5
-            lost = []
-            while not lost and time.monotonic() < deadline:
-                lost = trainer.pop_lost_generators()
-                time.sleep(0.05)
+            lost = wait_until(trainer.pop_lost_generators, 5, message="the killed generator lost")
             assert [(g.name, g.state) for g in lost] == [(info.name, "lost")]
             assert trainer.generators() == [] and trainer.pop_lost_generators() == []
             trainer.raise_if_dead()  # a lost generator is not the port's failure
@@ -121,10 +116,7 @@ def test_orderly_shutdown_reaches_the_generator_and_its_goodbye_reaches_the_trai
     with pytest.raises(ShutdownRequested, match="done training"):
         gen.recv_prompts(timeout_s=5)
     gen.close()
-    deadline = time.monotonic() + 5
-    while trainer.generators() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert trainer.generators() == []
+    wait_until(lambda: trainer.generators() == [], 5, message="the generator gone from the roster")
     assert [(g.name, g.state) for g in trainer.pop_lost_generators()] == [(info.name, "left")]
     start = time.monotonic()
     trainer.close()

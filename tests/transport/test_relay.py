@@ -14,10 +14,11 @@ import time
 import pytest
 import torch
 
-from tests.helpers.peers import FINGERPRINT, fast_config, tcp_endpoint
-from tests.transport._relay_peers import LyingPeer, fake_file, taking_generator_main
 from rlhf_engine.transport import GeneratorPort, TrainerPort, TransportConfig
 from rlhf_engine.transport.shm import layout, owned_prefix
+from tests.helpers.peers import FINGERPRINT, fast_config, tcp_endpoint
+from tests.helpers.waiting import wait_until
+from tests.transport._relay_peers import LyingPeer, fake_file, taking_generator_main
 
 
 def state_dict(scale: float) -> dict[str, torch.Tensor]:
@@ -59,14 +60,15 @@ def take(gens, version: int, sd) -> None:
 
 def catch_up_until(trainer: TrainerPort, version: int, sd, expected: list[str], timeout_s: float = 15) -> None:
     """Call ``catch_up_weights`` as the engine does (while it waits for rollouts) until it sends ``expected``."""
-    deadline, sent = time.monotonic() + timeout_s, []
-    while time.monotonic() < deadline:
-        sent += trainer.catch_up_weights(version, lambda: sd)  # each once
-        if len(sent) >= len(expected):
-            assert sorted(sent) == sorted(expected)
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"catch_up_weights({version}) sent only {sent} within {timeout_s} s, expected {expected}")
+    sent = []
+
+    def sent_all() -> bool:
+        sent.extend(trainer.catch_up_weights(version, lambda: sd))  # each once
+        return len(sent) >= len(expected)
+
+    wait_until(sent_all, timeout_s, interval_s=0.05,
+               message=lambda: f"catch_up_weights({version}) sending {expected} (sent {sent})")
+    assert sorted(sent) == sorted(expected)
 
 
 def relay_files(directory) -> list[str]:
@@ -208,9 +210,7 @@ def test_a_leader_that_closes_mid_run_removes_its_file_and_a_new_leader_relays_t
             for update in updates:  # their mappings outlive the file's name
                 assert all(bit_equal(update.tensors[k], v) for k, v in sd1.items())
                 update.ack()
-            deadline = time.monotonic() + 10
-            while len(trainer.generators()) > 2 and time.monotonic() < deadline:
-                time.sleep(0.02)
+            wait_until(lambda: len(trainer.generators()) <= 2, 10, message="the closed leader gone from the roster")
             sd2 = state_dict(2)
             trainer.publish_weights(2, sd2)
             take([f1, f2], 2, sd2)
@@ -335,9 +335,7 @@ def test_a_relayed_header_from_a_generator_that_does_not_lead_is_dropped_and_cou
             sd = state_dict(7)
             trainer.publish_weights(1, sd)
             take([leader, f1], 1, sd)
-            deadline = time.monotonic() + 10
-            while trainer.drop_counts().get("bad_relay", 0) < 1 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_until(lambda: trainer.drop_counts().get("bad_relay", 0) >= 1, 10, message="bad_relay counted")
             assert trainer.drop_counts() == {"bad_relay": 1} and liar.relay_requests == []
             assert bytes_sent(trainer) == SIZE
         finally:

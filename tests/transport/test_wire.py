@@ -1,6 +1,5 @@
 """The wire format: round trips, every validation rule, and fuzzed garbage against a live receiver."""
 
-import time
 import warnings
 
 import msgspec
@@ -10,22 +9,23 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers.peers import FINGERPRINT, fast_config, ipc_endpoint, make_rollout
 from rlhf_engine.transport import GeneratorPort, PromptBatch, Rollout, TrainerPort
 from rlhf_engine.transport.endpoints import channel_endpoint
 from rlhf_engine.transport.wire import (
     PROTOCOL_VERSION,
     HeartbeatHeader,
     RolloutHeader,
+    TensorSpec,
     WeightsRelayedHeader,
     WeightsReleaseHeader,
-    TensorSpec,
     WireError,
     WireLimits,
     decode,
     encode,
     tensor_spec,
 )
+from tests.helpers.peers import FINGERPRINT, fast_config, ipc_endpoint, make_rollout
+from tests.helpers.waiting import wait_until
 
 LIMITS = WireLimits(max_header_bytes=4096, max_tensor_bytes=1 << 20, max_message_bytes=2 << 20, max_tensors=8)
 
@@ -207,13 +207,12 @@ def test_fuzzed_garbage_is_dropped_while_good_traffic_continues(live_pair, messa
     got = trainer.recv_rollout(timeout_s=5)
     assert got is not None and got.rollout_id == good.rollout_id
     assert torch.equal(got.logprobs, good.logprobs)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:  # the raw socket's messages may still be on their way
-        dropped = sum(v for k, v in trainer.stats()["rollouts"].items() if k.startswith("dropped.")) - before
-        if dropped == len(messages):
-            break
-        time.sleep(0.01)
-    assert dropped == len(messages)
+    def dropped() -> int:
+        return sum(v for k, v in trainer.stats()["rollouts"].items() if k.startswith("dropped.")) - before
+
+    # the raw socket's messages may still be on their way (another connection than the generator's)
+    wait_until(lambda: dropped() >= len(messages), 5, interval_s=0.01, message=f"{len(messages)} messages dropped")
+    assert dropped() == len(messages)
     assert trainer.recv_rollout(timeout_s=0) is None
 
 
