@@ -14,7 +14,7 @@ generator process and reports GB/s for:
 "delivered" = from the trainer starting to send until the generator holds the complete
 update and its ack is back; "applied" = the generator also copies the update into its own
 preallocated tensors before acking (what loading it into a model costs). Then rollouts/s
-for Rollout messages of realistic sizes, generator process -> trainer over ipc://.
+for rollout messages (one `Sample` each) of realistic sizes, generator process -> trainer over ipc://.
 
 Usage: python benchmarks/bench_weight_sync.py [--gib 1] [--reps 5] [--out benchmarks/results/weight_sync_cpu.json]
 """
@@ -36,7 +36,7 @@ import msgspec
 import torch
 import zmq
 
-from rlhf_engine.transport import GeneratorPort, Rollout, ShutdownRequested, TrainerPort, TransportConfig, generate_keys
+from rlhf_engine.transport import GeneratorPort, Sample, ShutdownRequested, TrainerPort, TransportConfig, generate_keys
 from rlhf_engine.transport.weights import model_fingerprint, state_dict_specs
 
 TENSOR_BYTES = 16 << 20  # 16 MiB per tensor, like a large linear layer shard
@@ -81,12 +81,13 @@ def pickle_generator(endpoint: str, reps: int) -> None:
 
 
 def rollout_generator(config: TransportConfig, prompt_len: int, response_len: int, n: int) -> None:
-    rollouts = [Rollout(f"r{i}", i, torch.randint(0, 32000, (prompt_len,)), torch.randint(0, 32000, (response_len,)),
-                        -torch.rand(response_len), 0, "length", 1.0) for i in range(min(n, 512))]
+    rollouts = [Sample(f"r{i}", i, torch.randint(0, 32000, (prompt_len,)), torch.randint(0, 32000, (response_len,)),
+                       -torch.rand(response_len), 0, "length", generation_time=1.0) for i in range(min(n, 512))]
     with GeneratorPort(config, "rollouts") as port:
         for i in range(n):
             r = rollouts[i % len(rollouts)]
-            port.send_rollout(Rollout(f"r{i}", i, r.prompt_token_ids, r.response_token_ids, r.logprobs, 0, "length", 1.0))
+            port.send_rollout(Sample(f"r{i}", i, r.prompt_ids, r.response_ids, r.behaviour_logp, r.policy_versions,
+                                     "length", r.loss_mask, generation_time=1.0))
         port.flush(600)
         try:
             port.recv_prompts(timeout_s=60)
@@ -193,8 +194,8 @@ def bench_rollouts(prompt_len, response_len, n):
         elapsed = time.perf_counter() - start
         trainer.shutdown_generators()
         proc.join(60)
-    assert first.rollout_id == "r0"
-    msg_bytes = 8 * (prompt_len + response_len) + 4 * response_len
+    assert first.sample_id == "r0"
+    msg_bytes = 8 * (prompt_len + response_len) + (4 + 8 + 1) * response_len  # ids, log-probs, versions, mask
     return (n - 1) / elapsed, msg_bytes
 
 

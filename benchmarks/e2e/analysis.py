@@ -6,7 +6,7 @@ fill; whole-run numbers (from the generators' handshake to the end of step N) ar
 
 Phases of a step (the trainer's `time/ppo/*` and the engine's `time/engine/*` metrics):
   generate          a generator's seconds for one batch (timeline `generate` intervals, stamped by the
-                    generator itself: `Rollout.finished_at`)
+                    generator itself: `Sample.finished_at`)
   experience_fwd    policy/value and reference forward passes (`time/ppo/forward_pass`)
   rewards           KL-shaped rewards (`compute_rewards`)
   advantages        GAE / group advantages (`compute_advantages`)
@@ -87,7 +87,7 @@ def summarize(result: dict, *, warmup: int, batch_size: int, num_generators: int
     whole = max(rows[-1]["time"] - result["t_start"], 1e-9)
     loop = result.get("loop_stats", {})
     whole_gen_idle = {name: 1.0 - (s["generate_s"] + s["update_s"]) / whole for name, s in loop.items()}
-    if gen:  # generators stamp their batches (Rollout.finished_at): steady-window numbers
+    if gen:  # generators stamp their batches (Sample.finished_at): steady-window numbers
         gen_source = "timeline"
         phases["generate"] = _mean(gen)
         gen_idle = {name: idle.get(name, 1.0) for name in gen_names}

@@ -1,11 +1,11 @@
 """The trainer on N ranks: torchrun process groups, collectives, FSDP2 / replicated models, DCP checkpoints.
 
 Rank 0 owns the sockets and the data; each step's batch reaches the other ranks through
-`broadcast_step_batch`; `Comm` carries every whole-batch statistic and control-flow decision, and is a
+`broadcast_samples`; `Comm` carries every whole-batch statistic and control-flow decision, and is a
 no-op for a single process, so the same trainer code runs at any world size.
 """
 
-from rlhf_engine.distributed.batch import StepBatch, broadcast_step_batch
+from rlhf_engine.distributed.batch import broadcast_samples
 from rlhf_engine.distributed.comm import Comm
 from rlhf_engine.distributed.config import DistributedConfig, check_divisible
 from rlhf_engine.distributed.group import (
@@ -22,8 +22,7 @@ __all__ = [
     "Comm",
     "DistributedConfig",
     "RankInfo",
-    "StepBatch",
-    "broadcast_step_batch",
+    "broadcast_samples",
     "check_divisible",
     "clip_grad_norm",
     "destroy_process_group",

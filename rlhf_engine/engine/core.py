@@ -46,7 +46,8 @@ from rlhf_engine.common.config_io import to_dict
 from rlhf_engine.data.columns import check_columns, completion_columns
 from rlhf_engine.data.prompts import PromptSet, PromptStream, read_prompts
 from rlhf_engine.data.records import DataStats
-from rlhf_engine.distributed import Comm, StepBatch
+from rlhf_engine.data.samples import Sample, SampleBatch
+from rlhf_engine.distributed import Comm
 from rlhf_engine.engine.config import RunConfig, import_function, save_run_config
 from rlhf_engine.engine.cpu_plan import CpuPlan, TrainerCpus, make_cpu_plan
 from rlhf_engine.engine.driver import Leader
@@ -61,7 +62,7 @@ from rlhf_engine.telemetry.files import drop_steps_after, read_jsonl
 from rlhf_engine.telemetry.metrics import MetricsLogger
 from rlhf_engine.telemetry.timeline import Timeline, idle_fractions
 from rlhf_engine.trainer.ppo.checkpoint import check_checkpoint, load_trainer, save_trainer
-from rlhf_engine.transport import Rollout, TrainerPort
+from rlhf_engine.transport import TrainerPort
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class Callback:
     def on_step(self, step: int, stats: dict[str, float]) -> None:
         """After each PPO step, with its metrics."""
 
-    def on_rollout(self, rollout: Rollout) -> None:
+    def on_rollout(self, rollout: Sample) -> None:
         """For every rollout the trainer trains on, just before its step (with the trainer's prompt tokens)."""
 
     def on_checkpoint(self, path: Path) -> None:
@@ -86,7 +87,7 @@ class _Batch:
     """The rollouts of one step, complete (`num_generations` per prompt, grouped by prompt)."""
 
     batch_id: int
-    rollouts: list[Rollout]
+    rollouts: list[Sample]
 
 
 class RLHFEngine:
@@ -399,12 +400,12 @@ class RLHFEngine:
         batch = _Batch(batch_id, self._intake.take(batch_id))
         self._record_generation(batch)
         for r in batch.rollouts:
-            self._generated_tokens += int(r.response_token_ids.numel())
+            self._generated_tokens += int(r.response_ids.numel())
             for cb in self.callbacks:
                 cb.on_rollout(r)
         return batch
 
-    def _offer(self, rollout: Rollout) -> None:
+    def _offer(self, rollout: Sample) -> None:
         """A rollout from the wire to the training intake, or to the evaluation round when tagged `eval`."""
         if not rollout.eval:
             self._supervisor.offer(rollout)
@@ -443,12 +444,12 @@ class RLHFEngine:
             self._eval_round = None
         self._eval_dropped += sum(rnd.dropped.values())
         samples = rnd.samples()
-        queries = [r.prompt_token_ids for r in samples]
-        responses = [r.response_token_ids for r in samples]
+        queries = [r.prompt_ids for r in samples]
+        responses = [r.response_ids for r in samples]
         rows = [self._eval_prompts.columns[r.prompt_id] for r in samples]
         names = self._eval_prompts.column_names
-        rewards = self._leader.score(StepBatch(queries, responses,
-                                               columns=completion_columns(rows, self.trainer.reward_fn, names)))
+        rewards = self._leader.score(SampleBatch(queries, responses,
+                                                 columns=completion_columns(rows, self.trainer.reward_fn, names)))
         gold = None
         if self._gold_fn is not None:
             gold = function_scores(self._gold_fn, self.tokenizer.batch_decode(queries, skip_special_tokens=True),
@@ -471,18 +472,14 @@ class RLHFEngine:
 
     def _ppo_step(self, batch: _Batch) -> dict[str, float]:
         rollouts = sorted(batch.rollouts, key=lambda r: r.prompt_id)  # stable: group members stay together
-        queries = [r.prompt_token_ids for r in rollouts]
-        responses = [r.response_token_ids for r in rollouts]
+        queries = [r.prompt_ids for r in rollouts]
+        responses = [r.response_ids for r in rollouts]
         # the records' fields by prompt id, one row per completion (a prompt's row repeated for its group)
         rows = [self._prompts.columns[self._dataset_index[r.prompt_id]] for r in rollouts]
         for pid in {r.prompt_id for r in rollouts}:
             del self._dataset_index[pid]
-        stats = self._leader.step(StepBatch(  # every trainer rank joins (one rank: the plain step)
-            queries, responses, None,
-            behaviour_logprobs=[r.logprobs for r in rollouts],
-            policy_versions=torch.tensor([r.policy_version for r in rollouts], dtype=torch.long),
-            columns=completion_columns(rows, self.trainer.reward_fn, self._prompts.column_names),
-        ))
+        stats = self._leader.step(SampleBatch.from_samples(  # every trainer rank joins (one rank: the plain step)
+            rollouts, columns=completion_columns(rows, self.trainer.reward_fn, self._prompts.column_names)))
         stats["env/generated_tokens"] = float(sum(int(r.numel()) for r in responses))
         if self._gold_fn is not None:
             prompts = self.tokenizer.batch_decode(queries, skip_special_tokens=True)

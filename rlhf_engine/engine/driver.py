@@ -16,7 +16,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from rlhf_engine.distributed.batch import StepBatch, broadcast_step_batch
+from rlhf_engine.data.samples import SampleBatch
+from rlhf_engine.distributed.batch import broadcast_samples
 from rlhf_engine.distributed.comm import Comm
 
 
@@ -28,16 +29,13 @@ class Op(enum.IntEnum):
     SCORE = 5  # score the broadcast samples (held-out evaluation), each rank its share
 
 
-def _run_step(trainer, comm: Comm, batch: StepBatch | None) -> dict[str, float]:
-    batch = broadcast_step_batch(comm, batch)
-    return trainer.step(batch.queries, batch.responses, batch.scores,
-                        behaviour_logprobs=batch.behaviour_logprobs, policy_versions=batch.policy_versions,
-                        columns=batch.columns)
+def _run_step(trainer, comm: Comm, batch: SampleBatch | None) -> dict[str, float]:
+    return trainer.step_batch(broadcast_samples(comm, batch))
 
 
-def _run_score(trainer, comm: Comm, batch: StepBatch | None) -> torch.Tensor:
-    batch = broadcast_step_batch(comm, batch)
-    return trainer.score(batch.queries, batch.responses, batch.columns)
+def _run_score(trainer, comm: Comm, batch: SampleBatch | None) -> torch.Tensor:
+    batch = broadcast_samples(comm, batch)
+    return trainer.score(batch.prompt_ids, batch.response_ids, batch.columns)
 
 
 class Leader:
@@ -62,20 +60,20 @@ class Leader:
         self.busy = op
         self.comm.broadcast_(torch.tensor([int(op)], dtype=torch.int64))
 
-    def step(self, batch: StepBatch) -> dict[str, float]:
+    def step(self, batch: SampleBatch) -> dict[str, float]:
         self._begin(Op.STEP)
         stats = _run_step(self.trainer, self.comm, batch)
         self.busy = None
         return stats
 
-    def score(self, batch: StepBatch) -> torch.Tensor:
+    def score(self, batch: SampleBatch) -> torch.Tensor:
         """Scores [n] of the batch's samples from the reward model or function, every rank scoring its share (the
         batch padded to a multiple of the world size with copies of its last sample, whose scores are dropped)."""
-        n, pad = len(batch.queries), -len(batch.queries) % self.comm.world_size
+        n, pad = len(batch), -len(batch) % self.comm.world_size
         if pad:
             columns = {k: list(v) + [v[-1]] * pad for k, v in batch.columns.items()} if batch.columns else None
-            batch = StepBatch(batch.queries + batch.queries[-1:] * pad, batch.responses + batch.responses[-1:] * pad,
-                              columns=columns)
+            batch = SampleBatch(batch.prompt_ids + batch.prompt_ids[-1:] * pad,
+                                batch.response_ids + batch.response_ids[-1:] * pad, columns=columns)
         self._begin(Op.SCORE)
         scores = _run_score(self.trainer, self.comm, batch)
         self.busy = None

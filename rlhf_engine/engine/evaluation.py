@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rlhf_engine.data.samples import Sample
 from rlhf_engine.engine.intake import IntakeLimits, check_content
-from rlhf_engine.transport import PromptBatch, Rollout
+from rlhf_engine.transport import PromptBatch
 
 
 @dataclass
@@ -33,8 +34,8 @@ class _EvalPrompt:
     """Index of its batch in `EvalRound.batches`."""
     active_at: float
     holder: str | None = None
-    rollouts: list[Rollout] = field(default_factory=list)
-    rollout_ids: set[str] = field(default_factory=set)
+    rollouts: list[Sample] = field(default_factory=list)
+    sample_ids: set[str] = field(default_factory=set)
     replaced: set[str] = field(default_factory=set)
 
 
@@ -61,7 +62,7 @@ class EvalRound:
         self.dropped: Counter[str] = Counter()
         self.reissued = 0
 
-    def offer(self, rollout: Rollout, known_senders, now: float) -> bool:
+    def offer(self, rollout: Sample, known_senders, now: float) -> bool:
         """Accept an evaluation rollout, or count why not (`dropped`); returns whether it was accepted."""
         reason = self._check(rollout, known_senders)
         if reason is not None:
@@ -69,23 +70,23 @@ class EvalRound:
             return False
         p = self._prompts[rollout.prompt_id]
         p.holder, p.active_at = rollout.sender, now
-        p.rollout_ids.add(rollout.rollout_id)
+        p.sample_ids.add(rollout.sample_id)
         p.rollouts.append(dataclasses.replace(
-            rollout, prompt_token_ids=torch.tensor(self.prompts[rollout.prompt_id], dtype=torch.int64)))
+            rollout, prompt_ids=torch.tensor(self.prompts[rollout.prompt_id], dtype=torch.int64)))
         return True
 
-    def _check(self, rollout: Rollout, known_senders) -> str | None:
+    def _check(self, rollout: Sample, known_senders) -> str | None:
         if rollout.sender not in known_senders:
             return "unknown_sender"
         p = self._prompts.get(rollout.prompt_id)
         if not rollout.eval or p is None:
             return "unknown_prompt"
         # the version must be the round's; the log-probs are not used (and greedy ones need not be a distribution's)
-        reason = check_content(dataclasses.replace(rollout, logprobs=torch.zeros_like(rollout.logprobs)),
+        reason = check_content(dataclasses.replace(rollout, behaviour_logp=torch.zeros_like(rollout.behaviour_logp)),
                                self.limits, self.version, self.version)
         if reason is not None:
             return reason
-        if rollout.rollout_id in p.rollout_ids:
+        if rollout.sample_id in p.sample_ids:
             return "duplicate"
         if rollout.sender in p.replaced or (p.holder is not None and p.holder != rollout.sender):
             return "late"
@@ -104,13 +105,13 @@ class EvalRound:
             if len(p.rollouts) < self.limits.num_generations and now - p.active_at >= timeout_s:
                 if p.holder is not None:
                     p.replaced.add(p.holder)
-                p.holder, p.rollouts, p.rollout_ids, p.active_at = None, [], set(), now
+                p.holder, p.rollouts, p.sample_ids, p.active_at = None, [], set(), now
                 again.setdefault(p.batch, []).append(pid)
                 self.reissued += 1
         return [dataclasses.replace(self.batches[b], prompt_ids=ids, prompts=[self.prompts[i] for i in ids])
                 for b, ids in sorted(again.items())]
 
-    def samples(self) -> list[Rollout]:
+    def samples(self) -> list[Sample]:
         """Every accepted rollout, by prompt id (a prompt's samples in the order they came)."""
         if not self.complete():
             raise ValueError("the evaluation round is not complete")

@@ -12,8 +12,9 @@ its rollouts (`take`). A rollout from the wire is accepted only if, in this orde
    and <= 0                                                    else `empty_response`, `too_long`,
                                                                `token_out_of_range`, `logprob_length`,
                                                                `bad_logprob`
-4. its policy version lies in [the prompt's min_policy_version,
-   the trainer's version] (the staleness window)               else `stale_version`, `future_version`
+4. every token's policy version lies in [the prompt's
+   min_policy_version, the trainer's version] (the staleness
+   window: its oldest token counts)                            else `stale_version`, `future_version`
 5. its rollout id is new for that prompt                       else `duplicate`
 6. it comes from the prompt's holder (see below)               else `late` (the prompt was re-issued)
                                                                or `wrong_holder`
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlhf_engine.transport import Rollout
+from rlhf_engine.data.samples import Sample
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,9 @@ class IntakeLimits:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be >= 1")
 
 
-def check_content(rollout: Rollout, limits: IntakeLimits, min_version: int, trainer_version: int) -> str | None:
+def check_content(rollout: Sample, limits: IntakeLimits, min_version: int, trainer_version: int) -> str | None:
     """The drop reason for `rollout`'s tokens, log-probs and policy version (rules 3 and 4), or None."""
-    tokens, logprobs = rollout.response_token_ids, rollout.logprobs  # [R], [R]
+    tokens, logprobs = rollout.response_ids, rollout.behaviour_logp  # [R], [R]
     if tokens.numel() == 0:
         return "empty_response"
     if tokens.numel() > limits.response_length:
@@ -72,9 +73,9 @@ def check_content(rollout: Rollout, limits: IntakeLimits, min_version: int, trai
         return "logprob_length"
     if not bool(torch.isfinite(logprobs).all()) or bool((logprobs > 0).any()):
         return "bad_logprob"
-    if rollout.policy_version < min_version:
+    if int(rollout.policy_versions[0]) < min_version:  # non-decreasing: the oldest token first
         return "stale_version"
-    if rollout.policy_version > trainer_version:
+    if int(rollout.policy_versions[-1]) > trainer_version:
         return "future_version"
     return None
 
@@ -91,8 +92,8 @@ class PromptInFlight:
     active_at: float
     """Time of the latest (re-)issue or accepted rollout."""
     holder: str | None = None
-    rollouts: list[Rollout] = field(default_factory=list)
-    rollout_ids: set[str] = field(default_factory=set)
+    rollouts: list[Sample] = field(default_factory=list)
+    sample_ids: set[str] = field(default_factory=set)
     replaced: set[str] = field(default_factory=set)
     """Former holders: their rollouts for this prompt are late."""
     reissues: int = 0
@@ -148,8 +149,8 @@ class Intake:
         return by_step
 
     # ---- receiving ---------------------------------------------------------------------------
-    def offer(self, rollout: Rollout, sender: str, known_senders, trainer_version: int,
-              now: float = 0.0) -> Rollout | None:
+    def offer(self, rollout: Sample, sender: str, known_senders, trainer_version: int,
+              now: float = 0.0) -> Sample | None:
         """Accept `rollout` from `sender` (the transport's authenticated name) and return it with the
         trainer's prompt tokens, or count why it is dropped and return None.
 
@@ -162,12 +163,12 @@ class Intake:
             return None
         p = self._prompts[rollout.prompt_id]
         p.holder, p.active_at = sender, now
-        p.rollout_ids.add(rollout.rollout_id)
-        accepted = dataclasses.replace(rollout, prompt_token_ids=torch.tensor(p.token_ids, dtype=torch.int64))
+        p.sample_ids.add(rollout.sample_id)
+        accepted = dataclasses.replace(rollout, prompt_ids=torch.tensor(p.token_ids, dtype=torch.int64))
         p.rollouts.append(accepted)
         return accepted
 
-    def _check(self, rollout: Rollout, sender: str, known_senders, trainer_version: int) -> str | None:
+    def _check(self, rollout: Sample, sender: str, known_senders, trainer_version: int) -> str | None:
         if sender not in known_senders:
             return "unknown_sender"
         p = self._prompts.get(rollout.prompt_id)
@@ -178,7 +179,7 @@ class Intake:
         reason = check_content(rollout, self.limits, p.min_policy_version, trainer_version)
         if reason is not None:
             return reason
-        if rollout.rollout_id in p.rollout_ids:
+        if rollout.sample_id in p.sample_ids:
             return "duplicate"
         if sender in p.replaced:
             return "late"
@@ -194,7 +195,7 @@ class Intake:
         prompts = [p for p in self._prompts.values() if p.step == step]
         return bool(prompts) and all(len(p.rollouts) == self.limits.num_generations for p in prompts)
 
-    def take(self, step: int) -> list[Rollout]:
+    def take(self, step: int) -> list[Sample]:
         """The rollouts of a complete `step`, ordered by prompt id (a group stays together); its prompts
         leave the flight (later rollouts for them are `already_trained`, or `late`)."""
         if not self.complete(step):

@@ -19,11 +19,12 @@ from typing import Callable, Iterable
 
 import torch
 
+from rlhf_engine.data.samples import Sample
 from rlhf_engine.engine.config import RunConfig
 from rlhf_engine.engine.generators import GeneratorExited, LocalGenerators, RestartBudgetExceeded
 from rlhf_engine.engine.intake import Intake
 from rlhf_engine.telemetry.timeline import Timeline
-from rlhf_engine.transport import PromptBatch, Rollout, TrainerPort
+from rlhf_engine.transport import PromptBatch, TrainerPort
 from rlhf_engine.transport.errors import BackpressureTimeout
 from rlhf_engine.transport.roster import LEFT, LOST, REFUSED, UNACKED
 
@@ -81,7 +82,7 @@ class Supervisor:
         self.port.send_prompts(PromptBatch(batch_id=batch_id, prompt_ids=list(prompts), prompts=list(prompts.values()),
                                            min_policy_version=self._version()), timeout_s)
 
-    def offer(self, rollout: Rollout) -> None:
+    def offer(self, rollout: Sample) -> None:
         """Pass a rollout from the wire to the intake (which accepts it or counts why not)."""
         if rollout.sender not in self._known:  # may have joined since the last roster read
             self._known.update(g.name for g in self.port.generators())

@@ -1,6 +1,6 @@
 """The generator: sample completions with the sampler's log-probs, take live weight updates.
 
-- `Generator` (`generator.py`): `generate(prompts, sampling=None, seed=None) -> [Completion]`,
+- `Generator` (`generator.py`): `generate(prompts, sampling=None, seed=None) -> [Sample]`,
   `update_weights(version, named_tensors) -> bool`, `close()`; `make_generator(GeneratorConfig)`
   picks `VLLMGenerator` (`vllm_backend.py`) or `HFGenerator` (`hf_backend.py`).
 - `GeneratorLoop` (`loop.py`): prompts in, rollouts out over the transport, weights between batches.
@@ -19,7 +19,6 @@ from typing import Any
 _EXPORTS = {
     "GeneratorConfig": "rlhf_engine.rollout.config",
     "SamplingConfig": "rlhf_engine.rollout.config",
-    "Completion": "rlhf_engine.rollout.types",
     "Generator": "rlhf_engine.rollout.generator",
     "make_generator": "rlhf_engine.rollout.generator",
     "GeneratorLoop": "rlhf_engine.rollout.loop",

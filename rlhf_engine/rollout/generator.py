@@ -12,10 +12,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from rlhf_engine.data.samples import Sample
 from rlhf_engine.rollout.adapters import weight_specs
 from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
 from rlhf_engine.rollout.params import check_update
-from rlhf_engine.rollout.types import Completion
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,12 @@ class Generator(ABC):
 
     def generate(
         self, prompts: Sequence[Sequence[int]], *, sampling: SamplingConfig | None = None, seed: int | None = None
-    ) -> list[Completion]:
+    ) -> list[Sample]:
         """Sample `sampling.n` completions for each prompt (token ids, no padding).
 
-        Returns `len(prompts) * n` completions ordered by (prompt, sample). `sampling` defaults
+        Returns `len(prompts) * n` samples ordered by (prompt, sample): `Sample.prompt_id` is the prompt's
+        position in `prompts`, `sample_id` is `f"{prompt}/{sample}"`, every token has this generator's
+        version and is trained (`loss_mask` all True). `sampling` defaults
         to `config.sampling`. `seed` fixes the randomness of this call; by default batch `b` of
         this generator uses `config.batch_seed(b)`.
         """
@@ -88,7 +90,7 @@ class Generator(ABC):
         self.close()
 
     @abstractmethod
-    def _generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int) -> list[Completion]: ...
+    def _generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int) -> list[Sample]: ...
 
     @abstractmethod
     def _apply_weights(self, version: int, named_tensors: Mapping[str, torch.Tensor]) -> None: ...

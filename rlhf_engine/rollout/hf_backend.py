@@ -21,10 +21,10 @@ from collections.abc import Mapping
 import torch
 
 from rlhf_engine.data.collate import left_pad
+from rlhf_engine.data.samples import Sample
 from rlhf_engine.models.end_of_turn import model_end_of_turn_ids
 from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
 from rlhf_engine.rollout.generator import Generator
-from rlhf_engine.rollout.types import Completion
 
 
 def pick_attn_implementation(requested: str) -> str:
@@ -129,7 +129,7 @@ class HFGenerator(Generator):
             use_cache=True,
         )
 
-    def _generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int) -> list[Completion]:
+    def _generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int) -> list[Sample]:
         rows = [(i, j) for i in range(len(prompts)) for j in range(sampling.n)]  # (prompt, sample)
         t0 = time.perf_counter()
         results = []
@@ -138,13 +138,13 @@ class HFGenerator(Generator):
             results += self._generate_chunk([prompts[i] for i, _ in chunk], sampling, seed + start)
         elapsed = time.perf_counter() - t0
         return [
-            Completion(
-                prompt_index=i,
-                sample_index=j,
+            Sample(
+                sample_id=f"{i}/{j}",
+                prompt_id=i,
                 prompt_ids=torch.tensor(prompts[i], dtype=torch.int64),
                 response_ids=ids,
-                logprobs=lps,
-                policy_version=self.version,
+                behaviour_logp=lps,
+                policy_versions=self.version,
                 finish_reason=finish,
                 generation_time=elapsed,
             )

@@ -1,7 +1,7 @@
 """`GeneratorLoop`: the busy loop of a generator process, between a `Generator` and the transport.
 
     apply the newest complete weight update (if any)  ->  take a prompt batch  ->
-    wait for weights new enough for it  ->  generate  ->  push one `Rollout` per completion
+    wait for weights new enough for it  ->  generate  ->  push each `Sample`
 
 Staleness: a batch is never sampled with weights older than `batch.min_policy_version` (the
 trainer's version when it handed the batch out), nor older than `max_staleness` versions
@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from rlhf_engine.rollout.generator import Generator
-from rlhf_engine.transport import PromptBatch, Rollout, WeightUpdate
+from rlhf_engine.transport import PromptBatch, WeightUpdate
 
 log = logging.getLogger(__name__)
 
@@ -111,28 +111,21 @@ class GeneratorLoop:
         sampling = (dataclasses.replace(self.generator.config.sampling, n=batch.eval_samples,
                                         temperature=batch.eval_temperature) if batch.is_eval else None)
         # the seed follows the batch, not the generator: a run reproduces whichever generator serves it
-        completions = self.generator.generate(batch.prompts, sampling=sampling,
-                                              seed=self.generator.config.batch_seed(batch.batch_id))
+        samples = self.generator.generate(batch.prompts, sampling=sampling,
+                                          seed=self.generator.config.batch_seed(batch.batch_id))
         self.stats.generate_s += time.perf_counter() - t0
         finished_at = time.time()  # with generation_time: this batch's busy interval on the trainer's timeline
-        for c in completions:
-            self.port.send_rollout(
-                Rollout(
-                    # the batch count keeps ids unique when the trainer hands a batch out again
-                    rollout_id=f"{self.port.sender_id}/{batch.batch_id}.{self.stats.batches}/{c.prompt_index}/{c.sample_index}",
-                    prompt_id=batch.prompt_ids[c.prompt_index],
-                    prompt_token_ids=c.prompt_ids,
-                    response_token_ids=c.response_ids,
-                    logprobs=c.logprobs,
-                    policy_version=c.policy_version,
-                    finish_reason=c.finish_reason,
-                    generation_time=c.generation_time,
-                    finished_at=finished_at,
-                    eval=batch.is_eval,
-                )
-            )
-            self.stats.generated_tokens += len(c.response_ids)
-        self.stats.rollouts += len(completions)
+        for s in samples:  # the backend's batch positions become the trainer's prompt ids and unique sample ids
+            self.port.send_rollout(dataclasses.replace(
+                s,
+                # the batch count keeps ids unique when the trainer hands a batch out again
+                sample_id=f"{self.port.sender_id}/{batch.batch_id}.{self.stats.batches}/{s.sample_id}",
+                prompt_id=batch.prompt_ids[s.prompt_id],
+                finished_at=finished_at,
+                eval=batch.is_eval,
+            ))
+            self.stats.generated_tokens += len(s.response_ids)
+        self.stats.rollouts += len(samples)
         self.stats.batches += 1
 
     def summary(self) -> dict:

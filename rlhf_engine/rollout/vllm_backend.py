@@ -36,10 +36,10 @@ from collections.abc import Mapping
 
 import torch
 
+from rlhf_engine.data.samples import Sample
 from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
 from rlhf_engine.rollout.generator import Generator
 from rlhf_engine.rollout.staging import StagingFile
-from rlhf_engine.rollout.types import Completion
 from rlhf_engine.rollout.vllm_adapters import AdapterSlot, max_lora_rank
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class VLLMGenerator(Generator):
             detokenize=bool(c.stop),  # stop strings need text; otherwise skip detokenizing
         )
 
-    def _generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int) -> list[Completion]:
+    def _generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int) -> list[Sample]:
         n = sampling.n
         # each request seeds its own sampler; vLLM adds the child index j for n > 1: seed + i * n + j
         params = [self._sampling_params(sampling, seed + i * n) for i in range(len(prompts))]
@@ -124,26 +124,26 @@ class VLLMGenerator(Generator):
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
                                     lora_request=self._adapters.request if self._adapters is not None else None)
         elapsed = time.perf_counter() - t0
-        completions = []
+        samples = []
         for i, (prompt, out) in enumerate(zip(prompts, outputs)):
             prompt_ids = torch.tensor(prompt, dtype=torch.int64)
             for j, comp in enumerate(sorted(out.outputs, key=lambda c: c.index)):
                 ids = list(comp.token_ids)
                 # logprobs=0: each position holds the sampled token's log-prob (rank may add no others)
                 lps = [comp.logprobs[t][tok].logprob for t, tok in enumerate(ids)]
-                completions.append(
-                    Completion(
-                        prompt_index=i,
-                        sample_index=j,
+                samples.append(
+                    Sample(
+                        sample_id=f"{i}/{j}",
+                        prompt_id=i,
                         prompt_ids=prompt_ids,
                         response_ids=torch.tensor(ids, dtype=torch.int64),
-                        logprobs=torch.tensor(lps, dtype=torch.float32),
-                        policy_version=self.version,
+                        behaviour_logp=torch.tensor(lps, dtype=torch.float32),
+                        policy_versions=self.version,
                         finish_reason="stop" if comp.finish_reason == "stop" else "length",
                         generation_time=elapsed,
                     )
                 )
-        return completions
+        return samples
 
     def _apply_weights(self, version: int, named_tensors: Mapping[str, torch.Tensor]) -> None:
         if self._adapters is not None:

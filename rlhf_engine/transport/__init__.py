@@ -1,6 +1,7 @@
 """ZeroMQ transport between the trainer and its generators: typed headers, raw tensor frames,
 shared memory for same-host weights, no pickle. The wire format is documented in ``wire.py``."""
 
+from rlhf_engine.data.samples import Sample
 from rlhf_engine.transport.config import TransportConfig
 from rlhf_engine.transport.errors import (
     AuthenticationFailed,
@@ -16,7 +17,7 @@ from rlhf_engine.transport.errors import (
 )
 from rlhf_engine.transport.keys import add_client_key, generate_keys, keys_main, load_keys
 from rlhf_engine.transport.limits import rollout_memory_bound
-from rlhf_engine.transport.messages import PromptBatch, Rollout, WeightUpdate
+from rlhf_engine.transport.messages import PromptBatch, WeightUpdate
 from rlhf_engine.transport.ports import GeneratorPort, TrainerPort
 from rlhf_engine.transport.roster import GeneratorInfo
 from rlhf_engine.transport.weights import model_fingerprint, state_dict_specs
@@ -34,7 +35,7 @@ __all__ = [
     "InsecureEndpointError",
     "PeerDeadError",
     "PromptBatch",
-    "Rollout",
+    "Sample",
     "ShutdownRequested",
     "TrainerPort",
     "TransportClosed",

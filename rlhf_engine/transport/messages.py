@@ -1,4 +1,5 @@
-"""The records the generator and trainer exchange, and their mapping onto wire headers."""
+"""The records the generator and trainer exchange, and their mapping onto wire headers: a rollout message
+carries one `Sample` (`rlhf_engine.data.samples`), a prompts message a `PromptBatch`, weights a `WeightUpdate`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from rlhf_engine.data.samples import Sample
 from rlhf_engine.transport.wire import (
     PromptsHeader,
     RolloutHeader,
@@ -15,108 +17,55 @@ from rlhf_engine.transport.wire import (
     tensor_spec,
 )
 
-MAX_ID_CHARS = 256
-"""Longest accepted rollout id / finish reason on receive."""
+SAMPLE_TENSORS = (("prompt_ids", "int64"), ("response_ids", "int64"), ("behaviour_logp", "float32"),
+                  ("policy_versions", "int64"), ("loss_mask", "bool"))
+"""The tensor frames of a rollout message, in order, each 1-D: the `Sample`'s tensors under its names."""
 
 
-def _as_1d(values, dtype: torch.dtype, name: str) -> torch.Tensor:
-    tensor = torch.as_tensor(values, dtype=dtype)
-    if tensor.dim() != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
-    return tensor
+def sample_to_wire(sample: Sample, sender: str, seq: int) -> tuple[RolloutHeader, list[torch.Tensor]]:
+    """A rollout message: the sample's fields in the header, its tensors as raw frames."""
+    tensors = [getattr(sample, name) for name, _ in SAMPLE_TENSORS]
+    header = RolloutHeader(
+        sender=sender,
+        seq=seq,
+        tensors=tuple(tensor_spec(name, t) for (name, _), t in zip(SAMPLE_TENSORS, tensors)),
+        sample_id=sample.sample_id,
+        prompt_id=sample.prompt_id,
+        finish_reason=sample.finish_reason,
+        generation_time=sample.generation_time,
+        finished_at=sample.finished_at,
+        eval=sample.eval,
+    )
+    return header, tensors
 
 
-@dataclass
-class Rollout:
-    """One completion of one prompt, as the generator produced it.
-
-    Lists are accepted and converted: ``prompt_token_ids`` / ``response_token_ids`` to
-    int64 ``[P]`` / ``[R]``, ``logprobs`` to float32 ``[R]`` (the sampler's log-prob of
-    each generated token).
-    """
-
-    rollout_id: str
-    """Unique per run (e.g. ``f"{generator_id}-{n}"``); duplicates are dropped by the trainer."""
-    prompt_id: int
-    """The id of the prompt in its ``PromptBatch`` (the trainer's data index)."""
-    prompt_token_ids: torch.Tensor
-    response_token_ids: torch.Tensor
-    logprobs: torch.Tensor
-    policy_version: int
-    """Version of the weights that sampled this completion."""
-    finish_reason: str
-    """``"stop"`` (EOS / stop string) or ``"length"`` (hit max_new_tokens), as vLLM names it."""
-    generation_time: float
-    """Seconds the generator spent on the batch this completion came from."""
-    finished_at: float = 0.0
-    """Wall-clock time (Unix seconds, generator's clock) when that batch finished; 0 if unknown.
-    With `generation_time` it gives the generator's busy interval for the run's timeline."""
-    eval: bool = False
-    """It answers an evaluation batch (`PromptBatch.eval_samples`): the trainer scores it and never trains on it."""
-    sender: str = ""
-    """The generator that sent it (``GeneratorInfo.name``), set by the trainer's transport from the
-    authenticated session on receive; never read from the payload, and not sent."""
-
-    def __post_init__(self) -> None:
-        self.prompt_token_ids = _as_1d(self.prompt_token_ids, torch.int64, "prompt_token_ids")
-        self.response_token_ids = _as_1d(self.response_token_ids, torch.int64, "response_token_ids")
-        self.logprobs = _as_1d(self.logprobs, torch.float32, "logprobs")
-        if self.logprobs.numel() != self.response_token_ids.numel():
-            raise ValueError(
-                f"rollout {self.rollout_id!r}: {self.logprobs.numel()} logprobs for "
-                f"{self.response_token_ids.numel()} response tokens"
-            )
-        if not self.rollout_id or len(self.rollout_id) > MAX_ID_CHARS:
-            raise ValueError(f"rollout_id must have 1..{MAX_ID_CHARS} characters, got {self.rollout_id!r}")
-        if len(self.finish_reason) > MAX_ID_CHARS:
-            raise ValueError(f"finish_reason longer than {MAX_ID_CHARS} characters: {self.finish_reason[:40]!r}...")
-
-    def to_wire(self, sender: str, seq: int) -> tuple[RolloutHeader, list[torch.Tensor]]:
-        tensors = [self.prompt_token_ids, self.response_token_ids, self.logprobs]
-        names = ("prompt_token_ids", "response_token_ids", "logprobs")
-        header = RolloutHeader(
-            sender=sender,
-            seq=seq,
-            tensors=tuple(tensor_spec(n, t) for n, t in zip(names, tensors)),
-            rollout_id=self.rollout_id,
-            prompt_id=self.prompt_id,
-            policy_version=self.policy_version,
-            finish_reason=self.finish_reason,
-            generation_time=self.generation_time,
-            finished_at=self.finished_at,
-            eval=self.eval,
+def sample_from_wire(header: RolloutHeader, tensors: Sequence[torch.Tensor], max_prompt_tokens: int | None = None,
+                     max_response_tokens: int | None = None) -> Sample:
+    """The `Sample` of a decoded rollout message (``sender`` = ``header.sender``; the receiver checks it);
+    raises ``WireError`` when the layout is wrong, a token count exceeds its limit, or the sample's own checks
+    (lengths agree, versions non-decreasing) fail."""
+    layout = [(s.name, s.dtype, len(s.shape)) for s in header.tensors]
+    expected = [(name, dtype, 1) for name, dtype in SAMPLE_TENSORS]
+    if layout != expected:
+        raise WireError("bad_rollout", f"tensors {layout}, expected {expected}")
+    limits = (max_prompt_tokens,) + (max_response_tokens,) * (len(SAMPLE_TENSORS) - 1)
+    for spec, limit in zip(header.tensors, limits):
+        if limit is not None and spec.shape[0] > limit:
+            raise WireError("rollout_too_large", f"sample {header.sample_id[:40]!r}: {spec.name} has "
+                                                 f"{spec.shape[0]} entries, at most {limit} allowed")
+    try:
+        return Sample(
+            sample_id=header.sample_id,
+            prompt_id=header.prompt_id,
+            **{name: t for (name, _), t in zip(SAMPLE_TENSORS, tensors)},
+            finish_reason=header.finish_reason,
+            generation_time=header.generation_time,
+            finished_at=header.finished_at,
+            eval=header.eval,
+            sender=header.sender,
         )
-        return header, tensors
-
-    @classmethod
-    def from_wire(cls, header: RolloutHeader, tensors: Sequence[torch.Tensor], max_prompt_tokens: int | None = None,
-                  max_response_tokens: int | None = None) -> "Rollout":
-        """Build from a decoded message (``sender`` = ``header.sender``; the receiver checks it);
-        raises ``WireError`` when the layout is wrong or a token count exceeds its limit."""
-        layout = [(s.name, s.dtype, len(s.shape)) for s in header.tensors]
-        expected = [("prompt_token_ids", "int64", 1), ("response_token_ids", "int64", 1), ("logprobs", "float32", 1)]
-        if layout != expected:
-            raise WireError("bad_rollout", f"tensors {layout}, expected {expected}")
-        for spec, limit in zip(header.tensors, (max_prompt_tokens, max_response_tokens, max_response_tokens)):
-            if limit is not None and spec.shape[0] > limit:
-                raise WireError("rollout_too_large", f"rollout {header.rollout_id[:40]!r}: {spec.name} has "
-                                                     f"{spec.shape[0]} entries, at most {limit} allowed")
-        try:
-            return cls(
-                rollout_id=header.rollout_id,
-                prompt_id=header.prompt_id,
-                prompt_token_ids=tensors[0],
-                response_token_ids=tensors[1],
-                logprobs=tensors[2],
-                policy_version=header.policy_version,
-                finish_reason=header.finish_reason,
-                generation_time=header.generation_time,
-                finished_at=header.finished_at,
-                eval=header.eval,
-                sender=header.sender,
-            )
-        except ValueError as e:
-            raise WireError("bad_rollout", str(e)) from None
+    except ValueError as e:
+        raise WireError("bad_rollout", str(e)) from None
 
 
 @dataclass

@@ -20,12 +20,13 @@ from typing import Callable, Iterable, Mapping
 import torch
 import zmq
 
+from rlhf_engine.data.samples import Sample
 from rlhf_engine.transport.config import TransportConfig
 from rlhf_engine.transport.drops import drop_counts
 from rlhf_engine.transport.endpoints import Security
 from rlhf_engine.transport.ipcdir import IpcEndpoint
 from rlhf_engine.transport.limits import WeightSpecs
-from rlhf_engine.transport.messages import PromptBatch, Rollout, WeightUpdate
+from rlhf_engine.transport.messages import PromptBatch, WeightUpdate
 from rlhf_engine.transport.prompts import PromptReceiver, PromptSender
 from rlhf_engine.transport.rollouts import RolloutReceiver, RolloutSender
 from rlhf_engine.transport.roster import GeneratorInfo, Roster
@@ -145,12 +146,12 @@ class TrainerPort(_Port):
         for part in (self._control, self._rollouts, self._prompts):
             part.check()
 
-    def recv_rollout(self, timeout_s: float | None = None) -> Rollout | None:
+    def recv_rollout(self, timeout_s: float | None = None) -> Sample | None:
         """The next rollout from any generator (order per generator kept), or None after ``timeout_s``;
         its ``sender`` is the authenticated generator's name."""
         return self._rollouts.recv(timeout_s)
 
-    def recv_rollouts(self, n: int, timeout_s: float | None = None) -> list[Rollout]:
+    def recv_rollouts(self, n: int, timeout_s: float | None = None) -> list[Sample]:
         """Up to ``n`` rollouts: waits for the first (up to ``timeout_s``), then takes what is queued."""
         first = self._rollouts.recv(timeout_s)
         if first is None:
@@ -237,9 +238,9 @@ class GeneratorPort(_Port):
         """The next prompt batch, or None after ``timeout_s``."""
         return self._prompts.recv(timeout_s, self._control.health)
 
-    def send_rollout(self, rollout: Rollout, timeout_s: float | None = None) -> None:
+    def send_rollout(self, sample: Sample, timeout_s: float | None = None) -> None:
         """Queue one rollout; blocks under back-pressure (``BackpressureTimeout`` after the timeout)."""
-        self._rollouts.send(rollout, timeout_s)
+        self._rollouts.send(sample, timeout_s)
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until every queued rollout was handed to the socket."""

@@ -16,11 +16,12 @@ from collections import OrderedDict
 
 import zmq
 
+from rlhf_engine.data.samples import Sample
 from rlhf_engine.transport.channel import RecvChannel, SendChannel
 from rlhf_engine.transport.config import TransportConfig
 from rlhf_engine.transport.endpoints import Security, channel_endpoint, open_socket
 from rlhf_engine.transport.limits import rollout_limits
-from rlhf_engine.transport.messages import Rollout
+from rlhf_engine.transport.messages import sample_from_wire, sample_to_wire
 from rlhf_engine.transport.roster import Roster
 from rlhf_engine.transport.wire import RolloutHeader, WireError
 
@@ -40,10 +41,10 @@ class RolloutSender:
                                     linger_ms=config.linger_ms, blocked_log_s=config.blocked_log_s, health=health)
         self._channel.start()
 
-    def send(self, rollout: Rollout, timeout_s: float | None = None) -> None:
+    def send(self, sample: Sample, timeout_s: float | None = None) -> None:
         """Queue one rollout; blocks while the trainer is behind (``BackpressureTimeout`` after the timeout)."""
         timeout = self._config.send_timeout_s if timeout_s is None else timeout_s
-        self._channel.send(lambda seq: rollout.to_wire(self._sender_id, seq), timeout)
+        self._channel.send(lambda seq: sample_to_wire(sample, self._sender_id, seq), timeout)
 
     def flush(self, timeout_s: float) -> bool:
         return self._channel.flush(timeout_s)
@@ -78,24 +79,24 @@ class RolloutReceiver:
                                     limits=limits, accept=self._accept, drop_log_interval_s=config.drop_log_interval_s)
         self._channel.start()
 
-    def _accept(self, header, tensors, user_id: str | None) -> Rollout:  # runs on the IO thread
+    def _accept(self, header, tensors, user_id: str | None) -> Sample:  # runs on the IO thread
         if not isinstance(header, RolloutHeader):
             raise WireError("wrong_kind", f"{type(header).__name__} on the rollout channel")
         refused = self._roster.authenticate(header.sender, user_id)
         if refused:
-            raise WireError(refused, f"rollout {header.rollout_id[:40]!r} claims sender {header.sender[:80]!r}, "
+            raise WireError(refused, f"rollout {header.sample_id[:40]!r} claims sender {header.sender[:80]!r}, "
                                      f"connection user id {user_id!r}")
-        rollout = Rollout.from_wire(header, tensors, self._config.max_prompt_tokens, self._config.max_response_tokens)
-        key = (header.sender, rollout.prompt_id, rollout.rollout_id)
+        sample = sample_from_wire(header, tensors, self._config.max_prompt_tokens, self._config.max_response_tokens)
+        key = (header.sender, sample.prompt_id, sample.sample_id)
         if header.seq <= self._last_seq.get(header.sender, -1) or key in self._seen:
-            raise WireError("duplicate", f"rollout {rollout.rollout_id!r} (seq {header.seq}) from {header.sender!r}")
+            raise WireError("duplicate", f"sample {sample.sample_id!r} (seq {header.seq}) from {header.sender!r}")
         self._last_seq[header.sender] = header.seq
         self._seen[key] = None
         if len(self._seen) > self._dedup_window:
             self._seen.popitem(last=False)
-        return rollout
+        return sample
 
-    def recv(self, timeout_s: float | None = None, health=lambda: None) -> Rollout | None:
+    def recv(self, timeout_s: float | None = None, health=lambda: None) -> Sample | None:
         """The next rollout, or None after ``timeout_s`` (None = wait forever)."""
         return self._channel.get(timeout_s, health)
 

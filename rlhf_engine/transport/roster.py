@@ -25,7 +25,7 @@ LIVE, LOST, UNACKED, REFUSED, LEFT = "live", "lost", "unacked", "refused", "left
 @dataclass
 class GeneratorInfo:
     name: str
-    """The generator's unique name (``GeneratorPort.sender_id``); ``Rollout.sender`` names it."""
+    """The generator's unique name (``GeneratorPort.sender_id``); ``Sample.sender`` names it."""
     hostname: str
     shm: bool
     """Weight updates reach it through shared memory."""

@@ -50,8 +50,9 @@ import torch
 
 from rlhf_engine.common.dtypes import DTYPE_NAMES, TORCH_DTYPES
 
-PROTOCOL_VERSION = 3
-"""3: evaluation batches (`PromptsHeader.eval_samples`, `RolloutHeader.eval`)."""
+PROTOCOL_VERSION = 4
+"""3: evaluation batches (`PromptsHeader.eval_samples`, `RolloutHeader.eval`). 4: a rollout carries one
+`rlhf_engine.data.samples.Sample`: `sample_id`, per-token `policy_versions` and `loss_mask` frames."""
 
 
 class MessageKind(enum.IntEnum):
@@ -148,9 +149,10 @@ class HeartbeatHeader(_Base, tag=int(MessageKind.HEARTBEAT)):
 
 
 class RolloutHeader(_Base, tag=int(MessageKind.ROLLOUT)):
-    rollout_id: str
+    """One `Sample`: these fields beside its tensors (`transport.messages.SAMPLE_TENSORS`)."""
+
+    sample_id: str
     prompt_id: int
-    policy_version: int
     finish_reason: str
     generation_time: float
     finished_at: float = 0.0

@@ -20,31 +20,31 @@ import torch
 import zmq
 
 from rlhf_engine.rollout.params import dir_fingerprint
-from rlhf_engine.transport import BackpressureTimeout, GeneratorPort, Rollout, TransportConfig
+from rlhf_engine.transport import BackpressureTimeout, GeneratorPort, Sample, TransportConfig
 from rlhf_engine.transport.endpoints import channel_endpoint
 
 VOCAB = 512  # the tiny test model's
 
 
-def forged(i: int, prompt_id: int, **fields) -> Rollout:
-    base = dict(rollout_id=f"forged-{i}", prompt_id=prompt_id, prompt_token_ids=[1, 2, 3],
-                response_token_ids=[5, 6], logprobs=[-0.5, -0.5], policy_version=0, finish_reason="stop",
+def forged(i: int, prompt_id: int, **fields) -> Sample:
+    base = dict(sample_id=f"forged-{i}", prompt_id=prompt_id, prompt_ids=[1, 2, 3],
+                response_ids=[5, 6], behaviour_logp=[-0.5, -0.5], policy_versions=0, finish_reason="stop",
                 generation_time=0.0)
     base.update(fields)
-    return Rollout(**base)
+    return Sample(**base)
 
 
-def kinds(i: int) -> list[Rollout]:
+def kinds(i: int) -> list[Sample]:
     """One forged rollout of each kind; prompt ids 0..79 are those a 20-step run hands out."""
     pid = i % 80
     return [
-        forged(i * 10 + 0, pid, response_token_ids=[5, VOCAB + 7], logprobs=[-0.1, -0.1]),  # token out of range
-        forged(i * 10 + 1, pid, response_token_ids=[5, -3], logprobs=[-0.1, -0.1]),  # negative token
+        forged(i * 10 + 0, pid, response_ids=[5, VOCAB + 7], behaviour_logp=[-0.1, -0.1]),  # token out of range
+        forged(i * 10 + 1, pid, response_ids=[5, -3], behaviour_logp=[-0.1, -0.1]),  # negative token
         forged(i * 10 + 2, 10**6 + i),  # a prompt this run never handed out
-        forged(i * 10 + 3, pid, logprobs=[-0.1, 0.7]),  # a positive log-prob
-        forged(i * 10 + 4, pid, logprobs=[-0.1, float("nan")]),
-        forged(i * 10 + 5, pid, policy_version=10**6),  # a policy from the future
-        forged(i * 10 + 6, pid, response_token_ids=list(range(64)), logprobs=[-0.1] * 64),  # oversized
+        forged(i * 10 + 3, pid, behaviour_logp=[-0.1, 0.7]),  # a positive log-prob
+        forged(i * 10 + 4, pid, behaviour_logp=[-0.1, float("nan")]),
+        forged(i * 10 + 5, pid, policy_versions=10**6),  # a policy from the future
+        forged(i * 10 + 6, pid, response_ids=list(range(64)), behaviour_logp=[-0.1] * 64),  # oversized
     ]
 
 

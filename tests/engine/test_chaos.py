@@ -31,7 +31,7 @@ class PromptLog(Callback):
         self._current: list[tuple[int, ...]] = []
 
     def on_rollout(self, rollout) -> None:
-        self._current.append(tuple(rollout.prompt_token_ids.tolist()))
+        self._current.append(tuple(rollout.prompt_ids.tolist()))
 
     def on_step(self, step, stats) -> None:
         self.steps.append(sorted(self._current))

@@ -63,9 +63,9 @@ def test_async_lora_run_samples_with_the_synced_adapters(tmp_path, policy_dir, p
         model = peft_reference(policy_dir, lora, rec.adapters[version])
         rollouts = [r for r in rec.rollouts if r.policy_version == version]
         for r in rollouts:
-            c = SimpleNamespace(prompt_ids=r.prompt_token_ids, response_ids=r.response_token_ids)
+            c = SimpleNamespace(prompt_ids=r.prompt_ids, response_ids=r.response_ids)
             # the generator's log-probs are those of the trainer's adapters of this version
-            assert (reference_logprobs(model, c) - r.logprobs).abs().max().item() <= 1e-4, (backend, version)
+            assert (reference_logprobs(model, c) - r.behaviour_logp).abs().max().item() <= 1e-4, (backend, version)
         if version > 0:  # and those adapters are not the base: the check above tells the versions apart
-            c = SimpleNamespace(prompt_ids=rollouts[0].prompt_token_ids, response_ids=rollouts[0].response_token_ids)
+            c = SimpleNamespace(prompt_ids=rollouts[0].prompt_ids, response_ids=rollouts[0].response_ids)
             assert (reference_logprobs(base, c) - rollouts[0].logprobs).abs().max().item() > 1e-3

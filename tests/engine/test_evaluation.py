@@ -5,7 +5,7 @@ import torch
 
 from rlhf_engine.engine.evaluation import EvalRound, eval_metrics
 from rlhf_engine.engine.intake import IntakeLimits
-from rlhf_engine.transport import Rollout
+from rlhf_engine.transport import Sample
 
 LIMITS = IntakeLimits(vocab_size=10, response_length=4, num_generations=2)
 
@@ -34,8 +34,8 @@ def test_eval_metrics_by_hand():
 
 
 def rollout(prompt_id, sender="a", rid=None, tokens=(1, 2), version=3, eval=True):
-    return Rollout(rollout_id=rid or f"{sender}/{prompt_id}/{tokens}", prompt_id=prompt_id, prompt_token_ids=[0],
-                   response_token_ids=list(tokens), logprobs=[-0.5] * len(tokens), policy_version=version,
+    return Sample(sample_id=rid or f"{sender}/{prompt_id}/{tokens}", prompt_id=prompt_id, prompt_ids=[0],
+                   response_ids=list(tokens), behaviour_logp=[-0.5] * len(tokens), policy_versions=version,
                    finish_reason="stop", generation_time=0.1, eval=eval, sender=sender)
 
 
@@ -71,4 +71,4 @@ def test_the_round_batches_its_prompts_and_accepts_by_the_rules():
     assert rnd.complete()
     samples = rnd.samples()
     assert [r.prompt_id for r in samples] == [0, 0, 1, 1, 2, 2]
-    assert [r.prompt_token_ids.tolist() for r in samples[::2]] == prompts  # the trainer's tokens, not the wire's
+    assert [r.prompt_ids.tolist() for r in samples[::2]] == prompts  # the trainer's tokens, not the wire's

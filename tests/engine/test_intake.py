@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rlhf_engine.engine.intake import Intake, IntakeLimits, check_content
-from rlhf_engine.transport import Rollout
+from rlhf_engine.transport import Sample
 
 LIMITS = IntakeLimits(vocab_size=10, response_length=4, num_generations=2)
 SENDERS = {"a", "b"}
@@ -12,8 +12,8 @@ SENDERS = {"a", "b"}
 
 def rollout(prompt_id=0, tokens=(1, 2), logprobs=None, version=3, rid=None, prompt=(9, 9, 9)):
     logprobs = [-0.5] * len(tokens) if logprobs is None else logprobs
-    return Rollout(rollout_id=rid or f"r{prompt_id}-{tokens}-{version}", prompt_id=prompt_id, prompt_token_ids=list(prompt),
-                   response_token_ids=list(tokens), logprobs=logprobs, policy_version=version,
+    return Sample(sample_id=rid or f"r{prompt_id}-{tokens}-{version}", prompt_id=prompt_id, prompt_ids=list(prompt),
+                   response_ids=list(tokens), behaviour_logp=logprobs, policy_versions=version,
                    finish_reason="stop", generation_time=0.1)
 
 
@@ -42,14 +42,14 @@ def test_content_rules(kwargs, reason):
 
 def test_logprobs_of_another_length_are_dropped():
     r = rollout(tokens=(1, 2))
-    r.logprobs = torch.tensor([-0.1, -0.2, -0.3])  # a Rollout refuses this on construction; the rule still holds
+    r.behaviour_logp = torch.tensor([-0.1, -0.2, -0.3])  # a Sample refuses this on construction; the rule still holds
     assert check_content(r, LIMITS, 0, 5) == "logprob_length"
 
 
 def test_accepted_rollout_carries_the_trainers_prompt_tokens():
     it = intake()
     got = it.offer(rollout(prompt_id=0, prompt=(1, 1, 1, 1)), "a", SENDERS, trainer_version=3)
-    assert got is not None and got.prompt_token_ids.tolist() == [5, 6]
+    assert got is not None and got.prompt_ids.tolist() == [5, 6]
     assert it.received(0) == 1 and not it.dropped
 
 

@@ -23,7 +23,7 @@ class Rollouts(Callback):
         self.received = []
 
     def on_rollout(self, rollout):
-        self.received.append((rollout.prompt_token_ids.tolist(), rollout.response_token_ids.tolist()))
+        self.received.append((rollout.prompt_ids.tolist(), rollout.response_ids.tolist()))
 
 
 @pytest.fixture
@@ -92,5 +92,5 @@ def test_one_ppo_step_on_the_real_model_trains_the_sampled_ids_and_serves(tmp_pa
     finally:
         gen.close()
     hf = AutoModelForCausalLM.from_pretrained(served, dtype=torch.float32).eval()
-    assert float((reference_logprobs(hf, out) - out.logprobs).abs().max()) <= 1e-3
+    assert float((reference_logprobs(hf, out) - out.behaviour_logp).abs().max()) <= 1e-3
     assert_no_new_children()

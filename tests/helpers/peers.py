@@ -12,7 +12,7 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from rlhf_engine.transport import GeneratorPort, Rollout, ShutdownRequested, TrainerPort, TransportConfig
+from rlhf_engine.transport import GeneratorPort, Sample, ShutdownRequested, TrainerPort, TransportConfig
 from rlhf_engine.transport.endpoints import channel_endpoint
 
 FINGERPRINT = "f" * 64
@@ -92,15 +92,15 @@ def spawn(target, *args) -> mp.Process:
     return proc
 
 
-def make_rollout(sender: int, i: int, prompt_len: int = 64, response_len: int = 128) -> Rollout:
+def make_rollout(sender: int, i: int, prompt_len: int = 64, response_len: int = 128) -> Sample:
     g = torch.Generator().manual_seed(sender * 1_000_003 + i)
-    return Rollout(
-        rollout_id=f"g{sender}-{i}",
+    return Sample(
+        sample_id=f"g{sender}-{i}",
         prompt_id=i,
-        prompt_token_ids=torch.randint(0, 32000, (prompt_len,), generator=g),
-        response_token_ids=torch.randint(0, 32000, (response_len,), generator=g),
-        logprobs=-torch.rand(response_len, generator=g),
-        policy_version=sender,
+        prompt_ids=torch.randint(0, 32000, (prompt_len,), generator=g),
+        response_ids=torch.randint(0, 32000, (response_len,), generator=g),
+        behaviour_logp=-torch.rand(response_len, generator=g),
+        policy_versions=sender,
         finish_reason="length",
         generation_time=0.5,
     )
@@ -151,7 +151,7 @@ def flood_main(config: TransportConfig, n: int, prompt_len: int, response_len: i
     port = GeneratorPort(config, FINGERPRINT, name="flood")
     template = make_rollout(0, 0, prompt_len, response_len)
     for i in range(n):
-        template.rollout_id = f"flood-{i}"
+        template.sample_id = f"flood-{i}"
         port.send_rollout(template, timeout_s=600)
     while True:
         time.sleep(1)

@@ -75,7 +75,7 @@ def test_hf_backend_applies_adapters_in_place(hf_lora_generator, tiny_model_dir)
     sampling = SamplingConfig(max_new_tokens=16, ignore_eos=True)
     base = peft_reference(tiny_model_dir, LORA)  # peft's init: B = 0, the base model
     for c in gen.generate(batch, sampling=sampling):
-        assert (reference_logprobs(base, c) - c.logprobs).abs().max().item() <= 1e-4
+        assert (reference_logprobs(base, c) - c.behaviour_logp).abs().max().item() <= 1e-4
 
     adapters = random_adapters(adapter_specs(tiny_model_dir, LORA), scale=0.1, seed=5)
     version = gen.version + 1
@@ -84,9 +84,9 @@ def test_hf_backend_applies_adapters_in_place(hf_lora_generator, tiny_model_dir)
     assert {c.policy_version for c in out} == {version}
     tuned = peft_reference(tiny_model_dir, LORA, adapters)
     for c in out:
-        assert (reference_logprobs(tuned, c) - c.logprobs).abs().max().item() <= 1e-4
+        assert (reference_logprobs(tuned, c) - c.behaviour_logp).abs().max().item() <= 1e-4
     # the adapters changed the policy: the base gives these tokens other log-probs
-    assert max((reference_logprobs(base, c) - c.logprobs).abs().max().item() for c in out) > 1e-2
+    assert max((reference_logprobs(base, c) - c.behaviour_logp).abs().max().item() for c in out) > 1e-2
 
 
 def test_hf_backend_rejects_wrong_adapters_before_applying(hf_lora_generator, tiny_model_dir):

@@ -31,7 +31,7 @@ def test_logprobs_match_the_model_before_and_after_an_update(hf_generator, refer
     batch = prompts(AutoTokenizer.from_pretrained(tiny_model_dir), 5)
     sampling = SamplingConfig(max_new_tokens=16, ignore_eos=True)
     for c in hf_generator.generate(batch, sampling=sampling):
-        assert (reference_logprobs(reference, c) - c.logprobs).abs().max().item() <= 1e-4
+        assert (reference_logprobs(reference, c) - c.behaviour_logp).abs().max().item() <= 1e-4
 
     new = perturbed_state(reference, scale=0.05, seed=21)
     version = hf_generator.version + 1
@@ -41,7 +41,7 @@ def test_logprobs_match_the_model_before_and_after_an_update(hf_generator, refer
     out = hf_generator.generate(batch, sampling=SamplingConfig(max_new_tokens=16, temperature=0.8, top_k=30))
     assert {c.policy_version for c in out} == {version}
     for c in out:
-        assert (reference_logprobs(reference, c, temperature=0.8, top_k=30) - c.logprobs).abs().max().item() <= 1e-4
+        assert (reference_logprobs(reference, c, temperature=0.8, top_k=30) - c.behaviour_logp).abs().max().item() <= 1e-4
 
 
 def test_left_padding_does_not_change_results(hf_generator):
@@ -50,7 +50,7 @@ def test_left_padding_does_not_change_results(hf_generator):
     alone = hf_generator.generate([short], sampling=greedy)[0]
     padded = hf_generator.generate([long, short], sampling=greedy)[1]  # short gets 6 pad tokens on the left
     assert padded.response_ids.tolist() == alone.response_ids.tolist()
-    assert (padded.logprobs - alone.logprobs).abs().max().item() <= 1e-4
+    assert (padded.behaviour_logp - alone.behaviour_logp).abs().max().item() <= 1e-4
 
 
 def test_n_seed_and_stops(hf_generator, tiny_model_dir):
@@ -62,7 +62,7 @@ def test_n_seed_and_stops(hf_generator, tiny_model_dir):
     a = hf_generator.generate(batch, sampling=sampling, seed=5)
     b = hf_generator.generate(batch, sampling=sampling, seed=5)
     c = hf_generator.generate(batch, sampling=sampling, seed=6)
-    assert [(x.prompt_index, x.sample_index) for x in a] == [(i, j) for i in range(2) for j in range(3)]
+    assert [(x.prompt_id, x.sample_id) for x in a] == [(i, f"{i}/{j}") for i in range(2) for j in range(3)]
     assert [x.response_ids.tolist() for x in a] == [x.response_ids.tolist() for x in b]
     assert [x.response_ids.tolist() for x in a] != [x.response_ids.tolist() for x in c]
     assert len({tuple(x.response_ids.tolist()) for x in a[:3]}) == 3

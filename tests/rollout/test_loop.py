@@ -47,8 +47,8 @@ def test_update_over_transport_reaches_the_engine(ports, vllm_generator, hf_refe
     assert loop.stats.updates_applied == 1 and loop.stats.batches == 1
     hf_reference.load_state_dict(new, strict=False)
     for r in rollouts:
-        completion = type("C", (), {"prompt_ids": r.prompt_token_ids, "response_ids": r.response_token_ids})
-        assert (reference_logprobs(hf_reference, completion) - r.logprobs).abs().max().item() <= 1e-4
+        completion = type("C", (), {"prompt_ids": r.prompt_ids, "response_ids": r.response_ids})
+        assert (reference_logprobs(hf_reference, completion) - r.behaviour_logp).abs().max().item() <= 1e-4
 
 
 def test_stale_and_partial_updates_are_acked_unapplied(ports, vllm_generator, hf_reference):
@@ -89,4 +89,4 @@ def test_waiting_for_weights_is_timed(ports, vllm_generator, hf_reference, tiny_
     assert loop.stats.wait_weights_s >= 0.4
     (rollout,) = trainer.recv_rollouts(1, timeout_s=10.0)
     assert rollout.policy_version == version
-    assert torch.equal(rollout.prompt_token_ids, torch.tensor([1, 20, 30]))
+    assert torch.equal(rollout.prompt_ids, torch.tensor([1, 20, 30]))

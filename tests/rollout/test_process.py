@@ -61,8 +61,8 @@ def test_generator_process_serves_then_stops_on_shutdown(tmp_path, tiny_model_di
         finally:
             child.kill()
     assert sorted(r.prompt_id for r in rollouts) == [5, 5, 6, 6]
-    assert all(r.policy_version == 0 and len(r.response_token_ids) == len(r.logprobs) > 0 for r in rollouts)
-    assert len({r.rollout_id for r in rollouts}) == 4
+    assert all(r.policy_version == 0 and len(r.response_ids) == len(r.behaviour_logp) > 0 for r in rollouts)
+    assert len({r.sample_id for r in rollouts}) == 4
 
 
 def kill_parent_and_check(s: dict, grace_s: float, start_timeout_s: float = 120.0) -> None:

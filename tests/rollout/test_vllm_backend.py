@@ -19,7 +19,7 @@ def tokenizer(tiny_model_dir):
 
 
 def max_logprob_diff(model, completions, **processing) -> float:
-    return max((reference_logprobs(model, c, **processing) - c.logprobs).abs().max().item() for c in completions)
+    return max((reference_logprobs(model, c, **processing) - c.behaviour_logp).abs().max().item() for c in completions)
 
 
 def test_update_reaches_engine_and_stale_versions_are_ignored(vllm_generator, hf_reference, tokenizer):
@@ -61,7 +61,7 @@ def test_invalid_update_changes_nothing(vllm_generator, hf_reference, tokenizer)
     after = gen.generate(batch, sampling=sampling)
     for a, b in zip(before, after):
         assert torch.equal(a.response_ids, b.response_ids)
-        assert torch.allclose(a.logprobs, b.logprobs, atol=1e-6)
+        assert torch.allclose(a.behaviour_logp, b.behaviour_logp, atol=1e-6)
 
 
 def test_logprobs_are_the_samplers_distribution(vllm_generator, hf_reference, tokenizer):
@@ -69,14 +69,14 @@ def test_logprobs_are_the_samplers_distribution(vllm_generator, hf_reference, to
     sampling = SamplingConfig(max_new_tokens=16, temperature=0.7, top_k=20, ignore_eos=True)
     out = vllm_generator.generate(prompts(tokenizer, 4), sampling=sampling)
     assert max_logprob_diff(hf_reference, out, temperature=0.7, top_k=20) <= 1e-4
-    assert all(bool((c.logprobs > -torch.inf).all()) for c in out)
+    assert all(bool((c.behaviour_logp > -torch.inf).all()) for c in out)
 
 
 def test_n_and_seed(vllm_generator, tokenizer):
     batch = prompts(tokenizer, 3)
     sampling = SamplingConfig(n=4, max_new_tokens=12, ignore_eos=True)
     a = vllm_generator.generate(batch, sampling=sampling, seed=123)
-    assert [(c.prompt_index, c.sample_index) for c in a] == [(i, j) for i in range(3) for j in range(4)]
+    assert [(c.prompt_id, c.sample_id) for c in a] == [(i, f"{i}/{j}") for i in range(3) for j in range(4)]
     assert all(len(c.response_ids) == 12 and c.finish_reason == "length" for c in a)
     # the n samples of one prompt differ; the same seed gives the same tokens, another seed others
     assert len({tuple(c.response_ids.tolist()) for c in a[:4]}) == 4

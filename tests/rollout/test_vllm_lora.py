@@ -43,7 +43,7 @@ def vllm_lora_generator(tiny_model_dir, tmp_path_factory):
 
 
 def max_diff(model, completions) -> float:
-    return max((reference_logprobs(model, c) - c.logprobs).abs().max().item() for c in completions)
+    return max((reference_logprobs(model, c) - c.behaviour_logp).abs().max().item() for c in completions)
 
 
 def test_adapter_sync_matches_transformers_with_the_same_adapters(vllm_lora_generator, tiny_model_dir, tokenizer):
@@ -86,7 +86,7 @@ def test_wrong_adapters_are_rejected_before_anything_is_applied(vllm_lora_genera
     after = gen.generate(batch, sampling=greedy)
     for a, b in zip(before, after):
         assert torch.equal(a.response_ids, b.response_ids)
-        assert torch.allclose(a.logprobs, b.logprobs, atol=1e-6)
+        assert torch.allclose(a.behaviour_logp, b.behaviour_logp, atol=1e-6)
 
 
 def test_adapters_vllm_does_not_serve_like_peft_name_the_sync_switch(tiny_model_dir, tmp_path):

@@ -19,7 +19,7 @@ def test_layout_masks_up_to_and_including_eos():
     assert b.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]]
     assert b.response_mask.tolist() == [[1.0, 1.0], [1.0, 1.0]]
     assert b.has_eos.tolist() == [True, False]
-    assert b.query_width == 3
+    assert b.prompt_width == 3
     assert b.labels().tolist() == [[30, EOS], [40, 41]]
 
 
@@ -42,7 +42,7 @@ def test_labels_ignore_padding_and_select_trims_columns():
     one = b.select(torch.tensor([1]))
     # row 1 alone: the two left-padding columns and the two response-padding columns are dropped
     assert one.input_ids.tolist() == [[20, 40]]
-    assert one.query_width == 1 and one.response_width == 1
+    assert one.prompt_width == 1 and one.response_width == 1
 
 
 def test_forward_logprobs_align_with_full_log_softmax(make_lm, tokenizer, random_pairs):

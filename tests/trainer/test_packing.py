@@ -31,7 +31,7 @@ def test_pack_rows_layout():
     pad = 0
     batch = make_token_batch([torch.tensor([5, 6]), torch.tensor([9]), torch.tensor([11])],
                              [torch.tensor([7, 8]), torch.tensor([10]), torch.tensor([12])], pad, ())
-    p = pack_rows(batch.input_ids, batch.attention_mask, batch.position_ids, batch.query_width,
+    p = pack_rows(batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_width,
                   batch.response_mask)
     assert p.input_ids.tolist() == [[5, 6, 7, 8], [9, 10, 11, 12]]
     assert p.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 0, 1]]

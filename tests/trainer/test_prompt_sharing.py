@@ -70,7 +70,7 @@ def test_grouped_batch_is_cheaper_shared(grouped):
 def test_sharing_is_chosen_only_where_it_is_cheaper():
     def pack(queries, attention_width):
         batch = make_token_batch(queries, [torch.arange(10, 18)] * len(queries), 0, ())  # 8 response tokens
-        return pack_cheaper(batch.input_ids, batch.attention_mask, batch.position_ids, batch.query_width,
+        return pack_cheaper(batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_width,
                             batch.response_mask, attention_width)
 
     q, other = torch.tensor([5, 6]), torch.tensor([7, 8])
@@ -118,8 +118,8 @@ def test_shared_critic_values_and_reward_scores_equal_padded(make_lm, make_rewar
 
 
 def test_sharing_runs_fewer_trunk_tokens(grouped):
-    queries = grouped.attention_mask[:, : grouped.query_width].sum(dim=1)  # [B]
-    real = int(grouped.attention_mask.sum() - (grouped.attention_mask[:, grouped.query_width:].sum() -
+    queries = grouped.attention_mask[:, : grouped.prompt_width].sum(dim=1)  # [B]
+    real = int(grouped.attention_mask.sum() - (grouped.attention_mask[:, grouped.prompt_width:].sum() -
                                                 grouped.response_mask.sum()))  # real tokens, dropped responses off
     shared = grouped.pack(WIDE)
     tokens = int((shared.attention_mask[:, 0].diagonal(dim1=1, dim2=2) & (shared.input_ids != 0)).sum())
@@ -151,11 +151,11 @@ def test_shared_step_equals_padded_step(make_lm, tokenizer, random_pairs, estima
         assert shared < packed < padded  # the shared step did share queries
 
 
-def test_by_query_keeps_groups_together(tokenizer):
+def test_by_prompt_keeps_groups_together(tokenizer):
     q = [torch.tensor([5, 6]), torch.tensor([7]), torch.tensor([5, 6]), torch.tensor([8]), torch.tensor([7])]
     batch = make_token_batch(q, [torch.tensor([9])] * 5, tokenizer.pad_token_id, ())
-    assert batch.by_query([0, 1, 2, 3, 4]) == [0, 2, 1, 4, 3]
-    assert batch.by_query([4, 3, 2, 1]) == [4, 1, 3, 2]
+    assert batch.by_prompt([0, 1, 2, 3, 4]) == [0, 2, 1, 4, 3]
+    assert batch.by_prompt([4, 3, 2, 1]) == [4, 1, 3, 2]
 
 
 class _IgnoresMask(torch.nn.Module):

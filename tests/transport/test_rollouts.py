@@ -41,13 +41,13 @@ def test_10k_rollouts_from_two_processes_none_lost_none_duplicated_in_order(make
 
             def received_all() -> bool:
                 for r in trainer.recv_rollouts(512, timeout_s=1.0):
-                    sender, i = (int(x) for x in r.rollout_id[1:].split("-"))
+                    sender, i = (int(x) for x in r.sample_id[1:].split("-"))
                     got[sender].append(i)
                     if i % 997 == 0:  # spot-check the payload bit-exactly
                         ref = make_rollout(sender, i, prompt_len=16, response_len=32)
-                        assert torch.equal(r.prompt_token_ids, ref.prompt_token_ids)
-                        assert torch.equal(r.response_token_ids, ref.response_token_ids)
-                        assert torch.equal(r.logprobs, ref.logprobs)
+                        assert torch.equal(r.prompt_ids, ref.prompt_ids)
+                        assert torch.equal(r.response_ids, ref.response_ids)
+                        assert torch.equal(r.behaviour_logp, ref.behaviour_logp)
                 return sum(map(len, got.values())) >= 2 * n_per_sender
 
             wait_until(received_all, 120, interval_s=0, message=f"{2 * n_per_sender} rollouts")
@@ -85,10 +85,10 @@ def test_slow_trainer_blocks_the_generator_with_bounded_queues_then_delivers_eve
         while len(got) < sent:
             batch = trainer.recv_rollouts(64, timeout_s=5)
             assert batch, f"only {len(got)} of {sent} rollouts arrived"
-            got += [int(r.rollout_id.split("-")[1]) for r in batch]
+            got += [int(r.sample_id.split("-")[1]) for r in batch]
         assert got == list(range(sent))
         gen.send_rollout(make_rollout(0, sent, 512, 512), timeout_s=5)  # unblocked again
-        assert trainer.recv_rollout(timeout_s=5).rollout_id == f"g0-{sent}"
+        assert trainer.recv_rollout(timeout_s=5).sample_id == f"g0-{sent}"
 
 
 def test_close_of_both_ends_is_fast_with_rollouts_in_flight():
@@ -106,18 +106,18 @@ def test_close_of_both_ends_is_fast_with_rollouts_in_flight():
     trainer.close()
 
 
-def test_a_rollout_id_repeated_for_another_prompt_is_not_a_duplicate():
+def test_a_sample_id_repeated_for_another_prompt_is_not_a_duplicate():
     """A re-issued subset of a batch may reach the same generator, which numbers its prompts
     from 0 again: the id repeats, the prompt does not."""
     config = fast_config(ipc_endpoint())
     with TrainerPort(config, FINGERPRINT) as trainer, GeneratorPort(config, FINGERPRINT) as gen:
         first, reissued, again = make_rollout(0, 0, 4, 4), make_rollout(0, 1, 4, 4), make_rollout(0, 1, 4, 4)
-        first.rollout_id = reissued.rollout_id = again.rollout_id = "gen/7/0/0"  # prompts 0, 1, 1
+        first.sample_id = reissued.sample_id = again.sample_id = "gen/7/0/0"  # prompts 0, 1, 1
         last = make_rollout(0, 2, 4, 4)  # sent after the repeat: received, the repeat was handled before it
         for r in (first, reissued, again, last):
             gen.send_rollout(r)
         got = [trainer.recv_rollout(timeout_s=5) for _ in range(3)]
-        assert [(r.prompt_id, r.rollout_id) for r in got] == [(0, "gen/7/0/0"), (1, "gen/7/0/0"), (2, "g0-2")]
+        assert [(r.prompt_id, r.sample_id) for r in got] == [(0, "gen/7/0/0"), (1, "gen/7/0/0"), (2, "g0-2")]
         assert trainer.recv_rollout(timeout_s=0) is None
         assert trainer.drop_counts() == {"duplicate": 1}
 
@@ -128,7 +128,7 @@ def test_a_rollout_over_the_configured_lengths_is_dropped_and_counted():
         gen.send_rollout(make_rollout(0, 0, 16, 33))  # one response token too many
         gen.send_rollout(make_rollout(0, 1, 17, 8))  # one prompt token too many
         gen.send_rollout(make_rollout(0, 2, 16, 32))  # the largest allowed
-        assert trainer.recv_rollout(timeout_s=5).rollout_id == "g0-2"
+        assert trainer.recv_rollout(timeout_s=5).sample_id == "g0-2"
         assert trainer.drop_counts() == {"message_too_large": 1, "rollout_too_large": 1}
 
 
@@ -142,12 +142,12 @@ def test_a_96_mib_rollout_never_reaches_the_trainers_memory():
         before = rss_bytes()
         huge = make_rollout(0, 0, 16, 12 << 20)  # 96 MiB of response tokens
         for i in range(4):
-            huge.rollout_id = f"huge-{i}"
+            huge.sample_id = f"huge-{i}"
             gen.send_rollout(huge, timeout_s=30)
         gen.send_rollout(make_rollout(0, 1, 16, 16), timeout_s=30)
         del huge
         got = trainer.recv_rollout(timeout_s=30)
-        assert got is not None and got.rollout_id == "g0-1"
+        assert got is not None and got.sample_id == "g0-1"
         assert trainer.recv_rollout(timeout_s=0) is None  # sent before g0-1: one that got in would have come first
     assert rss_bytes() - before < 96 << 20
 
@@ -157,7 +157,7 @@ def test_a_flood_of_the_largest_allowed_rollouts_stays_within_the_stated_bound()
                          rollout_queue_bytes=16 << 20, heartbeat_timeout_s=30)
     bound = rollout_memory_bound(config, generators=1)
     message = rollout_limits(config).max_message_bytes
-    assert message == 8 * 65536 + 4 * 32768
+    assert message == 8 * 65536 + (4 + 8 + 1) * 32768  # ids; log-probs, versions and loss mask per response token
     n = 300  # ~190 MiB offered, several times the bound
     assert n * message > 4 * bound
     with TrainerPort(config, FINGERPRINT) as trainer:

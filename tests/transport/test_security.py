@@ -15,7 +15,7 @@ from rlhf_engine.transport import (
     HandshakeError,
     InsecureEndpointError,
     PromptBatch,
-    Rollout,
+    Sample,
     TrainerPort,
     add_client_key,
     generate_keys,
@@ -69,9 +69,9 @@ def test_curve_connects_with_the_keys_and_refuses_without_or_with_other_keys(tmp
     with TrainerPort(config, FINGERPRINT) as trainer:
         with GeneratorPort(config, FINGERPRINT) as gen:
             trainer.wait_for_generators(1)
-            gen.send_rollout(Rollout("r0", 0, [1], [2, 3], [-1.0, -2.0], 0, "stop", 0.0))
+            gen.send_rollout(Sample("r0", 0, [1], [2, 3], [-1.0, -2.0], 0, "stop"))
             got = trainer.recv_rollout(timeout_s=5)
-            assert (got.rollout_id, got.sender) == ("r0", gen.sender_id)
+            assert (got.sample_id, got.sender) == ("r0", gen.sender_id)
         with pytest.raises(HandshakeError, match="no handshake answer"):
             GeneratorPort(fast_config(endpoint, handshake_timeout_s=1.0, allow_insecure=True), FINGERPRINT)
         with pytest.raises(HandshakeError, match="no handshake answer"):  # another server key: ZeroMQ says nothing
@@ -128,7 +128,7 @@ def test_a_rollout_claiming_another_generators_name_is_dropped_and_counted(tmp_p
         gen_b._rollouts._sender_id = gen_b.sender_id
         gen_b.send_rollout(make_rollout(0, 2, 4, 4))  # after the forged one on b's connection: it was handled first
         gen_a.send_rollout(make_rollout(0, 1, 4, 4))
-        got = sorted((r.rollout_id, r.sender) for r in [trainer.recv_rollout(timeout_s=5) for _ in range(2)])
+        got = sorted((r.sample_id, r.sender) for r in [trainer.recv_rollout(timeout_s=5) for _ in range(2)])
         assert got == [("g0-1", gen_a.sender_id), ("g0-2", gen_b.sender_id)]
         assert trainer.recv_rollout(timeout_s=0) is None
         assert trainer.drop_counts() == {"forged_sender": 1}

@@ -9,8 +9,9 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rlhf_engine.transport import GeneratorPort, PromptBatch, Rollout, TrainerPort
+from rlhf_engine.transport import GeneratorPort, PromptBatch, TrainerPort
 from rlhf_engine.transport.endpoints import channel_endpoint
+from rlhf_engine.transport.messages import sample_from_wire, sample_to_wire
 from rlhf_engine.transport.wire import (
     PROTOCOL_VERSION,
     HeartbeatHeader,
@@ -37,14 +38,14 @@ def _roundtrip(header, tensors, limits=LIMITS):
 
 def test_rollout_round_trip_is_exact_and_typed():
     r = make_rollout(3, 7, 5, 9)
-    header, tensors = _roundtrip(*r.to_wire("gen-a", 41))
+    header, tensors = _roundtrip(*sample_to_wire(r, "gen-a", 41))
     assert isinstance(header, RolloutHeader)
     assert (header.sender, header.seq, header.version) == ("gen-a", 41, PROTOCOL_VERSION)
-    back = Rollout.from_wire(header, tensors)
-    assert back.rollout_id == "g3-7" and back.policy_version == 3 and back.finish_reason == "length"
-    assert torch.equal(back.prompt_token_ids, r.prompt_token_ids)
-    assert torch.equal(back.response_token_ids, r.response_token_ids)
-    assert torch.equal(back.logprobs, r.logprobs)
+    back = sample_from_wire(header, tensors)
+    assert back.sample_id == "g3-7" and back.policy_version == 3 and back.finish_reason == "length"
+    assert torch.equal(back.prompt_ids, r.prompt_ids)
+    assert torch.equal(back.response_ids, r.response_ids)
+    assert torch.equal(back.behaviour_logp, r.behaviour_logp)
 
 
 def test_prompt_batch_round_trip_with_empty_prompt():
@@ -69,7 +70,7 @@ def test_received_tensors_own_their_memory(tmp_path):
     try:
         a.bind(f"ipc://{tmp_path}/owned")
         b.connect(f"ipc://{tmp_path}/owned")
-        a.send_multipart(encode(*r.to_wire("gen-a", 1)), copy=False)
+        a.send_multipart(encode(*sample_to_wire(r, "gen-a", 1)), copy=False)
         frames = b.recv_multipart()
         assert memoryview(frames[1]).readonly  # what a tensor over the frame would alias
         with warnings.catch_warnings():
@@ -77,8 +78,8 @@ def test_received_tensors_own_their_memory(tmp_path):
             _, first = decode(frames, LIMITS)
             _, second = decode(frames, LIMITS)
             first[0].fill_(-1)
-        assert torch.equal(second[0], r.prompt_token_ids)
-        assert torch.equal(Rollout.from_wire(*decode(frames, LIMITS)).prompt_token_ids, r.prompt_token_ids)
+        assert torch.equal(second[0], r.prompt_ids)
+        assert torch.equal(sample_from_wire(*decode(frames, LIMITS)).prompt_ids, r.prompt_ids)
         assert int(first[0].sum()) == -first[0].numel()
     finally:
         a.close(linger=0)
@@ -87,7 +88,7 @@ def test_received_tensors_own_their_memory(tmp_path):
 
 
 def _rollout_frames():
-    return [bytearray(f) for f in encode(*make_rollout(0, 0, 4, 3).to_wire("s", 0))]
+    return [bytearray(f) for f in encode(*sample_to_wire(make_rollout(0, 0, 4, 3), "s", 0))]
 
 
 def _with_spec(spec: TensorSpec, frame: bytes):
@@ -150,12 +151,13 @@ def test_malformed_messages_are_rejected_with_their_reason(frames, reason):
 
 def test_rollout_with_wrong_layout_is_rejected():
     r = make_rollout(0, 0, 4, 3)
-    header, tensors = r.to_wire("s", 0)
-    frames = [bytearray(f) for f in encode(header, tensors[:2] + [tensors[1]])]  # logprobs sent as int64
+    header, tensors = sample_to_wire(r, "s", 0)
+    sent = tensors[:2] + [tensors[1]] + tensors[3:]  # behaviour_logp sent as int64
+    frames = [bytearray(f) for f in encode(header, sent)]
     frames[0] = msgspec.msgpack.encode(msgspec.structs.replace(
-        header, tensors=header.tensors[:2] + (tensor_spec("logprobs", tensors[1]),)))
+        header, tensors=header.tensors[:2] + (tensor_spec("behaviour_logp", tensors[1]),) + header.tensors[3:]))
     with pytest.raises(WireError, match="bad_rollout"):
-        Rollout.from_wire(*decode(frames, LIMITS))
+        sample_from_wire(*decode(frames, LIMITS))
 
 
 def test_decode_never_executes_or_unpickles():
@@ -173,9 +175,9 @@ garbage_frame = st.one_of(
     st.binary(max_size=64),
     st.builds(lambda kind, version, seq, specs: msgspec.msgpack.encode(
         {"kind": kind, "version": version, "sender": "x", "seq": seq, "tensors": specs,
-         "rollout_id": "evil", "prompt_id": 0, "policy_version": 0, "finish_reason": "", "generation_time": 0.0}),
+         "sample_id": "evil", "prompt_id": 0, "finish_reason": "", "generation_time": 0.0}),
         st.integers(0, 12), st.sampled_from([PROTOCOL_VERSION, PROTOCOL_VERSION + 1, 0]), st.integers(-2, 3),
-        st.lists(st.tuples(st.sampled_from(["prompt_token_ids", "response_token_ids", "logprobs", "x"]),
+        st.lists(st.tuples(st.sampled_from(["prompt_ids", "response_ids", "behaviour_logp", "policy_versions", "loss_mask", "x"]),
                            st.sampled_from(["int64", "float32", "bfloat16", "object", ""]),
                            st.lists(st.integers(-1, 5), max_size=3), st.integers(-8, 64)), max_size=4)),
 )
@@ -205,8 +207,8 @@ def test_fuzzed_garbage_is_dropped_while_good_traffic_continues(live_pair, messa
     good = make_rollout(9, received_before, 4, 4)
     gen.send_rollout(good, timeout_s=5)
     got = trainer.recv_rollout(timeout_s=5)
-    assert got is not None and got.rollout_id == good.rollout_id
-    assert torch.equal(got.logprobs, good.logprobs)
+    assert got is not None and got.sample_id == good.sample_id
+    assert torch.equal(got.behaviour_logp, good.behaviour_logp)
     def dropped() -> int:
         return sum(v for k, v in trainer.stats()["rollouts"].items() if k.startswith("dropped.")) - before
 
@@ -216,7 +218,8 @@ def test_fuzzed_garbage_is_dropped_while_good_traffic_continues(live_pair, messa
     assert trainer.recv_rollout(timeout_s=0) is None
 
 
-fuzz_spec = st.tuples(st.sampled_from(["prompt_token_ids", "response_token_ids", "logprobs", "tokens", "offsets", "w"]),
+fuzz_spec = st.tuples(st.sampled_from(["prompt_ids", "response_ids", "behaviour_logp", "policy_versions", "loss_mask",
+                                       "tokens", "offsets", "w"]),
                       st.sampled_from(["int64", "float32", "bfloat16", "bool", "complex64"]),
                       st.lists(st.integers(0, 6), max_size=2))
 
@@ -225,7 +228,7 @@ fuzz_spec = st.tuples(st.sampled_from(["prompt_token_ids", "response_token_ids",
 @given(kind=st.sampled_from([5, 6, 7]), specs=st.lists(fuzz_spec, max_size=4), data=st.data())
 def test_structurally_valid_but_hostile_messages_only_ever_raise_wire_error(kind, specs, data):
     """Headers that pass decoding, with consistent frames, must still be refused cleanly by the
-    record builders (Rollout, PromptBatch, weight staging), never with another exception."""
+    record builders (Sample, PromptBatch, weight staging), never with another exception."""
     from rlhf_engine.transport.weights import Staging
     from rlhf_engine.transport.wire import ALLOWED_DTYPES
 
@@ -236,7 +239,7 @@ def test_structurally_valid_but_hostile_messages_only_ever_raise_wire_error(kind
         tensors_spec.append([name, dtype, shape, nbytes])
         frames.append(bytearray(data.draw(st.binary(min_size=nbytes, max_size=nbytes))))
     fields = {"kind": kind, "version": PROTOCOL_VERSION, "sender": "x", "seq": 0, "tensors": tensors_spec}
-    fields.update({5: {"rollout_id": data.draw(st.text(max_size=300)), "prompt_id": 0, "policy_version": 0,
+    fields.update({5: {"sample_id": data.draw(st.text(max_size=300)), "prompt_id": 0,
                        "finish_reason": "", "generation_time": 0.0},
                    6: {"batch_id": 0, "prompt_ids": data.draw(st.lists(st.integers(-5, 5), max_size=3)),
                        "min_policy_version": 0},
@@ -245,7 +248,7 @@ def test_structurally_valid_but_hostile_messages_only_ever_raise_wire_error(kind
     try:
         header, tensors = decode([msgspec.msgpack.encode(fields), *frames], LIMITS)
         if kind == 5:
-            Rollout.from_wire(header, tensors)
+            sample_from_wire(header, tensors)
         elif kind == 6:
             PromptBatch.from_wire(header, tensors)
         else:
@@ -260,8 +263,8 @@ def test_evaluation_batches_and_rollouts_keep_their_tag():
     assert back == batch and back.is_eval and not PromptBatch(0, [0], [[1]]).is_eval
     r = make_rollout(3, 7, 5, 9)
     r.eval = True
-    assert Rollout.from_wire(*_roundtrip(*r.to_wire("gen-a", 1))).eval is True
-    assert Rollout.from_wire(*_roundtrip(*make_rollout(3, 7, 5, 9).to_wire("gen-a", 2))).eval is False
+    assert sample_from_wire(*_roundtrip(*sample_to_wire(r, "gen-a", 1))).eval is True
+    assert sample_from_wire(*_roundtrip(*sample_to_wire(make_rollout(3, 7, 5, 9), "gen-a", 2))).eval is False
     # a hostile evaluation request is refused as data
     header, tensors = batch.to_wire("trainer", 1)
     with pytest.raises(WireError, match="bad_prompts: batch -2: eval_samples \\(-1\\) must be >= 0"):

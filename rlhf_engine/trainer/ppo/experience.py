@@ -1,20 +1,22 @@
 """Experience of a PPO step: the padded token batch and the no-grad forward passes that score it.
 
-Layout of a batch of B (query, response) pairs, one row each:
+Layout of a batch of B samples (`rlhf_engine.data.samples.SampleBatch`), one row each:
 
-    input_ids [B, Lq + T] = [ left-padded query | right-padded response ]
+    input_ids [B, Lp + T] = [ left-padded prompt_ids | right-padded response_ids ]
 
-so every query ends at column Lq - 1 and every response starts at column Lq. The logits at columns
-Lq - 1 ... Lq + T - 2 predict the T response tokens; the model only computes the last T + 1 positions
+so every prompt ends at column Lp - 1 and every response starts at column Lp. The logits at columns
+Lp - 1 ... Lp + T - 2 predict the T response tokens; the model only computes the last T + 1 positions
 (`logits_to_keep`). Per-token tensors of the experience are [B, T] over response tokens, with
-`response_mask` 1 up to and including the first EOS and 0 after it.
+`response_mask` 1 up to and including the first EOS and 0 after it (the tokens the passes run over), and
+`loss_mask` = `response_mask` and the samples' own loss mask (the tokens trained: every loss, KL, reward,
+advantage and statistic is taken over these only; a plain completion's equals `response_mask`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -34,15 +36,23 @@ from rlhf_engine.trainer.ppo.shaping import kl_penalty
 
 @dataclass
 class TokenBatch:
-    """Queries and responses side by side (see the module docstring for the layout)."""
+    """Prompts and responses side by side (see the module docstring for the layout)."""
 
-    input_ids: torch.Tensor  # [B, Lq + T] int64, padding = pad_token_id
-    attention_mask: torch.Tensor  # [B, Lq + T] int64
-    position_ids: torch.Tensor  # [B, Lq + T] int64, 0 at each query's first token
+    input_ids: torch.Tensor  # [B, Lp + T] int64, padding = pad_token_id
+    attention_mask: torch.Tensor  # [B, Lp + T] int64
+    position_ids: torch.Tensor  # [B, Lp + T] int64, 0 at each prompt's first token
     response_ids: torch.Tensor  # [B, T] int64
-    response_mask: torch.Tensor  # [B, T] float32
+    response_mask: torch.Tensor  # [B, T] float32, the response's tokens up to and including EOS
     has_eos: torch.Tensor  # [B] bool
-    query_width: int  # Lq
+    prompt_width: int  # Lp
+    loss_mask: torch.Tensor = field(default=None)  # [B, T] float32, response_mask and the samples' loss mask
+
+    def __post_init__(self) -> None:
+        if self.loss_mask is None:  # every token of each response trained
+            self.loss_mask = self.response_mask
+        if self.loss_mask.shape != self.response_mask.shape:
+            raise ValueError(f"loss_mask {tuple(self.loss_mask.shape)} and response_mask "
+                             f"{tuple(self.response_mask.shape)} differ in shape")
 
     @property
     def response_width(self) -> int:
@@ -53,22 +63,26 @@ class TokenBatch:
         return self.response_ids.masked_fill(self.response_mask == 0, IGNORE_INDEX)
 
     def lengths(self) -> list[int]:
-        """Real tokens (query + response up to EOS) of each row (a device sync)."""
+        """Real tokens (prompt + response up to EOS) of each row (a device sync)."""
         return self.attention_mask.sum(dim=1).tolist()
+
+    def drop(self, kept: torch.Tensor) -> "TokenBatch":
+        """The batch with the samples where `kept` [B] is False left without a valid token (their rows stay)."""
+        return replace(self, response_mask=self.response_mask * kept[:, None], loss_mask=self.loss_mask * kept[:, None])
 
     def pack(self, attention_width: int = 0) -> PackedBatch:
         """The rows as packed rows (`rlhf_engine.trainer.passes.packing`); with `attention_width` > 0 (the model's, see
         `prompt_sharing.attention_width`), the samples of one query share it where that is cheaper
         (`rlhf_engine.trainer.passes.prompt_sharing.pack_cheaper`)."""
         if attention_width:
-            return pack_cheaper(self.input_ids, self.attention_mask, self.position_ids, self.query_width,
+            return pack_cheaper(self.input_ids, self.attention_mask, self.position_ids, self.prompt_width,
                                 self.response_mask, attention_width)
-        return pack_rows(self.input_ids, self.attention_mask, self.position_ids, self.query_width, self.response_mask)
+        return pack_rows(self.input_ids, self.attention_mask, self.position_ids, self.prompt_width, self.response_mask)
 
-    def by_query(self, rows: list[int]) -> list[int]:
-        """`rows` reordered so that rows with equal queries are adjacent (stable: groups in order of first
-        appearance, rows in their order within a group), for micro-batches that share queries."""
-        groups = query_groups(self.input_ids[rows, : self.query_width], self.attention_mask[rows, : self.query_width])
+    def by_prompt(self, rows: list[int]) -> list[int]:
+        """`rows` reordered so that rows with equal prompts are adjacent (stable: groups in order of first
+        appearance, rows in their order within a group), for micro-batches that share prompts."""
+        groups = query_groups(self.input_ids[rows, : self.prompt_width], self.attention_mask[rows, : self.prompt_width])
         first: dict[int, int] = {}
         for i, g in enumerate(groups):
             first.setdefault(g, i)
@@ -79,9 +93,9 @@ class TokenBatch:
         attention_mask = self.attention_mask[rows]
         response_mask = self.response_mask[rows]
         # device sync: the trimmed widths are read back as Python ints
-        lead = int((attention_mask[:, : self.query_width] == 0).sum(dim=1).min())
+        lead = int((attention_mask[:, : self.prompt_width] == 0).sum(dim=1).min())
         width = max(1, int(response_mask.sum(dim=1).max()))  # >= 1: rows of only dropped samples still run
-        end = self.query_width + width
+        end = self.prompt_width + width
         return replace(
             self,
             input_ids=self.input_ids[rows, lead:end],
@@ -89,8 +103,9 @@ class TokenBatch:
             position_ids=self.position_ids[rows, lead:end],
             response_ids=self.response_ids[rows, :width],
             response_mask=response_mask[:, :width],
+            loss_mask=self.loss_mask[rows, :width],
             has_eos=self.has_eos[rows],
-            query_width=self.query_width - lead,
+            prompt_width=self.prompt_width - lead,
         )
 
 
@@ -104,34 +119,49 @@ def truncate_after_eos(response: torch.Tensor, eos_token_ids: Sequence[int]) -> 
 
 
 def make_token_batch(
-    queries: list[torch.Tensor],
-    responses: list[torch.Tensor],
+    prompt_ids: list[torch.Tensor],
+    response_ids: list[torch.Tensor],
     pad_token_id: int,
     eos_token_ids: Sequence[int],
     device: torch.device | str = "cpu",
+    loss_mask: list[torch.Tensor] | None = None,
 ) -> TokenBatch:
-    """Pad B queries (left) and B responses (right, each cut after its first end-of-turn token, any of
+    """Pad B prompts (left) and B responses (right, each cut after its first end-of-turn token, any of
     `eos_token_ids`) into a `TokenBatch`; `has_eos` marks the responses that end with one.
 
-    queries, responses: lists of non-empty 1-D int64 tensors (checked by the caller).
+    prompt_ids, response_ids: lists of non-empty 1-D int64 tensors (checked by the caller); loss_mask: B x [R_i]
+    bool, the tokens trained (None: every token).
     """
-    responses = [truncate_after_eos(r, eos_token_ids) for r in responses]
-    query_ids, query_mask = left_pad(queries, pad_token_id)  # [B, Lq]
-    response_ids, response_mask = right_pad(responses, pad_token_id)  # [B, T]
-    input_ids = torch.cat([query_ids, response_ids], dim=1)  # [B, Lq + T]
-    attention_mask = torch.cat([query_mask, response_mask], dim=1)  # [B, Lq + T]
+    responses = [truncate_after_eos(r, eos_token_ids) for r in response_ids]
+    prompt_pad, prompt_mask = left_pad(prompt_ids, pad_token_id)  # [B, Lp]
+    response_pad, response_mask = right_pad(responses, pad_token_id)  # [B, T]
+    input_ids = torch.cat([prompt_pad, response_pad], dim=1)  # [B, Lp + T]
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)  # [B, Lp + T]
     has_eos = torch.tensor([int(r[-1]) in eos_token_ids for r in responses], dtype=torch.bool)
-    # positions count from each query's first real token; padding gets 0 (it is never attended)
+    # positions count from each prompt's first real token; padding gets 0 (it is never attended)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    trained = response_mask.float()  # [B, T]
+    if loss_mask is not None:  # the samples' own masks, cut where their responses were cut
+        trained = trained * pad_rows([m.float() for m in loss_mask], response_mask.shape[1])
     return TokenBatch(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
         position_ids=position_ids.to(device),
-        response_ids=response_ids.to(device),
+        response_ids=response_pad.to(device),
         response_mask=response_mask.float().to(device),
         has_eos=has_eos.to(device),
-        query_width=query_ids.shape[1],
+        prompt_width=prompt_pad.shape[1],
+        loss_mask=trained.to(device),
     )
+
+
+def pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """B 1-D rows -> [B, width] fp32, each cut to `width` and right-padded with 0."""
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        n = min(width, row.numel())
+        out[i, :n] = row[:n]
+    return out
 
 
 @dataclass
@@ -240,10 +270,10 @@ def forward_values(critic: AutoModelForCausalLMWithValueHead, batch: TokenBatch,
 class ExperiencePasses:
     """The no-grad forward passes over a batch at experience time, all [B, T] fp32, 0 on padding."""
 
-    old_logp: torch.Tensor | None  # log pi_old(a_t | s_t); None: left to the update's own forward
+    old_logp: torch.Tensor | None  # log pi_old(a_t | s_t); None: no policy pass (`old_policy.PiOld`)
     ref_logp: torch.Tensor  # log pi_ref(a_t | s_t)
     entropy: torch.Tensor | None  # entropy of pi_old at each position (None with old_logp)
-    kl: torch.Tensor | None  # per-token KL penalty estimate of pi_old against pi_ref (None with old_logp)
+    kl: torch.Tensor | None  # per-token KL penalty estimate of pi_old against pi_ref, 0 outside the loss mask
     values: torch.Tensor | None  # V(s_t) of the critic; None for the critic-free estimators
 
     def all_finite(self) -> bool:
@@ -262,7 +292,7 @@ def forward_experience(
     comm: Comm,
     layout: PassLayout = PassLayout(),
     *,
-    with_old_logp: bool = True,
+    policy_pass: bool = True,
 ) -> ExperiencePasses:
     """`ExperiencePasses` of the whole `batch` on every rank: each rank runs its share of the rows, one
     forward of each model per micro-batch (`microbatches`: lists of row ids that cover the rank's share
@@ -270,11 +300,11 @@ def forward_experience(
     every whole-batch statistic computed from them (whitening, group baselines, the KL the controller sees)
     is the global one.
     Values come from `critic` when given, else from `model`'s value head (when the config uses a critic; that
-    pass also gives the old log-probs). `with_old_logp` False: no policy pass (unless the shared critic makes
-    one): old log-probs, entropy and KL are left to the update."""
+    pass also gives the old log-probs). `policy_pass` False: no policy pass, no old log-probs, entropy or KL
+    (`old_policy.PiOld` takes them from the update's own forward; never with a shared critic)."""
     full_kl = config.kl_penalty == "full"
     shared_critic = config.uses_critic and critic is None
-    run_policy = with_old_logp or shared_critic
+    run_policy = policy_pass or shared_critic
     parts: dict[str, list[torch.Tensor]] = {"old_logp": [], "ref_logp": [], "entropy": [], "kl": [], "values": []}
     width = batch.response_width
     # inference mode keeps no autograd state at all; across ranks no_grad: FSDP2 unshards parameters into
@@ -290,7 +320,7 @@ def forward_experience(
                                      keep_logits=full_kl, packed=layout.policy,
                                      attention_width=layout.attention_width, from_hidden=layout.from_hidden)
                 named.update(old_logp=pol.logp, entropy=pol.entropy, values=pol.values, kl=kl_penalty(
-                    config.kl_penalty, pol.logp, ref.logp, chunk.response_mask, pol.logits, ref.logits,
+                    config.kl_penalty, pol.logp, ref.logp, chunk.loss_mask, pol.logits, ref.logits,
                     config.temperature))
             if config.uses_critic and critic is not None:
                 named["values"] = forward_values(critic, chunk, layout.critic, layout.attention_width)
@@ -313,27 +343,20 @@ def _join(chunks: list[torch.Tensor], microbatches: list[list[int]], first: int)
     return out
 
 
-@dataclass
+@dataclass(frozen=True)
 class Experience:
-    """Everything the PPO epochs and the step's metrics need about a batch, computed once without
-    gradients ([B, T] fp32 unless noted)."""
+    """What the PPO epochs and the step's metrics need about a batch, computed once without gradients before
+    the update and never changed after ([B, T] fp32 unless noted, 0 on padding). pi_old's
+    log-probs are not here: `old_policy.PiOld` supplies them (from the policy pass, or from the update)."""
 
     batch: TokenBatch
-    old_logp: torch.Tensor | None  # None: the update's own forward gives it (one optimizer step)
-    ref_logp: torch.Tensor
-    values: torch.Tensor | None  # None for the critic-free estimators
-    entropy: torch.Tensor
-    kl: torch.Tensor  # per-token KL penalty estimate (kind = kl_penalty)
+    ref_logp: torch.Tensor  # log pi_ref(a_t | s_t)
+    values: torch.Tensor | None  # V(s_t); None for the critic-free estimators
     kl_coef: float  # the KL coefficient beta of this step: in the rewards, or in the loss (`kl_in_reward`)
     raw_scores: torch.Tensor  # [B], as given or from the reward model / function (non-finite: dropped)
     scores: torch.Tensor  # [B], after clipping and the missing-EOS penalty
-    non_score_rewards: torch.Tensor  # -kl_coef * kl (0 with the KL in the loss), 0 on padding
-    rewards: torch.Tensor  # non-score rewards plus each score at its row's last token (maybe whitened)
+    non_score_rewards: torch.Tensor  # -kl_coef * kl (0 with the KL in the loss)
+    rewards: torch.Tensor  # non-score rewards plus each score at its row's last trained token (maybe whitened)
     advantages: torch.Tensor
     returns: torch.Tensor
-    behaviour_logp: torch.Tensor | None  # the sampler's log-probs (off-policy samples) or None
-    is_weights: torch.Tensor | None  # truncated importance weights (off-policy samples) or None
-
-    def mean_kl(self) -> float:
-        """Sum of the KL penalty estimate over each response, averaged over the batch (a device sync)."""
-        return float((self.kl * self.batch.response_mask).sum(dim=1).mean())
+    behaviour_logp: torch.Tensor | None  # log pi_behaviour: the sampler's log-probs (off-policy samples) or None

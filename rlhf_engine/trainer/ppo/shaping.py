@@ -34,7 +34,7 @@ def kl_shaped_rewards(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of the token MDP.
 
-    scores [B]; kl, mask [B, T] (mask: 1 up to and including EOS, each row non-empty).
+    scores [B]; kl, mask [B, T] (mask: the tokens trained, each row non-empty unless its sample is dropped).
     # r_t = -kl_coef * KL_t                  for every valid t
     # r_last += score                         at the last valid token of each row
     Returns (rewards [B, T], non_score_rewards [B, T]) in fp32, 0 on padding.
@@ -48,8 +48,10 @@ def kl_shaped_rewards(
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last valid token of each row of a left-aligned mask [B, T] -> [B] (int64)."""
-    return mask.sum(dim=1).long() - 1
+    """Index of the last valid token of each row of a mask [B, T] -> [B] (int64), -1 for a row without one
+    (the mask may have holes: environment tokens between the policy's)."""
+    positions = torch.arange(mask.shape[1], device=mask.device)  # [T]
+    return torch.where(mask.bool(), positions, -1).amax(dim=1)
 
 
 def clip_scores(scores: torch.Tensor, clip: float | None) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 
 from rlhf_engine.ops import masked_mean, masked_var
 from rlhf_engine.trainer.ppo.experience import Experience
+from rlhf_engine.trainer.ppo.old_policy import OldPolicy
 from rlhf_engine.trainer.ppo.update import UpdateResult
 
 
@@ -44,18 +45,19 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return 1.0 - float(masked_var(returns - values, mask, unbiased=False)) / var_returns
 
 
-def step_stats(exp: Experience, update: UpdateResult, mean_kl: float, tis_cap: float,
+def step_stats(exp: Experience, old: OldPolicy, update: UpdateResult, mean_kl: float, tis_cap: float,
                staleness: torch.Tensor | None) -> dict[str, float]:
     """Metrics of a step as Python floats (one device sync each): the mean of each per-micro-batch
-    metric of `update`, and the experience's rewards, KL, advantages, values and off-policy weights.
-    `staleness` [B]: policy versions between sampling and this step, None when unknown."""
-    mask = exp.batch.response_mask
+    metric of `update`, and the experience's rewards, KL, advantages, values and off-policy weights, over the
+    trained tokens (`loss_mask`). `staleness` [B]: policy versions between sampling (each sample's oldest
+    token) and this step, None when unknown."""
+    mask = exp.batch.loss_mask
     finite_scores = exp.raw_scores[torch.isfinite(exp.raw_scores)]  # [B - dropped samples]
     stats = {key: float(torch.stack(values).mean()) for key, values in update.stats.items()}
     stats.update({
         "objective/kl": mean_kl,
         "objective/kl_coef": float(exp.kl_coef),
-        "objective/entropy": float(masked_mean(exp.entropy, mask)),
+        "objective/entropy": float(masked_mean(old.entropy, mask)),
         "objective/scores": float(exp.scores.mean()),
         "env/reward_mean": float(finite_scores.mean()),
         "env/reward_std": float(finite_scores.std()) if finite_scores.numel() > 1 else 0.0,
@@ -63,17 +65,17 @@ def step_stats(exp: Experience, update: UpdateResult, mean_kl: float, tis_cap: f
         "ppo/mean_non_score_reward": float(exp.non_score_rewards.sum(dim=1).mean()),
         "ppo/returns/mean": float(masked_mean(exp.returns, mask)),
         "ppo/policy/advantages_mean": float(masked_mean(exp.advantages, mask)),
-        "tokens/response_length_mean": float(mask.sum(dim=1).mean()),
+        "tokens/response_length_mean": float(exp.batch.response_mask.sum(dim=1).mean()),
         "tokens/eos_fraction": float(exp.batch.has_eos.float().mean()),
     })
     if exp.values is not None:
         stats["ppo/val/vpred"] = float(masked_mean(exp.values, mask))
         stats["ppo/val/explained_variance"] = explained_variance(exp.values, exp.returns, mask)
     if exp.behaviour_logp is not None:
-        diff = exp.old_logp - exp.behaviour_logp
+        diff = old.logp - exp.behaviour_logp
         stats["off_policy/behaviour_kl"] = float(masked_mean(diff, mask))
-        if exp.is_weights is not None:
-            stats["off_policy/is_weight_mean"] = float(masked_mean(exp.is_weights, mask))
+        if old.is_weights is not None:
+            stats["off_policy/is_weight_mean"] = float(masked_mean(old.is_weights, mask))
             stats["off_policy/is_truncated_fraction"] = float(masked_mean((diff > math.log(tis_cap)).float(), mask))
     if staleness is not None:
         stats["off_policy/staleness_mean"] = float(staleness.float().mean())

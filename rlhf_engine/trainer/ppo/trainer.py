@@ -20,6 +20,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from rlhf_engine.data.samples import SampleBatch
 from rlhf_engine.distributed import Comm, DistributedConfig, check_divisible, is_sharded, iter_full_state, shard_model
 from rlhf_engine.distributed.dcp import implementation_kept
 from rlhf_engine.models.end_of_turn import model_end_of_turn_ids
@@ -37,13 +38,21 @@ from rlhf_engine.trainer.passes.microbatch import rank_microbatches
 from rlhf_engine.trainer.passes.packing import packed_scores
 from rlhf_engine.trainer.ppo.checkpoint import CRITIC_DIR, POLICY_DIR
 from rlhf_engine.trainer.ppo.config import PPOConfig
-from rlhf_engine.trainer.ppo.experience import Experience, forward_experience, make_token_batch
+from rlhf_engine.trainer.ppo.experience import Experience, forward_experience, make_token_batch, pad_rows
 from rlhf_engine.trainer.ppo.generate import sample_responses
-from rlhf_engine.trainer.ppo.inputs import TokenSeqs, as_scores, as_token_list, check_step_inputs, collate_queries
+from rlhf_engine.trainer.ppo.inputs import (
+    TokenSeqs,
+    as_scores,
+    as_token_list,
+    check_batch,
+    collate_queries,
+    samples_from_step_args,
+)
 from rlhf_engine.trainer.ppo.kl_control import make_kl_controller
+from rlhf_engine.trainer.ppo.old_policy import PiOld, old_logp_from_update
 from rlhf_engine.trainer.ppo.shaping import clip_scores, kl_shaped_rewards, missing_eos_penalty
 from rlhf_engine.trainer.ppo.stats import PhaseTimer, step_stats
-from rlhf_engine.trainer.ppo.update import adopt_update_logp, off_policy_weights, old_logp_from_update, ppo_update
+from rlhf_engine.trainer.ppo.update import ppo_update
 from rlhf_engine.trainer.schedule import lr_scheduler
 
 
@@ -59,7 +68,7 @@ class PPOTrainer:
         head on `model` is then unused.
     optimizer / lr_scheduler: default AdamW(learning_rate) and the config's schedule.
     comm / parallel: this rank of a multi-rank trainer and how its models are wrapped (FSDP2 or replicated).
-        Every rank calls `step` with the same global batch (`rlhf_engine.distributed.broadcast_step_batch`);
+        Every rank calls `step_batch` with the same global batch (`rlhf_engine.distributed.broadcast_samples`);
         each computes the experience of its share and its slice of every minibatch, and the result equals
         the single-process trainer's. Default: one process.
     """
@@ -221,63 +230,75 @@ class PPOTrainer:
         policy_versions: Sequence[int] | torch.Tensor | None = None,
         columns: Mapping[str, Sequence[Any]] | None = None,
     ) -> dict[str, float]:
-        """One PPO step on `batch_size` samples; returns the metrics.
+        """One PPO step on `batch_size` samples (TRL's signature); returns the metrics.
 
         queries, responses: B 1-D token sequences (responses without the prompt; tokens after the first EOS
         are ignored). scores: B floats (None: from the reward model / function). behaviour_logprobs: the
         sampler's log-prob of each response token (B sequences as long as the responses, or [B, >= T]).
         policy_versions: the policy version that sampled each response (for staleness metrics).
         columns: `{field: B values}` of the prompts' records for a `reward_fn` that takes them (scores None).
-        A sample with a non-finite score is dropped from the step (with a warning; none of its tokens is
-        trained, it leaves its GRPO/RLOO group; counted in `env/nonfinite_rewards`); a batch of only such
-        samples, or a non-finite loss or gradient, skips the update (with a warning) and reports
+        The arguments become a `SampleBatch` (every token trained) for `step_batch`, which says what happens.
+        """
+        batch = samples_from_step_args(queries, responses, behaviour_logprobs, policy_versions, columns)
+        if scores is not None:
+            batch.scores = as_scores(scores, len(batch))
+        return self.step_batch(batch)
+
+    def step_batch(self, batch: SampleBatch) -> dict[str, float]:
+        """One PPO step on a `SampleBatch` of `batch_size` samples; returns the metrics.
+
+        Only the tokens of each sample's `loss_mask` (and up to its first EOS) are trained: every loss, KL,
+        reward, advantage and statistic is taken over them. Without `batch.scores` the reward model / function
+        scores the samples. A sample with a non-finite score is dropped from the step (with a warning; none of
+        its tokens is trained, it leaves its GRPO/RLOO group; counted in `env/nonfinite_rewards`); a batch of
+        only such samples, or a non-finite loss or gradient, skips the update (with a warning) and reports
         `ppo/skipped` = 1; weights are never updated from non-finite values.
         """
         cfg = self.config
         timer = PhaseTimer()
         version_at_start = self.policy_version
         group = cfg.num_generations if cfg.advantage_estimator in ("grpo", "rloo") else None
-        inputs = check_step_inputs(queries, responses, cfg.batch_size, group, behaviour_logprobs, policy_versions,
-                                   self.policy_version)
-        raw_scores = (self.score(inputs.queries, inputs.responses, columns) if scores is None
-                      else as_scores(scores, cfg.batch_size))
+        check_batch(batch, cfg.batch_size, group, self.policy_version)
+        raw_scores = batch.scores if batch.scores is not None else self.score(batch.prompt_ids, batch.response_ids,
+                                                                               batch.columns)
         raw_scores = raw_scores.to(self.device, torch.float32)
         # a non-finite score drops its sample: none of its tokens is trained or counted, it leaves its group
         kept = torch.isfinite(raw_scores)  # [B]
         dropped = torch.nonzero(~kept).flatten().tolist()  # device sync
         if dropped:
-            source = "given scores" if scores is not None else "model.reward_fn" if self.reward_fn else "reward model"
+            source = ("given scores" if batch.scores is not None else "model.reward_fn" if self.reward_fn
+                      else "reward model")
             if len(dropped) == cfg.batch_size:
                 return self._skip(f"non-finite scores at samples {dropped} ({source}): every sample; step skipped")
             warnings.warn(f"non-finite scores at samples {dropped} ({source}): dropped from this step",
                           RuntimeWarning, stacklevel=2)
 
-        # 1. experience: old log-probs, values, reference log-probs (one no-grad forward of each model per
-        #    micro-batch; no policy pass when the update's own forward is pi_old, see `old_logp_from_update`)
+        # 1. experience: reference log-probs, values and (unless the update's own forward gives pi_old, see
+        #    `old_policy`) old log-probs: one no-grad forward of each model per micro-batch
         kl_coef = self.kl_ctl.value
         reward_kl_coef = kl_coef if cfg.kl_in_reward else 0.0  # else the KL is a loss term of the update
-        reuse = old_logp_from_update(cfg, reward_kl_coef, self.comm)
+        shared_critic = cfg.uses_critic and self.value_model is None
+        old_from_update = old_logp_from_update(cfg, reward_kl_coef, self.comm, shared_critic)
         with timer("forward_pass"):
-            batch = make_token_batch(inputs.queries, inputs.responses, self.pad_token_id, self.eos_token_ids,
-                                     self.device)
-            batch.response_mask = batch.response_mask * kept[:, None]  # [B, T]: dropped samples have no valid token
-            lengths = batch.lengths()
+            tokens = make_token_batch(batch.prompt_ids, batch.response_ids, self.pad_token_id, self.eos_token_ids,
+                                      self.device, batch.loss_mask).drop(kept)  # dropped samples: no valid token
+            lengths = tokens.lengths()
             mine = self.comm.shard(cfg.batch_size)
             rows = list(range(mine.start, mine.stop))
-            if self.layout.attention_width:  # a group's samples in one micro-batch share its query
-                rows = batch.by_query(rows)
+            if self.layout.attention_width:  # a group's samples in one micro-batch share its prompt
+                rows = tokens.by_prompt(rows)
             plan = rank_microbatches(rows, lengths, cfg.max_tokens_per_microbatch,
                                      cfg.mini_batch_size // self.comm.world_size, self.comm)
-            passes = forward_experience(self.model, self.ref_model, self.value_model, batch, cfg, plan, self.comm,
-                                        self.layout, with_old_logp=not reuse)
+            passes = forward_experience(self.model, self.ref_model, self.value_model, tokens, cfg, plan, self.comm,
+                                        self.layout, policy_pass=not old_from_update)
         if not passes.all_finite():  # device syncs
             return self._skip("non-finite log-probs or values in the experience; step skipped, weights unchanged")
 
-        # 2. rewards and advantages
-        mask = batch.response_mask
+        # 2. rewards and advantages, over the tokens trained
+        mask = tokens.loss_mask  # [B, T]
         with timer("compute_rewards"):
             step_scores = clip_scores(torch.where(kept, raw_scores, 0.0), cfg.score_clip)  # [B], 0 where dropped
-            step_scores = missing_eos_penalty(step_scores, batch.has_eos, cfg.missing_eos_penalty)
+            step_scores = missing_eos_penalty(step_scores, tokens.has_eos, cfg.missing_eos_penalty)
             kl = passes.kl if passes.kl is not None else torch.zeros_like(mask)  # kl_coef is 0 without it
             rewards, non_score = kl_shaped_rewards(step_scores, kl, mask, reward_kl_coef)
             if cfg.whiten_rewards:
@@ -285,26 +306,27 @@ class PPOTrainer:
         with timer("compute_advantages"):
             advantages, returns = self._advantages(rewards, passes.values, mask, kept)
             behaviour = None
-            if inputs.behaviour_logp is not None:  # tokens after EOS are not trained
-                behaviour = inputs.behaviour_logp[:, : mask.shape[1]].to(self.device)
-            is_weights = off_policy_weights(cfg, passes.old_logp, behaviour, mask)
+            if batch.behaviour_logp is not None:  # [B, T]: tokens after EOS are not trained
+                behaviour = pad_rows(batch.behaviour_logp, mask.shape[1]).to(self.device)
+            if old_from_update:
+                pi_old = PiOld.from_update(cfg, self.comm, mask, passes.ref_logp, behaviour)
+            else:
+                pi_old = PiOld.from_pass(cfg, mask, passes.ref_logp, behaviour, passes.old_logp, passes.entropy, kl)
         exp = Experience(
-            batch=batch, old_logp=passes.old_logp, ref_logp=passes.ref_logp, values=passes.values,
-            entropy=passes.entropy, kl=kl, kl_coef=kl_coef, raw_scores=raw_scores, scores=step_scores,
-            non_score_rewards=non_score, rewards=rewards, advantages=advantages, returns=returns,
-            behaviour_logp=behaviour, is_weights=is_weights,
+            batch=tokens, ref_logp=passes.ref_logp, values=passes.values, kl_coef=kl_coef, raw_scores=raw_scores,
+            scores=step_scores, non_score_rewards=non_score, rewards=rewards, advantages=advantages,
+            returns=returns, behaviour_logp=behaviour,
         )
 
         # 3. epochs over shuffled minibatches, one optimizer step per backward batch
         learning_rate = float(self.optimizer.param_groups[0]["lr"])
         with timer("optimize_step"):
-            update = ppo_update(self.model, self.value_model, self.optimizer, exp, cfg, self._shuffle, self.comm,
-                                lengths, self.layout)
-        if update.policy_logp is not None:  # pi_old came from the update: the experience's metrics from it
-            adopt_update_logp(exp, update, cfg)
+            update = ppo_update(self.model, self.value_model, self.optimizer, exp, pi_old, cfg, self._shuffle,
+                                self.comm, lengths, self.layout)
+        old = pi_old.result()  # pi_old on every token, now also when the update's forward gave it
 
         # 4. KL control, learning-rate schedule, policy version (the weights to publish)
-        mean_kl = exp.mean_kl()  # device sync
+        mean_kl = old.mean_kl(mask)  # device sync
         if update.optimizer_steps:
             self.policy_version += 1
         if update.non_finite:
@@ -315,12 +337,13 @@ class PPOTrainer:
             self.lr_scheduler.step()
 
         total = timer.total()
-        staleness = version_at_start - inputs.policy_versions if inputs.policy_versions is not None else None
+        oldest = batch.oldest_versions()  # [B], each sample's oldest token
+        staleness = version_at_start - oldest if oldest is not None else None
         return {
-            **step_stats(exp, update, mean_kl, cfg.tis_cap, staleness),
+            **step_stats(exp, old, update, mean_kl, cfg.tis_cap, staleness),
             **timer.times,
             "time/ppo/total": total,
-            "time/ppo/tokens_per_second": float(batch.attention_mask.sum()) / total,
+            "time/ppo/tokens_per_second": float(tokens.attention_mask.sum()) / total,
             "ppo/learning_rate": learning_rate,
             "ppo/optimizer_steps": float(update.optimizer_steps),
             "ppo/early_stop": float(update.early_stopped),

@@ -2,9 +2,8 @@
 per backward batch (`backward_batch_size` rows in micro-batches of `mini_batch_size` rows, or of at most
 `max_tokens_per_microbatch` tokens), on one rank or many.
 
-With one optimizer step the experience may come without old log-probs (`Experience.old_logp` None), fresh or
-stale samples alike: the update's own forward, detached, is pi_old (the ratio is exactly 1), and the update
-returns it for the metrics.
+pi_old's log-probs come from `old_policy.PiOld`, minibatch by minibatch (from the experience's policy pass,
+or, with one optimizer step, from this update's own forward, detached: the ratio is then exactly 1).
 
 Each optimizer step's loss is the mean over the global token count N of its minibatch: every micro-batch
 on every rank adds sum(token losses) / N, so the update does not depend on how the minibatch is cut into
@@ -32,7 +31,8 @@ from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.trainer import losses
 from rlhf_engine.trainer.passes.microbatch import rank_microbatches
 from rlhf_engine.trainer.ppo.config import PPOConfig
-from rlhf_engine.trainer.ppo.experience import Experience, ForwardOut, PassLayout, forward_policy, forward_values
+from rlhf_engine.trainer.ppo.experience import Experience, PassLayout, forward_policy, forward_values
+from rlhf_engine.trainer.ppo.old_policy import PiOld
 from rlhf_engine.trainer.ppo.shaping import kl_penalty
 
 
@@ -49,9 +49,6 @@ class UpdateResult:
     non_finite: bool = False
     """A loss or gradient was not finite: the update stopped, every optimizer step of it undone
     (`optimizer_steps` is then 0 and `stats` empty)."""
-    policy_logp: torch.Tensor | None = None
-    """[B, T] the update's own detached log-probs (and `entropy`), when the experience had no old log-probs."""
-    entropy: torch.Tensor | None = None
 
 
 def ppo_update(
@@ -59,22 +56,16 @@ def ppo_update(
     critic: AutoModelForCausalLMWithValueHead | None,
     optimizer: torch.optim.Optimizer,
     exp: Experience,
+    pi_old: PiOld,
     config: PPOConfig,
     shuffle: torch.Generator,
     comm: Comm,
     lengths: list[int],
     layout: PassLayout = PassLayout(),
 ) -> UpdateResult:
-    """`ppo_epochs` passes over `exp` in an order drawn from `shuffle` (equal on every rank); see the module
-    docstring. lengths: the real tokens of each sample (for the token budget)."""
+    """`ppo_epochs` passes over `exp` in an order drawn from `shuffle` (equal on every rank), pi_old from
+    `pi_old`; see the module docstring. lengths: the real tokens of each sample (for the token budget)."""
     result = UpdateResult()
-    if exp.old_logp is None:
-        if not config.one_optimizer_step or comm.distributed:
-            raise ValueError("an experience without old log-probs needs one optimizer step on one rank, got "
-                             f"ppo_epochs={config.ppo_epochs}, backward_batch_size={config.backward_batch_size}, "
-                             f"batch_size={config.batch_size}, world_size={comm.world_size}")
-        result.policy_logp = torch.zeros_like(exp.batch.response_mask)
-        result.entropy = torch.zeros_like(exp.batch.response_mask)
     max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
     # the optimizer's own parameters: FSDP2 swaps a module's registered parameters between the sharded ones
     # (which the optimizer holds) and unsharded ones around forward and backward
@@ -89,17 +80,13 @@ def ppo_update(
             optimizer.zero_grad(set_to_none=True)
             step_rows = order[b_start : b_start + config.backward_batch_size]
             # N, over all ranks' rows of this step; at least 1: a minibatch of dropped samples adds no gradient
-            token_count = exp.batch.response_mask[step_rows].sum().clamp(min=1)
+            token_count = exp.batch.loss_mask[step_rows].sum().clamp(min=1)
             sums: dict[str, torch.Tensor] = {}
-            if layout.attention_width:  # same step, micro-batches in which a group's samples share its query
-                step_rows = torch.tensor(exp.batch.by_query(step_rows.tolist()))
+            if layout.attention_width:  # same step, micro-batches in which a group's samples share its prompt
+                step_rows = torch.tensor(exp.batch.by_prompt(step_rows.tolist()))
             for rows in _step_microbatches(step_rows, lengths, config, comm, mine):
-                loss, mb_stats, out = minibatch_loss(model, critic, exp, rows, config, token_count, layout)
+                loss, mb_stats = minibatch_loss(model, critic, exp, pi_old, rows, config, token_count, layout)
                 (loss * comm.world_size).backward()  # gradients are averaged over ranks: scale back to a sum
-                if result.policy_logp is not None:
-                    width = out.logp.shape[1]
-                    result.policy_logp[rows, :width] = out.logp.detach()
-                    result.entropy[rows, :width] = out.entropy.detach()
                 for key, value in mb_stats.items():
                     sums[key] = sums[key] + value if key in sums else value
             reduce_gradients(comm, params)  # replicated parameters; FSDP2 reduced in backward
@@ -130,37 +117,6 @@ def ppo_update(
     return result
 
 
-def old_logp_from_update(config: PPOConfig, reward_kl_coef: float, comm: Comm) -> bool:
-    """Whether pi_old can be the update's own forward (detached) instead of a separate policy pass.
-
-    pi_old is the trainer's policy at experience time. When the update is one optimizer step (`ppo_epochs == 1`
-    and `backward_batch_size == batch_size`), the update's forward runs with exactly those weights, so it gives
-    the same log-probs as a separate pass would, for fresh and stale samples alike (a stale sample's distance
-    to its sampler is corrected by the importance weights pi_old / pi_behaviour, computed from that forward
-    too). The pass stays when something needs pi_old first: a later optimizer step (the weights moved by
-    then), KL-shaped rewards (`reward_kl_coef > 0`, or the `full` KL from logits), or several ranks (each would
-    only see its own rows of the update)."""
-    return config.one_optimizer_step and reward_kl_coef == 0 and config.kl_penalty != "full" and not comm.distributed
-
-
-def off_policy_weights(config: PPOConfig, old_logp: torch.Tensor | None, behaviour_logp: torch.Tensor | None,
-                       mask: torch.Tensor) -> torch.Tensor | None:
-    """The truncated importance weights min(pi_old / pi_behaviour, tis_cap) [B, T], 0 on padding, when the step
-    has the sampler's log-probs and `off_policy_correction` is `tis`; else None."""
-    if old_logp is None or behaviour_logp is None or config.off_policy_correction != "tis":
-        return None
-    return losses.truncated_importance_weights(old_logp, behaviour_logp, config.tis_cap) * mask
-
-
-def adopt_update_logp(exp: Experience, update: UpdateResult, config: PPOConfig) -> None:
-    """Fill the experience's pi_old metrics (log-probs, entropy, KL, importance weights) from the update's own
-    forward, for an experience that had no separate policy pass."""
-    mask = exp.batch.response_mask
-    exp.old_logp, exp.entropy = update.policy_logp, update.entropy
-    exp.kl = kl_penalty(config.kl_penalty, exp.old_logp, exp.ref_logp, mask, None, None, config.temperature)
-    exp.is_weights = off_policy_weights(config, exp.old_logp, exp.behaviour_logp, mask)
-
-
 def _step_microbatches(step_rows: torch.Tensor, lengths: list[int], config: PPOConfig, comm: Comm,
                        mine: slice) -> list[torch.Tensor]:
     """This rank's micro-batches of an optimizer step's rows: its slice of every `mini_batch_size` slice, or,
@@ -177,30 +133,25 @@ def minibatch_loss(
     model: nn.Module,
     critic: AutoModelForCausalLMWithValueHead | None,
     exp: Experience,
+    pi_old: PiOld,
     rows: torch.Tensor,
     config: PPOConfig,
     token_count: torch.Tensor | float | None = None,
     layout: PassLayout = PassLayout(),
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], ForwardOut]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss of the experience's `rows` (policy loss + vf_coef * value loss - entropy_coef * entropy, plus
     beta * KL to the reference when `kl_in_reward` is False),
-    with its detached metrics and the policy pass; with `token_count`, each is these rows' share
-    sum / token_count of a mean over a larger minibatch (see `losses`). Values come from `critic` when
-    given, else from `model`'s value head. Without old log-probs in `exp`, pi_old is this pass, detached."""
+    with its detached metrics; with `token_count`, each is these rows' share sum / token_count of a mean over
+    a larger minibatch (see `losses`), over the tokens of `batch.loss_mask`. Values come from `critic` when
+    given, else from `model`'s value head; pi_old's log-probs and importance weights from `pi_old`."""
     mb = exp.batch.select(rows)
     width = mb.response_width
-    mask = mb.response_mask
+    mask = mb.loss_mask
     shared_critic = config.uses_critic and critic is None
-    own_old_logp = exp.old_logp is None
     out = forward_policy(model, mb, config.temperature, with_values=shared_critic,
-                         with_entropy=config.entropy_coef > 0 or own_old_logp, packed=layout.policy,
+                         with_entropy=config.entropy_coef > 0 or pi_old.needs_entropy, packed=layout.policy,
                          attention_width=layout.attention_width, from_hidden=layout.from_hidden)
-    mb_old_logp = out.logp.detach() if own_old_logp else exp.old_logp[rows, :width]
-    if own_old_logp:  # the weights against the sampler from this forward, as pi_old
-        behaviour = exp.behaviour_logp[rows, :width] if exp.behaviour_logp is not None else None
-        mb_is_weights = off_policy_weights(config, mb_old_logp, behaviour, mask)
-    else:
-        mb_is_weights = exp.is_weights[rows, :width] if exp.is_weights is not None else None
+    mb_old_logp, mb_is_weights = pi_old.minibatch(rows, mask, out.logp, out.entropy)
     pg_loss, pg_stats = losses.ppo_policy_loss(
         out.logp, mb_old_logp, exp.advantages[rows, :width], mask, config.cliprange, mb_is_weights, token_count,
     )
@@ -234,4 +185,4 @@ def minibatch_loss(
         loss = loss - config.entropy_coef * entropy
         stats["ppo/policy/entropy"] = entropy.detach()
     stats["ppo/loss/total"] = loss.detach()
-    return loss, stats, out
+    return loss, stats

@@ -1,4 +1,4 @@
-"""2-rank worker: Comm collectives, the step-batch broadcast, FSDP2 weight gather, DCP save.
+"""2-rank worker: Comm collectives, the sample-batch broadcast, FSDP2 weight gather, DCP save.
 
 Writes <out>/rank<r>.json with what each rank saw, and a DCP checkpoint at <out>/ckpt.
 """
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
+from rlhf_engine.data.samples import SampleBatch
 from rlhf_engine.distributed import (
     Comm,
     DistributedConfig,
-    StepBatch,
-    broadcast_step_batch,
+    broadcast_samples,
     destroy_process_group,
     init_process_group,
     iter_full_state,
@@ -25,13 +25,15 @@ from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.trainer.export import save_gathered
 
 
-def sample_batch() -> StepBatch:
+def sample_batch() -> SampleBatch:
     g = torch.Generator().manual_seed(3)
-    queries = [torch.randint(4, 300, (n,), generator=g) for n in (2, 5, 3, 4)]
-    responses = [torch.randint(4, 300, (n,), generator=g) for n in (1, 6, 2, 3)]
-    return StepBatch(queries, responses, scores=torch.tensor([0.5, -1.0, 2.0, 0.0]),
-                     behaviour_logprobs=[-torch.rand(len(r), generator=g) for r in responses],
-                     policy_versions=torch.tensor([0, 1, 1, 2]))
+    prompt_ids = [torch.randint(4, 300, (n,), generator=g) for n in (2, 5, 3, 4)]
+    response_ids = [torch.randint(4, 300, (n,), generator=g) for n in (1, 6, 2, 3)]
+    return SampleBatch(prompt_ids, response_ids, scores=torch.tensor([0.5, -1.0, 2.0, 0.0]),
+                       behaviour_logp=[-torch.rand(len(r), generator=g) for r in response_ids],
+                       policy_versions=[torch.tensor([0]), torch.tensor([1, 1, 1, 2, 2, 2]), torch.tensor([1, 1]),
+                                        torch.tensor([2, 2, 2])],
+                       loss_mask=[torch.rand(len(r), generator=g) > 0.3 for r in response_ids])
 
 
 def main(out: Path) -> None:
@@ -39,17 +41,18 @@ def main(out: Path) -> None:
     comm = Comm.from_process_group(device)
     seen = {}
     # the batch: rank 0 passes it, rank 1 reconstructs it from the broadcast
-    got = broadcast_step_batch(comm, sample_batch() if comm.is_main else None)
+    got = broadcast_samples(comm, sample_batch() if comm.is_main else None)
     want = sample_batch()
     seen["batch_equal"] = (
-        all(torch.equal(a, b) for a, b in zip(got.queries, want.queries))
-        and all(torch.equal(a, b) for a, b in zip(got.responses, want.responses))
+        all(torch.equal(a, b) for a, b in zip(got.prompt_ids, want.prompt_ids))
+        and all(torch.equal(a, b) for a, b in zip(got.response_ids, want.response_ids))
         and torch.equal(got.scores, want.scores)
-        and all(torch.equal(a, b) for a, b in zip(got.behaviour_logprobs, want.behaviour_logprobs))
-        and torch.equal(got.policy_versions, want.policy_versions)
+        and all(torch.equal(a, b) for a, b in zip(got.behaviour_logp, want.behaviour_logp))
+        and all(torch.equal(a, b) for a, b in zip(got.policy_versions, want.policy_versions))
+        and all(torch.equal(a, b) for a, b in zip(got.loss_mask, want.loss_mask))
     )
-    no_extras = broadcast_step_batch(comm, StepBatch(want.queries, want.responses) if comm.is_main else None)
-    seen["none_fields"] = [no_extras.scores is None, no_extras.behaviour_logprobs is None,
+    no_extras = broadcast_samples(comm, SampleBatch(want.prompt_ids, want.response_ids) if comm.is_main else None)
+    seen["none_fields"] = [no_extras.scores is None, no_extras.behaviour_logp is None,
                            no_extras.policy_versions is None]
     # collectives: rank r holds r + 1
     x = torch.tensor([float(comm.rank + 1), 10.0])

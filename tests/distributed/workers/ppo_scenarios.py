@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhf_engine.common.checkpoint import rng_state, set_rng_state
-from rlhf_engine.distributed import Comm, DistributedConfig, StepBatch, broadcast_step_batch
+from rlhf_engine.data.samples import SampleBatch
+from rlhf_engine.distributed import Comm, DistributedConfig, broadcast_samples
 from rlhf_engine.models.tiny import TinyLlamaSpec, build_llama, build_tokenizer
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
 from rlhf_engine.trainer.ppo import checkpoint as dcp
@@ -50,7 +51,7 @@ def make_trainer(comm: Comm, scenario: str, fsdp: bool = True) -> PPOTrainer:
                       parallel=DistributedConfig(backend="gloo", fsdp=fsdp))
 
 
-def step_batch(step: int, scenario: str, eos: int) -> StepBatch:
+def step_batch(step: int, scenario: str, eos: int) -> SampleBatch:
     """Fixed samples of one step; grpo's and rloo's come as groups of 2 consecutive samples with one prompt."""
     g = torch.Generator().manual_seed(1000 + step)
     queries, responses = [], []
@@ -64,7 +65,7 @@ def step_batch(step: int, scenario: str, eos: int) -> StepBatch:
             r[-1] = eos
         responses.append(r)
     scores = torch.randn(B, generator=g)
-    return StepBatch(queries, responses, scores=scores)
+    return SampleBatch(queries, responses, scores=scores)
 
 
 def run_steps(comm: Comm, trainer: PPOTrainer, scenario: str, steps: range,
@@ -74,8 +75,8 @@ def run_steps(comm: Comm, trainer: PPOTrainer, scenario: str, steps: range,
     history = []
     for step in steps:
         mine = step_batch(step, scenario, trainer.eos_token_ids[0]) if comm.is_main else None
-        batch = broadcast_step_batch(comm, mine)
-        history.append(trainer.step(batch.queries, batch.responses, batch.scores))
+        batch = broadcast_samples(comm, mine)
+        history.append(trainer.step_batch(batch))
         if save_after is not None and step + 1 == save_after:
             save_trainer(comm, trainer, save_dir)
     return history

@@ -1,6 +1,6 @@
 """2-rank worker: the prompt records' fields reach the reward function on every trainer rank.
 
-Rank 0 holds a StepBatch with columns (one JSON value per sample); the real broadcast hands it to rank 1, and
+Rank 0 holds a SampleBatch with columns (one JSON value per sample); the real broadcast hands it to rank 1, and
 each rank's `PPOTrainer.score` calls the reward function on its share. Writes <out>/rank<r>.json: the columns
 each rank received, what its reward function got, and the gathered scores.
 """
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf_engine.distributed import Comm, StepBatch, broadcast_step_batch, destroy_process_group, init_process_group
+from rlhf_engine.data.samples import SampleBatch
+from rlhf_engine.distributed import Comm, broadcast_samples, destroy_process_group, init_process_group
 from rlhf_engine.distributed.config import DistributedConfig
 from rlhf_engine.models.tiny import TinyLlamaSpec, build_llama, build_tokenizer
 from rlhf_engine.trainer.ppo.config import PPOConfig
@@ -37,10 +38,10 @@ def main(out: Path) -> None:
     if comm.is_main:
         queries = [torch.tensor([5, 6]), torch.tensor([5, 6]), torch.tensor([7]), torch.tensor([7])]
         responses = [torch.tensor([9]), torch.tensor([10, 11]), torch.tensor([12]), torch.tensor([13])]
-        mine = StepBatch(queries, responses, columns={"answer": [1, 1, 2, 2],
+        mine = SampleBatch(queries, responses, columns={"answer": [1, 1, 2, 2],
                                                       "meta": [{"k": "é"}, {"k": "é"}, None, None]})
-    batch = broadcast_step_batch(comm, mine)
-    scores = trainer.score(batch.queries, batch.responses, batch.columns)
+    batch = broadcast_samples(comm, mine)
+    scores = trainer.score(batch.prompt_ids, batch.response_ids, batch.columns)
     (out / f"rank{comm.rank}.json").write_text(json.dumps(
         {"columns": batch.columns, "seen": SEEN, "scores": scores.tolist()}))
     destroy_process_group()

@@ -1,0 +1,181 @@
+"""`Sample`: one sampled sequence, from the generator to the loss; `SampleBatch`: a step's samples.
+
+One record and one name per field end to end (torchtune's `Trajectory` is the model): a backend makes a
+`Sample`, the wire carries it (`rlhf_engine.transport.messages`), the trainer checks it
+(`rlhf_engine.engine.intake`), rank 0 broadcasts a `SampleBatch` of them
+(`rlhf_engine.distributed.batch`) and `PPOTrainer.step_batch` trains on it.
+
+Per-token fields are aligned with `response_ids` ([R] each):
+
+    response_ids     every token after the prompt: the ones the policy sampled, and (multi-turn) the
+                     environment's tokens between its turns
+    loss_mask        True where the policy sampled the token (trained); False for environment tokens
+    behaviour_logp   the sampler's log-prob of each sampled token (the behaviour policy); 0 where masked
+    policy_versions  the policy version that produced each token (one value for a plain completion;
+                     non-decreasing, several values once weights change while a sequence runs)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+MAX_ID_CHARS = 256
+"""Longest `sample_id` / `finish_reason`."""
+
+
+@dataclass
+class Sample:
+    """One sampled sequence of one prompt, with what the trainer needs to learn from it.
+
+    Lists are accepted and converted; `policy_versions` may be one int (every token's) and `loss_mask`
+    None (every token trained: a plain completion). Shapes and dtypes are checked at construction.
+    """
+
+    sample_id: str
+    """Unique per run (the generator names it); the trainer drops a repeated one."""
+    prompt_id: int
+    """Which prompt: the trainer's data index (a backend returns the prompt's position in the batch given
+    to `Generator.generate`; the generator loop puts the data index in its place)."""
+    prompt_ids: torch.Tensor
+    """[P] int64, the prompt's tokens."""
+    response_ids: torch.Tensor
+    """[R] int64, every token after the prompt (a stop token or the tokens of a stop string included)."""
+    behaviour_logp: torch.Tensor
+    """[R] float32, log pi_behaviour(response_ids[t] | prefix): the sampler's log-prob of each token under
+    the distribution it drew from (after temperature, top-k, top-p); 0 where `loss_mask` is False."""
+    policy_versions: torch.Tensor
+    """[R] int64, the policy version that produced each token, non-decreasing."""
+    finish_reason: str
+    """`stop` (EOS, stop token or stop string) or `length` (max_new_tokens or max_model_len), as vLLM names it."""
+    loss_mask: torch.Tensor | None = None
+    """[R] bool: True on the tokens the policy sampled (trained), False on environment tokens; None given:
+    every token."""
+    generation_time: float = 0.0
+    """Seconds the generator spent on the batch this sample came from."""
+    finished_at: float = 0.0
+    """Wall-clock time (Unix seconds, the generator's clock) when that batch finished; 0 if unknown.
+    With `generation_time` it gives the generator's busy interval on the run's timeline."""
+    eval: bool = False
+    """It answers an evaluation batch: the trainer scores it and never trains on it."""
+    sender: str = ""
+    """The generator that sent it, set by the trainer's transport from the authenticated session on
+    receive; never read from the payload, and not sent."""
+
+    def __post_init__(self) -> None:
+        self.prompt_ids = _as_1d(self.prompt_ids, torch.int64, "prompt_ids")
+        self.response_ids = _as_1d(self.response_ids, torch.int64, "response_ids")
+        self.behaviour_logp = _as_1d(self.behaviour_logp, torch.float32, "behaviour_logp")
+        n = self.response_ids.numel()
+        if isinstance(self.policy_versions, int):
+            self.policy_versions = torch.full((n,), self.policy_versions, dtype=torch.int64)
+        self.policy_versions = _as_1d(self.policy_versions, torch.int64, "policy_versions")
+        if self.loss_mask is None:
+            self.loss_mask = torch.ones(n, dtype=torch.bool)
+        self.loss_mask = _as_1d(self.loss_mask, torch.bool, "loss_mask")
+        for name in ("behaviour_logp", "policy_versions", "loss_mask"):
+            if getattr(self, name).numel() != n:
+                raise ValueError(f"sample {self.sample_id!r}: {getattr(self, name).numel()} {name} for "
+                                 f"{n} response tokens")
+        check_versions(self.policy_versions, f"sample {self.sample_id!r}")
+        if not self.sample_id or len(self.sample_id) > MAX_ID_CHARS:
+            raise ValueError(f"sample_id must have 1..{MAX_ID_CHARS} characters, got {self.sample_id!r}")
+        if len(self.finish_reason) > MAX_ID_CHARS:
+            raise ValueError(f"finish_reason longer than {MAX_ID_CHARS} characters: {self.finish_reason[:40]!r}...")
+
+    @property
+    def policy_version(self) -> int:
+        """The oldest token's policy version (the one staleness counts); for an empty response, -1."""
+        return int(self.policy_versions[0]) if self.policy_versions.numel() else -1
+
+
+@dataclass
+class SampleBatch:
+    """B samples as `PPOTrainer.step_batch` takes them (the per-token fields of `Sample`, one list each),
+    with their scores and the prompt records' fields; what rank 0 broadcasts to the other ranks."""
+
+    prompt_ids: list[torch.Tensor]
+    """B x [P_i] int64."""
+    response_ids: list[torch.Tensor]
+    """B x [R_i] int64 (not yet cut after EOS)."""
+    behaviour_logp: list[torch.Tensor] | None = None
+    """B x [R_i] float32, the sampler's log-probs; None: on-policy samples (pi_old is the behaviour policy)."""
+    policy_versions: list[torch.Tensor] | None = None
+    """B x [R_i] int64; None: unknown (no staleness metrics)."""
+    loss_mask: list[torch.Tensor] | None = None
+    """B x [R_i] bool; None given: every token trained."""
+    scores: torch.Tensor | None = None
+    """[B] float32; None: the trainer scores the samples itself."""
+    columns: dict[str, list[Any]] | None = None
+    """`{field: B JSON values}` of the prompts' records, for a reward function that takes them."""
+
+    def __post_init__(self) -> None:
+        n = len(self.prompt_ids)
+        if len(self.response_ids) != n:
+            raise ValueError(f"{n} prompt_ids but {len(self.response_ids)} response_ids")
+        _check_seqs(self.prompt_ids, torch.int64, "prompt_ids")
+        _check_seqs(self.response_ids, torch.int64, "response_ids")
+        if self.loss_mask is None:
+            self.loss_mask = [torch.ones(len(r), dtype=torch.bool) for r in self.response_ids]
+        for name, dtype in (("behaviour_logp", torch.float32), ("policy_versions", torch.int64),
+                            ("loss_mask", torch.bool)):
+            seqs = getattr(self, name)
+            if seqs is None:
+                continue
+            if len(seqs) != n:
+                raise ValueError(f"{len(seqs)} {name} for {n} samples")
+            _check_seqs(seqs, dtype, name)
+            for i, (t, r) in enumerate(zip(seqs, self.response_ids)):
+                if t.shape != r.shape:
+                    raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}; response_ids[{i}] has {tuple(r.shape)}")
+        for i, v in enumerate(self.policy_versions or []):
+            check_versions(v, f"policy_versions[{i}]")
+        if self.scores is not None and self.scores.shape != (n,):
+            raise ValueError(f"scores have shape {tuple(self.scores.shape)}, expected ({n},)")
+        for name, values in (self.columns or {}).items():
+            if len(values) != n:
+                raise ValueError(f"column {name!r} has {len(values)} values for {n} samples")
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[Sample], scores: torch.Tensor | None = None,
+                     columns: dict[str, list[Any]] | None = None) -> "SampleBatch":
+        return cls(
+            prompt_ids=[s.prompt_ids for s in samples],
+            response_ids=[s.response_ids for s in samples],
+            behaviour_logp=[s.behaviour_logp for s in samples],
+            policy_versions=[s.policy_versions for s in samples],
+            loss_mask=[s.loss_mask for s in samples],
+            scores=scores,
+            columns=columns,
+        )
+
+    def oldest_versions(self) -> torch.Tensor | None:
+        """[B] int64: each sample's oldest token's policy version (None without versions)."""
+        if self.policy_versions is None:
+            return None
+        return torch.tensor([int(v.min()) if v.numel() else 0 for v in self.policy_versions], dtype=torch.int64)
+
+
+def check_versions(versions: torch.Tensor, what: str) -> None:
+    """Raise unless `versions` [R] are >= 0 and non-decreasing."""
+    if versions.numel() and (bool((versions < 0).any()) or bool((versions[1:] < versions[:-1]).any())):
+        raise ValueError(f"{what}: policy versions must be >= 0 and non-decreasing, got {versions[:16].tolist()}")
+
+
+def _as_1d(values, dtype: torch.dtype, name: str) -> torch.Tensor:
+    tensor = torch.as_tensor(values, dtype=dtype)
+    if tensor.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
+    return tensor
+
+
+def _check_seqs(seqs: Sequence[torch.Tensor], dtype: torch.dtype, name: str) -> None:
+    for i, t in enumerate(seqs):
+        if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.dtype != dtype:
+            got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}[{i}] must be a 1-D {dtype} tensor, got {got}")
