@@ -54,7 +54,7 @@ def sizes(model_dir: str, full_dtype: str) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from rlhf_engine.models.lora import LoraConfig
-    from rlhf_engine.rollout.adapters import adapter_specs
+    from rlhf_engine.transport.weights import adapter_specs
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
@@ -123,7 +123,7 @@ def apply_times(model_dir: str, backend: str, lora, reps: int) -> dict:
 
 def sync_section(model_dir: str, reps: int) -> dict:
     from rlhf_engine.models.lora import LoraConfig
-    from rlhf_engine.rollout.adapters import weight_specs
+    from rlhf_engine.transport.weights import weight_specs
 
     out = {}
     for label, lora in (("full", None), ("lora_r16_qkvo", LoraConfig(**LORA))):

@@ -229,7 +229,7 @@ def _run_generator(args: argparse.Namespace) -> int:
     import dataclasses
 
     from rlhf_engine.engine.config import load_run_config
-    from rlhf_engine.rollout.adapters import run_generator_config
+    from rlhf_engine.rollout.config import run_generator_config
     from rlhf_engine.rollout.process import run_generator
     from rlhf_engine.transport.endpoints import check_security
 

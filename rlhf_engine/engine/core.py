@@ -57,12 +57,13 @@ from rlhf_engine.engine.intake import Intake, IntakeLimits
 from rlhf_engine.engine.preflight import check_run
 from rlhf_engine.engine.supervisor import Supervisor
 from rlhf_engine.models.reward_scoring import function_scores
-from rlhf_engine.rollout.adapters import run_generator_config, sync_fingerprint, weight_specs
+from rlhf_engine.rollout.config import run_generator_config
 from rlhf_engine.telemetry.files import drop_steps_after, read_jsonl
 from rlhf_engine.telemetry.metrics import MetricsLogger
 from rlhf_engine.telemetry.timeline import Timeline, idle_fractions
 from rlhf_engine.trainer.ppo.checkpoint import check_checkpoint, load_trainer, save_trainer
 from rlhf_engine.transport import TrainerPort
+from rlhf_engine.transport.weights import sync_fingerprint, weight_specs
 
 log = logging.getLogger(__name__)
 
@@ -491,9 +492,10 @@ class RLHFEngine:
         return stats
 
     def _sync_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """What the generators take each version, `(HF name, tensor)` one at a time at every world size: the
-        LoRA adapters (`model.lora.sync: adapters`), else the full policy weights (merged with the adapters
-        under LoRA; gathered from every rank's shards when the trainer is distributed, which the publish
+        """What the generators take each version: the one accessor (`PPOTrainer.policy_weights`, see
+        `transport.weights.policy_weights`) through the rank driver, `(name, tensor)` one at a time at every
+        world size: the LoRA adapters (`model.lora.sync: adapters`), else the full policy weights (merged with the
+        adapters under LoRA; gathered from every rank's shards when the trainer is distributed, which the publish
         streams into shared memory)."""
         return self._leader.weights(adapters=self._sync_lora is not None)
 

@@ -80,11 +80,11 @@ class Leader:
         return scores[:n]
 
     def weights(self, *, adapters: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-        """What the generators take each version, as `(HF name, tensor)` one at a time at every world size:
+        """What the generators take each version, `trainer.policy_weights(adapters=...)` at every world size:
         the LoRA adapters (`adapters`, one rank) or the full policy weights (gathered from the shards on
         ranks, the other ranks alongside: drain the iterator before the next op)."""
-        if adapters:
-            return iter(self.trainer.adapter_state_dict().items())
+        if adapters:  # LoRA trains on one rank: nobody follows
+            return self.trainer.policy_weights(adapters=True)
         self._begin(Op.WEIGHTS)
         return self._until_drained(self.trainer.policy_weights())
 

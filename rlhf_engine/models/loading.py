@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf_engine.models.lora import LoraConfig, adapters_disabled, apply_lora, is_lora, merged_state_dict
+from rlhf_engine.models.lora import LoraConfig, adapters_disabled, apply_lora, is_lora
 from rlhf_engine.models.value_head import VALUE_HEAD_FILE, AutoModelForCausalLMWithValueHead
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -55,16 +55,6 @@ def load_causal_lm(path: str | Path, dtype: str | torch.dtype | None = None, fro
     kwargs = {} if dtype is None else {"dtype": resolve_dtype(dtype)}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return freeze(model) if frozen else model
-
-
-def policy_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The policy's weights under transformers' parameter names (what vLLM's `reload_weights` takes),
-    without the value head: detached tensors that alias the live parameters (copy before mutating); with
-    LoRA the merged weights W + scale * B @ A (new tensors where adapted)."""
-    lm = causal_lm(model)
-    if is_lora(lm):
-        return merged_state_dict(lm)
-    return {name: tensor.detach() for name, tensor in lm.state_dict().items()}
 
 
 class AdaptersDisabled(nn.Module):

@@ -135,7 +135,8 @@ def _matched_layers(model: nn.Module, pconfig, targets: list[str] | str) -> dict
 def adapter_state_dict(model: "peft.PeftModel") -> dict[str, torch.Tensor]:
     """The adapter tensors under peft's saved names (what `adapter_model.safetensors` holds, e.g.
     `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`), detached fp32 tensors (aliasing the
-    live fp32 parameters: copy them before the next optimizer step)."""
+    live fp32 parameters: copy them before the next optimizer step). Weight sync takes them through its one
+    accessor, `transport.weights.policy_weights(model, adapters=True)`."""
     peft = _peft()
     return {name: t.detach().float() for name, t in peft.get_peft_model_state_dict(model).items()}
 

@@ -5,8 +5,8 @@
   picks `VLLMGenerator` (`vllm_backend.py`) or `HFGenerator` (`hf_backend.py`).
 - `GeneratorLoop` (`loop.py`): prompts in, rollouts out over the transport, weights between batches.
 - `run_generator` (`process.py`): the body of a generator process.
-- What an update carries (`adapters.py`): full weights, or with `GeneratorConfig.lora`
-  (`model.lora.sync: adapters`) only the LoRA adapters on the frozen base.
+- What an update carries (`rlhf_engine.transport.weights`): full weights, or with `GeneratorConfig.lora`
+  (`model.lora.sync: adapters`) only the LoRA adapters on the frozen base (`vllm_adapters.py` in vLLM).
 
 Names are imported lazily: the config loader imports `rollout.config` without torch or vLLM.
 """
@@ -24,7 +24,7 @@ _EXPORTS = {
     "GeneratorLoop": "rlhf_engine.rollout.loop",
     "LoopStats": "rlhf_engine.rollout.loop",
     "run_generator": "rlhf_engine.rollout.process",
-    "dir_fingerprint": "rlhf_engine.rollout.params",
+    "dir_fingerprint": "rlhf_engine.transport.weights",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from rlhf_engine.models.lora import LoraConfig
@@ -99,7 +100,7 @@ class GeneratorConfig:
     the vLLM backend's adapter folders too."""
     lora: LoraConfig | None = None
     """The policy's LoRA adapters when the run syncs adapters (`model.lora.sync: adapters`; the run sets
-    it from `model.lora`, see `rollout.adapters.run_generator_config`): every weight update then carries
+    it from `model.lora`, see `run_generator_config`): every weight update then carries
     the adapter tensors (peft names) on top of the frozen base in `model`, instead of full weights."""
 
     def __post_init__(self) -> None:
@@ -144,3 +145,13 @@ class GeneratorConfig:
         """The seed of batch number `batch`: distinct per batch, fixed for a given `seed`."""
         # a large multiplier spreads batches apart so per-request offsets (+ prompt * n + j) rarely collide
         return (self.seed * 1_000_003 + batch * 65_537) % (1 << 31)
+
+
+def run_generator_config(generator: GeneratorConfig, model_lora: LoraConfig | None) -> GeneratorConfig:
+    """The generator config a run with `model.lora` = `model_lora` starts its generators with: `lora`
+    set when `model_lora.sync` is `adapters`, else None (merged or no LoRA: full weights)."""
+    lora = model_lora if model_lora is not None and model_lora.sync == "adapters" else None
+    if generator.lora is not None and generator.lora != lora:
+        raise ValueError(f"generator.lora ({generator.lora}) follows model.lora ({model_lora}) and model.lora.sync; "
+                         "leave it out of the generator section")
+    return dataclasses.replace(generator, lora=lora)

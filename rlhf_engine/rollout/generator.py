@@ -13,9 +13,8 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from rlhf_engine.data.samples import Sample
-from rlhf_engine.rollout.adapters import weight_specs
 from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
-from rlhf_engine.rollout.params import check_update
+from rlhf_engine.transport.weights import WeightSpecs, weight_specs
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +27,9 @@ class Generator(ABC):
         self.version = config.initial_version
         self.weight_specs = weight_specs(config.model, config.lora)
         """(name, shape, dtype) of every tensor a weight update carries as it comes from the trainer: the
-        stored weights, or with `config.lora` the adapters (`rollout.adapters`)."""
-        self.expected = {name: shape for name, shape, _ in self.weight_specs}
+        stored weights, or with `config.lora` the adapters (`transport.weights`)."""
+        self._specs = WeightSpecs.of(self.weight_specs)
+        self.expected = self._specs.shapes
         self._batches = 0
         self._closed = False
 
@@ -61,7 +61,7 @@ class Generator(ABC):
 
     def update_weights(self, version: int, named_tensors: Mapping[str, torch.Tensor]) -> bool:
         """Replace all weights with `named_tensors` (HF names) as policy `version`; with `config.lora`,
-        `named_tensors` are the adapters (peft names, `rollout.adapters`) on the frozen base.
+        `named_tensors` are the adapters (peft names, `transport.weights`) on the frozen base.
 
         Returns False and changes nothing when `version` is not newer than the current one
         (stale or duplicate). Raises `ValueError` (changing nothing) when the tensors do not
@@ -72,7 +72,7 @@ class Generator(ABC):
         if version <= self.version:
             log.info("ignoring weight update v%d: generator already has v%d", version, self.version)
             return False
-        check_update(self.expected, named_tensors)
+        self._specs.check_update(named_tensors)
         self._apply_weights(version, named_tensors)
         self.version = version
         return True

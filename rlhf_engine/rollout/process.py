@@ -15,11 +15,11 @@ import signal
 import threading
 from pathlib import Path
 
-from rlhf_engine.rollout.adapters import sync_fingerprint
 from rlhf_engine.rollout.backends import make_generator
 from rlhf_engine.rollout.config import GeneratorConfig
 from rlhf_engine.rollout.loop import GeneratorLoop, LoopStats
 from rlhf_engine.transport import GeneratorPort, ShutdownRequested, TransportConfig
+from rlhf_engine.transport.weights import sync_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -26,11 +26,10 @@ import zmq
 from rlhf_engine.transport.config import TransportConfig
 from rlhf_engine.transport.control import ControlThread
 from rlhf_engine.transport.errors import BackpressureTimeout
-from rlhf_engine.transport.limits import WeightSpecs
 from rlhf_engine.transport.relay import RelayRounds
 from rlhf_engine.transport.roster import REFUSED, UNACKED, GeneratorInfo, Roster
 from rlhf_engine.transport.shm import BuffersHeld, Segment, ShmPool, layout
-from rlhf_engine.transport.weights import bucketize
+from rlhf_engine.transport.weights import WeightSpecs, bucketize
 from rlhf_engine.transport.wire import (
     ShutdownHeader,
     TensorSpec,

@@ -7,7 +7,7 @@ Each receiving socket gets the ``WireLimits`` of what may legitimately travel on
   ``max_response_tokens`` tokens (int64) with, per response token, a float32 log-prob, an int64 policy
   version and a bool loss mask;
 - generator prompts: at most ``max_batch_prompts`` prompts of ``max_prompt_tokens``;
-- generator control: weight updates whose tensors match the model's specs exactly.
+- generator control: weight updates whose tensors match the model's specs exactly (`weights.WeightSpecs`).
 
 ``rollout_memory_bound`` states how much memory a flood of the largest allowed rollouts
 can make the trainer hold (see the README's transport section).
@@ -15,13 +15,8 @@ can make the trainer hold (see the README's transport section).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Sequence
-
-import torch
-
 from rlhf_engine.transport.config import TransportConfig
-from rlhf_engine.transport.wire import ALLOWED_DTYPES, DTYPE_NAMES, TensorSpec, WireError, WireLimits
+from rlhf_engine.transport.wire import WireLimits
 
 CONTROL_HEADER_BYTES = 64 << 10
 """Largest control header (HELLO, heartbeat, ack, relayed, goodbye: names, a path and a reason string)."""
@@ -67,55 +62,3 @@ def rollout_memory_bound(config: TransportConfig, generators: int) -> int:
     queued = min(config.rollout_queue_bytes, config.rollout_queue_size * limits.max_message_bytes)
     in_flight = limits.max_header_bytes + ROLLOUT_TENSORS * limits.max_frame_bytes
     return queued + (generators * (config.rollout_hwm + 1) + 1) * in_flight
-
-
-@dataclass(frozen=True)
-class WeightSpecs:
-    """The exact tensors a weight update carries: ``{name: (dtype name, shape)}``."""
-
-    tensors: dict[str, tuple[str, tuple[int, ...]]]
-
-    @classmethod
-    def of(cls, specs: Iterable[tuple]) -> "WeightSpecs":
-        """From ``(name, shape, dtype)`` rows (dtype a ``torch.dtype`` or its name), e.g. ``state_dict_specs``."""
-        out = {}
-        for name, shape, dtype in specs:
-            out[str(name)] = (DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")), tuple(int(d) for d in shape))
-        return cls(out)
-
-    def wire_specs(self) -> tuple[TensorSpec, ...]:
-        """The tensors as ``TensorSpec``s, in the order they were given."""
-        return tuple(TensorSpec(name, dtype, shape, torch.Size(shape).numel() * _itemsize(dtype))
-                     for name, (dtype, shape) in self.tensors.items())
-
-    def limits(self, bucket_bytes: int) -> WireLimits:
-        """Limits of one weights message (a bucket of at most the whole model, or a shared-memory header)."""
-        sizes = [torch.Size(shape).numel() * _itemsize(dtype) for dtype, shape in self.tensors.values()]
-        header = CONTROL_HEADER_BYTES + sum(len(name) + 64 for name in self.tensors)
-        return WireLimits(max_header_bytes=header, max_tensor_bytes=max(sizes, default=0),
-                          max_message_bytes=sum(sizes), max_tensors=len(sizes))
-
-    def check_received(self, specs: Sequence[TensorSpec]) -> None:
-        """Raise ``WireError("bad_weights")`` unless every spec is one of the model's, exactly."""
-        for spec in specs:
-            want = self.tensors.get(spec.name)
-            if want is None or want != (spec.dtype, tuple(spec.shape)):
-                raise WireError("bad_weights", f"tensor {spec.name!r} {spec.dtype}{list(spec.shape)}: the model has "
-                                               f"{'no such tensor' if want is None else f'{want[0]}{list(want[1])}'}")
-
-    def check_published(self, specs: Sequence[TensorSpec]) -> None:
-        """Raise ``ValueError`` unless ``specs`` are exactly the model's tensors (names, dtypes, shapes)."""
-        got = {s.name: (s.dtype, tuple(s.shape)) for s in specs}
-        if got != self.tensors:
-            missing = sorted(set(self.tensors) - set(got))[:5]
-            unknown = sorted(set(got) - set(self.tensors))[:5]
-            differ = [f"{n}: {got[n]} != {self.tensors[n]}" for n in got if n in self.tensors and got[n] != self.tensors[n]]
-            raise ValueError(f"weight update does not match the model's specs: missing {missing}, unknown {unknown}, "
-                             f"different {differ[:5]}")
-
-
-def _itemsize(dtype_name: str) -> int:
-    dtype = ALLOWED_DTYPES.get(dtype_name)
-    if dtype is None:
-        raise ValueError(f"weight dtype {dtype_name!r} is not allowed on the wire ({sorted(ALLOWED_DTYPES)})")
-    return dtype.itemsize

@@ -20,11 +20,10 @@ from typing import Callable
 import torch
 
 from rlhf_engine.transport.config import TransportConfig
-from rlhf_engine.transport.limits import WeightSpecs
 from rlhf_engine.transport.messages import WeightUpdate
 from rlhf_engine.transport.relay import RelayLeader
 from rlhf_engine.transport.shm import ShmReader
-from rlhf_engine.transport.weights import Staging
+from rlhf_engine.transport.weights import Staging, WeightSpecs
 from rlhf_engine.transport.wire import (
     WeightsAckHeader,
     WeightsHeader,

@@ -37,9 +37,10 @@ from rlhf_engine.transport.errors import (
     PeerDeadError,
     ShutdownRequested,
 )
-from rlhf_engine.transport.limits import CONTROL_LIMITS, WeightSpecs
+from rlhf_engine.transport.limits import CONTROL_LIMITS
 from rlhf_engine.transport.receiver import WeightReceiver
 from rlhf_engine.transport.roster import LEFT, GeneratorInfo, Roster
+from rlhf_engine.transport.weights import WeightSpecs
 from rlhf_engine.transport.wire import (
     PROTOCOL_VERSION,
     HeartbeatHeader,

@@ -19,9 +19,9 @@ import time
 import torch
 import zmq
 
-from rlhf_engine.rollout.params import dir_fingerprint
 from rlhf_engine.transport import BackpressureTimeout, GeneratorPort, Sample, TransportConfig
 from rlhf_engine.transport.endpoints import channel_endpoint
+from rlhf_engine.transport.weights import dir_fingerprint
 
 VOCAB = 512  # the tiny test model's
 

@@ -27,8 +27,8 @@ def generator_main(spec: dict) -> int:
 
 def parent_main(spec: dict) -> int:
     from rlhf_engine.common.procs import start_child
-    from rlhf_engine.rollout.params import dir_fingerprint
     from rlhf_engine.transport import TrainerPort, TransportConfig
+    from rlhf_engine.transport.weights import dir_fingerprint
 
     port = TrainerPort(TransportConfig(**spec["transport"]), dir_fingerprint(spec["generator"]["model"]))
     args = ["-m", "tests.helpers.processes", "generator", json.dumps(spec)]

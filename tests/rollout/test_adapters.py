@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from rlhf_engine.models.lora import LoraConfig, adapter_state_dict
-from rlhf_engine.rollout.adapters import adapter_specs, run_generator_config, sync_fingerprint, weight_specs
-from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
-from rlhf_engine.rollout.params import dir_fingerprint, stored_params
+from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig, run_generator_config
+from rlhf_engine.transport.weights import adapter_specs, dir_fingerprint, stored_params, sync_fingerprint, weight_specs
 from tests.helpers.rollout import peft_reference, prompts, random_adapters, reference_logprobs
 
 pytest.importorskip("peft")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from rlhf_engine.rollout.loop import GeneratorLoop
-from rlhf_engine.rollout.params import dir_fingerprint
 from rlhf_engine.transport import GeneratorPort, PromptBatch, TrainerPort, TransportConfig
+from rlhf_engine.transport.weights import dir_fingerprint
 from tests.helpers.rollout import perturbed_state, prompts, reference_logprobs
 
 pytestmark = pytest.mark.vllm

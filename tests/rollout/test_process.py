@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from rlhf_engine.common.procs import descendants
-from rlhf_engine.rollout.params import dir_fingerprint
 from rlhf_engine.transport import PromptBatch, TrainerPort, TransportConfig
+from rlhf_engine.transport.weights import dir_fingerprint
 from tests.helpers.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]

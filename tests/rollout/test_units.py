@@ -7,8 +7,8 @@ import torch
 
 from rlhf_engine.rollout.backends import resolve_backend
 from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
-from rlhf_engine.rollout.params import check_update, dir_fingerprint, stored_params
 from rlhf_engine.rollout.staging import ALIGN, StagingFile, layout, map_file, views
+from rlhf_engine.transport.weights import WeightSpecs, dir_fingerprint, stored_params
 
 
 @pytest.mark.parametrize(
@@ -69,12 +69,17 @@ def test_staging_layout_round_trips(tmp_path):
 def test_check_update_and_fingerprint(tiny_model_dir, hf_reference):
     from rlhf_engine.transport import model_fingerprint
 
-    expected = {name: shape for name, shape, _ in stored_params(tiny_model_dir)}
-    state = {name: torch.zeros(shape) for name, shape in expected.items()}
-    check_update(expected, state)
+    specs = WeightSpecs.of(stored_params(tiny_model_dir))
+    state = {name: torch.zeros(shape) for name, shape in specs.shapes.items()}
+    specs.check_update(state)
+    specs.check_update({name: t.to(torch.bfloat16) for name, t in state.items()})  # any float dtype: backends convert
     with pytest.raises(ValueError, match=r"unknown \['extra'\]"):
-        check_update(expected, {**state, "extra": torch.zeros(1)})
+        specs.check_update({**state, "extra": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"missing \['model.norm.weight'\]"):
+        specs.check_update({n: t for n, t in state.items() if n != "model.norm.weight"})
+    with pytest.raises(ValueError, match=r"model.norm.weight has shape \(3,\), the model expects \(128,\)"):
+        specs.check_update({**state, "model.norm.weight": torch.zeros(3)})
     with pytest.raises(ValueError, match="has dtype torch.int64"):
-        check_update(expected, {**state, "model.norm.weight": torch.zeros(128, dtype=torch.int64)})
+        specs.check_update({**state, "model.norm.weight": torch.zeros(128, dtype=torch.int64)})
     # the trainer's fingerprint of the loaded model equals the one computed from the folder
     assert dir_fingerprint(tiny_model_dir) == model_fingerprint(hf_reference.state_dict())

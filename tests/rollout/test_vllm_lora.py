@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from rlhf_engine.models.lora import LoraConfig
-from rlhf_engine.rollout.adapters import adapter_specs
 from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
+from rlhf_engine.transport.weights import adapter_specs
 from tests.helpers.rollout import peft_reference, prompts, random_adapters, reference_logprobs
 from tests.rollout.conftest import MAX_MODEL_LEN
 

@@ -86,12 +86,13 @@ def test_policy_weights_are_merged_and_adapters_separate(make_lm, tokenizer, dat
         assert torch.equal(weights[name], tensor), name
     assert dict(trainer.policy_weights()).keys() == weights.keys()
     adapters = trainer.adapter_state_dict()
+    assert list(dict(trainer.policy_weights(adapters=True))) == list(adapters)
     assert len(adapters) == 8 and all(".lora_A.weight" in n or ".lora_B.weight" in n for n in adapters)
     assert trainer.adapter_config()["r"] == 16 and trainer.adapter_config()["target_modules"] == [
         "k_proj", "o_proj", "q_proj", "v_proj"]
     full = PPOTrainer(config=PPOConfig(batch_size=B, mini_batch_size=B), tokenizer=tokenizer,
                       model=AutoModelForCausalLMWithValueHead(make_lm(seed=0)))
-    with pytest.raises(RuntimeError, match="adapter_state_dict: the policy has no LoRA adapters"):
+    with pytest.raises(RuntimeError, match=r"policy_weights\(adapters=True\): the policy has no LoRA adapters"):
         full.adapter_state_dict()
     with pytest.raises(RuntimeError, match="adapter_config: the policy has no LoRA adapters"):
         full.adapter_config()

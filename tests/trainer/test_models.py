@@ -3,9 +3,10 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhf_engine.models.loading import freeze, frozen_copy, policy_state_dict
+from rlhf_engine.models.loading import freeze, frozen_copy
 from rlhf_engine.models.reward_scoring import function_scores, load_reward_model, model_scores
 from rlhf_engine.models.value_head import VALUE_HEAD_FILE, AutoModelForCausalLMWithValueHead
+from rlhf_engine.transport.weights import policy_weights
 
 
 def test_save_and_load_beside_hf_folder(make_lm, tmp_path):
@@ -42,9 +43,9 @@ def test_frozen_copy_is_independent_and_frozen(make_lm):
     assert next(lm.parameters()).dtype == torch.float32
 
 
-def test_policy_state_dict_uses_hf_names(make_lm):
+def test_policy_weights_use_hf_names(make_lm):
     model = AutoModelForCausalLMWithValueHead(make_lm())
-    names = policy_state_dict(model).keys()
+    names = dict(policy_weights(model)).keys()
     assert names == model.pretrained_model.state_dict().keys()
     assert "model.embed_tokens.weight" in names and not any("v_head" in n for n in names)
 

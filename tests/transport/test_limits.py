@@ -6,12 +6,13 @@ from collections import Counter
 import pytest
 import torch
 
-from tests.helpers.peers import FINGERPRINT, fast_config, ipc_endpoint
 from rlhf_engine.transport import GeneratorPort, PromptBatch, TrainerPort, TransportConfig, state_dict_specs
 from rlhf_engine.transport.channel import BoundedQueue
 from rlhf_engine.transport.drops import DropLog, drop_counts
-from rlhf_engine.transport.limits import CONTROL_LIMITS, WeightSpecs, prompt_limits, rollout_limits, rollout_memory_bound
+from rlhf_engine.transport.limits import CONTROL_LIMITS, prompt_limits, rollout_limits, rollout_memory_bound
+from rlhf_engine.transport.weights import WeightSpecs
 from rlhf_engine.transport.wire import TensorSpec, WireError
+from tests.helpers.peers import FINGERPRINT, fast_config, ipc_endpoint
 
 
 def test_rollout_and_prompt_limits_follow_the_config():

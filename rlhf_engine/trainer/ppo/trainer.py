@@ -21,11 +21,10 @@ import torch
 from torch import nn
 
 from rlhf_engine.data.samples import SampleBatch
-from rlhf_engine.distributed import Comm, DistributedConfig, check_divisible, is_sharded, iter_full_state, shard_model
+from rlhf_engine.distributed import Comm, DistributedConfig, check_divisible, is_sharded, shard_model
 from rlhf_engine.distributed.dcp import implementation_kept
 from rlhf_engine.models.end_of_turn import model_end_of_turn_ids
-from rlhf_engine.models.loading import AdaptersDisabled, causal_lm, freeze, policy_state_dict, reference_model
-from rlhf_engine.models.lora import adapter_state_dict as lora_adapters
+from rlhf_engine.models.loading import AdaptersDisabled, causal_lm, freeze, reference_model
 from rlhf_engine.models.lora import is_lora, model_adapter_config
 from rlhf_engine.models.reward_scoring import RewardFn, check_reward_model, function_scores, model_scores
 from rlhf_engine.models.value_head import VALUE_HEAD_FILE, AutoModelForCausalLMWithValueHead
@@ -54,6 +53,7 @@ from rlhf_engine.trainer.ppo.shaping import clip_scores, kl_shaped_rewards, miss
 from rlhf_engine.trainer.ppo.stats import PhaseTimer, step_stats
 from rlhf_engine.trainer.ppo.update import ppo_update
 from rlhf_engine.trainer.schedule import lr_scheduler
+from rlhf_engine.transport import weights as weight_sync
 
 
 class PPOTrainer:
@@ -382,33 +382,30 @@ class PPOTrainer:
             params += [p for p in self.value_model.parameters() if p.requires_grad]
         return params
 
+    def policy_weights(self, *, adapters: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """The one weight accessor: `(name, tensor)` of what a weight version carries, one tensor at a time at
+        every world size (`transport.weights.policy_weights` on this policy). `adapters`: the LoRA adapters under
+        peft's names, fp32 (what `adapter_model.safetensors` holds; RuntimeError without LoRA), all a generator
+        needs each version besides the base it loaded once. Else the full weights under transformers' names, no
+        value head (with LoRA merged, W + scale * B @ A); with sharded models each is gathered from the shards:
+        every rank must drain the iterator (rank 0 sends). Detached tensors aliasing the live parameters where
+        they can: copy them before the next `step`."""
+        return weight_sync.policy_weights(self.model, adapters=adapters)
+
     def policy_state_dict(self) -> dict[str, torch.Tensor]:
-        """The policy's current weights under transformers' names (no value head), for weight sync to a
-        generator: detached tensors aliasing the live parameters (copy them before the next `step`); with LoRA
-        the merged weights W + scale * B @ A."""
-        return policy_state_dict(self.model)
+        """`dict(policy_weights())`: the full weights as one mapping (on ranks, every rank calls it)."""
+        return dict(self.policy_weights())
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The policy's LoRA adapters under peft's names (what `adapter_model.safetensors` holds), detached fp32
-        tensors aliasing the live ones (copy them before the next `step`): all a generator needs each version
-        besides the base it loaded once (`rlhf_engine.models.lora.adapter_state_dict`)."""
-        if not self.lora:
-            raise RuntimeError("adapter_state_dict: the policy has no LoRA adapters (model.lora is not set)")
-        return lora_adapters(causal_lm(self.model))
+        """`dict(policy_weights(adapters=True))`: the LoRA adapters as one mapping."""
+        return dict(self.policy_weights(adapters=True))
 
     def adapter_config(self) -> dict:
         """The policy's `adapter_config.json` as its PEFT folder holds it (LoRA only; else RuntimeError): with
-        `adapter_state_dict()`, what a generator needs to write a loadable adapter folder."""
+        `policy_weights(adapters=True)`, what a generator needs to write a loadable adapter folder."""
         if not self.lora:
             raise RuntimeError("adapter_config: the policy has no LoRA adapters (model.lora is not set)")
         return model_adapter_config(causal_lm(self.model))
-
-    def policy_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, full tensor) of the policy (transformers names, no value head), one tensor at a time. With
-        sharded models each is gathered from the shards: every rank must drain the iterator (rank 0 sends)."""
-        if self.lora:  # one rank: the merged weights
-            return iter(self.policy_state_dict().items())
-        return iter_full_state(causal_lm(self.model))
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """The models the optimizer trains, by checkpoint name (for sharded checkpoints)."""
