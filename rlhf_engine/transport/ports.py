@@ -21,13 +21,11 @@ import torch
 import zmq
 
 from rlhf_engine.data.samples import Sample
+from rlhf_engine.transport.channel import PromptReceiver, PromptSender, RolloutReceiver, RolloutSender
 from rlhf_engine.transport.config import TransportConfig
-from rlhf_engine.transport.drops import drop_counts
-from rlhf_engine.transport.endpoints import Security
-from rlhf_engine.transport.ipcdir import IpcEndpoint
+from rlhf_engine.transport.endpoints import IpcEndpoint, Security
+from rlhf_engine.transport.iothread import drop_counts
 from rlhf_engine.transport.messages import PromptBatch, WeightUpdate
-from rlhf_engine.transport.prompts import PromptReceiver, PromptSender
-from rlhf_engine.transport.rollouts import RolloutReceiver, RolloutSender
 from rlhf_engine.transport.roster import GeneratorInfo, Roster
 from rlhf_engine.transport.session import GeneratorControl, TrainerControl
 from rlhf_engine.transport.shm import remove_stale_files

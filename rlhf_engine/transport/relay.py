@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 
 from rlhf_engine.transport.config import TransportConfig
-from rlhf_engine.transport.control import ControlThread
+from rlhf_engine.transport.iothread import ControlThread
 from rlhf_engine.transport.roster import GeneratorInfo
 from rlhf_engine.transport.shm import BuffersHeld, ShmPool, layout
 from rlhf_engine.transport.wire import (

@@ -10,8 +10,8 @@ Both ends send HEARTBEAT every ``heartbeat_interval_s``; any message counts as a
 life. A generator silent for ``heartbeat_timeout_s`` is dropped from the trainer's roster
 (told so with a SHUTDOWN, in case it still listens) — never an error on the trainer's side;
 a trainer silent that long is ``PeerDeadError`` on the generator's. SHUTDOWN says goodbye
-either way. Weight messages are handed to ``distribution.py`` (trainer) and ``receiver.py``
-(generator).
+either way. Weight messages are handed to ``distribution.py`` (``WeightPublisher`` on the trainer,
+``WeightReceiver`` on the generator).
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from rlhf_engine.transport.channel import frame_user_id
-from rlhf_engine.transport.config import TransportConfig
-from rlhf_engine.transport.control import ControlThread
-from rlhf_engine.transport.distribution import WeightPublisher
+from rlhf_engine.transport.config import CONTROL_LIMITS, TransportConfig
+from rlhf_engine.transport.distribution import WeightPublisher, WeightReceiver
 from rlhf_engine.transport.endpoints import Security, channel_endpoint, open_socket
 from rlhf_engine.transport.errors import (
     AuthenticationFailed,
@@ -37,8 +36,7 @@ from rlhf_engine.transport.errors import (
     PeerDeadError,
     ShutdownRequested,
 )
-from rlhf_engine.transport.limits import CONTROL_LIMITS
-from rlhf_engine.transport.receiver import WeightReceiver
+from rlhf_engine.transport.iothread import ControlThread
 from rlhf_engine.transport.roster import LEFT, GeneratorInfo, Roster
 from rlhf_engine.transport.weights import WeightSpecs
 from rlhf_engine.transport.wire import (

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from rlhf_engine.common.dtypes import SAFETENSORS_DTYPES
-from rlhf_engine.transport.limits import CONTROL_HEADER_BYTES
+from rlhf_engine.transport.config import CONTROL_HEADER_BYTES
 from rlhf_engine.transport.wire import ALLOWED_DTYPES, DTYPE_NAMES, TensorSpec, WeightsHeader, WireError, WireLimits
 
 if TYPE_CHECKING:

@@ -80,7 +80,7 @@ MAX_REASON_CHARS = 1024
 class WireLimits:
     """Size limits of one channel, checked on every received message before its tensors are used;
     ``max_frame_bytes`` is also the socket's MAXMSGSIZE (a larger frame is never allocated:
-    ZeroMQ drops the connection that sends it). ``limits.py`` derives them from the config."""
+    ZeroMQ drops the connection that sends it). ``config.py`` derives them from the config."""
 
     max_header_bytes: int = 1 << 20
     """Largest accepted header frame (msgpack)."""

@@ -8,8 +8,8 @@ import torch
 
 from rlhf_engine.transport import GeneratorPort, PromptBatch, TrainerPort, TransportConfig, state_dict_specs
 from rlhf_engine.transport.channel import BoundedQueue
-from rlhf_engine.transport.drops import DropLog, drop_counts
-from rlhf_engine.transport.limits import CONTROL_LIMITS, prompt_limits, rollout_limits, rollout_memory_bound
+from rlhf_engine.transport.config import CONTROL_LIMITS, prompt_limits, rollout_limits, rollout_memory_bound
+from rlhf_engine.transport.iothread import DropLog, drop_counts
 from rlhf_engine.transport.weights import WeightSpecs
 from rlhf_engine.transport.wire import TensorSpec, WireError
 from tests.helpers.peers import FINGERPRINT, fast_config, ipc_endpoint
@@ -78,10 +78,10 @@ def test_bounded_queue_holds_items_and_bytes_within_bounds():
 
 def test_drops_are_counted_every_time_and_logged_once_per_reason_per_interval(caplog, monkeypatch):
     now = [1000.0]
-    monkeypatch.setattr("rlhf_engine.transport.drops.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("rlhf_engine.transport.iothread.time.monotonic", lambda: now[0])
     stats = Counter()
     drops = DropLog("chan", stats, interval_s=10.0)
-    with caplog.at_level(logging.WARNING, logger="rlhf_engine.transport.drops"):
+    with caplog.at_level(logging.WARNING, logger="rlhf_engine.transport.iothread"):
         for i in range(100):
             drops.drop("bad_header", f"garbage {i}")
         drops.drop("duplicate", "d")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlhf_engine.transport import BackpressureTimeout, GeneratorPort, TrainerPort, rollout_memory_bound
-from rlhf_engine.transport.limits import rollout_limits
+from rlhf_engine.transport.config import rollout_limits
 from tests.helpers.peers import (
     FINGERPRINT,
     fast_config,
