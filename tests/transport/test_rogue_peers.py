@@ -12,6 +12,7 @@ import torch
 import zmq
 
 from rlhf_engine.transport import GeneratorPort, PromptBatch, TrainerPort
+from rlhf_engine.transport.messages import sample_to_wire
 from rlhf_engine.transport.wire import (
     HeartbeatHeader,
     HelloHeader,
@@ -148,6 +149,6 @@ def test_rollouts_from_a_sender_without_a_session_are_dropped_and_counted():
     with TrainerPort(config, FINGERPRINT) as trainer:
         with raw_peer(config.endpoint, zmq.PUSH, "rollouts") as raw:
             for i in range(3):
-                raw.send_multipart(encode(*make_rollout(0, i, 4, 4).to_wire("never-said-hello", i)))
+                raw.send_multipart(encode(*sample_to_wire(make_rollout(0, i, 4, 4), "never-said-hello", i)))
             wait_until(lambda: trainer.drop_counts() == {"unknown_sender": 3}, 5, message="3 rollouts dropped")
             assert trainer.recv_rollout(timeout_s=0) is None  # each was dropped, none queued
