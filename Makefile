@@ -87,19 +87,24 @@ $(CUDA_DEPS):
 cuda-build: $(CUDA_DEPS)
 	$(CUDA_VENV)/bin/python csrc/tools/cuda_build.py
 
-# The GPU image's versions on the CPU (not in CI): torch 2.11.0 and transformers 5.17 in their own
-# venv, .venv-image (Python 3.11 here, 3.12 in the image). torch comes from PyPI, the CUDA build
-# (~4 GB with its nvidia-* wheels; the PyTorch CPU index cannot be reached here); it runs on the CPU.
+# The GPU image's versions on the CPU (not in CI): Python 3.12 (pyenv's, as in the image), torch 2.11.0
+# and transformers 5.17 in their own venv, .venv-image. torch comes from PyPI, the CUDA build (~4 GB with
+# its nvidia-* wheels; the PyTorch CPU index cannot be reached here); it runs on the CPU. Like the image,
+# it has no pyzmq and no msgspec: those come from benchmarks/gpu/wheels (fetch_wheels.sh), installed
+# into a fresh folder by the scripts that need them, the way the GPU run installs them.
 # `image-check` builds the extension in a copy of the tree and runs tests/ops and a short engine run
-# there; see benchmarks/gpu/image_check.sh.
+# there; see benchmarks/gpu/image_check.sh. `gpu-check` with GPU_CHECK_ARGS="--image" runs the whole GPU
+# script on the CPU with this venv (benchmarks/gpu/README.md).
+IMAGE_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 IMAGE_VENV := .venv-image
 IMAGE_DEPS := $(IMAGE_VENV)/.stamp-deps
 $(IMAGE_DEPS):
-	test -x $(IMAGE_VENV)/bin/python || $(PYTHON) -m venv $(IMAGE_VENV)
+	test -x $(IMAGE_VENV)/bin/python || $(IMAGE_PYTHON) -m venv $(IMAGE_VENV)
+	$(IMAGE_VENV)/bin/python -c 'import sys; assert sys.version_info[:2] == (3, 12), f"$(IMAGE_VENV) is Python {sys.version.split()[0]}, the image has 3.12: rm -rf $(IMAGE_VENV)"'
 	$(IMAGE_VENV)/bin/pip install -q --upgrade pip wheel setuptools ninja
 	$(IMAGE_VENV)/bin/pip install -q torch==2.11.0
 	$(IMAGE_VENV)/bin/pip install -q "transformers==5.17.*" peft safetensors tokenizers numpy pyyaml tqdm \
-	  matplotlib pyzmq==27.3.0 msgspec==0.23.0 pytest hypothesis pytest-timeout
+	  matplotlib pytest hypothesis pytest-timeout
 	touch $@
 
 image-venv: $(IMAGE_DEPS)
@@ -107,10 +112,11 @@ image-venv: $(IMAGE_DEPS)
 image-check: $(IMAGE_DEPS)
 	benchmarks/gpu/image_check.sh
 
-# One-shot check on a GPU machine (H100/H200): build, tests/ops on cuda, compute-sanitizer,
-# kernel benchmark beside the HBM floor; see benchmarks/gpu/run.sh --help.
+# One-shot check on a GPU machine (H100/H200), 9 minutes at most: build, tests/ops on cuda, compute-sanitizer,
+# kernels beside the HBM floor, a PPO trainer step, the engine end to end; see benchmarks/gpu/README.md.
+# The dry runs here: GPU_CHECK_ARGS="--device cpu", or "--image" (with .venv-image, `make image-venv`).
 gpu-check:
-	benchmarks/gpu/run.sh
+	benchmarks/gpu/run.sh $(GPU_CHECK_ARGS)
 
 # This documentation site (docs/, mkdocs.yml; the `docs` extra) into build/site. --strict: a broken link, or a
 # config field without a docstring (docs/gen_config_reference.py writes the configuration reference), fails it.

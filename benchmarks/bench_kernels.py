@@ -22,6 +22,7 @@ forward+backward: read them twice and write the gradient once) over the copy_ ba
 measured in this run. `--model h100` adds a column with bytes / 3.35 TB/s: a MODEL, not a measurement.
 
 Usage: python benchmarks/bench_kernels.py [--device cpu|cuda] [--model h100] [--n 4096] [--repeat 5]
+       [--vocabs 32000,151936] [--hidden-shapes 4096x512x32000,1024x896x151936]
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def _logprob_impls() -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.T
 def bench_logprobs(args, bandwidth: float) -> list[dict]:
     rows = []
     impls = _logprob_impls()
-    for v in (32000, 151936):
+    for v in (int(x) for x in args.vocabs.split(",")):
         for dtype in (torch.float32, torch.bfloat16):
             gen = torch.Generator(device=args.device).manual_seed(0)
             logits = torch.randn(args.n, v, device=args.device, generator=gen).to(dtype)  # [N, V]
@@ -419,6 +420,8 @@ def main() -> None:
                         help="smoke run: --n 256, one small hidden shape, 1 timed run (checks the script, not speed)")
     parser.add_argument("--sections", default="logprobs,hidden,gae",
                         help="comma-separated subset of logprobs,hidden,gae (default: all)")
+    parser.add_argument("--vocabs", default="32000,151936",
+                        help="logprobs rows: comma-separated vocabulary sizes V (e.g. 32000,49152,151936)")
     parser.add_argument("--hidden-shapes", default=None,
                         help="hidden rows: comma-separated NxHxV (default 4096x512x32000,1024x896x151936)")
     parser.add_argument("--hidden-dtypes", default="float32,bfloat16", help="hidden rows: comma-separated dtypes")

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The project against the GPU image's package versions, on the CPU (`make image-check`).
 #
-# The GPU image has Python 3.12, torch 2.11.0+cu130 and transformers 5.17; .venv-image (made by
-# `make image-venv`) has the same torch and transformers on this machine's Python 3.11. This script
+# The GPU image has Python 3.12, torch 2.11.0+cu130 and transformers 5.17, and no pyzmq or msgspec;
+# .venv-image (made by `make image-venv`) has the same on pyenv's Python 3.12. This script
+#   0. installs pyzmq and msgspec from benchmarks/gpu/wheels (fetch_wheels.sh) into a fresh folder on
+#      PYTHONPATH, as benchmarks/gpu/run.sh does on the GPU;
 #   1. copies the working tree (tracked and untracked-not-ignored files) into .venv-image/tree,
 #      so that the build there never touches the checkout's own CPU build (rlhf_engine/_C*.so,
 #      build/cpu), and builds the extension in place in that copy (CPU kernels; RLHF_ENGINE_CUDA=0);
@@ -22,8 +24,16 @@ TREE="$VENV/tree"
 "$PY" -c "import sys, torch, transformers; print('image-check: python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__)"
 
 # Processes the tests start (torchrun ranks, generators) import rlhf_engine from the copy too: it is
-# not installed in the venv.
-export PYTHONPATH="$PWD/$TREE"
+# not installed in the venv; pyzmq and msgspec from the wheels, in a fresh folder.
+SITE=$(mktemp -d "${TMPDIR:-/tmp}/image_check_site.XXXXXX")
+trap 'rm -rf "$SITE"' EXIT
+if ! "$PY" -c "import zmq, msgspec" 2>/dev/null; then
+  ls benchmarks/gpu/wheels/*.whl > /dev/null 2>&1 \
+    || { echo "image-check: no wheels in benchmarks/gpu/wheels; run benchmarks/gpu/fetch_wheels.sh" >&2; exit 2; }
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" benchmarks/gpu/wheels/*.whl \
+    || { echo "image-check: installing the wheels failed" >&2; exit 1; }
+fi
+export PYTHONPATH="$PWD/$TREE:$SITE"
 failed=()
 run() {  # run NAME CMD...: in $TREE, timed
   local name=$1; shift
