@@ -19,24 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from dataclasses import dataclass, field
 
 import torch
 
 from rlhf_engine.data.samples import Sample
-from rlhf_engine.engine.intake import IntakeLimits, check_content
+from rlhf_engine.engine.intake import IntakeLimits, PromptInFlight, check_content
 from rlhf_engine.transport import PromptBatch
-
-
-@dataclass
-class _EvalPrompt:
-    batch: int
-    """Index of its batch in `EvalRound.batches`."""
-    active_at: float
-    holder: str | None = None
-    rollouts: list[Sample] = field(default_factory=list)
-    sample_ids: set[str] = field(default_factory=set)
-    replaced: set[str] = field(default_factory=set)
 
 
 class EvalRound:
@@ -58,7 +46,8 @@ class EvalRound:
         self.batches = [PromptBatch(batch_id=-1 - b, prompt_ids=chunk, prompts=[prompts[i] for i in chunk],
                                     min_policy_version=version, eval_samples=samples, eval_temperature=temperature)
                         for b, chunk in enumerate(chunks)]
-        self._prompts = {i: _EvalPrompt(b, now) for b, chunk in enumerate(chunks) for i in chunk}
+        self._prompts = {i: PromptInFlight(i, b, prompts[i], version, now)  # its `step`: its batch's index
+                         for b, chunk in enumerate(chunks) for i in chunk}
         self.dropped: Counter[str] = Counter()
         self.reissued = 0
 
@@ -68,11 +57,7 @@ class EvalRound:
         if reason is not None:
             self.dropped[reason] += 1
             return False
-        p = self._prompts[rollout.prompt_id]
-        p.holder, p.active_at = rollout.sender, now
-        p.sample_ids.add(rollout.sample_id)
-        p.rollouts.append(dataclasses.replace(
-            rollout, prompt_ids=torch.tensor(self.prompts[rollout.prompt_id], dtype=torch.int64)))
+        self._prompts[rollout.prompt_id].accept(rollout, rollout.sender, now)
         return True
 
     def _check(self, rollout: Sample, known_senders) -> str | None:
@@ -103,10 +88,8 @@ class EvalRound:
         again: dict[int, list[int]] = {}
         for pid, p in self._prompts.items():
             if len(p.rollouts) < self.limits.num_generations and now - p.active_at >= timeout_s:
-                if p.holder is not None:
-                    p.replaced.add(p.holder)
-                p.holder, p.rollouts, p.sample_ids, p.active_at = None, [], set(), now
-                again.setdefault(p.batch, []).append(pid)
+                p.reset(now)
+                again.setdefault(p.step, []).append(pid)
                 self.reissued += 1
         return [dataclasses.replace(self.batches[b], prompt_ids=ids, prompts=[self.prompts[i] for i in ids])
                 for b, ids in sorted(again.items())]

@@ -98,6 +98,22 @@ class PromptInFlight:
     """Former holders: their rollouts for this prompt are late."""
     reissues: int = 0
 
+    def accept(self, rollout: Sample, sender: str, now: float) -> Sample:
+        """Record `rollout` from `sender` as one of this prompt's samples, with the trainer's prompt tokens (the
+        ones it handed out, not the sender's copy); returns it."""
+        self.holder, self.active_at = sender, now
+        self.sample_ids.add(rollout.sample_id)
+        accepted = dataclasses.replace(rollout, prompt_ids=torch.tensor(self.token_ids, dtype=torch.int64))
+        self.rollouts.append(accepted)
+        return accepted
+
+    def reset(self, now: float) -> None:
+        """Hand the prompt out again: the samples accepted so far go, and its holder's later ones are late."""
+        if self.holder is not None:
+            self.replaced.add(self.holder)
+        self.holder, self.rollouts, self.active_at = None, [], now
+        self.reissues += 1
+
 
 class Intake:
     """The prompts in flight, the acceptance rules, and the counts of what was dropped and why."""
@@ -139,10 +155,7 @@ class Intake:
         by_step: dict[int, dict[int, list[int]]] = {}
         for pid in prompt_ids:
             p = self._prompts[pid]
-            if p.holder is not None:
-                p.replaced.add(p.holder)
-            p.holder, p.rollouts, p.active_at = None, [], now
-            p.reissues += 1
+            p.reset(now)
             self.reissued += 1
             self._reissued_ids.add(pid)
             by_step.setdefault(p.step, {})[pid] = p.token_ids
@@ -161,12 +174,7 @@ class Intake:
         if reason is not None:
             self.dropped[reason] += 1
             return None
-        p = self._prompts[rollout.prompt_id]
-        p.holder, p.active_at = sender, now
-        p.sample_ids.add(rollout.sample_id)
-        accepted = dataclasses.replace(rollout, prompt_ids=torch.tensor(p.token_ids, dtype=torch.int64))
-        p.rollouts.append(accepted)
-        return accepted
+        return self._prompts[rollout.prompt_id].accept(rollout, sender, now)
 
     def _check(self, rollout: Sample, sender: str, known_senders, trainer_version: int) -> str | None:
         if sender not in known_senders:
