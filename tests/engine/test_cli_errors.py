@@ -1,4 +1,4 @@
-"""First contact with the command line (issue 29): every error one line naming the setting, status 2, checked
+"""First contact with the command line: every error one line naming the setting, status 2, checked
 before any work (no cpu plan, no run folder, no process), no traceback without --debug."""
 
 from __future__ import annotations
