@@ -1,30 +1,42 @@
-"""Builds the host-backend test extension once (cached under build/cuda_host) for these tests."""
+"""Builds the host-backend test extension once per version of its sources, for these tests."""
 
 from __future__ import annotations
 
+import hashlib
 import pathlib
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HERE = pathlib.Path(__file__).resolve().parent
+SOURCES = [ROOT / "csrc" / "host" / "runtime.cpp", ROOT / "csrc" / "host" / "host_ops.cpp", HERE / "module.cpp"]
+CFLAGS = ["-O2", "-std=c++20", "-DRLHF_HOST_BACKEND", "-Wall"]
+
+
+def sources_key() -> str:
+    """A hash of what the build reads: the sources, every header they may include (csrc/cuda, csrc/host and this
+    folder's), the flags and the torch version."""
+    import torch
+
+    files = sorted({*SOURCES, *(ROOT / "csrc").glob("cuda/*"), *(ROOT / "csrc").glob("host/*"), *HERE.glob("*.cuh")})
+    digest = hashlib.sha256(f"{CFLAGS} {torch.__version__}".encode())
+    for path in files:
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def build_host_extension():
-    """Compiles csrc/host + the CUDA op code + the race kernels with g++ (first run ~1 min)."""
+    """Compiles csrc/host + the CUDA op code + the race kernels with g++ (~1 min) into
+    .cache/cuda_host/<hash of the sources>: later runs with the same sources load that build."""
     from torch.utils.cpp_extension import load
 
-    build_dir = ROOT / "build" / "cuda_host"
+    build_dir = ROOT / ".cache" / "cuda_host" / sources_key()
     build_dir.mkdir(parents=True, exist_ok=True)
     return load(
         name="rlhf_engine_cuda_host",
-        sources=[
-            str(ROOT / "csrc" / "host" / "runtime.cpp"),
-            str(ROOT / "csrc" / "host" / "host_ops.cpp"),
-            str(HERE / "module.cpp"),
-        ],
+        sources=[str(p) for p in SOURCES],
         extra_include_paths=[str(ROOT / "csrc"), str(HERE)],
-        extra_cflags=["-O2", "-std=c++20", "-DRLHF_HOST_BACKEND", "-Wall"],
+        extra_cflags=CFLAGS,
         build_directory=str(build_dir),
         verbose=False,
     )
