@@ -33,7 +33,7 @@ def write_config(tmp_path: Path, files, *, reward_fn: str = "rlhf_engine.demo:go
                 "response_length": 8, "seed": 0},
         "generator": {"backend": "transformers", "max_model_len": 64},
         "transport": {"endpoint": f"ipc://{tmp_path}/ep", "heartbeat_timeout_s": 20.0},
-        "engine": {"run_dir": str(tmp_path / "run"), "tensorboard": False, "progress": False, "mode": "async",
+        "engine": {"run_dir": str(tmp_path / "run"), "loggers": ["jsonl"], "progress": False, "mode": "async",
                    "num_generators": 2, **engine},
         "trainer": {"backend": "gloo", "timeout_s": trainer_timeout_s},
     }

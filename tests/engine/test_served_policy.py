@@ -42,5 +42,5 @@ def test_a_trained_checkpoints_policy_folder_loads_in_vllm(tmp_path, policy_dir,
     assert [len(c.response_ids) for c in out] == [12] * 4
     # the sampler's log-probs are the trained weights' (transformers on the same folder)
     hf = AutoModelForCausalLM.from_pretrained(served, dtype=torch.float32).eval()
-    assert max(float((reference_logprobs(hf, c) - c.logprobs).abs().max()) for c in out) <= 1e-4
+    assert max(float((reference_logprobs(hf, c) - c.behaviour_logp).abs().max()) for c in out) <= 1e-4
     assert_no_new_children()

@@ -33,7 +33,7 @@ with VLLMGenerator(config) as gen:
     assert gen.last_update_s[0] == 0.0  # no staging copy
     reference.load_state_dict(new, strict=False)
     out = gen.generate(batch, sampling=sampling)
-    diff = max((reference_logprobs(reference, c) - c.logprobs).abs().max().item() for c in out)
+    diff = max((reference_logprobs(reference, c) - c.behaviour_logp).abs().max().item() for c in out)
     print("max logprob diff", diff)
     assert diff <= 1e-4, diff
 print("OK")
