@@ -256,7 +256,7 @@ def test_a_joining_external_generator_samples_at_once_and_none_left_stops_the_ru
 
 def test_rogue_hello_and_rogue_pull_do_not_stop_the_run(tmp_path, policy_dir, prompts_file, assert_no_new_children):
     cfg = run_config(tmp_path, policy_dir, prompts_file, backend="transformers", total_steps=6, mode="async",
-                     reissue_timeout_s=5.0, transport={"shm_dir": str(tmp_path / "shm"), "heartbeat_timeout_s": 3.0})
+                     reissue_timeout_s=2.0, transport={"shm_dir": str(tmp_path / "shm"), "heartbeat_timeout_s": 2.0})
     (tmp_path / "shm").mkdir()
     rogues = []
 
