@@ -5,6 +5,9 @@ environment, so the tests can check that none is left, orphans included. Faults 
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -104,12 +107,24 @@ def test_bad_input_is_refused_before_anything_starts(tmp_path, files):
         (["--nproc", "16"], "16 trainer ranks (--nproc / WORLD_SIZE) exceed ppo.batch_size (8)"),
         (["--nproc", "2", "--set", "trainer.mixed_precision=bf16"], "trainer.mixed_precision='bf16' needs CUDA"),
     ]
-    for args, message in cases:
-        proc = run_group(ppo_cmd(config, *args), timeout=120, env={MARK: mark})
-        assert proc.returncode != 0 and message in proc.stdout, (args, proc.stdout[-4000:])
     # one rank's torchrun variables without the others
-    proc = run_group(ppo_cmd(config), timeout=60, env={MARK: mark, "RANK": "0", "WORLD_SIZE": "2"})
-    assert proc.returncode == 2
-    assert "rendezvous variables missing: LOCAL_RANK, MASTER_ADDR, MASTER_PORT" in proc.stdout
+    cases.append(([], "rendezvous variables missing: LOCAL_RANK, MASTER_ADDR, MASTER_PORT"))
+    envs = [{MARK: mark}] * 3 + [{MARK: mark, "RANK": "0", "WORLD_SIZE": "2"}]
+    # all at once, each in a process group of its own (most of each is Python's imports)
+    procs = [subprocess.Popen(ppo_cmd(config, *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True, env={**os.environ, **env})
+             for (args, _), env in zip(cases, envs)]
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+    for (args, message), p, out in zip(cases, procs, outs):
+        assert p.returncode != 0 and message in out, (args, out[-4000:])
+    assert procs[-1].returncode == 2
     assert_none_left(mark)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

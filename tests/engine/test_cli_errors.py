@@ -14,15 +14,19 @@ def _cli(*argv, cwd=None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
-@pytest.fixture
-def config(tmp_path, policy_dir, prompts_file):
-    path = tmp_path / "run.yaml"
+def write_config(folder, policy_dir, prompts_file):
+    path = folder / "run.yaml"
     path.write_text(f"model: {{policy: {policy_dir}, reward_fn: 'rlhf_engine.demo:gold_scores'}}\n"
-                    f"data: {{prompts: {prompts_file}}}\nengine: {{run_dir: {tmp_path / 'run'}}}\n")
+                    f"data: {{prompts: {prompts_file}}}\nengine: {{run_dir: {folder / 'run'}}}\n")
     return path
 
 
-@pytest.mark.parametrize("override, message", [
+@pytest.fixture
+def config(tmp_path, policy_dir, prompts_file):
+    return write_config(tmp_path, policy_dir, prompts_file)
+
+
+CONFIG_ERRORS = [
     ("transport.endpoint=tcp://127.0.0.1:5599",
      ("transport error: transport.endpoint 'tcp://127.0.0.1:5599' is tcp without CURVE keys: set "
      "transport.curve_keys_dir (create keys with `rlhf-engine keys DIR`) or transport.allow_insecure: true")),
@@ -39,15 +43,42 @@ def config(tmp_path, policy_dir, prompts_file):
     ("ppo.batch_sise=8",
      ("config error: {config} (with --set): unknown key(s) 'ppo.batch_sise' in section 'ppo'; did you mean "
      "'batch_size'?; known keys: adap_kl_ctrl, ")),
-])
-def test_config_errors_are_one_line_before_any_work(tmp_path, config, override, message):
-    fill = {"tmp": tmp_path, "config": config}
-    extra = ["--set", "engine.eval_steps=1"] if "eval_prompts" in override else []
-    res = _cli("ppo", "--config", config, "--set", override.format(**fill), *extra)
+]
+
+
+@pytest.fixture(scope="module")
+def config_error_runs(tmp_path_factory, policy_dir, prompts_file):
+    """`rlhf-engine ppo --set OVERRIDE` of each case in CONFIG_ERRORS, all at once (each a process of its own with a
+    config and run folder of its own; most of each is Python's imports): {override: (folder, config, result)}."""
+    started = {}
+    for i, (override, _) in enumerate(CONFIG_ERRORS):
+        folder = tmp_path_factory.mktemp(f"config_error{i}")
+        config = write_config(folder, policy_dir, prompts_file)
+        extra = ["--set", "engine.eval_steps=1"] if "eval_prompts" in override else []
+        argv = ["ppo", "--config", config, "--set", override.format(tmp=folder, config=config), *extra]
+        started[override] = folder, config, subprocess.Popen([sys.executable, "-m", "rlhf_engine.cli", *map(str, argv)],
+                                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = {}
+    try:
+        for override, (folder, config, proc) in started.items():
+            out, err = proc.communicate(timeout=120)
+            runs[override] = folder, config, subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    finally:
+        for *_, proc in started.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return runs
+
+
+@pytest.mark.parametrize("override, message", CONFIG_ERRORS)
+def test_config_errors_are_one_line_before_any_work(config_error_runs, override, message):
+    folder, config, res = config_error_runs[override]
+    fill = {"tmp": folder, "config": config}
     assert res.returncode == 2, res.stderr[-2000:]
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"rlhf-engine ppo: {message.format(**fill)}"), res.stderr[-2000:]
-    assert not (tmp_path / "run").exists()  # nothing was planned, written or started
+    assert not (folder / "run").exists()  # nothing was planned, written or started
     assert "Traceback" not in res.stderr and "cpu plan" not in res.stderr
 
 
@@ -85,12 +116,24 @@ def test_reward_stage_shows_our_lines_only_unless_verbose(tmp_path, policy_dir):
     config = tmp_path / "rm.yaml"
     config.write_text(f"model_name_or_path: {policy_dir}\ntrain_file: {pairs}\noutput_dir: {tmp_path / 'rm'}\n"
                       "max_steps: 1\nper_device_train_batch_size: 4\ndevice: cpu\n")
-    res = _cli("reward", "--config", config)
+    # both runs at once (each a process of its own; most of each is Python's imports)
+    quiet, verbose = [subprocess.Popen([sys.executable, "-m", "rlhf_engine.cli", *argv, "--config", str(config),
+                                        "--set", f"output_dir={tmp_path / out}"],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                      for argv, out in ((["reward"], "rm"), (["-v", "reward"], "rm2"))]
+    try:
+        outputs = [p.communicate(timeout=120) for p in (quiet, verbose)]
+        res, res_verbose = [subprocess.CompletedProcess(p.args, p.returncode, *out)
+                            for p, out in zip((quiet, verbose), outputs)]
+    finally:
+        for p in (quiet, verbose):
+            p.kill()  # when one timed out (a no-op on an ended process)
+            p.wait()
     assert res.returncode == 0, res.stderr[-2000:]
     # a causal LM under a score head: one line of ours instead of transformers' load report
     assert f"INFO rlhf_engine.models.reward_scoring: reward head initialised fresh on top of {policy_dir} " \
            "(score.weight)" in res.stderr
     for noise in ("LOAD REPORT", "UNEXPECTED", "Loading weights", "Writing model shards", "it/s]"):
         assert noise not in res.stderr, res.stderr[-2000:]
-    res = _cli("-v", "reward", "--config", config, "--set", f"output_dir={tmp_path / 'rm2'}")
-    assert res.returncode == 0 and "Loading weights" in res.stderr and "LOAD REPORT" in res.stderr
+    assert res_verbose.returncode == 0, res_verbose.stderr[-2000:]
+    assert "Loading weights" in res_verbose.stderr and "LOAD REPORT" in res_verbose.stderr

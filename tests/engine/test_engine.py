@@ -138,17 +138,23 @@ def test_sigint_stops_all_processes_and_keeps_checkpoint(tmp_path, policy_dir, p
 
 
 def test_cli_config_errors_name_key_and_file(tmp_path, policy_dir, prompts_file):
-    path = tmp_path / "bad.yaml"
-    path.write_text(f"model: {{policy: {policy_dir}, reward_fn: 'rlhf_engine.demo:gold_scores'}}\n"
-                    f"data: {{prompts: {prompts_file}}}\nppo: {{init_kl_coeff: 0.1}}\n")
-    res = subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "ppo", "--config", str(path)],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2
-    assert f"{path}:3: unknown key(s) 'ppo.init_kl_coeff'" in res.stderr
-    path.write_text(path.read_text().replace("init_kl_coeff", "init_kl_coef"))
-    res = subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "ppo", "--config", str(path),
-                          "--set", "engine.mode=turbo"], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and "engine.mode = 'turbo'; expected one of 'async', 'sync'" in res.stderr
+    good = (f"model: {{policy: {policy_dir}, reward_fn: 'rlhf_engine.demo:gold_scores'}}\n"
+            f"data: {{prompts: {prompts_file}}}\nppo: {{init_kl_coef: 0.1}}\n")
+    (tmp_path / "bad.yaml").write_text(good.replace("init_kl_coef", "init_kl_coeff"))
+    (tmp_path / "good.yaml").write_text(good)
+    # both processes at once (most of each is Python's imports)
+    procs = [subprocess.Popen([sys.executable, "-m", "rlhf_engine.cli", "ppo", "--config", str(tmp_path / name), *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, args in (("bad.yaml", []), ("good.yaml", ["--set", "engine.mode=turbo"]))]
+    try:
+        (err, code), (err_set, code_set) = [(p.communicate(timeout=120)[1], p.returncode) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()  # when one timed out (a no-op on an ended process)
+            p.wait()
+    assert code == 2
+    assert f"{tmp_path / 'bad.yaml'}:3: unknown key(s) 'ppo.init_kl_coeff'" in err
+    assert code_set == 2 and "engine.mode = 'turbo'; expected one of 'async', 'sync'" in err_set
 
 
 def test_generator_failing_to_start_is_reported(tmp_path, policy_dir, prompts_file, assert_no_new_children):

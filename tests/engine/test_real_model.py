@@ -1,5 +1,6 @@
 """The real pretrained model end to end (SmolLM2-135M-Instruct, `make real-model`): chat prompts rendered with
-its template, rollouts from vLLM, one PPO step on exactly the sampled ids, and a checkpoint vLLM serves."""
+its template, rollouts from vLLM, one PPO step on exactly the sampled ids, and a checkpoint whose `policy/` folder vLLM
+serves as is (`test_served_policy.py` checks the same of the tiny model, in the slow run)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from rlhf_engine.common.checkpoint import latest_checkpoint
 from rlhf_engine.engine.config import load_run_config
@@ -81,8 +83,12 @@ def test_one_ppo_step_on_the_real_model_trains_the_sampled_ids_and_serves(tmp_pa
         assert 2 not in response[:-1]  # vLLM stopped at the first end of turn
     assert batch.has_eos.tolist() == [row[-1] == 2 for row in rows]
 
-    # the checkpoint's policy serves: vLLM loads it and samples with the trained weights
+    # the checkpoint's policy folder serves as is: the trained policy alone (the value head beside it), which vLLM
+    # loads without edits and samples with the trained weights
     served = latest_checkpoint(tmp_path / "run") / "policy"
+    assert not list(served.glob("value_head*")) and (served.parent / "value_head.safetensors").is_file()
+    trained, initial = load_file(str(served / "model.safetensors")), load_file(str(real_model_dir / "model.safetensors"))
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained)  # a trained policy, not the initial one
     gen = VLLMGenerator(GeneratorConfig(model=str(served), backend="vllm", max_model_len=256,
                                         kv_cache_bytes=1 << 28, engine_process=True))
     try:

@@ -11,7 +11,9 @@ from rlhf_engine.common.checkpoint import latest_checkpoint
 from rlhf_engine.engine.core import RLHFEngine
 from tests.helpers.rollout import prompts, reference_logprobs
 
-pytestmark = pytest.mark.vllm
+# slow: test_real_model.py's test (default run) checks the same of the real model's checkpoint: policy folder
+# without the value head, trained weights, vLLM loads it as is and samples with the trained weights' log-probs
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
 def test_a_trained_checkpoints_policy_folder_loads_in_vllm(tmp_path, policy_dir, prompts_file,
