@@ -1,5 +1,7 @@
 """Fixtures shared by every test folder."""
 
+import signal
+
 import pytest
 
 
@@ -10,3 +12,12 @@ def real_model_dir():
     from tests.helpers.real_model import ensure_real_model
 
     return ensure_real_model()
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt during the test, as in an interactive Python, whatever the disposition the
+    test process inherited (a shell starting `make test` in the background ignores SIGINT); restored after."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -76,7 +76,7 @@ def test_a_checkpoint_of_other_models_is_named(saved):
         load_trainer(saved[1], make_trainer(Comm(), "grpo"))
 
 
-def test_ctrl_c_during_a_save_finishes_the_checkpoint_then_interrupts(tmp_path, monkeypatch):
+def test_ctrl_c_during_a_save_finishes_the_checkpoint_then_interrupts(tmp_path, monkeypatch, ctrl_c_raises):
     # a SIGINT in the middle of DCP's write: it is held until the checkpoint is complete, then raised (unheld,
     # torch's zip writer turned it into "RuntimeError: unexpected pos")
     write_data = FileSystemWriter.write_data

@@ -112,7 +112,7 @@ def test_rng_state_restores_all_generators():
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
 
 
-def test_ctrl_c_is_held_until_the_block_ends_then_delivered():
+def test_ctrl_c_is_held_until_the_block_ends_then_delivered(ctrl_c_raises):
     done = []
     with pytest.raises(KeyboardInterrupt):
         with interrupts_held():
@@ -134,7 +134,7 @@ def test_sigterm_is_held_and_goes_to_the_handler_in_place():
         signal.signal(signal.SIGTERM, previous)
 
 
-def test_a_second_ctrl_c_interrupts_at_once():
+def test_a_second_ctrl_c_interrupts_at_once(ctrl_c_raises):
     done = []
     with pytest.raises(KeyboardInterrupt):
         with interrupts_held():
@@ -145,13 +145,13 @@ def test_a_second_ctrl_c_interrupts_at_once():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_a_block_without_a_signal_changes_nothing():
+def test_a_block_without_a_signal_changes_nothing(ctrl_c_raises):
     with interrupts_held():
         pass
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_outside_the_main_thread_nothing_is_held():
+def test_outside_the_main_thread_nothing_is_held(ctrl_c_raises):
     seen = []
 
     def body():
