@@ -80,11 +80,6 @@ def read_prompts(source: Any, tokenizer, max_prompt_length: int, stats: DataStat
     return PromptSet(str(source), token_ids, columns, wheres)
 
 
-def tokenize_prompts(source: Any, tokenizer, max_prompt_length: int, stats: DataStats | None = None) -> list[list[int]]:
-    """The token ids of `read_prompts`."""
-    return read_prompts(source, tokenizer, max_prompt_length, stats).token_ids
-
-
 class PromptStream:
     """Endless batches of prompts: each epoch a permutation of the dataset (seeded by `seed` and the
     epoch number), batches taken in order across epoch boundaries."""
