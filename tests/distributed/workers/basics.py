@@ -88,6 +88,7 @@ def main(out: Path) -> None:
     if comm.is_main:
         torch.save({k: v.clone() for k, v in full.items()}, out / "full_after_step.pt")
     (out / f"rank{comm.rank}.json").write_text(json.dumps(seen))
+    comm.barrier()  # neither rank leaves the group while the other still works in it (rank 0 writes files)
     destroy_process_group()
 
 
