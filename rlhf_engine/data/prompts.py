@@ -31,6 +31,8 @@ class PromptSet:
 
     source: str
     token_ids: list[list[int]]
+    prompts: list[Any]
+    """Each record's `prompt` as read (a string, or chat messages)."""
     columns: list[dict[str, Any]]
     """Each record's fields but `prompt` (JSON values), for the reward functions."""
     wheres: list[str]
@@ -44,6 +46,10 @@ class PromptSet:
     def __len__(self) -> int:
         return len(self.token_ids)
 
+    def record(self, i: int) -> dict[str, Any]:
+        """Record i's fields as read: its `prompt` and its columns (what an environment's `reset` takes)."""
+        return {"prompt": self.prompts[i], **self.columns[i]}
+
 
 def read_prompts(source: Any, tokenizer, max_prompt_length: int, stats: DataStats | None = None) -> PromptSet:
     """Token ids of every record's `prompt` (a string, or chat messages rendered with the tokenizer's chat
@@ -53,7 +59,7 @@ def read_prompts(source: Any, tokenizer, max_prompt_length: int, stats: DataStat
     Prompts longer than `max_prompt_length` keep their last tokens (counted in `stats.truncated`).
     """
     stats = stats if stats is not None else DataStats("prompts")
-    token_ids, columns, wheres = [], [], []
+    token_ids, values, columns, wheres = [], [], [], []
     for record in read_records(source, stats):
         if "prompt" not in record.fields:
             raise DataError(f"{record.where}: missing field 'prompt' (fields: {sorted(record.fields)})")
@@ -72,12 +78,13 @@ def read_prompts(source: Any, tokenizer, max_prompt_length: int, stats: DataStat
             ids = ids[-max_prompt_length:]
             stats.truncated += 1
         token_ids.append(list(ids))
+        values.append(value)
         columns.append(record_columns(record.fields))
         wheres.append(record.where)
     if not token_ids:
         raise DataError(f"no prompts in {source}")
     stats.kept = len(token_ids)
-    return PromptSet(str(source), token_ids, columns, wheres)
+    return PromptSet(str(source), token_ids, values, columns, wheres)
 
 
 class PromptStream:

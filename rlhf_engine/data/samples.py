@@ -13,17 +13,68 @@ Per-token fields are aligned with `response_ids` ([R] each):
     behaviour_logp   the sampler's log-prob of each sampled token (the behaviour policy); 0 where masked
     policy_versions  the policy version that produced each token (one value for a plain completion;
                      non-decreasing, several values once weights change while a sequence runs)
+
+A multi-turn episode (`rlhf_engine.envs`) is one `Sample` too: its model turns start at `turn_starts`, the
+environment's reward is `reward` and what happened in it is `episode` (`EpisodeInfo`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
 MAX_ID_CHARS = 256
-"""Longest `sample_id` / `finish_reason`."""
+"""Longest `sample_id` / `finish_reason` / `EpisodeInfo.truncated`."""
+MAX_INFO_KEYS = 16
+"""Most entries of `EpisodeInfo.metrics`."""
+
+FAILED_EPISODE = ("env_error", "step_timeout")
+"""`EpisodeInfo.truncated` reasons of an episode the environment failed: the trainer drops its sample from the
+step (no reward can be trusted) and counts it."""
+
+
+@dataclass(frozen=True)
+class EpisodeInfo:
+    """What happened in one episode (a single-turn completion is one turn and nothing else)."""
+
+    turns: int = 1
+    """Model turns sampled."""
+    tool_calls: int = 0
+    """Tool runs the environment made (its steps' `info["tool_calls"]`, summed)."""
+    tool_errors: int = 0
+    """Of those, the ones that failed (`info["tool_errors"]`)."""
+    tool_timeouts: int = 0
+    """Of those, the ones stopped at their time limit (`info["tool_timeouts"]`)."""
+    env_seconds: float = 0.0
+    """Seconds spent in the environment's `reset` and `step` calls."""
+    truncated: str = ""
+    """Empty when the environment ended the episode (`done`); else why it was cut: `max_turns`,
+    `token_budget`, or a failure of the environment (`FAILED_EPISODE`: `env_error`, `step_timeout`)."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The environment's own numbers of its last step (its `info`'s other numeric entries, at most
+    `MAX_INFO_KEYS`), logged by the trainer as `env/episode/<name>` means."""
+
+    def __post_init__(self) -> None:
+        for name in ("turns", "tool_calls", "tool_errors", "tool_timeouts"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"episode {name} ({getattr(self, name)}) must be >= 0")
+        if not math.isfinite(self.env_seconds) or self.env_seconds < 0:
+            raise ValueError(f"episode env_seconds ({self.env_seconds}) must be finite and >= 0")
+        if len(self.truncated) > MAX_ID_CHARS:
+            raise ValueError(f"episode truncated reason longer than {MAX_ID_CHARS} characters")
+        if len(self.metrics) > MAX_INFO_KEYS:
+            raise ValueError(f"episode metrics has {len(self.metrics)} entries, at most {MAX_INFO_KEYS}")
+        for key, value in self.metrics.items():
+            if not isinstance(key, str) or not 0 < len(key) <= 64 or not math.isfinite(value):
+                raise ValueError(f"episode metric {str(key)[:64]!r}: names of 1..64 characters, finite values")
+
+    @property
+    def failed(self) -> bool:
+        """The environment failed (`FAILED_EPISODE`): the sample is not trained on."""
+        return self.truncated in FAILED_EPISODE
 
 
 @dataclass
@@ -60,6 +111,14 @@ class Sample:
     With `generation_time` it gives the generator's busy interval on the run's timeline."""
     eval: bool = False
     """It answers an evaluation batch: the trainer scores it and never trains on it."""
+    turn_starts: torch.Tensor | None = None
+    """[K] int64, where each of the K model turns starts in `response_ids`: 0 first, increasing, each at a
+    sampled token right after an environment token; None given: one turn, [0]."""
+    reward: float | None = None
+    """The environment's reward for the episode (the sum of its steps' rewards); None: the trainer's reward
+    function or model scores the sample."""
+    episode: EpisodeInfo = field(default_factory=EpisodeInfo)
+    """What happened in the episode (turns, tools, truncation)."""
     sender: str = ""
     """The generator that sent it, set by the trainer's transport from the authenticated session on
     receive; never read from the payload, and not sent."""
@@ -80,6 +139,12 @@ class Sample:
                 raise ValueError(f"sample {self.sample_id!r}: {getattr(self, name).numel()} {name} for "
                                  f"{n} response tokens")
         check_versions(self.policy_versions, f"sample {self.sample_id!r}")
+        if self.turn_starts is None:
+            self.turn_starts = torch.zeros(1 if n else 0, dtype=torch.int64)
+        self.turn_starts = _as_1d(self.turn_starts, torch.int64, "turn_starts")
+        check_turns(self.turn_starts, self.loss_mask, f"sample {self.sample_id!r}")
+        if self.reward is not None and not math.isfinite(self.reward):
+            raise ValueError(f"sample {self.sample_id!r}: reward ({self.reward}) must be finite or None")
         if not self.sample_id or len(self.sample_id) > MAX_ID_CHARS:
             raise ValueError(f"sample_id must have 1..{MAX_ID_CHARS} characters, got {self.sample_id!r}")
         if len(self.finish_reason) > MAX_ID_CHARS:
@@ -165,6 +230,22 @@ def check_versions(versions: torch.Tensor, what: str) -> None:
     """Raise unless `versions` [R] are >= 0 and non-decreasing."""
     if versions.numel() and (bool((versions < 0).any()) or bool((versions[1:] < versions[:-1]).any())):
         raise ValueError(f"{what}: policy versions must be >= 0 and non-decreasing, got {versions[:16].tolist()}")
+
+
+def check_turns(turn_starts: torch.Tensor, loss_mask: torch.Tensor, what: str) -> None:
+    """Raise unless `turn_starts` [K] are the starts of the sampled runs of `loss_mask` [R] that follow an
+    environment token: the first 0 (or none for an empty response), increasing, each on a sampled token
+    whose predecessor is an environment token."""
+    n = loss_mask.numel()
+    starts = turn_starts.tolist()
+    if (n == 0) != (not starts) or (starts and starts[0] != 0):
+        raise ValueError(f"{what}: turn_starts must begin with 0 (none for an empty response), got {starts[:16]}")
+    for prev, start in zip(starts, starts[1:]):
+        if not prev < start < n:
+            raise ValueError(f"{what}: turn_starts must increase within the {n} response tokens, got {starts[:16]}")
+    for start in starts[1:]:
+        if not bool(loss_mask[start]) or bool(loss_mask[start - 1]):
+            raise ValueError(f"{what}: turn {start} does not start on a sampled token after an environment token")
 
 
 def _as_1d(values, dtype: torch.dtype, name: str) -> torch.Tensor:

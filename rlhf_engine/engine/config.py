@@ -44,7 +44,9 @@ class ModelConfig:
     reward_model: str | None = None
     """An `AutoModelForSequenceClassification(num_labels=1)` folder (e.g. `rlhf-engine reward` output)."""
     reward_fn: str | None = None
-    """Instead of a reward model: `module:function` with `fn(prompts, completions) -> scores`."""
+    """Instead of a reward model: `module:function` with `fn(prompts, completions) -> scores`. One of the two is
+    needed unless `generator.environment` rewards the episodes (it scores those its environment gave no
+    reward)."""
     value_model: str | None = None
     """A separate critic folder; None = a value head on the policy."""
     gold_fn: str | None = None
@@ -59,9 +61,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.policy:
             raise ValueError("model.policy must name the policy's HF folder")
-        if (self.reward_model is None) == (self.reward_fn is None):
+        if self.reward_model is not None and self.reward_fn is not None:
             raise ValueError(
-                f"give exactly one of model.reward_model ({self.reward_model!r}) and model.reward_fn ({self.reward_fn!r})"
+                f"give one of model.reward_model ({self.reward_model!r}) and model.reward_fn ({self.reward_fn!r}), "
+                "not both"
             )
         for name in ("reward_fn", "gold_fn"):
             spec = getattr(self, name)
@@ -222,6 +225,9 @@ class RunConfig:
         if self.generator is None:
             self.generator = GeneratorConfig(model=self.model.policy)
         gen, ppo = self.generator, self.ppo
+        if self.model.reward_model is None and self.model.reward_fn is None and gen.environment.single_turn:
+            raise ValueError("give model.reward_model or model.reward_fn (or a generator.environment that rewards "
+                             "its episodes)")
         if Path(gen.model).resolve() != Path(self.model.policy).resolve():
             raise ValueError(f"generator.model ({gen.model!r}) must be model.policy ({self.model.policy!r})")
         # the trainer recomputes log-probs under the sampler's distribution: the two must agree

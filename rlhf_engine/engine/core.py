@@ -51,6 +51,7 @@ from rlhf_engine.distributed import Comm
 from rlhf_engine.engine.config import RunConfig, import_function, save_run_config
 from rlhf_engine.engine.cpu_plan import CpuPlan, TrainerCpus, make_cpu_plan
 from rlhf_engine.engine.driver import Leader
+from rlhf_engine.engine.episodes import episode_metrics, episode_scores
 from rlhf_engine.engine.evaluation import EvalRound, eval_metrics
 from rlhf_engine.engine.generators import LocalGenerators
 from rlhf_engine.engine.intake import Intake, IntakeLimits
@@ -166,8 +167,7 @@ class RLHFEngine:
             self._build_prompts()  # checks the fields the reward and gold functions take
             if cfg.data.eval_prompts is not None:
                 self._eval_prompts = self._read_prompts(cfg.data.eval_prompts, "eval prompts")
-            self._intake = Intake(IntakeLimits(vocab_size=self._vocab_size, response_length=cfg.ppo.response_length,
-                                               num_generations=cfg.ppo.num_generations))
+            self._intake = Intake(self._intake_limits(cfg.ppo.num_generations))
             state = self._load_state(ckpt) if ckpt is not None else None
             if state is not None:
                 self._restore(state)
@@ -314,6 +314,18 @@ class RLHFEngine:
     # ----------------------------------------------------------------------------------------------
     # pieces
     # ----------------------------------------------------------------------------------------------
+    def _intake_limits(self, samples: int) -> IntakeLimits:
+        """What a rollout may hold, `samples` per prompt (with an environment, its own prompt tokens)."""
+        cfg = self.config
+        return IntakeLimits(vocab_size=self._vocab_size, response_length=cfg.ppo.response_length,
+                            num_generations=samples,
+                            env_prompt_tokens=0 if self._single_turn else cfg.data.max_prompt_length)
+
+    @property
+    def _single_turn(self) -> bool:
+        """No environment: prompts as the trainer tokenized them, no records sent, scores all the trainer's."""
+        return self.config.generator.environment.single_turn
+
     def _build_trainer(self, ckpt: Path | None) -> None:
         from rlhf_engine.engine.build_trainer import build_ppo_trainer
 
@@ -367,8 +379,13 @@ class RLHFEngine:
                                       window_s=e.restart_window_s)
         self._supervisor = Supervisor(cfg, self._port, self._local, self._intake, self._timeline,
                                       version=lambda: self.trainer.policy_version,
-                                      weights=self._sync_weights, save_checkpoint=self.save_checkpoint)
+                                      weights=self._sync_weights, save_checkpoint=self.save_checkpoint,
+                                      records=None if self._single_turn else self._record)
         self._supervisor.start()
+
+    def _record(self, prompt_id: int) -> dict[str, Any]:
+        """The dataset record of the training prompt `prompt_id` (wire id), for the environment's `reset`."""
+        return self._prompts.record(self._dataset_index[prompt_id])
 
     def _fill_pipeline(self, last_step: int) -> None:
         in_flight = self.config.engine.batches_in_flight
@@ -420,9 +437,10 @@ class RLHFEngine:
         cfg, e = self.config, self.config.engine
         t0 = time.time()
         version = self.trainer.policy_version
+        records = None if self._single_turn else [self._eval_prompts.record(i) for i in range(len(self._eval_prompts))]
         rnd = EvalRound(self._eval_prompts.token_ids, samples=e.eval_samples, temperature=e.eval_temperature,
-                        version=version, limits=IntakeLimits(self._vocab_size, cfg.ppo.response_length, e.eval_samples),
-                        max_batch_prompts=cfg.transport.max_batch_prompts, now=time.monotonic())
+                        version=version, limits=self._intake_limits(e.eval_samples),
+                        max_batch_prompts=cfg.transport.max_batch_prompts, now=time.monotonic(), records=records)
         self._eval_round = rnd
         try:
             for b in rnd.batches:
@@ -449,8 +467,10 @@ class RLHFEngine:
         responses = [r.response_ids for r in samples]
         rows = [self._eval_prompts.columns[r.prompt_id] for r in samples]
         names = self._eval_prompts.column_names
-        rewards = self._leader.score(SampleBatch(queries, responses,
-                                                 columns=completion_columns(rows, self.trainer.reward_fn, names)))
+        scored = SampleBatch(queries, responses, columns=completion_columns(rows, self.trainer.reward_fn, names))
+        rewards = episode_scores(samples, self._trainer_scores(scored))
+        if rewards is None:
+            rewards = self._leader.score(scored)
         gold = None
         if self._gold_fn is not None:
             gold = function_scores(self._gold_fn, self.tokenizer.batch_decode(queries, skip_special_tokens=True),
@@ -460,6 +480,8 @@ class RLHFEngine:
                              torch.tensor([r.prompt_id for r in samples]),
                              torch.tensor([r.policy_version for r in samples]))
         stats["eval/dropped_rollouts"] = float(self._eval_dropped)
+        if not self._single_turn:
+            stats.update(episode_metrics(samples, prefix="eval/"))
         stats["time/engine/eval"] = time.time() - t0
         self._timeline.add("trainer", "eval", t0, time.time())
         return stats
@@ -479,9 +501,13 @@ class RLHFEngine:
         rows = [self._prompts.columns[self._dataset_index[r.prompt_id]] for r in rollouts]
         for pid in {r.prompt_id for r in rollouts}:
             del self._dataset_index[pid]
-        stats = self._leader.step(SampleBatch.from_samples(  # every trainer rank joins (one rank: the plain step)
-            rollouts, columns=completion_columns(rows, self.trainer.reward_fn, self._prompts.column_names)))
+        batch = SampleBatch.from_samples(rollouts, columns=completion_columns(rows, self.trainer.reward_fn,
+                                                                              self._prompts.column_names))
+        batch.scores = episode_scores(rollouts, self._trainer_scores(batch))  # None: the trainer scores them
+        stats = self._leader.step(batch)  # every trainer rank joins (one rank: the plain step)
         stats["env/generated_tokens"] = float(sum(int(r.numel()) for r in responses))
+        if not self._single_turn:
+            stats.update(episode_metrics(rollouts))
         if self._gold_fn is not None:
             prompts = self.tokenizer.batch_decode(queries, skip_special_tokens=True)
             completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
@@ -490,6 +516,12 @@ class RLHFEngine:
                                    setting="model.gold_fn")
             stats["env/gold_mean"] = float(gold.mean())
         return stats
+
+    def _trainer_scores(self, batch: SampleBatch) -> Callable[[], torch.Tensor] | None:
+        """The reward function's or model's scores of `batch`, on demand (every rank joins); None without either."""
+        if self.trainer.reward_fn is None and self.trainer.reward_model is None:
+            return None
+        return lambda: self._leader.score(batch)
 
     def _sync_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """What the generators take each version: the one accessor (`PPOTrainer.policy_weights`, see

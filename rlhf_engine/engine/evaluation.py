@@ -31,11 +31,13 @@ class EvalRound:
     """One evaluation of `prompts` (token ids; prompt id = index) at policy `version`.
 
     limits: what a rollout may hold, `num_generations` being the samples per prompt; max_batch_prompts: the
-    most prompts in one batch (`transport.max_batch_prompts`).
+    most prompts in one batch (`transport.max_batch_prompts`); records: each prompt's dataset record, for the
+    environment (None: a run without one).
     """
 
     def __init__(self, prompts: list[list[int]], *, samples: int, temperature: float, version: int,
-                 limits: IntakeLimits, max_batch_prompts: int, now: float) -> None:
+                 limits: IntakeLimits, max_batch_prompts: int, now: float,
+                 records: list[dict] | None = None) -> None:
         if limits.num_generations != samples:
             raise ValueError(f"limits.num_generations ({limits.num_generations}) must be samples ({samples})")
         self.prompts = prompts
@@ -44,7 +46,8 @@ class EvalRound:
         ids = list(range(len(prompts)))
         chunks = [ids[i:i + max_batch_prompts] for i in range(0, len(ids), max_batch_prompts)]
         self.batches = [PromptBatch(batch_id=-1 - b, prompt_ids=chunk, prompts=[prompts[i] for i in chunk],
-                                    min_policy_version=version, eval_samples=samples, eval_temperature=temperature)
+                                    min_policy_version=version, eval_samples=samples, eval_temperature=temperature,
+                                    records=[records[i] for i in chunk] if records is not None else None)
                         for b, chunk in enumerate(chunks)]
         self._prompts = {i: PromptInFlight(i, b, prompts[i], version, now)  # its `step`: its batch's index
                          for b, chunk in enumerate(chunks) for i in chunk}
@@ -57,7 +60,7 @@ class EvalRound:
         if reason is not None:
             self.dropped[reason] += 1
             return False
-        self._prompts[rollout.prompt_id].accept(rollout, rollout.sender, now)
+        self._prompts[rollout.prompt_id].accept(rollout, rollout.sender, now, self.limits.env_prompt_tokens > 0)
         return True
 
     def _check(self, rollout: Sample, known_senders) -> str | None:

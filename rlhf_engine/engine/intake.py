@@ -20,7 +20,9 @@ its rollouts (`take`). A rollout from the wire is accepted only if, in this orde
                                                                or `wrong_holder`
 7. the prompt has fewer than num_generations rollouts          else `too_many`
 
-The prompt tokens of an accepted rollout are the trainer's own, never the wire's.
+The prompt tokens of an accepted rollout are the trainer's own, never the wire's, except in a run whose
+environment renders each episode's opening in the generator (`IntakeLimits.env_prompt_tokens`): then they are
+the rollout's, 1..env_prompt_tokens tokens in [0, vocab_size) (else `bad_prompt`).
 
 Holders and re-issues: the first sender whose rollout for a prompt is accepted *holds* it; only
 its rollouts count for that prompt, so a group is never a mix of two samplings. A prompt is
@@ -53,11 +55,17 @@ class IntakeLimits:
     """Most response tokens (`ppo.response_length`)."""
     num_generations: int
     """Rollouts a prompt trains on (`ppo.num_generations`)."""
+    env_prompt_tokens: int = 0
+    """> 0: the run's environment renders each episode's opening in the generator (its `reset` returns
+    messages): a rollout's prompt tokens are kept, at most this many (`data.max_prompt_length`); 0: every
+    rollout gets the trainer's prompt tokens."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "response_length", "num_generations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be >= 1")
+        if self.env_prompt_tokens < 0:
+            raise ValueError(f"env_prompt_tokens ({self.env_prompt_tokens}) must be >= 0")
 
 
 def check_content(rollout: Sample, limits: IntakeLimits, min_version: int, trainer_version: int) -> str | None:
@@ -77,6 +85,10 @@ def check_content(rollout: Sample, limits: IntakeLimits, min_version: int, train
         return "stale_version"
     if int(rollout.policy_versions[-1]) > trainer_version:
         return "future_version"
+    prompt = rollout.prompt_ids
+    if limits.env_prompt_tokens and (not 0 < prompt.numel() <= limits.env_prompt_tokens or int(prompt.min()) < 0
+                                     or int(prompt.max()) >= limits.vocab_size):
+        return "bad_prompt"
     return None
 
 
@@ -98,12 +110,14 @@ class PromptInFlight:
     """Former holders: their rollouts for this prompt are late."""
     reissues: int = 0
 
-    def accept(self, rollout: Sample, sender: str, now: float) -> Sample:
+    def accept(self, rollout: Sample, sender: str, now: float, own_prompt: bool = False) -> Sample:
         """Record `rollout` from `sender` as one of this prompt's samples, with the trainer's prompt tokens (the
-        ones it handed out, not the sender's copy); returns it."""
+        ones it handed out, not the sender's copy; `own_prompt`: the rollout's, rendered by an environment);
+        returns it."""
         self.holder, self.active_at = sender, now
         self.sample_ids.add(rollout.sample_id)
-        accepted = dataclasses.replace(rollout, prompt_ids=torch.tensor(self.token_ids, dtype=torch.int64))
+        accepted = rollout if own_prompt else dataclasses.replace(
+            rollout, prompt_ids=torch.tensor(self.token_ids, dtype=torch.int64))
         self.rollouts.append(accepted)
         return accepted
 
@@ -174,7 +188,7 @@ class Intake:
         if reason is not None:
             self.dropped[reason] += 1
             return None
-        return self._prompts[rollout.prompt_id].accept(rollout, sender, now)
+        return self._prompts[rollout.prompt_id].accept(rollout, sender, now, self.limits.env_prompt_tokens > 0)
 
     def _check(self, rollout: Sample, sender: str, known_senders, trainer_version: int) -> str | None:
         if sender not in known_senders:

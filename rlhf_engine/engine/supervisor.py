@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -51,8 +51,11 @@ class Supervisor:
     def __init__(self, config: RunConfig, port: TrainerPort, local: LocalGenerators, intake: Intake,
                  timeline: Timeline, *, version: Callable[[], int],
                  weights: Callable[[], Iterable[tuple[str, torch.Tensor]]],
-                 save_checkpoint: Callable[[], object]) -> None:
+                 save_checkpoint: Callable[[], object],
+                 records: Callable[[int], dict[str, Any]] | None = None) -> None:
         self.config = config
+        self._records = records
+        """The dataset record of a prompt id, sent with it for the environment's `reset`; None: no records."""
         self.port = port
         self.local = local
         self.intake = intake
@@ -79,8 +82,9 @@ class Supervisor:
 
     def send(self, batch_id: int, prompts: dict[int, list[int]], timeout_s: float | None = None) -> None:
         """Hand `{prompt_id: tokens}` out as batch `batch_id`, sampled with weights no older than the current."""
+        records = [self._records(pid) for pid in prompts] if self._records is not None else None
         self.port.send_prompts(PromptBatch(batch_id=batch_id, prompt_ids=list(prompts), prompts=list(prompts.values()),
-                                           min_policy_version=self._version()), timeout_s)
+                                           min_policy_version=self._version(), records=records), timeout_s)
 
     def offer(self, rollout: Sample) -> None:
         """Pass a rollout from the wire to the intake (which accepts it or counts why not)."""

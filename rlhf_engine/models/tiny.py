@@ -14,6 +14,13 @@ from rlhf_engine.data.synthetic import synthetic_sentences
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
 
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}:\n{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}assistant:\n{% endif %}"
+)
+"""An append-only chat template for the tiny tokenizer (`</s>` ends every turn), for multi-turn tests and
+examples: `make_tiny_model_dir(..., chat_template=TINY_CHAT_TEMPLATE)`."""
+
 def build_tokenizer(vocab_size: int = 512, corpus: list[str] | None = None, seed: int = 0):
     """Train a byte-level BPE tokenizer and wrap it as a `PreTrainedTokenizerFast`.
 
@@ -87,10 +94,13 @@ def build_llama(spec: TinyLlamaSpec, tokenizer, seed: int = 0):
         return LlamaForCausalLM(config)
 
 
-def make_tiny_model_dir(path: str | Path, spec: TinyLlamaSpec = TinyLlamaSpec(), seed: int = 0) -> Path:
-    """Build tokenizer + model of `spec` and `save_pretrained` both into `path`; returns the path."""
+def make_tiny_model_dir(path: str | Path, spec: TinyLlamaSpec = TinyLlamaSpec(), seed: int = 0,
+                        chat_template: str | None = None) -> Path:
+    """Build tokenizer + model of `spec` and `save_pretrained` both into `path` (the tokenizer with
+    `chat_template`, if given); returns the path."""
     path = Path(path)
     tokenizer = build_tokenizer(spec.vocab_size, seed=seed)
+    tokenizer.chat_template = chat_template
     model = build_llama(spec, tokenizer, seed=seed)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)

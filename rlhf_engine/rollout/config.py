@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from rlhf_engine.envs.protocol import EnvironmentConfig
 from rlhf_engine.models.lora import LoraConfig
 
 BACKENDS = ("vllm", "transformers", "auto")
@@ -102,12 +103,20 @@ class GeneratorConfig:
     """The policy's LoRA adapters when the run syncs adapters (`model.lora.sync: adapters`; the run sets
     it from `model.lora`, see `run_generator_config`): every weight update then carries
     the adapter tensors (peft names) on top of the frozen base in `model`, instead of full weights."""
+    environment: EnvironmentConfig = field(default_factory=EnvironmentConfig)
+    """What each sample is an episode of (`rlhf_engine.envs`): `package.module:Class`, or the mapping of an
+    `EnvironmentConfig` (`{name: ..., max_turns: ..., kwargs: {...}}`); the default is one turn on the
+    dataset's prompt. `sampling.max_new_tokens` is then the budget of a whole trajectory."""
 
     def __post_init__(self) -> None:
         if isinstance(self.sampling, dict):
             self.sampling = SamplingConfig(**self.sampling)
         if isinstance(self.lora, dict):
             self.lora = LoraConfig(**self.lora)
+        if isinstance(self.environment, str):
+            self.environment = EnvironmentConfig(name=self.environment)
+        elif isinstance(self.environment, dict):
+            self.environment = EnvironmentConfig(**self.environment)
         if self.lora is not None and self.lora.sync != "adapters":
             raise ValueError(f"generator.lora.sync ({self.lora.sync!r}): a generator is given LoRA adapters only "
                              "with sync 'adapters'; with 'merged' it takes full weights and has no lora")

@@ -20,7 +20,10 @@ log = logging.getLogger(__name__)
 
 
 class Generator(ABC):
-    """Samples completions for token-id prompts; takes versioned weight updates."""
+    """Samples completions for token-id prompts; takes versioned weight updates. `tokenizer` is the model's
+    (set by each backend)."""
+
+    tokenizer: object
 
     def __init__(self, config: GeneratorConfig) -> None:
         self.config = config

@@ -1,7 +1,8 @@
 """`GeneratorLoop`: the busy loop of a generator process, between a `Generator` and the transport.
 
     apply the newest complete weight update (if any)  ->  take a prompt batch  ->
-    wait for weights new enough for it  ->  generate  ->  push each `Sample`
+    wait for weights new enough for it  ->  play its episodes (`EpisodeRunner`: one `generate` call
+    without an environment)  ->  push each `Sample`
 
 Staleness: a batch is never sampled with weights older than `batch.min_policy_version` (the
 trainer's version when it handed the batch out), nor older than `max_staleness` versions
@@ -17,6 +18,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
+from rlhf_engine.rollout.episodes import EpisodeRunner
 from rlhf_engine.rollout.generator import Generator
 from rlhf_engine.transport import PromptBatch, WeightUpdate
 
@@ -48,10 +50,15 @@ class GeneratorLoop:
     The loop owns neither: whoever built them closes them (see `process.run_generator`).
     """
 
-    def __init__(self, generator: Generator, port, *, max_staleness: int = 1, poll_s: float = 0.2) -> None:
+    def __init__(self, generator: Generator, port, *, max_staleness: int = 1, poll_s: float = 0.2,
+                 max_prompt_tokens: int | None = None) -> None:
         if max_staleness < 0:
             raise ValueError(f"max_staleness ({max_staleness}) must be >= 0")
         self.generator = generator
+        room = generator.config.max_model_len - generator.config.sampling.max_new_tokens
+        self.episodes = EpisodeRunner(generator, generator.config.environment,
+                                      max_prompt_tokens=min(room, max_prompt_tokens or room))
+        """Plays each batch as episodes of the generator's environment (one turn each without one)."""
         self.port = port
         self.max_staleness = max_staleness
         self.poll_s = poll_s
@@ -111,8 +118,8 @@ class GeneratorLoop:
         sampling = (dataclasses.replace(self.generator.config.sampling, n=batch.eval_samples,
                                         temperature=batch.eval_temperature) if batch.is_eval else None)
         # the seed follows the batch, not the generator: a run reproduces whichever generator serves it
-        samples = self.generator.generate(batch.prompts, sampling=sampling,
-                                          seed=self.generator.config.batch_seed(batch.batch_id))
+        samples = self.episodes.run(batch.prompts, batch.records, sampling or self.generator.config.sampling,
+                                    seed=self.generator.config.batch_seed(batch.batch_id))
         self.stats.generate_s += time.perf_counter() - t0
         finished_at = time.time()  # with generation_time: this batch's busy interval on the trainer's timeline
         for s in samples:  # the backend's batch positions become the trainer's prompt ids and unique sample ids

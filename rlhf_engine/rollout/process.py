@@ -72,7 +72,8 @@ def run_generator(
             with GeneratorPort(transport, fingerprint, name=name, weight_specs=generator.weight_specs) as port:
                 log.info("%s connected to %s with %s (weights v%d)", port.sender_id, transport.endpoint,
                          type(generator).__name__, generator.version)
-                loop = GeneratorLoop(generator, port, max_staleness=max_staleness)
+                loop = GeneratorLoop(generator, port, max_staleness=max_staleness,
+                                     max_prompt_tokens=transport.max_prompt_tokens)
                 try:
                     loop.run()
                 except ShutdownRequested as e:

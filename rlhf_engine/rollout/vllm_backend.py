@@ -84,6 +84,7 @@ class VLLMGenerator(Generator):
                 worker_extension_cls=_EXTENSION,
                 **lora,
             )
+        self.tokenizer = self.llm.get_tokenizer()
         self._staging: StagingFile | None = None
         self._adapters: AdapterSlot | None = None
         if config.lora is not None:

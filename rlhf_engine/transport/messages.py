@@ -3,13 +3,14 @@ carries one `Sample` (`rlhf_engine.data.samples`), a prompts message a `PromptBa
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
-from rlhf_engine.data.samples import Sample
+from rlhf_engine.data.samples import EpisodeInfo, Sample
 from rlhf_engine.transport.wire import (
     PromptsHeader,
     RolloutHeader,
@@ -18,8 +19,10 @@ from rlhf_engine.transport.wire import (
 )
 
 SAMPLE_TENSORS = (("prompt_ids", "int64"), ("response_ids", "int64"), ("behaviour_logp", "float32"),
-                  ("policy_versions", "int64"), ("loss_mask", "bool"))
+                  ("policy_versions", "int64"), ("loss_mask", "bool"), ("turn_starts", "int64"))
 """The tensor frames of a rollout message, in order, each 1-D: the `Sample`'s tensors under its names."""
+EPISODE_FIELDS = ("turns", "tool_calls", "tool_errors", "tool_timeouts", "env_seconds", "truncated", "metrics")
+"""The `EpisodeInfo` fields, each a field of the rollout header under its name."""
 
 
 def sample_to_wire(sample: Sample, sender: str, seq: int) -> tuple[RolloutHeader, list[torch.Tensor]]:
@@ -35,6 +38,8 @@ def sample_to_wire(sample: Sample, sender: str, seq: int) -> tuple[RolloutHeader
         generation_time=sample.generation_time,
         finished_at=sample.finished_at,
         eval=sample.eval,
+        reward=sample.reward,
+        **{name: getattr(sample.episode, name) for name in EPISODE_FIELDS},
     )
     return header, tensors
 
@@ -62,6 +67,8 @@ def sample_from_wire(header: RolloutHeader, tensors: Sequence[torch.Tensor], max
             generation_time=header.generation_time,
             finished_at=header.finished_at,
             eval=header.eval,
+            reward=header.reward,
+            episode=EpisodeInfo(**{name: getattr(header, name) for name in EPISODE_FIELDS}),
             sender=header.sender,
         )
     except ValueError as e:
@@ -94,6 +101,9 @@ class PromptBatch:
         if self.eval_samples < 0 or not math.isfinite(self.eval_temperature) or self.eval_temperature < 0:
             raise ValueError(f"batch {self.batch_id}: eval_samples ({self.eval_samples}) must be >= 0 and "
                              f"eval_temperature ({self.eval_temperature}) finite and >= 0")
+        if self.records is not None and (len(self.records) != len(self.prompts)
+                                         or not all(isinstance(r, dict) for r in self.records)):
+            raise ValueError(f"batch {self.batch_id}: records must be one dict per prompt")
 
     @property
     def is_eval(self) -> bool:
@@ -113,6 +123,7 @@ class PromptBatch:
             min_policy_version=self.min_policy_version,
             eval_samples=self.eval_samples,
             eval_temperature=self.eval_temperature,
+            records=tuple(json.dumps(r) for r in self.records) if self.records is not None else (),
         )
         return header, [flat, offsets]
 
@@ -133,9 +144,10 @@ class PromptBatch:
         tokens = flat.tolist()
         prompts = [tokens[a:b] for a, b in zip(bounds, bounds[1:])]
         try:
+            records = [json.loads(r) for r in header.records] if header.records else None
             return cls(header.batch_id, list(header.prompt_ids), prompts, header.min_policy_version,
-                       header.eval_samples, header.eval_temperature)
-        except ValueError as e:
+                       header.eval_samples, header.eval_temperature, records)
+        except ValueError as e:  # json.JSONDecodeError included
             raise WireError("bad_prompts", str(e)) from None
 
 

@@ -50,7 +50,7 @@ import torch
 
 from rlhf_engine.common.dtypes import DTYPE_NAMES, TORCH_DTYPES
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 """3: evaluation batches (`PromptsHeader.eval_samples`, `RolloutHeader.eval`). 4: a rollout carries one
 `rlhf_engine.data.samples.Sample`: `sample_id`, per-token `policy_versions` and `loss_mask` frames."""
 
@@ -158,6 +158,16 @@ class RolloutHeader(_Base, tag=int(MessageKind.ROLLOUT)):
     finished_at: float = 0.0
     eval: bool = False
     """A completion of an evaluation batch: scored and logged, never trained on."""
+    reward: float | None = None
+    """The environment's reward of the episode (`Sample.reward`)."""
+    turns: int = 1
+    tool_calls: int = 0
+    tool_errors: int = 0
+    tool_timeouts: int = 0
+    env_seconds: float = 0.0
+    truncated: str = ""
+    metrics: dict[str, float] = {}
+    """`Sample.episode` (`EpisodeInfo`), field by field."""
 
 
 class PromptsHeader(_Base, tag=int(MessageKind.PROMPTS)):
@@ -168,6 +178,9 @@ class PromptsHeader(_Base, tag=int(MessageKind.PROMPTS)):
     """0: a training batch (the generator's own sampling); n > 0: an evaluation batch, n completions per prompt
     at ``eval_temperature`` (0: greedy), its rollouts tagged ``eval``."""
     eval_temperature: float = 0.0
+    records: tuple[str, ...] = ()
+    """With an environment (`generator.environment`): each prompt's dataset record as JSON text, for the
+    environment's `reset`; empty otherwise."""
 
 
 class WeightsHeader(_Base, tag=int(MessageKind.WEIGHTS)):

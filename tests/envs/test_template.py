@@ -3,12 +3,7 @@
 import pytest
 
 from rlhf_engine.envs.template import ChatTemplate, TemplateError
-
-# Append-only, `</s>` ends every turn; for the repo's tiny tokenizer (which has no template of its own).
-SIMPLE_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}:\n{{ m['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}assistant:\n{% endif %}"
-)
+from rlhf_engine.models.tiny import TINY_CHAT_TEMPLATE  # append-only, `</s>` ends every turn
 
 # ChatML as Qwen3 writes it: `<think>...</think>` is stripped from assistant turns before the last user message, so
 # the rendering of a turn changes once a user message follows it.
@@ -130,7 +125,7 @@ def test_tiny_tokenizer_without_a_template_is_refused_and_with_one_works():
     tokenizer = build_tokenizer()
     with pytest.raises(TemplateError, match="no chat template"):
         ChatTemplate(tokenizer)
-    tokenizer.chat_template = SIMPLE_TEMPLATE
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
     template = _rollout_matches_full_rendering(tokenizer, [SYSTEM, USER, A, OBS, B, OBS2])
     assert template.end_of_turn_id == tokenizer.convert_tokens_to_ids("</s>") == 2
     # Nothing follows `</s>` in this template: the delta starts with the observation's role.
@@ -147,7 +142,7 @@ def test_generation_prompt_ending_in_a_space_is_refused(real_model_dir):
     # "assistant: " + "Is it 50?" tokenizes as "assistant", ":", " Is", ...: the prompt's trailing " " is not a
     # token of the rendered reply, so a model sampling after it would never produce the template's ids.
     tokenizer = _fresh_smol_tokenizer(
-        real_model_dir, SIMPLE_TEMPLATE.replace(":\n", ": ").replace("</s>", "<|im_end|>")
+        real_model_dir, TINY_CHAT_TEMPLATE.replace(":\n", ": ").replace("</s>", "<|im_end|>")
     )
     with pytest.raises(TemplateError, match=r"generation prompt after \['user'\] is not a token prefix"):
         ChatTemplate(tokenizer)
@@ -162,7 +157,7 @@ def test_template_without_an_end_of_turn_token_is_refused(real_model_dir):
 
 
 def test_template_change_after_construction_does_not_stale_the_deltas(real_model_dir):
-    tokenizer = _fresh_smol_tokenizer(real_model_dir, SIMPLE_TEMPLATE.replace("</s>", "<|im_end|>"))
+    tokenizer = _fresh_smol_tokenizer(real_model_dir, TINY_CHAT_TEMPLATE.replace("</s>", "<|im_end|>"))
     template = ChatTemplate(tokenizer)
     before = template.observation_ids([OBS])
     tokenizer.chat_template = QWEN3_LIKE_TEMPLATE

@@ -109,12 +109,17 @@ class TokenBatch:
         )
 
 
-def truncate_after_eos(response: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:
-    """A response [n] cut just after its first end-of-turn token (any of `eos_token_ids`; kept as is when it
-    has none)."""
+def truncate_after_eos(response: torch.Tensor, eos_token_ids: Sequence[int],
+                       loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A response [n] cut just after its first end-of-turn token (any of `eos_token_ids`) of its last turn: past
+    the last environment token of `loss_mask` [n] (a multi-turn episode's earlier turns end with one too);
+    kept as is when there is none."""
     if not eos_token_ids:
         return response
-    hits = torch.isin(response, torch.tensor(eos_token_ids, dtype=response.dtype)).nonzero()
+    is_eos = torch.isin(response, torch.tensor(eos_token_ids, dtype=response.dtype))
+    if loss_mask is not None and not bool(loss_mask.all()):
+        is_eos[: int((~loss_mask).nonzero()[-1, 0]) + 1] = False  # up to the last environment token
+    hits = is_eos.nonzero()
     return response if hits.numel() == 0 else response[: int(hits[0, 0]) + 1]
 
 
@@ -126,13 +131,15 @@ def make_token_batch(
     device: torch.device | str = "cpu",
     loss_mask: list[torch.Tensor] | None = None,
 ) -> TokenBatch:
-    """Pad B prompts (left) and B responses (right, each cut after its first end-of-turn token, any of
-    `eos_token_ids`) into a `TokenBatch`; `has_eos` marks the responses that end with one.
+    """Pad B prompts (left) and B responses (right, each cut after the first end-of-turn token of its last turn,
+    any of `eos_token_ids`, see `truncate_after_eos`) into a `TokenBatch`; `has_eos` marks the responses that end
+    with one.
 
     prompt_ids, response_ids: lists of non-empty 1-D int64 tensors (checked by the caller); loss_mask: B x [R_i]
     bool, the tokens trained (None: every token).
     """
-    responses = [truncate_after_eos(r, eos_token_ids) for r in response_ids]
+    masks = loss_mask if loss_mask is not None else [None] * len(response_ids)
+    responses = [truncate_after_eos(r, eos_token_ids, m) for r, m in zip(response_ids, masks)]
     prompt_pad, prompt_mask = left_pad(prompt_ids, pad_token_id)  # [B, Lp]
     response_pad, response_mask = right_pad(responses, pad_token_id)  # [B, T]
     input_ids = torch.cat([prompt_pad, response_pad], dim=1)  # [B, Lp + T]

@@ -1,0 +1,341 @@
+"""`EpisodeRunner`: a batch of prompts played out as episodes of an environment, token in, token out.
+
+Every batch a generator serves goes through here; a run without an environment plays `SingleTurn`
+(one turn on the trainer's prompt), which is the same `Generator.generate` call as ever.
+
+    reset every episode (environment threads)
+    turn 1: one `generate(openings, n)` call, the n episodes of a prompt are its n samples
+    loop:   each finished turn goes to its environment's `step` (threads); as results come back, the
+            episodes that go on are batched into the next `generate` call (n = 1 each, the whole token
+            sequence so far as the prompt), so a slow step holds up only its own episode
+    close every environment
+
+Token in, token out: a sampled turn is appended as the sampler's ids with their log-probs and versions
+(`loss_mask` True); observations are appended as the chat template's delta (`envs.template.ChatTemplate`;
+`loss_mask` False, log-prob 0), after the template's end-of-turn token when the turn stopped without one
+(a stop string, or the token limit of a turn). The environment reads the decoded turn; nothing is ever
+re-encoded. Every token after the prompt counts toward the budget (`sampling.max_new_tokens`, the run's
+`ppo.response_length`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import logging
+import math
+import queue
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from rlhf_engine.data.samples import MAX_INFO_KEYS, EpisodeInfo, Sample
+from rlhf_engine.envs.protocol import EnvironmentConfig, StepResult, check_messages
+from rlhf_engine.rollout.config import SamplingConfig
+from rlhf_engine.rollout.generator import Generator
+
+log = logging.getLogger(__name__)
+
+GATHER_S = 0.01
+"""After one environment step returns, how long the others may take to join the same `generate` call."""
+SUMMED_INFO = ("tool_calls", "tool_errors", "tool_timeouts")
+"""`StepResult.info` entries summed over an episode into `EpisodeInfo`."""
+
+
+@dataclass
+class _Episode:
+    """One episode being played: the trajectory so far and its bookkeeping."""
+
+    prompt: int
+    sample: int
+    env: Any = None
+    prompt_ids: list[int] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    mask: list[bool] = field(default_factory=list)
+    logp: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    turn_starts: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+    reward: float | None = None
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SUMMED_INFO, 0))
+    metrics: dict[str, float] = field(default_factory=dict)
+    env_seconds: float = 0.0
+    truncated: str | None = None
+    """None while it runs; then "" (the environment ended it) or the reason it was cut."""
+
+
+class EpisodeRunner:
+    """Plays batches of episodes of `config`'s environment on `generator` (see the module docstring)."""
+
+    def __init__(self, generator: Generator, config: EnvironmentConfig, *, max_prompt_tokens: int) -> None:
+        self.generator = generator
+        self.config = config
+        self.max_prompt_tokens = max_prompt_tokens
+        """Openings rendered from `reset`'s messages keep their last `max_prompt_tokens` tokens."""
+        config.resolve()  # a name that does not resolve fails here, not in the first episode
+        self.template = None
+        if not config.single_turn:
+            from rlhf_engine.envs.template import ChatTemplate
+
+            self.template = ChatTemplate(generator.tokenizer)
+        self._pool: _DaemonPool | None = None
+        self._calls = 0
+
+    def run(self, prompts: list[list[int]], records: list[dict] | None, sampling: SamplingConfig,
+            seed: int) -> list[Sample]:
+        """`sampling.n` episodes per prompt; returns their samples ordered by (prompt, sample), as
+        `Generator.generate` does. `records[i]` is prompt i's dataset record for `reset` (None: `{}`)."""
+        t0 = time.perf_counter()
+        episodes = [_Episode(i, j) for i in range(len(prompts)) for j in range(sampling.n)]
+        # the threads of this batch; a call still running past its time limit is left to its daemon thread,
+        # which never holds up the process's exit
+        self._pool = _DaemonPool(min(self.config.concurrency, len(episodes)))
+        try:
+            self._reset(episodes, prompts, records or [{}] * len(prompts))
+            self._first_turn(episodes, sampling, seed)
+            self._play(episodes, sampling, seed)
+            self._close_all(episodes)
+        finally:
+            self._pool.shutdown()
+        elapsed = time.perf_counter() - t0
+        return [self._sample(ep, elapsed) for ep in episodes]
+
+    # -- the phases of `run` ------------------------------------------------------------------------------
+
+    def _reset(self, episodes: list[_Episode], prompts: list[list[int]], records: list[dict]) -> None:
+        """Build and reset every episode's environment; its opening is `reset`'s messages rendered, or the
+        trainer's prompt (also for an environment that failed: that episode ends after its first turn)."""
+        def start(ep: _Episode):
+            ep.env = self.config.build()
+            return ep.env.reset(records[ep.prompt])
+
+        for ep, (value, error, seconds) in zip(episodes, self._call_all([lambda ep=ep: start(ep) for ep in episodes])):
+            ep.env_seconds += seconds
+            ep.prompt_ids = list(prompts[ep.prompt])
+            if error is None and value is not None:
+                try:
+                    opening = self.template.prompt_ids(check_messages(value, "reset"))
+                    ep.prompt_ids = opening[-self.max_prompt_tokens:]
+                except ValueError as e:
+                    error = f"env_error: {e}"
+            if error is not None:
+                self._end(ep, error)
+
+    def _first_turn(self, episodes: list[_Episode], sampling: SamplingConfig, seed: int) -> None:
+        """Turn 1: one `generate` call with n samples per prompt when the n episodes of each prompt open alike
+        (always without an environment), else one sample per episode."""
+        n = sampling.n
+        budget = sampling.max_new_tokens
+        sampling = dataclasses.replace(sampling, max_new_tokens=min(budget, self.config.max_turn_tokens or budget))
+        groups = [episodes[i:i + n] for i in range(0, len(episodes), n)]
+        if all(ep.prompt_ids == group[0].prompt_ids for group in groups for ep in group):
+            samples = self.generator.generate([g[0].prompt_ids for g in groups], sampling=sampling, seed=seed)
+        else:
+            samples = self.generator.generate([ep.prompt_ids for ep in episodes],
+                                              sampling=dataclasses.replace(sampling, n=1), seed=seed)
+        for ep, sample in zip(episodes, samples):
+            self._append_turn(ep, sample, budget)
+
+    def _play(self, episodes: list[_Episode], sampling: SamplingConfig, seed: int) -> None:
+        """Steps and later turns until every episode has ended."""
+        pending: dict[Future, tuple[_Episode, float]] = {}  # step call -> (episode, its deadline)
+        for ep in episodes:
+            if ep.truncated is None:
+                pending[self._submit_step(ep)] = (ep, time.monotonic() + self.config.step_timeout_s)
+        while pending:
+            first = min(deadline for _, deadline in pending.values())
+            done, _ = wait(pending, timeout=max(0.0, first - time.monotonic()), return_when=FIRST_COMPLETED)
+            if done:  # the steps that finish about now join the same turn
+                done |= wait(set(pending) - done, timeout=GATHER_S)[0]
+            now = time.monotonic()
+            ready = []
+            for future in list(pending):
+                ep, deadline = pending[future]
+                if future in done:
+                    del pending[future]
+                    value, error, seconds = future.result()
+                    ep.env_seconds += seconds
+                    if self._apply_step(ep, value, error, sampling.max_new_tokens):
+                        ready.append(ep)
+                elif now >= deadline:
+                    del pending[future]
+                    ep.env_seconds += self.config.step_timeout_s
+                    self._end(ep, "step_timeout")
+            if ready:
+                for ep in self._next_turn(ready, sampling, seed):
+                    pending[self._submit_step(ep)] = (ep, time.monotonic() + self.config.step_timeout_s)
+
+    def _next_turn(self, ready: list[_Episode], sampling: SamplingConfig, seed: int) -> list[_Episode]:
+        """One `generate` call for the episodes in `ready`; returns those that go on to a step."""
+        budget = sampling.max_new_tokens
+        room = max(budget - len(ep.ids) for ep in ready)
+        cap = min(room, self.config.max_turn_tokens or budget)
+        self._calls += 1
+        turn = dataclasses.replace(sampling, n=1, max_new_tokens=cap)
+        samples = self.generator.generate([ep.prompt_ids + ep.ids for ep in ready], sampling=turn,
+                                          seed=(seed + self._calls * 7_919) % (1 << 31))
+        for ep, sample in zip(ready, samples):
+            self._append_turn(ep, sample, budget)
+        return [ep for ep in ready if ep.truncated is None]
+
+    def _close_all(self, episodes: list[_Episode]) -> None:
+        """`close` every environment (errors are logged: the episode is over either way)."""
+        for ep, (_, error, _) in zip(episodes, self._call_all(
+                [ep.env.close for ep in episodes if ep.env is not None])):
+            if error is not None:
+                log.warning("environment close failed (prompt %d, sample %d): %s", ep.prompt, ep.sample, error)
+
+    # -- one episode --------------------------------------------------------------------------------------
+
+    def _append_turn(self, ep: _Episode, sample: Sample, budget: int) -> None:
+        """Append a sampled turn (cut at the budget), then end the episode if it cannot go on."""
+        room = budget - len(ep.ids)
+        ep.turn_starts.append(len(ep.ids))
+        ids = sample.response_ids[:room].tolist()
+        ep.ids += ids
+        ep.mask += [True] * len(ids)
+        ep.logp += sample.behaviour_logp[:room].tolist()
+        ep.versions += sample.policy_versions[:room].tolist()
+        ep.finish_reason = sample.finish_reason
+        if ep.truncated is not None:  # the environment failed at reset: this turn is the last
+            return
+        if len(ids) < sample.response_ids.numel() or len(ep.ids) >= budget:
+            self._end(ep, "token_budget")
+
+    def _submit_step(self, ep: _Episode) -> Future:
+        tokens = ep.ids[ep.turn_starts[-1]:]
+        text = self.generator.tokenizer.decode(tokens, skip_special_tokens=True)
+        return self._pool.submit(_timed, lambda: ep.env.step({"role": "assistant", "content": text}))
+
+    def _apply_step(self, ep: _Episode, value: Any, error: str | None, budget: int) -> bool:
+        """Take a step's result; True when the episode goes on to another turn."""
+        if error is None:
+            try:
+                result = StepResult.of(value)
+            except ValueError as e:
+                error = f"env_error: {e}"
+        if error is not None:
+            self._end(ep, error)
+            return False
+        if result.reward is not None:
+            ep.reward = (ep.reward or 0.0) + float(result.reward)
+        for name in SUMMED_INFO:
+            value = result.info.get(name, 0)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                ep.counts[name] += int(value)
+        numbers = [(k, float(v)) for k, v in result.info.items() if k not in SUMMED_INFO and isinstance(k, str)
+                   and 0 < len(k) <= 64 and isinstance(v, (int, float)) and math.isfinite(v)]
+        ep.metrics = dict(numbers[:MAX_INFO_KEYS])
+        if result.done:
+            self._end(ep, "")
+            return False
+        if len(ep.turn_starts) >= self.config.max_turns:
+            self._end(ep, "max_turns")
+            return False
+        try:
+            ended = bool(ep.ids) and ep.ids[-1] == self.template.end_of_turn_id
+            observation = self.template.observation_ids(result.observations, turn_ended=ended)
+        except ValueError as e:
+            self._end(ep, f"env_error: {e}")
+            return False
+        if len(ep.ids) + len(observation) >= budget:  # no room for the observation and one more token
+            self._end(ep, "token_budget")
+            return False
+        version = ep.versions[-1] if ep.versions else self.generator.version
+        ep.ids += observation
+        ep.mask += [False] * len(observation)
+        ep.logp += [0.0] * len(observation)
+        ep.versions += [version] * len(observation)
+        return True
+
+    def _end(self, ep: _Episode, reason: str) -> None:
+        if ep.truncated is None:
+            ep.truncated = reason
+            if reason and reason not in ("max_turns", "token_budget"):
+                log.warning("episode (prompt %d, sample %d) ended: %s", ep.prompt, ep.sample, reason[:300])
+
+    def _sample(self, ep: _Episode, elapsed: float) -> Sample:
+        reason = ep.truncated or ""
+        kind = reason.split(":", 1)[0]
+        return Sample(
+            sample_id=f"{ep.prompt}/{ep.sample}",
+            prompt_id=ep.prompt,
+            prompt_ids=torch.tensor(ep.prompt_ids, dtype=torch.int64),
+            response_ids=torch.tensor(ep.ids, dtype=torch.int64),
+            behaviour_logp=torch.tensor(ep.logp, dtype=torch.float32),
+            policy_versions=torch.tensor(ep.versions, dtype=torch.int64),
+            finish_reason=ep.finish_reason,
+            loss_mask=torch.tensor(ep.mask, dtype=torch.bool),
+            generation_time=elapsed,
+            turn_starts=torch.tensor(ep.turn_starts, dtype=torch.int64),
+            reward=ep.reward,
+            episode=EpisodeInfo(turns=len(ep.turn_starts), **ep.counts, env_seconds=ep.env_seconds,
+                                truncated=kind, metrics=ep.metrics),
+        )
+
+    # -- environment calls --------------------------------------------------------------------------------
+
+    def _call_all(self, calls: list[Callable[[], Any]]) -> list[tuple[Any, str | None, float]]:
+        """Run `calls` on the environment threads; each one's (value, error or None, seconds), in order; a call
+        past `step_timeout_s` gives the error `step_timeout`."""
+        futures = [self._pool.submit(_timed, call) for call in calls]
+        deadline = time.monotonic() + self.config.step_timeout_s
+        wait(futures, timeout=self.config.step_timeout_s)
+        out = []
+        for future in futures:
+            if future.done():
+                out.append(future.result())
+            else:
+                out.append((None, "step_timeout", max(0.0, time.monotonic() - deadline + self.config.step_timeout_s)))
+        return out
+
+
+class _DaemonPool:
+    """`n` daemon threads running submitted calls (`concurrent.futures`' pool joins its threads at exit, so one
+    stuck environment call would hang the generator's exit)."""
+
+    def __init__(self, n: int) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"env-{i}", daemon=True) for i in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        self._queue.put((future, fn, args))
+        return future
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, args = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as e:  # _timed catches Exception; this keeps the thread serving
+                    future.set_exception(e)
+
+
+def _timed(call: Callable[[], Any]) -> tuple[Any, str | None, float]:
+    """(value, None, seconds) of `call()` (awaited when it returns an awaitable), or (None, "env_error: ...",
+    seconds) when it raises."""
+    t0 = time.perf_counter()
+    try:
+        value = call()
+        if inspect.isawaitable(value):
+            value = asyncio.run(_awaited(value))
+        return value, None, time.perf_counter() - t0
+    except Exception as e:  # an environment's failure ends its episode, never the generator
+        return None, f"env_error: {type(e).__name__}: {e}", time.perf_counter() - t0
+
+
+async def _awaited(awaitable):
+    return await awaitable
