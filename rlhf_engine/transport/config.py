@@ -7,7 +7,7 @@ Each receiving socket gets the ``WireLimits`` of what may legitimately travel on
 - trainer control (HELLO, HEARTBEAT, WEIGHTS_ACK, WEIGHTS_RELAYED, SHUTDOWN): a header, no tensors;
 - trainer rollouts: one `Sample`, a prompt of at most ``max_prompt_tokens`` and a response of at most
   ``max_response_tokens`` tokens (int64) with, per response token, a float32 log-prob, an int64 policy
-  version and a bool loss mask;
+  version and a bool loss mask, and its turn starts;
 - generator prompts: at most ``max_batch_prompts`` prompts of ``max_prompt_tokens``;
 - generator control: weight updates whose tensors match the model's specs exactly (`weights.WeightSpecs`).
 
@@ -130,13 +130,17 @@ class TransportConfig:
 CONTROL_HEADER_BYTES = 64 << 10
 """Largest control header (HELLO, heartbeat, ack, relayed, goodbye: names, a path and a reason string)."""
 RECORD_HEADER_BYTES = 8 << 10
-"""Largest rollout header beyond its tensors' specs (ids and a finish reason of <= 256 characters)."""
+"""Largest rollout header beyond its tensors' specs (ids, a finish reason and a truncation reason of <= 256
+characters, an episode's <= 16 metrics)."""
 TOKEN_BYTES = 8  # int64
 LOGPROB_BYTES = 4  # float32
 VERSION_BYTES = 8  # int64
 MASK_BYTES = 1  # bool
-ROLLOUT_TENSORS = 5
+TURN_BYTES = 8  # int64, at most one turn start per response token
+ROLLOUT_TENSORS = 6
 """Frames of a rollout message (`messages.SAMPLE_TENSORS`)."""
+RECORD_JSON_BYTES = 16 << 10
+"""Largest dataset record (JSON) a prompt batch carries per prompt for the environment's `reset`."""
 
 CONTROL_LIMITS = WireLimits(max_header_bytes=CONTROL_HEADER_BYTES, max_tensor_bytes=0, max_message_bytes=0,
                             max_tensors=0)
@@ -149,15 +153,18 @@ def rollout_limits(config: TransportConfig) -> WireLimits:
     cutting the sender's connection; the message total is exact."""
     p, r = config.max_prompt_tokens, config.max_response_tokens
     return WireLimits(max_header_bytes=RECORD_HEADER_BYTES, max_tensor_bytes=TOKEN_BYTES * (p + r),
-                      max_message_bytes=TOKEN_BYTES * (p + r) + (LOGPROB_BYTES + VERSION_BYTES + MASK_BYTES) * r,
+                      max_message_bytes=TOKEN_BYTES * (p + r)
+                      + (LOGPROB_BYTES + VERSION_BYTES + MASK_BYTES + TURN_BYTES) * r,
                       max_tensors=ROLLOUT_TENSORS)
 
 
 def prompt_limits(config: TransportConfig) -> WireLimits:
-    """Limits of one prompt batch: tokens ``[sum P_i]`` and offsets ``[B + 1]`` (int64)."""
+    """Limits of one prompt batch: tokens ``[sum P_i]`` and offsets ``[B + 1]`` (int64), and in the header
+    each prompt's id and (with an environment) its record."""
     b, p = config.max_batch_prompts, config.max_prompt_tokens
     tokens, offsets = TOKEN_BYTES * b * p, TOKEN_BYTES * (b + 1)
-    return WireLimits(max_header_bytes=RECORD_HEADER_BYTES + 24 * b, max_tensor_bytes=max(tokens, offsets),
+    return WireLimits(max_header_bytes=RECORD_HEADER_BYTES + (24 + RECORD_JSON_BYTES) * b,
+                      max_tensor_bytes=max(tokens, offsets),
                       max_message_bytes=tokens + offsets, max_tensors=2)
 
 

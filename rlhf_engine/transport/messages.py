@@ -83,7 +83,8 @@ class PromptBatch:
     sample from this batch with weights older than ``min_policy_version`` (that is how the
     trainer bounds staleness). An evaluation batch (``eval_samples`` > 0) is sampled
     ``eval_samples`` times per prompt at ``eval_temperature`` instead of the generator's own
-    sampling, and its rollouts come back tagged ``eval``.
+    sampling, and its rollouts come back tagged ``eval``. With an environment, ``records[i]`` is prompt i's
+    dataset record (its JSON fields), which the environment's ``reset`` reads.
     """
 
     batch_id: int
@@ -92,6 +93,7 @@ class PromptBatch:
     min_policy_version: int = 0
     eval_samples: int = 0
     eval_temperature: float = 0.0
+    records: list[dict] | None = None
 
     def __post_init__(self) -> None:
         self.prompt_ids = [int(i) for i in self.prompt_ids]

@@ -19,8 +19,9 @@ def test_rollout_and_prompt_limits_follow_the_config():
     config = TransportConfig(max_prompt_tokens=100, max_response_tokens=50, max_batch_prompts=4)
     limits = rollout_limits(config)
     # a rollout: 100 + 50 int64 tokens (8 B), and per response token a float32 log-prob (4 B), an int64 policy
-    # version (8 B) and a bool loss mask (1 B) = 1200 + 50 * 13 = 1850 bytes, in 5 frames
-    assert (limits.max_message_bytes, limits.max_tensor_bytes, limits.max_tensors) == (1850, 1200, 5)
+    # version (8 B), a bool loss mask (1 B) and at most one int64 turn start (8 B) = 1200 + 50 * 21 = 2250 bytes,
+    # in 6 frames
+    assert (limits.max_message_bytes, limits.max_tensor_bytes, limits.max_tensors) == (2250, 1200, 6)
     # prompts: 4 * 100 int64 tokens = 3200 bytes, offsets 5 * 8 = 40 bytes
     assert prompt_limits(config).max_message_bytes == 3240
     assert CONTROL_LIMITS.max_frame_bytes == 64 << 10 and CONTROL_LIMITS.max_tensors == 0
@@ -29,9 +30,9 @@ def test_rollout_and_prompt_limits_follow_the_config():
 def test_the_memory_bound_formula():
     config = TransportConfig(max_prompt_tokens=100, max_response_tokens=50, rollout_queue_size=10,
                              rollout_queue_bytes=1 << 30, rollout_hwm=4)
-    # queued: 10 * 1850; in flight per message: an 8192-byte header + 5 frames of at most the
-    # socket's frame limit max(8192, 1200) = 49152; 2 generators * (4 + 1) messages + 1 in the IO thread = 11
-    assert rollout_memory_bound(config, generators=2) == 10 * 1850 + 11 * 49152
+    # queued: 10 * 2250; in flight per message: an 8192-byte header + 6 frames of at most the
+    # socket's frame limit max(8192, 1200) = 57344; 2 generators * (4 + 1) messages + 1 in the IO thread = 11
+    assert rollout_memory_bound(config, generators=2) == 10 * 2250 + 11 * 57344
 
 
 def test_weight_specs_are_checked_exactly_on_both_sides():

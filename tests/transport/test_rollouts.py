@@ -129,7 +129,8 @@ def test_a_rollout_over_the_configured_lengths_is_dropped_and_counted():
         gen.send_rollout(make_rollout(0, 1, 17, 8))  # one prompt token too many
         gen.send_rollout(make_rollout(0, 2, 16, 32))  # the largest allowed
         assert trainer.recv_rollout(timeout_s=5).sample_id == "g0-2"
-        assert trainer.drop_counts() == {"message_too_large": 1, "rollout_too_large": 1}
+        # both within the message total (which allows a turn start per response token): decoded, then dropped
+        assert trainer.drop_counts() == {"rollout_too_large": 2}
 
 
 def test_a_96_mib_rollout_never_reaches_the_trainers_memory():
@@ -157,7 +158,8 @@ def test_a_flood_of_the_largest_allowed_rollouts_stays_within_the_stated_bound()
                          rollout_queue_bytes=16 << 20, heartbeat_timeout_s=30)
     bound = rollout_memory_bound(config, generators=1)
     message = rollout_limits(config).max_message_bytes
-    assert message == 8 * 65536 + (4 + 8 + 1) * 32768  # ids; log-probs, versions and loss mask per response token
+    # ids; log-probs, versions, loss mask and (at most) a turn start per response token
+    assert message == 8 * 65536 + (4 + 8 + 1 + 8) * 32768
     n = 300  # ~190 MiB offered, several times the bound
     assert n * message > 4 * bound
     with TrainerPort(config, FINGERPRINT) as trainer:

@@ -1,5 +1,6 @@
 """The wire format: round trips, every validation rule, and fuzzed garbage against a live receiver."""
 
+import dataclasses
 import warnings
 
 import msgspec
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from rlhf_engine.transport import GeneratorPort, PromptBatch, TrainerPort
 from rlhf_engine.transport.endpoints import channel_endpoint
+from rlhf_engine.data.samples import EpisodeInfo
 from rlhf_engine.transport.messages import sample_from_wire, sample_to_wire
 from rlhf_engine.transport.wire import (
     PROTOCOL_VERSION,
@@ -46,6 +48,40 @@ def test_rollout_round_trip_is_exact_and_typed():
     assert torch.equal(back.prompt_ids, r.prompt_ids)
     assert torch.equal(back.response_ids, r.response_ids)
     assert torch.equal(back.behaviour_logp, r.behaviour_logp)
+
+
+def test_episode_round_trip_and_lies_about_it():
+    mask = torch.tensor([1, 1, 0, 0, 1, 1, 0, 1], dtype=torch.bool)
+    r = dataclasses.replace(make_rollout(1, 2, 3, 8), loss_mask=mask, turn_starts=torch.tensor([0, 4, 7]), reward=0.5,
+                            behaviour_logp=torch.where(mask, -0.5, 0.0),
+                            episode=EpisodeInfo(turns=3, tool_calls=2, tool_errors=1, tool_timeouts=1, env_seconds=0.25,
+                                                truncated="max_turns", metrics={"solved": 1.0}))
+    back = sample_from_wire(*_roundtrip(*sample_to_wire(r, "gen-a", 1)))
+    assert torch.equal(back.loss_mask, mask) and back.turn_starts.tolist() == [0, 4, 7]
+    assert back.reward == 0.5 and back.episode == r.episode
+    header, tensors = sample_to_wire(r, "gen-a", 2)
+    bad_starts = {  # not at 0; not increasing; inside a sampled run; past the end
+        "turn_starts": [torch.tensor([1, 4]), torch.tensor([0, 4, 4]), torch.tensor([0, 5]), torch.tensor([0, 9])]}
+    names = [t.name for t in header.tensors]
+    for starts in bad_starts["turn_starts"]:
+        lied = list(tensors)
+        lied[names.index("turn_starts")] = starts
+        lied_header = msgspec.structs.replace(header, tensors=tuple(tensor_spec(n, t) for n, t in zip(names, lied)))
+        with pytest.raises(WireError, match="turn"):
+            sample_from_wire(*_roundtrip(lied_header, lied))
+    for fields in ({"reward": float("nan")}, {"turns": -1}, {"env_seconds": float("inf")},
+                   {"metrics": {f"m{i}": 1.0 for i in range(17)}}, {"truncated": "x" * 300}):
+        with pytest.raises(WireError) as info:
+            sample_from_wire(*_roundtrip(msgspec.structs.replace(header, **fields), tensors))
+        assert info.value.reason in ("bad_rollout", "bad_header"), fields
+
+
+def test_prompt_batch_records_round_trip():
+    batch = PromptBatch(5, [100, 101], [[1, 2, 3], [9]], records=[{"prompt": "a", "target": 3}, {"answer": [1, 2]}])
+    assert PromptBatch.from_wire(*_roundtrip(*batch.to_wire("trainer", 0))) == batch
+    header, tensors = batch.to_wire("trainer", 1)
+    with pytest.raises(WireError, match="bad_prompts|records|Expecting"):
+        PromptBatch.from_wire(*_roundtrip(msgspec.structs.replace(header, records=("{not json", "{}")), tensors))
 
 
 def test_prompt_batch_round_trip_with_empty_prompt():
@@ -124,7 +160,7 @@ def test_relay_headers_round_trip():
         ([msgspec.msgpack.encode({"kind": 4, "version": PROTOCOL_VERSION, "sender": "s", "seq": -1})], "bad_header"),
         (_rollout_frames()[:-1], "frame_count"),
         (_rollout_frames() + [b"extra"], "frame_count"),
-        (_rollout_frames()[:-1] + [b"\0" * 8], "frame_length"),
+        (_rollout_frames()[:-1] + [b"\0" * 9], "frame_length"),  # turn_starts: one int64, 8 bytes
         (_with_spec(TensorSpec("t", "object", (2,), 16), b"\0" * 16), "bad_dtype"),
         (_with_spec(TensorSpec("t", "float32", (2,), 12), b"\0" * 12), "bad_nbytes"),
         (_with_spec(TensorSpec("t", "float32", (-2, -2), 16), b"\0" * 16), "bad_shape"),
