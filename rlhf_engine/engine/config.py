@@ -273,7 +273,8 @@ def load_run_config(path: str | Path | None, overrides: list[str] = (), base: di
     """Read `path` (YAML; or start from `base`), apply `--set` overrides, validate.
 
     Sampling settings that must agree with PPO (`max_new_tokens`, `temperature`, `n`) default to
-    the `ppo` section's values when the `generator` section leaves them out.
+    the `ppo` section's values when the `generator` section leaves them out; `generator.environment` may be
+    given as its import path alone.
     """
     source = str(path) if path is not None else "<config>"
     data = load_yaml(path) if path is not None else dict(base or {})
@@ -300,6 +301,8 @@ def _fill_generator_defaults(data: dict[str, Any]) -> dict[str, Any]:
     sampling.setdefault("temperature", ppo.get("temperature", defaults["temperature"]))
     sampling.setdefault("n", ppo.get("num_generations", defaults["num_generations"]))
     gen["sampling"] = sampling
+    if isinstance(gen.get("environment"), str):  # `environment: package.module:Class`
+        gen["environment"] = {"name": gen["environment"]}
     data["generator"] = gen
     return data
 

@@ -1,6 +1,6 @@
 """What a PPO run can check from its config and the files it names, before it plans cores, loads a model or
-starts a process: model folders, data files, the reward and gold functions, the transport's keys, the
-checkpoint to resume from. (Types, ranges and lengths against the policy's positions are checked when the
+starts a process: model folders, data files, the reward and gold functions, the environment, the transport's
+keys, the checkpoint to resume from. (Types, ranges and lengths against the policy's positions are checked when the
 config is loaded: `RunConfig.__post_init__`.) Every failure is a `ConfigError` or `TransportError` naming
 the setting to change."""
 
@@ -27,6 +27,10 @@ def check_run(config: RunConfig, resume: str | Path | None = None) -> Path | Non
                 import_function(spec)
             except ConfigError as e:
                 raise ConfigError(f"model.{field}: {e}") from e
+    try:
+        config.generator.environment.resolve()
+    except ValueError as e:
+        raise ConfigError(f"generator.{e}") from e
     for field in ("prompts", "eval_prompts"):
         path = getattr(config.data, field)
         if path is not None and not os.path.exists(os.path.expanduser(path)):

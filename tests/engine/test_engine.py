@@ -185,6 +185,10 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path, policy_dir, prompts_fil
                              ":4: generator.kv_cache_bytes = 'lots' must be an integer"),
         "bad data": (good.replace(str(prompts_file), str(tmp_path / "bad.jsonl")), [], f"{tmp_path / 'bad.jsonl'}:2: "),
         "no resume": (good, ["--resume", tmp_path / "nothing"], f"--resume {tmp_path / 'nothing'}: no complete checkpoint"),
+        "environment": (good, ["--set", "generator.environment=my_envs:Nope"],
+                        "generator.environment.name ('my_envs:Nope') does not resolve: No module named 'my_envs'"),
+        "no reward": (good.replace(", reward_fn: 'rlhf_engine.demo:gold_scores'", ""), [],
+                      "give model.reward_model or model.reward_fn (or a generator.environment"),
     }
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
     sigterm = signal.getsignal(signal.SIGTERM)  # main() turns SIGTERM into KeyboardInterrupt
