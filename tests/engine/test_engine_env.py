@@ -5,8 +5,13 @@ logs the episode metrics and evaluates through the same environment."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 
 import pytest
+from test_chaos import live_generator_pids
 
 from rlhf_engine import RLHFEngine
 from rlhf_engine.engine.config import load_run_config
@@ -34,24 +39,31 @@ def write_records(path, targets):
     return path
 
 
+def env_config(tmp_path, chat_policy, backend: str, environment: dict, **engine):
+    (tmp_path / "shm").mkdir(parents=True, exist_ok=True)
+    return load_run_config(None, base={
+        "model": {"policy": str(chat_policy)},  # no reward function: the environment rewards every episode
+        "data": {"prompts": str(write_records(tmp_path / "train.jsonl", [i % 10 for i in range(32)])),
+                 "max_prompt_length": 128,
+                 **({"eval_prompts": str(write_records(tmp_path / "eval.jsonl", [3, 7]))} if "eval_steps" in engine
+                    else {})},
+        "ppo": {"batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1, "learning_rate": 1e-3, "response_length": 64,
+                "num_generations": 2, "advantage_estimator": "grpo", "seed": 0},
+        "generator": {"backend": backend, "max_model_len": 192, "kv_cache_bytes": 1 << 26,
+                      "environment": {"max_turns": 3, "max_turn_tokens": 4, **environment}},
+        "transport": {"endpoint": f"ipc://{tmp_path}/ep", "heartbeat_timeout_s": 5.0, "shm_dir": str(tmp_path / "shm")},
+        "engine": {"run_dir": str(tmp_path / "run"), "loggers": ["jsonl"], "progress": False, "mode": "async",
+                   **engine},
+    })
+
+
 @pytest.mark.vllm
 def test_guess_the_number_run(tmp_path, chat_policy, assert_no_new_children):
     pytest.importorskip("vllm")
     from transformers import AutoTokenizer
 
-    cfg = load_run_config(None, base={
-        "model": {"policy": str(chat_policy)},  # no reward function: the environment rewards every episode
-        "data": {"prompts": str(write_records(tmp_path / "train.jsonl", [i % 10 for i in range(32)])),
-                 "eval_prompts": str(write_records(tmp_path / "eval.jsonl", [3, 7])), "max_prompt_length": 128},
-        "ppo": {"batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1, "learning_rate": 1e-3, "response_length": 64,
-                "num_generations": 2, "advantage_estimator": "grpo", "seed": 0},
-        "generator": {"backend": "vllm", "max_model_len": 192, "kv_cache_bytes": 1 << 26,
-                      "environment": {"name": "rlhf_engine.envs.guess_number:GuessNumber", "max_turns": 3,
-                                      "max_turn_tokens": 4, "kwargs": {"max_guesses": 3}}},
-        "transport": {"endpoint": f"ipc://{tmp_path}/ep", "heartbeat_timeout_s": 20.0},
-        "engine": {"run_dir": str(tmp_path / "run"), "loggers": ["jsonl"], "progress": False, "total_steps": 2,
-                   "mode": "async", "eval_steps": 2},
-    })
+    cfg = env_config(tmp_path, chat_policy, "vllm", {"name": "rlhf_engine.envs.guess_number:GuessNumber",
+                                                     "kwargs": {"max_guesses": 3}}, total_steps=2, eval_steps=2)
     rec = Rollouts()
     with RLHFEngine(cfg, callbacks=[rec]) as engine:
         history = engine.train()
@@ -70,3 +82,38 @@ def test_guess_the_number_run(tmp_path, chat_policy, assert_no_new_children):
         assert "env/episode/solved" in h and h["env/env_reward_share"] > 0.0
     final = history[-1]
     assert "eval/reward_mean" in final and "eval/turns_mean" in final
+
+
+def test_a_generator_killed_mid_episode_loses_nothing(tmp_path, chat_policy, assert_no_new_children):
+    """Steps 2 and 3 lose their generator in the middle of episodes (every step of the environment takes 0.3 s):
+    the prompts it held are handed out again, and every step still trains each of its prompts exactly
+    num_generations times."""
+    cfg = env_config(tmp_path, chat_policy, "transformers", {"name": "tests.engine._envs:SlowGuess",
+                                                             "kwargs": {"max_guesses": 3, "delay_s": 0.3}},
+                     total_steps=4, reissue_timeout_s=20.0, max_generator_restarts=2)
+    rec = Rollouts()
+    killed = []
+
+    def kill_soon():
+        time.sleep(0.4)  # into the first or second turn of the batch's episodes
+        pids = live_generator_pids()
+        os.kill(pids[0], signal.SIGKILL)
+        killed.append(pids[0])
+
+    with RLHFEngine(cfg, callbacks=[rec]) as engine:
+        history = []
+        for stats in engine.steps():
+            history.append(stats)
+            if engine.step in (1, 2):
+                thread = threading.Thread(target=kill_soon)
+                thread.start()
+                thread.join()
+    assert_no_new_children()
+    assert os.listdir(tmp_path / "shm") == []
+    assert len(killed) == 2 and history[-1]["faults/generator_restarts"] == 2
+    assert history[-1]["faults/reissued_prompts"] >= 1
+    train = [r for r in rec.rollouts if not r.eval]
+    assert len(train) == 4 * 8
+    for step in range(4):  # wire prompt ids of step b: 4b .. 4b + 3, each num_generations = 2 times
+        ids = sorted(r.prompt_id for r in train[step * 8:(step + 1) * 8])
+        assert ids == sorted(list(range(4 * step, 4 * step + 4)) * 2), (step, ids)

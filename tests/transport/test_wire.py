@@ -10,9 +10,9 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rlhf_engine.data.samples import EpisodeInfo
 from rlhf_engine.transport import GeneratorPort, PromptBatch, TrainerPort
 from rlhf_engine.transport.endpoints import channel_endpoint
-from rlhf_engine.data.samples import EpisodeInfo
 from rlhf_engine.transport.messages import sample_from_wire, sample_to_wire
 from rlhf_engine.transport.wire import (
     PROTOCOL_VERSION,
