@@ -4,7 +4,9 @@ The model may call the tool by writing `<calc>expression</calc>` (a run stops at
 `stop` has it); the expression runs as Python in a `Sandbox` (`print((expression))`, the limits from the
 config), and its output, or its error, comes back as a `tool` message. The episode ends at `Answer: <number>`
 (reward 1 when it is the record's `answer`, else 0), at a turn with neither a tool call nor an answer (reward 0),
-or when the tool calls are used up and the model still does not answer (the runner's `max_turns`).
+or when the tool calls are used up and the model still does not answer (the runner's `max_turns`). `tool_bonus`
+adds a reward for each tool call that ran without an error (at most `max_tool_calls` of them): a shaping term
+for a model that first has to find the tool.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from typing import Any
 from rlhf_engine.envs.protocol import Message, StepResult
 from rlhf_engine.envs.sandbox import Sandbox, SandboxLimits
 
-SYSTEM_PROMPT = ("You can use a calculator: write <calc>expression</calc> and you will get the result. "
-                 "End with 'Answer: <number>'.")
+SYSTEM_PROMPT = ("To compute, write <calc>expression</calc>, for example <calc>3 * 4</calc>: you get the result. "
+                 "Then reply 'Answer: <number>'.")
 _CALL = re.compile(r"<calc>(.*?)(?:</calc>|$)", re.DOTALL)
 _ANSWER = re.compile(r"Answer:\s*(-?\d+(?:\.\d+)?)")
 
@@ -25,9 +27,12 @@ class Arithmetic:
     """The record's `question` (or `prompt`) and integer `answer`; a sandboxed calculator (see the module)."""
 
     def __init__(self, max_tool_calls: int = 2, wall_s: float = 2.0, cpu_s: int = 1, memory_mb: int = 256,
-                 output_bytes: int = 512, system_prompt: str = SYSTEM_PROMPT) -> None:
+                 output_bytes: int = 512, system_prompt: str = SYSTEM_PROMPT, tool_bonus: float = 0.0) -> None:
         if max_tool_calls < 0:
             raise ValueError(f"Arithmetic: max_tool_calls ({max_tool_calls}) must be >= 0")
+        if not 0.0 <= tool_bonus <= 1.0:
+            raise ValueError(f"Arithmetic: tool_bonus ({tool_bonus}) must be in [0, 1]")
+        self.tool_bonus = tool_bonus
         self.limits = SandboxLimits(wall_s=wall_s, cpu_s=cpu_s, memory_bytes=memory_mb << 20,
                                     output_bytes=output_bytes, max_concurrent=1)
         self.max_tool_calls = max_tool_calls
@@ -68,7 +73,8 @@ class Arithmetic:
             output = f"error: {(result.output.strip().splitlines() or [result.detail])[-1]}"
         else:  # timeout, output_limit, failed: why the run was ended
             output = f"error: {result.status} ({result.detail})"
-        return StepResult([{"role": "tool", "content": output[: self.limits.output_bytes]}], info=info)
+        reward = self.tool_bonus if result.status == "ok" and self.tool_bonus else None
+        return StepResult([{"role": "tool", "content": output[: self.limits.output_bytes]}], reward=reward, info=info)
 
     def close(self) -> None:
         if self._sandbox is not None:

@@ -85,6 +85,7 @@ class EpisodeRunner:
             self.template = ChatTemplate(generator.tokenizer)
         self._pool: _DaemonPool | None = None
         self._calls = 0
+        """`generate` calls of the batch being played after its first turn (they seed `seed + calls * 7919`)."""
 
     def run(self, prompts: list[list[int]], records: list[dict] | None, sampling: SamplingConfig,
             seed: int) -> list[Sample]:
@@ -95,6 +96,7 @@ class EpisodeRunner:
         # the threads of this batch; a call still running past its time limit is left to its daemon thread,
         # which never holds up the process's exit
         self._pool = _DaemonPool(min(self.config.concurrency, len(episodes)))
+        self._calls = 0
         try:
             self._reset(episodes, prompts, records or [{}] * len(prompts))
             self._first_turn(episodes, sampling, seed)
@@ -185,8 +187,8 @@ class EpisodeRunner:
 
     def _close_all(self, episodes: list[_Episode]) -> None:
         """`close` every environment (errors are logged: the episode is over either way)."""
-        for ep, (_, error, _) in zip(episodes, self._call_all(
-                [ep.env.close for ep in episodes if ep.env is not None])):
+        built = [ep for ep in episodes if ep.env is not None]  # an environment that failed to build has none
+        for ep, (_, error, _) in zip(built, self._call_all([ep.env.close for ep in built])):
             if error is not None:
                 log.warning("environment close failed (prompt %d, sample %d): %s", ep.prompt, ep.sample, error)
 
@@ -223,7 +225,11 @@ class EpisodeRunner:
             self._end(ep, error)
             return False
         if result.reward is not None:
-            ep.reward = (ep.reward or 0.0) + float(result.reward)
+            total = (ep.reward or 0.0) + float(result.reward)
+            if not math.isfinite(total):  # finite steps can overflow
+                self._end(ep, "env_error: the sum of the step rewards overflowed")
+                return False
+            ep.reward = total
         for name in SUMMED_INFO:
             value = result.info.get(name, 0)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:

@@ -51,3 +51,11 @@ def test_tool_failures_are_observations(tmp_path):
     assert "BlockingIOError" in fork.observations[0]["content"]
     assert all(not r.done for r in (error, slow, flood, fork))
     assert "No more calculator calls" in over.observations[0]["content"]
+
+
+def test_tool_bonus_rewards_calls_that_ran():
+    env = Arithmetic(tool_bonus=0.25)
+    env.reset({"question": "What is 6 * 7?", "answer": 42})
+    ok, bad = play(env, ["<calc>6 * 7</calc>", "<calc>6 *</calc>"])
+    env.close()
+    assert (ok.reward, bad.reward) == (0.25, None)
