@@ -6,6 +6,8 @@
   its own opening from the record);
 - `calc_train.jsonl` / `calc_eval.jsonl`: `{"question": "What is 37 * 12?", "answer": 444, "prompt": ...}`
   two-digit products and sums (Arithmetic renders the question with its system prompt), train and eval disjoint;
+- `calc_sft.jsonl`: 200 worked episodes for a short SFT warm start of the calculator example (half call the tool
+  and answer with its result, half answer at once), from questions neither train nor eval holds;
 - `tiny/`: the tiny random Llama of the tests with an append-only chat template (`TINY_CHAT_TEMPLATE`).
 """
 
@@ -30,6 +32,22 @@ def questions(seed: int) -> list[dict]:
     return [{"prompt": r["question"], **r} for r in rows]
 
 
+def sft_episodes(rows: list[dict]) -> list[dict]:
+    """Chat transcripts in `Arithmetic`'s format: every other one calls the calculator, the rest answer at once."""
+    from rlhf_engine.envs.arithmetic import SYSTEM_PROMPT
+
+    out = []
+    for i, r in enumerate(rows):
+        expression = r["question"].removeprefix("What is ").removesuffix("?")
+        turns = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": r["question"]}]
+        if i % 2 == 0:
+            turns += [{"role": "assistant", "content": f"<calc>{expression}</calc>"},
+                      {"role": "tool", "content": str(r["answer"])}]
+        turns.append({"role": "assistant", "content": f"Answer: {r['answer']}"})
+        out.append({"messages": turns})
+    return out
+
+
 def write(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -46,6 +64,7 @@ def main() -> None:
     rows = questions(seed=0)
     write(data / "calc_train.jsonl", rows[:1000])
     write(data / "calc_eval.jsonl", rows[-32:])
+    write(data / "calc_sft.jsonl", sft_episodes(rows[1000:1200]))
 
     from rlhf_engine.models.tiny import TINY_CHAT_TEMPLATE, TinyLlamaSpec, make_tiny_model_dir
 
