@@ -113,6 +113,7 @@ def load_sharded(
     model_sd, optim_sd = get_state_dict(container, optimizer, options=_OPTIONS)
     state = {"model": model_sd, "optim": optim_sd}
     try:
+        _drop_untrained_states(optim_sd, ckpt / DCP_DIR)
         with _single_process_quiet(), _interrupts_pass_through():
             dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR))
         with implementation_kept(optimizer):
@@ -125,6 +126,22 @@ def load_sharded(
             "model.value_model and model.lora must match the run that wrote it)"
         ) from e
     return load_state(ckpt)
+
+
+def _drop_untrained_states(optim_sd: dict[str, Any], folder: Path) -> None:
+    """Leave out of the load the optimizer states of parameters that had none when the checkpoint was written.
+
+    `get_state_dict` on a fresh optimizer gives every trainable parameter a state (it steps once with zero
+    gradients), while a trained optimizer has states only for the parameters that ever had a gradient: a
+    parameter no loss reaches (a value head under GRPO, which has no critic) has none in the checkpoint, and
+    asking DCP for it fails the whole load. Such a parameter then has no state after the load, as in the run
+    that saved it."""
+    prefix = "optim.state."
+    saved = {key[len(prefix):].rsplit(".", 1)[0]
+             for key in dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata if key.startswith(prefix)}
+    states = optim_sd.get("state", {})
+    for name in [name for name in states if name not in saved]:
+        del states[name]
 
 
 @contextmanager

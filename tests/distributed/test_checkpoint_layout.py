@@ -106,3 +106,28 @@ def test_an_interrupt_raised_inside_a_save_comes_out_as_itself(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         save_sharded(Comm(), tmp_path / "ckpt", {"policy": model}, torch.optim.SGD(model.parameters(), lr=0.1), {})
     assert not (tmp_path / "ckpt").exists()  # and no partial checkpoint
+
+
+def test_parameters_no_loss_reached_have_no_state_and_still_load(tmp_path):
+    """A parameter without a gradient (a value head under GRPO) has no optimizer state when the checkpoint is
+    written, while a fresh optimizer asks for one at load: it loads, with no state for it, the rest exact."""
+    from rlhf_engine.distributed.dcp import load_sharded
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.ModuleDict({"used": torch.nn.Linear(3, 2), "unused": torch.nn.Linear(3, 1)})
+        return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    model, optimizer = build()
+    model["used"](torch.ones(4, 3)).sum().backward()
+    optimizer.step()
+    save_sharded(Comm(), tmp_path / "ckpt", {"policy": model}, optimizer, {})
+    fresh, fresh_optimizer = build()
+    load_sharded(tmp_path / "ckpt", {"policy": fresh}, fresh_optimizer)
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(p, q)
+    assert len(fresh_optimizer.state) == 2  # the used layer's weight and bias
+    for p, q in zip(model["used"].parameters(), fresh["used"].parameters()):
+        for key, value in optimizer.state[p].items():
+            assert torch.equal(value, fresh_optimizer.state[q][key]), key
+    assert all(q not in fresh_optimizer.state for q in fresh["unused"].parameters())
