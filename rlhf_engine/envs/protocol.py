@@ -106,6 +106,11 @@ class EnvironmentConfig:
     concurrency: int = 16
     """Environment calls running at once in a generator (threads); episodes waiting on a slow step never hold
     up the others' turns."""
+    lockstep: bool = False
+    """Play a batch's turns in lockstep: every running episode's step returns (or times out) before the next
+    `generate` call. Which episodes share a call then depends on nothing but the episodes, so a run with a
+    deterministic environment reproduces bit for bit (a resumed one too); a slow step holds up its whole batch.
+    False: episodes interleave (a turn's call takes the episodes whose steps have returned)."""
 
     def __post_init__(self) -> None:
         if ":" not in self.name or not all(self.name.split(":", 1)):

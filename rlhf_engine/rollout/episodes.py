@@ -7,7 +7,8 @@ Every batch a generator serves goes through here; a run without an environment p
     turn 1: one `generate(openings, n)` call, the n episodes of a prompt are its n samples
     loop:   each finished turn goes to its environment's `step` (threads); as results come back, the
             episodes that go on are batched into the next `generate` call (n = 1 each, the whole token
-            sequence so far as the prompt), so a slow step holds up only its own episode
+            sequence so far as the prompt), so a slow step holds up only its own episode (with
+            `lockstep`, the call waits for every running step: reproducible, but a slow step holds up all)
     close every environment
 
 Token in, token out: a sampled turn is appended as the sampler's ids with their log-probs and versions
@@ -28,7 +29,7 @@ import math
 import queue
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -144,33 +145,38 @@ class EpisodeRunner:
             self._append_turn(ep, sample, budget)
 
     def _play(self, episodes: list[_Episode], sampling: SamplingConfig, seed: int) -> None:
-        """Steps and later turns until every episode has ended."""
+        """Steps and later turns until every episode has ended (`EnvironmentConfig.lockstep`: a turn's call waits
+        for every running step)."""
+        lockstep = self.config.lockstep
         pending: dict[Future, tuple[_Episode, float]] = {}  # step call -> (episode, its deadline)
         for ep in episodes:
             if ep.truncated is None:
                 pending[self._submit_step(ep)] = (ep, time.monotonic() + self.config.step_timeout_s)
-        while pending:
-            first = min(deadline for _, deadline in pending.values())
-            done, _ = wait(pending, timeout=max(0.0, first - time.monotonic()), return_when=FIRST_COMPLETED)
-            if done:  # the steps that finish about now join the same turn
-                done |= wait(set(pending) - done, timeout=GATHER_S)[0]
-            now = time.monotonic()
-            ready = []
-            for future in list(pending):
-                ep, deadline = pending[future]
-                if future in done:
-                    del pending[future]
-                    value, error, seconds = future.result()
-                    ep.env_seconds += seconds
-                    if self._apply_step(ep, value, error, sampling.max_new_tokens):
-                        ready.append(ep)
-                elif now >= deadline:
-                    del pending[future]
-                    ep.env_seconds += self.config.step_timeout_s
-                    self._end(ep, "step_timeout")
-            if ready:
+        ready: list[_Episode] = []
+        while pending or ready:
+            if pending:
+                first = min(deadline for _, deadline in pending.values())
+                done, _ = wait(pending, timeout=max(0.0, first - time.monotonic()),
+                               return_when=ALL_COMPLETED if lockstep else FIRST_COMPLETED)
+                if done and not lockstep:  # the steps that finish about now join the same turn
+                    done |= wait(set(pending) - done, timeout=GATHER_S)[0]
+                now = time.monotonic()
+                for future in list(pending):
+                    ep, deadline = pending[future]
+                    if future in done:
+                        del pending[future]
+                        value, error, seconds = future.result()
+                        ep.env_seconds += seconds
+                        if self._apply_step(ep, value, error, sampling.max_new_tokens):
+                            ready.append(ep)
+                    elif now >= deadline:
+                        del pending[future]
+                        ep.env_seconds += self.config.step_timeout_s
+                        self._end(ep, "step_timeout")
+            if ready and not (lockstep and pending):
                 for ep in self._next_turn(ready, sampling, seed):
                     pending[self._submit_step(ep)] = (ep, time.monotonic() + self.config.step_timeout_s)
+                ready = []
 
     def _next_turn(self, ready: list[_Episode], sampling: SamplingConfig, seed: int) -> list[_Episode]:
         """One `generate` call for the episodes in `ready`; returns those that go on to a step."""

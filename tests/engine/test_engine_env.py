@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+import torch
 from test_chaos import live_generator_pids
 
 from rlhf_engine import RLHFEngine
@@ -77,6 +78,8 @@ def test_guess_the_number_run(tmp_path, chat_policy, assert_no_new_children):
         assert r.prompt_ids.tolist() == template.prompt_ids(opening)
         assert r.reward is not None or r.episode.truncated
         assert r.turn_starts.numel() == r.episode.turns and not r.loss_mask.all() or r.episode.turns == 1
+    # equal weights at step 1 (sampled by v0, trained at v0): vLLM's log-probs of the sampled tokens are the trainer's
+    assert abs(history[0]["off_policy/behaviour_kl"]) < 1e-3
     for h in history:
         assert h["env/turns_mean"] > 1.0 and 0.0 < h["env/masked_token_share"] < 1.0
         assert "env/episode/solved" in h and h["env/env_reward_share"] > 0.0
@@ -117,3 +120,30 @@ def test_a_generator_killed_mid_episode_loses_nothing(tmp_path, chat_policy, ass
     for step in range(4):  # wire prompt ids of step b: 4b .. 4b + 3, each num_generations = 2 times
         ids = sorted(r.prompt_id for r in train[step * 8:(step + 1) * 8])
         assert ids == sorted(list(range(4 * step, 4 * step + 4)) * 2), (step, ids)
+
+
+def test_lockstep_env_run_resumes_bit_exact(tmp_path, chat_policy, assert_no_new_children):
+    """A run of episodes stopped after step 2 and resumed trains the same weights as one run straight through
+    (sync mode, lockstep turns: which episodes share a `generate` call depends only on the episodes)."""
+    from safetensors.torch import load_file
+
+    from rlhf_engine.common.checkpoint import latest_checkpoint
+
+    environment = {"name": "rlhf_engine.envs.guess_number:GuessNumber", "kwargs": {"max_guesses": 3},
+                   "lockstep": True}
+    straight = env_config(tmp_path / "a", chat_policy, "transformers", environment, total_steps=3)
+    straight.engine.mode = "sync"
+    with RLHFEngine(straight) as engine:
+        engine.train()
+    interrupted = env_config(tmp_path / "b", chat_policy, "transformers", environment, total_steps=3, save_steps=1)
+    interrupted.engine.mode = "sync"
+    with RLHFEngine(interrupted) as engine:
+        engine.train(steps=2)
+    with RLHFEngine(interrupted, resume=tmp_path / "b" / "run") as engine:
+        assert engine.step == 2
+        engine.train()
+    assert_no_new_children()
+    a, b = latest_checkpoint(tmp_path / "a" / "run"), latest_checkpoint(tmp_path / "b" / "run")
+    assert a.name == b.name == "step-00000003"
+    wa, wb = load_file(str(a / "policy" / "model.safetensors")), load_file(str(b / "policy" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

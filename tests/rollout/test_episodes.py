@@ -94,7 +94,7 @@ def generator(chat_model_dir):
 
 
 def runner(generator, tmp_path, env=Echo, **kwargs) -> EpisodeRunner:
-    bounds = {k: kwargs.pop(k) for k in ("max_turns", "max_turn_tokens", "step_timeout_s") if k in kwargs}
+    bounds = {k: kwargs.pop(k) for k in ("max_turns", "max_turn_tokens", "step_timeout_s", "lockstep") if k in kwargs}
     bounds.setdefault("max_turn_tokens", 6)
     config = EnvironmentConfig(f"{__name__}:{env.__name__}", kwargs={"log": str(tmp_path / "log"), **kwargs},
                                **bounds)
@@ -186,6 +186,23 @@ def test_a_slow_step_holds_up_only_its_episode(generator, tmp_path):
     slow, fast = samples[:2], samples[2:]
     assert all(s.episode.truncated == "step_timeout" and s.episode.failed for s in slow)
     assert all(s.episode.truncated == "" and s.episode.turns == 3 for s in fast)  # played out meanwhile
+
+
+def test_lockstep_waits_for_every_step_and_reproduces(generator, tmp_path):
+    records = [{"target": 1}, {"target": 2}]
+    runs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        run = runner(generator, tmp_path / name, slow_target=1, sleep_s=0.3, lockstep=True)
+        runs.append(run.run(PROMPTS, records, generator.config.sampling, 8))
+        steps = [e for e in read_log(tmp_path / name / "log") if e["call"] == "step"]
+        # every turn k + 1 of the fast episodes starts after the slow episodes' step k returned
+        for k in (1, 2):
+            slow_done = max(e["t"] for e in steps if e["target"] == 1 and e["k"] == k)
+            assert min(e["t"] for e in steps if e["target"] == 2 and e["k"] == k + 1) > slow_done
+    for a, b in zip(*runs):
+        assert a.episode.truncated == "" and torch.equal(a.response_ids, b.response_ids)
+        assert torch.equal(a.behaviour_logp, b.behaviour_logp)
 
 
 def test_async_environment_and_dataset_opening(generator, tmp_path):
