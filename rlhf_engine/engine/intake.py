@@ -22,7 +22,8 @@ its rollouts (`take`). A rollout from the wire is accepted only if, in this orde
 
 The prompt tokens of an accepted rollout are the trainer's own, never the wire's, except in a run whose
 environment renders each episode's opening in the generator (`IntakeLimits.env_prompt_tokens`): then they are
-the rollout's, 1..env_prompt_tokens tokens in [0, vocab_size) (else `bad_prompt`).
+the rollout's, 1..env_prompt_tokens tokens in [0, vocab_size) (else `bad_prompt`), and the same as those of the
+prompt's rollouts accepted before (else `prompt_mismatch`: a group is one prompt).
 
 Holders and re-issues: the first sender whose rollout for a prompt is accepted *holds* it; only
 its rollouts count for that prompt, so a group is never a mix of two samplings. A prompt is
@@ -209,6 +210,8 @@ class Intake:
             return "late" if p.reissues else "wrong_holder"
         if len(p.rollouts) >= self.limits.num_generations:
             return "too_many"
+        if self.limits.env_prompt_tokens and p.rollouts and not torch.equal(rollout.prompt_ids, p.rollouts[0].prompt_ids):
+            return "prompt_mismatch"  # a group (GRPO / RLOO) is one prompt
         return None
 
     # ---- training ----------------------------------------------------------------------------

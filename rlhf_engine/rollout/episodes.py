@@ -99,7 +99,7 @@ class EpisodeRunner:
         self._pool = _DaemonPool(min(self.config.concurrency, len(episodes)))
         self._calls = 0
         try:
-            self._reset(episodes, prompts, records or [{}] * len(prompts))
+            self._reset(episodes, prompts, records or [{}] * len(prompts), sampling.n)
             self._first_turn(episodes, sampling, seed)
             self._play(episodes, sampling, seed)
             self._close_all(episodes)
@@ -110,37 +110,44 @@ class EpisodeRunner:
 
     # -- the phases of `run` ------------------------------------------------------------------------------
 
-    def _reset(self, episodes: list[_Episode], prompts: list[list[int]], records: list[dict]) -> None:
-        """Build and reset every episode's environment; its opening is `reset`'s messages rendered, or the
-        trainer's prompt (also for an environment that failed: that episode ends after its first turn)."""
+    def _reset(self, episodes: list[_Episode], prompts: list[list[int]], records: list[dict],
+               n: int) -> None:
+        """Build and reset every episode's environment. The n episodes of a prompt are one group (GRPO / RLOO
+        compare them) and open alike: with `reset`'s messages rendered (the first that rendered), else with the
+        trainer's prompt. An episode whose environment failed, or opened otherwise than its group, gets the
+        group's opening and ends after its first turn (its sample is not trained on)."""
         def start(ep: _Episode):
             ep.env = self.config.build()
             return ep.env.reset(records[ep.prompt])
 
+        openings: list[list[int] | None] = []
         for ep, (value, error, seconds) in zip(episodes, self._call_all([lambda ep=ep: start(ep) for ep in episodes])):
             ep.env_seconds += seconds
-            ep.prompt_ids = list(prompts[ep.prompt])
+            opening = None
             if error is None and value is not None:
                 try:
-                    opening = self.template.prompt_ids(check_messages(value, "reset"))
-                    ep.prompt_ids = opening[-self.max_prompt_tokens:]
+                    opening = self.template.prompt_ids(check_messages(value, "reset"))[-self.max_prompt_tokens:]
                 except ValueError as e:
                     error = f"env_error: {e}"
             if error is not None:
                 self._end(ep, error)
+            openings.append(opening)
+        for g in range(0, len(episodes), n):
+            group, opened = episodes[g:g + n], openings[g:g + n]
+            first = next((o for ep, o in zip(group, opened) if ep.truncated is None), None)
+            for ep, opening in zip(group, opened):
+                ep.prompt_ids = list(first) if first is not None else list(prompts[ep.prompt])
+                if ep.truncated is None and opening != first:
+                    self._end(ep, "env_error: reset opened this episode otherwise than the other episodes of its "
+                                  "prompt (one GRPO group: they must open alike)")
 
     def _first_turn(self, episodes: list[_Episode], sampling: SamplingConfig, seed: int) -> None:
-        """Turn 1: one `generate` call with n samples per prompt when the n episodes of each prompt open alike
-        (always without an environment), else one sample per episode."""
+        """Turn 1: one `generate` call with n samples per prompt (a group opens alike, see `_reset`)."""
         n = sampling.n
         budget = sampling.max_new_tokens
         sampling = dataclasses.replace(sampling, max_new_tokens=min(budget, self.config.max_turn_tokens or budget))
-        groups = [episodes[i:i + n] for i in range(0, len(episodes), n)]
-        if all(ep.prompt_ids == group[0].prompt_ids for group in groups for ep in group):
-            samples = self.generator.generate([g[0].prompt_ids for g in groups], sampling=sampling, seed=seed)
-        else:
-            samples = self.generator.generate([ep.prompt_ids for ep in episodes],
-                                              sampling=dataclasses.replace(sampling, n=1), seed=seed)
+        samples = self.generator.generate([episodes[g].prompt_ids for g in range(0, len(episodes), n)],
+                                          sampling=sampling, seed=seed)
         for ep, sample in zip(episodes, samples):
             self._append_turn(ep, sample, budget)
 

@@ -53,6 +53,19 @@ def test_accepted_rollout_carries_the_trainers_prompt_tokens():
     assert it.received(0) == 1 and not it.dropped
 
 
+def test_with_an_environment_the_rollouts_own_prompt_is_kept_and_a_group_is_one_prompt():
+    it = Intake(IntakeLimits(vocab_size=10, response_length=4, num_generations=2, env_prompt_tokens=3))
+    it.issue(0, {0: [5, 6]}, min_policy_version=2, now=0.0)
+    for prompt, reason in (((), "bad_prompt"), ((1, 2, 3, 4), "bad_prompt"), ((1, 10), "bad_prompt")):
+        assert it.offer(rollout(prompt=prompt), "a", SENDERS, trainer_version=3) is None and it.dropped[reason]
+    got = it.offer(rollout(prompt=(1, 2, 3), rid="x"), "a", SENDERS, trainer_version=3)
+    assert got.prompt_ids.tolist() == [1, 2, 3]  # the environment's opening, not the trainer's tokens
+    assert it.offer(rollout(prompt=(1, 2), rid="y"), "a", SENDERS, trainer_version=3) is None
+    assert it.dropped["prompt_mismatch"] == 1
+    assert it.offer(rollout(prompt=(1, 2, 3), rid="z"), "a", SENDERS, trainer_version=3) is not None
+    assert it.complete(0)
+
+
 @pytest.mark.parametrize("sender, prompt_id, reason", [("mallory", 0, "unknown_sender"), ("a", 99, "unknown_prompt"),
                                                        ("a", -1, "unknown_prompt")])
 def test_unknown_sender_or_prompt_is_dropped(sender, prompt_id, reason):

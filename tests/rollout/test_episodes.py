@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 
@@ -42,9 +43,20 @@ class Echo:
     def reset(self, record):
         self.target = record.get("target")
         self._write(call="reset", target=self.target)
-        if self.fail == "reset":
+        first = self._first_of_target()
+        if self.fail == "reset" or (self.fail == "reset_but_first" and not first):
             raise RuntimeError("reset failed on purpose")
+        if self.fail == "opening_but_first" and not first:
+            return [{"role": "user", "content": f"play {self.target} differently"}]
         return [{"role": "user", "content": f"play {self.target}"}] if self.opening else None
+
+    def _first_of_target(self) -> bool:
+        """Whether this is the first episode of its target to reset (atomic across the runner's threads)."""
+        try:
+            os.close(os.open(self.log.parent / f"first-{self.target}", os.O_CREAT | os.O_EXCL))
+            return True
+        except FileExistsError:
+            return False
 
     def step(self, message):
         self.k += 1
@@ -169,6 +181,18 @@ def test_failing_environments_end_only_their_episode(generator, tmp_path):
         assert sum(e["call"] == "close" for e in entries) == 4  # every environment closed once
         if fail == "reset":  # the trainer's prompt and one turn, nothing more
             assert [s.prompt_ids.tolist() for s in samples[::2]] == PROMPTS and all(s.episode.turns == 1 for s in samples)
+
+
+@pytest.mark.parametrize("fail", ["reset_but_first", "opening_but_first"])
+def test_a_group_opens_alike_whatever_its_environments_do(generator, tmp_path, fail):
+    """The n episodes of a prompt are one GRPO group: one whose reset failed, or opened otherwise, gets the
+    group's opening and ends after its first turn as an environment error."""
+    samples = runner(generator, tmp_path, fail=fail).run(PROMPTS, [{"target": 1}, {"target": 2}],
+                                                         generator.config.sampling, 9)
+    for group in (samples[:2], samples[2:]):
+        assert torch.equal(group[0].prompt_ids, group[1].prompt_ids)
+        assert sorted(s.episode.truncated for s in group) == ["", "env_error"]
+        assert [s.episode.turns for s in group if s.episode.failed] == [1]
 
 
 def test_token_budget_ends_the_episode_within_it(generator, tmp_path):
