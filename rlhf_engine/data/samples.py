@@ -27,10 +27,12 @@ from typing import Any, Sequence
 import torch
 
 MAX_ID_CHARS = 256
-"""Longest `sample_id` / `finish_reason` / `EpisodeInfo.truncated`."""
+"""Longest `sample_id` / `finish_reason`."""
 MAX_INFO_KEYS = 16
 """Most entries of `EpisodeInfo.metrics`."""
 
+TRUNCATIONS = ("", "max_turns", "token_budget", "env_error", "step_timeout")
+"""Every `EpisodeInfo.truncated` reason ("": the environment ended the episode)."""
 FAILED_EPISODE = ("env_error", "step_timeout")
 """`EpisodeInfo.truncated` reasons of an episode the environment failed: the trainer drops its sample from the
 step (no reward can be trusted) and counts it."""
@@ -63,8 +65,8 @@ class EpisodeInfo:
                 raise ValueError(f"episode {name} ({getattr(self, name)}) must be >= 0")
         if not math.isfinite(self.env_seconds) or self.env_seconds < 0:
             raise ValueError(f"episode env_seconds ({self.env_seconds}) must be finite and >= 0")
-        if len(self.truncated) > MAX_ID_CHARS:
-            raise ValueError(f"episode truncated reason longer than {MAX_ID_CHARS} characters")
+        if self.truncated not in TRUNCATIONS:
+            raise ValueError(f"episode truncated reason {self.truncated[:40]!r} is none of {TRUNCATIONS}")
         if len(self.metrics) > MAX_INFO_KEYS:
             raise ValueError(f"episode metrics has {len(self.metrics)} entries, at most {MAX_INFO_KEYS}")
         for key, value in self.metrics.items():
@@ -112,8 +114,8 @@ class Sample:
     eval: bool = False
     """It answers an evaluation batch: the trainer scores it and never trains on it."""
     turn_starts: torch.Tensor | None = None
-    """[K] int64, where each of the K model turns starts in `response_ids`: 0 first, increasing, each at a
-    sampled token right after an environment token; None given: one turn, [0]."""
+    """[K] int64, where each of the K model turns starts in `response_ids`: 0 first (a sampled token),
+    increasing, each at a sampled token right after an environment token; None given: one turn, [0]."""
     reward: float | None = None
     """The environment's reward for the episode (the sum of its steps' rewards); None: the trainer's reward
     function or model scores the sample."""
@@ -143,6 +145,9 @@ class Sample:
             self.turn_starts = torch.zeros(1 if n else 0, dtype=torch.int64)
         self.turn_starts = _as_1d(self.turn_starts, torch.int64, "turn_starts")
         check_turns(self.turn_starts, self.loss_mask, f"sample {self.sample_id!r}")
+        if n and self.episode.turns != self.turn_starts.numel():  # (an empty response is dropped at intake)
+            raise ValueError(f"sample {self.sample_id!r}: episode of {self.episode.turns} turns with "
+                             f"{self.turn_starts.numel()} turn starts")
         if self.reward is not None and not math.isfinite(self.reward):
             raise ValueError(f"sample {self.sample_id!r}: reward ({self.reward}) must be finite or None")
         if not self.sample_id or len(self.sample_id) > MAX_ID_CHARS:
@@ -240,6 +245,8 @@ def check_turns(turn_starts: torch.Tensor, loss_mask: torch.Tensor, what: str) -
     starts = turn_starts.tolist()
     if (n == 0) != (not starts) or (starts and starts[0] != 0):
         raise ValueError(f"{what}: turn_starts must begin with 0 (none for an empty response), got {starts[:16]}")
+    if n and not bool(loss_mask[0]):
+        raise ValueError(f"{what}: the response must begin with a sampled token (the first turn's)")
     for prev, start in zip(starts, starts[1:]):
         if not prev < start < n:
             raise ValueError(f"{what}: turn_starts must increase within the {n} response tokens, got {starts[:16]}")

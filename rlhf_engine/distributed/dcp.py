@@ -15,6 +15,7 @@ a single process.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +42,8 @@ DCP_DIR = "dcp"
 DCP_METADATA = ".metadata"
 # frozen parameters (a LoRA base, loaded from model.policy on resume) stay out of dcp/; the model state to
 # load then lacks them, hence strict=False (every key DCP is asked for must still be in the checkpoint)
+log = logging.getLogger(__name__)
+
 _OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 _IMPLEMENTATION = ("fused", "foreach")
 """Optimizer param-group settings that choose how a step is computed, not what it computes."""
@@ -140,8 +143,12 @@ def _drop_untrained_states(optim_sd: dict[str, Any], folder: Path) -> None:
     saved = {key[len(prefix):].rsplit(".", 1)[0]
              for key in dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata if key.startswith(prefix)}
     states = optim_sd.get("state", {})
-    for name in [name for name in states if name not in saved]:
+    dropped = [name for name in states if name not in saved]
+    for name in dropped:
         del states[name]
+    if dropped:
+        log.info("%s: no optimizer state for %d parameters that never had a gradient when it was written: %s",
+                 folder, len(dropped), ", ".join(dropped[:8]))
 
 
 @contextmanager

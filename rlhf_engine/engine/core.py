@@ -28,6 +28,7 @@ counted (`wire/dropped/<reason>`, `faults/*` in the metrics).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from rlhf_engine.common.checkpoint import (
 from rlhf_engine.common.config_io import to_dict
 from rlhf_engine.data.columns import check_columns, completion_columns
 from rlhf_engine.data.prompts import PromptSet, PromptStream, read_prompts
-from rlhf_engine.data.records import DataStats
+from rlhf_engine.data.records import DataError, DataStats
 from rlhf_engine.data.samples import Sample, SampleBatch
 from rlhf_engine.distributed import Comm
 from rlhf_engine.engine.config import RunConfig, import_function, save_run_config
@@ -64,6 +65,7 @@ from rlhf_engine.telemetry.metrics import MetricsLogger
 from rlhf_engine.telemetry.timeline import Timeline, idle_fractions
 from rlhf_engine.trainer.ppo.checkpoint import check_checkpoint, load_trainer, save_trainer
 from rlhf_engine.transport import TrainerPort
+from rlhf_engine.transport.config import RECORD_JSON_BYTES
 from rlhf_engine.transport.weights import sync_fingerprint, weight_specs
 
 log = logging.getLogger(__name__)
@@ -358,6 +360,12 @@ class RLHFEngine:
                             (self._gold_fn, f"model.gold_fn ({m.gold_fn})")):
             if fn is not None:
                 check_columns(fn, setting, prompts.columns, prompts.wheres)
+        if not self._single_turn:  # each record travels to the generators with its prompt
+            for i, where in enumerate(prompts.wheres):
+                size = len(json.dumps(prompts.record(i)).encode())
+                if size > RECORD_JSON_BYTES:
+                    raise DataError(f"{where}: the record is {size} bytes of JSON; an environment's records travel "
+                                    f"to the generators, at most {RECORD_JSON_BYTES} bytes each")
         return prompts
 
     def _restore(self, state: dict[str, Any]) -> None:

@@ -35,7 +35,7 @@ def _run_step(trainer, comm: Comm, batch: SampleBatch | None) -> dict[str, float
 
 def _run_score(trainer, comm: Comm, batch: SampleBatch | None) -> torch.Tensor:
     batch = broadcast_samples(comm, batch)
-    return trainer.score(batch.prompt_ids, batch.response_ids, batch.columns)
+    return trainer.score(batch.prompt_ids, batch.response_ids, batch.columns, batch.loss_mask)
 
 
 class Leader:
@@ -73,7 +73,8 @@ class Leader:
         if pad:
             columns = {k: list(v) + [v[-1]] * pad for k, v in batch.columns.items()} if batch.columns else None
             batch = SampleBatch(batch.prompt_ids + batch.prompt_ids[-1:] * pad,
-                                batch.response_ids + batch.response_ids[-1:] * pad, columns=columns)
+                                batch.response_ids + batch.response_ids[-1:] * pad,
+                                loss_mask=batch.loss_mask + batch.loss_mask[-1:] * pad, columns=columns)
         self._begin(Op.SCORE)
         scores = _run_score(self.trainer, self.comm, batch)
         self.busy = None

@@ -19,9 +19,9 @@ from rlhf_engine.data.samples import Sample
 def episode_scores(samples: Sequence[Sample], score: Callable[[], torch.Tensor] | None) -> torch.Tensor | None:
     """[B] float32 scores of `samples` (see the module docstring): `score()` gives the reward function's or
     model's scores of all B samples, called only when some sample has no reward of its own (None: there is
-    neither, and such a sample scores 0). None when no sample has an environment's reward or failed (the
-    trainer scores them all, as without an environment)."""
-    if all(s.reward is None and not s.episode.failed for s in samples):
+    neither, and such a sample scores 0). None when `score` is given and no sample has an environment's reward
+    or failed (the trainer scores them all, as without an environment)."""
+    if score is not None and all(s.reward is None and not s.episode.failed for s in samples):
         return None
     own = [s.reward for s in samples]
     fallback = None

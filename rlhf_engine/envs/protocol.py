@@ -9,9 +9,11 @@ An episode, as the generator runs it (`rlhf_engine.rollout.episodes`):
     env.close()
 
 `reset`, `step` and `close` may be plain methods or coroutines (`async def`): the runner awaits what they
-return. Each episode gets its own instance (`EnvironmentConfig.build`), so an environment keeps its
-episode's state in `self`. A method that raises, returns the wrong types or overruns `step_timeout_s` ends
-its episode (`EpisodeInfo.truncated` says why) and never the run.
+return (on one event loop for the generator). Each episode gets its own instance (`EnvironmentConfig.build`),
+so an environment keeps its episode's state in `self`. A method that raises (anything, `SystemExit` included),
+returns what cannot be used or overruns `step_timeout_s` ends its episode (`EpisodeInfo.truncated` says why),
+never the run. The generator builds and closes one instance at start: a class or kwargs that do not fit stop it
+there, in one line.
 """
 
 from __future__ import annotations
@@ -101,8 +103,9 @@ class EnvironmentConfig:
     """Most tokens the model samples in one turn; 0: the whole trajectory budget (`ppo.response_length`,
     which counts every token after the prompt, the environment's included)."""
     step_timeout_s: float = 30.0
-    """Longest `reset` or `step` call; past it the episode ends `step_timeout` (the call's thread is left
-    to finish; a tool's own limits are `rlhf_engine.envs.sandbox.SandboxLimits`)."""
+    """Longest `reset` or `step` call, counted from when a thread starts it (a call waiting for a thread waits
+    for one); past it the episode ends `step_timeout`, and the call's thread is left to finish and replaced.
+    A tool's own limits are `rlhf_engine.envs.sandbox.SandboxLimits`."""
     concurrency: int = 16
     """Environment calls running at once in a generator (threads); episodes waiting on a slow step never hold
     up the others' turns."""
@@ -121,8 +124,9 @@ class EnvironmentConfig:
             raise ValueError(f"environment.max_turns ({self.max_turns}) must be >= 1")
         if self.max_turn_tokens < 0:
             raise ValueError(f"environment.max_turn_tokens ({self.max_turn_tokens}) must be >= 0 (0: the budget)")
-        if not self.step_timeout_s > 0:
-            raise ValueError(f"environment.step_timeout_s ({self.step_timeout_s}) must be > 0")
+        if not (isinstance(self.step_timeout_s, (int, float)) and math.isfinite(self.step_timeout_s)
+                and self.step_timeout_s > 0):
+            raise ValueError(f"environment.step_timeout_s ({self.step_timeout_s}) must be a finite number > 0")
         if self.concurrency < 1:
             raise ValueError(f"environment.concurrency ({self.concurrency}) must be >= 1")
 

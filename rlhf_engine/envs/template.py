@@ -74,7 +74,6 @@ class ChatTemplate:
                 )
         base = [_SYSTEM, _USER, _ASSISTANT] if self._accepts([_SYSTEM, _USER, _ASSISTANT]) else [_USER, _ASSISTANT]
         self._base = base
-        self._base_ids = self._cut_after_assistant(base)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The conversation start rendered with the generation prompt, as token ids."""
@@ -86,14 +85,16 @@ class ChatTemplate:
         generation prompt. `turn_ended=False` (the turn was cut by a token limit, without its end-of-turn token):
         the end-of-turn id comes first."""
         _check_messages(messages)
+        # the base is rendered again each time: a template may render the date (`strftime_now`), which can change
+        base = self._cut_after_assistant(self._base)
         full = self._ids(self._base + messages, add_generation_prompt=True)
-        if full[: len(self._base_ids)] != self._base_ids:
+        if full[: len(base)] != base:
             raise TemplateError(
                 f"the chat template rewrites history: appending {_roles(messages)} changes the conversation before "
-                f"them (first difference at token {_first_difference(self._base_ids, full)}); multi-turn rollouts "
+                f"them (first difference at token {_first_difference(base, full)}); multi-turn rollouts "
                 "need an append-only template"
             )
-        delta = full[len(self._base_ids) :]
+        delta = full[len(base) :]
         return delta if turn_ended else [self.end_of_turn_id, *delta]
 
     def _find_end_of_turn(self) -> int:
@@ -152,8 +153,9 @@ class ChatTemplate:
             out = self._tokenizer.apply_chat_template(
                 messages, chat_template=self._template, tokenize=True, add_generation_prompt=add_generation_prompt
             )
-        except jinja2.TemplateError as e:
-            raise TemplateError(f"the chat template rejects a conversation with roles {_roles(messages)}: {e}") from e
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError) as e:  # a message the template cannot render
+            raise TemplateError(f"the chat template rejects a conversation with roles {_roles(messages)}: "
+                                f"{type(e).__name__}: {e}") from e
         if isinstance(out, Mapping):  # transformers >= 5 returns a BatchEncoding by default
             out = out["input_ids"]
         return [int(i) for i in out]

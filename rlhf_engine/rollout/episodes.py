@@ -22,6 +22,7 @@ re-encoded. Every token after the prompt counts toward the budget (`sampling.max
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import inspect
 import logging
@@ -46,6 +47,8 @@ GATHER_S = 0.01
 """After one environment step returns, how long the others may take to join the same `generate` call."""
 SUMMED_INFO = ("tool_calls", "tool_errors", "tool_timeouts")
 """`StepResult.info` entries summed over an episode into `EpisodeInfo`."""
+MAX_COUNT = 1 << 20
+"""Largest `SUMMED_INFO` count one step may report."""
 
 
 @dataclass
@@ -78,15 +81,28 @@ class EpisodeRunner:
         self.config = config
         self.max_prompt_tokens = max_prompt_tokens
         """Openings rendered from `reset`'s messages keep their last `max_prompt_tokens` tokens."""
-        config.resolve()  # a name that does not resolve fails here, not in the first episode
+        self._loop = _EventLoop()
+        self._check_builds(config)  # a name or kwargs that do not fit fail here, not in every episode
         self.template = None
         if not config.single_turn:
             from rlhf_engine.envs.template import ChatTemplate
 
             self.template = ChatTemplate(generator.tokenizer)
         self._pool: _DaemonPool | None = None
+        self._over = threading.Event()
         self._calls = 0
         """`generate` calls of the batch being played after its first turn (they seed `seed + calls * 7919`)."""
+
+    def _check_builds(self, config: EnvironmentConfig) -> None:
+        """Build (and close) one environment: `ValueError` in one line when the class or its kwargs do not fit."""
+        cls = config.resolve()
+        try:
+            env = cls(**config.kwargs)
+        except Exception as e:
+            raise ValueError(f"environment {config.name} with kwargs {config.kwargs}: {type(e).__name__}: {e}") from e
+        _, error, _ = _timed(env.close, self._loop)
+        if error is not None:
+            raise ValueError(f"environment {config.name}: close() of a fresh instance failed: {error}")
 
     def run(self, prompts: list[list[int]], records: list[dict] | None, sampling: SamplingConfig,
             seed: int) -> list[Sample]:
@@ -97,13 +113,15 @@ class EpisodeRunner:
         # the threads of this batch; a call still running past its time limit is left to its daemon thread,
         # which never holds up the process's exit
         self._pool = _DaemonPool(min(self.config.concurrency, len(episodes)))
+        self._over = threading.Event()
+        """Set when the batch closes its environments."""
         self._calls = 0
         try:
             self._reset(episodes, prompts, records or [{}] * len(prompts), sampling.n)
             self._first_turn(episodes, sampling, seed)
             self._play(episodes, sampling, seed)
+        finally:  # whatever happened (a generate call may raise), every environment is closed
             self._close_all(episodes)
-        finally:
             self._pool.shutdown()
         elapsed = time.perf_counter() - t0
         return [self._sample(ep, elapsed) for ep in episodes]
@@ -116,9 +134,15 @@ class EpisodeRunner:
         compare them) and open alike: with `reset`'s messages rendered (the first that rendered), else with the
         trainer's prompt. An episode whose environment failed, or opened otherwise than its group, gets the
         group's opening and ends after its first turn (its sample is not trained on)."""
+        over = self._over
+
         def start(ep: _Episode):
-            ep.env = self.config.build()
-            return ep.env.reset(records[ep.prompt])
+            env = self.config.build()
+            if over.is_set():  # built after its batch gave up on it (and closed the others): close it here
+                _timed(env.close, self._loop)
+                raise TimeoutError("built after the batch ended")
+            ep.env = env
+            return env.reset(copy.deepcopy(records[ep.prompt]))  # each its own: an environment may change it
 
         openings: list[list[int] | None] = []
         for ep, (value, error, seconds) in zip(episodes, self._call_all([lambda ep=ep: start(ep) for ep in episodes])):
@@ -153,36 +177,33 @@ class EpisodeRunner:
 
     def _play(self, episodes: list[_Episode], sampling: SamplingConfig, seed: int) -> None:
         """Steps and later turns until every episode has ended (`EnvironmentConfig.lockstep`: a turn's call waits
-        for every running step)."""
+        for every running step); a step still running `step_timeout_s` after it started ends its episode."""
         lockstep = self.config.lockstep
-        pending: dict[Future, tuple[_Episode, float]] = {}  # step call -> (episode, its deadline)
+        pending: dict[Future, _Episode] = {}  # step call -> its episode
         for ep in episodes:
             if ep.truncated is None:
-                pending[self._submit_step(ep)] = (ep, time.monotonic() + self.config.step_timeout_s)
+                pending[self._submit_step(ep)] = ep
         ready: list[_Episode] = []
         while pending or ready:
             if pending:
-                first = min(deadline for _, deadline in pending.values())
-                done, _ = wait(pending, timeout=max(0.0, first - time.monotonic()),
+                done, _ = wait(pending, timeout=self._next_expiry(pending),
                                return_when=ALL_COMPLETED if lockstep else FIRST_COMPLETED)
                 if done and not lockstep:  # the steps that finish about now join the same turn
                     done |= wait(set(pending) - done, timeout=GATHER_S)[0]
-                now = time.monotonic()
                 for future in list(pending):
-                    ep, deadline = pending[future]
                     if future in done:
-                        del pending[future]
+                        ep = pending.pop(future)
                         value, error, seconds = future.result()
                         ep.env_seconds += seconds
                         if self._apply_step(ep, value, error, sampling.max_new_tokens):
                             ready.append(ep)
-                    elif now >= deadline:
-                        del pending[future]
+                    elif self._expired(future):
+                        ep = pending.pop(future)
                         ep.env_seconds += self.config.step_timeout_s
                         self._end(ep, "step_timeout")
             if ready and not (lockstep and pending):
                 for ep in self._next_turn(ready, sampling, seed):
-                    pending[self._submit_step(ep)] = (ep, time.monotonic() + self.config.step_timeout_s)
+                    pending[self._submit_step(ep)] = ep
                 ready = []
 
     def _next_turn(self, ready: list[_Episode], sampling: SamplingConfig, seed: int) -> list[_Episode]:
@@ -199,8 +220,10 @@ class EpisodeRunner:
         return [ep for ep in ready if ep.truncated is None]
 
     def _close_all(self, episodes: list[_Episode]) -> None:
-        """`close` every environment (errors are logged: the episode is over either way)."""
-        built = [ep for ep in episodes if ep.env is not None]  # an environment that failed to build has none
+        """`close` every environment built (errors are logged: the episode is over either way). One whose build
+        overran its limit may be built later by its thread, which then closes it (`_reset`)."""
+        self._over.set()
+        built = [ep for ep in episodes if ep.env is not None]
         for ep, (_, error, _) in zip(built, self._call_all([ep.env.close for ep in built])):
             if error is not None:
                 log.warning("environment close failed (prompt %d, sample %d): %s", ep.prompt, ep.sample, error)
@@ -219,36 +242,40 @@ class EpisodeRunner:
         ep.finish_reason = sample.finish_reason
         if ep.truncated is not None:  # the environment failed at reset: this turn is the last
             return
-        if len(ids) < sample.response_ids.numel() or len(ep.ids) >= budget:
+        if len(ids) < sample.response_ids.numel():  # cut at the budget: the environment never sees it
             self._end(ep, "token_budget")
 
     def _submit_step(self, ep: _Episode) -> Future:
         tokens = ep.ids[ep.turn_starts[-1]:]
         text = self.generator.tokenizer.decode(tokens, skip_special_tokens=True)
-        return self._pool.submit(_timed, lambda: ep.env.step({"role": "assistant", "content": text}))
+        return self._submit(lambda: ep.env.step({"role": "assistant", "content": text}))
 
     def _apply_step(self, ep: _Episode, value: Any, error: str | None, budget: int) -> bool:
-        """Take a step's result; True when the episode goes on to another turn."""
+        """Take a step's result; True when the episode goes on to another turn. Whatever the environment returned
+        that cannot be used (wrong types, numbers past any range, messages the template cannot render) ends the
+        episode as an environment error."""
         if error is None:
             try:
-                result = StepResult.of(value)
-            except ValueError as e:
-                error = f"env_error: {e}"
-        if error is not None:
-            self._end(ep, error)
-            return False
+                return self._take_step(ep, StepResult.of(value), budget)
+            except Exception as e:
+                error = f"env_error: {type(e).__name__}: {e}"
+        self._end(ep, error)
+        return False
+
+    def _take_step(self, ep: _Episode, result: StepResult, budget: int) -> bool:
         if result.reward is not None:
             total = (ep.reward or 0.0) + float(result.reward)
             if not math.isfinite(total):  # finite steps can overflow
-                self._end(ep, "env_error: the sum of the step rewards overflowed")
-                return False
+                raise ValueError("the sum of the step rewards overflowed")
             ep.reward = total
         for name in SUMMED_INFO:
-            value = result.info.get(name, 0)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-                ep.counts[name] += int(value)
+            count = result.info.get(name, 0)
+            if isinstance(count, bool) or not isinstance(count, (int, float)) or not 0 <= count <= MAX_COUNT:
+                raise ValueError(f"info[{name!r}] must be a count in [0, {MAX_COUNT}], got {count!r}")
+            ep.counts[name] += int(count)
         numbers = [(k, float(v)) for k, v in result.info.items() if k not in SUMMED_INFO and isinstance(k, str)
-                   and 0 < len(k) <= 64 and isinstance(v, (int, float)) and math.isfinite(v)]
+                   and 0 < len(k) <= 64 and isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and math.isfinite(float(v))]
         ep.metrics = dict(numbers[:MAX_INFO_KEYS])
         if result.done:
             self._end(ep, "")
@@ -256,12 +283,8 @@ class EpisodeRunner:
         if len(ep.turn_starts) >= self.config.max_turns:
             self._end(ep, "max_turns")
             return False
-        try:
-            ended = bool(ep.ids) and ep.ids[-1] == self.template.end_of_turn_id
-            observation = self.template.observation_ids(result.observations, turn_ended=ended)
-        except ValueError as e:
-            self._end(ep, f"env_error: {e}")
-            return False
+        ended = bool(ep.ids) and ep.ids[-1] == self.template.end_of_turn_id
+        observation = self.template.observation_ids(result.observations, turn_ended=ended)
         if len(ep.ids) + len(observation) >= budget:  # no room for the observation and one more token
             self._end(ep, "token_budget")
             return False
@@ -301,58 +324,95 @@ class EpisodeRunner:
 
     def _call_all(self, calls: list[Callable[[], Any]]) -> list[tuple[Any, str | None, float]]:
         """Run `calls` on the environment threads; each one's (value, error or None, seconds), in order; a call
-        past `step_timeout_s` gives the error `step_timeout`."""
-        futures = [self._pool.submit(_timed, call) for call in calls]
-        deadline = time.monotonic() + self.config.step_timeout_s
-        wait(futures, timeout=self.config.step_timeout_s)
-        out = []
-        for future in futures:
-            if future.done():
-                out.append(future.result())
-            else:
-                out.append((None, "step_timeout", max(0.0, time.monotonic() - deadline + self.config.step_timeout_s)))
-        return out
+        still running `step_timeout_s` after it started gives the error `step_timeout`."""
+        futures = [self._submit(call) for call in calls]
+        running = set(futures)
+        timed_out = set()
+        while running:
+            running = {f for f in running if not f.done()}
+            expired = {f for f in running if self._expired(f)}
+            timed_out |= expired
+            running -= expired
+            if running:
+                wait(running, timeout=self._next_expiry(running), return_when=FIRST_COMPLETED)
+        return [(None, "step_timeout", self.config.step_timeout_s) if f in timed_out else f.result() for f in futures]
 
+    def _submit(self, call: Callable[[], Any]) -> Future:
+        return self._pool.submit(_timed, call, self._loop)
+
+    def _expired(self, future: Future) -> bool:
+        """`future`'s call has run `step_timeout_s` without returning: its thread is given up (and replaced)."""
+        started = getattr(future, "started_at", None)
+        if future.done() or started is None or time.monotonic() - started < self.config.step_timeout_s:
+            return False
+        self._pool.replace()
+        return True
+
+    def _next_expiry(self, futures) -> float:
+        """Seconds until the first of `futures` that has started can expire (a queued one waits for a thread,
+        which the running calls free within their limit)."""
+        starts = [f.started_at for f in futures if getattr(f, "started_at", None) is not None]
+        first = min(starts, default=time.monotonic()) + self.config.step_timeout_s
+        return max(0.0, first - time.monotonic()) + 1e-3
 
 class _DaemonPool:
-    """`n` daemon threads running submitted calls (`concurrent.futures`' pool joins its threads at exit, so one
-    stuck environment call would hang the generator's exit)."""
+    """Daemon threads running submitted environment calls (`concurrent.futures`' pool joins its threads at exit,
+    so one stuck call would hang the generator's exit). Each future gets `started_at` (monotonic) when a thread
+    takes it; `replace` adds a thread for one left running past its time limit, so `n` stay available."""
 
     def __init__(self, n: int) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._work, name=f"env-{i}", daemon=True) for i in range(n)]
-        for t in self._threads:
-            t.start()
+        self._threads = 0
+        for _ in range(n):
+            self.replace()
 
     def submit(self, fn: Callable, *args) -> Future:
         future: Future = Future()
         self._queue.put((future, fn, args))
         return future
 
+    def replace(self) -> None:
+        threading.Thread(target=self._work, name=f"env-{self._threads}", daemon=True).start()
+        self._threads += 1
+
     def shutdown(self) -> None:
-        for _ in self._threads:
+        for _ in range(self._threads):
             self._queue.put(None)
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
             future, fn, args = item
+            future.started_at = time.monotonic()
             if future.set_running_or_notify_cancel():
                 try:
                     future.set_result(fn(*args))
-                except BaseException as e:  # _timed catches Exception; this keeps the thread serving
+                except BaseException as e:  # `_timed` catches everything; this keeps the thread serving
                     future.set_exception(e)
 
 
-def _timed(call: Callable[[], Any]) -> tuple[Any, str | None, float]:
-    """(value, None, seconds) of `call()` (awaited when it returns an awaitable), or (None, "env_error: ...",
-    seconds) when it raises."""
+class _EventLoop:
+    """One event loop on a daemon thread for the environments' coroutines: an `async def` environment keeps
+    loop-bound state (tasks, clients, subprocesses) from one call to the next, as on any single loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="env-loop", daemon=True).start()
+
+    def wait(self, awaitable) -> Any:
+        """The result of `awaitable`, run on the loop (called from an environment thread)."""
+        return asyncio.run_coroutine_threadsafe(_awaited(awaitable), self.loop).result()
+
+
+def _timed(call: Callable[[], Any], loop: _EventLoop) -> tuple[Any, str | None, float]:
+    """(value, None, seconds) of `call()` (awaited on `loop` when it returns an awaitable), or (None,
+    "env_error: ...", seconds) when it raises anything at all (`SystemExit` and a cancelled coroutine included)."""
     t0 = time.perf_counter()
     try:
         value = call()
         if inspect.isawaitable(value):
-            value = asyncio.run(_awaited(value))
+            value = loop.wait(value)
         return value, None, time.perf_counter() - t0
-    except Exception as e:  # an environment's failure ends its episode, never the generator
+    except BaseException as e:  # an environment's failure ends its episode, never the generator
         return None, f"env_error: {type(e).__name__}: {e}", time.perf_counter() - t0
 
 

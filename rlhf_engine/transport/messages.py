@@ -149,7 +149,7 @@ class PromptBatch:
             records = [json.loads(r) for r in header.records] if header.records else None
             return cls(header.batch_id, list(header.prompt_ids), prompts, header.min_policy_version,
                        header.eval_samples, header.eval_temperature, records)
-        except ValueError as e:  # json.JSONDecodeError included
+        except (ValueError, RecursionError) as e:  # json.JSONDecodeError included; RecursionError: nested too deep
             raise WireError("bad_prompts", str(e)) from None
 
 

@@ -85,6 +85,41 @@ class AsyncEcho(Echo):
         return Echo.step(self, message)
 
 
+class Odd:
+    """Misbehaves in the way `mode` names (each call returns at once unless said otherwise)."""
+
+    def __init__(self, mode: str, sleep_s: float = 0.0) -> None:
+        self.mode, self.sleep_s = mode, sleep_s
+
+    async def _tick(self):
+        await asyncio.sleep(0.01)
+        return 1
+
+    def reset(self, record):
+        if self.mode == "loop_state":  # a task on the loop, awaited by a later call
+            async def start():
+                self.task = asyncio.ensure_future(self._tick())
+            return start()
+        return None
+
+    def step(self, message):
+        time.sleep(self.sleep_s)
+        if self.mode == "loop_state":
+            async def finish():
+                return StepResult(reward=float(await self.task), done=True)
+            return finish()
+        if self.mode == "exit":
+            raise SystemExit(3)
+        if self.mode == "huge_reward":
+            return StepResult(reward=10 ** 400, done=True)
+        if self.mode == "inf_count":
+            return StepResult(done=True, info={"tool_calls": float("inf")})
+        return StepResult(reward=1.0, done=True, info={"x": 10 ** 400} if self.mode == "huge_metric" else {})
+
+    def close(self):
+        pass
+
+
 def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -178,7 +213,8 @@ def test_failing_environments_end_only_their_episode(generator, tmp_path):
         assert [s.episode.truncated for s in samples] == [reason] * 4, fail
         assert all(s.response_ids.numel() >= 1 and s.episode.failed == (reason == "env_error") for s in samples)
         entries = read_log(log / "log")
-        assert sum(e["call"] == "close" for e in entries) == 4  # every environment closed once
+        # every episode's environment closed once (and the one the runner built to check the kwargs: target None)
+        assert sum(e["call"] == "close" and e["target"] is not None for e in entries) == 4
         if fail == "reset":  # the trainer's prompt and one turn, nothing more
             assert [s.prompt_ids.tolist() for s in samples[::2]] == PROMPTS and all(s.episode.turns == 1 for s in samples)
 
@@ -234,6 +270,33 @@ def test_async_environment_and_dataset_opening(generator, tmp_path):
         PROMPTS, [{"target": 1}, {"target": 2}], generator.config.sampling, 7)
     assert [s.prompt_ids.tolist() for s in samples[::2]] == PROMPTS  # reset returned None: the trainer's prompt
     assert all(s.episode.truncated == "" and s.reward == 6.0 for s in samples)
+
+
+def odd(generator, mode, **config) -> EpisodeRunner:
+    return EpisodeRunner(generator, EnvironmentConfig(f"{__name__}:Odd", kwargs={"mode": mode, **config.pop("kw", {})},
+                                                      **config), max_prompt_tokens=128)
+
+
+@pytest.mark.parametrize("mode", ["exit", "huge_reward", "inf_count", "huge_metric"])
+def test_what_an_environment_returns_never_escapes(generator, mode):
+    samples = odd(generator, mode).run(PROMPTS, None, generator.config.sampling, 1)
+    assert [s.episode.truncated for s in samples] == ["env_error"] * 4, mode
+
+
+def test_async_state_lives_on_one_loop_and_queued_calls_do_not_time_out(generator):
+    samples = odd(generator, "loop_state").run(PROMPTS, None, generator.config.sampling, 2)
+    assert all(s.episode.truncated == "" and s.reward == 1.0 for s in samples)
+    # one thread, four steps of 0.3 s each under a 0.5 s limit: each waits for the thread, none overruns
+    slow = odd(generator, "plain", kw={"sleep_s": 0.3}, concurrency=1, step_timeout_s=0.5)
+    samples = slow.run(PROMPTS, None, generator.config.sampling, 3)
+    assert all(s.episode.truncated == "" and s.reward == 1.0 for s in samples)
+
+
+def test_kwargs_that_do_not_fit_stop_the_generator_at_start(generator):
+    with pytest.raises(ValueError, match="Odd.*unexpected keyword argument 'mod'"):
+        EpisodeRunner(generator, EnvironmentConfig(f"{__name__}:Odd", kwargs={"mod": "x"}), max_prompt_tokens=128)
+    with pytest.raises(ValueError, match="finite"):
+        EnvironmentConfig(step_timeout_s=float("inf"))
 
 
 def test_an_import_path_that_does_not_resolve_is_a_config_error(generator):

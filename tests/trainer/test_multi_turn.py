@@ -37,3 +37,26 @@ def test_gae_skips_environment_tokens():
     # by hand at a turn boundary of row 0: token 1 (last of turn 1) bootstraps from token 5 (first of turn 2)
     delta1 = rewards[0, 1] + 0.9 * values[0, 5] - values[0, 1]
     torch.testing.assert_close(adv[0, 1], delta1 + 0.9 * 0.8 * adv[0, 5])
+
+
+def test_the_reward_model_reads_the_whole_trajectory(make_lm, make_reward_model, tokenizer):
+    """With the samples' loss mask, the reward model scores up to the end of the last turn, not the first."""
+    from rlhf_engine.models.reward_scoring import model_scores
+    from rlhf_engine.trainer.ppo.config import PPOConfig
+    from rlhf_engine.trainer.ppo.trainer import PPOTrainer
+
+    eos = tokenizer.eos_token_id
+    reward_model = make_reward_model(seed=1)
+    trainer = PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=2, advantage_estimator="grpo", num_generations=2),
+                         make_lm(seed=0), tokenizer=tokenizer, reward_model=reward_model)
+    prompt = torch.tensor([5, 6, 7])
+    response = torch.tensor([20, 21, eos, 30, 31, 22, 23, eos])
+    mask = torch.tensor([1, 1, 1, 0, 0, 1, 1, 1], dtype=torch.bool)
+    got = trainer.score([prompt], [response], loss_mask=[mask])
+    full = torch.cat([prompt, response])[None]
+    with torch.no_grad():
+        want = model_scores(reward_model, full, torch.ones_like(full), torch.arange(full.shape[1])[None])
+        first_turn = model_scores(reward_model, full[:, :6], torch.ones(1, 6, dtype=torch.long),
+                                  torch.arange(6)[None])
+    torch.testing.assert_close(got.cpu(), want.float().cpu(), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(want, first_turn)

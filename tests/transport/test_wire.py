@@ -61,7 +61,7 @@ def test_episode_round_trip_and_lies_about_it():
     assert back.reward == 0.5 and back.episode == r.episode
     header, tensors = sample_to_wire(r, "gen-a", 2)
     bad_starts = {  # not at 0; not increasing; inside a sampled run; past the end
-        "turn_starts": [torch.tensor([1, 4]), torch.tensor([0, 4, 4]), torch.tensor([0, 5]), torch.tensor([0, 9])]}
+        "turn_starts": [torch.tensor([1, 4, 7]), torch.tensor([0, 4, 4]), torch.tensor([0, 5, 7]), torch.tensor([0, 4, 9])]}
     names = [t.name for t in header.tensors]
     for starts in bad_starts["turn_starts"]:
         lied = list(tensors)
@@ -69,8 +69,9 @@ def test_episode_round_trip_and_lies_about_it():
         lied_header = msgspec.structs.replace(header, tensors=tuple(tensor_spec(n, t) for n, t in zip(names, lied)))
         with pytest.raises(WireError, match="turn"):
             sample_from_wire(*_roundtrip(lied_header, lied))
-    for fields in ({"reward": float("nan")}, {"turns": -1}, {"env_seconds": float("inf")},
-                   {"metrics": {f"m{i}": 1.0 for i in range(17)}}, {"truncated": "x" * 300}):
+    for fields in ({"reward": float("nan")}, {"turns": -1}, {"turns": 2}, {"env_seconds": float("inf")},
+                   {"metrics": {f"m{i}": 1.0 for i in range(17)}}, {"truncated": "x" * 300},
+                   {"truncated": "made_up"}):
         with pytest.raises(WireError) as info:
             sample_from_wire(*_roundtrip(msgspec.structs.replace(header, **fields), tensors))
         assert info.value.reason in ("bad_rollout", "bad_header"), fields

@@ -180,10 +180,13 @@ class PPOTrainer:
 
     @torch.no_grad()
     def score(self, queries: TokenSeqs, responses: TokenSeqs,
-              columns: Mapping[str, Sequence[Any]] | None = None) -> torch.Tensor:
+              columns: Mapping[str, Sequence[Any]] | None = None,
+              loss_mask: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """Scores [B] of (query, response) pairs from the reward model or the reward function (with several
         ranks, each scores its share and the scores are gathered). columns: the prompt records' fields, one
-        value per sample, for a reward function that takes them (`rlhf_engine.data.columns`)."""
+        value per sample, for a reward function that takes them (`rlhf_engine.data.columns`); loss_mask: B x
+        [R_i] bool, the sampled tokens of multi-turn episodes (the reward model reads a response up to the
+        end of its last turn, `truncate_after_eos`)."""
         queries = as_token_list(queries, "queries")
         responses = as_token_list(responses, "responses")
         mine = self.comm.shard(len(queries))
@@ -191,14 +194,16 @@ class PPOTrainer:
             if len(values) != len(queries):
                 raise ValueError(f"column {name!r} has {len(values)} values for {len(queries)} samples")
         columns = {name: list(values)[mine] for name, values in (columns or {}).items()}
-        return self.comm.all_gather_rows(self._score(queries[mine], responses[mine], columns))
+        masks = list(loss_mask)[mine] if loss_mask is not None else None
+        return self.comm.all_gather_rows(self._score(queries[mine], responses[mine], columns, masks))
 
     def _score(self, queries: list[torch.Tensor], responses: list[torch.Tensor],
-               columns: Mapping[str, Sequence[Any]] | None = None) -> torch.Tensor:
+               columns: Mapping[str, Sequence[Any]] | None = None,
+               loss_mask: list[torch.Tensor] | None = None) -> torch.Tensor:
         if self.reward_model is not None:
             # the classifier pools at the last token that is not *its* pad token: pad with that one
             pad = _first_not_none(self.reward_model.config.pad_token_id, self.pad_token_id)
-            batch = make_token_batch(queries, responses, pad, self.eos_token_ids, self.device)
+            batch = make_token_batch(queries, responses, pad, self.eos_token_ids, self.device, loss_mask)
             rows = list(range(len(queries)))
             plan = rank_microbatches(rows, batch.lengths(), self.config.max_tokens_per_microbatch,
                                      self.config.mini_batch_size // self.comm.world_size, self.comm)
@@ -260,7 +265,7 @@ class PPOTrainer:
         group = cfg.num_generations if cfg.advantage_estimator in ("grpo", "rloo") else None
         check_batch(batch, cfg.batch_size, group, self.policy_version)
         raw_scores = batch.scores if batch.scores is not None else self.score(batch.prompt_ids, batch.response_ids,
-                                                                               batch.columns)
+                                                                               batch.columns, batch.loss_mask)
         raw_scores = raw_scores.to(self.device, torch.float32)
         # a non-finite score drops its sample: none of its tokens is trained or counted, it leaves its group
         kept = torch.isfinite(raw_scores)  # [B]
