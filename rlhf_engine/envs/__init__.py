@@ -9,3 +9,7 @@
 
 The generator plays the episodes (`rlhf_engine.rollout.episodes`); the trainer trains on their sampled tokens.
 """
+
+from rlhf_engine.envs.protocol import Environment, EnvironmentConfig, Message, StepResult
+
+__all__ = ["Environment", "EnvironmentConfig", "Message", "StepResult"]
