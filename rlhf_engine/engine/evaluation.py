@@ -60,7 +60,7 @@ class EvalRound:
         if reason is not None:
             self.dropped[reason] += 1
             return False
-        self._prompts[rollout.prompt_id].accept(rollout, rollout.sender, now, self.limits.env_prompt_tokens > 0)
+        self._prompts[rollout.prompt_id].accept(rollout, rollout.sender, now, self.limits.own_prompts)
         return True
 
     def _check(self, rollout: Sample, known_senders) -> str | None:

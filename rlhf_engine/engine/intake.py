@@ -68,6 +68,11 @@ class IntakeLimits:
         if self.env_prompt_tokens < 0:
             raise ValueError(f"env_prompt_tokens ({self.env_prompt_tokens}) must be >= 0")
 
+    @property
+    def own_prompts(self) -> bool:
+        """An environment renders the openings: rollouts keep their own prompt tokens."""
+        return self.env_prompt_tokens > 0
+
 
 def check_content(rollout: Sample, limits: IntakeLimits, min_version: int, trainer_version: int) -> str | None:
     """The drop reason for `rollout`'s tokens, log-probs and policy version (rules 3 and 4), or None."""
@@ -87,7 +92,7 @@ def check_content(rollout: Sample, limits: IntakeLimits, min_version: int, train
     if int(rollout.policy_versions[-1]) > trainer_version:
         return "future_version"
     prompt = rollout.prompt_ids
-    if limits.env_prompt_tokens and (not 0 < prompt.numel() <= limits.env_prompt_tokens or int(prompt.min()) < 0
+    if limits.own_prompts and (not 0 < prompt.numel() <= limits.env_prompt_tokens or int(prompt.min()) < 0
                                      or int(prompt.max()) >= limits.vocab_size):
         return "bad_prompt"
     return None
@@ -189,7 +194,7 @@ class Intake:
         if reason is not None:
             self.dropped[reason] += 1
             return None
-        return self._prompts[rollout.prompt_id].accept(rollout, sender, now, self.limits.env_prompt_tokens > 0)
+        return self._prompts[rollout.prompt_id].accept(rollout, sender, now, self.limits.own_prompts)
 
     def _check(self, rollout: Sample, sender: str, known_senders, trainer_version: int) -> str | None:
         if sender not in known_senders:
@@ -210,7 +215,7 @@ class Intake:
             return "late" if p.reissues else "wrong_holder"
         if len(p.rollouts) >= self.limits.num_generations:
             return "too_many"
-        if self.limits.env_prompt_tokens and p.rollouts and not torch.equal(rollout.prompt_ids, p.rollouts[0].prompt_ids):
+        if self.limits.own_prompts and p.rollouts and not torch.equal(rollout.prompt_ids, p.rollouts[0].prompt_ids):
             return "prompt_mismatch"  # a group (GRPO / RLOO) is one prompt
         return None
 

@@ -95,9 +95,9 @@ class EpisodeRunner:
 
     def _check_builds(self, config: EnvironmentConfig) -> None:
         """Build (and close) one environment: `ValueError` in one line when the class or its kwargs do not fit."""
-        cls = config.resolve()
+        config.resolve()  # its own one-line error
         try:
-            env = cls(**config.kwargs)
+            env = config.build()
         except Exception as e:
             raise ValueError(f"environment {config.name} with kwargs {config.kwargs}: {type(e).__name__}: {e}") from e
         _, error, _ = _timed(env.close, self._loop)
