@@ -151,37 +151,35 @@ def test_memory_limit_then_the_sandbox_still_works():
     assert (after.status, after.output) == ("ok", "fine\n")
 
 
-def test_forked_child_is_killed(mode, tmp_path):
-    body = ("if os.fork() == 0:\n"
-            "    note_pid('child')\n"
-            "    time.sleep(100)\n"
-            "    os._exit(0)\n"
-            "wait_for('child')\n"
-            "print('parent done')\n")
-    with Sandbox(SandboxLimits(max_processes=4)) as box:
-        result = box.run_python(tool(body, tmp_path))
-    assert (result.status, result.output) == ("ok", "parent done\n")
-    pids = noted_pids(tmp_path)
-    assert list(pids) == ["child"]
-    assert_all_gone(pids)
+ESCAPES = {
+    # a child of the tool
+    "child": ("if os.fork() == 0:\n"
+              "    note_pid('child')\n"
+              "    time.sleep(100)\n"
+              "    os._exit(0)\n"
+              "wait_for('child')\n"
+              "print('parent done')\n"),
+    # a double-forked grandchild in a session of its own
+    "grandchild": ("child = os.fork()\n"
+                   "if child == 0:\n"
+                   "    os.setsid()\n"
+                   "    if os.fork() == 0:\n"
+                   "        note_pid('grandchild')\n"
+                   "        time.sleep(100)\n"
+                   "    os._exit(0)\n"
+                   "os.waitpid(child, 0)\n"
+                   "wait_for('grandchild')\n"
+                   "print('parent done')\n"),
+}
 
 
-def test_double_forked_setsid_grandchild_is_killed(mode, tmp_path):
-    body = ("child = os.fork()\n"
-            "if child == 0:\n"
-            "    os.setsid()\n"
-            "    if os.fork() == 0:\n"
-            "        note_pid('grandchild')\n"
-            "        time.sleep(100)\n"
-            "    os._exit(0)\n"
-            "os.waitpid(child, 0)\n"
-            "wait_for('grandchild')\n"
-            "print('parent done')\n")
+@pytest.mark.parametrize("left", sorted(ESCAPES))
+def test_processes_the_tool_leaves_running_are_killed(mode, tmp_path, left):
     with Sandbox(SandboxLimits(max_processes=4)) as box:
-        result = box.run_python(tool(body, tmp_path))
+        result = box.run_python(tool(ESCAPES[left], tmp_path))
     assert (result.status, result.output) == ("ok", "parent done\n")
     pids = noted_pids(tmp_path)
-    assert list(pids) == ["grandchild"]
+    assert list(pids) == [left]
     assert_all_gone(pids)
 
 
