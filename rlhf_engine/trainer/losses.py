@@ -8,6 +8,8 @@ each contribute their share of one mean over the whole minibatch and sum to it e
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from rlhf_engine.ops import masked_mean
@@ -34,7 +36,9 @@ def ppo_policy_loss(
 
     logp [B, T]: current policy log-probs (with grad); old_logp [B, T]: at experience time;
     advantages [B, T]; mask [B, T]; is_weights [B, T] or None: per-token importance weights
-    (truncated pi_old / pi_behaviour for off-policy samples), detached; token_count: see the module docstring.
+    pi_old / pi_behaviour for off-policy samples, detached (`truncated_importance_weights`, or
+    `masked_importance_weights`: a weight 0 drops the token's gradient, yet the token stays in the mean's
+    denominator, as in AReaL); token_count: see the module docstring.
     Returns (scalar loss, stats), 0-dim and detached: `clipfrac`; `approxkl`, the k2 estimator
     0.5 * E[(log pi - log pi_old)^2] of KL(pi_old || pi) (TRL's, and what `target_kl` compares with);
     `approxkl_k3`, the unbiased k3 estimator E[(ratio - 1) - log ratio] (Schulman, "Approximating KL
@@ -108,3 +112,21 @@ def truncated_importance_weights(
     differ from the trainer's (vLLM vs transformers). Padding positions should be masked by the caller.
     """
     return torch.exp(old_logp - behaviour_logp).clamp(max=cap).detach()
+
+
+def masked_importance_weights(
+    old_logp: torch.Tensor, behaviour_logp: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Importance weights of the decoupled PPO objective (AReaL, Fu et al. 2025): tokens far off-policy dropped.
+
+    old_logp, behaviour_logp [B, T] -> w [B, T], detached:
+    # w_t = pi_old(a_t|s_t) / pi_behaviour(a_t|s_t)   if that is <= C
+    # w_t = 0                                           otherwise (the token adds no gradient)
+    pi_old is the proximal policy the PPO ratio is clipped against, pi_behaviour the sampler. A kept token's
+    weight is its exact ratio (no truncation bias); a dropped token loses its signal. The test is
+    log w_t > log C, the one the step's `off_policy/is_masked_fraction` counts. Padding positions should be
+    masked by the caller.
+    """
+    log_w = (old_logp - behaviour_logp).detach()
+    dropped = log_w > math.log(cap)
+    return torch.where(dropped, torch.zeros((), dtype=log_w.dtype, device=log_w.device), torch.exp(log_w))

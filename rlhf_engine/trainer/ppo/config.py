@@ -19,7 +19,7 @@ from typing import Literal
 KL_PENALTIES = ("kl", "abs", "mse", "k3", "full")
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
 GROUP_ESTIMATORS = ("grpo", "rloo")
-OFF_POLICY_CORRECTIONS = ("tis", "none")
+OFF_POLICY_CORRECTIONS = ("tis", "decoupled", "none")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 FROZEN_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -130,12 +130,20 @@ class PPOConfig:
     """Sampling temperature; the trainer scores log-probs at the same temperature (logits / temperature)."""
 
     # --- off-policy samples (async generator) ----------------------------------------------------------
-    off_policy_correction: Literal["tis", "none"] = "tis"
-    """With the sampler's log-probs given to `step`: `tis` multiplies each token's policy loss by the
-    truncated importance weight min(pi_old / pi_behaviour, tis_cap) (pi_old: the trainer's recompute at
-    experience time, pi_behaviour: the sampler); `none` ignores them (reported only)."""
+    off_policy_correction: Literal["tis", "decoupled", "none"] = "tis"
+    """With the sampler's log-probs given to `step` (pi_behaviour, per token: a sample may span several policy
+    versions), the PPO ratio is clipped against pi_old (the trainer's own log-probs before the update, AReaL's
+    proximal policy) and each token's policy loss is multiplied by w = pi_old / pi_behaviour: `tis` truncates
+    it to min(w, tis_cap); `decoupled` is AReaL's decoupled PPO objective, which keeps w exact up to `tis_cap`
+    and drops the tokens above it (weight 0; they still count in the loss's token mean, as in AReaL, so a kept
+    token's gradient does not grow when others are dropped); `none` ignores the weights (reported only).
+    `tis` is the default because truncation keeps every token's gradient at a bounded bias, while masking is
+    unbiased on the kept tokens but discards the far-off-policy ones outright, and with many policy versions in
+    flight more tokens are far off: `decoupled` then trains on less of the batch. Metrics:
+    `off_policy/is_truncated_fraction` or `off_policy/is_masked_fraction`."""
     tis_cap: float = 2.0
-    """Upper truncation C of the importance weight (>= 1)."""
+    """The cap C on the importance weight pi_old / pi_behaviour (>= 1): `tis` truncates larger weights to C,
+    `decoupled` drops their tokens (AReaL's `behav_imp_weight_cap`; `inf` drops none)."""
 
     # --- frozen models ---------------------------------------------------------------------------------
     frozen_dtype: Literal["float32", "bfloat16", "float16"] | None = None

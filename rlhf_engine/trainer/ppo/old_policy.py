@@ -28,7 +28,8 @@ class OldPolicy:
     logp: torch.Tensor  # log pi_old(a_t | s_t)
     entropy: torch.Tensor  # entropy of pi_old at each position
     kl: torch.Tensor  # per-token KL penalty estimate of pi_old against pi_ref (kind = kl_penalty)
-    is_weights: torch.Tensor | None  # truncated importance weights pi_old / pi_behaviour, or None
+    is_weights: torch.Tensor | None  # importance weights pi_old / pi_behaviour (see `off_policy_weights`), or None
+    correction: str  # `off_policy_correction`: 'tis' (weights truncated at the cap), 'decoupled' (0 above it), 'none'
 
     def mean_kl(self, mask: torch.Tensor) -> float:
         """Sum of the KL penalty estimate over each response, averaged over the batch (a device sync)."""
@@ -45,13 +46,18 @@ def old_logp_from_update(config: PPOConfig, reward_kl_coef: float, comm: Comm, s
             and not comm.distributed and not shared_critic)
 
 
+IMPORTANCE_WEIGHTS = {"tis": losses.truncated_importance_weights, "decoupled": losses.masked_importance_weights}
+
+
 def off_policy_weights(config: PPOConfig, old_logp: torch.Tensor, behaviour_logp: torch.Tensor | None,
                        mask: torch.Tensor) -> torch.Tensor | None:
-    """The truncated importance weights min(pi_old / pi_behaviour, tis_cap) [B, T], 0 outside `mask`, when the
-    step has the sampler's log-probs and `off_policy_correction` is `tis`; else None."""
-    if behaviour_logp is None or config.off_policy_correction != "tis":
+    """The importance weights pi_old / pi_behaviour [B, T], 0 outside `mask`, when the step has the sampler's
+    log-probs and `off_policy_correction` is not `none`: truncated to `tis_cap` (`tis`), or 0 where they exceed
+    it (`decoupled`); else None."""
+    weights = IMPORTANCE_WEIGHTS.get(config.off_policy_correction)
+    if behaviour_logp is None or weights is None:
         return None
-    return losses.truncated_importance_weights(old_logp, behaviour_logp, config.tis_cap) * mask
+    return weights(old_logp, behaviour_logp, config.tis_cap) * mask
 
 
 class PiOld:
@@ -72,7 +78,8 @@ class PiOld:
                   kl: torch.Tensor) -> "PiOld":
         """pi_old of the experience's policy pass ([B, T] each; `mask` [B, T]: the tokens trained)."""
         return cls(config, mask, ref_logp, behaviour_logp,
-                   OldPolicy(logp, entropy, kl, off_policy_weights(config, logp, behaviour_logp, mask)))
+                   OldPolicy(logp, entropy, kl, off_policy_weights(config, logp, behaviour_logp, mask),
+                             config.off_policy_correction))
 
     @classmethod
     def from_update(cls, config: PPOConfig, comm: Comm, mask: torch.Tensor, ref_logp: torch.Tensor,
@@ -109,4 +116,5 @@ class PiOld:
             return self._known
         cfg, mask = self._config, self._mask
         kl = kl_penalty(cfg.kl_penalty, self._logp, self._ref_logp, mask, None, None, cfg.temperature)
-        return OldPolicy(self._logp, self._entropy, kl, off_policy_weights(cfg, self._logp, self._behaviour, mask))
+        return OldPolicy(self._logp, self._entropy, kl, off_policy_weights(cfg, self._logp, self._behaviour, mask),
+                         cfg.off_policy_correction)

@@ -50,7 +50,9 @@ def step_stats(exp: Experience, old: OldPolicy, update: UpdateResult, mean_kl: f
     """Metrics of a step as Python floats (one device sync each): the mean of each per-micro-batch
     metric of `update`, and the experience's rewards, KL, advantages, values and off-policy weights, over the
     trained tokens (`loss_mask`). `staleness` [B]: policy versions between sampling (each sample's oldest
-    token) and this step, None when unknown."""
+    token) and this step, None when unknown. The tokens whose weight pi_old / pi_behaviour exceeds `tis_cap`
+    are `off_policy/is_truncated_fraction` under `tis` and `off_policy/is_masked_fraction` under `decoupled`
+    (dropped from the policy loss; their weight 0 counts in `off_policy/is_weight_mean`)."""
     mask = exp.batch.loss_mask
     finite_scores = exp.raw_scores[torch.isfinite(exp.raw_scores)]  # [B - dropped samples]
     stats = {key: float(torch.stack(values).mean()) for key, values in update.stats.items()}
@@ -76,7 +78,9 @@ def step_stats(exp: Experience, old: OldPolicy, update: UpdateResult, mean_kl: f
         stats["off_policy/behaviour_kl"] = float(masked_mean(diff, mask))
         if old.is_weights is not None:
             stats["off_policy/is_weight_mean"] = float(masked_mean(old.is_weights, mask))
-            stats["off_policy/is_truncated_fraction"] = float(masked_mean((diff > math.log(tis_cap)).float(), mask))
+            above_cap = (diff > math.log(tis_cap)).float()  # the test of `losses.masked_importance_weights`
+            name = "is_masked_fraction" if old.correction == "decoupled" else "is_truncated_fraction"
+            stats[f"off_policy/{name}"] = float(masked_mean(above_cap, mask))
     if staleness is not None:
         stats["off_policy/staleness_mean"] = float(staleness.float().mean())
         stats["off_policy/staleness_max"] = float(staleness.max())
