@@ -18,6 +18,9 @@ def resolve_backend(backend: str) -> str:
 def make_generator(config: GeneratorConfig) -> Generator:
     """Build the backend that `config.backend` names (see `resolve_backend`)."""
     backend = resolve_backend(config.backend)
+    if backend == "transformers" and config.inflight_update != "off":
+        raise ValueError(f"generator.inflight_update {config.inflight_update!r} needs the vllm backend, which is not "
+                         "installed (the transformers backend cannot update or re-prefill mid-sequence)")
     if backend == "vllm":
         from rlhf_engine.rollout.vllm_backend import VLLMGenerator
 

@@ -11,6 +11,7 @@ from rlhf_engine.models.lora import LoraConfig
 BACKENDS = ("vllm", "transformers", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
+INFLIGHT_UPDATES = ("off", "keep", "recompute")
 
 
 @dataclass
@@ -103,6 +104,18 @@ class GeneratorConfig:
     """The policy's LoRA adapters when the run syncs adapters (`model.lora.sync: adapters`; the run sets
     it from `model.lora`, see `run_generator_config`): every weight update then carries
     the adapter tensors (peft names) on top of the frozen base in `model`, instead of full weights."""
+    max_inflight: int = 0
+    """Continuous generation (`rollout.continuous`): keep up to this many sequences (samples) running and start
+    the next prompts as sequences finish, sending each prompt's samples as soon as its group is done. 0: one
+    batch at a time (each prompt batch is sampled whole, then sent). At least `sampling.n` (a group)."""
+    inflight_update: str = "off"
+    """With `max_inflight`: what a new weight version does to running sequences. `off`: no new sequence starts
+    once it arrives, the running ones finish with the old weights, then it is applied (no sample mixes
+    versions); `keep` (PipelineRL): applied between two decode steps at once, running sequences continue on
+    their KV cache and their later tokens carry the new version; `recompute` (AReaL): applied at once and the
+    running sequences are re-prefilled under it, each with what is left of its budget. `keep` and `recompute`
+    need the vLLM backend with its engine in this process (`engine_process`) and full-weight updates (not
+    `lora`)."""
     environment: EnvironmentConfig = field(default_factory=EnvironmentConfig)
     """What each sample is an episode of (`rlhf_engine.envs`): `package.module:Class`, or the mapping of an
     `EnvironmentConfig` (`{name: ..., max_turns: ..., kwargs: {...}}`); the default is one turn on the
@@ -142,6 +155,31 @@ class GeneratorConfig:
             raise ValueError(f"max_batch_size ({self.max_batch_size}) must be >= 1")
         if self.initial_version < 0:
             raise ValueError(f"initial_version ({self.initial_version}) must be >= 0")
+        if self.max_inflight < 0:
+            raise ValueError(f"max_inflight ({self.max_inflight}) must be >= 0 (0: one batch at a time)")
+        if self.inflight_update not in INFLIGHT_UPDATES:
+            raise ValueError(f"inflight_update ({self.inflight_update!r}) must be one of {INFLIGHT_UPDATES}")
+        if self.max_inflight:
+            if self.max_inflight < self.sampling.n:
+                raise ValueError(f"max_inflight ({self.max_inflight}) is below the group size sampling.n "
+                                 f"({self.sampling.n}): a prompt's samples must run together")
+            if not self.environment.single_turn:
+                raise ValueError(f"max_inflight: continuous generation plays single-turn completions; the "
+                                 f"environment {self.environment.name!r} needs max_inflight 0")
+        if self.inflight_update != "off":
+            if not self.max_inflight:
+                raise ValueError(f"inflight_update {self.inflight_update!r} needs continuous generation "
+                                 "(max_inflight > 0): one batch at a time has nothing running during an update")
+            if self.backend == "transformers":
+                raise ValueError(f"inflight_update {self.inflight_update!r} needs the vllm backend: the transformers "
+                                 "backend samples a batch at a time and cannot update or re-prefill mid-sequence")
+            if self.vllm_in_processes:
+                raise ValueError(f"inflight_update {self.inflight_update!r} needs vLLM's engine in this process "
+                                 "(engine_process false, tensor_parallel_size 1): in its own process it steps on "
+                                 "between the weight reload and the version label, mislabelling tokens")
+            if self.lora is not None:
+                raise ValueError(f"inflight_update {self.inflight_update!r} with lora adapters: a running sequence "
+                                 "holds the adapter of its version; use inflight_update off")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device ({self.device!r}) must be auto, cpu, cuda or cuda:N")
 

@@ -105,9 +105,13 @@ class EpisodeRunner:
             raise ValueError(f"environment {config.name}: close() of a fresh instance failed: {error}")
 
     def run(self, prompts: list[list[int]], records: list[dict] | None, sampling: SamplingConfig,
-            seed: int) -> list[Sample]:
+            seed: int, max_new_tokens: list[int] | None = None) -> list[Sample]:
         """`sampling.n` episodes per prompt; returns their samples ordered by (prompt, sample), as
-        `Generator.generate` does. `records[i]` is prompt i's dataset record for `reset` (None: `{}`)."""
+        `Generator.generate` does. `records[i]` is prompt i's dataset record for `reset` (None: `{}`).
+        `max_new_tokens`: each prompt's response budget, single-turn runs only."""
+        if max_new_tokens is not None and not self.config.single_turn:
+            raise ValueError(f"per-prompt response budgets are for single-turn runs; the environment "
+                             f"{self.config.name} plays episodes within sampling.max_new_tokens")
         t0 = time.perf_counter()
         episodes = [_Episode(i, j) for i in range(len(prompts)) for j in range(sampling.n)]
         # the threads of this batch; a call still running past its time limit is left to its daemon thread,
@@ -118,7 +122,7 @@ class EpisodeRunner:
         self._calls = 0
         try:
             self._reset(episodes, prompts, records or [{}] * len(prompts), sampling.n)
-            self._first_turn(episodes, sampling, seed)
+            self._first_turn(episodes, sampling, seed, max_new_tokens)
             self._play(episodes, sampling, seed)
         finally:  # whatever happened (a generate call may raise), every environment is closed
             self._close_all(episodes)
@@ -165,13 +169,14 @@ class EpisodeRunner:
                     self._end(ep, "env_error: reset opened this episode otherwise than the other episodes of its "
                                   "prompt (one GRPO group: they must open alike)")
 
-    def _first_turn(self, episodes: list[_Episode], sampling: SamplingConfig, seed: int) -> None:
+    def _first_turn(self, episodes: list[_Episode], sampling: SamplingConfig, seed: int,
+                    max_new_tokens: list[int] | None) -> None:
         """Turn 1: one `generate` call with n samples per prompt (a group opens alike, see `_reset`)."""
         n = sampling.n
         budget = sampling.max_new_tokens
         sampling = dataclasses.replace(sampling, max_new_tokens=min(budget, self.config.max_turn_tokens or budget))
         samples = self.generator.generate([episodes[g].prompt_ids for g in range(0, len(episodes), n)],
-                                          sampling=sampling, seed=seed)
+                                          sampling=sampling, seed=seed, max_new_tokens=max_new_tokens)
         for ep, sample in zip(episodes, samples):
             self._append_turn(ep, sample, budget)
 

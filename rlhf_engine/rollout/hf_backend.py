@@ -24,7 +24,7 @@ from rlhf_engine.data.collate import left_pad
 from rlhf_engine.data.samples import Sample
 from rlhf_engine.models.end_of_turn import model_end_of_turn_ids
 from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
-from rlhf_engine.rollout.generator import Generator
+from rlhf_engine.rollout.generator import Generator, Submission
 
 
 def pick_attn_implementation(requested: str) -> str:
@@ -129,13 +129,15 @@ class HFGenerator(Generator):
             use_cache=True,
         )
 
-    def _generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int) -> list[Sample]:
+    def _generate(self, sub: Submission) -> list[Sample]:
+        prompts, sampling = sub.prompts, sub.sampling
         rows = [(i, j) for i in range(len(prompts)) for j in range(sampling.n)]  # (prompt, sample)
         t0 = time.perf_counter()
         results = []
         for start in range(0, len(rows), self.config.max_batch_size):
             chunk = rows[start : start + self.config.max_batch_size]
-            results += self._generate_chunk([prompts[i] for i, _ in chunk], sampling, seed + start)
+            results += self._generate_chunk([prompts[i] for i, _ in chunk], [sub.budget(i) for i, _ in chunk],
+                                            sampling, sub.seed + start)
         elapsed = time.perf_counter() - t0
         return [
             Sample(
@@ -153,13 +155,13 @@ class HFGenerator(Generator):
 
     @torch.inference_mode()
     def _generate_chunk(
-        self, prompts: list[list[int]], c: SamplingConfig, seed: int
+        self, prompts: list[list[int]], budgets: list[int], c: SamplingConfig, seed: int
     ) -> list[tuple[torch.Tensor, torch.Tensor, str]]:
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         input_ids, attention_mask = left_pad(prompts, self.pad_id)  # [B, P]
         width = input_ids.shape[1]
-        caps = [min(c.max_new_tokens, self.config.max_model_len - len(p)) for p in prompts]  # per-row length limit
+        caps = [min(b, self.config.max_model_len - len(p)) for p, b in zip(prompts, budgets)]  # per-row length limit
         recorder = _StepRecorder(self.tokenizer, width, len(prompts), self._stop_ids(c), c.stop, self.device)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, device_type=self.device.type):

@@ -18,6 +18,8 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
+from rlhf_engine.data.samples import Sample
+from rlhf_engine.rollout.config import SamplingConfig
 from rlhf_engine.rollout.episodes import EpisodeRunner
 from rlhf_engine.rollout.generator import Generator
 from rlhf_engine.transport import PromptBatch, WeightUpdate
@@ -42,6 +44,10 @@ class LoopStats:
     """Seconds a batch waited for weights new enough to sample it (staleness bound)."""
     idle_s: float = 0.0
     """Seconds waiting for prompts."""
+    inflight_updates: int = 0
+    """Continuous generation: updates applied while sequences ran (`keep`, `recompute`)."""
+    recomputed_sequences: int = 0
+    """Continuous generation, `recompute`: running sequences re-prefilled after an update."""
 
 
 class GeneratorLoop:
@@ -96,8 +102,25 @@ class GeneratorLoop:
 
     def serve(self, batch: PromptBatch) -> None:
         """Generate for one batch (after waiting for new-enough weights) and push its rollouts."""
+        self.await_weights(batch)
+        t0 = time.perf_counter()
+        # the seed follows the batch, not the generator: a run reproduces whichever generator serves it
+        samples = self.episodes.run(batch.prompts, batch.records, self.sampling(batch),
+                                    seed=self.generator.config.batch_seed(batch.batch_id),
+                                    max_new_tokens=self.budgets(batch.max_new_tokens))
+        self.stats.generate_s += time.perf_counter() - t0
+        self.send(batch, samples, self.stats.batches)
+        self.stats.batches += 1
+
+    def required_version(self, batch: PromptBatch) -> int:
+        """The oldest weights that may sample `batch` (its own bound, and `max_staleness` behind the newest
+        version any batch announced)."""
         self._announced = max(self._announced, batch.min_policy_version)
-        required = max(batch.min_policy_version, self._announced - self.max_staleness)
+        return max(batch.min_policy_version, self._announced - self.max_staleness)
+
+    def await_weights(self, batch: PromptBatch) -> None:
+        """Block until the generator holds weights new enough for `batch`, applying updates as they come."""
+        required = self.required_version(batch)
         t0 = time.perf_counter()
         while self.generator.version < required:
             update = self.port.wait_weights(required)  # raises ShutdownRequested / PeerDeadError
@@ -113,27 +136,33 @@ class GeneratorLoop:
                      batch.batch_id, self.generator.version, batch.min_policy_version, waited)
         self.stats.wait_weights_s += waited
 
-        t0 = time.perf_counter()
-        # an evaluation batch: its own count and temperature, the rest of the generator's sampling
-        sampling = (dataclasses.replace(self.generator.config.sampling, n=batch.eval_samples,
-                                        temperature=batch.eval_temperature) if batch.is_eval else None)
-        # the seed follows the batch, not the generator: a run reproduces whichever generator serves it
-        samples = self.episodes.run(batch.prompts, batch.records, sampling or self.generator.config.sampling,
-                                    seed=self.generator.config.batch_seed(batch.batch_id))
-        self.stats.generate_s += time.perf_counter() - t0
-        finished_at = time.time()  # with generation_time: this batch's busy interval on the trainer's timeline
+    def sampling(self, batch: PromptBatch) -> SamplingConfig:
+        """The sampling of `batch`: the generator's, or an evaluation batch's own count and temperature."""
+        sampling = self.generator.config.sampling
+        if batch.is_eval:
+            return dataclasses.replace(sampling, n=batch.eval_samples, temperature=batch.eval_temperature)
+        return sampling
+
+    def budgets(self, max_new_tokens: list[int] | None) -> list[int] | None:
+        """Per-prompt response budgets from the trainer, capped at this generator's `sampling.max_new_tokens`."""
+        if max_new_tokens is None:
+            return None
+        return [min(m, self.generator.config.sampling.max_new_tokens) for m in max_new_tokens]
+
+    def send(self, batch: PromptBatch, samples: list[Sample], serial: int) -> None:
+        """Push `samples` of `batch` (positions in it as their prompt ids) as rollouts; `serial` keeps their ids
+        unique when the trainer hands a batch out again."""
+        finished_at = time.time()  # with generation_time: the busy interval on the trainer's timeline
         for s in samples:  # the backend's batch positions become the trainer's prompt ids and unique sample ids
             self.port.send_rollout(dataclasses.replace(
                 s,
-                # the batch count keeps ids unique when the trainer hands a batch out again
-                sample_id=f"{self.port.sender_id}/{batch.batch_id}.{self.stats.batches}/{s.sample_id}",
+                sample_id=f"{self.port.sender_id}/{batch.batch_id}.{serial}/{s.sample_id}",
                 prompt_id=batch.prompt_ids[s.prompt_id],
                 finished_at=finished_at,
                 eval=batch.is_eval,
             ))
             self.stats.generated_tokens += len(s.response_ids)
         self.stats.rollouts += len(samples)
-        self.stats.batches += 1
 
     def summary(self) -> dict:
         return asdict(self.stats)

@@ -1,7 +1,7 @@
 """`run_generator`: the body of a generator process (`rlhf-engine generator`, or a child of the engine).
 
 Builds the backend first (vLLM takes tens of seconds to start), then connects to the trainer:
-the handshake means "ready to serve". Runs `GeneratorLoop` until the trainer asks to stop
+the handshake means "ready to serve". Runs `GeneratorLoop` (`ContinuousLoop` with `max_inflight`) until the trainer asks to stop
 (returns), goes silent (`PeerDeadError`, re-raised after cleanup) or SIGTERM arrives (for
 example from the kernel when the parent dies: `procs.start_child` sets PR_SET_PDEATHSIG);
 in every case the backend is closed, so no vLLM engine process outlives this one.
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rlhf_engine.rollout.backends import make_generator
 from rlhf_engine.rollout.config import GeneratorConfig
+from rlhf_engine.rollout.continuous import ContinuousLoop
 from rlhf_engine.rollout.loop import GeneratorLoop, LoopStats
 from rlhf_engine.transport import GeneratorPort, ShutdownRequested, TransportConfig
 from rlhf_engine.transport.weights import sync_fingerprint
@@ -72,8 +73,9 @@ def run_generator(
             with GeneratorPort(transport, fingerprint, name=name, weight_specs=generator.weight_specs) as port:
                 log.info("%s connected to %s with %s (weights v%d)", port.sender_id, transport.endpoint,
                          type(generator).__name__, generator.version)
-                loop = GeneratorLoop(generator, port, max_staleness=max_staleness,
-                                     max_prompt_tokens=transport.max_prompt_tokens)
+                loop_class = ContinuousLoop if config.max_inflight else GeneratorLoop
+                loop = loop_class(generator, port, max_staleness=max_staleness,
+                                  max_prompt_tokens=transport.max_prompt_tokens)
                 try:
                     loop.run()
                 except ShutdownRequested as e:

@@ -21,6 +21,16 @@
   (equal to the base), which also checks that vLLM serves every module of this layout with a
   linear LoRA layer (an `lm_head` adapter loads without an error but does not match peft) before
   any rollout; what it cannot serve is refused naming `model.lora.sync: merged`.
+- Continuous generation (`submit` / `step`, `rollout.continuous`): each sample is its own request
+  (`n` = 1, seed `seed + i * n + j` as vLLM gives the children of an `n`-request, so a submission samples
+  what `generate` would) with `RequestOutputKind.DELTA`, and `step` is one `LLMEngine.step()`: each
+  request's new tokens and log-probs arrive as they are sampled. Weights may be replaced between two steps
+  while requests run; vLLM labels every output token with the weight version set at that step
+  (`set_weight_version`, `CompletionOutput.weight_versions`), which becomes the sample's per-token
+  `policy_versions`. Every request carries the `cache_salt` of the version it was added under, so a request
+  added after an update can never be served KV blocks computed under older weights, even while requests of
+  the older version still run (`reset_prefix_cache` does nothing then). `recompute` aborts the running
+  requests and adds each again as prompt + tokens so far, budget = what is left (AReaL's re-prefill).
 - The engine runs inside this process by default (`GeneratorConfig.engine_process`); in its own
   processes (tensor parallelism, or asked for) vLLM starts them with spawn: build this from a spawn-safe
   entry point.
@@ -33,12 +43,14 @@ import logging
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from rlhf_engine.data.samples import Sample
 from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
-from rlhf_engine.rollout.generator import Generator
+from rlhf_engine.rollout.generator import Generator, Submission
 from rlhf_engine.rollout.staging import StagingFile
 from rlhf_engine.rollout.vllm_adapters import AdapterSlot, max_lora_rank
 
@@ -62,8 +74,36 @@ def _multiprocessing_env(engine_process: bool):
             os.environ[key] = previous
 
 
+@dataclass
+class _Running:
+    """One sample of a submission while vLLM runs it (`VLLMGenerator.step`)."""
+
+    tag: Any
+    prompt: int
+    """Position of its prompt in the submission."""
+    index: int
+    """j: its sample number of that prompt."""
+    prompt_ids: list[int]
+    sampling: SamplingConfig
+    seed: int
+    budget: int
+    started: float
+    ids: list[int] = field(default_factory=list)
+    logps: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    """Each token's version as labelled when it arrived; vLLM's own labels replace those of the current request's
+    tokens (from `segment` on) when it finishes."""
+    segment: int = 0
+    """Where the current request's tokens begin (> 0 after `recompute`)."""
+    prefills: int = 0
+    """Times it was added again under newer weights."""
+
+
 class VLLMGenerator(Generator):
     """`Generator` on a `vllm.LLM` (see the module docstring)."""
+
+    can_recompute = True
+    steps_sequences = True
 
     def __init__(self, config: GeneratorConfig) -> None:
         super().__init__(config)
@@ -85,6 +125,9 @@ class VLLMGenerator(Generator):
                 **lora,
             )
         self.tokenizer = self.llm.get_tokenizer()
+        self.llm.llm_engine.set_weight_version(str(self.version))
+        self._running: dict[str, _Running] = {}
+        self._requests = 0
         self._staging: StagingFile | None = None
         self._adapters: AdapterSlot | None = None
         if config.lora is not None:
@@ -99,15 +142,18 @@ class VLLMGenerator(Generator):
         adapters (folder write, add_lora incl. retiring the previous adapter)."""
 
     @staticmethod
-    def _sampling_params(c: SamplingConfig, seed: int):
+    def _sampling_params(c: SamplingConfig, seed: int, *, n: int | None = None, max_tokens: int | None = None,
+                         delta: bool = False):
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         return SamplingParams(
-            n=c.n,
+            n=c.n if n is None else n,
             temperature=c.temperature,
             top_p=c.top_p,
             top_k=c.top_k,
-            max_tokens=c.max_new_tokens,
+            max_tokens=c.max_new_tokens if max_tokens is None else max_tokens,
+            output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
             stop=list(c.stop) or None,
             stop_token_ids=list(c.stop_token_ids) or None,
             include_stop_str_in_output=True,
@@ -117,10 +163,11 @@ class VLLMGenerator(Generator):
             detokenize=bool(c.stop),  # stop strings need text; otherwise skip detokenizing
         )
 
-    def _generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int) -> list[Sample]:
-        n = sampling.n
+    def _generate(self, sub: Submission) -> list[Sample]:
+        prompts, sampling, n = sub.prompts, sub.sampling, sub.sampling.n
         # each request seeds its own sampler; vLLM adds the child index j for n > 1: seed + i * n + j
-        params = [self._sampling_params(sampling, seed + i * n) for i in range(len(prompts))]
+        params = [self._sampling_params(sampling, sub.seed + i * n, max_tokens=sub.budget(i))
+                  for i in range(len(prompts))]
         t0 = time.perf_counter()
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
                                     lora_request=self._adapters.request if self._adapters is not None else None)
@@ -146,10 +193,87 @@ class VLLMGenerator(Generator):
                 )
         return samples
 
+    # ---- continuous generation -------------------------------------------------------------------
+    def _submit(self, sub: Submission) -> None:
+        now = time.perf_counter()
+        for i, prompt in enumerate(sub.prompts):
+            for j in range(sub.sampling.n):
+                self._add(_Running(sub.tag, i, j, prompt, sub.sampling, sub.seed + i * sub.sampling.n + j,
+                                   sub.budget(i), now))
+
+    def _add(self, seq: _Running) -> None:
+        """Start (or restart, after `recompute`) `seq` as a vLLM request: its prompt and tokens so far, under
+        this version's cache salt, for what is left of its budget."""
+        key = f"r{self._requests}"
+        self._requests += 1
+        # a re-prefill draws with a seed of its own (the same seed would repeat the first tokens' randomness)
+        seed = (seq.seed + 7_919 * seq.prefills) % (1 << 31)
+        params = self._sampling_params(seq.sampling, seed, n=1, max_tokens=seq.budget - len(seq.ids), delta=True)
+        self.llm.llm_engine.add_request(
+            key, {"prompt_token_ids": seq.prompt_ids + seq.ids, "cache_salt": f"policy-v{self.version}"}, params,
+            lora_request=self._adapters.request if self._adapters is not None else None)
+        self._running[key] = seq
+
+    def step(self) -> list[tuple[Any, Sample]]:
+        """One `LLMEngine.step()`: every running request gains a token; returns the samples that finished."""
+        if self._closed:
+            raise RuntimeError("step() called on a closed generator")
+        if not self._running:
+            return []
+        finished = []
+        for out in self.llm.llm_engine.step():
+            seq = self._running.get(out.request_id)
+            if seq is None:  # aborted by `recompute` after vLLM produced this output
+                continue
+            comp = out.outputs[0]
+            ids = list(comp.token_ids)
+            seq.ids += ids
+            # logprobs=0: each position holds the sampled token's log-prob (rank may add no others)
+            seq.logps += [comp.logprobs[t][tok].logprob for t, tok in enumerate(ids)]
+            seq.versions += [self.version] * len(ids)
+            if out.finished:
+                del self._running[out.request_id]
+                finished.append((seq.tag, self._finished(seq, comp)))
+        return finished
+
+    def _finished(self, seq: _Running, comp) -> Sample:
+        """The `Sample` of a finished request, the versions of its last request's tokens as vLLM labelled them."""
+        versions = [int(span.version) for span in comp.weight_versions or () for _ in range(span.end - span.start)]
+        if len(versions) != len(seq.ids) - seq.segment:
+            raise RuntimeError(f"vLLM labelled {len(versions)} of a request's {len(seq.ids) - seq.segment} tokens "
+                               "with a weight version")
+        return Sample(
+            sample_id=f"{seq.prompt}/{seq.index}",
+            prompt_id=seq.prompt,
+            prompt_ids=torch.tensor(seq.prompt_ids, dtype=torch.int64),
+            response_ids=torch.tensor(seq.ids, dtype=torch.int64),
+            behaviour_logp=torch.tensor(seq.logps, dtype=torch.float32),
+            policy_versions=torch.tensor(seq.versions[:seq.segment] + versions, dtype=torch.int64),
+            finish_reason="stop" if comp.finish_reason == "stop" else "length",
+            generation_time=time.perf_counter() - seq.started,
+        )
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def recompute(self) -> int:
+        """Abort every running request and add it again as prompt + its tokens so far under the current
+        weights (their KV is computed again; the tokens keep the versions that sampled them)."""
+        running, self._running = self._running, {}
+        if running:
+            self.llm.llm_engine.abort_request(list(running))
+        for seq in running.values():  # their tokens so far keep the labels they arrived with (no step since)
+            seq.segment = len(seq.ids)
+            seq.prefills += 1
+            self._add(seq)
+        return len(running)
+
     def _apply_weights(self, version: int, named_tensors: Mapping[str, torch.Tensor]) -> None:
         if self._adapters is not None:
             # a new adapter name: the prefix cache cannot serve blocks of the old one (no reset needed)
             self.last_update_s = self._adapters.load(version, named_tensors)
+            self.llm.llm_engine.set_weight_version(str(version))
             log.info("adapters written in %.3f s, loaded in %.3f s", *self.last_update_s)
             return
         dtype = getattr(torch, self.config.dtype)
@@ -165,7 +289,8 @@ class VLLMGenerator(Generator):
             t1 = t0
             self.llm.collective_rpc("rlhf_load_weights",  # converted one tensor at a time, as they are loaded
                                     args=(((name, t.to(dtype)) for name, t in named_tensors.items()),))
-        self.llm.reset_prefix_cache()
+        self.llm.reset_prefix_cache()  # frees old blocks when nothing runs; running or not, salts keep them apart
+        self.llm.llm_engine.set_weight_version(str(version))
         self.last_update_s = (t1 - t0, time.perf_counter() - t1)
         log.info("weights staged in %.3f s, reloaded in %.3f s", *self.last_update_s)
 

@@ -84,7 +84,8 @@ class PromptBatch:
     trainer bounds staleness). An evaluation batch (``eval_samples`` > 0) is sampled
     ``eval_samples`` times per prompt at ``eval_temperature`` instead of the generator's own
     sampling, and its rollouts come back tagged ``eval``. With an environment, ``records[i]`` is prompt i's
-    dataset record (its JSON fields), which the environment's ``reset`` reads.
+    dataset record (its JSON fields), which the environment's ``reset`` reads. ``max_new_tokens[i]``, when
+    given, is prompt i's response budget (>= 1; a generator also caps it at its own).
     """
 
     batch_id: int
@@ -94,6 +95,7 @@ class PromptBatch:
     eval_samples: int = 0
     eval_temperature: float = 0.0
     records: list[dict] | None = None
+    max_new_tokens: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.prompt_ids = [int(i) for i in self.prompt_ids]
@@ -106,6 +108,10 @@ class PromptBatch:
         if self.records is not None and (len(self.records) != len(self.prompts)
                                          or not all(isinstance(r, dict) for r in self.records)):
             raise ValueError(f"batch {self.batch_id}: records must be one dict per prompt")
+        if self.max_new_tokens is not None:
+            self.max_new_tokens = [int(m) for m in self.max_new_tokens]
+            if len(self.max_new_tokens) != len(self.prompts) or any(m < 1 for m in self.max_new_tokens):
+                raise ValueError(f"batch {self.batch_id}: max_new_tokens must be one budget >= 1 per prompt")
 
     @property
     def is_eval(self) -> bool:
@@ -126,6 +132,7 @@ class PromptBatch:
             eval_samples=self.eval_samples,
             eval_temperature=self.eval_temperature,
             records=tuple(json.dumps(r) for r in self.records) if self.records is not None else (),
+            max_new_tokens=tuple(self.max_new_tokens) if self.max_new_tokens is not None else (),
         )
         return header, [flat, offsets]
 
@@ -148,7 +155,8 @@ class PromptBatch:
         try:
             records = [json.loads(r) for r in header.records] if header.records else None
             return cls(header.batch_id, list(header.prompt_ids), prompts, header.min_policy_version,
-                       header.eval_samples, header.eval_temperature, records)
+                       header.eval_samples, header.eval_temperature, records,
+                       list(header.max_new_tokens) if header.max_new_tokens else None)
         except (ValueError, RecursionError) as e:  # json.JSONDecodeError included; RecursionError: nested too deep
             raise WireError("bad_prompts", str(e)) from None
 

@@ -50,9 +50,10 @@ import torch
 
 from rlhf_engine.common.dtypes import DTYPE_NAMES, TORCH_DTYPES
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 """3: evaluation batches (`PromptsHeader.eval_samples`, `RolloutHeader.eval`). 4: a rollout carries one
-`rlhf_engine.data.samples.Sample`: `sample_id`, per-token `policy_versions` and `loss_mask` frames."""
+`rlhf_engine.data.samples.Sample`: `sample_id`, per-token `policy_versions` and `loss_mask` frames. 5: episodes
+(records, turn starts, episode fields). 6: per-prompt response budgets (`PromptsHeader.max_new_tokens`)."""
 
 
 class MessageKind(enum.IntEnum):
@@ -181,6 +182,8 @@ class PromptsHeader(_Base, tag=int(MessageKind.PROMPTS)):
     records: tuple[str, ...] = ()
     """With an environment (`generator.environment`): each prompt's dataset record as JSON text, for the
     environment's `reset`; empty otherwise."""
+    max_new_tokens: tuple[int, ...] = ()
+    """Each prompt's most response tokens (`data.max_new_tokens_field`); empty: the generator's own."""
 
 
 class WeightsHeader(_Base, tag=int(MessageKind.WEIGHTS)):

@@ -90,6 +90,17 @@ def test_prompt_batch_round_trip_with_empty_prompt():
     assert PromptBatch.from_wire(*_roundtrip(*batch.to_wire("trainer", 0))) == batch
 
 
+def test_prompt_batch_budgets_round_trip_and_lies_are_refused():
+    batch = PromptBatch(5, [100, 101], [[1, 2, 3], [9]], max_new_tokens=[512, 7])
+    back = PromptBatch.from_wire(*_roundtrip(*batch.to_wire("trainer", 0)))
+    assert back == batch and back.max_new_tokens == [512, 7]
+    assert PromptBatch.from_wire(*_roundtrip(*PromptBatch(5, [1], [[1]]).to_wire("t", 0))).max_new_tokens is None
+    header, tensors = batch.to_wire("trainer", 1)
+    for lie in [(512,), (512, 7, 3), (0, 7), (-4, 7)]:  # wrong count, a budget below one
+        with pytest.raises(WireError, match="max_new_tokens"):
+            PromptBatch.from_wire(*_roundtrip(msgspec.structs.replace(header, max_new_tokens=lie), tensors))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int8, torch.bool])
 def test_any_allowed_dtype_and_0d_or_empty_shape_round_trips(dtype):
     tensors = [torch.ones(3, 5, dtype=dtype), torch.zeros((), dtype=dtype), torch.ones(0, 4, dtype=dtype)]
