@@ -96,6 +96,12 @@ class DataConfig:
     """Held-out prompts in the same format (their other fields reach the reward functions too), evaluated
     through the generators at step 0, every `engine.eval_steps` steps and at the end (`eval/*` metrics)."""
 
+    max_new_tokens_field: str | None = None
+    """A record field holding each prompt's own response budget (an int >= 1; the generator also caps it at
+    its `sampling.max_new_tokens`), sent with the prompt: per-prompt lengths, e.g. a long-tailed workload
+    sampled with `ignore_eos`. Single-turn runs only (an environment's episode has one budget). None: every
+    prompt gets the generator's."""
+
     def __post_init__(self) -> None:
         if self.max_prompt_length < 1:
             raise ValueError(f"data.max_prompt_length ({self.max_prompt_length}) must be >= 1")
@@ -114,6 +120,13 @@ class EngineConfig:
     `sync`: each batch is sampled by the newest policy (the baseline)."""
     max_staleness: int = 1
     """Async only: most policy versions a sample may lag behind the policy that trains on it."""
+    streaming: bool = False
+    """Async only: each step trains on the first `prompts_per_step` prompts whose groups are complete, from
+    whichever batch they were handed out in, instead of one batch handed out whole; a long answer no longer
+    holds a step back. No prompt is dropped for being slow: a prompt handed out at policy version v is
+    trained by version v + max_staleness at the latest (the step waits for its group then), which bounds
+    every trained token's age. The trainer hands out `max_staleness` batches ahead (the batch pipeline:
+    one more), which gives each prompt a step of slack."""
     num_generators: int = 1
     """Generator processes the engine starts."""
     external_generators: int = 0
@@ -168,6 +181,8 @@ class EngineConfig:
             raise ValueError(f"engine.max_staleness ({self.max_staleness}) must be >= 0")
         if self.mode == "async" and self.max_staleness == 0:
             raise ValueError("engine.max_staleness = 0 is the sync pipeline: set engine.mode: sync")
+        if self.streaming and self.mode != "async":
+            raise ValueError("engine.streaming needs engine.mode: async (a sync step trains the one batch it sampled)")
         if self.num_generators < 0 or self.external_generators < 0 or self.num_generators + self.external_generators < 1:
             raise ValueError(
                 f"need at least one generator: num_generators={self.num_generators}, "
@@ -202,8 +217,11 @@ class EngineConfig:
 
     @property
     def batches_in_flight(self) -> int:
-        """Prompt batches handed out ahead of the trainer: 1 in sync mode, 1 + max_staleness in async."""
-        return 1 if self.mode == "sync" else 1 + self.max_staleness
+        """Prompt batches handed out ahead of the trainer: 1 in sync mode, 1 + max_staleness in async,
+        max_staleness when streaming (see `streaming`)."""
+        if self.mode == "sync":
+            return 1
+        return self.max_staleness if self.streaming else 1 + self.max_staleness
 
 
 @dataclass
@@ -245,6 +263,9 @@ class RunConfig:
                 f"generator.sampling.max_new_tokens ({gen.sampling.max_new_tokens}) must equal "
                 f"ppo.response_length ({ppo.response_length})"
             )
+        if self.data.max_new_tokens_field is not None and not gen.environment.single_turn:
+            raise ValueError(f"data.max_new_tokens_field ({self.data.max_new_tokens_field!r}) gives single-turn "
+                             f"prompts a budget; the environment {gen.environment.name!r} has one per episode")
         if gen.sampling.n != ppo.num_generations:
             raise ValueError(f"generator.sampling.n ({gen.sampling.n}) must equal ppo.num_generations ({ppo.num_generations})")
         if ppo.batch_size % gen.sampling.n:

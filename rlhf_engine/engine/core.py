@@ -12,7 +12,10 @@ The pipeline: the trainer hands out prompt batches ahead of itself — `1 + max_
 flight in async mode, one in sync mode — each carrying the oldest policy version allowed to
 sample it, so a sample is never more than `max_staleness` versions behind the policy that trains
 on it. While the generators sample batch k+1, the trainer scores and trains on batch k, then
-publishes its new weights; the generators apply them between batches.
+publishes its new weights; the generators apply them between batches. With `engine.streaming`, a step
+takes the first complete prompt groups from any batch in flight instead of one batch whole, within the same
+staleness bound (`Intake.take_streamed`); with `generator.max_inflight`, the generators keep sequences
+running across batches and may apply weights between decode steps (`rlhf_engine.rollout.continuous`).
 
 Held-out evaluation (`data.eval_prompts`, `engine.eval_steps`): at step 0, every `eval_steps` steps and at the
 end, the trainer hands the evaluation prompts out as tagged batches and waits for them (`rlhf_engine.engine.evaluation`):
@@ -31,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -55,8 +57,10 @@ from rlhf_engine.engine.driver import Leader
 from rlhf_engine.engine.episodes import episode_metrics, episode_scores
 from rlhf_engine.engine.evaluation import EvalRound, eval_metrics
 from rlhf_engine.engine.generators import LocalGenerators
+from rlhf_engine.engine.handout import HandOut
 from rlhf_engine.engine.intake import Intake, IntakeLimits
 from rlhf_engine.engine.preflight import check_run
+from rlhf_engine.engine.staleness import length_bias_metrics, token_age_metrics
 from rlhf_engine.engine.supervisor import Supervisor
 from rlhf_engine.models.reward_scoring import function_scores
 from rlhf_engine.rollout.config import run_generator_config
@@ -86,14 +90,6 @@ class Callback:
         """After a checkpoint was written completely."""
 
 
-@dataclass
-class _Batch:
-    """The rollouts of one step, complete (`num_generations` per prompt, grouped by prompt)."""
-
-    batch_id: int
-    rollouts: list[Sample]
-
-
 class RLHFEngine:
     """An async PPO run: `start()`, then `steps()` / `train()`, then `stop()` (or use `with`).
 
@@ -116,11 +112,10 @@ class RLHFEngine:
         self._local: LocalGenerators | None = None
         self._intake: Intake | None = None
         self._supervisor: Supervisor | None = None
-        self._stream_states: dict[int, dict[str, int]] = {}
         self._metrics: MetricsLogger | None = None
         self._timeline: Timeline | None = None
         self._prompts: PromptSet | None = None
-        self._stream: PromptStream | None = None
+        self._handout: HandOut | None = None
         self._dataset_index: dict[int, int] = {}
         self._eval_prompts: PromptSet | None = None
         self._eval_round: EvalRound | None = None
@@ -129,12 +124,13 @@ class RLHFEngine:
         self._eval_dropped = 0
         """Evaluation rollouts dropped (late, duplicate, bad content)."""
         """The dataset index (`PromptSet` row) of each prompt in flight, by its wire prompt id."""
-        self._next_batch = 0
         self._gold_fn: Callable | None = None
         self._vocab_size = 0
         self._generator_names: dict[str, str] = {}
         self._started_at = 0.0
         self._generated_tokens = 0
+        """Response tokens of the samples trained so far."""
+        self._trained_samples = 0
         self._stopped = True
         self.cpu_plan: CpuPlan | None = None
         """Cores and threads of the trainer and each generator (`rlhf_engine.engine.cpu_plan`), set by `start`."""
@@ -259,12 +255,12 @@ class RLHFEngine:
             self._fill_pipeline(last)
             # 2. wait for this step's rollouts (the generators sample ahead meanwhile)
             t0 = time.time()
-            batch = self._collect(self.step)
+            rollouts = self._collect(self.step)
             t_wait = time.time() - t0
             # 3. PPO step: score, experience, advantages, epochs over minibatches
             t0 = time.time()
             version_before = self.trainer.policy_version
-            stats = self._ppo_step(batch)
+            stats = self._ppo_step(rollouts)
             self._timeline.add("trainer", "ppo_step", t0, time.time())
             # 4. publish the new weights (a step skipped for non-finite values may still have changed them)
             t0 = time.time()
@@ -278,7 +274,6 @@ class RLHFEngine:
             stats["time/engine/wait_rollouts"] = t_wait
             stats["time/engine/step"] = time.time() - t_step
             self.step += 1
-            self._stream_states.pop(self.step - 1, None)
             stats.update(self._supervisor.stats())
             stats["step"] = self.step
             self._metrics.log(self.step, stats)
@@ -292,8 +287,7 @@ class RLHFEngine:
         """Write a sharded checkpoint of the current step atomically (every trainer rank joins; one format at
         any world size, `distributed.dcp`); returns its directory."""
         t0 = time.time()
-        stream_state = self._stream_states.get(self.step, self._stream.state_dict())
-        state = {"step": self.step, "prompts": stream_state, "rng": rng_state()}  # + the trainer's (save_trainer)
+        state = {"step": self.step, **self._handout.state_dict(), "rng": rng_state()}  # + the trainer's (save_trainer)
         path = self._leader.save(checkpoint_path(self.run_dir, self.step), state)
         self._timeline.add("trainer", "checkpoint", t0, time.time())
         for cb in self.callbacks:
@@ -347,7 +341,13 @@ class RLHFEngine:
 
     def _build_prompts(self) -> None:
         self._prompts = self._read_prompts(self.config.data.prompts, "prompts")
-        self._stream = PromptStream(self._prompts.token_ids, seed=self.config.ppo.seed, shuffle=self.config.data.shuffle)
+        field = self.config.data.max_new_tokens_field
+        for i, where in enumerate(self._prompts.wheres if field is not None else []):
+            budget = self._prompts.columns[i].get(field)
+            if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+                raise DataError(f"{where}: data.max_new_tokens_field {field!r} must be an int >= 1, got {budget!r}")
+        stream = PromptStream(self._prompts.token_ids, seed=self.config.ppo.seed, shuffle=self.config.data.shuffle)
+        self._handout = HandOut(stream, self.config.prompts_per_step)
 
     def _read_prompts(self, source: str, name: str) -> PromptSet:
         """The prompts of `source`, with a `DataError` (file:line, field, function) when the reward or gold
@@ -370,9 +370,8 @@ class RLHFEngine:
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
-        self._stream.load_state_dict(state["prompts"])
+        self._handout.load_state_dict(state, self.step)
         set_rng_state(state["rng"])
-        self._next_batch = self.step
         drop_steps_after(self.run_dir, self.step)  # the steps after the checkpoint are run again
         log.info("resumed at step %d (policy version %d)", self.step, self.trainer.policy_version)
 
@@ -388,48 +387,61 @@ class RLHFEngine:
         self._supervisor = Supervisor(cfg, self._port, self._local, self._intake, self._timeline,
                                       version=lambda: self.trainer.policy_version,
                                       weights=self._sync_weights, save_checkpoint=self.save_checkpoint,
-                                      records=None if self._single_turn else self._record)
+                                      records=None if self._single_turn else self._record,
+                                      budgets=None if cfg.data.max_new_tokens_field is None else self._budget)
         self._supervisor.start()
 
     def _record(self, prompt_id: int) -> dict[str, Any]:
         """The dataset record of the training prompt `prompt_id` (wire id), for the environment's `reset`."""
         return self._prompts.record(self._dataset_index[prompt_id])
 
-    def _fill_pipeline(self, last_step: int) -> None:
-        in_flight = self.config.engine.batches_in_flight
-        while self._next_batch < min(self.step + in_flight, last_step):
-            b = self._next_batch
-            self._stream_states[b] = self._stream.state_dict()
-            drawn = self._stream.next_batch(self.config.prompts_per_step)
-            prompts = {b * self.config.prompts_per_step + j: p.token_ids for j, p in enumerate(drawn)}
-            self._dataset_index.update({b * self.config.prompts_per_step + j: p.prompt_id for j, p in enumerate(drawn)})
-            self._intake.issue(b, prompts, self.trainer.policy_version, time.monotonic())
-            self._supervisor.send(b, prompts)
-            self._next_batch += 1
+    def _budget(self, prompt_id: int) -> int:
+        """The response budget of the training prompt `prompt_id` (wire id): its `data.max_new_tokens_field`."""
+        return int(self._prompts.columns[self._dataset_index[prompt_id]][self.config.data.max_new_tokens_field])
 
-    def _collect(self, batch_id: int) -> _Batch:
-        """Receive rollouts until every prompt of batch `batch_id` has its `num_generations` (rollouts of
-        later batches are kept), tending the generators meanwhile."""
-        e = self.config.engine
+    def _fill_pipeline(self, last_step: int) -> None:
+        handout = self._handout
+        while handout.next_batch < min(self.step + self.config.engine.batches_in_flight, last_step):
+            b = handout.next_batch
+            drawn = handout.draw()
+            prompts = {pid: p.token_ids for pid, p in drawn.items()}
+            self._dataset_index.update({pid: p.prompt_id for pid, p in drawn.items()})
+            self._intake.issue(b, prompts, self.trainer.policy_version, time.monotonic())
+            if prompts:  # after a resume, a batch may hold only prompts trained before it
+                self._supervisor.send(b, prompts)
+
+    def _collect(self, step: int) -> list[Sample]:
+        """Receive rollouts until step `step` can be taken (keeping the others), tending the generators
+        meanwhile: batch `step` complete, or streaming (`engine.streaming`), `prompts_per_step` complete
+        groups that keep the staleness bound (`Intake.take_streamed`). Its rollouts, grouped by prompt."""
+        cfg, e = self.config, self.config.engine
         deadline = time.monotonic() + e.rollout_timeout_s
-        while not self._intake.complete(batch_id):
+        while (rollouts := self._take(step)) is None:
             self._port.raise_if_dead()
             self._supervisor.tend()
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"batch {batch_id}: {self._intake.received(batch_id)} of {self.config.ppo.batch_size} rollouts "
-                    f"after {e.rollout_timeout_s} s (engine.rollout_timeout_s); live generators: "
-                    f"{[g.name for g in self._port.generators()]}"
-                )
-            for r in self._port.recv_rollouts(self.config.ppo.batch_size, timeout_s=0.5):
+                    f"step {step}: no {cfg.prompts_per_step} complete prompts of {cfg.ppo.num_generations} rollouts "
+                    f"after {e.rollout_timeout_s} s (engine.rollout_timeout_s); {self._intake.accepted} rollouts "
+                    f"accepted in all; live generators: {[g.name for g in self._port.generators()]}")
+            for r in self._port.recv_rollouts(cfg.ppo.batch_size, timeout_s=0.5):
                 self._offer(r)
-        batch = _Batch(batch_id, self._intake.take(batch_id))
-        self._record_generation(batch)
-        for r in batch.rollouts:
+        self._handout.trained(sorted({r.prompt_id for r in rollouts}))
+        self._record_generation(rollouts)
+        for r in rollouts:
             self._generated_tokens += int(r.response_ids.numel())
+            self._trained_samples += 1
             for cb in self.callbacks:
                 cb.on_rollout(r)
-        return batch
+        return rollouts
+
+    def _take(self, step: int) -> list[Sample] | None:
+        """The rollouts of step `step` if they can be taken now, else None."""
+        e = self.config.engine
+        if e.streaming:
+            return self._intake.take_streamed(self.config.prompts_per_step, self.trainer.policy_version,
+                                              e.max_staleness)
+        return self._intake.take(step) if self._intake.complete(step) else None
 
     def _offer(self, rollout: Sample) -> None:
         """A rollout from the wire to the training intake, or to the evaluation round when tagged `eval`."""
@@ -494,15 +506,15 @@ class RLHFEngine:
         self._timeline.add("trainer", "eval", t0, time.time())
         return stats
 
-    def _record_generation(self, batch: _Batch) -> None:
-        """Add the generators' busy intervals of `batch` to the timeline (from the rollouts' timestamps)."""
-        for finished_at, seconds, sender in {(r.finished_at, r.generation_time, r.sender) for r in batch.rollouts}:
+    def _record_generation(self, rollouts: list[Sample]) -> None:
+        """Add the generators' busy intervals of `rollouts` to the timeline (from their timestamps)."""
+        for finished_at, seconds, sender in {(r.finished_at, r.generation_time, r.sender) for r in rollouts}:
             if finished_at > 0:
                 name = self._generator_names.setdefault(sender, f"generator-{len(self._generator_names)}")
                 self._timeline.add(name, "generate", finished_at - seconds, finished_at)
 
-    def _ppo_step(self, batch: _Batch) -> dict[str, float]:
-        rollouts = sorted(batch.rollouts, key=lambda r: r.prompt_id)  # stable: group members stay together
+    def _ppo_step(self, rollouts: list[Sample]) -> dict[str, float]:
+        rollouts = sorted(rollouts, key=lambda r: r.prompt_id)  # stable: group members stay together
         queries = [r.prompt_ids for r in rollouts]
         responses = [r.response_ids for r in rollouts]
         # the records' fields by prompt id, one row per completion (a prompt's row repeated for its group)
@@ -512,7 +524,11 @@ class RLHFEngine:
         batch = SampleBatch.from_samples(rollouts, columns=completion_columns(rows, self.trainer.reward_fn,
                                                                               self._prompts.column_names))
         batch.scores = episode_scores(rollouts, self._trainer_scores(batch))  # None: the trainer scores them
+        version = self.trainer.policy_version
         stats = self._leader.step(batch)  # every trainer rank joins (one rank: the plain step)
+        stats.update(token_age_metrics(rollouts, version, self.config.engine.max_staleness))
+        stats.update(length_bias_metrics(self._trained_samples, self._generated_tokens, self._intake.accepted,
+                                         self._intake.accepted_tokens))
         stats["env/generated_tokens"] = float(sum(int(r.numel()) for r in responses))
         if not self._single_turn:
             stats.update(episode_metrics(rollouts))

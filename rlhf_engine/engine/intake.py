@@ -1,7 +1,8 @@
 """What the trainer trains on: the prompts in flight and the rules a rollout must pass to join them.
 
-A prompt is *in flight* from the moment the trainer hands it out (`issue`) until its step takes
-its rollouts (`take`). A rollout from the wire is accepted only if, in this order:
+A prompt is *in flight* from the moment the trainer hands it out (`issue`) until a step takes
+its rollouts: the batch it was handed out in (`take`), or, streaming, any step once its group is complete
+and at the latest the one its staleness bound makes it due for (`take_streamed`). A rollout from the wire is accepted only if, in this order:
 
 1. its sender completed the handshake on this run             else `unknown_sender`
 2. its prompt is in flight                                     else `unknown_prompt`, or
@@ -110,6 +111,8 @@ class PromptInFlight:
     active_at: float
     """Time of the latest (re-)issue or accepted rollout."""
     holder: str | None = None
+    completed: int = -1
+    """When its group became complete (the intake's count of completed groups then); -1: incomplete."""
     rollouts: list[Sample] = field(default_factory=list)
     sample_ids: set[str] = field(default_factory=set)
     replaced: set[str] = field(default_factory=set)
@@ -131,7 +134,7 @@ class PromptInFlight:
         """Hand the prompt out again: the samples accepted so far go, and its holder's later ones are late."""
         if self.holder is not None:
             self.replaced.add(self.holder)
-        self.holder, self.rollouts, self.active_at = None, [], now
+        self.holder, self.rollouts, self.active_at, self.completed = None, [], now, -1
         self.reissues += 1
 
 
@@ -141,11 +144,16 @@ class Intake:
     def __init__(self, limits: IntakeLimits) -> None:
         self.limits = limits
         self._prompts: dict[int, PromptInFlight] = {}
-        self._trained_below = 0
-        """Every prompt id below this one has been trained (ids grow with the step)."""
+        self._issued_below = 0
+        """Every prompt id below this one was issued (ids grow with the batch): each is in flight or trained."""
+        self._completed = 0
+        """Groups completed so far: the order in which `take_streamed` takes them."""
         self._reissued_ids: set[int] = set()
         """Prompts ever re-issued: a rollout for one is `late`, also after it trained."""
         self.dropped: Counter[str] = Counter()
+        self.accepted_tokens = 0
+        """Response tokens of every rollout accepted so far (with `accepted`: the sampled mean length)."""
+        self.accepted = 0
         self.reissued = 0
         """Prompts handed out again."""
 
@@ -153,9 +161,11 @@ class Intake:
     def issue(self, step: int, prompts: dict[int, list[int]], min_policy_version: int, now: float) -> None:
         """Put the prompts `{prompt_id: token_ids}` of `step` in flight."""
         for pid, tokens in prompts.items():
-            if pid in self._prompts or pid < self._trained_below:
+            if pid in self._prompts or pid < self._issued_below:
                 raise ValueError(f"prompt {pid} of step {step} was issued before")
             self._prompts[pid] = PromptInFlight(pid, step, list(tokens), min_policy_version, now)
+        if prompts:
+            self._issued_below = max(prompts) + 1
 
     def held_by(self, sender: str) -> list[int]:
         """Prompts that may be lost with `sender`: incomplete ones it holds, and those nobody holds
@@ -194,7 +204,13 @@ class Intake:
         if reason is not None:
             self.dropped[reason] += 1
             return None
-        return self._prompts[rollout.prompt_id].accept(rollout, sender, now, self.limits.own_prompts)
+        p = self._prompts[rollout.prompt_id]
+        accepted = p.accept(rollout, sender, now, self.limits.own_prompts)
+        self.accepted += 1
+        self.accepted_tokens += int(rollout.response_ids.numel())
+        if len(p.rollouts) == self.limits.num_generations:
+            p.completed, self._completed = self._completed, self._completed + 1
+        return accepted
 
     def _check(self, rollout: Sample, sender: str, known_senders, trainer_version: int) -> str | None:
         if sender not in known_senders:
@@ -203,7 +219,7 @@ class Intake:
         if p is None:
             if rollout.prompt_id in self._reissued_ids:
                 return "late"
-            return "already_trained" if 0 <= rollout.prompt_id < self._trained_below else "unknown_prompt"
+            return "already_trained" if 0 <= rollout.prompt_id < self._issued_below else "unknown_prompt"
         reason = check_content(rollout, self.limits, p.min_policy_version, trainer_version)
         if reason is not None:
             return reason
@@ -230,10 +246,40 @@ class Intake:
         leave the flight (later rollouts for them are `already_trained`, or `late`)."""
         if not self.complete(step):
             raise ValueError(f"step {step} is not complete")
-        prompts = sorted((p for p in self._prompts.values() if p.step == step), key=lambda p: p.prompt_id)
+        return self._leave([p for p in self._prompts.values() if p.step == step])
+
+    def take_streamed(self, count: int, version: int, max_staleness: int) -> list[Sample] | None:
+        """The rollouts of `count` complete prompts for a step at policy `version`, or None while they cannot
+        be taken yet. A prompt handed out at version v is *due* by version v + max_staleness (its samples
+        are no older than v). Taken: every due prompt (the step waits for their groups), then complete ones by
+        earliest due version, then in the order they completed; but only a choice that leaves each later
+        step at most `count` prompts due (else the step waits for an earlier-due group). Ordered by prompt id
+        (a group stays together); the prompts leave the flight."""
+        due_by = {p.prompt_id: p.min_policy_version + max_staleness for p in self._prompts.values()}
+        due = [p for p in self._prompts.values() if due_by[p.prompt_id] <= version]
+        if len(due) > count:
+            raise RuntimeError(f"{len(due)} prompts are due at version {version} for a step of {count}: prompts "
+                               f"were handed out past the staleness bound")
+        if any(p.completed < 0 for p in due):
+            return None
+        ready = sorted((p for p in self._prompts.values() if p.completed >= 0 and due_by[p.prompt_id] > version),
+                       key=lambda p: (due_by[p.prompt_id], p.completed))
+        chosen = due + ready[:count - len(due)]
+        if len(chosen) < count:
+            return None
+        taken = {p.prompt_id for p in chosen}
+        left = sorted(d for pid, d in due_by.items() if pid not in taken)
+        # the steps at versions version+1 .. d take `count` each: the i-th earliest-due prompt left must fit
+        if any(i + 1 > (d - version) * count for i, d in enumerate(left)):
+            return None
+        return self._leave(chosen)
+
+    def _leave(self, prompts: list[PromptInFlight]) -> list[Sample]:
+        """The rollouts of `prompts` by prompt id; they leave the flight (later rollouts for them are
+        `already_trained`, or `late`)."""
+        prompts = sorted(prompts, key=lambda p: p.prompt_id)
         for p in prompts:
             del self._prompts[p.prompt_id]
-        self._trained_below = max(self._trained_below, prompts[-1].prompt_id + 1)
         return [r for p in prompts for r in p.rollouts]
 
     def in_flight(self, step: int) -> int:

@@ -52,10 +52,13 @@ class Supervisor:
                  timeline: Timeline, *, version: Callable[[], int],
                  weights: Callable[[], Iterable[tuple[str, torch.Tensor]]],
                  save_checkpoint: Callable[[], object],
-                 records: Callable[[int], dict[str, Any]] | None = None) -> None:
+                 records: Callable[[int], dict[str, Any]] | None = None,
+                 budgets: Callable[[int], int] | None = None) -> None:
         self.config = config
         self._records = records
         """The dataset record of a prompt id, sent with it for the environment's `reset`; None: no records."""
+        self._budgets = budgets
+        """The response budget of a prompt id (`data.max_new_tokens_field`); None: the generator's."""
         self.port = port
         self.local = local
         self.intake = intake
@@ -83,8 +86,10 @@ class Supervisor:
     def send(self, batch_id: int, prompts: dict[int, list[int]], timeout_s: float | None = None) -> None:
         """Hand `{prompt_id: tokens}` out as batch `batch_id`, sampled with weights no older than the current."""
         records = [self._records(pid) for pid in prompts] if self._records is not None else None
+        budgets = [self._budgets(pid) for pid in prompts] if self._budgets is not None else None
         self.port.send_prompts(PromptBatch(batch_id=batch_id, prompt_ids=list(prompts), prompts=list(prompts.values()),
-                                           min_policy_version=self._version(), records=records), timeout_s)
+                                           min_policy_version=self._version(), records=records,
+                                           max_new_tokens=budgets), timeout_s)
 
     def offer(self, rollout: Sample) -> None:
         """Pass a rollout from the wire to the intake (which accepts it or counts why not)."""

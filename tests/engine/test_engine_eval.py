@@ -39,7 +39,7 @@ def config(tmp_path, policy_dir, prompts_file, eval_file=None, *, evaluation: di
 
 def trained_state(engine: RLHFEngine) -> dict:
     return {"model": {k: v.clone() for k, v in engine.trainer.model.state_dict().items()},
-            "prompts": engine._stream.state_dict(), "kl": engine.trainer.state_dict()["kl_ctl"],
+            "prompts": engine._handout.state_dict(), "kl": engine.trainer.state_dict()["kl_ctl"],
             "torch_rng": torch.get_rng_state()}
 
 

@@ -146,3 +146,73 @@ def test_issuing_a_prompt_twice_is_refused():
     it = intake()
     with pytest.raises(ValueError, match="prompt 2 of step 1 was issued before"):
         it.issue(1, {2: [1]}, 0, 0.0)
+
+
+def _complete(it, pid, version, sender="a"):
+    for k in range(LIMITS.num_generations):
+        assert it.offer(rollout(prompt_id=pid, tokens=(k + 1,), version=version), sender, SENDERS, version) is not None
+
+
+def test_streamed_steps_take_finished_groups_first_and_wait_for_due_ones():
+    it = Intake(LIMITS)
+    it.issue(0, {0: [5], 1: [6]}, min_policy_version=0, now=0.0)
+    it.issue(1, {2: [7], 3: [8]}, min_policy_version=0, now=0.0)
+    _complete(it, 3, 0)
+    assert it.take_streamed(2, version=0, max_staleness=1) is None  # one complete group for a step of two
+    _complete(it, 2, 0)
+    taken = it.take_streamed(2, version=0, max_staleness=1)  # batch 1's groups, batch 0 still sampling
+    assert [r.prompt_id for r in taken] == [2, 2, 3, 3]
+    it.issue(2, {4: [9], 5: [9]}, min_policy_version=1, now=0.0)
+    _complete(it, 4, 1)
+    _complete(it, 5, 1)
+    _complete(it, 0, 0)
+    # at version 1, prompts 0 and 1 (handed out at version 0) are due: the step waits for prompt 1
+    assert it.take_streamed(2, version=1, max_staleness=1) is None
+    _complete(it, 1, 1)
+    assert [r.prompt_id for r in it.take_streamed(2, version=1, max_staleness=1)] == [0, 0, 1, 1]
+    assert it.offer(rollout(prompt_id=2, version=1), "a", SENDERS, 1) is None and it.dropped["already_trained"] == 1
+
+
+def test_streamed_steps_do_not_take_ahead_what_would_overload_a_later_step():
+    it = Intake(LIMITS)
+    it.issue(0, {0: [5], 1: [5], 2: [5]}, min_policy_version=0, now=0.0)  # all due at version 3
+    _complete(it, 2, 0)
+    assert [r.prompt_id for r in it.take_streamed(1, version=0, max_staleness=3)] == [2, 2]
+    it.issue(1, {3: [5]}, min_policy_version=1, now=0.0)  # due at version 4
+    _complete(it, 3, 1)
+    # prompts 0 and 1 still fit the steps at versions 2 and 3
+    assert [r.prompt_id for r in it.take_streamed(1, version=1, max_staleness=3)] == [3, 3]
+    it.issue(2, {4: [5]}, min_policy_version=2, now=0.0)  # due at version 5
+    _complete(it, 4, 2)
+    # taking prompt 4 now would leave two prompts due by version 3 for the one step there: the step waits
+    assert it.take_streamed(1, version=2, max_staleness=3) is None
+    _complete(it, 1, 2)
+    assert [r.prompt_id for r in it.take_streamed(1, version=2, max_staleness=3)] == [1, 1]
+    assert it.take_streamed(1, version=3, max_staleness=3) is None  # prompt 0 is due and still sampling
+    with pytest.raises(RuntimeError, match="2 prompts are due at version 5"):
+        it.take_streamed(1, version=5, max_staleness=3)  # a hand-out past the bound is a bug, said as one
+
+
+@pytest.mark.parametrize("max_staleness", [1, 2, 3])
+@pytest.mark.parametrize("seed", range(5))
+def test_streamed_runs_train_every_prompt_once_within_the_staleness_bound(max_staleness, seed):
+    """The engine's hand-out (`max_staleness` batches ahead, at the step's version) with groups finishing in
+    a random order: every step is taken, each prompt once, none older than the bound."""
+    rng = torch.Generator().manual_seed(seed)
+    per_step, steps = 3, 30
+    it, issued, version_of, trained, next_batch = Intake(LIMITS), 0, {}, [], 0
+    for step in range(steps):
+        while next_batch < step + max_staleness:
+            ids = {issued + j: [1] for j in range(per_step)}
+            it.issue(next_batch, ids, min_policy_version=step, now=0.0)
+            version_of.update({pid: step for pid in ids})
+            issued, next_batch = issued + per_step, next_batch + 1
+        while (taken := it.take_streamed(per_step, version=step, max_staleness=max_staleness)) is None:
+            sampling = it.held_by("nobody")  # the incomplete prompts (a group completes at once here)
+            _complete(it, sampling[int(torch.randint(len(sampling), (1,), generator=rng))], step)
+        pids = sorted({r.prompt_id for r in taken})
+        assert len(pids) == per_step and not set(pids) & set(trained)
+        assert all(step - version_of[pid] <= max_staleness for pid in pids)
+        trained += pids
+    # every batch handed out by version steps-1-max_staleness (batches up to steps-2) was due by the last step
+    assert sorted(trained)[: (steps - 1) * per_step] == list(range((steps - 1) * per_step))

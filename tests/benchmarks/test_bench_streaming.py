@@ -1,0 +1,36 @@
+"""The long-tailed benchmark's workload and variants: budgets as specified, every variant a valid run config."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # bench_streaming imports its helpers as the script does
+
+from benchmarks.bench_streaming import budgets, config, pipelines  # noqa: E402
+from benchmarks.e2e.workload import Workload  # noqa: E402
+
+
+def test_budgets_are_long_tailed_bounded_and_fixed_by_the_seed():
+    got = budgets(2000, median=32, sigma=1.2, max_length=512, seed=0)
+    assert got == budgets(2000, median=32, sigma=1.2, max_length=512, seed=0)
+    assert 28 <= statistics.median(got) <= 36 and min(got) >= 1 and max(got) == 512
+    assert statistics.mean(got) > 1.5 * statistics.median(got)  # the tail pulls the mean up
+
+
+@pytest.mark.parametrize("name", list(pipelines(16)))
+def test_every_variant_is_a_valid_run_config(tmp_path, name):
+    from rlhf_engine.engine.config import load_run_config
+
+    p = pipelines(16)[name]
+    wl = Workload(model=str(tmp_path), prompts=str(tmp_path / "p.jsonl"), batch_size=16, num_generations=4,
+                  response_length=512, steps=3)
+    cfg = load_run_config(None, base=config(wl, p, tmp_path / "run", [0, 1]))
+    assert cfg.data.max_new_tokens_field == "budget" and cfg.generator.sampling.max_new_tokens == 512
+    assert (cfg.generator.max_inflight, cfg.generator.inflight_update, cfg.engine.streaming) == (
+        p.max_inflight, p.inflight_update, p.streaming)
+    assert cfg.engine.mode == p.base.mode
