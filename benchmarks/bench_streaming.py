@@ -41,6 +41,7 @@ from e2e import analysis, report  # noqa: E402
 from e2e.workload import (  # noqa: E402
     BENCH_MODEL,
     QUICK_MODEL,
+    ModelShape,
     Variant,
     Workload,
     available_cpus,
@@ -52,6 +53,13 @@ from e2e.workload import (  # noqa: E402
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 BUDGET_FIELD = "budget"
+SHAPES = {
+    "bench": BENCH_MODEL,  # the e2e benchmark's 38 M Llama: on 2 CPU cores its PPO step outweighs generation
+    # ~5 M parameters: vLLM's per-step cost dominates generation, as decoding does on a GPU with a large model,
+    # while the trainer's step stays cheap: the generation-bound regime the pipeline is for
+    "small": ModelShape(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024),
+    "quick": QUICK_MODEL,
+}
 
 
 @dataclass(frozen=True)
@@ -65,17 +73,26 @@ class Pipeline:
     streaming: bool = False
 
 
-def pipelines(batch_size: int) -> dict[str, Pipeline]:
-    inflight = 2 * batch_size  # room for the batch being finished and the next one
-    s1 = Variant(mode="async", max_staleness=1, setting="pinned", estimator="grpo")
-    s2 = replace(s1, max_staleness=2)
-    return {p.name: p for p in (
-        Pipeline("sync", Variant(mode="sync", setting="unpinned", estimator="grpo")),
-        Pipeline("async-s1", s1),
-        Pipeline("keep-s1", s1, inflight, "keep"),
-        Pipeline("recompute-s1", s1, inflight, "recompute"),
-        Pipeline("keep-s2-stream", s2, inflight, "keep", streaming=True),
-    )}
+DEFAULT_PIPELINES = ("sync", "async-s1", "keep-s1", "recompute-s1", "keep-s4-stream", "recompute-s4-stream")
+
+
+def pipeline(name: str, batch_size: int, setting: str = "pinned") -> Pipeline:
+    """`sync`, `async-sN` (the batch pipeline), `keep-sN` / `recompute-sN` (continuous generation with that
+    in-flight update, room for 2 batches of sequences, or for max_staleness batches when streamed), `...-stream`
+    (streamed steps)."""
+    parts = name.split("-")
+    if name == "sync":
+        return Pipeline(name, Variant(mode="sync", setting="unpinned", estimator="grpo"))
+    if len(parts) not in (2, 3) or parts[1][:1] != "s" or not parts[1][1:].isdigit() or (
+            parts[0] not in ("async", "keep", "recompute")) or parts[2:] not in ([], ["stream"]) or (
+            parts[0] == "async" and len(parts) == 3):
+        raise ValueError(f"variant {name!r}: expected sync, async-sN, keep-sN[-stream] or recompute-sN[-stream]")
+    staleness, streaming = int(parts[1][1:]), len(parts) == 3
+    base = Variant(mode="async", max_staleness=staleness, setting=setting, estimator="grpo")
+    if parts[0] == "async":
+        return Pipeline(name, base)
+    batches = staleness if streaming else 2  # what is handed out ahead (`EngineConfig.batches_in_flight`)
+    return Pipeline(name, base, max(2, batches) * batch_size, parts[0], streaming)
 
 
 def budgets(n: int, median: int, sigma: float, max_length: int, seed: int) -> list[int]:
@@ -164,9 +181,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a tiny model and short tails: a smoke run")
     p.add_argument("--variants", help="comma-separated names (default: all)")
+    p.add_argument("--setting", choices=("pinned", "unpinned"), default="pinned",
+                   help="async variants: generator and trainer on a core each (pinned) or both on every core")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="the model built (default small; quick: quick)")
     p.add_argument("--steps", type=int, help="PPO steps per variant (default 8; quick 3)")
     p.add_argument("--warmup", type=int, default=2, help="leading steps left out of the steady-state numbers")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-generations", type=int, default=4)
     p.add_argument("--median", type=int, help="median response budget (default 32; quick 8)")
     p.add_argument("--sigma", type=float, default=1.2, help="log-normal sigma of the budgets")
@@ -182,6 +202,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.median = args.median or (8 if args.quick else 32)
     args.max_length = args.max_length or (64 if args.quick else 512)
     args.tag = args.tag or ("quick" if args.quick else "cpu")
+    args.shape = args.shape or ("quick" if args.quick else "small")
     if args.quick:
         args.warmup = min(args.warmup, 1)
     return args
@@ -192,19 +213,18 @@ def main(argv: list[str] | None = None) -> dict:
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
     cpus = available_cpus()
-    shape = QUICK_MODEL if args.quick else BENCH_MODEL
-    model = build_model(work / f"model_{shape.hidden_size}_{shape.num_layers}", shape)
+    shape = SHAPES[args.shape]
+    model = build_model(work / f"model_{args.shape}_{shape.hidden_size}_{shape.num_layers}", shape)
     n_prompts = 256
     tailed = budgets(n_prompts, args.median, args.sigma, args.max_length, seed=0)
     sets = {"long-tailed": write_budget_prompts(work / "prompts_tailed.jsonl", tailed)}
     if args.uniform:
         sets["uniform"] = write_budget_prompts(work / "prompts_uniform.jsonl", [args.median] * n_prompts)
-    chosen = pipelines(args.batch_size)
-    if args.variants:
-        unknown = [v for v in args.variants.split(",") if v not in chosen]
-        if unknown:
-            raise SystemExit(f"unknown variants {unknown}; known: {list(chosen)}")
-        chosen = {v: chosen[v] for v in args.variants.split(",")}
+    try:
+        chosen = {v: pipeline(v, args.batch_size, args.setting) for v in (args.variants.split(",") if args.variants
+                                                             else DEFAULT_PIPELINES)}
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     out = {"benchmark": "streaming", "machine": report.machine_info(), "versions": report.versions(),
            "date": datetime.datetime.now().isoformat(timespec="seconds"), "load_before": os.getloadavg(),
            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

@@ -9,7 +9,10 @@ at a time.
 
 A long sequence holds up nothing but its own group: the others finish, are sent, and new prompts take their
 places. The staleness rule of `GeneratorLoop` holds per prompt (no prompt starts with weights older than its
-batch allows). `inflight_update`:
+batch allows). Once the weights are `max_staleness` versions past a batch's `min_policy_version`, the trainer
+needs that batch's groups for its next step: while such a *due* batch has sequences running, no prompt of a
+later batch starts, so each decode step runs fewer sequences and the ones the trainer waits for finish sooner.
+`inflight_update`:
 
 - `off`: once an update is complete no prompt starts; the running sequences finish on the old weights, then it
   is applied (no sample mixes versions).
@@ -113,10 +116,20 @@ class ContinuousLoop(GeneratorLoop):
         self._open.append(_OpenBatch(batch, self._taken, self.sampling(batch)))
         self._taken += 1
 
+    def _due(self, b: _OpenBatch) -> bool:
+        """Whether the trainer holds weights past `b`'s staleness bound: it needs `b`'s groups for its next step
+        (it waits for them now)."""
+        return not b.batch.is_eval and b.batch.min_policy_version + self.max_staleness <= self.generator.version
+
     def _start_prompts(self) -> None:
-        """Submit prompts while there is room for their groups (not while an `off` update waits)."""
+        """Submit prompts while there is room for their groups (not while an `off` update waits). While a due
+        batch still has sequences running, only due prompts start: fewer sequences per decode step finish the
+        ones the trainer waits for sooner."""
         while self._update is None:
             head = next((b for b in self._open if b.started < len(b.batch.prompts)), None)
+            if head is not None and not self._due(head) and any(
+                    b.sent < b.started and self._due(b) for b in self._open):
+                return
             if head is None:
                 if self.max_inflight - self.generator.running < self.generator.config.sampling.n:
                     return

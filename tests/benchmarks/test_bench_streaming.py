@@ -11,7 +11,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # bench_streaming imports its helpers as the script does
 
-from benchmarks.bench_streaming import budgets, config, pipelines  # noqa: E402
+from benchmarks.bench_streaming import DEFAULT_PIPELINES, budgets, config, pipeline  # noqa: E402
 from benchmarks.e2e.workload import Workload  # noqa: E402
 
 
@@ -22,11 +22,11 @@ def test_budgets_are_long_tailed_bounded_and_fixed_by_the_seed():
     assert statistics.mean(got) > 1.5 * statistics.median(got)  # the tail pulls the mean up
 
 
-@pytest.mark.parametrize("name", list(pipelines(16)))
+@pytest.mark.parametrize("name", [*DEFAULT_PIPELINES, "async-s2", "keep-s8-stream"])
 def test_every_variant_is_a_valid_run_config(tmp_path, name):
     from rlhf_engine.engine.config import load_run_config
 
-    p = pipelines(16)[name]
+    p = pipeline(name, 16)
     wl = Workload(model=str(tmp_path), prompts=str(tmp_path / "p.jsonl"), batch_size=16, num_generations=4,
                   response_length=512, steps=3)
     cfg = load_run_config(None, base=config(wl, p, tmp_path / "run", [0, 1]))
@@ -34,3 +34,9 @@ def test_every_variant_is_a_valid_run_config(tmp_path, name):
     assert (cfg.generator.max_inflight, cfg.generator.inflight_update, cfg.engine.streaming) == (
         p.max_inflight, p.inflight_update, p.streaming)
     assert cfg.engine.mode == p.base.mode
+
+
+@pytest.mark.parametrize("name", ["async-s1-stream", "keep", "keep-x1", "fast-s1", "keep-s1-fast"])
+def test_unknown_variant_names_are_refused(name):
+    with pytest.raises(ValueError, match="expected sync"):
+        pipeline(name, 16)

@@ -81,23 +81,22 @@ def test_recompute_needs_a_backend_that_can_and_max_inflight_a_group(tiny_model_
         GeneratorConfig(model=tiny_model_dir, max_inflight=8, inflight_update="keep", engine_process=True)
 
 
-def test_continuous_loop_sends_each_group_as_it_finishes(tmp_path, vllm_generator, tokenizer):
-    """Two batches over a real transport: every prompt gets its n samples, sent group by group as they finish
-    (a long group does not hold up the short ones), with the trainer's prompt ids; the loop ends on shutdown."""
+def _serve(gen, tmp_path, batches, n_rollouts, *, max_inflight=6, max_staleness=1):
+    """Run a `ContinuousLoop` over `gen` on a real transport, hand it `batches`, collect `n_rollouts`; the
+    rollouts in arrival order and the loop's stats."""
     from rlhf_engine.rollout.continuous import ContinuousLoop
-    from rlhf_engine.transport import GeneratorPort, PromptBatch, ShutdownRequested, TrainerPort, TransportConfig
+    from rlhf_engine.transport import GeneratorPort, ShutdownRequested, TrainerPort, TransportConfig
     from rlhf_engine.transport.weights import dir_fingerprint
 
-    gen = vllm_generator
     config = TransportConfig(endpoint=f"ipc://{tmp_path}/t", shm_dir=str(tmp_path))
     fingerprint = dir_fingerprint(gen.config.model)
-    continuous = GeneratorConfig(model=gen.config.model, max_model_len=gen.config.max_model_len, max_inflight=6,
-                                 sampling=SamplingConfig(n=2, max_new_tokens=48, ignore_eos=True))
+    continuous = GeneratorConfig(model=gen.config.model, max_model_len=gen.config.max_model_len,
+                                 max_inflight=max_inflight, sampling=SamplingConfig(n=2, max_new_tokens=48,
+                                                                                    ignore_eos=True))
     saved, gen.config = gen.config, continuous
-    batch = prompts(tokenizer, 4)
     try:
         with TrainerPort(config, fingerprint) as trainer, GeneratorPort(config, fingerprint) as port:
-            loop = ContinuousLoop(gen, port, max_staleness=1)
+            loop = ContinuousLoop(gen, port, max_staleness=max_staleness)
             errors = []
 
             def serve():
@@ -110,20 +109,48 @@ def test_continuous_loop_sends_each_group_as_it_finishes(tmp_path, vllm_generato
 
             thread = threading.Thread(target=serve)
             thread.start()
-            trainer.send_prompts(PromptBatch(0, [10, 11, 12, 13], batch, gen.version, max_new_tokens=[48, 4, 4, 4]))
-            trainer.send_prompts(PromptBatch(1, [20, 21], batch[:2], gen.version, max_new_tokens=[4, 4]))
+            for batch in batches:
+                trainer.send_prompts(batch)
             got = []
-            while len(got) < 12:
-                got += trainer.recv_rollouts(12, timeout_s=30.0)
+            while len(got) < n_rollouts:
+                got += trainer.recv_rollouts(n_rollouts, timeout_s=30.0)
             trainer.shutdown_generators("done")
             thread.join(timeout=30)
             assert not thread.is_alive() and not errors
     finally:
         gen.config = saved
+    return got, loop.stats
+
+
+def test_continuous_loop_sends_each_group_as_it_finishes(tmp_path, vllm_generator, tokenizer):
+    """Two batches over a real transport: every prompt gets its n samples, sent group by group as they finish
+    (a long group does not hold up the short ones), with the trainer's prompt ids; the loop ends on shutdown."""
+    from rlhf_engine.transport import PromptBatch
+
+    gen, batch = vllm_generator, prompts(tokenizer, 4)
+    got, stats = _serve(gen, tmp_path, [PromptBatch(0, [10, 11, 12, 13], batch, gen.version, max_new_tokens=[48, 4, 4, 4]),
+                                        PromptBatch(1, [20, 21], batch[:2], gen.version, max_new_tokens=[4, 4])], 12)
     assert sorted(r.prompt_id for r in got) == sorted([10, 11, 12, 13, 20, 21] * 2)
     assert len({r.sample_id for r in got}) == 12
     arrival = [r.prompt_id for r in got]
     # prompt 10 (48 tokens) started first, yet every 4-token group came before it, batch 1's included
     assert arrival[-2:] == [10, 10]
     assert all(len(r.response_ids) == (48 if r.prompt_id == 10 else 4) for r in got)
-    assert loop.stats.batches == 2 and loop.stats.rollouts == 12
+    assert stats.batches == 2 and stats.rollouts == 12
+
+
+def test_a_due_batch_runs_alone_until_it_is_done(tmp_path, vllm_generator, tokenizer, tiny_model_dir):
+    """Batch 0 was handed out max_staleness versions ago: the trainer waits for it, so batch 1's prompts do not
+    start while batch 0's sequences run (fewer sequences per decode step); with room left they would (above)."""
+    from safetensors.torch import load_file
+
+    from rlhf_engine.transport import PromptBatch
+
+    gen, batch = vllm_generator, prompts(tokenizer, 3)
+    same = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    if gen.version == 0:  # a version the batch can be due against
+        assert gen.update_weights(1, same)
+    v = gen.version
+    got, _ = _serve(gen, tmp_path, [PromptBatch(0, [10, 11], batch[:2], v - 1, max_new_tokens=[48, 4]),
+                                    PromptBatch(1, [20], batch[2:], v, max_new_tokens=[4])], 6)
+    assert [r.prompt_id for r in got] == [11, 11, 10, 10, 20, 20]
