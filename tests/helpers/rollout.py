@@ -74,3 +74,12 @@ def peft_reference(model_dir, lora, adapters: dict[str, torch.Tensor] | None = N
         result = set_peft_model_state_dict(model, adapters)
         assert not result.unexpected_keys, result.unexpected_keys
     return model
+
+
+def run_until(gen, steps: int | None = None) -> list:
+    """Step `gen` `steps` times (None: until nothing runs); the finished (tag, sample) pairs."""
+    out = []
+    while gen.running and (steps is None or steps > 0):
+        out += gen.step()
+        steps = None if steps is None else steps - 1
+    return out

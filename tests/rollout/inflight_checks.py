@@ -16,17 +16,9 @@ import torch
 
 from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
 from rlhf_engine.rollout.vllm_backend import VLLMGenerator
-from tests.helpers.rollout import perturbed_state, prompts, reference_logprobs
+from tests.helpers.rollout import perturbed_state, prompts, reference_logprobs, run_until
 
 TOKENS = 40
-
-
-def run_until(gen, steps: int | None = None) -> list:
-    out = []
-    while gen.running and (steps is None or steps > 0):
-        out += gen.step()
-        steps = None if steps is None else steps - 1
-    return out
 
 
 def diff(model, sample, tokens: slice) -> float:

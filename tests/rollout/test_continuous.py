@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
-from tests.helpers.rollout import prompts
+from tests.helpers.rollout import prompts, run_until
 
 pytestmark = pytest.mark.vllm
 
@@ -23,15 +23,6 @@ def tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-def run_until(gen, steps: int | None = None) -> list:
-    """Step `gen` `steps` times (None: until nothing runs); the finished (tag, sample) pairs."""
-    out = []
-    while gen.running and (steps is None or steps > 0):
-        out += gen.step()
-        steps = None if steps is None else steps - 1
-    return out
 
 
 def test_submissions_sample_what_generate_samples(vllm_generator, tokenizer):
