@@ -1,5 +1,6 @@
 """The YAML/--set config loader: types, unknown keys, nesting, overrides."""
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -101,3 +102,28 @@ def test_errors_name_file_line_and_the_real_field_of_an_optional_section(tmp_pat
     path.write_text("steps: 2\ninner:\n  lrr: 1\n")
     with pytest.raises(ConfigError, match=rf"^{path}:3: unknown key\(s\) 'inner.lrr'"):
         from_dict(Top, load_yaml(path), source=str(path), lines=yaml_lines(path))
+
+
+@pytest.mark.parametrize("engine, data, generator, message", [
+    ({"mode": "sync", "streaming": True}, {}, {},
+     "engine.streaming needs engine.mode: async"),
+    ({}, {"max_new_tokens_field": "budget"}, {"environment": "rlhf_engine.envs.guess_number:GuessNumber"},
+     "data.max_new_tokens_field ('budget') gives single-turn prompts a budget"),
+])
+def test_run_settings_that_do_not_go_together_are_one_error(tmp_path, engine, data, generator, message):
+    from _runs import run_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_config(tmp_path, tmp_path / "policy", tmp_path / "p.jsonl", backend="vllm", generator=generator,
+                   data=data, **engine)
+
+
+def test_streaming_hands_out_max_staleness_batches_ahead(tmp_path):
+    from _runs import run_config
+
+    def ahead(**engine):
+        return run_config(tmp_path, tmp_path / "policy", tmp_path / "p.jsonl", backend="vllm",
+                          **engine).engine.batches_in_flight
+
+    assert (ahead(mode="sync"), ahead(mode="async", max_staleness=3),
+            ahead(mode="async", max_staleness=3, streaming=True)) == (1, 4, 3)

@@ -88,3 +88,19 @@ def test_a_field_the_records_lack_fails_before_any_generator_starts(tmp_path, po
                             "'level', which this record lacks (its fields: ['answer', 'n', 'prompt'])")
     assert engine._local is None and not list((tmp_path / "run").glob("generator*"))  # nothing was started
     assert_no_new_children()
+
+
+@pytest.mark.parametrize("field, message", [
+    ("n", "data.max_new_tokens_field 'n' must be an int >= 1, got 0"),  # record 1 holds n = 0
+    ("answer", "data.max_new_tokens_field 'answer' must be an int >= 1, got 'a0'"),
+    ("budget", "data.max_new_tokens_field 'budget' must be an int >= 1, got None"),
+])
+def test_a_budget_field_that_is_not_a_budget_fails_before_any_generator_starts(tmp_path, policy_dir, column_prompts,
+                                                                              field, message):
+    cfg = config(tmp_path, policy_dir, column_prompts, total_steps=1, model={"reward_fn": "rlhf_engine.demo:gold_scores"})
+    cfg.data.max_new_tokens_field = field
+    engine = RLHFEngine(cfg)
+    with pytest.raises(DataError) as e:
+        engine.start()
+    assert str(e.value) == f"{column_prompts}:1: {message}"
+    assert engine._local is None
