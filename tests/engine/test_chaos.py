@@ -17,6 +17,7 @@ from _runs import run_config
 
 from rlhf_engine.common.procs import descendants, start_child, stop_child
 from rlhf_engine.engine.core import Callback, RLHFEngine
+from tests.helpers.generators import generator_pids
 from tests.helpers.waiting import wait_until
 
 STEPS = 20
@@ -76,18 +77,6 @@ def start_rogue(*args: str) -> subprocess.Popen:
     line = proc.stdout.readline()
     assert line.startswith("ready"), f"rogue {args[0]} did not start: {line!r}"
     return proc
-
-
-def generator_pids() -> list[int]:
-    out = []
-    for pid in descendants(os.getpid()):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"generator" in cmd and b"--name" in cmd:
-            out.append(pid)
-    return out
 
 
 def assert_nothing_left(tmp_path, assert_no_new_children):
