@@ -1,6 +1,6 @@
 """Continuous generation and streamed steps end to end (real vLLM generator processes, real transport): the
 batch engine unchanged with continuous generation in sync mode, every prompt trained exactly num_generations
-times within the staleness bound, and a resume with sequences in flight."""
+times within the staleness bound through a resume with sequences in flight and a generator killed mid-sequence."""
 
 from __future__ import annotations
 
