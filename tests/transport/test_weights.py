@@ -359,7 +359,9 @@ def test_with_the_models_specs_a_publish_takes_one_tensor_at_a_time_into_shared_
     sd = {f"w{i}": torch.randn(1000) for i in range(5)} | {"i": torch.arange(6).view(2, 3)}
     specs = state_dict_specs(sd)
     fp = model_fingerprint(specs)
-    config = fast_config(ipc_endpoint(), shm_dir=str(tmp_path))
+    # gc.collect() below holds the GIL for as long as the test process's heap takes (late in a full run, over
+    # the 1.5 s heartbeat timeout): the generators' heartbeat threads must not be dropped meanwhile
+    config = fast_config(ipc_endpoint(), shm_dir=str(tmp_path), heartbeat_timeout_s=60.0)
     made: list[weakref.ref] = []
 
     def on_demand(scale):  # each tensor made when asked for, as a gather from shards makes it
