@@ -85,8 +85,9 @@ def pipeline(name: str, batch_size: int, setting: str = "pinned") -> Pipeline:
         return Pipeline(name, Variant(mode="sync", setting="unpinned", estimator="grpo"))
     if len(parts) not in (2, 3) or parts[1][:1] != "s" or not parts[1][1:].isdigit() or (
             parts[0] not in ("async", "keep", "recompute")) or parts[2:] not in ([], ["stream"]) or (
-            parts[0] == "async" and len(parts) == 3):
-        raise ValueError(f"variant {name!r}: expected sync, async-sN, keep-sN[-stream] or recompute-sN[-stream]")
+            parts[0] == "async" and len(parts) == 3) or (len(parts) == 3 and parts[1] in ("s0", "s1")):
+        raise ValueError(f"variant {name!r}: expected sync, async-sN, keep-sN[-stream] or recompute-sN[-stream] "
+                         "(streamed: N >= 2)")
     staleness, streaming = int(parts[1][1:]), len(parts) == 3
     base = Variant(mode="async", max_staleness=staleness, setting=setting, estimator="grpo")
     if parts[0] == "async":

@@ -126,7 +126,7 @@ class EngineConfig:
     holds a step back. No prompt is dropped for being slow: a prompt handed out at policy version v is
     trained by version v + max_staleness at the latest (the step waits for its group then), which bounds
     every trained token's age. The trainer hands out `max_staleness` batches ahead (the batch pipeline:
-    one more), which gives each prompt a step of slack."""
+    one more), which gives each prompt a step of slack; so streaming needs `max_staleness` >= 2."""
     num_generators: int = 1
     """Generator processes the engine starts."""
     external_generators: int = 0
@@ -183,6 +183,10 @@ class EngineConfig:
             raise ValueError("engine.max_staleness = 0 is the sync pipeline: set engine.mode: sync")
         if self.streaming and self.mode != "async":
             raise ValueError("engine.streaming needs engine.mode: async (a sync step trains the one batch it sampled)")
+        if self.streaming and self.max_staleness < 2:
+            raise ValueError(f"engine.streaming needs max_staleness >= 2 (got {self.max_staleness}): it hands out "
+                             "max_staleness batches ahead, and one batch at a time leaves the generators idle while "
+                             "the trainer trains")
         if self.num_generators < 0 or self.external_generators < 0 or self.num_generators + self.external_generators < 1:
             raise ValueError(
                 f"need at least one generator: num_generators={self.num_generators}, "

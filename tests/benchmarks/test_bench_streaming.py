@@ -36,7 +36,7 @@ def test_every_variant_is_a_valid_run_config(tmp_path, name):
     assert cfg.engine.mode == p.base.mode
 
 
-@pytest.mark.parametrize("name", ["async-s1-stream", "keep", "keep-x1", "fast-s1", "keep-s1-fast"])
+@pytest.mark.parametrize("name", ["async-s1-stream", "keep", "keep-x1", "fast-s1", "keep-s1-fast", "keep-s1-stream"])
 def test_unknown_variant_names_are_refused(name):
     with pytest.raises(ValueError, match="expected sync"):
         pipeline(name, 16)

@@ -107,6 +107,8 @@ def test_errors_name_file_line_and_the_real_field_of_an_optional_section(tmp_pat
 @pytest.mark.parametrize("engine, data, generator, message", [
     ({"mode": "sync", "streaming": True}, {}, {},
      "engine.streaming needs engine.mode: async"),
+    ({"mode": "async", "max_staleness": 1, "streaming": True}, {}, {},
+     "engine.streaming needs max_staleness >= 2 (got 1)"),
     ({}, {"max_new_tokens_field": "budget"}, {"environment": "rlhf_engine.envs.guess_number:GuessNumber"},
      "data.max_new_tokens_field ('budget') gives single-turn prompts a budget"),
 ])
