@@ -17,9 +17,19 @@ can make the trainer hold (see the README's transport section).
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 
 from rlhf_engine.transport.wire import WireLimits
+
+CHANNELS = ("control", "rollouts", "prompts")
+"""The channels of one base endpoint, in port order (see `TransportConfig.endpoint`)."""
+IPC_DIR_PREFIX = "rlhf-engine-"
+"""The private directory of `endpoint=None`: `mkdtemp(prefix=IPC_DIR_PREFIX)` (8 random characters after it)."""
+SOCKET_NAME = "engine"
+"""The base socket name in that directory."""
+IPC_PATH_MAX = 107
+"""Longest path a Unix socket takes (Linux: `sockaddr_un.sun_path` holds 108 bytes with the closing NUL)."""
 
 
 @dataclass
@@ -30,9 +40,12 @@ class TransportConfig:
     """Base endpoint. ``ipc://PATH`` uses ``PATH.{control,rollouts,prompts}``;
     ``tcp://HOST:PORT`` uses ports PORT (control), PORT+1 (rollouts), PORT+2 (prompts).
     None (trainer only): a fresh private directory (mode 0700) under ``ipc_dir``, removed on
-    close; the trainer port's ``endpoint`` says where, for the generators' ``--connect``."""
+    close; the trainer port's ``endpoint`` says where, for the generators' ``--connect``.
+    An ipc socket path has at most 107 characters (``PATH.rollouts`` is the longest): a longer one is a
+    config error."""
     ipc_dir: str | None = None
-    """Where the private directory of ``endpoint=None`` is made (None: the system temp dir)."""
+    """Where the private directory of ``endpoint=None`` is made (None: the system temp dir); its longest socket
+    path, ``<ipc_dir>/rlhf-engine-XXXXXXXX/engine.rollouts``, must fit the same 107 characters."""
     max_prompt_tokens: int = 2048
     """Longest prompt on the wire; the run config sets it to ``data.max_prompt_length``."""
     max_response_tokens: int = 2048
@@ -112,6 +125,22 @@ class TransportConfig:
             raise ValueError(f"TransportConfig.linger_ms must be >= 0, got {self.linger_ms}")
         if self.endpoint is not None and not self.endpoint.startswith(("ipc://", "tcp://")):
             raise ValueError(f"endpoint must start with ipc:// or tcp://, got {self.endpoint!r}")
+        self._check_socket_paths()
+
+    def _check_socket_paths(self) -> None:
+        """Every ipc channel's socket path fits a Unix socket (else binding fails once the run has started)."""
+        suffix = 1 + max(len(c) for c in CHANNELS)  # ".rollouts"
+        if self.endpoint is not None and self.endpoint.startswith("ipc://"):
+            field, value = "endpoint", self.endpoint
+            longest = len(self.endpoint) - len("ipc://") + suffix
+        elif self.endpoint is None:
+            field, value = "ipc_dir", self.ipc_dir or tempfile.gettempdir()
+            longest = len(value) + len(f"/{IPC_DIR_PREFIX}12345678/{SOCKET_NAME}") + suffix
+        else:
+            return
+        if longest > IPC_PATH_MAX:
+            raise ValueError(f"transport.{field} {value!r} is too long for its sockets: their paths would have up to "
+                             f"{longest} characters, a Unix socket takes {IPC_PATH_MAX}; use a shorter path")
 
     @property
     def use_shm(self) -> bool:

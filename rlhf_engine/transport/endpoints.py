@@ -41,7 +41,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from rlhf_engine.transport.config import TransportConfig
+from rlhf_engine.transport.config import CHANNELS, IPC_DIR_PREFIX, SOCKET_NAME, TransportConfig
 from rlhf_engine.transport.errors import EndpointInUseError, InsecureEndpointError
 from rlhf_engine.transport.wire import WireLimits
 
@@ -165,9 +165,6 @@ def keys_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-SOCKET_NAME = "engine"
-
-
 class IpcEndpoint:
     """Owns the trainer's base endpoint: ``endpoint`` is what generators connect to."""
 
@@ -175,7 +172,7 @@ class IpcEndpoint:
         self._dir: str | None = None
         self._lock_fd: int | None = None
         if endpoint is None:
-            self._dir = tempfile.mkdtemp(prefix="rlhf-engine-", dir=ipc_dir)  # mode 0700
+            self._dir = tempfile.mkdtemp(prefix=IPC_DIR_PREFIX, dir=ipc_dir)  # mode 0700
             endpoint = f"ipc://{self._dir}/{SOCKET_NAME}"
         self.endpoint = endpoint
         if endpoint.startswith("ipc://"):
@@ -215,7 +212,6 @@ class IpcEndpoint:
         return True
 
 
-CHANNELS = ("control", "rollouts", "prompts")
 FRAME_OVERHEAD = 256
 """Slack on MAXMSGSIZE: ZeroMQ checks it against the frame on the wire, which CURVE makes a
 few dozen bytes longer than the payload (command name, nonce, MAC)."""

@@ -40,6 +40,9 @@ CONFIG_ERRORS = [
      "function 'no_such_function'")),
     ("data.eval_prompts={tmp}/none.jsonl",
      "config error: data.eval_prompts: no such file or folder: {tmp}/none.jsonl"),
+    ("transport.ipc_dir={tmp}/" + "d" * 100,
+     ("config error: {config} (with --set): invalid transport: transport.ipc_dir '{tmp}/" + "d" * 100 + "' is too "
+      "long for its sockets: their paths would have up to ")),
     ("ppo.batch_sise=8",
      ("config error: {config} (with --set): unknown key(s) 'ppo.batch_sise' in section 'ppo'; did you mean "
      "'batch_size'?; known keys: adap_kl_ctrl, ")),

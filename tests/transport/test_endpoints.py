@@ -3,11 +3,13 @@ one live run per endpoint, files of dead runs swept at start (never a live run's
 owner and removed when closed."""
 
 import os
+import shutil
 import stat
 import time
 
 import pytest
 import torch
+import zmq
 
 from rlhf_engine.rollout.staging import StagingFile
 from rlhf_engine.transport import EndpointInUseError, GeneratorPort, TrainerPort
@@ -25,6 +27,33 @@ def _dead_pid() -> int:
 def test_channel_endpoints_are_derived_from_the_base():
     assert channel_endpoint("tcp://10.0.0.1:7000", "rollouts") == "tcp://10.0.0.1:7001"
     assert channel_endpoint("ipc:///run/x", "prompts") == "ipc:///run/x.prompts"
+
+
+def test_ipc_socket_paths_past_the_unix_limit_are_refused_with_the_field():
+    """A Unix socket path holds at most 107 characters: an endpoint or ipc_dir whose sockets would pass it is a
+    config error, not a bind that fails once the run has started; a path at the limit binds."""
+    from rlhf_engine.transport.config import IPC_PATH_MAX, TransportConfig
+
+    # the longest channel is `.rollouts`: a base endpoint whose `.rollouts` socket has exactly the limit binds ...
+    base = short_dir()
+    fits = f"{base}/" + "e" * (IPC_PATH_MAX - len(".rollouts") - len(base) - 1)
+    with TrainerPort(fast_config(f"ipc://{fits}"), FINGERPRINT) as port:
+        assert len(port.endpoint) - len("ipc://") + len(".rollouts") == IPC_PATH_MAX
+    # ... one character more is a config error naming the field, and the kernel would refuse it too
+    with pytest.raises(ValueError, match=rf"transport.endpoint .* up to {IPC_PATH_MAX + 1} characters, a Unix "
+                                         rf"socket takes {IPC_PATH_MAX}"):
+        TransportConfig(endpoint=f"ipc://{fits}e")
+    context = zmq.Context()
+    with context.socket(zmq.PULL) as sock, pytest.raises(zmq.ZMQError, match="longer than 107"):
+        sock.bind(f"ipc://{fits}e.rollouts")
+    context.term()
+    shutil.rmtree(base)
+    # the private directory's socket: <ipc_dir>/rlhf-engine-XXXXXXXX/engine.rollouts
+    room = IPC_PATH_MAX - len("/rlhf-engine-12345678/engine.rollouts")
+    TransportConfig(ipc_dir="/" + "d" * (room - 1))
+    with pytest.raises(ValueError, match=rf"transport.ipc_dir .* up to {IPC_PATH_MAX + 1} characters"):
+        TransportConfig(ipc_dir="/" + "d" * room)
+    TransportConfig(endpoint="tcp://127.0.0.1:7000", ipc_dir="/" + "d" * 200)  # no ipc socket: not checked
 
 
 def test_the_default_endpoint_is_a_fresh_private_directory_removed_on_close():
