@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import multiprocessing as mp
+import os
+import shutil
 import socket
 import tempfile
 import time
@@ -18,10 +22,24 @@ from rlhf_engine.transport.endpoints import channel_endpoint
 FINGERPRINT = "f" * 64
 
 
+@functools.cache
+def _short_root(pid: int) -> str:
+    """This process's parent folder of `short_dir`s, removed when the process that made it exits."""
+    root = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+
+    def remove() -> None:
+        if os.getpid() == pid:  # not in a forked child that inherited the hook
+            shutil.rmtree(root, ignore_errors=True)
+
+    atexit.register(remove)
+    return root
+
+
 def short_dir() -> str:
     """A fresh folder with a short path, for ipc sockets (a socket path has at most 107 characters; a pytest-xdist
-    worker's `tmp_path` can pass that with a run's socket names under it)."""
-    return tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    worker's `tmp_path` can pass that with a run's socket names under it); removed with its parent folder when
+    this process exits."""
+    return tempfile.mkdtemp(dir=_short_root(os.getpid()))
 
 
 def ipc_endpoint() -> str:
