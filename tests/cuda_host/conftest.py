@@ -26,7 +26,7 @@ def sources_key() -> str:
 
 
 def build_host_extension():
-    """Compiles csrc/host + the CUDA op code + the race kernels with g++ (~1 min) into
+    """Compiles csrc/host + the CUDA op code + the race kernels with g++ into
     .cache/cuda_host/<hash of the sources>: later runs with the same sources load that build."""
     from torch.utils.cpp_extension import load
 
