@@ -34,6 +34,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rlhf_engine.engine.config import EngineConfig
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers in benchmarks/e2e (also under runpy)
 
 from bench_e2e import _child  # noqa: E402
@@ -85,15 +87,20 @@ def pipeline(name: str, batch_size: int, setting: str = "pinned") -> Pipeline:
         return Pipeline(name, Variant(mode="sync", setting="unpinned", estimator="grpo"))
     if len(parts) not in (2, 3) or parts[1][:1] != "s" or not parts[1][1:].isdigit() or (
             parts[0] not in ("async", "keep", "recompute")) or parts[2:] not in ([], ["stream"]) or (
-            parts[0] == "async" and len(parts) == 3) or (len(parts) == 3 and parts[1] in ("s0", "s1")):
-        raise ValueError(f"variant {name!r}: expected sync, async-sN, keep-sN[-stream] or recompute-sN[-stream] "
-                         "(streamed: N >= 2)")
+            parts[0] == "async" and len(parts) == 3):
+        raise ValueError(f"variant {name!r}: expected sync, async-sN, keep-sN[-stream] or recompute-sN[-stream]")
     staleness, streaming = int(parts[1][1:]), len(parts) == 3
+    if streaming:  # the engine's own rule for the staleness of streamed steps, before any variant runs
+        try:
+            EngineConfig(mode="async", max_staleness=staleness, streaming=True)
+        except ValueError as e:
+            raise ValueError(f"variant {name!r}: expected sync, async-sN, keep-sN[-stream] or "
+                             f"recompute-sN[-stream]: {e}") from e
     base = Variant(mode="async", max_staleness=staleness, setting=setting, estimator="grpo")
     if parts[0] == "async":
         return Pipeline(name, base)
     batches = staleness if streaming else 2  # what is handed out ahead (`EngineConfig.batches_in_flight`)
-    return Pipeline(name, base, max(2, batches) * batch_size, parts[0], streaming)
+    return Pipeline(name, base, batches * batch_size, parts[0], streaming)
 
 
 def budgets(n: int, median: int, sigma: float, max_length: int, seed: int) -> list[int]:
