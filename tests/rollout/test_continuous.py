@@ -72,9 +72,27 @@ def test_recompute_needs_a_backend_that_can_and_max_inflight_a_group(tiny_model_
         GeneratorConfig(model=tiny_model_dir, max_inflight=8, inflight_update="keep", engine_process=True)
 
 
+class _Arrived:
+    """`port`, with its first `count` prompt batches received up front and handed out in order before it is asked
+    again."""
+
+    def __init__(self, port, count: int) -> None:
+        self._port = port
+        self._arrived = [port.recv_prompts(timeout_s=30.0) for _ in range(count)]
+        assert None not in self._arrived, "a prompt batch did not arrive within 30 s"
+
+    def recv_prompts(self, timeout_s: float | None = None):
+        return self._arrived.pop(0) if self._arrived else self._port.recv_prompts(timeout_s)
+
+    def __getattr__(self, name: str):
+        return getattr(self._port, name)
+
+
 def _serve(gen, tmp_path, batches, n_rollouts, *, max_inflight=6, max_staleness=1):
     """Run a `ContinuousLoop` over `gen` on a real transport, hand it `batches`, collect `n_rollouts`; the
-    rollouts in arrival order and the loop's stats."""
+    rollouts in arrival order and the loop's stats. Every batch has crossed the transport before the loop starts
+    (`_Arrived`): the orders the tests check do not depend on how many decode steps a loaded machine runs before
+    the transport's threads deliver the second batch."""
     from rlhf_engine.rollout.continuous import ContinuousLoop
     from rlhf_engine.transport import GeneratorPort, ShutdownRequested, TrainerPort, TransportConfig
     from rlhf_engine.transport.weights import dir_fingerprint
@@ -87,7 +105,9 @@ def _serve(gen, tmp_path, batches, n_rollouts, *, max_inflight=6, max_staleness=
     saved, gen.config = gen.config, continuous
     try:
         with TrainerPort(config, fingerprint) as trainer, GeneratorPort(config, fingerprint) as port:
-            loop = ContinuousLoop(gen, port, max_staleness=max_staleness)
+            for batch in batches:
+                trainer.send_prompts(batch)
+            loop = ContinuousLoop(gen, _Arrived(port, len(batches)), max_staleness=max_staleness)
             errors = []
 
             def serve():
@@ -100,8 +120,6 @@ def _serve(gen, tmp_path, batches, n_rollouts, *, max_inflight=6, max_staleness=
 
             thread = threading.Thread(target=serve)
             thread.start()
-            for batch in batches:
-                trainer.send_prompts(batch)
             got = []
             while len(got) < n_rollouts:
                 got += trainer.recv_rollouts(n_rollouts, timeout_s=30.0)
