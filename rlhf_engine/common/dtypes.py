@@ -1,7 +1,8 @@
 """The tensor dtypes the project names in text (wire headers, safetensors files, model folders): one table.
 
 `TORCH_DTYPES` maps our dtype names to torch dtypes (the wire's allow-list), `DTYPE_NAMES` is its
-inverse, and `SAFETENSORS_DTYPES` maps the codes in safetensors headers to our names.
+inverse, and `SAFETENSORS_DTYPES` maps the codes in safetensors headers to our names. `cpu_has_native_bf16`
+says whether this CPU computes bf16 in hardware.
 """
 
 from __future__ import annotations
@@ -25,3 +26,10 @@ SAFETENSORS_DTYPES: dict[str, str] = {
     "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
     "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
 }
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic in hardware (AVX-512 BF16 or AMX), which oneDNN's bf16 matmuls use;
+    without it torch emulates bf16 on the CPU, slower than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)

@@ -8,6 +8,7 @@ import inspect
 import warnings
 from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
 from rlhf_engine.models.lm_head import check_plain_lm_head
@@ -28,6 +29,8 @@ class PassLayout:
     """> 0: the packed passes share each query among its samples where that is cheaper, by this width (the
     policy's `prompt_sharing.attention_width`); 0: one query per sample."""
     from_hidden: bool = False
+    compute_dtype: torch.dtype | None = None
+    """The dtype the passes compute in under `torch.autocast` (`PPOConfig.bf16`); None: the models' own."""
 
 
 class PackingSupport:
@@ -66,18 +69,20 @@ def _packing_isolates(model: nn.Module) -> bool:
 
 
 def pass_layout(packing: bool, policy: nn.Module, ref_model: nn.Module, critic: nn.Module | None,
-                 reward_model: nn.Module | None, from_hidden: bool = False, share_prompts: bool = False) -> PassLayout:
+                 reward_model: nn.Module | None, from_hidden: bool = False, share_prompts: bool = False,
+                 compute_dtype: torch.dtype | None = None) -> PassLayout:
     """Which passes run packed: all when `packing` and each model supports it (`PackingSupport`); with
     `share_prompts`, the packed passes share queries when every packed model takes the 4D mask it needs
     (`prompt_sharing.shares_prompts`; else a warning naming the model class that does not).
     policy, ref_model: causal LMs; critic: an `AutoModelForCausalLMWithValueHead`; reward_model: a
     sequence classifier (packed only with a `score` head, see `packed_scores`). `from_hidden`: log-probs from
-    hidden states; ValueError naming `ppo.logprobs_from_hidden` when a causal LM post-processes its logits."""
+    hidden states; ValueError naming `ppo.logprobs_from_hidden` when a causal LM post-processes its logits.
+    `compute_dtype`: the autocast dtype of every pass (None: none)."""
     if from_hidden:
         for model in (policy, ref_model):
             check_plain_lm_head(model, "ppo.logprobs_from_hidden")
     if not packing:
-        return PassLayout(from_hidden=from_hidden)
+        return PassLayout(from_hidden=from_hidden, compute_dtype=compute_dtype)
     supports = PackingSupport()
     layout = PassLayout(
         policy=supports(policy),
@@ -85,6 +90,7 @@ def pass_layout(packing: bool, policy: nn.Module, ref_model: nn.Module, critic: 
         critic=critic is not None and supports(critic.pretrained_model),
         reward=reward_model is not None and hasattr(reward_model, "score") and supports(reward_model),
         from_hidden=from_hidden,
+        compute_dtype=compute_dtype,
     )
     if not share_prompts:
         return layout

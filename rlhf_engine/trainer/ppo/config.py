@@ -145,6 +145,13 @@ class PPOConfig:
     """The cap C on the importance weight pi_old / pi_behaviour (>= 1): `tis` truncates larger weights to C,
     `decoupled` drops their tokens (AReaL's `behav_imp_weight_cap`; `inf` drops none)."""
 
+    # --- arithmetic ------------------------------------------------------------------------------------
+    bf16: bool = False
+    """The trainer's forward passes (policy, critic, reference) run under `torch.autocast` in bfloat16: matmuls
+    and attention in bf16, weights, gradients, optimizer state, log-softmax and the losses in fp32 (TRL's
+    `bf16`). On a CPU it pays where the CPU has AVX-512 BF16 or AMX (a warning says when it has neither: bf16
+    is then emulated and slower than fp32). Log-probs and losses differ from fp32 by bf16 rounding."""
+
     # --- frozen models ---------------------------------------------------------------------------------
     frozen_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     """Cast the frozen reference and reward models to this dtype (None: keep their dtype)."""

@@ -192,6 +192,7 @@ def forward_policy(
     packed: bool = False,
     attention_width: int = 0,
     from_hidden: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> ForwardOut:
     """One pass of a causal LM (or `AutoModelForCausalLMWithValueHead`) over `batch`.
 
@@ -204,6 +205,8 @@ def forward_policy(
     the samples of one query share its tokens in the packed rows where that is cheaper (`TokenBatch.pack`).
     `from_hidden`: the log-probs come from the final hidden states through `logprobs_from_hidden` inside the
     model's forward (`rlhf_engine.models.lm_head`): no [tokens, V] logits exist (not with `keep_logits`).
+    `compute_dtype`: the model runs under `torch.autocast` in that dtype (`PPOConfig.bf16`); the log-probs,
+    entropies and values come out fp32 either way.
     """
     if with_values and not isinstance(model, AutoModelForCausalLMWithValueHead):
         raise TypeError(f"values need an AutoModelForCausalLMWithValueHead, got {type(model).__name__}")
@@ -226,7 +229,7 @@ def forward_policy(
         head = HiddenLogprobHead(lm.get_output_embeddings(), labels, select, temperature, with_entropy)
     elif packed:  # the head at the N predicting positions only, not at every position of the packed rows
         head = SelectedPositionsHead(lm.get_output_embeddings(), select)
-    with replaced_lm_head(lm, head) if head is not None else contextlib.nullcontext():
+    with autocast(batch, compute_dtype), replaced_lm_head(lm, head) if head is not None else contextlib.nullcontext():
         if with_values:
             out, values = model(**kwargs)
             values = select(values)
@@ -257,20 +260,28 @@ def _logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
 
 
 def forward_values(critic: AutoModelForCausalLMWithValueHead, batch: TokenBatch, packed: bool = False,
-                   attention_width: int = 0) -> torch.Tensor:
+                   attention_width: int = 0, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Values [B, T] of a separate critic at the positions that predict each response token (`packed`,
-    `attention_width` as for `forward_policy`)."""
-    if packed:
-        p = batch.pack(attention_width)
-        values = critic.values(**p.model_inputs())  # [R, W]
-        return p.unpack(p.gather(values)) * batch.response_mask  # [B, T]
-    values = critic.values(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        logits_to_keep=batch.response_width + 1,
-    )
+    `attention_width`, `compute_dtype` as for `forward_policy`)."""
+    with autocast(batch, compute_dtype):
+        if packed:
+            p = batch.pack(attention_width)
+            values = critic.values(**p.model_inputs())  # [R, W]
+            return p.unpack(p.gather(values)) * batch.response_mask  # [B, T]
+        values = critic.values(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            logits_to_keep=batch.response_width + 1,
+        )
     return values[:, :-1] * batch.response_mask  # [B, T]
+
+
+def autocast(batch: TokenBatch, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """`torch.autocast` in `dtype` on the device of `batch` (a no-op context for None)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(batch.input_ids.device.type, dtype=dtype)
 
 
 @dataclass
@@ -320,17 +331,20 @@ def forward_experience(
         for rows in microbatches:
             chunk = batch.select(torch.tensor(rows))
             ref = forward_policy(ref_model, chunk, config.temperature, keep_logits=full_kl, packed=layout.ref,
-                                 attention_width=layout.attention_width, from_hidden=layout.from_hidden)
+                                 attention_width=layout.attention_width, from_hidden=layout.from_hidden,
+                                 compute_dtype=layout.compute_dtype)
             named = {"ref_logp": ref.logp}
             if run_policy:
                 pol = forward_policy(model, chunk, config.temperature, with_values=shared_critic, with_entropy=True,
                                      keep_logits=full_kl, packed=layout.policy,
-                                     attention_width=layout.attention_width, from_hidden=layout.from_hidden)
+                                     attention_width=layout.attention_width, from_hidden=layout.from_hidden,
+                                     compute_dtype=layout.compute_dtype)
                 named.update(old_logp=pol.logp, entropy=pol.entropy, values=pol.values, kl=kl_penalty(
                     config.kl_penalty, pol.logp, ref.logp, chunk.loss_mask, pol.logits, ref.logits,
                     config.temperature))
             if config.uses_critic and critic is not None:
-                named["values"] = forward_values(critic, chunk, layout.critic, layout.attention_width)
+                named["values"] = forward_values(critic, chunk, layout.critic, layout.attention_width,
+                                                 layout.compute_dtype)
             for key, tensor in named.items():
                 if tensor is not None:  # chunks are trimmed to their own widths: pad back to the batch's
                     parts[key].append(torch.nn.functional.pad(tensor.float(), (0, width - tensor.shape[1])))

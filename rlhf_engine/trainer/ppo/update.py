@@ -150,7 +150,8 @@ def minibatch_loss(
     shared_critic = config.uses_critic and critic is None
     out = forward_policy(model, mb, config.temperature, with_values=shared_critic,
                          with_entropy=config.entropy_coef > 0 or pi_old.needs_entropy, packed=layout.policy,
-                         attention_width=layout.attention_width, from_hidden=layout.from_hidden)
+                         attention_width=layout.attention_width, from_hidden=layout.from_hidden,
+                         compute_dtype=layout.compute_dtype)
     mb_old_logp, mb_is_weights = pi_old.minibatch(rows, mask, out.logp, out.entropy)
     pg_loss, pg_stats = losses.ppo_policy_loss(
         out.logp, mb_old_logp, exp.advantages[rows, :width], mask, config.cliprange, mb_is_weights, token_count,
@@ -164,7 +165,8 @@ def minibatch_loss(
         "ppo/policy/ratio": pg_stats["ratio"],
     }
     if config.uses_critic:
-        values = out.values if shared_critic else forward_values(critic, mb, layout.critic, layout.attention_width)
+        values = out.values if shared_critic else forward_values(critic, mb, layout.critic, layout.attention_width,
+                                                                         layout.compute_dtype)
         vf_loss, vf_stats = losses.value_loss(
             values, exp.values[rows, :width], exp.returns[rows, :width], mask, config.cliprange_value,
             token_count,

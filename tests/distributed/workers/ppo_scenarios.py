@@ -35,6 +35,8 @@ SCENARIOS = {
     "budget": dict(advantage_estimator="gae", max_tokens_per_microbatch=16),
     # log-probs from the hidden states inside the FSDP2-sharded model's forward (the LM head gathered there)
     "gae_hidden": dict(advantage_estimator="gae", logprobs_from_hidden=True),
+    # the passes under bf16 autocast inside the FSDP2-sharded models' forwards
+    "gae_bf16": dict(advantage_estimator="gae", bf16=True),
 }
 GROUPED = ("grpo", "rloo")
 
