@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--response-length", type=int, help="generated tokens per completion (default 32; quick 8)")
     p.add_argument("--ppo-epochs", type=int, default=1)
     p.add_argument("--backend", choices=("vllm", "transformers"), default="vllm", help="our generator backend")
+    p.add_argument("--bf16", action="store_true",
+                   help="the trainers' forward passes under bf16 autocast: ours (ppo.bf16) and TRL's (bf16) alike")
+    p.add_argument("--logprobs-from-hidden", action="store_true", help="our ppo.logprobs_from_hidden")
     p.add_argument("--kv-cache-mib", type=int, default=256, help="vLLM KV cache of our generator")
     p.add_argument("--trl", action=argparse.BooleanOptionalAction, default=None,
                    help="TRL GRPOTrainer beside our grpo estimator (default on; off with --quick)")
@@ -178,7 +181,7 @@ def run_trl(workload: Workload, steps: int, threads: int, work: Path, timeout: f
     spec = {"model": workload.model, "prompts": workload.prompts, "batch_size": workload.batch_size,
             "num_generations": workload.num_generations, "response_length": workload.response_length,
             "steps": steps, "learning_rate": workload.learning_rate, "kl_coef": workload.kl_coef,
-            "threads": threads, "out_dir": str(work / "runs" / "trl")}
+            "bf16": workload.bf16, "threads": threads, "out_dir": str(work / "runs" / "trl")}
     print(f"-- trl/grpo: {steps} steps of {workload.batch_size} x {workload.response_length} tokens", flush=True)
     result, info = _child("trl_grpo.py", spec, "trl_grpo", work, timeout)
     entry = {"spec": spec, "run": info}
@@ -228,7 +231,8 @@ def prepare(args: argparse.Namespace) -> Workload:
     return Workload(model=str(model), prompts=str(prompts), batch_size=args.batch_size,
                     num_generations=args.num_generations, response_length=args.response_length, steps=args.steps,
                     warmup_steps=args.warmup, ppo_epochs=args.ppo_epochs, backend=args.backend,
-                    kv_cache_bytes=args.kv_cache_mib << 20)
+                    kv_cache_bytes=args.kv_cache_mib << 20, bf16=args.bf16,
+                    logprobs_from_hidden=args.logprobs_from_hidden)
 
 
 def main(argv: list[str] | None = None) -> dict:

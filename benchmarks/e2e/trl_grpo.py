@@ -56,7 +56,7 @@ def run(spec: dict) -> dict:
         gradient_accumulation_steps=1, num_generations=spec["num_generations"], max_completion_length=length,
         generation_kwargs={"min_new_tokens": length}, temperature=1.0, top_p=1.0, top_k=0,
         max_steps=spec["steps"], learning_rate=spec["learning_rate"], beta=spec["kl_coef"], num_iterations=1,
-        logging_steps=1, report_to=[], save_strategy="no", seed=0, bf16=False, dataloader_num_workers=0,
+        logging_steps=1, report_to=[], save_strategy="no", seed=0, bf16=spec["bf16"], dataloader_num_workers=0,
         lr_scheduler_type="constant",
         disable_tqdm=True,
     )

@@ -64,6 +64,10 @@ class Workload:
     backend: str = "vllm"
     """Generator backend of our engine: vllm or transformers."""
     max_prompt_length: int = 32
+    bf16: bool = False
+    """The trainers' forward passes under bf16 autocast: ours `ppo.bf16`, TRL's `bf16` (both fp32 otherwise)."""
+    logprobs_from_hidden: bool = False
+    """Our `ppo.logprobs_from_hidden` (TRL has no such option)."""
     kv_cache_bytes: int = 1 << 28
     """vLLM's KV cache (256 MiB holds the default workload; raise it for a real model)."""
     seed: int = 0
@@ -174,6 +178,7 @@ def run_config(workload: Workload, variant: Variant, run_dir: Path, cpus: list[i
                 "learning_rate": wl.learning_rate, "init_kl_coef": wl.kl_coef, "adap_kl_ctrl": False,
                 "response_length": wl.response_length, "num_generations": wl.num_generations,
                 "advantage_estimator": variant.estimator, "seed": wl.seed,
+                "bf16": wl.bf16, "logprobs_from_hidden": wl.logprobs_from_hidden,
                 # the critic-free estimators as TRL's GRPOTrainer runs them: beta * KL (k3) in the loss
                 **({"kl_in_reward": False, "kl_penalty": "k3"} if variant.estimator != "gae" else {})},
         "generator": {"backend": wl.backend, "max_model_len": max_model_len, "kv_cache_bytes": wl.kv_cache_bytes,
