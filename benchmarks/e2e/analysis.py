@@ -120,6 +120,7 @@ def summarize(result: dict, *, warmup: int, batch_size: int, num_generators: int
         "kl_mean": _mean([r["objective/kl"] for r in steady if "objective/kl" in r]),
         "kl_last": rows[-1].get("objective/kl"),
         "staleness_mean": _mean([r.get("off_policy/staleness_mean", 0.0) for r in steady]),
+        "peak_rss_mib": result.get("peak_rss_mib", {}),
     }
 
 

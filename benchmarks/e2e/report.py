@@ -83,6 +83,7 @@ def trl_summary(result: dict, *, warmup: int, batch_size: int) -> dict[str, Any]
         "reward_last3": statistics.fmean([entry["reward"] for entry in last]) if last else None,
         "kl_last": logs[-1].get("kl") if logs else None,
         "trl_step_time_s": [entry.get("step_time") for entry in logs],
+        "peak_rss_mib": result.get("peak_rss_mib", {}),
     }
 
 
@@ -178,15 +179,18 @@ def render(out: dict) -> str:
         for name, v in out["grpo"].items():
             s = v.get("summary")
             if s is None:
-                rows.append([name, "FAILED: " + v["run"].get("error", "?"), "", "", "", ""])
+                rows.append([name, "FAILED: " + v["run"].get("error", "?"), "", "", "", "", "", ""])
                 continue
             # ours: objective/kl sums over a sequence's tokens (all response_length long); TRL's kl is per token
             kl = s["kl_last"] if name.startswith("trl") else s["kl_last"] / wl["response_length"]
+            rss = s.get("peak_rss_mib", {})
             rows.append([name, _f(s["s_per_step"]), _f(s["samples_per_s"]), _f(s["tokens_per_s"], ".0f"),
-                         _f(s["reward_last3"], "+.3f"), _f(kl, ".4f")])
-        parts += ["\nGRPO: ours vs TRL GRPOTrainer (transformers generation on the CPU), "
-                  "same model, prompts, group, steps",
-                  _table(["run", "s/step", "samp/s", "tok/s", "reward", "KL/token last"], rows)]
+                         _f(s["reward_last3"], "+.3f"), _f(kl, ".4f"), _f(rss.get("trainer"), ".0f"),
+                         _f(rss.get("generator"), ".0f")])
+        parts += ["\nGRPO: ours vs TRL GRPOTrainer (transformers generation on the CPU), same model, prompts, "
+                  "group, steps; peak resident set (MiB) of the trainer and of the largest generator",
+                  _table(["run", "s/step", "samp/s", "tok/s", "reward", "KL/token last", "RSS trainer",
+                          "RSS generator"], rows)]
     if out.get("padding", {}).get("layouts"):
         pad = out["padding"]
         rows = [[name, _f(r["s_per_step"]), _f(r["experience_fwd_s"]), _f(r["update_s"]),

@@ -10,7 +10,8 @@ slate (the engine pins this process's main thread before torch starts its thread
 
 RESULT.json: the per-step metrics rows, the busy-interval timeline, the wall-clock start of
 the measured run (after the generators' handshake), and each generator's `LoopStats` (its
-exact seconds generating and applying weights), read from its log at exit.
+exact seconds generating and applying weights), read from its log at exit, and the peak resident set of
+the trainer and of the largest generator.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import resource
 import sys
 import time
 from pathlib import Path
@@ -62,6 +64,10 @@ def run(spec: dict) -> dict:
         "t_end": t_end,
         "t_stopped": time.time(),
         "loop_stats": loop_stats(run_dir),
+        # peak resident set (Linux: KiB): this process (the trainer), and the largest of its ended children
+        # (a generator; the engine has reaped them all when it closed)
+        "peak_rss_mib": {"trainer": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                         "generator": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024},
     }
 
 

@@ -15,6 +15,7 @@ RESULT.json: wall-clock seconds of each step (`on_step_begin` .. `on_step_end`) 
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -74,6 +75,7 @@ def run(spec: dict) -> dict:
         "t_start": t_start,
         "t_end": time.time(),
         "logs": timer.logs,
+        "peak_rss_mib": {"trainer": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},  # Linux: KiB
     }
 
 
