@@ -297,7 +297,7 @@ class WeightPublisher:
     def _drop(self, names: set[str], state: str, reason: str) -> None:
         """Drop ``names`` from the roster (as ``state``), ask them to shut down and free their buffers."""
         for peer in self._roster.live():
-            if peer.name in names and self._roster.remove(peer.identity, state) is not None:
+            if peer.name in names and self._roster.remove(peer.identity, state, reason) is not None:
                 log.warning("generator %s %s", peer.name, reason)
                 self._control.enqueue([peer.identity], encode(self._control.header(ShutdownHeader, reason=reason)))
         for name in names:

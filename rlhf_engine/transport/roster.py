@@ -9,17 +9,22 @@ generator may join again at any time with a new HELLO (a new session).
 
 Every name that completed a handshake in this run stays known with the User-Id it joined
 with: ``authenticate`` tells the rollout channel whether a rollout's claimed sender matches
-the connection it came through.
+the connection it came through. Why a generator was removed is kept for its connection
+(``removal_reason``, the latest ``MAX_REASONS``): a message it sends before it has read its
+shutdown is answered with that reason, not a generic one.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 LIVE, LOST, UNACKED, REFUSED, LEFT = "live", "lost", "unacked", "refused", "left"
+MAX_REASONS = 64
+"""Removal reasons kept (the latest), so that a peer that keeps reconnecting cannot grow them."""
 
 
 @dataclass
@@ -50,6 +55,7 @@ class Roster:
         self._live: dict[bytes, GeneratorInfo] = {}
         self._lost: list[GeneratorInfo] = []
         self._sessions: dict[str, str | None] = {}
+        self._reasons: collections.OrderedDict[bytes, str] = collections.OrderedDict()
 
     def join(self, identity: bytes, name: str, hostname: str, shm: bool, user_id: str | None,
              host_shm: bool = False) -> str:
@@ -64,6 +70,7 @@ class Roster:
                 self._lost.append(old)
             self._live[identity] = GeneratorInfo(name, hostname, shm, identity, time.monotonic(), user_id,
                                                  host_shm=host_shm)
+            self._reasons.pop(identity, None)
             self._sessions[name] = user_id
             self.cond.notify_all()
             return ""
@@ -76,22 +83,32 @@ class Roster:
                 peer.last_seen = time.monotonic()
             return peer
 
-    def remove(self, identity: bytes, state: str) -> GeneratorInfo | None:
-        """Move a live generator out (``lost``, ``unacked`` or ``left``); it is reported once by ``pop_lost``."""
+    def remove(self, identity: bytes, state: str, reason: str = "") -> GeneratorInfo | None:
+        """Move a live generator out (``lost``, ``unacked`` or ``left``); it is reported once by ``pop_lost``.
+        ``reason``: what its shutdown says (kept for ``removal_reason``)."""
         with self.cond:
             peer = self._live.pop(identity, None)
             if peer is not None:
                 peer.state = state
                 self._lost.append(peer)
+                if reason:
+                    self._reasons[identity] = reason
+                    while len(self._reasons) > MAX_REASONS:
+                        self._reasons.popitem(last=False)
                 self.cond.notify_all()
             return peer
 
-    def expire(self, timeout_s: float) -> list[GeneratorInfo]:
-        """Remove (as lost) every live generator silent for more than ``timeout_s``."""
+    def removal_reason(self, identity: bytes) -> str:
+        """Why the generator on ``identity`` was removed ("" if it was not, or not lately)."""
+        with self.cond:
+            return self._reasons.get(identity, "")
+
+    def expire(self, timeout_s: float, reason: str = "") -> list[GeneratorInfo]:
+        """Remove (as lost, with ``reason``) every live generator silent for more than ``timeout_s``."""
         now = time.monotonic()
         with self.cond:
             silent = [p.identity for p in self._live.values() if now - p.last_seen > timeout_s]
-            return [self.remove(identity, LOST) for identity in silent]
+            return [self.remove(identity, LOST, reason) for identity in silent]
 
     def live(self) -> list[GeneratorInfo]:
         """The live generators, longest-lived (earliest joined) first."""

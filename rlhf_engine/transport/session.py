@@ -92,7 +92,9 @@ class TrainerControl(ControlThread):
             return
         peer = self.roster.seen(identity)
         if peer is None:  # e.g. lost, or its connection was re-made: it must join again
-            self.send_now([identity], encode(self.header(ShutdownHeader, reason="no session: not in the roster")))
+            # a dropped generator may speak before it has read why: it is told that again, else no session
+            reason = self.roster.removal_reason(identity) or "no session: not in the roster"
+            self.send_now([identity], encode(self.header(ShutdownHeader, reason=reason)))
             raise WireError("unknown_peer", f"{type(header).__name__} from {header.sender!r} outside a session")
         if isinstance(header, WeightsAckHeader):
             self.weights.on_ack(peer, header)
@@ -131,12 +133,12 @@ class TrainerControl(ControlThread):
 
     def _beat(self) -> None:
         timeout = self.config.heartbeat_timeout_s
-        for peer in self.roster.expire(timeout):
+        reason = f"dropped from the roster: silent for more than {timeout} s"
+        for peer in self.roster.expire(timeout, reason):
             log.warning("generator %s lost: no message for more than %.1f s (heartbeat_timeout_s); dropped from "
                         "the roster", peer.name, timeout)
             self.weights.forget(peer)
-            self.send_now([peer.identity], encode(self.header(
-                ShutdownHeader, reason=f"dropped from the roster: silent for more than {timeout} s")))
+            self.send_now([peer.identity], encode(self.header(ShutdownHeader, reason=reason)))
         for peer in self.roster.live():
             self.send_now([peer.identity], encode(self.header(HeartbeatHeader)))
 

@@ -38,17 +38,20 @@ def test_rogue_hello_then_silence_is_a_lost_generator_not_an_error():
             assert [(g.name, g.state) for g in lost] == [("rogue", "lost")]
             trainer.raise_if_dead()  # the port itself is fine
             assert trainer.generators() == []
-            kinds = []
+            got = []
 
-            def told_it_was_dropped() -> bool:
+            def shutdowns() -> list[str]:
                 while rogue.poll(0):
-                    kinds.append(type(decode(rogue.recv_multipart(), WireLimits())[0]))
-                return ShutdownHeader in kinds
+                    got.append(decode(rogue.recv_multipart(), WireLimits())[0])
+                return [h.reason for h in got if isinstance(h, ShutdownHeader)]
 
-            wait_until(told_it_was_dropped, 5, message="a shutdown sent to the rogue")
-            assert kinds[0] is WelcomeHeader and kinds[-1] is ShutdownHeader
+            wait_until(shutdowns, 5, message="a shutdown sent to the rogue")
+            assert isinstance(got[0], WelcomeHeader) and isinstance(got[-1], ShutdownHeader)
             rogue.send_multipart(encode(HeartbeatHeader(sender="rogue", seq=5)))  # too late: no session
             wait_until(lambda: trainer.drop_counts() == {"unknown_peer": 1}, 5, message="its heartbeat dropped")
+            # the answer to it says why it was dropped again (it may come before the first shutdown is read)
+            wait_until(lambda: len(shutdowns()) == 2, 5, message="a second shutdown")
+            assert shutdowns() == ["dropped from the roster: silent for more than 1.0 s"] * 2
 
 
 class DeafRogue:
@@ -152,3 +155,19 @@ def test_rollouts_from_a_sender_without_a_session_are_dropped_and_counted():
                 raw.send_multipart(encode(*sample_to_wire(make_rollout(0, i, 4, 4), "never-said-hello", i)))
             wait_until(lambda: trainer.drop_counts() == {"unknown_sender": 3}, 5, message="3 rollouts dropped")
             assert trainer.recv_rollout(timeout_s=0) is None  # each was dropped, none queued
+
+
+def test_removal_reasons_are_kept_for_the_latest_connections_only():
+    from rlhf_engine.transport.roster import LOST, MAX_REASONS, Roster
+
+    roster = Roster()
+    for i in range(MAX_REASONS + 6):  # a peer that keeps reconnecting and being dropped
+        identity = f"c{i}".encode()
+        assert roster.join(identity, f"g{i}", "host", False, None) == ""
+        roster.remove(identity, LOST, f"reason {i}")
+    assert roster.removal_reason(b"c5") == ""  # the oldest are forgotten
+    assert roster.removal_reason(f"c{MAX_REASONS + 5}".encode()) == f"reason {MAX_REASONS + 5}"
+    assert sum(bool(roster.removal_reason(f"c{i}".encode())) for i in range(MAX_REASONS + 6)) == MAX_REASONS
+    latest = f"c{MAX_REASONS + 5}".encode()
+    assert roster.join(latest, "again", "host", False, None) == ""  # joined again: no removal to tell
+    assert roster.removal_reason(latest) == ""
