@@ -65,7 +65,8 @@ class Workload:
     """Generator backend of our engine: vllm or transformers."""
     max_prompt_length: int = 32
     bf16: bool = False
-    """The trainers' forward passes under bf16 autocast: ours `ppo.bf16`, TRL's `bf16` (both fp32 otherwise)."""
+    """Both sides in bf16: ours `ppo.bf16` and the generator's vLLM in bf16 (`generator.dtype`), TRL's `bf16`
+    (autocast over its training and generation); fp32 otherwise."""
     logprobs_from_hidden: bool = False
     """Our `ppo.logprobs_from_hidden` (TRL has no such option)."""
     kv_cache_bytes: int = 1 << 28
@@ -182,6 +183,7 @@ def run_config(workload: Workload, variant: Variant, run_dir: Path, cpus: list[i
                 # the critic-free estimators as TRL's GRPOTrainer runs them: beta * KL (k3) in the loss
                 **({"kl_in_reward": False, "kl_penalty": "k3"} if variant.estimator != "gae" else {})},
         "generator": {"backend": wl.backend, "max_model_len": max_model_len, "kv_cache_bytes": wl.kv_cache_bytes,
+                      "dtype": "bfloat16" if wl.bf16 else "float32",
                       "device": "cpu", "max_batch_size": wl.batch_size, "sampling": {"ignore_eos": True}},
         "transport": {"endpoint": f"ipc://{run_dir.resolve()}/ep"},
         # run_variant stops after wl.steps of total_steps, as a longer run would look at that point: the
