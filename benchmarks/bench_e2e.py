@@ -72,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ppo-epochs", type=int, default=1)
     p.add_argument("--backend", choices=("vllm", "transformers"), default="vllm", help="our generator backend")
     p.add_argument("--bf16", action="store_true",
-                   help="the trainers' forward passes under bf16 autocast: ours (ppo.bf16) and TRL's (bf16) alike")
+                   help="both sides in bf16: our trainer's passes (ppo.bf16) and vLLM (generator.dtype), TRL's bf16 "
+                        "(its autocast covers training and generation)")
     p.add_argument("--logprobs-from-hidden", action="store_true", help="our ppo.logprobs_from_hidden")
     p.add_argument("--kv-cache-mib", type=int, default=256, help="vLLM KV cache of our generator")
     p.add_argument("--trl", action=argparse.BooleanOptionalAction, default=None,
