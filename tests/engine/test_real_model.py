@@ -5,6 +5,11 @@ serves as is (`test_served_policy.py` checks the same of the tiny model, in the 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +23,32 @@ from rlhf_engine.trainer.ppo import trainer as ppo_module
 pytestmark = [pytest.mark.real_model, pytest.mark.vllm]
 
 QUESTIONS = [(3, 4), (12, 9), (25, 17), (8, 6)]
+
+
+SERVE = """
+import json, sys
+from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
+from rlhf_engine.rollout.vllm_backend import VLLMGenerator
+
+config = GeneratorConfig(model=sys.argv[1], backend="vllm", max_model_len=256, kv_cache_bytes=1 << 28)
+with VLLMGenerator(config) as gen:
+    (out,) = gen.generate([json.loads(sys.argv[2])], sampling=SamplingConfig(max_new_tokens=8, ignore_eos=True))
+print(json.dumps({"response_ids": out.response_ids.tolist(), "behaviour_logp": out.behaviour_logp.tolist()}))
+"""
+"""vLLM serving a model folder as is, in a process of its own with its engine in process (one process start
+instead of two; in process, vLLM takes over torch.set_num_threads): 8 sampled tokens and their log-probs."""
+
+
+def serve_once(model_dir: Path, prompt: list[int]) -> SimpleNamespace:
+    """The completion of `prompt` that vLLM samples from `model_dir` (SERVE), as the reference log-probs take it."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", SERVE, str(model_dir), json.dumps(prompt)], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=root)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return SimpleNamespace(prompt_ids=torch.tensor(prompt), response_ids=torch.tensor(out["response_ids"]),
+                           behaviour_logp=torch.tensor(out["behaviour_logp"]))
 
 
 class Rollouts(Callback):
@@ -42,8 +73,6 @@ def test_one_ppo_step_on_the_real_model_trains_the_sampled_ids_and_serves(tmp_pa
     pytest.importorskip("vllm")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
-    from rlhf_engine.rollout.vllm_backend import VLLMGenerator
     from tests.helpers.rollout import reference_logprobs
 
     trained_batches = []
@@ -89,14 +118,9 @@ def test_one_ppo_step_on_the_real_model_trains_the_sampled_ids_and_serves(tmp_pa
     assert not list(served.glob("value_head*")) and (served.parent / "value_head.safetensors").is_file()
     trained, initial = load_file(str(served / "model.safetensors")), load_file(str(real_model_dir / "model.safetensors"))
     assert any(not torch.equal(trained[k], initial[k]) for k in trained)  # a trained policy, not the initial one
-    gen = VLLMGenerator(GeneratorConfig(model=str(served), backend="vllm", max_model_len=256,
-                                        kv_cache_bytes=1 << 28, engine_process=True))
-    try:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Compute 2 + 2."}],
-                                               add_generation_prompt=True, tokenize=True, return_dict=False)
-        (out,) = gen.generate([prompt], sampling=SamplingConfig(max_new_tokens=8, ignore_eos=True))
-    finally:
-        gen.close()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Compute 2 + 2."}],
+                                           add_generation_prompt=True, tokenize=True, return_dict=False)
+    out = serve_once(served, prompt)
     hf = AutoModelForCausalLM.from_pretrained(served, dtype=torch.float32).eval()
     assert float((reference_logprobs(hf, out) - out.behaviour_logp).abs().max()) <= 1e-3
     assert_no_new_children()
