@@ -1,6 +1,6 @@
-"""The engine with 2 trainer ranks (`rlhf-engine ppo --nproc 2`) and 2 generator processes: a run completes
-with sharded checkpoints, resumes at another world size (a plain single-process run's checkpoints too, and
-back), bad input is refused before anything starts. Every process the run starts carries a marker in its
+"""The engine with 2 trainer ranks (`rlhf-engine ppo --nproc 2`): a run resumes at another world size (a plain
+single-process run's checkpoints too, and back), bad input is refused before anything starts (a run on 2 ranks
+with 2 generators and a sharded checkpoint at every step: `test_multinode.py`). Every process the run starts carries a marker in its
 environment, so the tests can check that none is left, orphans included. Faults on ranks: `test_rank_faults.py`."""
 
 from __future__ import annotations
@@ -25,22 +25,6 @@ from tests.distributed.engine_runs import (
     ppo_cmd,
     write_config,
 )
-
-
-def test_two_ranks_two_generators_complete_with_sharded_checkpoints(tmp_path, files):
-    config = write_config(tmp_path, files, total_steps=2, save_steps=1)
-    mark = uuid.uuid4().hex
-    proc = run_group(ppo_cmd(config, "--nproc", "2"), timeout=240, env={MARK: mark})
-    assert proc.returncode == 0, proc.stdout[-6000:]
-    assert "ppo: 2 steps" in proc.stdout
-    run = tmp_path / "run"
-    assert metric_steps(run) == [1, 2]
-    for step in (1, 2):
-        ckpt = run / "checkpoints" / f"step-{step:08d}"
-        assert (ckpt / "dcp" / ".metadata").is_file() and (ckpt / "policy" / "model.safetensors").is_file()
-        assert len(list((ckpt / "dcp").glob("*.distcp"))) == 2  # one shard file per rank
-    assert_none_left(mark)
-
 
 PLAIN = dict(mode="sync", num_generators=1, save_steps=1, keep_last=3)
 

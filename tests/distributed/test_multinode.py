@@ -1,6 +1,7 @@
 """Multi-node launch, simulated on this host: two torchrun agents (`--nnodes 2`, one rank each, c10d
-rendezvous over loopback), as a user starts them on two trainer nodes. The run completes on both; rank 0
-(node 0) owns the generators and the run's files; nothing is left running."""
+rendezvous over loopback), as a user starts them on two trainer nodes, with 2 async generators. The run completes
+on both with a sharded checkpoint at every step; rank 0 (node 0) owns the generators and the run's files; nothing is
+left running."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def free_port() -> int:
 
 
 def test_two_torchrun_nodes_complete_a_run(tmp_path, files):
-    config = write_config(tmp_path, files, total_steps=2, save_steps=2)
+    config = write_config(tmp_path, files, total_steps=2, save_steps=1)
     mark = uuid.uuid4().hex
     port = free_port()
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
@@ -43,5 +44,8 @@ def test_two_torchrun_nodes_complete_a_run(tmp_path, files):
     assert "ppo: 2 steps" in outs[0] + outs[1]
     assert "connected from" in outs[0] and "connected from" not in outs[1]  # the generators talk to rank 0 only
     assert metric_steps(tmp_path / "run") == [1, 2]
-    assert len(list((tmp_path / "run" / "checkpoints" / "step-00000002" / "dcp").glob("*.distcp"))) == 2
+    for step in (1, 2):
+        ckpt = tmp_path / "run" / "checkpoints" / f"step-{step:08d}"
+        assert (ckpt / "dcp" / ".metadata").is_file() and (ckpt / "policy" / "model.safetensors").is_file()
+        assert len(list((ckpt / "dcp").glob("*.distcp"))) == 2  # one shard file per rank
     assert_none_left(mark)

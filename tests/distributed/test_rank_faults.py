@@ -1,8 +1,7 @@
 """Faults of a run on 2 trainer ranks (`rlhf-engine ppo --nproc 2`), as a user meets them: a generator killed (it
-is replaced from the newest weights and the run completes), an exception on rank 0 or rank 1 and a SIGKILLed
-rank 1 (every rank ends within seconds, not at the collective timeout, nothing is left running, and `--resume`
-continues exactly, on the same or another world size), and torchrun restarting the ranks by itself
-(`engine.trainer_restarts`). "Exactly" is against one uninterrupted run: the same prompts at every step, and the
+is replaced from the newest weights and the run completes), an exception on rank 1 and a SIGKILLed rank 1 (every rank
+ends within seconds, not at the collective timeout, nothing is left running, and `--resume` continues exactly),
+and torchrun restarting the ranks by itself after an exception on rank 0 (`engine.trainer_restarts`). "Exactly" is against one uninterrupted run: the same prompts at every step, and the
 same weights, Adam moments, scheduler, KL controller and data position at the end (sync mode, fp32 tiny model).
 Each test prints the time from the fault to the run's exit or recovery."""
 
@@ -128,47 +127,41 @@ def test_generator_killed_under_two_ranks_is_replaced_from_the_newest_weights(tm
     assert not our_shm_files(pids)
 
 
-@pytest.mark.parametrize("rank", [1, 0], ids=["rank1", "rank0"])
-def test_an_exception_on_one_rank_ends_every_rank_and_the_run_resumes_exactly(tmp_path, files, straight, rank):
-    """The reward function raises on `rank` in step 3 (on rank 0 in the middle of the step's collectives): every
-    rank ends within seconds, the error and the failing rank are named, nothing is left. Rank 1's case then
-    continues the step-2 checkpoint on one process to the uninterrupted run's end. (A checkpoint of 2 ranks
-    continuing on 2 ranks exactly: `test_trainer_restarts_...` here, and `--resume` onto 2 ranks:
-    test_engine_ranks.py's `test_plain_run_resumes_on_two_ranks_and_back`; the same checkpoint is written
-    whichever rank failed.)"""
+def assert_named_failure(out: str, rank: int) -> None:
+    """The run's output names the injected exception and the rank it was raised on (ours and torchrun's)."""
+    cause = f"RuntimeError: injected fault on rank {rank} at call 3"
+    if rank == 1:
+        assert f"rlhf-engine ppo: trainer rank 1 failed: {cause}" in out, out[-6000:]
+    else:
+        assert f"trainer rank 1 stopped: trainer rank 0 failed: {cause}" in out, out[-6000:]
+    assert re.search(rf"Root Cause \(first observed failure\):\n\[0\]:\n.*\n.*\n\s+rank\s+: {rank} ", out), out[-3000:]
+
+
+def test_an_exception_on_one_rank_ends_every_rank_and_names_the_checkpoint_to_resume(tmp_path, files):
+    """The reward function raises on rank 1 in step 3: every rank ends within seconds, the error and the failing
+    rank are named with the `--resume` that continues, nothing is left, the step-2 checkpoint is whole. (An exception
+    on rank 0, in the middle of the step's collectives, and the exact continuation from the newest checkpoint:
+    `test_trainer_restarts_...`; a checkpoint of 2 ranks continued on one process or on 2: test_engine_ranks.py's
+    `test_plain_run_resumes_on_two_ranks_and_back`.)"""
     mark = uuid.uuid4().hex
     config = config_for(tmp_path, files)
     run, log = tmp_path / "run", tmp_path / "log"
     pids: list[int] = []
-    proc = start(ppo_cmd(config, "--nproc", "2"), run_env(log, mark, FAULT_RANK=rank, FAULT_CALL=3))
+    proc = start(ppo_cmd(config, "--nproc", "2"), run_env(log, mark, FAULT_RANK=1, FAULT_CALL=3))
     wait_for_step(proc, run, 1)
     pids = run_pids(mark)
     out = finish(proc, timeout=240)
     ended = time.time()
     seconds = ended - float((log / "fault-time").read_text())
     assert proc.returncode != 0
-    cause = f"RuntimeError: injected fault on rank {rank} at call 3"
-    if rank == 1:
-        assert (f"rlhf-engine ppo: trainer rank 1 failed: {cause}; continue with --resume {run} "
-                "(newest checkpoint: step 2)") in out, out[-6000:]
-    else:
-        assert f"trainer rank 1 stopped: trainer rank 0 failed: {cause}" in out, out[-6000:]
-    assert re.search(rf"Root Cause \(first observed failure\):\n\[0\]:\n.*\n.*\n\s+rank\s+: {rank} ", out), out[-3000:]
-    print(f"\nexception on rank {rank} in step 3 -> every rank ended {seconds:.1f} s later "
+    assert_named_failure(out, rank=1)
+    assert (f"failed: RuntimeError: injected fault on rank 1 at call 3; continue with --resume {run} "
+            "(newest checkpoint: step 2)") in out, out[-6000:]
+    print(f"\nexception on rank 1 in step 3 -> every rank ended {seconds:.1f} s later "
           f"(collective timeout {COLLECTIVE_TIMEOUT_S:.0f} s)")
     assert_none_left(mark)
     assert not our_shm_files(pids)
     assert metric_steps(run) == [1, 2] and ckpt(run, 2).is_dir() and not ckpt(run, 3).exists()
-    if rank == 0:
-        return
-
-    proc = run_group(ppo_cmd(config, "--resume", str(run)), timeout=240,
-                     env=run_env(tmp_path / "log-resumed", mark))
-    assert proc.returncode == 0, proc.stdout[-6000:]
-    assert metric_steps(run) == [1, 2, 3]
-    assert_same_checkpoint(ckpt(straight[0], 3), ckpt(run, 3))
-    assert faults.steps(log)[:2] + faults.steps(tmp_path / "log-resumed") == straight[1]
-    assert_none_left(mark)
 
 
 @pytest.mark.slow  # torchrun's own handling of a dead rank; the failure channel's cases run by default
@@ -205,13 +198,15 @@ def test_a_killed_rank_stops_the_whole_job_and_the_run_resumes_exactly(tmp_path,
 
 
 def test_trainer_restarts_bring_a_failed_rank_back_from_the_newest_checkpoint(tmp_path, files, straight):
-    """`engine.trainer_restarts: 1`: rank 1 fails in step 3, the job starts again by itself from the step-2
-    checkpoint and ends where the uninterrupted run does."""
+    """`engine.trainer_restarts: 1`: rank 0 fails in step 3, in the middle of the step's collectives; every rank
+    ends, the failure is named, and the job starts again by itself from the step-2 checkpoint and ends exactly
+    where the uninterrupted run does."""
     mark = uuid.uuid4().hex
     config = config_for(tmp_path, files, trainer_restarts=1)
     run, log = tmp_path / "run", tmp_path / "log"
-    proc = run_group(ppo_cmd(config, "--nproc", "2"), timeout=300, env=run_env(log, mark, FAULT_RANK=1, FAULT_CALL=3))
+    proc = run_group(ppo_cmd(config, "--nproc", "2"), timeout=300, env=run_env(log, mark, FAULT_RANK=0, FAULT_CALL=3))
     assert proc.returncode == 0, proc.stdout[-6000:]
+    assert_named_failure(proc.stdout, rank=0)
     assert f"the trainer ranks failed (exit 1); restart 1 of 1 from {ckpt(run, 2)}" in proc.stdout, proc.stdout[-6000:]
     assert metric_steps(run) == [1, 2, 3]
     assert_same_checkpoint(ckpt(straight[0], 3), ckpt(run, 3))

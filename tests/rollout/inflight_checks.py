@@ -6,6 +6,9 @@
 - recompute: the same switch; the tokens after it have exactly the new weights' log-probs (KV computed again).
 - salt: a request added after an update, with the prompt of a request still running on the old weights' KV
   blocks, gets the new weights' log-probs (a prefix-cache hit on the old blocks would not).
+
+The engine is vLLM's default for the generator, in this process: every update loads the received tensors
+straight into it, with no staging copy (the caller checks that STAGING_DIR stays empty).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def check_update(gen, reference, batch, mode: str, seed: int) -> None:
     landed = done_before.pop()
     new = perturbed_state(reference, scale=0.05, seed=seed)
     assert gen.update_weights(v + 1, new)
+    assert gen.last_update_s[0] == 0.0  # no staging copy
     if mode == "recompute":
         assert gen.recompute() == len(batch)
     samples = [s for _, s in run_until(gen)]
@@ -77,6 +81,7 @@ def main(model_dir: str, staging: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     config = GeneratorConfig(model=model_dir, backend="vllm", max_model_len=256, kv_cache_bytes=1 << 26,
                              staging_dir=staging, max_inflight=16, inflight_update="keep")
+    assert not config.vllm_in_processes
     with VLLMGenerator(config) as gen:
         batch = prompts(tokenizer, 3)
         check_update(gen, reference, batch, "keep", seed=21)

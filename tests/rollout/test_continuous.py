@@ -52,13 +52,15 @@ def test_submissions_sample_what_generate_samples(vllm_generator, tokenizer):
 
 def test_updates_between_decode_steps(tiny_model_dir, tmp_path):
     """`keep`, `recompute` and cache salts on an in-process engine (`tests/rollout/inflight_checks.py`), in a
-    child process: in process, vLLM takes over torch.set_num_threads."""
+    child process: in process, vLLM takes over torch.set_num_threads. Its updates load the received tensors
+    straight into the engine: nothing is staged."""
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-m", "tests.rollout.inflight_checks", tiny_model_dir, str(tmp_path)],
                           cwd=root, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(root)})
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "keep: ok" in proc.stdout and "recompute: ok" in proc.stdout and "salt: ok" in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing staged
 
 
 def test_recompute_needs_a_backend_that_can_and_max_inflight_a_group(tiny_model_dir):
