@@ -78,7 +78,7 @@ def read_dcp_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def files(tmp_path_factory):
     """(tiny policy folder, 64 synthetic prompts as JSONL) for engine runs on ranks."""
     root = tmp_path_factory.mktemp("engine_ranks")
@@ -86,3 +86,27 @@ def files(tmp_path_factory):
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in synthetic.prompts(64, seed=0)))
     return policy, prompts
+
+
+STRAIGHT_STEPS = 3
+
+
+@pytest.fixture(scope="session")
+def straight(tmp_path_factory, files) -> tuple[Path, list[list[str]]]:
+    """An uninterrupted plain single-process run (no torchrun; sync, one generator, the fault tests' reward without
+    a fault) of STRAIGHT_STEPS steps with a checkpoint after each: its run folder and each step's sorted prompts
+    (`tests.helpers.faults.steps`). Runs on 2 ranks that resume, restart or lose a generator end where it does
+    (a plain run and a run on ranks train the same: `test_engine_ranks.py`, `test_ppo_ranks.py`)."""
+    from tests.distributed.engine_runs import ppo_cmd, write_config
+    from tests.helpers import faults
+
+    root = tmp_path_factory.mktemp("straight")
+    config = write_config(root, files, reward_fn="tests.helpers.faults:scores", mode="sync", num_generators=1,
+                          save_steps=1, keep_last=STRAIGHT_STEPS, total_steps=STRAIGHT_STEPS)
+    (root / "log").mkdir()
+    proc = run_group(ppo_cmd(config), timeout=180,
+                     env={"FAULT_LOG": str(root / "log"), "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    steps = faults.steps(root / "log")
+    assert len(steps) == STRAIGHT_STEPS and all(len(s) == 8 for s in steps)
+    return root / "run", steps

@@ -29,21 +29,12 @@ from tests.distributed.engine_runs import (
 PLAIN = dict(mode="sync", num_generators=1, save_steps=1, keep_last=3)
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory, files) -> Path:
-    """An uninterrupted plain single-process run (no torchrun) of 3 steps with a checkpoint after each; its
-    run folder."""
-    root = tmp_path_factory.mktemp("straight")
-    proc = run_group(ppo_cmd(write_config(root, files, total_steps=3, **PLAIN)), timeout=180)
-    assert proc.returncode == 0, proc.stdout[-6000:]
-    return root / "run"
-
-
 def test_plain_run_resumes_on_two_ranks_and_back(tmp_path, files, straight):
     """A plain single-process run writes the same sharded checkpoints as a run on ranks: its step-1 checkpoint
     continues on 2 ranks, whose step-2 checkpoint continues on one plain process again; each ends where the
-    uninterrupted plain run is (sync mode, transformers generator, fp32 tiny model)."""
-    a = straight / "checkpoints"
+    uninterrupted plain run is (conftest's `straight`: sync mode, transformers generator, fp32 tiny model)."""
+    straight_run, _ = straight
+    a = straight_run / "checkpoints"
     # 1 -> 2: the plain run's step-1 checkpoint on 2 ranks for step 2
     on_two = write_config(tmp_path / "b", files, total_steps=2, **PLAIN)
     proc = run_group(ppo_cmd(on_two, "--nproc", "2", "--resume", str(a / "step-00000001")), timeout=240)
@@ -61,7 +52,7 @@ def test_plain_run_resumes_on_two_ranks_and_back(tmp_path, files, straight):
     assert_same_checkpoint(a / "step-00000003", c / "step-00000003")
     assert max_diff(policy_weights(a / "step-00000001"), policy_weights(a / "step-00000003")) > 1e-3  # not vacuous
     for run, step in (("b", 2), ("c", 3)):
-        assert_same_metrics(straight, tmp_path / run / "run", step)
+        assert_same_metrics(straight_run, tmp_path / run / "run", step)
 
 
 def assert_same_metrics(straight: Path, resumed: Path, step: int) -> None:

@@ -1,8 +1,9 @@
 """Faults of a run on 2 trainer ranks (`rlhf-engine ppo --nproc 2`), as a user meets them: a generator killed (it
 is replaced from the newest weights and the run completes), an exception on rank 1 and a SIGKILLed rank 1 (every rank
 ends within seconds, not at the collective timeout, nothing is left running, and `--resume` continues exactly),
-and torchrun restarting the ranks by itself after an exception on rank 0 (`engine.trainer_restarts`). "Exactly" is against one uninterrupted run: the same prompts at every step, and the
-same weights, Adam moments, scheduler, KL controller and data position at the end (sync mode, fp32 tiny model).
+and torchrun restarting the ranks by itself after an exception on rank 0 (`engine.trainer_restarts`). "Exactly" is
+against one uninterrupted run (a plain one, conftest's `straight`): the same prompts at every step, and the same
+weights, Adam moments, scheduler, KL controller and data position at the end (sync mode, fp32 tiny model).
 Each test prints the time from the fault to the run's exit or recovery."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.conftest import run_group
+from tests.distributed.conftest import STRAIGHT_STEPS, run_group
 from tests.distributed.engine_runs import (
     MARK,
     assert_none_left,
@@ -33,7 +34,7 @@ from tests.helpers.waiting import wait_until
 
 REPO = str(Path(__file__).resolve().parents[2])
 FAULTY = "tests.helpers.faults:scores"
-STEPS = 3
+STEPS = STRAIGHT_STEPS
 RUN = dict(mode="sync", num_generators=1, save_steps=1, keep_last=STEPS, total_steps=STEPS)
 COLLECTIVE_TIMEOUT_S = 600.0
 """`trainer.timeout_s` of these runs: a rank left waiting in a collective would hold the run this long, far past
@@ -60,18 +61,6 @@ def our_shm_files(mark_pids: list[int]) -> list[str]:
 def run_pids(mark: str) -> list[int]:
     """The ranks and generators of a run (their shared-memory files carry their pids)."""
     return [pid for pid in marked_processes(mark) if b"rlhf_engine" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory, files) -> tuple[Path, list[list[str]]]:
-    """An uninterrupted run on 2 ranks with a checkpoint after each step: its run folder and each step's prompts."""
-    root = tmp_path_factory.mktemp("straight")
-    proc = run_group(ppo_cmd(config_for(root, files), "--nproc", "2"), timeout=240,
-                     env=run_env(root / "log", uuid.uuid4().hex))
-    assert proc.returncode == 0, proc.stdout[-6000:]
-    steps = faults.steps(root / "log")
-    assert len(steps) == STEPS and all(len(s) == 8 for s in steps)
-    return root / "run", steps
 
 
 def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
