@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,18 +64,18 @@ def test_async_run_with_vllm_generator(tmp_path, policy_dir, prompts_file, asser
 
 
 def test_sync_resume_is_bit_exact(tmp_path, policy_dir, prompts_file, assert_no_new_children):
-    straight = run_config(tmp_path / "a", policy_dir, prompts_file, backend="transformers", total_steps=3, mode="sync")
+    straight = run_config(tmp_path / "a", policy_dir, prompts_file, backend="transformers", total_steps=3, mode="sync",
+                          save_steps=1)
     with RLHFEngine(straight) as engine:
         history = engine.train()
     assert all(h["off_policy/staleness_max"] == 0 for h in history)
+    assert [p.name for p in list_checkpoints(tmp_path / "a" / "run")] == ["step-00000002", "step-00000003"]  # keep_last
 
+    # the same run stopped after step 3 was logged, before its checkpoint was written: it resumes from step 2
+    shutil.copytree(tmp_path / "a" / "run", tmp_path / "b" / "run")
+    shutil.rmtree(tmp_path / "b" / "run" / "checkpoints" / "step-00000003")
     interrupted = run_config(tmp_path / "b", policy_dir, prompts_file, backend="transformers", total_steps=3,
                              mode="sync", save_steps=1)
-    with RLHFEngine(interrupted) as engine:
-        engine.train(steps=2)  # stop after step 2 (checkpoints at 1 and 2)
-    assert [p.name for p in list_checkpoints(tmp_path / "b" / "run")] == ["step-00000001", "step-00000002"]
-    with open(tmp_path / "b" / "run" / "metrics.jsonl", "a") as f:  # a step 3 logged before the interruption
-        f.write('{"step": 3, "time": 0}\n')
     with RLHFEngine(interrupted, resume=tmp_path / "b" / "run") as engine:
         assert engine.step == 2
         engine.train()

@@ -123,7 +123,7 @@ def test_a_generator_killed_mid_episode_loses_nothing(tmp_path, chat_policy, ass
 
 
 def test_lockstep_env_run_resumes_bit_exact(tmp_path, chat_policy, assert_no_new_children):
-    """A run of episodes stopped after step 2 and resumed trains the same weights as one run straight through
+    """A run of episodes resumed from its step-2 checkpoint trains the same weights as the run straight through
     (sync mode, lockstep turns: which episodes share a `generate` call depends only on the episodes)."""
     from safetensors.torch import load_file
 
@@ -131,15 +131,14 @@ def test_lockstep_env_run_resumes_bit_exact(tmp_path, chat_policy, assert_no_new
 
     environment = {"name": "rlhf_engine.envs.guess_number:GuessNumber", "kwargs": {"max_guesses": 3},
                    "lockstep": True}
-    straight = env_config(tmp_path / "a", chat_policy, "transformers", environment, total_steps=3)
+    straight = env_config(tmp_path / "a", chat_policy, "transformers", environment, total_steps=3, save_steps=1)
     straight.engine.mode = "sync"
     with RLHFEngine(straight) as engine:
         engine.train()
-    interrupted = env_config(tmp_path / "b", chat_policy, "transformers", environment, total_steps=3, save_steps=1)
-    interrupted.engine.mode = "sync"
-    with RLHFEngine(interrupted) as engine:
-        engine.train(steps=2)
-    with RLHFEngine(interrupted, resume=tmp_path / "b" / "run") as engine:
+    # its step-2 checkpoint continued by another run
+    resumed = env_config(tmp_path / "b", chat_policy, "transformers", environment, total_steps=3, save_steps=1)
+    resumed.engine.mode = "sync"
+    with RLHFEngine(resumed, resume=tmp_path / "a" / "run" / "checkpoints" / "step-00000002") as engine:
         assert engine.step == 2
         engine.train()
     assert_no_new_children()

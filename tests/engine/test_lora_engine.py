@@ -23,14 +23,13 @@ def lora_run(tmp_path, policy_dir, prompts_file, **engine):
 
 
 def test_lora_engine_resume_gives_the_same_adapters(tmp_path, policy_dir, prompts_file, assert_no_new_children):
-    with RLHFEngine(lora_run(tmp_path / "a", policy_dir, prompts_file)) as engine:
+    with RLHFEngine(lora_run(tmp_path / "a", policy_dir, prompts_file, save_steps=1)) as engine:
         history = engine.train()
         assert engine.trainer.lora and engine.trainer.policy_version == 2
     assert [h["ppo/optimizer_steps"] for h in history] == [2.0, 2.0]  # 8 samples in minibatches of 4
-    interrupted = lora_run(tmp_path / "b", policy_dir, prompts_file, save_steps=1)
-    with RLHFEngine(interrupted) as engine:
-        engine.train(steps=1)
-    with RLHFEngine(interrupted, resume=tmp_path / "b" / "run") as engine:
+    # its step-1 checkpoint continued by another run
+    resumed = lora_run(tmp_path / "b", policy_dir, prompts_file, save_steps=1)
+    with RLHFEngine(resumed, resume=tmp_path / "a" / "run" / "checkpoints" / "step-00000001") as engine:
         assert engine.step == 1 and engine.trainer.policy_version == 1
         engine.train()
     assert_no_new_children()
