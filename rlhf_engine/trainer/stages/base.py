@@ -4,9 +4,11 @@ optimizer-step loop with gradient accumulation, evaluation cadence, HF-folder ch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
+from rlhf_engine.common.dtypes import cpu_has_native_bf16
 from rlhf_engine.data.records import DataStats
 from rlhf_engine.models.lora import LoraConfig, apply_lora, is_lora
 from rlhf_engine.telemetry.metrics import MetricsLogger
@@ -82,6 +85,11 @@ class StageConfig:
     """Seed for initialisation, shuffling and the eval split."""
     device: str = "auto"
     """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    bf16: bool = False
+    """Mixed precision: the model's forward passes (the DPO reference's too) run under `torch.autocast` in
+    bfloat16 on the stage's device; weights, gradients, optimizer state and the saved model stay fp32, and the
+    losses are computed in fp32 from the bf16 outputs. On a CPU without AVX-512 BF16 or AMX torch emulates bf16,
+    slower than fp32 (a warning says so)."""
     lora: LoraConfig | None = None
     """Train LoRA adapters on the frozen model (`{r: 16, alpha: 32, target_modules: [q_proj, ...]}`, see
     `rlhf_engine.models.lora.LoraConfig`; a reward model's score head trains fully). The saved folder is then
@@ -307,6 +315,9 @@ class StageTrainer:
         self.config = config
         seed_everything(config.seed)  # a fresh head of a loaded model (the reward model's score) is random
         self.device = resolve_device(config.device)
+        if config.bf16 and self.device.type == "cpu" and not cpu_has_native_bf16():
+            warnings.warn(f"{type(config).__name__}.bf16 on a CPU without AVX-512 BF16 or AMX: torch emulates bf16 "
+                          "here, which is slower than fp32", RuntimeWarning, stacklevel=3)
         if (tokenizer is None or model is None) and not config.model_name_or_path:
             raise ValueError(f"{type(config).__name__}.model_name_or_path is empty and no model/tokenizer was passed")
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_name_or_path)
@@ -317,6 +328,13 @@ class StageTrainer:
         self.train_data, self.eval_data, self.data_stats = train_eval_datasets(
             config, self.tokenizer, build, train_dataset, eval_dataset)
         self.log_history = []
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """The context of every forward pass: `torch.autocast` in bfloat16 on the stage's device with
+        `config.bf16`, else nothing."""
+        if not self.config.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def train(self) -> dict[str, float]:
         """Run the configured steps, save the model to `output_dir`, return the final metrics

@@ -100,8 +100,9 @@ class DPOTrainer(StageTrainer):
     def _reference_logps(self, ref_model, pairs: list[TokenizedPair]) -> torch.Tensor:
         out = []
         for batch in self._batches(pairs, self.config.per_device_eval_batch_size, None):
-            logps = sequence_logps(ref_model, self._on_device(batch), average=self._average,
-                                   from_hidden=self.config.logprobs_from_hidden)  # [2B]
+            with self._autocast():
+                logps = sequence_logps(ref_model, self._on_device(batch), average=self._average,
+                                       from_hidden=self.config.logprobs_from_hidden)  # [2B] fp32
             out.append(torch.stack(logps.chunk(2), dim=1).cpu())  # [B, 2]
         return torch.cat(out) if out else torch.empty(0, 2)
 
@@ -120,8 +121,9 @@ class DPOTrainer(StageTrainer):
         return {k: v.to(self.device) for k, v in batch.items() if k != "index"}
 
     def _losses(self, batch: dict[str, torch.Tensor], ref: torch.Tensor):
-        logps = sequence_logps(self.model, self._on_device(batch), average=self._average,
-                               from_hidden=self.config.logprobs_from_hidden)  # [2B]
+        with self._autocast():
+            logps = sequence_logps(self.model, self._on_device(batch), average=self._average,
+                                   from_hidden=self.config.logprobs_from_hidden)  # [2B] fp32
         policy_chosen, policy_rejected = logps.chunk(2)
         ref_logps = ref[batch["index"]].to(self.device)  # [B, 2] cached reference log-probs of these pairs
         losses, chosen_r, rejected_r = dpo_loss(policy_chosen, policy_rejected, ref_logps[:, 0], ref_logps[:, 1],

@@ -70,8 +70,9 @@ class RewardTrainer(StageTrainer):
 
     def rewards(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards (r_chosen [B], r_rejected [B]) of a `preference_batch`, in one forward pass."""
-        scores = self.model(input_ids=batch["input_ids"].to(self.device),
-                            attention_mask=batch["attention_mask"].to(self.device), use_cache=False).logits
+        with self._autocast():
+            scores = self.model(input_ids=batch["input_ids"].to(self.device),
+                                attention_mask=batch["attention_mask"].to(self.device), use_cache=False).logits
         scores = scores[:, 0].float()  # [2B]
         half = scores.shape[0] // 2
         return scores[:half], scores[half:]

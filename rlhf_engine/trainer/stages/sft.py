@@ -55,10 +55,12 @@ class SFTTrainer(StageTrainer):
         batch = {k: v.to(self.device) for k, v in batch.items()}
         labels = batch.pop("labels")
         if self.config.logprobs_from_hidden:  # no [B, T, V] logits
-            logp = next_token_logprobs_from_hidden(self.model, batch, labels)  # [B, T - 1], 0 where not scored
+            with self._autocast():
+                logp = next_token_logprobs_from_hidden(self.model, batch, labels)  # [B, T - 1], 0 where not scored
             return -logp.sum(), (labels[:, 1:] != IGNORE_INDEX).sum()
-        # use_cache=False: with a cache, transformers ignores packed position ids when building the mask
-        logits = self.model(**batch, use_cache=False).logits  # [B, T, V]
+        with self._autocast():
+            # use_cache=False: with a cache, transformers ignores packed position ids when building the mask
+            logits = self.model(**batch, use_cache=False).logits  # [B, T, V]
         return causal_lm_loss_sum(logits, labels)
 
     def _step(self, group: list[dict]) -> dict[str, float]:
