@@ -2,10 +2,12 @@
 
 `TORCH_DTYPES` maps our dtype names to torch dtypes (the wire's allow-list), `DTYPE_NAMES` is its
 inverse, and `SAFETENSORS_DTYPES` maps the codes in safetensors headers to our names. `cpu_has_native_bf16`
-says whether this CPU computes bf16 in hardware.
+says whether this CPU computes bf16 in hardware; `warn_if_bf16_is_emulated` warns a bf16 switch that will not pay.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -33,3 +35,10 @@ def cpu_has_native_bf16() -> bool:
     without it torch emulates bf16 on the CPU, slower than fp32."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def warn_if_bf16_is_emulated(setting: str, device: torch.device) -> None:
+    """A `RuntimeWarning` naming `setting` (a bf16 switch that is on) when `device` is a CPU that emulates bf16."""
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn(f"{setting} on a CPU without AVX-512 BF16 or AMX: torch emulates bf16 here, which is slower "
+                      "than fp32", RuntimeWarning, stacklevel=3)

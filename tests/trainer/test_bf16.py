@@ -88,7 +88,7 @@ def test_ppo_step_in_bf16_is_the_fp32_step_up_to_rounding(make_lm, tokenizer, pa
 
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_on_a_cpu_without_bf16_hardware_warns(make_lm, tokenizer, monkeypatch, native, recwarn):
-    monkeypatch.setattr("rlhf_engine.trainer.ppo.trainer.cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr("rlhf_engine.common.dtypes.cpu_has_native_bf16", lambda: native)
     PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=2, bf16=True), AutoModelForCausalLMWithValueHead(make_lm()),
                tokenizer=tokenizer)
     emulated = [w for w in recwarn if "emulates bf16" in str(w.message)]

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from rlhf_engine.common.dtypes import cpu_has_native_bf16
+from rlhf_engine.common.dtypes import warn_if_bf16_is_emulated
 from rlhf_engine.data.samples import SampleBatch
 from rlhf_engine.distributed import Comm, DistributedConfig, check_divisible, is_sharded, shard_model
 from rlhf_engine.distributed.dcp import implementation_kept
@@ -135,9 +135,8 @@ class PPOTrainer:
         if self.pad_token_id is None:
             raise ValueError("no pad_token_id: the tokenizer and the model config both lack one")
         self.device = next(model.parameters()).device
-        if config.bf16 and self.device.type == "cpu" and not cpu_has_native_bf16():
-            warnings.warn("ppo.bf16 on a CPU without AVX-512 BF16 or AMX: torch emulates bf16 here, which is "
-                          "slower than fp32", RuntimeWarning, stacklevel=2)
+        if config.bf16:
+            warn_if_bf16_is_emulated("ppo.bf16", self.device)
         self.layout = pass_layout(config.packing, causal_lm(model), self.ref_model, value_model, self.reward_model,
                                   config.logprobs_from_hidden, config.share_prompts,
                                   torch.bfloat16 if config.bf16 else None)

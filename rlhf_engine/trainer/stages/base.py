@@ -8,7 +8,6 @@ import contextlib
 import logging
 import math
 import random
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
-from rlhf_engine.common.dtypes import cpu_has_native_bf16
+from rlhf_engine.common.dtypes import warn_if_bf16_is_emulated
 from rlhf_engine.data.records import DataStats
 from rlhf_engine.models.lora import LoraConfig, apply_lora, is_lora
 from rlhf_engine.telemetry.metrics import MetricsLogger
@@ -315,9 +314,8 @@ class StageTrainer:
         self.config = config
         seed_everything(config.seed)  # a fresh head of a loaded model (the reward model's score) is random
         self.device = resolve_device(config.device)
-        if config.bf16 and self.device.type == "cpu" and not cpu_has_native_bf16():
-            warnings.warn(f"{type(config).__name__}.bf16 on a CPU without AVX-512 BF16 or AMX: torch emulates bf16 "
-                          "here, which is slower than fp32", RuntimeWarning, stacklevel=3)
+        if config.bf16:
+            warn_if_bf16_is_emulated(f"{type(config).__name__}.bf16", self.device)
         if (tokenizer is None or model is None) and not config.model_name_or_path:
             raise ValueError(f"{type(config).__name__}.model_name_or_path is empty and no model/tokenizer was passed")
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_name_or_path)
