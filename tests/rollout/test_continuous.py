@@ -135,12 +135,15 @@ def _serve(gen, tmp_path, batches, n_rollouts, *, max_inflight=6, max_staleness=
 
 def test_continuous_loop_sends_each_group_as_it_finishes(tmp_path, vllm_generator, tokenizer):
     """Two batches over a real transport: every prompt gets its n samples, sent group by group as they finish
-    (a long group does not hold up the short ones), with the trainer's prompt ids; the loop ends on shutdown."""
+    (a long group does not hold up the short ones), with the trainer's prompt ids; the loop ends on shutdown.
+    Room for every group at once: the engine decodes in its own process, so with less room the order would also
+    depend on how soon the loop refills it, i.e. on the machine's load."""
     from rlhf_engine.transport import PromptBatch
 
     gen, batch = vllm_generator, prompts(tokenizer, 4)
     got, stats = _serve(gen, tmp_path, [PromptBatch(0, [10, 11, 12, 13], batch, gen.version, max_new_tokens=[48, 4, 4, 4]),
-                                        PromptBatch(1, [20, 21], batch[:2], gen.version, max_new_tokens=[4, 4])], 12)
+                                        PromptBatch(1, [20, 21], batch[:2], gen.version, max_new_tokens=[4, 4])], 12,
+                        max_inflight=12)
     assert sorted(r.prompt_id for r in got) == sorted([10, 11, 12, 13, 20, 21] * 2)
     assert len({r.sample_id for r in got}) == 12
     arrival = [r.prompt_id for r in got]
