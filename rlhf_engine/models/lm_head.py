@@ -30,7 +30,9 @@ class HiddenLogprobHead(nn.Module):
 
     lm_head: the model's `nn.Linear` [V, H] head; labels [...] (IGNORE_INDEX: not scored, 0 there);
     select: hidden states as the model hands them to its head ([B, K, H]) -> [..., H] aligned with `labels`.
-    forward returns [..., 2] fp32: log-prob and entropy (0 when `with_entropy` is False).
+    forward returns [..., 2] fp32: log-prob and entropy (0 when `with_entropy` is False). Under `torch.autocast`
+    the head's matmuls run in the autocast dtype, as the model's `nn.Linear` head would (its weight gradient
+    then accumulates over the token chunks in that dtype, `logprobs_from_hidden`); in the weight's dtype otherwise.
     """
 
     def __init__(self, lm_head: nn.Linear, labels: torch.Tensor, select: Callable[[torch.Tensor], torch.Tensor],
@@ -46,8 +48,12 @@ class HiddenLogprobHead(nn.Module):
         h = self.select(hidden)  # [..., H]
         if self.labels.numel() == 0:  # no scored token (a micro-batch of dropped samples): zeros on the graph
             return h[..., :2].float() * 0.0
-        weight = self.lm_head.weight
-        out = logprobs_from_hidden(h.to(weight.dtype), weight, self.labels, bias=self.lm_head.bias,
+        weight, bias = self.lm_head.weight, self.lm_head.bias
+        # the head's matmuls in the dtype an nn.Linear would get (autocast does not reach the custom op)
+        kind = h.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
+        out = logprobs_from_hidden(h.to(dtype), weight.to(dtype), self.labels,
+                                   bias=bias.to(dtype) if bias is not None else None,
                                    temperature=self.temperature, ignore_index=IGNORE_INDEX,
                                    return_entropy=self.with_entropy)
         logp, entropy = out if self.with_entropy else (out, torch.zeros_like(out))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from rlhf_engine.models.value_head import AutoModelForCausalLMWithValueHead
+from rlhf_engine.ops import logprobs_from_hidden
 from rlhf_engine.trainer.ppo.config import PPOConfig
 from rlhf_engine.trainer.ppo.experience import forward_policy, make_token_batch
 from rlhf_engine.trainer.ppo.trainer import PPOTrainer
@@ -26,8 +27,25 @@ def _matmul_dtypes(model: torch.nn.Module) -> tuple[list[torch.dtype], list[torc
     return seen, hooks
 
 
+def _head_op_dtypes(monkeypatch) -> list[tuple[torch.dtype, torch.dtype]]:
+    """(hidden, weight) dtypes of every `logprobs_from_hidden` call of the LM head (`from_hidden`), which the
+    nn.Linear hooks do not see."""
+    from rlhf_engine.models import lm_head
+
+    seen = []
+
+    def spy(hidden, weight, *args, **kwargs):
+        seen.append((hidden.dtype, weight.dtype))
+        return logprobs_from_hidden(hidden, weight, *args, **kwargs)
+
+    monkeypatch.setattr(lm_head, "logprobs_from_hidden", spy)
+    return seen
+
+
 @pytest.mark.parametrize("from_hidden", [False, True])
-def test_bf16_pass_computes_in_bf16_and_returns_fp32_close_to_fp32(make_lm, tokenizer, pairs, from_hidden):
+def test_bf16_pass_computes_in_bf16_and_returns_fp32_close_to_fp32(make_lm, tokenizer, pairs, from_hidden,
+                                                                   monkeypatch):
+    head_ops = _head_op_dtypes(monkeypatch)
     model = AutoModelForCausalLMWithValueHead(make_lm(seed=1, layers=2))
     torch.nn.init.normal_(model.v_head.summary.weight, generator=torch.Generator().manual_seed(0))  # not all 0
     batch = make_token_batch(*pairs, tokenizer.pad_token_id, (tokenizer.eos_token_id,))
@@ -35,10 +53,14 @@ def test_bf16_pass_computes_in_bf16_and_returns_fp32_close_to_fp32(make_lm, toke
     for compute_dtype in (None, torch.bfloat16):
         model.zero_grad()
         seen, hooks = _matmul_dtypes(model)
+        head_ops.clear()
         out = forward_policy(model, batch, 0.7, with_values=True, with_entropy=True, from_hidden=from_hidden,
                              compute_dtype=compute_dtype)
         for hook in hooks:
             hook.remove()
+        seen += [dtype for op in head_ops for dtype in op]
+        assert bool(head_ops) == from_hidden
+        assert all(op == (compute_dtype or torch.float32,) * 2 for op in head_ops)  # the head's matmuls too
         (out.logp.sum() + out.values.sum() + 0.5 * out.entropy.sum()).backward()
         outs.append(out)
         dtypes.append(set(seen))
