@@ -21,6 +21,13 @@ benchmarks/results/e2e_<tag>_timeline.png.
     python benchmarks/bench_e2e.py --quick               # a tiny model, a minute or two
     python benchmarks/bench_e2e.py --variants pinned/sync,pinned/async-s1 --no-trl --no-scaling
     python benchmarks/bench_e2e.py --model /path/to/hf_folder --response-length 128
+    python benchmarks/bench_e2e.py --task arithmetic       # accuracy: SmolLM2, ours vs TRL (~25 min)
+
+`--task arithmetic` (held-out accuracy after the same samples): the SmolLM2 recipe's chat prompts, rewards and
+held-out sums (examples/smollm2_arithmetic) on the real model (`make real-model`; or --model), completions
+ending at end of turn; our grpo runs (sync and async-s1) and TRL's each save their policy after `--steps`,
+and one evaluator (benchmarks/e2e/heldout.py: greedy, vLLM, strict `#### N` accuracy) scores the base model
+and every trained one.
 """
 
 from __future__ import annotations
@@ -41,8 +48,10 @@ from e2e import analysis, report  # noqa: E402
 from e2e.workload import (  # noqa: E402
     BENCH_MODEL,
     QUICK_MODEL,
+    TASKS,
     Variant,
     Workload,
+    arithmetic_task,
     available_cpus,
     build_model,
     parse_variant,
@@ -55,33 +64,49 @@ RESULTS = HERE / "results"
 DEFAULT_VARIANTS = ("pinned/sync", "pinned/async-s1", "pinned/async-s2", "pinned/async-s1-g2",
                     "unpinned/sync", "unpinned/async-s1", "unpinned/async-s2", "unpinned/async-s1-g2")
 QUICK_VARIANTS = ("pinned/sync", "pinned/async-s1")
+REAL_MODEL = HERE.parent / ".cache" / "real-model" / "SmolLM2-135M-Instruct"
+"""Where `make real-model` writes SmolLM2-135M-Instruct: the arithmetic task's default model."""
+ARITHMETIC_DEFAULTS = {"steps": 12, "batch_size": 32, "num_generations": 8, "learning_rate": 1e-5, "kl_coef": 0.0,
+                       "variants": "none", "grpo_variants": "unpinned/sync-grpo,pinned/async-s1-grpo",
+                       "scaling": False, "padding": False, "tag": "arithmetic_cpu", "kv_cache_mib": 512}
+"""`--task arithmetic`: 12 steps of 4 prompts x 8 (384 samples), the recipe's GRPO without a KL penalty (one
+optimizer step per batch at twice the recipe's learning rate, which takes two of half the batch), our grpo
+runs and TRL's only."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="a local HF causal-LM folder (default: build the ~38 M-parameter Llama)")
+    p.add_argument("--model", help="a local HF causal-LM folder (default: build the ~38 M-parameter Llama; "
+                   "--task arithmetic: SmolLM2-135M-Instruct from `make real-model`)")
+    p.add_argument("--task", choices=TASKS, default="sentiment",
+                   help="sentiment: fixed-length completions, for throughput; arithmetic: SmolLM2's recipe, "
+                        "held-out accuracy of each trained policy (see below)")
     p.add_argument("--quick", action="store_true",
                    help="tiny model, batch 8, 8 tokens, 3 steps, pinned sync and async-s1 only, no TRL/scaling")
     p.add_argument("--variants", help=f"comma-separated variant names, or none (default: {','.join(DEFAULT_VARIANTS)})")
     p.add_argument("--steps", type=int, help="PPO steps per variant (default 6; quick 3)")
     p.add_argument("--warmup", type=int, default=1, help="leading steps left out of steady-state numbers")
     p.add_argument("--batch-size", type=int, help="samples per step (default 16; quick 8)")
-    p.add_argument("--num-generations", type=int, default=4, help="completions per prompt (GRPO group size)")
+    p.add_argument("--num-generations", type=int, help="completions per prompt (GRPO group size; default 4, "
+                   "arithmetic 8)")
     p.add_argument("--response-length", type=int, help="generated tokens per completion (default 32; quick 8)")
     p.add_argument("--ppo-epochs", type=int, default=1)
+    p.add_argument("--learning-rate", type=float, help="both sides (default 1e-4; arithmetic 1e-5)")
+    p.add_argument("--kl-coef", type=float, help="fixed KL coefficient, TRL's beta (default 0.05; arithmetic 0)")
     p.add_argument("--backend", choices=("vllm", "transformers"), default="vllm", help="our generator backend")
     p.add_argument("--bf16", action="store_true",
                    help="both sides in bf16: our trainer's passes (ppo.bf16) and vLLM (generator.dtype), TRL's bf16 "
                         "(its autocast covers training and generation)")
     p.add_argument("--logprobs-from-hidden", action="store_true", help="our ppo.logprobs_from_hidden")
-    p.add_argument("--kv-cache-mib", type=int, default=256, help="vLLM KV cache of our generator")
+    p.add_argument("--kv-cache-mib", type=int, help="vLLM KV cache of our generator (default 256; arithmetic 512)")
     p.add_argument("--trl", action=argparse.BooleanOptionalAction, default=None,
                    help="TRL GRPOTrainer beside our grpo estimator (default on; off with --quick)")
     p.add_argument("--trl-steps", type=int, help="steps of the TRL comparison (default: --steps)")
-    p.add_argument("--grpo-variants", default="best",
+    p.add_argument("--grpo-variants",
                    help="our runs beside TRL: variants with the -grpo estimator, none, or best (the setting and mode "
-                        "of the fastest variant measured above, with -grpo)")
+                        "of the fastest variant measured above, with -grpo; the default; arithmetic: "
+                        f"{ARITHMETIC_DEFAULTS['grpo_variants']})")
     p.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=None,
                    help="time per step vs generation length and batch size (default on; off with --quick)")
     p.add_argument("--scaling-variant", default="unpinned/sync")
@@ -97,7 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--padding-prompt-length", type=int, default=0,
                    help="prompt tokens of the padding run (0: the task's prompts; N: random prompts of N tokens)")
     p.add_argument("--padding-steps", type=int, default=3, help="trainer steps per layout (the first is warm-up)")
-    p.add_argument("--tag", help="results file name: e2e_<tag>.json (default cpu; quick: quick)")
+    p.add_argument("--tag", help="results file name: e2e_<tag>.json (default cpu; quick: quick; arithmetic: "
+                   "arithmetic_cpu)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/rlhf_bench_e2e"),
                    help="models, prompts, run directories and logs")
@@ -106,9 +132,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="start no further run once this many seconds have passed (the rest is listed as skipped)")
     args = p.parse_args(argv)
     quick = args.quick
+    if args.task == "arithmetic":
+        if quick:
+            p.error("--quick runs the sentiment task on a tiny model; --task arithmetic needs a real instruct model")
+        for name, value in ARITHMETIC_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
     args.steps = args.steps or (3 if quick else 6)
     args.batch_size = args.batch_size or (8 if quick else 16)
+    args.num_generations = args.num_generations or 4
     args.response_length = args.response_length or (8 if quick else 32)
+    args.learning_rate = 1e-4 if args.learning_rate is None else args.learning_rate
+    args.kl_coef = 0.05 if args.kl_coef is None else args.kl_coef
+    args.kv_cache_mib = args.kv_cache_mib or 256
+    args.grpo_variants = args.grpo_variants or "best"
     args.trl = (not quick) if args.trl is None else args.trl
     args.scaling = (not quick) if args.scaling is None else args.scaling
     args.padding = (not quick) if args.padding is None else args.padding
@@ -126,8 +163,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------
 # running things in child processes
 # ------------------------------------------------------------------------------------------------
-def _child(script: str, spec: dict, name: str, work: Path, timeout: float) -> tuple[dict | None, dict]:
-    """Run `benchmarks/e2e/<script>` on `spec` in a fresh process; returns (result or None, run info)."""
+def _child(script: str, spec: dict, name: str, work: Path, timeout: float,
+           python_path: str | None = None) -> tuple[dict | None, dict]:
+    """Run `benchmarks/e2e/<script>` on `spec` in a fresh process (`python_path` first on its PYTHONPATH, and its
+    children's); returns (result or None, run info)."""
+    env = dict(os.environ)
+    if python_path:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (python_path, env.get("PYTHONPATH")) if p)
     slug = name.replace("/", "_")
     spec_path, out_path, log_path = work / f"{slug}.spec.json", work / f"{slug}.result.json", work / f"{slug}.log"
     spec_path.write_text(json.dumps(spec))
@@ -137,7 +179,7 @@ def _child(script: str, spec: dict, name: str, work: Path, timeout: float) -> tu
     with open(log_path, "wb") as log:
         try:
             proc = subprocess.run([sys.executable, str(HERE / "e2e" / script), str(spec_path), str(out_path)],
-                                  stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+                                  stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env)
             info["returncode"] = proc.returncode
         except subprocess.TimeoutExpired:
             info["returncode"] = None
@@ -158,10 +200,11 @@ def run_engine_variant(workload: Workload, variant: Variant, work: Path, cpus: l
     run_dir = work / "runs" / label.replace("/", "_")
     if run_dir.exists():
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-    spec = {"config": run_config(workload, variant, run_dir, cpus), "steps": workload.steps}
+    spec = {"config": run_config(workload, variant, run_dir, cpus), "steps": workload.steps,
+            "save_policy": workload.eval_prompts is not None}
     print(f"-- {label}: {workload.steps} steps of {workload.batch_size} x {workload.response_length} tokens",
           flush=True)
-    result, info = _child("run_variant.py", spec, label, work, timeout)
+    result, info = _child("run_variant.py", spec, label, work, timeout, workload.python_path)
     entry = {"variant": asdict(variant), "workload": asdict(workload), "run": info}
     if result is not None:
         entry["summary"] = analysis.summarize(result, warmup=workload.warmup_steps, batch_size=workload.batch_size,
@@ -175,6 +218,8 @@ def run_engine_variant(workload: Workload, variant: Variant, work: Path, cpus: l
         print(f"   {s['s_per_step']:.2f} s/step, {s['samples_per_s']:.2f} samples/s, idle trainer "
               f"{s['idle_trainer']:.2f} generator {s['idle_generator']:.2f} (startup {entry['startup_s']:.0f} s, "
               f"load {info['load_after'][0]:.2f})", flush=True)
+        if result["policy"]:
+            entry["heldout"] = run_heldout(workload, result["policy"], label, work, timeout)
     return entry
 
 
@@ -182,9 +227,11 @@ def run_trl(workload: Workload, steps: int, threads: int, work: Path, timeout: f
     spec = {"model": workload.model, "prompts": workload.prompts, "batch_size": workload.batch_size,
             "num_generations": workload.num_generations, "response_length": workload.response_length,
             "steps": steps, "learning_rate": workload.learning_rate, "kl_coef": workload.kl_coef,
-            "bf16": workload.bf16, "threads": threads, "out_dir": str(work / "runs" / "trl")}
+            "temperature": workload.temperature, "ignore_eos": workload.ignore_eos, "reward_fn": workload.reward_fn,
+            "bf16": workload.bf16, "threads": threads, "out_dir": str(work / "runs" / "trl"),
+            "save_policy": workload.eval_prompts is not None}
     print(f"-- trl/grpo: {steps} steps of {workload.batch_size} x {workload.response_length} tokens", flush=True)
-    result, info = _child("trl_grpo.py", spec, "trl_grpo", work, timeout)
+    result, info = _child("trl_grpo.py", spec, "trl_grpo", work, timeout, workload.python_path)
     entry = {"spec": spec, "run": info}
     if result is not None:
         entry["summary"] = report.trl_summary(result, warmup=workload.warmup_steps, batch_size=workload.batch_size)
@@ -192,7 +239,23 @@ def run_trl(workload: Workload, steps: int, threads: int, work: Path, timeout: f
         entry["startup_s"] = result["t_start"] - result["t_launch"]
         print(f"   {entry['summary']['s_per_step']:.2f} s/step, {entry['summary']['samples_per_s']:.2f} samples/s",
               flush=True)
+        if result["policy"]:
+            entry["heldout"] = run_heldout(workload, result["policy"], "trl/grpo", work, timeout)
     return entry
+
+
+def run_heldout(workload: Workload, policy: str, label: str, work: Path, timeout: float) -> dict:
+    """Held-out accuracy of the policy folder `policy` (benchmarks/e2e/heldout.py), for the run `label`."""
+    spec = {"model": policy, "prompts": workload.eval_prompts, "reward_fn": workload.reward_fn,
+            "gold_fn": workload.gold_fn, "max_prompt_length": workload.max_prompt_length,
+            "max_new_tokens": workload.response_length, "dtype": "bfloat16" if workload.bf16 else "float32",
+            "kv_cache_bytes": workload.kv_cache_bytes}
+    result, info = _child("heldout.py", spec, f"heldout_{label}", work, timeout, workload.python_path)
+    if result is None:
+        return {"spec": spec, "run": info}
+    print(f"   held-out accuracy of {label}: {result['accuracy']:.3f} ({len(result['passed'])} of "
+          f"{result['prompts']}), mean length {result['mean_length']:.1f}", flush=True)
+    return {"spec": spec, "run": info, **result}
 
 
 def run_padding(workload: Workload, args: argparse.Namespace, threads: int, work: Path) -> dict:
@@ -219,17 +282,20 @@ def run_padding(workload: Workload, args: argparse.Namespace, threads: int, work
 def prepare(args: argparse.Namespace) -> Workload:
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
-    if args.model:
-        model = Path(args.model).resolve()
+    if args.model or args.task == "arithmetic":
+        model = Path(args.model or REAL_MODEL).resolve()
         if not (model / "config.json").is_file():
-            raise SystemExit(f"--model {model}: no config.json there; give a local HF causal-LM folder")
+            raise SystemExit(f"--model {model}: no config.json there; give a local HF causal-LM folder "
+                             "(SmolLM2-135M-Instruct: `make real-model`)")
     else:
         shape = QUICK_MODEL if args.quick else BENCH_MODEL
         name = (f"model_v{shape.vocab_size}_h{shape.hidden_size}_l{shape.num_layers}_i{shape.intermediate_size}"
                 f"_p{shape.max_position_embeddings}")
         model = build_model(work / name, shape)
-    prompts = write_prompts(work / "prompts.jsonl")
-    return Workload(model=str(model), prompts=str(prompts), batch_size=args.batch_size,
+    task = (arithmetic_task(work / "arithmetic") if args.task == "arithmetic"
+            else {"prompts": str(write_prompts(work / "prompts.jsonl"))})
+    return Workload(model=str(model), **task, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                    kl_coef=args.kl_coef,
                     num_generations=args.num_generations, response_length=args.response_length, steps=args.steps,
                     warmup_steps=args.warmup, ppo_epochs=args.ppo_epochs, backend=args.backend,
                     kv_cache_bytes=args.kv_cache_mib << 20, bf16=args.bf16,
@@ -253,6 +319,10 @@ def main(argv: list[str] | None = None) -> dict:
         out["skipped"][name] = f"--budget-s {args.budget_s:.0f} spent before it started"
         print(f"-- {name}: skipped ({out['skipped'][name]})")
         return True
+
+    if workload.eval_prompts is not None:
+        print("-- held-out accuracy of the model before training", flush=True)
+        out["heldout_base"] = run_heldout(workload, workload.model, "base", work, args.variant_timeout)
 
     # 1. sync vs async, pinned and unpinned
     for variant in args.variant_list:

@@ -124,6 +124,13 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
+def _heldout(entry: dict | None) -> str:
+    """`0.958 (23/24)` from a `run_heldout` entry; FAILED when its evaluation did."""
+    if not entry or "accuracy" not in entry:
+        return "FAILED" if entry else "-"
+    return f"{entry['accuracy']:.3f} ({len(entry['passed'])}/{entry['prompts']})"
+
+
 def _whole_run_gen_idle(summary: dict) -> float:
     values = list(summary["idle_generators_whole_run"].values())
     return statistics.fmean(values) if values else float("nan")
@@ -156,13 +163,16 @@ def render(out: dict) -> str:
         f"load {out['load_average_start'][0]:.2f} -> {out['load_average_end'][0]:.2f}",
         f"model {wl['model']} ({out['model_parameters'] / 1e6:.1f} M params), batch {wl['batch_size']} "
         f"({wl['num_generations']} per prompt) x {wl['response_length']} tokens, {wl['steps']} steps "
-        f"(steady state after {wl['warmup_steps']}), backend {wl['backend']}",
-        "seconds per steady step; phases: gen = generator per batch, exp_fwd = policy/value + reference forward, "
-        "adv = advantages, update = PPO epochs, wsync = weight publish, wait = trainer waiting for rollouts, "
-        "T_train = step - wait; idle_gen = steady window, gen_run = whole run from the generators' own counters; "
-        "reward = mean of the last 3 steps (= gold score), KL = mean over steady steps (summed over tokens)\n",
-        _table(VARIANT_HEADER, _variant_rows(out["variants"])),
+        f"(steady state after {wl['warmup_steps']}), backend {wl['backend']}, task {wl.get('task', 'sentiment')}",
     ]
+    if out["variants"]:
+        parts += [
+            "seconds per steady step; phases: gen = generator per batch, exp_fwd = policy/value + reference forward, "
+            "adv = advantages, update = PPO epochs, wsync = weight publish, wait = trainer waiting for rollouts, "
+            "T_train = step - wait; idle_gen = steady window, gen_run = whole run from the generators' own counters; "
+            "reward = mean of the last 3 steps (= gold score), KL = mean over steady steps (summed over tokens)\n",
+            _table(VARIANT_HEADER, _variant_rows(out["variants"])),
+        ]
     for name, why in out.get("skipped", {}).items():
         parts.append(f"skipped {name}: {why}")
     if out.get("overlap"):
@@ -175,22 +185,28 @@ def render(out: dict) -> str:
                   _table(["async variant", "T_gen", "T_train", "ideal", "achieved", "of ideal", "gain captured",
                           "bottleneck", "its idle", "reward - sync's"], rows)]
     if out.get("grpo"):
+        heldout = "heldout_base" in out
         rows = []
         for name, v in out["grpo"].items():
             s = v.get("summary")
             if s is None:
-                rows.append([name, "FAILED: " + v["run"].get("error", "?"), "", "", "", "", "", ""])
+                rows.append([name, "FAILED: " + v["run"].get("error", "?"), *[""] * (7 + heldout)])
                 continue
-            # ours: objective/kl sums over a sequence's tokens (all response_length long); TRL's kl is per token
+            # ours: objective/kl sums over a sequence's tokens (response_length long when eos is ignored, so an
+            # approximation otherwise); TRL's kl is per token
             kl = s["kl_last"] if name.startswith("trl") else s["kl_last"] / wl["response_length"]
             rss = s.get("peak_rss_mib", {})
             rows.append([name, _f(s["s_per_step"]), _f(s["samples_per_s"]), _f(s["tokens_per_s"], ".0f"),
                          _f(s["reward_last3"], "+.3f"), _f(kl, ".4f"), _f(rss.get("trainer"), ".0f"),
-                         _f(rss.get("generator"), ".0f")])
+                         _f(rss.get("generator"), ".0f"), *([_heldout(v.get("heldout"))] if heldout else [])])
         parts += ["\nGRPO: ours vs TRL GRPOTrainer (transformers generation on the CPU), same model, prompts, "
                   "group, steps; peak resident set (MiB) of the trainer and of the largest generator",
                   _table(["run", "s/step", "samp/s", "tok/s", "reward", "KL/token last", "RSS trainer",
-                          "RSS generator"], rows)]
+                          "RSS generator", *(["held-out acc"] if heldout else [])], rows)]
+        if heldout:
+            parts.append(f"held-out accuracy (greedy, {wl['eval_prompts']}) before training: "
+                         f"{_heldout(out['heldout_base'])}; after {wl['steps']} steps of {wl['batch_size']} samples: "
+                         "the last column")
     if out.get("padding", {}).get("layouts"):
         pad = out["padding"]
         rows = [[name, _f(r["s_per_step"]), _f(r["experience_fwd_s"]), _f(r["update_s"]),

@@ -2,9 +2,10 @@
 
     python benchmarks/e2e/run_variant.py SPEC.json RESULT.json
 
-SPEC.json holds `{"config": <load_run_config base tree>, "steps": N}` (see `workload.run_config`):
-the run stops after N of the config's total_steps (N + lookahead), as a longer run would look at
-step N (the generators busy with the batches ahead) and without the final checkpoint. Each
+SPEC.json holds `{"config": <load_run_config base tree>, "steps": N, "save_policy": bool}` (see
+`workload.run_config`): the run stops after N of the config's total_steps (N + lookahead), as a longer run
+would look at step N (the generators busy with the batches ahead) and without the final checkpoint; with
+`save_policy`, a checkpoint of step N is written after the measured run (for the held-out evaluation). Each
 variant runs in its own process so that its CPU pinning and thread counts start from a clean
 slate (the engine pins this process's main thread before torch starts its thread pool).
 
@@ -43,6 +44,7 @@ def run(spec: dict) -> dict:
     from rlhf_engine.engine.config import load_run_config
     from rlhf_engine.engine.core import RLHFEngine
     from rlhf_engine.telemetry.files import METRICS_FILE, TIMELINE_FILE, read_jsonl
+    from rlhf_engine.trainer.ppo.checkpoint import POLICY_DIR
 
     config = load_run_config(None, base=spec["config"])
     run_dir = Path(config.engine.run_dir)
@@ -54,6 +56,7 @@ def run(spec: dict) -> dict:
             if engine.step >= spec["steps"]:
                 break
         t_end = time.time()
+        policy = str(engine.save_checkpoint() / POLICY_DIR) if spec.get("save_policy") else None
     return {
         "mode": config.engine.mode,
         "cpu_plan": cpu_plan,  # which process had which cores and threads in each phase
@@ -64,6 +67,7 @@ def run(spec: dict) -> dict:
         "t_end": t_end,
         "t_stopped": time.time(),
         "loop_stats": loop_stats(run_dir),
+        "policy": policy,  # the HF folder of the policy after `steps` (save_policy), else None
         # peak resident set (Linux: KiB): this process (the trainer), and the largest of its ended children
         # (a generator; the engine has reaped them all when it closed)
         "peak_rss_mib": {"trainer": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -4,12 +4,19 @@ engine's config tree.
 
 The default model is a ~38 M-parameter Llama (vocab 4096, hidden 512, 8 layers, 8 heads,
 intermediate 2048) built from scratch: below that size vLLM's per-call overhead dominates on
-a CPU (../shared/FACTS.md). The task is the demo's sentiment task: prompts are sentence
-starts, the reward (and gold score) is #positive − #negative words of the completion.
+a CPU (../shared/FACTS.md). Two tasks:
+
+- `sentiment` (the default, for throughput): the demo's task: prompts are sentence starts, the reward (and gold
+  score) is #positive − #negative words of the completion; completions are `response_length` tokens long
+  (eos ignored), so every step has the same work;
+- `arithmetic` (for accuracy, with a real instruct model): the SmolLM2 recipe's chat prompts and rewards
+  (`examples/smollm2_arithmetic`): completions end at the model's end of turn, and each trained policy is
+  evaluated on the recipe's held-out sums (greedy, strict `#### N` accuracy) by one evaluator for every side.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -18,7 +25,10 @@ from typing import Any
 
 MODES = ("sync", "async")
 SETTINGS = ("pinned", "unpinned")
+TASKS = ("sentiment", "arithmetic")
 REWARD_FN = "rlhf_engine.demo:gold_scores"
+ARITHMETIC_DIR = Path(__file__).resolve().parents[2] / "examples" / "smollm2_arithmetic"
+"""The recipe whose data (`make_data.py`) and rewards (`arith_reward.py`) the arithmetic task uses."""
 
 
 @dataclass(frozen=True)
@@ -45,13 +55,26 @@ class Workload:
     model: str
     """HF folder of the policy (and reference, and generator)."""
     prompts: str
-    """JSONL file of `{"prompt": ...}` records."""
+    """JSONL file of `{"prompt": ...}` records (and the fields the reward functions take)."""
+    task: str = "sentiment"
+    """What `prompts` ask: `sentiment` or `arithmetic` (see the module's text)."""
+    reward_fn: str = REWARD_FN
+    gold_fn: str = REWARD_FN
+    """`module:function`s of the reward and of the gold score (TRL's run is rewarded by `reward_fn` too)."""
+    python_path: str | None = None
+    """A folder the reward functions' module is imported from (the children's PYTHONPATH)."""
+    eval_prompts: str | None = None
+    """Held-out prompts: each side's trained policy is saved after `steps` and evaluated on them; None: not."""
+    ignore_eos: bool = True
+    """Completions run `response_length` tokens past eos (TRL: `min_new_tokens`); False: they end at eos."""
+    temperature: float = 1.0
+    """Sampling temperature (both sides score at it too)."""
     batch_size: int = 16
     """Samples per PPO step (prompts per step x num_generations)."""
     num_generations: int = 4
     """Completions per prompt (the group of GRPO)."""
     response_length: int = 32
-    """Generated tokens per completion (fixed: eos is ignored, so every step has the same work)."""
+    """Generated tokens per completion (the most, when eos ends them)."""
     steps: int = 5
     """PPO steps per variant."""
     warmup_steps: int = 1
@@ -79,6 +102,8 @@ class Workload:
                              f"({self.num_generations})")
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be in [0, steps ({self.steps}))")
+        if self.task not in TASKS:
+            raise ValueError(f"task ({self.task!r}) must be one of {TASKS}")
         if self.backend not in ("vllm", "transformers"):
             raise ValueError(f"backend ({self.backend!r}) must be vllm or transformers")
 
@@ -173,18 +198,18 @@ def run_config(workload: Workload, variant: Variant, run_dir: Path, cpus: list[i
     wl = workload
     max_model_len = wl.max_prompt_length + wl.response_length + 16
     return {
-        "model": {"policy": wl.model, "reward_fn": REWARD_FN, "gold_fn": REWARD_FN},
+        "model": {"policy": wl.model, "reward_fn": wl.reward_fn, "gold_fn": wl.gold_fn},
         "data": {"prompts": wl.prompts, "max_prompt_length": wl.max_prompt_length},
         "ppo": {"batch_size": wl.batch_size, "mini_batch_size": wl.batch_size, "ppo_epochs": wl.ppo_epochs,
                 "learning_rate": wl.learning_rate, "init_kl_coef": wl.kl_coef, "adap_kl_ctrl": False,
                 "response_length": wl.response_length, "num_generations": wl.num_generations,
-                "advantage_estimator": variant.estimator, "seed": wl.seed,
+                "advantage_estimator": variant.estimator, "seed": wl.seed, "temperature": wl.temperature,
                 "bf16": wl.bf16, "logprobs_from_hidden": wl.logprobs_from_hidden,
                 # the critic-free estimators as TRL's GRPOTrainer runs them: beta * KL (k3) in the loss
                 **({"kl_in_reward": False, "kl_penalty": "k3"} if variant.estimator != "gae" else {})},
         "generator": {"backend": wl.backend, "max_model_len": max_model_len, "kv_cache_bytes": wl.kv_cache_bytes,
                       "dtype": "bfloat16" if wl.bf16 else "float32",
-                      "device": "cpu", "max_batch_size": wl.batch_size, "sampling": {"ignore_eos": True}},
+                      "device": "cpu", "max_batch_size": wl.batch_size, "sampling": {"ignore_eos": wl.ignore_eos, "temperature": wl.temperature}},
         "transport": {"endpoint": f"ipc://{run_dir.resolve()}/ep"},
         # run_variant stops after wl.steps of total_steps, as a longer run would look at that point: the
         # generator already works on the batches ahead (async), and no final checkpoint (~0.5 GB at 38 M
@@ -220,3 +245,16 @@ def write_prompts(path: Path, n: int = 256, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in synthetic.prompts(n, seed=seed)))
     return path
+
+
+def arithmetic_task(folder: Path) -> dict[str, Any]:
+    """The `Workload` fields of the arithmetic task, its data written into `folder` by the recipe's
+    `make_data.py`: its train and held-out prompts, its reward (right sum as `#### N` + the format) and strict
+    accuracy as the gold score, completions ending at end of turn, temperature 0.7 (the recipe's)."""
+    spec = importlib.util.spec_from_file_location("smollm2_arithmetic_data", ARITHMETIC_DIR / "make_data.py")
+    make_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_data)
+    paths = make_data.write(folder)
+    return {"task": "arithmetic", "prompts": str(paths["train"]), "eval_prompts": str(paths["eval"]),
+            "reward_fn": "arith_reward:reward", "gold_fn": "arith_reward:accuracy",
+            "python_path": str(ARITHMETIC_DIR), "ignore_eos": False, "temperature": 0.7, "max_prompt_length": 96}

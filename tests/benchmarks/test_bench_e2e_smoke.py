@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.e2e import analysis
-from benchmarks.e2e.workload import Variant, Workload, cpu_plan, parse_variant, run_config
+from benchmarks.e2e.trl_grpo import trl_reward
+from benchmarks.e2e.workload import Variant, Workload, arithmetic_task, cpu_plan, parse_variant, run_config
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -49,6 +50,34 @@ def test_run_config_is_a_valid_engine_config(tmp_path):
     assert cfg.engine.total_steps == 5  # 3 run + 2 handed out ahead (staleness 2): no final checkpoint
     sampling = cfg.generator.sampling
     assert (cfg.prompts_per_step, sampling.max_new_tokens, sampling.ignore_eos) == (2, 16, True)
+
+
+def test_arithmetic_task_is_the_recipes_with_eos_and_its_held_out_prompts(tmp_path, monkeypatch):
+    from rlhf_engine.engine.config import load_run_config
+
+    fields = arithmetic_task(tmp_path / "data")
+    monkeypatch.syspath_prepend(fields["python_path"])  # the reward module, as the children's PYTHONPATH has it
+    wl = Workload(model=str(tmp_path), **fields, batch_size=32, num_generations=8, steps=2, kl_coef=0.0)
+    cfg = load_run_config(None, base=run_config(wl, Variant(estimator="grpo"), tmp_path / "run", [0, 1]))
+    sampling = cfg.generator.sampling
+    assert (sampling.ignore_eos, sampling.temperature, cfg.ppo.temperature) == (False, 0.7, 0.7)
+    assert (cfg.model.reward_fn, cfg.model.gold_fn) == ("arith_reward:reward", "arith_reward:accuracy")
+    train = [json.loads(line) for line in Path(wl.prompts).read_text().splitlines()]
+    held_out = [json.loads(line) for line in Path(wl.eval_prompts).read_text().splitlines()]
+    assert (len(train), len(held_out)) == (56, 24)
+    assert not {r["answer"] for r in held_out} - {str(n) for n in range(2, 19)}
+    assert not {json.dumps(r["prompt"]) for r in train} & {json.dumps(r["prompt"]) for r in held_out}
+
+
+def test_trl_reward_scores_chat_completions_with_the_records_fields(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS.parent / "examples" / "smollm2_arithmetic"))
+    reward = trl_reward("arith_reward:reward", frozenset({"answer"}))
+    prompts = [[{"role": "user", "content": "What is 4 + 7?"}]] * 3
+    completions = [[{"role": "assistant", "content": text}] for text in ("4 + 7 = 11\n#### 11", "#### 12", "11")]
+    # TRL passes every dataset column and its own extras (completion_ids, trainer_state) as keyword arguments
+    scores = reward(prompts, completions, answer=["11"] * 3, completion_ids=[[1]] * 3, trainer_state=None)
+    assert scores == pytest.approx([1.2, 0.2, 0.0])  # right + format, format only, neither
+    assert reward.__name__ == "reward"
 
 
 def _row(step: int, time: float, wait: float) -> dict:
