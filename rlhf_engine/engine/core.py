@@ -262,14 +262,17 @@ class RLHFEngine:
             version_before = self.trainer.policy_version
             stats = self._ppo_step(rollouts)
             self._timeline.add("trainer", "ppo_step", t0, time.time())
-            # 4. publish the new weights (a step skipped for non-finite values may still have changed them)
+            # 4. publish the new weights (a step skipped for non-finite values may still have changed them), but
+            #    not the run's last ones unless the final evaluation samples them: no generator would use them
             t0 = time.time()
-            if self.trainer.policy_version != version_before:
+            final = self.step + 1 == cfg.total_steps
+            evaluate = bool(cfg.eval_steps) and ((self.step + 1) % cfg.eval_steps == 0 or final)
+            if self.trainer.policy_version != version_before and (evaluate or not final):
                 self._publish_weights()
             self._timeline.add("trainer", "weight_sync", t0, time.time())
             stats["time/engine/weight_sync"] = time.time() - t0
             # 5. held-out evaluation of the new weights, every eval_steps and at the end
-            if cfg.eval_steps and ((self.step + 1) % cfg.eval_steps == 0 or self.step + 1 == cfg.total_steps):
+            if evaluate:
                 stats.update(self._evaluate())
             stats["time/engine/wait_rollouts"] = t_wait
             stats["time/engine/step"] = time.time() - t_step

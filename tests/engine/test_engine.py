@@ -42,11 +42,15 @@ def test_async_run_with_vllm_generator(tmp_path, policy_dir, prompts_file, asser
     cfg = run_config(tmp_path, policy_dir, prompts_file, backend="vllm", total_steps=3, mode="async", max_staleness=1)
     rec = Recorder()
     with RLHFEngine(cfg, callbacks=[rec]) as engine:
+        published = []
+        publish = engine._port.publish_weights
+        engine._port.publish_weights = lambda version, tensors: published.append(version) or publish(version, tensors)
         history = engine.train()
         summary = engine.summary()
         live = {k: v.clone() for k, v in engine.trainer.policy_state_dict().items()}
     assert_no_new_children()
     assert rec.steps == [1, 2, 3] and rec.rollouts >= 3 * 8 and len(rec.checkpoints) == 1
+    assert published == [1, 2]  # the last step's weights go to the checkpoint only: no generator samples them
     assert all(h["off_policy/staleness_max"] <= 1 for h in history)
     # batch 1 was handed out before step 0 finished: sampled by version 0, trained at version 1
     assert history[1]["off_policy/staleness_max"] == 1
