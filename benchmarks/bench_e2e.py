@@ -33,7 +33,6 @@ and every trained one.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -58,6 +57,7 @@ from e2e.workload import (  # noqa: E402
     run_config,
     write_prompts,
 )
+from provenance import Provenance, save  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -310,14 +310,13 @@ def prepare(args: argparse.Namespace) -> Workload:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    run = Provenance.start("e2e")
     t_begin = time.time()
     cpus = available_cpus()
     workload = prepare(args)
     work = args.work_dir
-    out = {"benchmark": "e2e", "machine": report.machine_info(), "versions": report.versions(),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "load_average_start": os.getloadavg(), "argv": sys.argv[1:], "workload": asdict(workload),
-           "model_parameters": report.count_parameters(workload.model), "variants": {}, "skipped": {}}
+    out = {"workload": asdict(workload), "model_parameters": report.count_parameters(workload.model),
+           "variants": {}, "skipped": {}}
 
     def over_budget(name: str) -> bool:
         if args.budget_s is None or time.time() - t_begin < args.budget_s:
@@ -379,16 +378,15 @@ def main(argv: list[str] | None = None) -> dict:
             elif not over_budget(label):
                 out["scaling"][label] = run_engine_variant(wl, variant, work, cpus, args.variant_timeout, label=label)
 
-    out["load_average_end"] = os.getloadavg()
-    out["total_s"] = time.time() - t_begin
     args.out_dir.mkdir(parents=True, exist_ok=True)
     png = report.timeline_png(out["variants"], args.out_dir / f"e2e_{args.tag}_timeline.png")
     out["timeline_png"] = str(png) if png else None
-    path = args.out_dir / f"e2e_{args.tag}.json"
-    path.write_text(json.dumps(out, indent=1))
-    print(report.render(out))
-    print(f"\nwrote {path}" + (f" and {png}" if png else "") + f" in {out['total_s']:.0f} s")
-    return out
+    record = run.finish(out)
+    print(report.render(record))
+    save(args.out_dir / f"e2e_{args.tag}.json", record)
+    if png:
+        print(f"wrote {png}")
+    return record
 
 
 if __name__ == "__main__":

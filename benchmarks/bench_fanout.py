@@ -23,11 +23,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import multiprocessing as mp
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -39,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_weight_sync import specs_of, weights_generator  # noqa: E402
+from provenance import Provenance  # noqa: E402
 
 from rlhf_engine.transport import TrainerPort, TransportConfig, generate_keys  # noqa: E402
 from rlhf_engine.transport.weights import model_fingerprint, state_dict_specs  # noqa: E402
@@ -114,7 +112,7 @@ def main() -> None:
     args = parser.parse_args()
     sd = make_state_dict(args.mib)
     size_mib = sum(t.numel() * t.element_size() for t in sd.values()) / (1 << 20)
-    load_start = os.getloadavg()
+    run = Provenance.start("fanout")
     results = []
     with tempfile.TemporaryDirectory(prefix="fanout-") as workdir:
         for where, n, relay in SETTINGS:
@@ -123,25 +121,14 @@ def main() -> None:
             print(f"{label(r):15s}: publish {r['publish_s'] * 1e3:8.1f} ms  all acked {r['acked_s'] * 1e3:8.1f} ms  "
                   f"trainer CPU {r['trainer_cpu_s'] * 1e3:8.1f} ms", flush=True)
     base = {(r["where"], r["relay"]): r for r in results if r["generators"] == 1}
-    print(f"\nweight fan-out, {size_mib:.0f} MiB per version, median of {args.reps} versions "
-          f"(load {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f})")
+    print(f"\nweight fan-out, {size_mib:.0f} MiB per version, median of {args.reps} versions")
     print(f"{'setting':15s} {'publish ms':>10s} {'acked ms':>9s} {'trainer CPU ms':>15s} {'tcp copies':>11s} "
           f"{'acked / 1 gen':>14s}")
     for r in results:
         ratio = r["acked_s"] / base[r["where"], r["relay"]]["acked_s"]
         print(f"{label(r):15s} {r['publish_s'] * 1e3:10.1f} {r['acked_s'] * 1e3:9.1f} "
               f"{r['trainer_cpu_s'] * 1e3:15.1f} {r['frame_copies']:11.0f} {ratio:13.2f}x")
-    out = {
-        "benchmark": "fanout", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                    "platform": platform.platform(), "python": platform.python_version()},
-        "versions": {"torch": torch.__version__}, "load_average_start": load_start,
-        "load_average_end": os.getloadavg(), "state_dict_mib": size_mib, "reps": args.reps, "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.out}")
-
+    run.write(args.out, {"state_dict_mib": size_mib, "reps": args.reps, "results": results})
 
 if __name__ == "__main__":
     main()

@@ -24,10 +24,8 @@ Usage: python benchmarks/bench_generate.py [--prompts 64] [--new-tokens 128] [--
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -124,22 +122,10 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
 
-    import torch
-    import transformers
+    from provenance import Provenance
 
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": platform.node(), "arch": platform.machine(), "cpus": os.cpu_count(),
-        "load_average_at_start": os.getloadavg(), "python": platform.python_version(),
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "prompts": args.prompts, "new_tokens": args.new_tokens, "reps": args.reps, "dtype": "float32",
-    }
-    try:
-        import vllm
-
-        info["vllm"] = vllm.__version__
-    except ImportError:
-        info["vllm"] = None
+    run = Provenance.start("generate")
+    info = {"prompts": args.prompts, "new_tokens": args.new_tokens, "reps": args.reps, "dtype": "float32"}
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_generate_") as tmp:
         info["model_params"] = build_model(Path(tmp))
@@ -153,17 +139,13 @@ def main() -> None:
             if proc.returncode != 0 or not lines:
                 raise RuntimeError(f"{backend} worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
             rows.append(json.loads(lines[-1][len("RESULT "):]))
-    info["load_average_at_end"] = os.getloadavg()
 
-    print(f"\n{info['model_params'] / 1e6:.1f} M params, {args.prompts} prompts x {args.new_tokens} new tokens, fp32, "
-          f"load average {info['load_average_at_start'][0]:.1f} -> {info['load_average_at_end'][0]:.1f}")
+    print(f"\n{info['model_params'] / 1e6:.1f} M params, {args.prompts} prompts x {args.new_tokens} new tokens, fp32")
     print(f"{'backend':<21}{'start s':>9}{'tokens/s':>11}{'gen s':>9}{'update ms':>11}{'first ms':>10}{'MB':>7}")
     for r in rows:
         print(f"{r['backend']:<21}{r['start_s']:>9.1f}{r['tokens_per_s']:>11.0f}{r['gen_s_best']:>9.2f}"
               f"{r['update_ms_median']:>11.1f}{r['update_ms_first']:>10.1f}{r['update_mb']:>7.1f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"info": info, "results": rows}, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    run.write(args.out, {"info": info, "results": rows})
 
 
 if __name__ == "__main__":

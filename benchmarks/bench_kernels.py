@@ -28,10 +28,8 @@ Usage: python benchmarks/bench_kernels.py [--device cpu|cuda] [--model h100] [--
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from provenance import Provenance
 
 from rlhf_engine.ops import gae, logprobs_from_hidden, logprobs_from_logits
 from rlhf_engine.ops._library import resolve_device
@@ -380,17 +379,6 @@ def _fmt(row: dict) -> str:
     return s
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def _speedups(rows: list[dict]) -> list[dict]:
     """rlhf_engine's best time against each other implementation of the same row."""
     out = []
@@ -443,12 +431,9 @@ def main() -> None:
         raise SystemExit(f"--sections: unknown {sorted(sections - {'logprobs', 'hidden', 'gae'})}")
 
     bandwidth = copy_bandwidth(args.device)
+    run = Provenance.start("kernels")
     info = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        machine=platform.node(), arch=platform.machine(),
-        cpu_model=_cpu_model(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
-        load_average_at_start=os.getloadavg(), torch=torch.__version__, python=platform.python_version(),
-        device=args.device, gpu=torch.cuda.get_device_name() if args.device == "cuda" else None,
+        torch_threads=torch.get_num_threads(), device=args.device, gpu=torch.cuda.get_device_name() if args.device == "cuda" else None,
         cpu_vector_bits=torch.ops.rlhf_engine.cpu_vector_bits(),
         build_info=torch.ops.rlhf_engine.build_info(),
         copy_bandwidth_gb_s=bandwidth / 1e9,
@@ -460,7 +445,6 @@ def main() -> None:
     rows = bench_logprobs(args, bandwidth) if "logprobs" in sections else []
     rows += bench_hidden(args, bandwidth) if "hidden" in sections else []
     rows += bench_gae(args) if "gae" in sections else []
-    info["load_average_at_end"] = os.getloadavg()
     result = dict(info=info, rows=rows, speedups=_speedups(rows), hidden_ratios=_hidden_ratios(rows))
     print("speedups of rlhf_engine (best / median):")
     for s in result["speedups"]:
@@ -472,10 +456,7 @@ def main() -> None:
         print(f"  {r['mode']:<8} N={r['n']} V={r['v']} {r['dtype']:<9} vs {r['against']:<38} "
               f"time {r['time_ours_over_theirs_median']:.2f}x  extra {r['peak_extra_theirs_over_ours']:.1f}x  "
               f"workspace {r['workspace_theirs_over_ours']:.1f}x")
-    out = args.out or RESULTS / f"kernels_{args.device}_{info['date'][:10]}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    run.write(args.out or RESULTS / f"kernels_{args.device}_{run.date[:10]}.json", result)
 
 
 if __name__ == "__main__":

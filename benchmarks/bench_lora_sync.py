@@ -17,8 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import shutil
 import statistics
@@ -174,8 +172,8 @@ def e2e_section(model_dir: str, work: Path, steps: int, timeout: float) -> dict:
 
 
 def main() -> None:
-    from e2e import report
     from e2e.workload import BENCH_MODEL, build_model
+    from provenance import Provenance
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a local HF causal-LM folder (default: build the ~38 M bench model)")
@@ -189,7 +187,7 @@ def main() -> None:
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
     model_dir = args.model or str(build_model(args.work_dir / "model38m", BENCH_MODEL))
-    load_start = os.getloadavg()
+    run = Provenance.start("lora_sync")
     print("sizes (computed from parameter counts)", flush=True)
     size = {"bench_model": sizes(model_dir, "float32"), "qwen2.5-0.5b_shape": sizes(qwen_dir(args.work_dir), "bfloat16")}
     for name, s in size.items():
@@ -202,10 +200,6 @@ def main() -> None:
     sync = sync_section(model_dir, args.reps)
     e2e = e2e_section(model_dir, args.work_dir, args.steps, args.timeout) if args.e2e else None
     out = {
-        "benchmark": "bench_lora_sync",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": report.machine_info(), "versions": report.versions(),
-        "load_average_start": load_start, "load_average_end": os.getloadavg(),
         "model": model_dir, "lora": LORA, "reps": args.reps,
         "sizes": size, "sync": sync, "e2e": e2e,
         "notes": "transport = publish until the generator process acked (ipc + shared memory, not applied); "
@@ -213,9 +207,7 @@ def main() -> None:
                  "+ prefix-cache reset; vLLM LoRA: PEFT folder write + add_lora + remove_lora of the previous "
                  "adapter); medians after one warm-up update. e2e: bench_e2e's workload and variant, one run each.",
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"load average {load_start} -> {os.getloadavg()}; wrote {args.out}")
+    run.write(args.out, out)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,6 @@ benchmarks/results/optimizer_cpu.json. Compare only the ratio of one run.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -23,6 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from provenance import Provenance  # noqa: E402
+
 from benchmarks.e2e.workload import BENCH_MODEL  # noqa: E402
 from rlhf_engine.models.tiny import TinyLlamaSpec, build_llama, build_tokenizer  # noqa: E402
 from rlhf_engine.trainer.optim import adamw  # noqa: E402
@@ -53,7 +51,7 @@ def main() -> None:
                          num_heads=shape.num_heads, intermediate_size=shape.intermediate_size)
     model = build_llama(spec, build_tokenizer(shape.vocab_size), seed=0)
     n_params = sum(p.numel() for p in model.parameters())
-    load_start = os.getloadavg()
+    run = Provenance.start("optimizer")
     variants = {
         "default": lambda ps: torch.optim.AdamW(ps, lr=1e-5),
         "fused (ours)": lambda ps: adamw(ps, lr=1e-5),
@@ -64,23 +62,16 @@ def main() -> None:
             params = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
             rows.setdefault(name, []).extend(step_times(make, params, args.repeat))
     result = {
-        "benchmark": "optimizer", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"node": platform.node(), "cpus": os.cpu_count(), "platform": platform.platform()},
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "threads": args.threads, "parameters": n_params, "load_average_start": load_start,
+        "threads": args.threads, "parameters": n_params,
         "variants": {name: {"median_s": statistics.median(t), "best_s": min(t), "steps": len(t)}
                      for name, t in rows.items()},
-        "load_average_end": os.getloadavg(),
     }
     base = result["variants"]["default"]["median_s"]
-    print(f"AdamW step over {n_params / 1e6:.1f} M parameters, {args.threads} threads "
-          f"(load {load_start[0]:.2f} -> {result['load_average_end'][0]:.2f})")
+    print(f"AdamW step over {n_params / 1e6:.1f} M parameters, {args.threads} threads")
     print(f"{'implementation':<16}{'median ms':>11}{'best ms':>10}{'speed-up':>10}")
     for name, r in result["variants"].items():
         print(f"{name:<16}{r['median_s'] * 1e3:>11.1f}{r['best_s'] * 1e3:>10.1f}{base / r['median_s']:>9.2f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    run.write(args.out, result)
 
 
 if __name__ == "__main__":

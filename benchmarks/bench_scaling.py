@@ -17,10 +17,8 @@ Each rank count runs in its own `torchrun` job (this file with --worker).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -131,27 +129,19 @@ def main(argv=None) -> None:
         worker(args)
         return
     from e2e.workload import BENCH_MODEL, build_model
+    from provenance import Provenance
 
     from rlhf_engine.models.tiny import TinyLlamaSpec  # noqa: F401  (fails early without the package)
 
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else build_model(Path(tmp) / "model", BENCH_MODEL)
-        result = {
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                        "processor": platform.processor()},
-            "load_average_start": os.getloadavg(),
-            "settings": {k: v for k, v in vars(args).items() if k != "worker"},
-            "runs": {},
-        }
+        run = Provenance.start("scaling")
+        result = {"settings": {k: v for k, v in vars(args).items() if k != "worker"}, "runs": {}}
         for nproc in [int(x) for x in args.ranks.split(",")]:
             t0 = time.time()
             ranks = run_ranks(args, nproc, model, Path(tmp) / f"ranks{nproc}")
             result["runs"][str(nproc)] = {"wall_s": time.time() - t0, "load_average_after": os.getloadavg(),
                                          "ranks": ranks}
-        import torch
-
-        result["torch"] = torch.__version__
     runs = result["runs"]
     if "1" in runs and "2" in runs:
         one, two = runs["1"]["ranks"][0], runs["2"]["ranks"]
@@ -165,12 +155,8 @@ def main(argv=None) -> None:
             "peak_rss_mib_1": one["peak_rss_mib"], "peak_rss_mib_2": [r["peak_rss_mib"] for r in two],
             "weight_gather_s_1": one["weight_gather_s_median"], "weight_gather_s_2": two[0]["weight_gather_s_median"],
         }
-    result["load_average_end"] = os.getloadavg()
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"scaling_{args.tag}.json"
-    path.write_text(json.dumps(result, indent=2))
     print(json.dumps(result.get("summary", result["runs"]), indent=2))
-    print(f"written to {path}")
+    run.write(RESULTS / f"scaling_{args.tag}.json", result)
 
 
 if __name__ == "__main__":

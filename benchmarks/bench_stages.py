@@ -13,11 +13,7 @@ benchmarks/results/stages_cpu.json. Compare only the ratio of one run.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,7 +24,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from rlhf_engine.common.dtypes import cpu_has_native_bf16  # noqa: E402
+from provenance import Provenance  # noqa: E402
+
 from rlhf_engine.trainer.stages.dpo import DPOTrainer  # noqa: E402
 from rlhf_engine.trainer.stages.dpo_config import DPOConfig  # noqa: E402
 from rlhf_engine.trainer.stages.sft import SFTTrainer  # noqa: E402
@@ -71,7 +68,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per variant (the first is warm-up)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "stages_cpu.json")
     args = parser.parse_args()
-    load_start = os.getloadavg()
+    run = Provenance.start("stages")
     rows: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = recipe_data(Path(tmp) / "data")
@@ -82,24 +79,17 @@ def main() -> None:
                     rows.setdefault(name, []).extend(step_times(stage, bf16, args.model, data, args.steps,
                                                                 Path(tmp) / name.replace(" ", "_")))
     result = {
-        "benchmark": "stages", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"node": platform.node(), "cpus": os.cpu_count(), "platform": platform.platform(),
-                    "native_bf16": cpu_has_native_bf16()},
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "model": args.model, "threads": torch.get_num_threads(), "load_average_start": load_start,
+        "model": args.model, "threads": torch.get_num_threads(),
         "variants": {name: {"median_s": statistics.median(t), "best_s": min(t), "steps": len(t)}
                      for name, t in rows.items()},
-        "load_average_end": os.getloadavg(),
     }
     print(f"{args.model}: optimizer step of 8 examples (DPO: pairs), <= 128 tokens, {torch.get_num_threads()} threads, "
-          f"native bf16: {cpu_has_native_bf16()} (load {load_start[0]:.2f} -> {result['load_average_end'][0]:.2f})")
+          f"native bf16: {run.machine['native_bf16']}")
     print(f"{'variant':<10}{'median s':>10}{'best s':>9}{'fp32 / it':>11}")
     for name, r in result["variants"].items():
         base = result["variants"][name.split()[0] + " fp32"]["median_s"]
         print(f"{name:<10}{r['median_s']:>10.2f}{r['best_s']:>9.2f}{base / r['median_s']:>10.2f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    run.write(args.out, result)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,8 @@ against sampled response length, reward; a Gantt chart to benchmarks/results/str
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -51,6 +49,7 @@ from e2e.workload import (  # noqa: E402
     run_config,
     write_prompts,
 )
+from provenance import Provenance  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -233,9 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                              else DEFAULT_PIPELINES)}
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    out = {"benchmark": "streaming", "machine": report.machine_info(), "versions": report.versions(),
-           "date": datetime.datetime.now().isoformat(timespec="seconds"), "load_before": os.getloadavg(),
-           "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    run = Provenance.start("streaming")
+    out = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
            "budgets": {"median": sorted(tailed)[len(tailed) // 2], "mean": _mean(tailed), "max": max(tailed),
                        "p90": sorted(tailed)[int(0.9 * len(tailed))]},
            "workloads": {}}
@@ -249,15 +247,12 @@ def main(argv: list[str] | None = None) -> dict:
         for name, p in chosen.items():
             variants[name] = run_pipeline(workload, p, work, cpus, args.variant_timeout, f"{set_name}/{name}")
     out["wall_s"] = time.time() - t0
-    out["load_after"] = os.getloadavg()
-    text = render(out)
-    print(text)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = args.out_dir / f"streaming_{args.tag}.json"
-    path.write_text(json.dumps(out, indent=1))
+    print(render(out))
+    run.write(args.out_dir / f"streaming_{args.tag}.json", out)
     png = report.timeline_png({f"{w}/{n}": v for w, vs in out["workloads"].items() for n, v in vs.items()
                                if w == "long-tailed"}, args.out_dir / f"streaming_{args.tag}_timeline.png")
-    print(f"\nwrote {path}" + (f" and {png}" if png else ""))
+    if png:
+        print(f"wrote {png}")
     return out
 
 

@@ -22,19 +22,16 @@ Usage: python benchmarks/bench_weight_sync.py [--gib 1] [--reps 5] [--out benchm
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import multiprocessing as mp
 import os
 import pickle
-import platform
 import statistics
 import tempfile
 import time
 
-import msgspec
 import torch
 import zmq
+from provenance import Provenance
 
 from rlhf_engine.transport import GeneratorPort, Sample, ShutdownRequested, TrainerPort, TransportConfig, generate_keys
 from rlhf_engine.transport.weights import model_fingerprint, state_dict_specs
@@ -199,19 +196,6 @@ def bench_rollouts(prompt_len, response_len, n):
     return (n - 1) / elapsed, msg_bytes
 
 
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "pyzmq": zmq.__version__,
-            "libzmq": zmq.zmq_version(), "msgspec": msgspec.__version__, "platform": platform.platform(),
-            "load_average_at_end": os.getloadavg()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gib", type=float, default=1.0, help="size of the bf16 state dict in GiB")
@@ -220,6 +204,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/weight_sync_cpu.json")
     args = parser.parse_args()
 
+    run = Provenance.start("weight_sync")
     sd = make_state_dict(args.gib)
     memcpy = Memcpy(sd)
     nbytes = sum(v.numel() * v.element_size() for v in sd.values())
@@ -238,8 +223,8 @@ def main() -> None:
         "pickle over ipc": lambda: bench_pickle(sd, memcpy, args.reps),
     }
     results = {}
-    for name, run in cases.items():
-        times, bars, cpus = run()
+    for name, case in cases.items():
+        times, bars, cpus = case()
         med = statistics.median(times)
         ratios = [b / t for b, t in zip(bars, times)]
         results[name] = {"median_s": med, "best_s": min(times), "gb_per_s": nbytes / med / 1e9,
@@ -270,9 +255,7 @@ def main() -> None:
         print(f"{r['prompt_tokens']:>10d} + {r['response_tokens']:<11d} {r['rollouts_per_s']:11.0f} {r['mb_per_s']:8.1f}")
 
     report = {
-        "benchmark": "bench_weight_sync",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "torch_threads": torch.get_num_threads(), "libzmq": zmq.zmq_version(),
         "state_dict": {"bytes": nbytes, "tensors": len(sd), "dtype": "bfloat16"},
         "reps": args.reps,
         "weight_sync": results,
@@ -285,10 +268,7 @@ def main() -> None:
                  "cpu_s = CPU seconds (all threads, trainer + generator process) per update: "
                  "a cost that does not depend on how loaded the machine is.",
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"\nwrote {args.out}")
+    run.write(args.out, report)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,9 @@ Usage: python benchmarks/lora_memory.py [--r 16] [--out benchmarks/results/lora_
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
+from provenance import Provenance
 
 MIB = 1 << 20
 FP32, BF16 = 4, 2
@@ -104,15 +103,13 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
     parser.add_argument("--out", default="benchmarks/results/lora_memory.json")
     args = parser.parse_args()
+    run = Provenance.start("lora_memory")
     rows = {}
     for name, config in shapes().items():
         counts = count(config, args.r)
         rows[name] = {"counts": counts, "mib": memory(counts)}
     print(table(rows, args.r))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"r": args.r, "targets": TARGETS, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {out}")
+    run.write(args.out, {"r": args.r, "targets": TARGETS, "rows": rows})
 
 
 if __name__ == "__main__":

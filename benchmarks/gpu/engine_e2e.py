@@ -46,6 +46,7 @@ from e2e.workload import (  # noqa: E402
     run_config,
     write_prompts,
 )
+from provenance import package_versions  # noqa: E402
 
 
 def device_config(config: dict, device: str, generator_dtype: str) -> dict:
@@ -78,7 +79,7 @@ def versions() -> dict:
     import torch
 
     return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            **report.package_versions(("transformers", "pyzmq", "msgspec"))}
+            **package_versions(("transformers", "pyzmq", "msgspec"))}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
