@@ -19,10 +19,8 @@ the micro-batches the passes ran on:
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from pathlib import Path
 
 
 def run(spec: dict) -> dict:
@@ -58,7 +56,7 @@ def run(spec: dict) -> dict:
                         adap_kl_ctrl=False, packing=layout != "padded", share_prompts=layout == "shared")
         model = AutoModelForCausalLMWithValueHead(AutoModelForCausalLM.from_pretrained(spec["model"]))
         trainer = PPOTrainer(cfg, model, tokenizer=tok)
-        batch = make_token_batch(queries, responses, trainer.pad_token_id, None)
+        batch = make_token_batch(queries, responses, trainer.pad_token_id, ())  # no end of turn: lengths as drawn
         plan = plan_microbatches(batch.lengths(), cfg.max_tokens_per_microbatch, cfg.mini_batch_size)
         trunk = lm_head = 0
         for rows in plan:
@@ -90,10 +88,7 @@ def run(spec: dict) -> dict:
     return out
 
 
-def main() -> None:
-    spec = json.loads(Path(sys.argv[1]).read_text())
-    Path(sys.argv[2]).write_text(json.dumps(run(spec)))
-
-
 if __name__ == "__main__":
-    main()
+    from child import spec_main  # this folder is the script's
+
+    sys.exit(spec_main(run, __doc__))

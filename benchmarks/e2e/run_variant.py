@@ -18,7 +18,6 @@ the trainer and of the largest generator.
 from __future__ import annotations
 
 import ast
-import json
 import re
 import resource
 import sys
@@ -75,15 +74,7 @@ def run(spec: dict) -> dict:
     }
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print(__doc__, file=sys.stderr)
-        return 2
-    spec = json.loads(Path(argv[0]).read_text())
-    result = run(spec)
-    Path(argv[1]).write_text(json.dumps(result))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from child import spec_main  # this folder is the script's
+
+    sys.exit(spec_main(run, __doc__))
