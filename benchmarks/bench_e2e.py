@@ -21,7 +21,7 @@ benchmarks/results/e2e_<tag>_timeline.png.
     python benchmarks/bench_e2e.py --quick               # a tiny model, a minute or two
     python benchmarks/bench_e2e.py --variants pinned/sync,pinned/async-s1 --no-trl --no-scaling
     python benchmarks/bench_e2e.py --model /path/to/hf_folder --response-length 128
-    python benchmarks/bench_e2e.py --task arithmetic       # accuracy: SmolLM2, ours vs TRL (~25 min)
+    python benchmarks/bench_e2e.py --task arithmetic       # accuracy: SmolLM2, ours vs TRL (~16 min)
 
 `--task arithmetic` (held-out accuracy after the same samples): the SmolLM2 recipe's chat prompts, rewards and
 held-out sums (examples/smollm2_arithmetic) on the real model (`make real-model`; or --model), completions
@@ -107,8 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="TRL's per_device_train_batch_size, the rest of the batch by gradient accumulation (still one "
                         "generation batch and one optimizer step per step; default: the whole batch at once, as ours)")
     p.add_argument("--grpo-variants",
-                   help="our runs beside TRL: variants with the -grpo estimator, none, or best (the setting and mode "
-                        "of the fastest variant measured above, with -grpo; the default; arithmetic: "
+                   help="our runs of the grpo estimator (beside TRL's with --trl): variants with -grpo, none, or best "
+                        "(with --trl only: the setting and mode of the fastest variant measured above, with -grpo; "
+                        "the default; arithmetic: "
                         f"{ARITHMETIC_DEFAULTS['grpo_variants']})")
     p.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=None,
                    help="time per step vs generation length and batch size (default on; off with --quick)")
@@ -340,20 +341,20 @@ def main(argv: list[str] | None = None) -> dict:
             out["variants"][variant.name] = run_engine_variant(workload, variant, work, cpus, args.variant_timeout)
     out["overlap"] = report.overlap_table(out["variants"])
 
-    # 2. TRL GRPO beside our grpo estimator
-    if args.trl:
-        trl_steps = args.trl_steps or args.steps
-        wl = replace(workload, steps=trl_steps)
-        grpo_list = list(args.grpo_list)
-        measured = {name: v["summary"]["samples_per_s"] for name, v in out["variants"].items() if "summary" in v}
-        if args.grpo_best and measured:
-            best = replace(parse_variant(max(measured, key=measured.get)), estimator="grpo")
-            grpo_list += [best] if best not in grpo_list else []
+    # 2. our grpo estimator (the variants named; best: only beside TRL), and TRL GRPO beside it
+    trl_steps = args.trl_steps or args.steps
+    wl = replace(workload, steps=trl_steps)
+    grpo_list = list(args.grpo_list)
+    measured = {name: v["summary"]["samples_per_s"] for name, v in out["variants"].items() if "summary" in v}
+    if args.trl and args.grpo_best and measured:
+        best = replace(parse_variant(max(measured, key=measured.get)), estimator="grpo")
+        grpo_list += [best] if best not in grpo_list else []
+    if grpo_list or args.trl:
         out["grpo"] = {v.name: run_engine_variant(wl, v, work, cpus, args.variant_timeout)
                        for v in grpo_list if not over_budget(v.name)}
-        if not over_budget("trl/grpo"):
-            out["grpo"]["trl/grpo"] = run_trl(wl, trl_steps, len(cpus), work, args.variant_timeout,
-                                              args.trl_micro_batch or wl.batch_size)
+    if args.trl and not over_budget("trl/grpo"):
+        out["grpo"]["trl/grpo"] = run_trl(wl, trl_steps, len(cpus), work, args.variant_timeout,
+                                          args.trl_micro_batch or wl.batch_size)
 
     # 3. padding waste of the trainer on variable-length responses, padded vs packed
     if args.padding and not over_budget("padding"):
