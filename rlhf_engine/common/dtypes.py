@@ -2,11 +2,13 @@
 
 `TORCH_DTYPES` maps our dtype names to torch dtypes (the wire's allow-list), `DTYPE_NAMES` is its
 inverse, and `SAFETENSORS_DTYPES` maps the codes in safetensors headers to our names. `cpu_has_native_bf16`
-says whether this CPU computes bf16 in hardware; `warn_if_bf16_is_emulated` warns a bf16 switch that will not pay.
+says whether this CPU computes bf16 in hardware; `warn_if_bf16_is_emulated` warns a bf16 switch that will not pay;
+`autocast` is the forward passes' mixed-precision context (the PPO passes and the stages alike).
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -42,3 +44,10 @@ def warn_if_bf16_is_emulated(setting: str, device: torch.device) -> None:
     if device.type == "cpu" and not cpu_has_native_bf16():
         warnings.warn(f"{setting} on a CPU without AVX-512 BF16 or AMX: torch emulates bf16 here, which is slower "
                       "than fp32", RuntimeWarning, stacklevel=3)
+
+
+def autocast(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """`torch.autocast` in `dtype` on devices of `device_type`; a no-op context for None (the weights' dtype)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from rlhf_engine.common.dtypes import autocast
 from rlhf_engine.data.collate import left_pad, right_pad
 from rlhf_engine.data.tokenize import IGNORE_INDEX
 from rlhf_engine.distributed.comm import Comm
@@ -229,7 +230,8 @@ def forward_policy(
         head = HiddenLogprobHead(lm.get_output_embeddings(), labels, select, temperature, with_entropy)
     elif packed:  # the head at the N predicting positions only, not at every position of the packed rows
         head = SelectedPositionsHead(lm.get_output_embeddings(), select)
-    with autocast(batch, compute_dtype), replaced_lm_head(lm, head) if head is not None else contextlib.nullcontext():
+    swap = replaced_lm_head(lm, head) if head is not None else contextlib.nullcontext()
+    with autocast(batch.input_ids.device.type, compute_dtype), swap:
         if with_values:
             out, values = model(**kwargs)
             values = select(values)
@@ -263,7 +265,7 @@ def forward_values(critic: AutoModelForCausalLMWithValueHead, batch: TokenBatch,
                    attention_width: int = 0, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Values [B, T] of a separate critic at the positions that predict each response token (`packed`,
     `attention_width`, `compute_dtype` as for `forward_policy`)."""
-    with autocast(batch, compute_dtype):
+    with autocast(batch.input_ids.device.type, compute_dtype):
         if packed:
             p = batch.pack(attention_width)
             values = critic.values(**p.model_inputs())  # [R, W]
@@ -275,13 +277,6 @@ def forward_values(critic: AutoModelForCausalLMWithValueHead, batch: TokenBatch,
             logits_to_keep=batch.response_width + 1,
         )
     return values[:, :-1] * batch.response_mask  # [B, T]
-
-
-def autocast(batch: TokenBatch, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """`torch.autocast` in `dtype` on the device of `batch` (a no-op context for None)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(batch.input_ids.device.type, dtype=dtype)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
-from rlhf_engine.common.dtypes import warn_if_bf16_is_emulated
+from rlhf_engine.common.dtypes import autocast, warn_if_bf16_is_emulated
 from rlhf_engine.data.records import DataStats
 from rlhf_engine.models.lora import LoraConfig, apply_lora, is_lora
 from rlhf_engine.telemetry.metrics import MetricsLogger
@@ -330,9 +330,7 @@ class StageTrainer:
     def _autocast(self) -> contextlib.AbstractContextManager:
         """The context of every forward pass: `torch.autocast` in bfloat16 on the stage's device with
         `config.bf16`, else nothing."""
-        if not self.config.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return autocast(self.device.type, torch.bfloat16 if self.config.bf16 else None)
 
     def train(self) -> dict[str, float]:
         """Run the configured steps, save the model to `output_dir`, return the final metrics
