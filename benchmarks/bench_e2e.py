@@ -255,8 +255,8 @@ def run_heldout(workload: Workload, policy: str, label: str, work: Path, timeout
     """Held-out accuracy of the policy folder `policy` (benchmarks/e2e/heldout.py), for the run `label`."""
     spec = {"model": policy, "prompts": workload.eval_prompts, "reward_fn": workload.reward_fn,
             "gold_fn": workload.gold_fn, "max_prompt_length": workload.max_prompt_length,
-            "max_new_tokens": workload.response_length, "dtype": "bfloat16" if workload.bf16 else "float32",
-            "kv_cache_bytes": workload.kv_cache_bytes}
+            "max_new_tokens": workload.response_length, "max_model_len": workload.max_model_len,
+            "dtype": "bfloat16" if workload.bf16 else "float32", "kv_cache_bytes": workload.kv_cache_bytes}
     result, info = _child("heldout.py", spec, f"heldout_{label}", work, timeout, workload.python_path)
     if result is None:
         return {"spec": spec, "run": info}

@@ -2,8 +2,8 @@
 
     python benchmarks/e2e/heldout.py SPEC.json RESULT.json
 
-SPEC.json: `{"model", "prompts", "reward_fn", "gold_fn", "max_prompt_length", "max_new_tokens", "dtype",
-"kv_cache_bytes"}`. The prompts are read and rendered as the engine reads them (`read_prompts`: chat messages
+SPEC.json: `{"model", "prompts", "reward_fn", "gold_fn", "max_prompt_length", "max_new_tokens", "max_model_len",
+"dtype", "kv_cache_bytes"}` (the generator's settings of the run, `workload.Workload`). The prompts are read and rendered as the engine reads them (`read_prompts`: chat messages
 through the model's template with its generation prompt), completed greedily by our vLLM generator (stopping
 at the model's end-of-turn tokens), decoded and scored as the engine's own evaluation scores them
 (`function_scores` with the fields each function takes): what `engine.eval_steps` logs as `eval/gold_mean`.
@@ -32,7 +32,7 @@ def evaluate(spec: dict) -> dict:
     prompts = read_prompts(spec["prompts"], tokenizer, spec["max_prompt_length"])
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=spec["max_new_tokens"])
     config = GeneratorConfig(model=spec["model"], backend="vllm", sampling=sampling, dtype=spec["dtype"],
-                             max_model_len=spec["max_prompt_length"] + spec["max_new_tokens"] + 16,
+                             max_model_len=spec["max_model_len"],
                              kv_cache_bytes=spec["kv_cache_bytes"], engine_process=False, device="cpu")
     with make_generator(config) as generator:
         samples = generator.generate(prompts.token_ids)

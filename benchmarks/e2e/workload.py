@@ -108,6 +108,11 @@ class Workload:
             raise ValueError(f"backend ({self.backend!r}) must be vllm or transformers")
 
     @property
+    def max_model_len(self) -> int:
+        """The generator's `max_model_len`: the longest prompt, the longest response and a margin."""
+        return self.max_prompt_length + self.response_length + 16
+
+    @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.response_length
 
@@ -196,7 +201,6 @@ def cpu_plan(variant: Variant, cpus: list[int]) -> dict[str, Any]:
 def run_config(workload: Workload, variant: Variant, run_dir: Path, cpus: list[int]) -> dict[str, Any]:
     """The `load_run_config(None, base=...)` tree of one variant."""
     wl = workload
-    max_model_len = wl.max_prompt_length + wl.response_length + 16
     return {
         "model": {"policy": wl.model, "reward_fn": wl.reward_fn, "gold_fn": wl.gold_fn},
         "data": {"prompts": wl.prompts, "max_prompt_length": wl.max_prompt_length},
@@ -207,7 +211,7 @@ def run_config(workload: Workload, variant: Variant, run_dir: Path, cpus: list[i
                 "bf16": wl.bf16, "logprobs_from_hidden": wl.logprobs_from_hidden,
                 # the critic-free estimators as TRL's GRPOTrainer runs them: beta * KL (k3) in the loss
                 **({"kl_in_reward": False, "kl_penalty": "k3"} if variant.estimator != "gae" else {})},
-        "generator": {"backend": wl.backend, "max_model_len": max_model_len, "kv_cache_bytes": wl.kv_cache_bytes,
+        "generator": {"backend": wl.backend, "max_model_len": wl.max_model_len, "kv_cache_bytes": wl.kv_cache_bytes,
                       "dtype": "bfloat16" if wl.bf16 else "float32",
                       "device": "cpu", "max_batch_size": wl.batch_size, "sampling": {"ignore_eos": wl.ignore_eos, "temperature": wl.temperature}},
         "transport": {"endpoint": f"ipc://{run_dir.resolve()}/ep"},
