@@ -140,10 +140,10 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
 
 
 def _run_ppo(args: argparse.Namespace, argv: list[str]) -> int:
+    config = _ppo_config(args)  # before the engine's imports: a config error is reported at once
     from rlhf_engine.distributed import launched_by_torchrun
     from rlhf_engine.engine.core import RLHFEngine
 
-    config = _ppo_config(args)
     if not launched_by_torchrun():  # the launching command checked it (the ranks start from the same files)
         from rlhf_engine.engine.preflight import check_run
 
@@ -273,11 +273,16 @@ _MODEL_COMMANDS = ("sft", "reward", "dpo", "ppo", "generator", "export", "conver
 def _quiet_third_party() -> None:
     """Our progress and metrics only on the terminal: transformers' progress bars ("Loading weights", "Writing
     model shards") and its INFO/WARNING logs (a load report) are hidden; `-v` leaves them on. Set here, in the
-    command line, never at import of the library (no global state changes for its users)."""
-    from transformers.utils import logging as hf_logging
+    command line, never at import of the library (no global state changes for its users). Before transformers
+    is imported, as the environment it reads at import (importing it here would cost a command that stops at a
+    config error a second); the processes the command starts inherit it and are as quiet."""
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _raise_interrupt(signum, frame) -> None:
@@ -313,6 +318,31 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+_ERROR_KINDS = (
+    ("rlhf_engine.common.config_io", ("ConfigError",), "config error"),
+    ("rlhf_engine.data.records", ("DataError",), "data error"),
+    ("rlhf_engine.common.checkpoint", ("CheckpointError",), "checkpoint error"),
+    ("rlhf_engine.models.gguf", ("ConversionError",), "conversion error"),
+    ("rlhf_engine.transport.errors", ("TransportError",), "transport error"),
+    ("rlhf_engine.distributed.group", ("RendezvousError",), "trainer ranks"),
+    ("builtins", ("FileNotFoundError",), "missing file"),
+    ("rlhf_engine.engine.generators", ("GeneratorExited", "RestartBudgetExceeded"), "generator error"),
+    ("rlhf_engine.engine.supervisor", ("NoGeneratorLeft",), "generator error"),
+)
+"""The errors a command meets, each printed as one line (`--debug`: the traceback) with status 2: (module, classes,
+kind). Named, not imported: an error of a class exists only once its module is loaded, so a command that fails
+early (a config error) does not pay for importing the engine to report it."""
+
+
+def _error_kind(error: BaseException) -> str | None:
+    """The kind of `error` among _ERROR_KINDS (None: not one of them, a bug to show with its traceback)."""
+    for module_name, names, kind in _ERROR_KINDS:
+        module = sys.modules.get(module_name)
+        if module is not None and isinstance(error, tuple(getattr(module, name) for name in names)):
+            return kind
+    return None
+
+
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -320,21 +350,6 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[s
         _quiet_third_party()
     # SIGTERM stops a run the way Ctrl-C does: generators shut down, the last checkpoint stays intact
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    from rlhf_engine.common.checkpoint import CheckpointError
-    from rlhf_engine.common.config_io import ConfigError
-    from rlhf_engine.data.records import DataError
-    from rlhf_engine.distributed.group import RendezvousError
-    from rlhf_engine.engine.generators import GeneratorExited, RestartBudgetExceeded
-    from rlhf_engine.engine.supervisor import NoGeneratorLeft
-    from rlhf_engine.models.gguf import ConversionError
-    from rlhf_engine.transport.errors import TransportError
-
-    kinds = ((ConfigError, "config error"), (DataError, "data error"), (CheckpointError, "checkpoint error"),
-             (ConversionError, "conversion error"), (TransportError, "transport error"),
-             (RendezvousError, "trainer ranks"), (FileNotFoundError, "missing file"),
-             ((GeneratorExited, RestartBudgetExceeded, NoGeneratorLeft), "generator error"))
-    """The errors a command meets, each printed as one line (`--debug`: the traceback) with status 2."""
-
     try:
         if args.command in _STAGE_CONFIGS:
             return _run_stage(args.command, args)
@@ -365,11 +380,13 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[s
 
             return keys_main([args.dir, *(["--client", args.client] if args.client else []),
                               *(["--force"] if args.force else [])])
-    except tuple(t for types, _ in kinds for t in (types if isinstance(types, tuple) else (types,))) as e:
-        if args.debug:
+    except Exception as e:
+        kind = _error_kind(e)
+        if kind is None or args.debug:
             raise
-        kind = next(name for types, name in kinds if isinstance(e, types))
-        text = str(e).split("\n")[0] if isinstance(e, GeneratorExited) else _one_line(e)  # its log tail stays in the log
+        generators = sys.modules.get("rlhf_engine.engine.generators")
+        exited = generators is not None and isinstance(e, generators.GeneratorExited)
+        text = str(e).split("\n")[0] if exited else _one_line(e)  # a generator's log tail stays in the log
         print(f"rlhf-engine {args.command}: {kind}: {' '.join(text.split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
