@@ -141,8 +141,8 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
 
 def _run_ppo(args: argparse.Namespace, argv: list[str]) -> int:
     config = _ppo_config(args)  # before the engine's imports: a config error is reported at once
+    from rlhf_engine.common.heap import settle
     from rlhf_engine.distributed import launched_by_torchrun
-    from rlhf_engine.engine.core import RLHFEngine
 
     if not launched_by_torchrun():  # the launching command checked it (the ranks start from the same files)
         from rlhf_engine.engine.preflight import check_run
@@ -160,6 +160,7 @@ def _run_ppo(args: argparse.Namespace, argv: list[str]) -> int:
             return 2
         from rlhf_engine.engine.ranks.failure import RankFailed
 
+        settle()
         try:
             summary = run_ppo_ranks(config, args.resume)
         except RankFailed as e:
@@ -169,6 +170,7 @@ def _run_ppo(args: argparse.Namespace, argv: list[str]) -> int:
             return 0
     else:
         from rlhf_engine.distributed.group import resolve_device
+        from rlhf_engine.engine.core import RLHFEngine
 
         try:
             resolve_device(config.trainer)
@@ -176,6 +178,7 @@ def _run_ppo(args: argparse.Namespace, argv: list[str]) -> int:
             print(f"rlhf-engine ppo: {e}", file=sys.stderr)
             return 2
         with RLHFEngine(config, resume=args.resume) as engine:
+            settle()
             for _ in engine.steps():
                 pass
             summary = engine.summary()
@@ -214,6 +217,7 @@ def _resume_hint(run_dir: str) -> str:
 
 def _launch_ranks(config, nproc: int, argv: list[str]) -> int:
     """`--nproc N`: check that the batch splits over N ranks, then re-run this command under torchrun."""
+    from rlhf_engine.common.heap import settle
     from rlhf_engine.engine.ranks.launch import relaunch
     from rlhf_engine.engine.ranks.run import preflight
 
@@ -222,6 +226,7 @@ def _launch_ranks(config, nproc: int, argv: list[str]) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"rlhf-engine ppo: --nproc {nproc}: {e}", file=sys.stderr)
         return 2
+    settle()
     return relaunch(nproc, argv, restarts=config.engine.trainer_restarts, run_dir=config.engine.run_dir)
 
 
@@ -312,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
+    if program and args.command in _RUN_COMMANDS:
+        from rlhf_engine.common.heap import pause_collection
+
+        pause_collection()  # until the run has started (`settle`)
     code = _run(parser, args, argv)
     if program and args.command in _RUN_COMMANDS:
         _exit_now(code)

@@ -15,6 +15,7 @@ import signal
 import threading
 from pathlib import Path
 
+from rlhf_engine.common.heap import settle
 from rlhf_engine.rollout.backends import make_generator
 from rlhf_engine.rollout.config import GeneratorConfig
 from rlhf_engine.rollout.continuous import ContinuousLoop
@@ -62,6 +63,7 @@ def run_generator(
     fingerprint = sync_fingerprint(config.model, config.lora)
     with sigterm_as_exit():
         generator = make_generator(config)
+        settle()  # the process's start is over (where its program paused the collector)
         try:
             if weights is not None:
                 from safetensors.torch import load_file
