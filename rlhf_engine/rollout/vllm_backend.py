@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from rlhf_engine.common.heap import set_aside
 from rlhf_engine.data.samples import Sample
 from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
 from rlhf_engine.rollout.generator import Generator, Submission
@@ -122,6 +123,7 @@ class VLLMGenerator(Generator):
 
         lora = {} if config.lora is None else {"enable_lora": True, "max_lora_rank": max_lora_rank(config.lora.r),
                                                "max_loras": 1}
+        set_aside()  # the engine build's own gc.collect() calls skip the imports (where the process's start paused it)
         with _multiprocessing_env(config.vllm_in_processes):
             self.llm = LLM(
                 model=config.model,
