@@ -14,12 +14,12 @@ vLLM, for every check). Each check prints `NAME: ok`, or `NAME: failed` and its 
 from __future__ import annotations
 
 import os
-import re
 import sys
 import tempfile
 import traceback
 from pathlib import Path
 
+import pytest
 import torch
 
 from rlhf_engine.models.lora import LoraConfig
@@ -62,11 +62,13 @@ def check_rejected(gen: VLLMGenerator, model_dir: str, tokenizer, staging: Path)
     before, version, request = gen.generate(batch, sampling=greedy), gen.version, gen._adapters.request
     specs = adapter_specs(model_dir, LORA)
     renamed = {name.replace("lora_A", "lora_a"): t for name, t in random_adapters(specs, 0.5, seed=13).items()}
-    raises(lambda: gen.update_weights(version + 1, renamed), r"missing .*lora_A.weight.*unknown .*lora_a.weight")
+    with pytest.raises(ValueError, match=r"missing .*lora_A.weight.*unknown .*lora_a.weight"):
+        gen.update_weights(version + 1, renamed)
     reshaped = random_adapters(specs, 0.5, seed=13)
     name = specs[0][0]
     reshaped[name] = torch.zeros(8, 128)  # rank 8 where the adapters have rank 4
-    raises(lambda: gen.update_weights(version + 1, reshaped), rf"{name} has shape \(8, 128\)")
+    with pytest.raises(ValueError, match=rf"{name} has shape \(8, 128\)"):
+        gen.update_weights(version + 1, reshaped)
     assert (gen.version, gen._adapters.request) == (version, request)
     assert [p.name for p in next(staging.iterdir()).iterdir()] == [f"v{version}"]  # no folder of a rejected update
     after = gen.generate(batch, sampling=greedy)
@@ -82,25 +84,15 @@ def check_cleanup(staging: Path) -> None:
 def check_lm_head(model_dir: str, staging: Path) -> None:
     config = GeneratorConfig(model=model_dir, backend="vllm", max_model_len=MAX_MODEL_LEN, kv_cache_bytes=1 << 27,
                              staging_dir=str(staging), lora=LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
-    raises(lambda: VLLMGenerator(config),
-           r"not on \['lm_head'\] \(model.lora.target_modules\).*model.lora.sync: merged")
+    with pytest.raises(ValueError, match=r"not on \['lm_head'\] \(model.lora.target_modules\).*model.lora.sync: merged"):
+        VLLMGenerator(config)
     assert os.listdir(staging) == []
-
-
-def raises(call, pattern: str) -> None:
-    """`call()` raises ValueError with a message matching `pattern`."""
-    try:
-        call()
-    except ValueError as e:
-        assert re.search(pattern, str(e)), f"{e!r} does not match {pattern!r}"
-        return
-    raise AssertionError(f"no ValueError matching {pattern!r}")
 
 
 def run(name: str, check, *args) -> None:
     try:
         check(*args)
-    except Exception:
+    except (Exception, pytest.fail.Exception):  # pytest.raises fails with the latter (not an Exception)
         print(f"{name}: failed\n{traceback.format_exc()}", flush=True)
     else:
         print(f"{name}: ok", flush=True)
