@@ -33,7 +33,8 @@
   requests and adds each again as prompt + tokens so far, budget = what is left (AReaL's re-prefill).
 - The engine runs inside this process by default (`GeneratorConfig.engine_process`); in its own
   processes (tensor parallelism, or asked for) vLLM starts them with spawn: build this from a spawn-safe
-  entry point.
+  entry point. Those processes talk over Unix sockets that vLLM leaves behind when it shuts down: they are bound
+  in a folder of the generator's own (`rlhf-engine-vllm-*` in the temp folder), removed when it closes.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -58,21 +61,27 @@ from rlhf_engine.rollout.vllm_adapters import AdapterSlot, max_lora_rank
 log = logging.getLogger(__name__)
 
 _EXTENSION = "rlhf_engine.rollout.vllm_worker.WeightReloadExtension"
+_ENGINE_ENV = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_RPC_BASE_PATH")
 
 
 @contextlib.contextmanager
-def _multiprocessing_env(engine_process: bool):
-    """vLLM reads VLLM_ENABLE_V1_MULTIPROCESSING while building the engine only: set it for the
-    construction, then restore the caller's value."""
-    key, previous = "VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ[key] = "1" if engine_process else "0"
+def _engine_env(engine_process: bool, sockets: str | None):
+    """What vLLM reads from the environment while it builds the engine, set for the construction only, then the
+    caller's values restored: VLLM_ENABLE_V1_MULTIPROCESSING, and (`sockets` given) VLLM_RPC_BASE_PATH, the folder
+    of the Unix sockets between the engine's processes (by default the temp folder, where vLLM leaves them behind
+    when it shuts down)."""
+    previous = {key: os.environ.get(key) for key in _ENGINE_ENV}
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if engine_process else "0"
+    if sockets is not None:
+        os.environ["VLLM_RPC_BASE_PATH"] = sockets
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @dataclass
@@ -123,21 +132,29 @@ class VLLMGenerator(Generator):
 
         lora = {} if config.lora is None else {"enable_lora": True, "max_lora_rank": max_lora_rank(config.lora.r),
                                                "max_loras": 1}
+        self.sockets_dir: str | None = (tempfile.mkdtemp(prefix="rlhf-engine-vllm-") if config.vllm_in_processes
+                                        and "VLLM_RPC_BASE_PATH" not in os.environ else None)
+        """The folder of the Unix sockets between the engine's processes, removed when this closes; None with the
+        engine in this process (no sockets) or where the caller chose the folder (VLLM_RPC_BASE_PATH)."""
         set_aside()  # the engine build's own gc.collect() calls skip the imports (where the process's start paused it)
-        with _multiprocessing_env(config.vllm_in_processes):
-            self.llm = LLM(
-                model=config.model,
-                dtype=config.dtype,
-                seed=config.seed,
-                max_model_len=config.max_model_len,
-                kv_cache_memory_bytes=config.kv_cache_bytes,
-                enforce_eager=config.enforce_eager,
-                tensor_parallel_size=config.tensor_parallel_size,
-                logprobs_mode="processed_logprobs",
-                worker_extension_cls=_EXTENSION,
-                **_whole_prefills(config.max_model_len),
-                **lora,
-            )
+        try:
+            with _engine_env(config.vllm_in_processes, self.sockets_dir):
+                self.llm = LLM(
+                    model=config.model,
+                    dtype=config.dtype,
+                    seed=config.seed,
+                    max_model_len=config.max_model_len,
+                    kv_cache_memory_bytes=config.kv_cache_bytes,
+                    enforce_eager=config.enforce_eager,
+                    tensor_parallel_size=config.tensor_parallel_size,
+                    logprobs_mode="processed_logprobs",
+                    worker_extension_cls=_EXTENSION,
+                    **_whole_prefills(config.max_model_len),
+                    **lora,
+                )
+        except BaseException:
+            self._remove_sockets()
+            raise
         self.tokenizer = self.llm.get_tokenizer()
         self.llm.llm_engine.set_weight_version(str(self.version))
         self._running: dict[str, _Running] = {}
@@ -320,5 +337,13 @@ class VLLMGenerator(Generator):
             if self._staging is not None:
                 self._staging.close()
                 self._staging = None
-            # stops the engine core (process) and waits for it (LLM has no public close in 0.32)
-            llm.llm_engine.engine_core.shutdown()
+            try:
+                # stops the engine core (process) and waits for it (LLM has no public close in 0.32)
+                llm.llm_engine.engine_core.shutdown()
+            finally:
+                self._remove_sockets()
+
+    def _remove_sockets(self) -> None:
+        if self.sockets_dir is not None:
+            shutil.rmtree(self.sockets_dir, ignore_errors=True)
+            self.sockets_dir = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -37,4 +39,6 @@ def vllm_generator(tiny_model_dir):
         )
     )
     yield gen
+    sockets = gen.sockets_dir
     gen.close()
+    assert not os.path.exists(sockets), "the engine processes' sockets outlive the generator"

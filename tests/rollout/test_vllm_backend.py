@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -115,3 +117,10 @@ def test_a_batch_past_the_engines_token_budget_samples_as_its_halves(vllm_genera
     half = vllm_generator.generate(batch[:12], sampling=sampling, seed=7)
     assert len(whole) == 48 and all(len(c.response_ids) == 4 for c in whole)
     assert [c.response_ids.tolist() for c in whole[:24]] == [c.response_ids.tolist() for c in half]
+
+
+def test_the_engine_processes_bind_their_sockets_in_the_generators_folder(vllm_generator):
+    # vLLM leaves them behind when it shuts down; the generator removes its folder when it closes (the fixture
+    # checks that)
+    folder = Path(vllm_generator.sockets_dir)
+    assert folder.name.startswith("rlhf-engine-vllm-") and any(p.is_socket() for p in folder.iterdir())
