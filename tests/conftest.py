@@ -1,5 +1,6 @@
 """Fixtures shared by every test folder."""
 
+import os
 import signal
 
 import pytest
@@ -21,3 +22,15 @@ def ctrl_c_raises():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture(autouse=True)
+def environment_restored():
+    """Every test leaves the environment as it found it. A command run in process (`rlhf_engine.cli.main`) sets
+    what the processes it starts inherit (transformers' verbosity): left in place, it would reach the processes that
+    later tests of the same worker start."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
