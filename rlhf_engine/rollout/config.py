@@ -75,7 +75,8 @@ class GeneratorConfig:
     kv_cache_bytes: int = 1 << 30
     """vLLM KV cache size in bytes."""
     enforce_eager: bool = True
-    """vLLM: no CUDA graphs / torch.compile (fast start; the CPU build gains nothing from them)."""
+    """vLLM: no CUDA graphs / torch.compile, of the model nor of vLLM's sampler helpers (fast start; the CPU build
+    gains nothing from them)."""
     tensor_parallel_size: int = 1
     """vLLM tensor parallelism within this generator."""
     engine_process: bool | None = None

@@ -61,19 +61,22 @@ from rlhf_engine.rollout.vllm_adapters import AdapterSlot, max_lora_rank
 log = logging.getLogger(__name__)
 
 _EXTENSION = "rlhf_engine.rollout.vllm_worker.WeightReloadExtension"
-_ENGINE_ENV = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_RPC_BASE_PATH")
+_ENGINE_ENV = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_RPC_BASE_PATH", "TORCH_COMPILE_DISABLE")
 
 
 @contextlib.contextmanager
-def _engine_env(engine_process: bool, sockets: str | None):
-    """What vLLM reads from the environment while it builds the engine, set for the construction only, then the
-    caller's values restored: VLLM_ENABLE_V1_MULTIPROCESSING, and (`sockets` given) VLLM_RPC_BASE_PATH, the folder
-    of the Unix sockets between the engine's processes (by default the temp folder, where vLLM leaves them behind
-    when it shuts down)."""
+def _engine_env(config: GeneratorConfig, sockets: str | None):
+    """What vLLM and the processes it starts read from the environment while it builds the engine, set for the
+    construction only, then the caller's values restored: VLLM_ENABLE_V1_MULTIPROCESSING; (`sockets` given)
+    VLLM_RPC_BASE_PATH, the folder of the Unix sockets between the engine's processes (by default the temp folder,
+    where vLLM leaves them behind when it shuts down); with `enforce_eager` in engine processes,
+    TORCH_COMPILE_DISABLE (see `VLLMGenerator._sampling`)."""
     previous = {key: os.environ.get(key) for key in _ENGINE_ENV}
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if engine_process else "0"
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if config.vllm_in_processes else "0"
     if sockets is not None:
         os.environ["VLLM_RPC_BASE_PATH"] = sockets
+    if config.enforce_eager and config.vllm_in_processes:
+        os.environ["TORCH_COMPILE_DISABLE"] = "1"
     try:
         yield
     finally:
@@ -138,7 +141,7 @@ class VLLMGenerator(Generator):
         engine in this process (no sockets) or where the caller chose the folder (VLLM_RPC_BASE_PATH)."""
         set_aside()  # the engine build's own gc.collect() calls skip the imports (where the process's start paused it)
         try:
-            with _engine_env(config.vllm_in_processes, self.sockets_dir):
+            with _engine_env(config, self.sockets_dir):
                 self.llm = LLM(
                     model=config.model,
                     dtype=config.dtype,
@@ -194,14 +197,25 @@ class VLLMGenerator(Generator):
             detokenize=bool(c.stop),  # stop strings need text; otherwise skip detokenizing
         )
 
+    def _sampling(self) -> contextlib.AbstractContextManager:
+        """Around the engine's steps in this process. With `enforce_eager`, vLLM's own `torch.compile`d sampler
+        helpers run eagerly too (`torch.compiler.set_stance("force_eager")`): the token ranks it computes with the
+        log-probs (`batched_count_greater_than`) would otherwise be compiled with inductor at the first step, ~2 s
+        of every start (measured on the tiny model: 16.3 -> 14.4 CPU-s to a built generator's first sample). In
+        engine processes TORCH_COMPILE_DISABLE does the same (`_engine_env`)."""
+        if self.config.enforce_eager and not self.config.vllm_in_processes:
+            return torch.compiler.set_stance("force_eager")
+        return contextlib.nullcontext()
+
     def _generate(self, sub: Submission) -> list[Sample]:
         prompts, sampling, n = sub.prompts, sub.sampling, sub.sampling.n
         # each request seeds its own sampler; vLLM adds the child index j for n > 1: seed + i * n + j
         params = [self._sampling_params(sampling, sub.seed + i * n, max_tokens=sub.budget(i))
                   for i in range(len(prompts))]
         t0 = time.perf_counter()
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
-                                    lora_request=self._adapters.request if self._adapters is not None else None)
+        with self._sampling():
+            outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
+                                        lora_request=self._adapters.request if self._adapters is not None else None)
         elapsed = time.perf_counter() - t0
         samples = []
         for i, (prompt, out) in enumerate(zip(prompts, outputs)):
@@ -252,7 +266,9 @@ class VLLMGenerator(Generator):
         if not self._running:
             return []
         finished = []
-        for out in self.llm.llm_engine.step():
+        with self._sampling():
+            outputs = self.llm.llm_engine.step()
+        for out in outputs:
             seq = self._running.get(out.request_id)
             if seq is None:  # aborted by `recompute` after vLLM produced this output
                 continue

@@ -6,6 +6,7 @@
 - recompute: the same switch; the tokens after it have exactly the new weights' log-probs (KV computed again).
 - salt: a request added after an update, with the prompt of a request still running on the old weights' KV
   blocks, gets the new weights' log-probs (a prefix-cache hit on the old blocks would not).
+- eager: with `enforce_eager` (the default) no step compiled anything with torch.compile.
 
 The engine is vLLM's default for the generator, in this process: every update loads the received tensors
 straight into it, with no staging copy (the caller checks that STAGING_DIR stays empty).
@@ -87,6 +88,11 @@ def main(model_dir: str, staging: str) -> None:
         check_update(gen, reference, batch, "keep", seed=21)
         check_update(gen, reference, batch, "recompute", seed=22)
         check_salt(gen, reference, tokenizer)
+    # with enforce_eager nothing was compiled, vLLM's own sampler helpers included (`VLLMGenerator._sampling`)
+    from torch._dynamo.utils import counters
+
+    assert not counters["stats"]["unique_graphs"], dict(counters["stats"])
+    print("eager: ok")
     print("OK")
 
 
