@@ -201,7 +201,7 @@ class VLLMGenerator(Generator):
         """Around the engine's steps in this process. With `enforce_eager`, vLLM's own `torch.compile`d sampler
         helpers run eagerly too (`torch.compiler.set_stance("force_eager")`): the token ranks it computes with the
         log-probs (`batched_count_greater_than`) would otherwise be compiled with inductor at the first step, ~2 s
-        of every start (measured on the tiny model: 16.3 -> 14.4 CPU-s to a built generator's first sample). In
+        of every start (measured on the tiny model: 16.3 -> 12.9 CPU-s to a built generator's first sample). In
         engine processes TORCH_COMPILE_DISABLE does the same (`_engine_env`)."""
         if self.config.enforce_eager and not self.config.vllm_in_processes:
             return torch.compiler.set_stance("force_eager")
