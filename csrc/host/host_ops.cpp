@@ -1,4 +1,5 @@
-// Python bindings of the CUDA op code (csrc/cuda/*_op.h) running on the host backend, for tests.
+// Python bindings of the CUDA op code (csrc/cuda/*_op.h) running on the host backend, for tests (compiled as part of
+// tests/cuda_host/module.cpp, the test extension).
 // Every function takes CPU tensors plus the schedule: threads (block size; 0 = what the CUDA
 // launcher picks), seed (the interleaving) and yield_prob (switch chance at each load/store).
 // ATen and torch's pybind11 casters only: <torch/extension.h> (all of the C++ frontend) takes twice as long
