@@ -105,7 +105,10 @@ def test_a_generator_that_refuses_the_trainers_file_is_dropped_with_the_reason(t
         with pytest.raises(ShutdownRequested, match="refused the trainer's shared-memory file of weight version 1"):
             wait_until(gen.check, 10)
         assert [(g.name, g.state) for g in trainer.pop_lost_generators()] == [(gen.sender_id, "refused")]
-        assert trainer.drop_counts() == {"refused_weights": 1}
+        drops = trainer.drop_counts()
+        # the refusal counted once; a heartbeat the generator sent before it heard it was dropped may arrive after
+        # the drop, from a peer the trainer no longer knows
+        assert drops.pop("refused_weights") == 1 and set(drops) <= {"unknown_peer"}, trainer.drop_counts()
         assert trainer.publish_weights(2, {"w": torch.ones(8)}, timeout_s=2) == []  # its hold was released
 
 
