@@ -1,6 +1,12 @@
-"""Helpers of the generator tests: perturbed weights, reference log-probs, stop strings, prompts."""
+"""Helpers of the generator tests: perturbed weights, reference log-probs, stop strings, prompts, checks scripts
+run in a child process."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -83,3 +89,13 @@ def run_until(gen, steps: int | None = None) -> list:
         out += gen.step()
         steps = None if steps is None else steps - 1
     return out
+
+
+def run_checks(module: str, *args: str) -> str:
+    """The stdout of `python -m module *args` run from the repository root, which must exit with status 0: a
+    checks script with its vLLM engine in its own process (in process, vLLM takes over torch.set_num_threads)."""
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=root, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout

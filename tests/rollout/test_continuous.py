@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -13,7 +10,7 @@ import pytest
 import torch
 
 from rlhf_engine.rollout.config import GeneratorConfig, SamplingConfig
-from tests.helpers.rollout import prompts, run_until
+from tests.helpers.rollout import prompts, run_checks, run_until
 
 pytestmark = pytest.mark.vllm
 
@@ -54,13 +51,10 @@ def test_updates_between_decode_steps(tiny_model_dir, tmp_path):
     """`keep`, `recompute` and cache salts on an in-process engine (`tests/rollout/inflight_checks.py`), in a
     child process: in process, vLLM takes over torch.set_num_threads. Its updates load the received tensors
     straight into the engine: nothing is staged."""
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-m", "tests.rollout.inflight_checks", tiny_model_dir, str(tmp_path)],
-                          cwd=root, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(root)})
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-3000:] + proc.stderr[-5000:]
+    output = run_checks("tests.rollout.inflight_checks", tiny_model_dir, str(tmp_path))
+    assert output.strip().endswith("OK"), output[-3000:]
     for check in ("keep", "recompute", "salt", "eager"):
-        assert f"{check}: ok" in proc.stdout, proc.stdout[-3000:]
+        assert f"{check}: ok" in output, output[-3000:]
     assert list(tmp_path.iterdir()) == []  # nothing staged
 
 

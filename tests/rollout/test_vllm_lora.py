@@ -4,12 +4,9 @@ processes for all of them; in process, vLLM takes over torch.set_num_threads, so
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.helpers.rollout import run_checks
 
 pytestmark = pytest.mark.vllm
 
@@ -19,13 +16,7 @@ def lora_checks(tiny_model_dir, tmp_path_factory) -> str:
     """The output of `python -m tests.rollout.lora_checks`: a line `NAME: ok` per check that held."""
     pytest.importorskip("vllm")
     pytest.importorskip("peft")
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-m", "tests.rollout.lora_checks", tiny_model_dir,
-                           str(tmp_path_factory.mktemp("lora_checks"))],
-                          cwd=root, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(root)})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout
+    return run_checks("tests.rollout.lora_checks", tiny_model_dir, str(tmp_path_factory.mktemp("lora_checks")))
 
 
 def check(output: str, name: str) -> None:
